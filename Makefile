@@ -22,9 +22,10 @@ CKPT ?= $(RUN)/checkpoints/latest-rank0.pt
 PRUNED ?= $(RUN)/pruned
 CONT_RUN ?= runs/continued
 HF_OUT ?= runs/hf
+MODEL ?= $(PRUNED)
 ARGS ?=
 
-.PHONY: help install test test-fast lint demo data convert-in prune prune-model continue convert-out report bench
+.PHONY: help install test test-fast lint demo data convert-in prune prune-model continue convert-out evaluate report bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,3 +51,33 @@ test-fast: install  ## run the test suite without the slow tests
 lint: install  ## ruff over the package, tests, benchmarks and scripts
 	$(BIN)/ruff check llmshearing tests bench data_prep
 	$(BIN)/ruff format --check llmshearing tests bench data_prep
+
+demo: install  ## the whole path on SmolLM2-135M: convert, prepare data, prune, fold, continue, export, report
+	$(BIN)/python -m llmshearing.demo --out demo_out $(ARGS)
+
+data: install  ## prepare per-domain MDS data: make data RAW=<dir of <domain>/*.jsonl> DATA=<out> TOKENIZER=<hf dir>
+	$(BIN)/python data_prep/prepare_mds.py --input $(RAW) --output $(DATA) --tokenizer $(TOKENIZER) --seq-len $(SEQ_LEN) $(ARGS)
+
+convert-in: install  ## HF checkpoint -> project checkpoint: make convert-in HF=<hf dir|hub name> SOURCE=<out> (ARGS=--gguf FILE)
+	$(BIN)/llmshearing convert hf-to-composer $(HF) $(SOURCE) $(ARGS)
+
+prune: install  ## pruning run: make prune RECIPE=yamls/pruning/<recipe>.yaml DATA=<mds> SOURCE=<ckpt> RUN=<run dir>
+	$(BIN)/composer llmshearing/train.py $(RECIPE) data_local=$(DATA) model.path=$(SOURCE) save_folder=$(RUN) $(ARGS)
+
+prune-model: install  ## fold masks and slice: make prune-model CKPT=<run>/checkpoints/latest-rank0.pt PRUNED=<out>
+	$(BIN)/llmshearing prune-model $(CKPT) $(PRUNED) $(ARGS)
+
+continue: install  ## continued pretraining: make continue CONT_RECIPE=<yaml> DATA=<mds> PRUNED=<pruned> CONT_RUN=<run dir>
+	$(BIN)/composer llmshearing/train.py $(CONT_RECIPE) data_local=$(DATA) model.path=$(PRUNED) save_folder=$(CONT_RUN) $(ARGS)
+
+convert-out: install  ## project/Composer checkpoint -> HF dir: make convert-out CKPT=<ckpt> HF_OUT=<dir> (ARGS=--tokenizer DIR)
+	$(BIN)/llmshearing convert composer-to-hf $(CKPT) $(HF_OUT) $(ARGS)
+
+evaluate: install  ## per-domain eval loss: make evaluate MODEL=<ckpt dir> DATA=<mds>
+	$(BIN)/llmshearing evaluate $(MODEL) $(DATA) $(ARGS)
+
+report: install  ## PNG plots + markdown summary of a run: make report RUN=<run dir>
+	$(BIN)/llmshearing report $(RUN) $(ARGS)
+
+bench: install  ## every ratio benchmark, one table (ARGS=--quick for a short run)
+	$(BIN)/python bench/run_all.py $(ARGS)

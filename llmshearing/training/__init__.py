@@ -1,0 +1,1 @@
+"""Training entry point support: configuration, builders and the metrics log."""

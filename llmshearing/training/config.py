@@ -1,0 +1,206 @@
+"""Training configuration: YAML + dot-list overrides (omegaconf), defaults and validation.
+
+Validation runs before anything heavy: every key is checked against the schema below (a
+misspelt key is reported with the closest valid name), paths must exist, batch sizes must
+divide, and the data-loading and pruning sections are checked by their own validators.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+ANY = object()  # a free-form value (or a free-form mapping) the schema does not look into
+
+LOADER_SCHEMA = {
+    "dataset": {
+        "local": ANY,
+        "remote": ANY,
+        "split": ANY,
+        "shuffle": ANY,
+        "shuffle_seed": ANY,
+        "shuffle_algo": ANY,
+        "num_canonical_nodes": ANY,
+        "max_seq_len": ANY,
+        "predownload": ANY,
+        "cache_limit": ANY,
+    },
+    "num_workers": ANY,
+    "pin_memory": ANY,
+    "prefetch_factor": ANY,
+    "persistent_workers": ANY,
+    "timeout": ANY,
+    "drop_last": ANY,
+}
+
+SCHEMA: dict[str, Any] = {
+    "variables": ANY,
+    "run_name": ANY,
+    "seed": ANY,
+    "max_seq_len": ANY,
+    "data_local": ANY,
+    "data_remote": ANY,
+    "model": {
+        "path": ANY,
+        "init_device": ANY,
+        "attn_impl": ANY,
+        "l0_module": ANY,  # validated by llmshearing.pruning
+    },
+    "train_loader": LOADER_SCHEMA,
+    "eval_loader": LOADER_SCHEMA,
+    "optimizer": {"name": ANY, "lr": ANY, "betas": ANY, "eps": ANY, "weight_decay": ANY},
+    "scheduler": {"name": ANY, "t_warmup": ANY, "alpha_f": ANY, "t_max": ANY},
+    "algorithms": {"gradient_clipping": {"clipping_type": ANY, "clipping_threshold": ANY}},
+    "callbacks": {
+        "data_loading": ANY,  # validated by llmshearing.data
+        "speed_monitor": ANY,
+        "lr_monitor": ANY,
+        "memory_monitor": ANY,
+        "runtime_estimator": ANY,
+        "optimizer_monitor": ANY,
+    },
+    "loggers": {"file": ANY, "wandb": ANY, "mlflow": ANY, "tensorboard": ANY, "metrics_jsonl": ANY},
+    "max_duration": ANY,
+    "eval_interval": ANY,
+    "eval_first": ANY,
+    "eval_subset_num_batches": ANY,
+    "global_train_batch_size": ANY,
+    "device_train_microbatch_size": ANY,
+    "device_eval_batch_size": ANY,
+    "precision": ANY,
+    "fsdp_config": ANY,
+    "save_folder": ANY,
+    "save_interval": ANY,
+    "save_num_checkpoints_to_keep": ANY,
+    "save_overwrite": ANY,
+    "save_weights_only": ANY,
+    "autoresume": ANY,
+    "load_path": ANY,
+    "load_weights_only": ANY,
+    "progress_bar": ANY,
+    "log_to_console": ANY,
+    "console_log_interval": ANY,
+    "python_log_level": ANY,
+    "dist_timeout": ANY,
+    "device": ANY,
+}
+
+DEFAULTS: dict[str, Any] = {
+    "run_name": "llmshearing",
+    "seed": 17,
+    "data_remote": None,
+    "model": {"init_device": "cpu", "attn_impl": "auto", "l0_module": None},
+    "optimizer": {
+        "name": "decoupled_adamw",
+        "lr": 1e-4,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+    },
+    "scheduler": {"name": "cosine_with_warmup", "t_warmup": "0ba", "alpha_f": 0.1},
+    "algorithms": {},
+    "callbacks": {},
+    "loggers": {},
+    "eval_first": False,
+    "eval_subset_num_batches": -1,
+    "device_train_microbatch_size": 1,
+    "device_eval_batch_size": 8,
+    "precision": "amp_bf16",
+    "fsdp_config": None,
+    "save_folder": "runs/{run_name}",
+    "save_interval": "1000ba",
+    "save_num_checkpoints_to_keep": -1,
+    "save_overwrite": False,
+    "save_weights_only": False,
+    "autoresume": False,
+    "load_path": None,
+    "load_weights_only": False,
+    "progress_bar": True,
+    "log_to_console": False,
+    "console_log_interval": "1ba",
+    "python_log_level": None,
+    "dist_timeout": 1800.0,
+    "device": None,
+}
+
+REQUIRED = ("data_local", "max_seq_len", "max_duration", "eval_interval", "global_train_batch_size")
+
+
+class ConfigError(ValueError):
+    """A problem in the training configuration; the message names the key and the fix."""
+
+
+def load_config(yaml_path: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Read a recipe, apply ``key=value`` overrides, fill defaults and resolve interpolations."""
+    if not os.path.isfile(yaml_path):
+        raise ConfigError(f"recipe {yaml_path!r} does not exist; pass the path of a YAML file (see yamls/)")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value (dot-list), got {bad}")
+    recipe = OmegaConf.load(yaml_path)
+    cli = OmegaConf.from_dotlist(list(overrides))
+    merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), recipe, cli)
+    try:
+        OmegaConf.resolve(merged)
+    except Exception as err:  # omegaconf's interpolation errors carry the key
+        raise ConfigError(f"{yaml_path}: cannot resolve an interpolation: {err}") from err
+    return merged
+
+
+def check_keys(values: Any, schema: Any, prefix: str = "") -> None:
+    """Reject keys the schema does not know, naming the closest valid key."""
+    if schema is ANY or not isinstance(values, dict):
+        return
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys here: {sorted(schema)}"
+            raise ConfigError(f"unknown config key {path!r}{hint}")
+        check_keys(value, schema[key], f"{path}.")
+
+
+def validate_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
+    """Validate a resolved config; returns it as a plain dict."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    check_keys(values, SCHEMA)
+    for key in REQUIRED:
+        if values.get(key) is None:
+            raise ConfigError(f"config key {key!r} is required")
+    if not values["model"].get("path"):
+        raise ConfigError(
+            "config key 'model.path' is required: the source checkpoint from "
+            "`llmshearing convert hf-to-composer` or a `llmshearing prune-model` output"
+        )
+    if not os.path.exists(values["model"]["path"]):
+        raise ConfigError(
+            f"model.path {values['model']['path']!r} does not exist; convert a checkpoint first "
+            "(`llmshearing convert hf-to-composer SRC OUT`) and point model.path at OUT"
+        )
+    if values.get("data_remote") is None and not os.path.isdir(values["data_local"]):
+        raise ConfigError(
+            f"data_local {values['data_local']!r} is not a directory; prepare data with "
+            "`python data_prep/prepare_mds.py --output DIR ...` and set data_local=DIR"
+        )
+    global_batch = values["global_train_batch_size"]
+    micro = values["device_train_microbatch_size"]
+    if not isinstance(global_batch, int) or global_batch <= 0:
+        raise ConfigError(f"global_train_batch_size must be a positive integer, got {global_batch!r}")
+    if global_batch % world_size:
+        raise ConfigError(
+            f"global_train_batch_size ({global_batch}) must be divisible by the number of processes ({world_size})"
+        )
+    device_batch = global_batch // world_size
+    if micro != "auto" and (not isinstance(micro, int) or micro <= 0 or device_batch % micro):
+        raise ConfigError(
+            f"device_train_microbatch_size ({micro}) must divide the per-device batch "
+            f"global_train_batch_size / processes = {device_batch}"
+        )
+    for key in ("max_duration", "eval_interval"):
+        if not str(values[key]).endswith("ba"):
+            raise ConfigError(f"{key} must be given in batches, e.g. {key}=100ba (got {values[key]!r})")
+    return values
