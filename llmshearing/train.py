@@ -35,14 +35,25 @@ def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
     from composer.core import Evaluator
     from composer.utils import dist, reproducibility
 
-    from llmshearing.data.loaders import build_eval_dataloader, build_train_dataloader, parse_data_loading
+    from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
+    from llmshearing.data.loaders import DataLoadingConfig, build_eval_dataloader, build_train_dataloader
     from llmshearing.training import builders
     from llmshearing.training.config import load_config, validate_config
 
     cfg = load_config(yaml_path, overrides)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     values = validate_config(cfg, world_size)
-    data_loading = parse_data_loading(values, world_size)
+    if not values["callbacks"].get("data_loading"):
+        raise ValueError(
+            "callbacks.data_loading is required: at least set_names (the domains, i.e. the MDS sub-directories) "
+            "and proportion (their mix)"
+        )
+    data_loading = DataLoadingConfig.from_dict(values["callbacks"]["data_loading"])
+    for section in ("train_loader", "eval_loader"):  # the loaders read the data root from the top level
+        dataset = values.setdefault(section, {}).setdefault("dataset", {})
+        dataset.setdefault("local", values["data_local"])
+        dataset.setdefault("remote", values["data_remote"])
+        dataset.setdefault("max_seq_len", values["max_seq_len"])
     save_folder = values["save_folder"].format(run_name=values["run_name"])
     if values["python_log_level"]:
         logging.basicConfig(format="%(asctime)s: [%(name)s]: %(levelname)s: %(message)s")
@@ -54,9 +65,19 @@ def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
         builders.write_run_description(save_folder, description)
 
     device_batch = values["global_train_batch_size"] // world_size
-    train_loader, callback = build_train_dataloader(values, data_loading, device_batch)
-    eval_loader = build_eval_dataloader(values, data_loading, values["device_eval_batch_size"])
-    callbacks = builders.build_callbacks(values) + ([callback] if callback is not None else [])
+    train_loader = build_train_dataloader(
+        values["train_loader"],
+        data_loading,
+        device_batch_size=device_batch,
+        eval_interval=values["eval_interval"],
+    )
+    eval_loader = build_eval_dataloader(
+        values["eval_loader"], data_loading.set_names, device_batch_size=values["device_eval_batch_size"]
+    )
+    callbacks = builders.build_callbacks(values)
+    mixing = DynamicLoadingCallback.from_config(data_loading)
+    if mixing is not None:
+        callbacks.append(mixing)
     evaluator = Evaluator(
         label="eval", dataloader=eval_loader, metric_names=list(model.get_metrics(is_train=False))
     )

@@ -16,27 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 
 ANY = object()  # a free-form value (or a free-form mapping) the schema does not look into
 
-LOADER_SCHEMA = {
-    "dataset": {
-        "local": ANY,
-        "remote": ANY,
-        "split": ANY,
-        "shuffle": ANY,
-        "shuffle_seed": ANY,
-        "shuffle_algo": ANY,
-        "num_canonical_nodes": ANY,
-        "max_seq_len": ANY,
-        "predownload": ANY,
-        "cache_limit": ANY,
-    },
-    "num_workers": ANY,
-    "pin_memory": ANY,
-    "prefetch_factor": ANY,
-    "persistent_workers": ANY,
-    "timeout": ANY,
-    "drop_last": ANY,
-}
-
 SCHEMA: dict[str, Any] = {
     "variables": ANY,
     "run_name": ANY,
@@ -50,8 +29,8 @@ SCHEMA: dict[str, Any] = {
         "attn_impl": ANY,
         "l0_module": ANY,  # validated by llmshearing.pruning
     },
-    "train_loader": LOADER_SCHEMA,
-    "eval_loader": LOADER_SCHEMA,
+    "train_loader": ANY,  # validated by llmshearing.data.loaders
+    "eval_loader": ANY,
     "optimizer": {"name": ANY, "lr": ANY, "betas": ANY, "eps": ANY, "weight_decay": ANY},
     "scheduler": {"name": ANY, "t_warmup": ANY, "alpha_f": ANY, "t_max": ANY},
     "algorithms": {"gradient_clipping": {"clipping_type": ANY, "clipping_threshold": ANY}},

@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny random source checkpoint and a tiny two-domain MDS root, built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+TINY_MODEL = dict(
+    vocab_size=97,
+    d_model=32,
+    n_layers=3,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    intermediate_size=48,
+    max_seq_len=64,
+    tie_word_embeddings=True,
+)
+TINY_DOMAINS = ("alpha", "beta")
+TINY_SEQ_LEN = 16
+
+
+def write_tiny_source(path: str, seed: int = 0, **overrides) -> str:
+    """A random tiny decoder saved as a project checkpoint (what `convert hf-to-composer` writes)."""
+    import torch
+
+    from llmshearing.convert.checkpoint import save_checkpoint
+    from llmshearing.models.config import ModelConfig
+    from llmshearing.models.decoder import Decoder
+
+    config = ModelConfig(**{**TINY_MODEL, **overrides})
+    torch.manual_seed(seed)
+    decoder = Decoder(config)
+    decoder.init_weights()
+    save_checkpoint(path, config, decoder.state_dict(), progress=False)
+    return path
+
+
+def write_tiny_mds(root: str, n_train: int = 96, n_eval: int = 8, seq_len: int = TINY_SEQ_LEN) -> str:
+    """Two domains of learnable token patterns in the layout `prepare_mds.py` writes."""
+    from streaming import MDSWriter
+
+    rng = np.random.default_rng(0)
+    splits: dict[str, dict[str, dict[str, int]]] = {"train": {}, "eval": {}}
+    for d, domain in enumerate(TINY_DOMAINS):
+        for split, count in (("train", n_train), ("eval", n_eval)):
+            with MDSWriter(
+                out=os.path.join(root, split, domain), columns={"tokens": "ndarray:uint16"}
+            ) as writer:
+                for _ in range(count):
+                    start = int(rng.integers(0, 40))
+                    step = 1 + d  # domain 0 counts by ones, domain 1 by twos
+                    tokens = (start + step * np.arange(seq_len)) % 97
+                    writer.write({"tokens": tokens.astype(np.uint16)})
+            splits[split][domain] = {
+                "files": 1,
+                "documents": count,
+                "tokens": count * seq_len,
+                "samples": count,
+            }
+    manifest = {
+        "format": "llmshearing-mds",
+        "version": 1,
+        "seq_len": seq_len,
+        "tokenizer": "synthetic",
+        "vocab_size": 97,
+        "token_dtype": "uint16",
+        "domains": list(TINY_DOMAINS),
+        "splits": splits,
+    }
+    with open(os.path.join(root, "manifest.json"), "w") as handle:
+        json.dump(manifest, handle)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory) -> str:
+    return write_tiny_source(str(tmp_path_factory.mktemp("tiny") / "source"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mds(tmp_path_factory) -> str:
+    return write_tiny_mds(str(tmp_path_factory.mktemp("tiny-data") / "mds"))
+
+
+@pytest.fixture()
+def clean_shm():
+    """Streaming keeps shared memory per local path; clear stale segments around a test."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    yield
+    clean_stale_shared_memory()
