@@ -59,11 +59,6 @@ def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
         logging.basicConfig(format="%(asctime)s: [%(name)s]: %(levelname)s: %(message)s")
         logging.getLogger("llmshearing").setLevel(values["python_log_level"].upper())
 
-    reproducibility.seed_all(values["seed"])
-    model, description = builders.build_model(values, data_loading.set_names)
-    if dist.get_global_rank() == 0:
-        builders.write_run_description(save_folder, description)
-
     device_batch = values["global_train_batch_size"] // world_size
     train_loader = build_train_dataloader(
         values["train_loader"],
@@ -74,7 +69,11 @@ def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
     eval_loader = build_eval_dataloader(
         values["eval_loader"], data_loading.set_names, device_batch_size=values["device_eval_batch_size"]
     )
-    callbacks = builders.build_callbacks(values)
+    reproducibility.seed_all(values["seed"])
+    model, description = builders.build_model(values, data_loading.set_names)
+    if dist.get_global_rank() == 0:  # only once the recipe, the data and the model are known to be good
+        builders.write_run_description(save_folder, description)
+    callbacks = builders.build_callbacks(values, save_folder)
     mixing = DynamicLoadingCallback.from_config(data_loading)
     if mixing is not None:
         callbacks.append(mixing)

@@ -66,7 +66,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
         rope_scaling=scaling,
         max_position_embeddings=config.max_seq_len,
     )
-    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
+    with torch.device("cpu"):  # a real table even while the weights are built on the meta device
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
     return inv_freq.float(), float(attention_scaling)
 
 
@@ -205,7 +206,8 @@ class Decoder(nn.Module):
     def reset_rope(self) -> None:
         """Recompute the RoPE table (needed after materialising the model from the meta device)."""
         inv_freq, self.rope_attention_scaling = rope_inverse_frequencies(self.config)
-        self.inv_freq = inv_freq.to(self.tok_embeddings.weight.device)
+        device = self.inv_freq.device if self.inv_freq.device.type != "meta" else self.tok_embeddings.weight.device
+        self.inv_freq = inv_freq.to(device)
 
     @torch.no_grad()
     def init_weights(self) -> None:

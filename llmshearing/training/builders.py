@@ -27,8 +27,8 @@ def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLla
     config = config.replace(
         attn_impl=model_cfg["attn_impl"], max_seq_len=max(config.max_seq_len, values["max_seq_len"])
     )
-    model = ComposerLlama(config, domains=domains)
-    model.model.load_state_dict(state_dict, strict=True)
+    model = ComposerLlama(config, domains=domains, init_device="meta")  # no random init: weights come next
+    model.model.load_state_dict(state_dict, strict=True, assign=True)
     description = {"model": config.to_dict(), "hf_config": hf_config, "l0_module": None, "train": values}
     if model_cfg.get("l0_module"):
         from llmshearing.pruning import attach_l0_module
@@ -106,8 +106,10 @@ def build_algorithms(values: dict[str, Any], save_folder: str) -> list[Algorithm
     return algorithms
 
 
-def build_callbacks(values: dict[str, Any]) -> list[Callback]:
+def build_callbacks(values: dict[str, Any], save_folder: str) -> list[Callback]:
     from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
+
+    from llmshearing.callbacks.sample_log import SampleLog
 
     known = {
         "speed_monitor": SpeedMonitor,
@@ -119,6 +121,9 @@ def build_callbacks(values: dict[str, Any]) -> list[Callback]:
     callbacks: list[Callback] = []
     for name, kwargs in values["callbacks"].items():
         if name == "data_loading" or kwargs is False:
+            continue
+        if name == "sample_log":
+            callbacks.append(SampleLog(**{"folder": save_folder, **(kwargs or {})}))
             continue
         callbacks.append(known[name](**(kwargs or {})))
     return callbacks

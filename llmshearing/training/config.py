@@ -41,6 +41,7 @@ SCHEMA: dict[str, Any] = {
         "memory_monitor": ANY,
         "runtime_estimator": ANY,
         "optimizer_monitor": ANY,
+        "sample_log": ANY,  # record the sample ids of every batch (audits resumption)
     },
     "loggers": {"file": ANY, "wandb": ANY, "mlflow": ANY, "tensorboard": ANY, "metrics_jsonl": ANY},
     "max_duration": ANY,

@@ -1,0 +1,6 @@
+"""Conversion between Hugging Face checkpoints and the project checkpoint format.
+
+Key maps are declarative per model family (``keymaps``); configs translate in ``hf_config``;
+``checkpoint`` defines the project checkpoint format and reads every checkpoint kind;
+``hf_to_project`` and ``project_to_hf`` are the two converters behind ``llmshearing convert``.
+"""

@@ -1,0 +1,159 @@
+"""``ComposerLlama``: the project ``Decoder`` as a Composer model (loss, metrics, FLOPs, FSDP hooks)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from composer.models import ComposerModel
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from llmshearing.models.config import ModelConfig
+from llmshearing.models.decoder import Block, Decoder, RMSNorm, rope_inverse_frequencies
+from llmshearing.models.loading import parameters_on_meta
+from llmshearing.models.metrics import DomainLanguageCrossEntropy
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMOutput:
+    """Model output: logits [B, T, V] and the L0 module's output (masks and penalty) when pruning."""
+
+    logits: Tensor
+    l0: Any = None
+
+
+def shifted_targets(batch: Mapping[str, Tensor]) -> Tensor:
+    """Next-token targets aligned with the logits: ``targets[:, t] = labels[:, t + 1]``, last column ignored.
+
+    ``labels`` (with ``-100`` on padding) is used when the batch has it, else ``input_ids``.
+    """
+    labels = batch.get("labels", batch["input_ids"])
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def is_block(module: nn.Module) -> bool:
+    """FSDP wrapping and activation checkpointing unit: one decoder block."""
+    return isinstance(module, Block)
+
+
+@torch.no_grad()
+def init_module(module: nn.Module, init_std: float) -> None:
+    """(Re-)initialise the tensors owned directly by ``module`` (not its children).
+
+    Linears and embeddings: normal(0, init_std), zero biases; RMSNorm: ones; the decoder's RoPE
+    table is recomputed. A module still on the meta device is first materialised on the CPU.
+    """
+    own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    if any(t.is_meta for t in own):
+        module.to_empty(device="cpu", recurse=False)
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=init_std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+    elif isinstance(module, Decoder):
+        inv_freq, module.rope_attention_scaling = rope_inverse_frequencies(module.config)
+        module.inv_freq = inv_freq.to(module.inv_freq.device)
+
+
+class ComposerLlama(ComposerModel):
+    """Composer wrapper of ``Decoder`` with next-token loss, per-domain metrics and an optional L0 module.
+
+    Batches hold ``input_ids`` [B, T] and optionally ``labels`` [B, T], ``domain`` [B] (index into
+    ``domains``), ``idx`` [B] and ``masks`` (used only when no L0 module is attached).
+    ``init_device="meta"`` creates the parameters on the meta device (the RoPE buffer stays real);
+    ``param_init_fn`` then materialises and initialises them module by module, as FSDP does.
+    """
+
+    def __init__(self, config: ModelConfig, domains: Sequence[str] = (), init_device: str = "cpu") -> None:
+        super().__init__()
+        self.config = config
+        self.domains = tuple(domains)
+        if init_device == "meta":  # parameters without storage; FSDP materialises them via param_init_fn
+            with parameters_on_meta():
+                self.model = Decoder(config)
+        elif init_device == "cpu":
+            self.model = Decoder(config)
+            self.model.init_weights()
+        else:
+            raise ValueError(f"model.init_device must be 'cpu' or 'meta', got {init_device!r}")
+        self.l0_module: nn.Module | None = None
+        # Composer looks up these hooks on the children of a ComposerModel.
+        self.model.fsdp_wrap_fn = is_block
+        self.model.activation_checkpointing_fn = is_block
+        self.model.param_init_fn = functools.partial(init_module, init_std=config.init_std)
+        self.train_metrics = self._build_metrics()
+        self.eval_metrics = self._build_metrics()
+
+    def _build_metrics(self) -> dict[str, Metric]:
+        metrics: dict[str, Metric] = {
+            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+            "Perplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
+        }
+        for index, domain in enumerate(self.domains):
+            metrics[f"{domain}_LanguageCrossEntropy"] = DomainLanguageCrossEntropy(
+                index, ignore_index=IGNORE_INDEX
+            )
+        return metrics
+
+    # FSDP / activation-checkpointing / meta-init hooks (also attached to ``self.model``).
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        return is_block(module)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        return is_block(module)
+
+    def param_init_fn(self, module: nn.Module) -> None:
+        init_module(module, self.config.init_std)
+
+    def forward(self, batch: Mapping[str, Any]) -> LMOutput:
+        l0 = self.l0_module() if self.l0_module is not None else None
+        masks = l0.masks if l0 is not None else batch.get("masks")
+        return LMOutput(logits=self.model(batch["input_ids"], masks=masks), l0=l0)
+
+    def loss(self, outputs: LMOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        logits = outputs.logits
+        targets = shifted_targets(batch)
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        penalty = getattr(outputs.l0, "penalty", None) if outputs.l0 is not None else None
+        if penalty is None:
+            return {"total": ce, "ce": ce}
+        return {"total": ce + penalty, "ce": ce, "lagrangian": penalty}
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return self.train_metrics if is_train else self.eval_metrics
+
+    def update_metric(self, batch: Mapping[str, Any], outputs: LMOutput, metric: Metric) -> None:
+        logits = outputs.logits if isinstance(outputs, LMOutput) else outputs
+        targets = shifted_targets(batch)
+        if isinstance(metric, DomainLanguageCrossEntropy):
+            metric.update(logits, targets, batch.get("domain"))
+        else:
+            metric.update(logits, targets)
+
+    def matmul_params(self) -> int:
+        """Parameters taking part in matrix multiplies: all but the embedding lookup (a tied head counts)."""
+        total = sum(p.numel() for name, p in self.model.named_parameters() if name != "tok_embeddings.weight")
+        if self.model.output is None:
+            total += self.model.tok_embeddings.weight.numel()
+        return total
+
+    def flops_per_batch(self, batch: Mapping[str, Any]) -> int:
+        """Training FLOPs of one batch: ``6 N`` per token plus attention ``12 L H hd T`` per token (PaLM)."""
+        batch_size, seq_len = batch["input_ids"].shape[:2]
+        cfg = self.model.config
+        attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+        return int(batch_size * seq_len * (6 * self.matmul_params() + attention))

@@ -1,0 +1,142 @@
+"""The training entry point end to end on tiny models: prune, fold, continue, export, report, resume, kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from composer.core import Callback
+
+from llmshearing.callbacks.sample_log import read_sample_log
+from llmshearing.cli import main as cli_main
+from llmshearing.train import build_trainer, main, run
+
+PRUNE = "yamls/tiny/prune.yaml"
+CONTINUED = "yamls/tiny/continued.yaml"
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class CrashAt(Callback):
+    """Stops training when batch ``at`` is about to start (the checkpoint of batch ``at`` exists)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def batch_start(self, state, logger) -> None:
+        del logger
+        if int(state.timestamp.batch) == self.at:
+            raise Interrupted(f"stopped before batch {self.at + 1}")
+
+
+def _args(source: str, data: str, folder: str, *extra: str) -> list[str]:
+    return [f"model.path={source}", f"data_local={data}", f"save_folder={folder}", *extra]
+
+
+def _train(recipe: str, overrides: list[str], crash_at: int | None = None) -> None:
+    trainer, values = build_trainer(recipe, overrides)
+    if crash_at is not None:
+        trainer.state.callbacks.append(CrashAt(crash_at))
+        with pytest.raises(Interrupted):
+            run(trainer, values)
+    else:
+        run(trainer, values)
+
+
+def _final(folder: str) -> dict:
+    return torch.load(os.path.join(folder, "checkpoints", "latest-rank0.pt"), map_location="cpu", weights_only=False)
+
+
+def _mixing_state(checkpoint: dict) -> dict:
+    (state,) = [v for k, v in checkpoint["state"]["callbacks"].items() if "DynamicLoading" in k]
+    return state
+
+
+def test_prune_fold_continue_export_and_report(tiny_source, tiny_mds, tmp_path, clean_shm):
+    prune_run = tmp_path / "prune"
+    _train(PRUNE, _args(tiny_source, tiny_mds, str(prune_run)))
+    assert sorted(os.listdir(prune_run / "masks")) == ["ba12.pt", "ba4.pt", "ba8.pt"]
+
+    pruned = tmp_path / "pruned"
+    assert cli_main(["prune-model", str(prune_run / "checkpoints" / "latest-rank0.pt"), str(pruned)]) == 0
+    cont_run = tmp_path / "continued"
+    _train(CONTINUED, _args(str(pruned), tiny_mds, str(cont_run)))  # loads the pruned model strictly
+    checkpoint = _final(str(cont_run))
+    shapes = {k: tuple(v.shape) for k, v in checkpoint["state"]["model"].items()}
+    assert shapes["model.layers.1.attention.wq.weight"] == (2 * 8, 24)
+    assert "model.layers.2.attention.wq.weight" not in shapes
+
+    hf = tmp_path / "hf"
+    assert cli_main(["convert", "composer-to-hf", str(cont_run / "checkpoints" / "latest-rank0.pt"), str(hf)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads) == (2, 24, 2)
+
+    assert cli_main(["report", str(prune_run)]) == 0
+    report = sorted(os.listdir(prune_run / "report"))
+    for name in ("domain_weights.png", "domain_loss.png", "sparsity.png", "multipliers.png", "train_loss.png"):
+        assert name in report
+    assert "| alpha |" in (prune_run / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("crash_at", [6, 8], ids=["mid-interval", "at-update-boundary"])
+def test_interrupted_pruning_run_resumes_bit_identically(tiny_source, tiny_mds, tmp_path, clean_shm, crash_at):
+    common = ["save_interval=2ba", "autoresume=true", "callbacks.sample_log={}"]
+    straight = tmp_path / "straight"
+    _train(PRUNE, _args(tiny_source, tiny_mds, str(straight), *common))
+    resumed = tmp_path / "resumed"
+    _train(PRUNE, _args(tiny_source, tiny_mds, str(resumed), *common), crash_at=crash_at)
+    assert _final(str(resumed))["state"]["timestamp"]["Timestamp"]["batch"] == crash_at
+    _train(PRUNE, _args(tiny_source, tiny_mds, str(resumed), *common))
+
+    a, b = _final(str(straight)), _final(str(resumed))
+    assert a["state"]["model"].keys() == b["state"]["model"].keys()
+    assert any(k.startswith("l0_module.") for k in a["state"]["model"])  # masks and multipliers included
+    for key, value in a["state"]["model"].items():
+        assert torch.equal(value, b["state"]["model"][key]), key
+    mix_a, mix_b = _mixing_state(a), _mixing_state(b)
+    assert mix_a == mix_b
+    for name in ("ba4.pt", "ba8.pt", "ba12.pt"):
+        masks_a = torch.load(straight / "masks" / name, weights_only=False)
+        masks_b = torch.load(resumed / "masks" / name, weights_only=False)
+        assert masks_a.keys() == masks_b.keys()
+    assert read_sample_log(str(straight / "samples-rank0.jsonl")) == read_sample_log(str(resumed / "samples-rank0.jsonl"))
+
+
+def test_bad_recipe_is_reported_before_training(tiny_source, tiny_mds, tmp_path, capsys):
+    code = main([PRUNE, *_args(tiny_source, tiny_mds, str(tmp_path / "r")), "callbacks.data_loading.set_names=[alpha,gamma]"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "gamma" in err and "missing from the data" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_losing_or_repeating_samples(tiny_source, tiny_mds, tmp_path, clean_shm):
+    common = ["max_duration=120ba", "eval_interval=20ba", "save_interval=10ba", "autoresume=true", "callbacks.sample_log={}"]
+    command = [sys.executable, "-m", "llmshearing.train", CONTINUED]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*command, *_args(tiny_source, tiny_mds, str(straight), *common)], check=True, capture_output=True)
+
+    proc = subprocess.Popen([*command, *_args(tiny_source, tiny_mds, str(killed), *common)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = killed / "samples-rank0.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(read_sample_log(str(log))) >= 35:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    subprocess.run([*command, *_args(tiny_source, tiny_mds, str(killed), *common)], check=True, capture_output=True)
+
+    expected, got = read_sample_log(str(straight / "samples-rank0.jsonl")), read_sample_log(str(killed / "samples-rank0.jsonl"))
+    assert sorted(got) == list(range(1, 121))
+    assert got == expected
