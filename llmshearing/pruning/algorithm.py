@@ -1,0 +1,268 @@
+"""``L0Pruning``, the Composer Algorithm of targeted structured pruning, and its functional API.
+
+The functional API works without the Trainer:
+
+* :func:`attach_l0_module` puts an :class:`L0Module` on a ``ComposerLlama`` (its forward then samples
+  masks in train mode, uses deterministic masks in eval mode, and its loss adds the Lagrangian);
+* :func:`l0_param_groups` gives the optimizer groups ``weights`` / ``masks`` / ``multipliers``;
+* :func:`set_l0_step` sets the batch counter that drives the target warm-up.
+
+The Algorithm wires these into a Composer run (see ``llmshearing/pruning/README.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+from composer.utils import dist
+from torch import nn
+
+from llmshearing.pruning.l0_module import L0Module
+from llmshearing.pruning.targets import L0Config
+
+GROUP_NAMES = ("weights", "masks", "multipliers")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The ComposerModel inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def l0_module_of(model: nn.Module) -> L0Module | None:
+    return getattr(unwrap(model), "l0_module", None)
+
+
+def attach_l0_module(composer_model: nn.Module, l0_config: L0Config | Mapping[str, Any]) -> L0Module:
+    """Create the L0 module for ``composer_model.model``'s shape and attach it as ``composer_model.l0_module``.
+
+    Do this before building the optimizer (use :func:`l0_param_groups`) and before DDP/FSDP wrapping.
+    If a module with the same config is already attached it is returned unchanged.
+    """
+    config = L0Config.from_dict(l0_config)
+    model = unwrap(composer_model)
+    existing = getattr(model, "l0_module", None)
+    if existing is not None:
+        if existing.l0_config != config:
+            raise ValueError(
+                "the model already carries an l0_module with a different config; "
+                "build the model once with model.l0_module and pass the same settings to L0Pruning"
+            )
+        return existing
+    decoder = model.model
+    reference = next(decoder.parameters())
+    module = L0Module(decoder.config, config).to(device=reference.device)
+    model.l0_module = module
+    return module
+
+
+def l0_param_groups(composer_model: nn.Module, lr: float, mask_lr: float, multiplier_lr: float) -> list[dict]:
+    """Optimizer groups: ``weights`` (lr), ``masks`` (log-alphas, mask_lr), ``multipliers`` (multiplier_lr).
+
+    The L0 groups use no weight decay. The multipliers are maximised through their negated gradient,
+    so every learning rate is positive.
+    """
+    module = l0_module_of(composer_model)
+    if module is None:
+        raise ValueError("the model has no l0_module; call attach_l0_module(model, l0_config) first")
+    l0_ids = {id(p) for p in module.parameters()}
+    weights = [p for p in unwrap(composer_model).parameters() if p.requires_grad and id(p) not in l0_ids]
+    return [
+        {"name": "weights", "params": weights, "lr": lr},
+        {"name": "masks", "params": list(module.log_alpha.values()), "lr": mask_lr, "weight_decay": 0.0},
+        {
+            "name": "multipliers",
+            "params": list(module.multipliers.values()),
+            "lr": multiplier_lr,
+            "weight_decay": 0.0,
+        },
+    ]
+
+
+def set_l0_step(composer_model: nn.Module, step: int) -> None:
+    """Tell the L0 module how many optimizer batches are done (drives the target warm-up)."""
+    module = l0_module_of(composer_model)
+    if module is not None:
+        module.set_step(step)
+
+
+def save_masks(path: str, payload: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".masks-", suffix=".pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class L0Pruning(Algorithm):
+    """Learn hard-concrete masks toward a target shape during training.
+
+    Args:
+        l0_config: the ``model.l0_module`` settings (dict, OmegaConf node or :class:`L0Config`).
+        save_folder: run folder; the deterministic masks are written to ``{save_folder}/masks/ba{N}.pt``
+            after every evaluation. ``None`` writes no mask files.
+    """
+
+    def __init__(self, l0_config: L0Config | Mapping[str, Any], save_folder: str | None = None) -> None:
+        self.l0_config = L0Config.from_dict(l0_config)
+        self.save_folder = save_folder
+
+    def __repr__(self) -> str:
+        return f"L0Pruning(save_folder={self.save_folder!r})"
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.BATCH_START, Event.BATCH_END, Event.EVAL_AFTER_ALL)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            self._attach(state)
+            l0_module_of(state.model).set_noise_seed(state.rank_zero_seed)
+        elif event == Event.BATCH_START:
+            set_l0_step(state.model, int(state.timestamp.batch.value))
+            if not self.l0_config.schedule_l0_lr:
+                self._reset_l0_lr(state)
+        elif event == Event.BATCH_END:
+            self._log_stats(state, logger)
+        elif event == Event.EVAL_AFTER_ALL:
+            self._write_masks(state)
+
+    # ------------------------------------------------------------------------------------ INIT
+    def _attach(self, state: State) -> None:
+        module = attach_l0_module(state.model, self.l0_config)
+        l0_params = {id(p) for p in module.parameters()}
+        for optimizer in state.optimizers:
+            grouped = [
+                (group, {id(p) for p in group["params"]} & l0_params) for group in optimizer.param_groups
+            ]
+            mixed = [g for g, ids in grouped if ids and len(ids) != len(g["params"])]
+            if mixed:
+                raise ValueError(
+                    "the optimizer puts L0 mask parameters in one group with model weights; build it from "
+                    "llmshearing.pruning.l0_param_groups(model, lr, mask_lr, multiplier_lr)"
+                )
+            present = set().union(*(ids for _, ids in grouped)) if grouped else set()
+            if present and present != l0_params:
+                raise ValueError(
+                    "the optimizer holds only some of the L0 parameters; build it with l0_param_groups"
+                )
+            if not present:  # attached here: give the optimizer the new parameters
+                cfg = self.l0_config
+                for name, params, lr in (
+                    ("masks", module.log_alpha.values(), cfg.mask_lr),
+                    ("multipliers", module.multipliers.values(), cfg.multiplier_lr),
+                ):
+                    optimizer.add_param_group(
+                        {"name": name, "params": list(params), "lr": lr, "weight_decay": 0.0}
+                    )
+        if not self.l0_config.clip_l0_grads:
+            self._guard_gradient_clipping(state)
+
+    def _guard_gradient_clipping(self, state: State) -> None:
+        """Surround every GradientClipping with guards that hide the L0 gradients from it.
+
+        ``AFTER_*`` events run algorithms in reverse order, so a guard placed after the clipping
+        algorithm in the list runs before it (hide) and one placed before it runs after it (restore).
+        """
+        from composer.algorithms import GradientClipping
+
+        clippers = [a for a in state.algorithms if isinstance(a, GradientClipping)]
+        if not clippers:
+            return
+        if state.fsdp_config is not None:
+            warnings.warn(
+                "model.l0_module.clip_l0_grads=false is not supported with FSDP: the L0 gradients are clipped "
+                "together with the model's",
+                stacklevel=2,
+            )
+            return
+        stash: dict[int, torch.Tensor | None] = {}
+        algorithms = list(state.algorithms)
+        for clipper in clippers:
+            index = next(i for i, a in enumerate(algorithms) if a is clipper)
+            algorithms.insert(index + 1, _L0GradGuard("hide", stash))
+            algorithms.insert(index, _L0GradGuard("restore", stash))
+        state.algorithms = algorithms
+
+    # ------------------------------------------------------------------------------ per batch
+    def _reset_l0_lr(self, state: State) -> None:
+        """Undo the LR schedule for the mask and multiplier groups (``schedule_l0_lr: false``)."""
+        module = l0_module_of(state.model)
+        if module is None:
+            return
+        l0_params = {id(p) for p in module.parameters()}
+        for optimizer in state.optimizers:
+            for group in optimizer.param_groups:
+                if "initial_lr" in group and any(id(p) in l0_params for p in group["params"]):
+                    group["lr"] = group["initial_lr"]
+
+    def _log_stats(self, state: State, logger: Logger) -> None:
+        l0 = getattr(state.outputs, "l0", None)
+        if l0 is None:
+            return
+        stats = dict(l0.stats)
+        if l0.penalty is not None:
+            stats["penalty"] = l0.penalty.detach()
+        if not stats:
+            return
+        values = torch.stack([v.detach().float().reshape(()) for v in stats.values()]).cpu().tolist()
+        logger.log_metrics({f"l0/{name}": value for name, value in zip(stats, values, strict=True)})
+
+    # --------------------------------------------------------------------------------- eval
+    def _write_masks(self, state: State) -> None:
+        module = l0_module_of(state.model)
+        if module is None or self.save_folder is None or dist.get_global_rank() != 0:
+            return
+        batch = int(state.timestamp.batch.value)
+        at_target = self.l0_config.eval_target_model
+        payload: dict[str, Any] = {
+            "batch": batch,
+            "at_target": at_target,
+            "masks": {k: v.cpu() for k, v in module.deterministic_masks(at_target=at_target).items()},
+            "keep": module.keep_counts(at_target=at_target),
+        }
+        if module.plan.target is not None and not at_target:
+            payload["target_masks"] = {
+                k: v.cpu() for k, v in module.deterministic_masks(at_target=True).items()
+            }
+        save_masks(os.path.join(self.save_folder, "masks", f"ba{batch}.pt"), payload)
+
+
+class _L0GradGuard(Algorithm):
+    """Hides (``hide``) or restores (``restore``) the L0 gradients around gradient clipping."""
+
+    def __init__(self, role: str, stash: dict[int, torch.Tensor | None]) -> None:
+        self.role, self.stash = role, stash
+
+    def __repr__(self) -> str:
+        return f"_L0GradGuard({self.role!r})"
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == Event.AFTER_TRAIN_BATCH
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        module = l0_module_of(state.model)
+        if module is None:
+            return
+        if self.role == "hide":
+            self.stash.clear()
+            for p in module.parameters():
+                self.stash[id(p)] = p.grad
+                p.grad = None
+        else:
+            for p in module.parameters():
+                if id(p) in self.stash:
+                    p.grad = self.stash[id(p)]
+            self.stash.clear()

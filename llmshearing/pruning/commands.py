@@ -1,0 +1,197 @@
+"""``llmshearing prune-model``: turn a pruning checkpoint into a dense model of exactly the target shape."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("fp32", "bf16", "fp16")
+SHAPE_FIELDS = ("n_layers", "n_heads", "n_kv_heads", "d_model", "intermediate_size")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prune-model",
+        help="fold the learned masks into the weights: pruning checkpoint -> smaller dense checkpoint",
+        description="Compute the deterministic masks of a pruning checkpoint at the exact target shape, fold "
+        "them into the weights, slice, renumber the layers and write an llmshearing checkpoint directory "
+        "(and optionally a Hugging Face directory) of exactly the target shape.",
+    )
+    parser.add_argument("ckpt", help="Composer checkpoint (.pt) of a pruning run")
+    parser.add_argument("out", help="output checkpoint directory (must not exist unless --overwrite)")
+    parser.add_argument(
+        "--hf-out", metavar="DIR", help="also export the pruned model as a Hugging Face directory"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="the run's config.json with the model and model.l0_module settings (default: beside CKPT or "
+        "in its parent folder)",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, help="stored precision of OUT (default: as in CKPT)")
+    parser.add_argument(
+        "--hf-dtype", choices=DTYPES, default="bf16", help="precision of --hf-out (default: bf16)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT / --hf-out if they exist")
+    parser.set_defaults(func=run_prune_model)
+
+
+def run_prune_model(args: argparse.Namespace) -> int:
+    summary = prune_checkpoint(
+        args.ckpt,
+        args.out,
+        hf_out=args.hf_out,
+        config_path=args.config,
+        dtype=args.dtype,
+        hf_dtype=args.hf_dtype,
+        overwrite=args.overwrite,
+    )
+    print(summary.describe())
+    return 0
+
+
+@dataclass
+class PruneSummary:
+    """Shapes and sizes before and after pruning."""
+
+    source: Any  # ModelConfig
+    pruned: Any  # ModelConfig
+    at_target: bool
+    out: Path
+    hf_out: Path | None
+
+    def describe(self) -> str:
+        from llmshearing.pruning.targets import prunable_params
+
+        rows = [f"{'':20s}{'source':>16s}{'pruned':>16s}"]
+        for name in SHAPE_FIELDS:
+            rows.append(f"{name:20s}{getattr(self.source, name):>16,d}{getattr(self.pruned, name):>16,d}")
+        rows.append(f"{'parameters':20s}{self.source.num_params():>16,d}{self.pruned.num_params():>16,d}")
+        rows.append(
+            f"{'prunable params':20s}{prunable_params(self.source):>16,d}{prunable_params(self.pruned):>16,d}"
+        )
+        how = "the exact target shape" if self.at_target else "the current expected size (no target_model)"
+        lines = [f"pruned to {how}:", *rows, f"wrote {self.out}"]
+        if self.hf_out is not None:
+            lines.append(f"wrote {self.hf_out}")
+        return "\n".join(lines)
+
+
+def find_run_config(ckpt: Path, config_path: str | Path | None) -> Path:
+    """The run's ``config.json``: ``config_path``, else beside the checkpoint, else in its parent folder."""
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path} not found; pass the pruning run's config.json")
+        return path
+    for candidate in (ckpt.parent / "config.json", ckpt.parent.parent / "config.json"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no config.json beside {ckpt} or in {ckpt.parent.parent}; pass --config with the pruning run's "
+        "config.json (it holds the model and l0_module settings)"
+    )
+
+
+def read_l0_settings(config_file: Path) -> dict[str, Any]:
+    """The ``l0_module`` settings recorded in a run's ``config.json``."""
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{config_file} is not valid JSON ({err}); pass the run's config.json with --config"
+        ) from err
+    settings = data.get("l0_module") if isinstance(data, dict) else None
+    if settings is None and isinstance(data, dict):  # a training config with the model section
+        settings = (data.get("train") or {}).get("model", {}).get("l0_module")
+    if not settings:
+        raise KeyError(
+            f"{config_file} has no l0_module settings: it is not the config of a pruning run; pass the pruning "
+            "run's config.json with --config"
+        )
+    return dict(settings)
+
+
+def prune_checkpoint(
+    ckpt: str | Path,
+    out: str | Path,
+    hf_out: str | Path | None = None,
+    config_path: str | Path | None = None,
+    dtype: str | None = None,
+    hf_dtype: str = "bf16",
+    overwrite: bool = False,
+) -> PruneSummary:
+    """Load a pruning checkpoint, fold its deterministic masks and write the pruned checkpoint(s)."""
+    from llmshearing.convert.checkpoint import (
+        L0_PREFIX,
+        StateDictSource,
+        open_checkpoint,
+        write_project_checkpoint,
+    )
+    from llmshearing.pruning.fold import prune_state_dict
+    from llmshearing.pruning.l0_module import L0Module
+    from llmshearing.pruning.targets import L0Config
+
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt} not found; pass the Composer checkpoint (.pt) of a pruning run")
+    if not ckpt.is_file():
+        raise ValueError(
+            f"{ckpt} is a directory; prune-model needs the Composer checkpoint file (.pt) of a pruning run"
+        )
+    for path in (Path(out), Path(hf_out) if hf_out else None):
+        if path is not None and path.exists() and not overwrite:
+            raise ValueError(f"{path} already exists; remove it, choose another path or pass --overwrite")
+    run_config = find_run_config(ckpt, config_path)
+    l0_config = L0Config.from_dict(read_l0_settings(run_config))
+
+    with open_checkpoint(ckpt, run_config) as source:
+        config, hf_config = source.config, source.hf_config
+        tokenizer_dir = source.tokenizer_dir or _source_tokenizer(run_config)
+        l0_state = {
+            k[len(L0_PREFIX) :]: source.tensors.get(k)
+            for k in source.tensors.keys()
+            if k.startswith(L0_PREFIX)
+        }
+        if not l0_state:
+            raise ValueError(
+                f"{ckpt} holds no l0_module.* tensors: it is not a pruning checkpoint (already pruned, or trained "
+                "without model.l0_module)"
+            )
+        weights = {k: source.tensors.get(k) for k in source.tensors.keys() if not k.startswith(L0_PREFIX)}
+
+    module = L0Module(config, l0_config)
+    result = module.load_state_dict(l0_state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{ckpt}: the l0_module tensors do not match the l0_module settings in {run_config} "
+            f"(missing {result.missing_keys}, unexpected {result.unexpected_keys}); pass the run's own config.json"
+        )
+    at_target = module.plan.target is not None
+    masks = module.deterministic_masks(at_target=True)
+    pruned_state, pruned_config = prune_state_dict(weights, config, masks, progress=True)
+    if at_target and pruned_config != module.plan.target:
+        raise ValueError(f"pruned shape {pruned_config} differs from the target {module.plan.target}")
+
+    write_project_checkpoint(
+        out, pruned_config, StateDictSource(pruned_state), hf_config, tokenizer_dir, dtype, overwrite
+    )
+    if hf_out is not None:
+        from llmshearing.convert.project_to_hf import convert_project_to_hf
+
+        convert_project_to_hf(out, hf_out, dtype=hf_dtype, overwrite=overwrite)
+    return PruneSummary(config, pruned_config, at_target, Path(out), Path(hf_out) if hf_out else None)
+
+
+def _source_tokenizer(run_config: Path) -> Path | None:
+    """The tokenizer of the run's source checkpoint (``train.model.path``), if it has one."""
+    try:
+        data = json.loads(run_config.read_text(encoding="utf-8"))
+        source = Path(data["train"]["model"]["path"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    has_tokenizer = (source / "tokenizer.json").is_file() or (source / "tokenizer_config.json").is_file()
+    return source if source.is_dir() and has_tokenizer else None

@@ -1,0 +1,68 @@
+"""The hard-concrete distribution (Louizos et al., 2018) used for the L0 pruning masks.
+
+A unit with log-alpha ``a`` draws ``s = sigmoid((log u - log(1-u) + a) / temperature)`` with
+``u ~ U(0, 1)``, stretches it to ``(limit_a, limit_b)`` and clamps it to ``[0, 1]``, so exact zeros
+and ones have positive probability and the sample is differentiable in ``a``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+EPSILON = 1e-6
+# Kept units never get a deterministic value below this, so a unit selected to stay is never dropped.
+MIN_KEPT_VALUE = 1e-3
+
+
+@dataclass(frozen=True)
+class HardConcrete:
+    """Shape constants of the distribution: temperature and the stretch interval ``(limit_a, limit_b)``."""
+
+    temperature: float = 2.0 / 3.0
+    limit_a: float = -0.1
+    limit_b: float = 1.1
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"model.l0_module.temperature must be > 0, got {self.temperature}")
+        if not self.limit_a < 0.0 < 1.0 < self.limit_b:
+            raise ValueError(
+                "model.l0_module.limit_a must be < 0 and model.l0_module.limit_b > 1 "
+                f"(got {self.limit_a}, {self.limit_b}); the defaults are -0.1 and 1.1"
+            )
+
+    def sample(self, log_alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One reparameterised sample per unit, noise drawn on ``log_alpha``'s device (from ``generator``)."""
+        u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device, dtype=log_alpha.dtype)
+        u = u.clamp_(EPSILON, 1.0 - EPSILON)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.temperature)
+        return (s * (self.limit_b - self.limit_a) + self.limit_a).clamp(0.0, 1.0)
+
+    def prob_nonzero(self, log_alpha: Tensor) -> Tensor:
+        """``P(z > 0) = 1 - Q(0)``, differentiable in ``log_alpha``."""
+        shift = self.temperature * math.log(-self.limit_a / self.limit_b)
+        return torch.sigmoid(log_alpha - shift).clamp(EPSILON, 1.0 - EPSILON)
+
+    def test_value(self, log_alpha: Tensor) -> Tensor:
+        """The noise-free value ``clamp(sigmoid(a) * (limit_b - limit_a) + limit_a, 0, 1)``."""
+        return (torch.sigmoid(log_alpha) * (self.limit_b - self.limit_a) + self.limit_a).clamp(0.0, 1.0)
+
+    def deterministic(self, log_alpha: Tensor, keep: int) -> Tensor:
+        """Keep the ``keep`` units with the largest log-alpha in each row (last dim), zero the others.
+
+        Kept units carry their test-time value (exactly 1 for a large log-alpha), floored at
+        ``MIN_KEPT_VALUE`` so that the number of surviving units is exactly ``keep`` per row.
+        """
+        n = log_alpha.shape[-1]
+        if not 0 <= keep <= n:
+            raise ValueError(f"cannot keep {keep} of {n} units")
+        values = self.test_value(log_alpha).clamp(min=MIN_KEPT_VALUE)
+        selected = torch.zeros_like(log_alpha, dtype=torch.bool)
+        if keep > 0:
+            top = torch.topk(log_alpha, keep, dim=-1, sorted=False).indices
+            selected.scatter_(-1, top, True)
+        return torch.where(selected, values, torch.zeros_like(values))

@@ -1,0 +1,324 @@
+"""Activation-based importance of every prunable structure of a dense ``Decoder``.
+
+The dense model runs on calibration samples with forward hooks; each score is a mean over all
+calibration tokens (higher = more important):
+
+* ``head`` [L, H]: norm of the head's contribution to the residual stream, ``||wo_h ctx_h||``
+  (its attention context projected by its own columns of ``wo``).
+* ``kv_head`` [L, Hkv]: sum of the ``head`` scores of the query heads in the KV group.
+* ``intermediate`` [L, I]: ``|silu(w1 x) * w3 x|`` of the dim times the norm of its ``w2`` column,
+  i.e. the norm of its contribution to the residual stream.
+* ``hidden`` [d]: ``|x|`` of the residual stream entering every RMSNorm (both norms of every block
+  and the final norm), summed over those points.
+* ``layer`` [L]: block influence ``1 - cos(block input, block output)``; an identity block scores 0.
+* ``head_layer`` [L] / ``mlp`` [L]: the same influence measured across the attention / MLP branch only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from llmshearing.models.decoder import Decoder
+
+SCORE_KEYS = ("layer", "head_layer", "mlp", "head", "kv_head", "intermediate", "hidden")
+
+
+@dataclass
+class ImportanceScores:
+    """Per-structure importance of a model (keys named like the decoder's masks)."""
+
+    layer: Tensor  # [L]
+    head_layer: Tensor  # [L]
+    mlp: Tensor  # [L]
+    head: Tensor  # [L, H]
+    kv_head: Tensor  # [L, Hkv]
+    intermediate: Tensor  # [L, I]
+    hidden: Tensor  # [d]
+    samples: int = 0  # calibration sequences seen
+    tokens: int = 0  # calibration tokens seen
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {key: getattr(self, key) for key in SCORE_KEYS}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the scores as safetensors (sample and token counts in the metadata), via a temporary file and rename."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tensors = {key: value.float().contiguous() for key, value in self.as_dict().items()}
+        try:
+            metadata = {"samples": str(self.samples), "tokens": str(self.tokens)}
+            save_file(tensors, str(staging), metadata=metadata)
+            os.replace(staging, path)
+        finally:
+            staging.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ImportanceScores:
+        """Read scores written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"importance scores {path} not found; write them with prune-oneshot --scores-out"
+            )
+        with safe_open(str(path), framework="pt") as handle:
+            missing = sorted(set(SCORE_KEYS) - set(handle.keys()))
+            if missing:
+                raise KeyError(
+                    f"{path} lacks importance scores {missing}; it was not written by prune-oneshot"
+                )
+            tensors = {key: handle.get_tensor(key) for key in SCORE_KEYS}
+            metadata = handle.metadata() or {}
+        return cls(**tensors, samples=int(metadata.get("samples", 0)), tokens=int(metadata.get("tokens", 0)))
+
+
+class _BodyDone(Exception):
+    """Raised by the final-norm hook to end a calibration forward before the output head."""
+
+
+class _Accumulator:
+    """Running sums of every score, filled by hooks on one decoder."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        cfg = decoder.config
+        L = cfg.n_layers
+        self.config = cfg
+        device = decoder.tok_embeddings.weight.device
+
+        def zeros(*shape: int) -> Tensor:  # sums stay on the model's device: no host sync per hook
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
+        self.sums = {
+            "layer": zeros(L),
+            "head_layer": zeros(L),
+            "mlp": zeros(L),
+            "head": zeros(L, cfg.n_heads),
+            "intermediate": zeros(L, cfg.intermediate_size),
+            "hidden": zeros(cfg.d_model),
+        }
+        self.samples = 0
+        self.tokens = 0
+        self._block_input: dict[int, Tensor] = {}
+        self._branch_input: dict[int, Tensor] = {}
+        self._handles = []
+        for i, block in enumerate(decoder.layers):
+            self._handles += [
+                block.attention_norm.register_forward_pre_hook(self._on_attention_norm(i)),
+                block.ffn_norm.register_forward_pre_hook(self._on_ffn_norm(i)),
+                block.register_forward_hook(self._on_block_output(i)),
+                block.attention.wo.register_forward_pre_hook(self._on_context(i, block.attention.wo.weight)),
+                block.feed_forward.w2.register_forward_pre_hook(self._on_swiglu(i)),
+            ]
+        self._handles.append(decoder.norm.register_forward_pre_hook(self._on_final_norm))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # Each hook sees activations of shape [B, T, ...]; sums run over all B*T tokens.
+    def _add_hidden(self, x: Tensor) -> None:
+        self.sums["hidden"] += x.detach().float().abs().sum(dim=(0, 1))
+
+    @staticmethod
+    def _state(x: Tensor) -> tuple[Tensor, Tensor]:
+        """A residual-stream activation in fp32 with its per-token norm (reused by both influences)."""
+        x = x.detach().float()
+        return x, torch.linalg.vector_norm(x, dim=-1)
+
+    @staticmethod
+    def _influence(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor]) -> Tensor:
+        """Sum over tokens of ``1 - cos(before, after)``."""
+        cos = torch.linalg.vecdot(before[0], after[0]) / (before[1] * after[1]).clamp(min=1e-8)
+        return (1.0 - cos).sum()
+
+    def _on_attention_norm(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._add_hidden(args[0])
+            self._block_input[i] = self._state(args[0])
+
+        return hook
+
+    def _on_ffn_norm(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._add_hidden(args[0])
+            mid = self._state(args[0])
+            self.sums["head_layer"][i] += self._influence(self._block_input[i], mid)
+            self._branch_input[i] = mid
+
+        return hook
+
+    def _on_block_output(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            out = self._state(output)
+            self.sums["mlp"][i] += self._influence(self._branch_input.pop(i), out)
+            self.sums["layer"][i] += self._influence(self._block_input.pop(i), out)
+            if i == 0:
+                self.samples += output.shape[0]
+                self.tokens += output.shape[0] * output.shape[1]
+
+        return hook
+
+    def _on_context(self, i: int, wo_weight: Tensor) -> Callable[..., None]:
+        H, hd = self.config.n_heads, self.config.head_dim
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            ctx = args[0].detach().float().reshape(-1, H, hd)  # [N, H, hd]
+            w = wo_weight.detach().float().reshape(-1, H, hd)  # [d, H, hd]
+            gram = torch.einsum("dhk,dhl->hkl", w, w)  # [H, hd, hd]: ||wo_h c||^2 = c^T gram_h c
+            squared = torch.einsum("nhk,hkl,nhl->nh", ctx, gram, ctx)
+            self.sums["head"][i] += squared.clamp(min=0).sqrt().sum(0)
+
+        return hook
+
+    def _on_swiglu(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.sums["intermediate"][i] += args[0].detach().float().abs().sum(dim=(0, 1))
+
+        return hook
+
+    def _on_final_norm(self, module: nn.Module, args: tuple) -> None:
+        self._add_hidden(args[0])
+        raise _BodyDone  # every score is known: skip the final norm and the output head
+
+    def result(self, decoder: Decoder) -> ImportanceScores:
+        if self.tokens == 0:
+            raise ValueError("no calibration tokens were seen; pass at least one sample")
+        cfg, n = self.config, float(self.tokens)
+        mean = {key: (value / n).float().cpu() for key, value in self.sums.items()}
+        w2_norms = torch.stack(
+            [block.feed_forward.w2.weight.detach().float().norm(dim=0).cpu() for block in decoder.layers]
+        )
+        intermediate = mean["intermediate"] * w2_norms
+        kv_head = mean["head"].reshape(cfg.n_layers, cfg.n_kv_heads, cfg.heads_per_group).sum(-1)
+        return ImportanceScores(
+            layer=mean["layer"],
+            head_layer=mean["head_layer"],
+            mlp=mean["mlp"],
+            head=mean["head"],
+            kv_head=kv_head,
+            intermediate=intermediate,
+            hidden=mean["hidden"],
+            samples=self.samples,
+            tokens=self.tokens,
+        )
+
+
+@torch.no_grad()
+def compute_importance(
+    decoder: Decoder, batches: Iterable[Tensor], total: int | None = None, progress: bool = True
+) -> ImportanceScores:
+    """Run ``decoder`` (dense, no masks) on ``batches`` of input ids [B, T] and return its importance scores.
+
+    ``total`` is the number of batches, for the progress bar. Each forward stops at the final norm:
+    the output head does not affect any score.
+    """
+    from tqdm.auto import tqdm
+
+    device = decoder.tok_embeddings.weight.device
+    was_training = decoder.training
+    decoder.eval()
+    accumulator = _Accumulator(decoder)
+    try:
+        for input_ids in tqdm(batches, total=total, desc="calibration", unit="batch", disable=not progress):
+            try:
+                decoder(input_ids.to(device))
+            except _BodyDone:
+                pass
+    finally:
+        accumulator.remove()
+        decoder.train(was_training)
+    return accumulator.result(decoder)
+
+
+def calibration_domains(data_dir: str | Path, split: str = "eval") -> list[Path]:
+    """The MDS directories ``DATA/<split>/<domain>/`` of a prepared data root, sorted by domain."""
+    root = Path(data_dir) / split
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"--data {data_dir}: {root} is not a directory; DATA must be an MDS root prepared by "
+            f"data_prep/prepare_mds.py (holding {split}/<domain>/index.json)"
+        )
+    domains = sorted(path for path in root.iterdir() if (path / "index.json").is_file())
+    if not domains:
+        raise FileNotFoundError(
+            f"--data {data_dir}: {root} holds no MDS domain directories (<domain>/index.json)"
+        )
+    return domains
+
+
+def calibration_batches(
+    data_dir: str | Path, samples: int, batch_size: int, split: str = "eval"
+) -> tuple[int, Iterator[Tensor]]:
+    """``(number of batches, batches)`` of ``samples`` token sequences taken round-robin over the domains.
+
+    Sample ``j`` of domain ``k`` is used before sample ``j + 1`` of any domain, so every domain
+    contributes equally until it runs out. Fewer samples are used if the data holds fewer.
+    """
+    from streaming import LocalDataset
+
+    if samples <= 0:
+        raise ValueError(f"--samples must be a positive number of calibration samples, got {samples}")
+    if batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    datasets = [LocalDataset(str(path)) for path in calibration_domains(data_dir, split)]
+    order: list[tuple[int, int]] = []
+    for j in range(max(len(ds) for ds in datasets)):
+        order += [(k, j) for k, ds in enumerate(datasets) if j < len(ds)]
+        if len(order) >= samples:
+            break
+    order = order[:samples]
+    if not order:
+        raise ValueError(f"--data {data_dir}: the {split} split holds no samples")
+
+    def read(k: int, j: int) -> np.ndarray:
+        row = datasets[k][j]
+        if "tokens" not in row:
+            raise KeyError(
+                f"--data {data_dir}: samples have no 'tokens' column; prepare the data with data_prep/prepare_mds.py"
+            )
+        return np.asarray(row["tokens"], dtype=np.int64)
+
+    def generate() -> Iterator[Tensor]:
+        for start in range(0, len(order), batch_size):
+            rows = [read(k, j) for k, j in order[start : start + batch_size]]
+            lengths = {len(r) for r in rows}
+            if len(lengths) != 1:
+                raise ValueError(
+                    f"--data {data_dir}: samples have different lengths {sorted(lengths)}; use a fixed seq_len"
+                )
+            yield torch.from_numpy(np.stack(rows))
+
+    return (len(order) + batch_size - 1) // batch_size, generate()
+
+
+def scores_by_family(scores: ImportanceScores | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The scores as a plain mapping from mask family to tensor."""
+    if isinstance(scores, ImportanceScores):
+        return scores.as_dict()
+    missing = [key for key in SCORE_KEYS if key not in scores]
+    if missing:
+        raise KeyError(f"importance scores lack {missing}; expected {list(SCORE_KEYS)}")
+    return {key: scores[key] for key in SCORE_KEYS}
+
+
+__all__ = [
+    "ImportanceScores",
+    "SCORE_KEYS",
+    "calibration_batches",
+    "calibration_domains",
+    "compute_importance",
+    "scores_by_family",
+]

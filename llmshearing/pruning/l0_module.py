@@ -1,0 +1,238 @@
+"""``L0Module``: learnable hard-concrete masks for the chosen families, their Lagrangian and sizes.
+
+The module holds one log-alpha parameter per family (shaped like the decoder's mask of that name)
+and the Lagrange multipliers, so the model's optimizer, DDP/FSDP and checkpoints see them. Calling it
+returns an :class:`L0Output`: sampled masks and the penalty in training, deterministic masks in eval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmshearing.models.config import ModelConfig
+from llmshearing.pruning.hard_concrete import HardConcrete
+from llmshearing.pruning.lagrangian import family_penalty, warmed_target
+from llmshearing.pruning.targets import L0Config, TargetPlan, prunable_params
+
+
+def mask_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of each family's mask (and log-alpha), as the decoder expects it."""
+    L = config.n_layers
+    return {
+        "layer": (L,),
+        "head_layer": (L,),
+        "head": (L, config.n_heads),
+        "kv_head": (L, config.n_kv_heads),
+        "mlp": (L,),
+        "intermediate": (L, config.intermediate_size),
+        "hidden": (config.d_model,),
+    }
+
+
+def expected_num_params(config: ModelConfig, scores: Mapping[str, Tensor]) -> Tensor:
+    """Expected prunable parameters given per-unit keep probabilities of independent masks.
+
+    ``scores`` maps a family to ``P(z > 0)`` per unit (absent families keep everything). Query and
+    output projections count per query head, key and value projections per KV group that keeps at
+    least one query head, the MLP ``3 * d`` per intermediate dim, everything times the expected hidden
+    size. With 0/1 indicators of a concrete mask set this is the exact count of the pruned model.
+    """
+    L, H, Hkv, hd = config.n_layers, config.n_heads, config.n_kv_heads, config.head_dim
+    ref = next(iter(scores.values())) if scores else torch.ones(())
+    ones_l = ref.new_ones(L)
+    layer = scores.get("layer", ones_l)
+    attn = layer * scores.get("head_layer", ones_l)  # [L]
+    mlp = layer * scores.get("mlp", ones_l)  # [L]
+    head = scores.get("head", ref.new_ones(L, H)).reshape(L, Hkv, H // Hkv)
+    kv = scores.get("kv_head", ref.new_ones(L, Hkv))
+    query = attn[:, None] * kv * head.sum(-1)  # expected kept query heads per group [L, Hkv]
+    any_head = 1.0 - torch.prod(1.0 - head, dim=-1)
+    groups = attn[:, None] * kv * any_head  # expected kept KV groups [L, Hkv]
+    inter = (
+        mlp * scores["intermediate"].sum(-1) if "intermediate" in scores else mlp * config.intermediate_size
+    )
+    width = scores["hidden"].sum() if "hidden" in scores else ref.new_tensor(float(config.d_model))
+    per_width = 2 * hd * (query.sum() + groups.sum()) + 3 * inter.sum()
+    return width * per_width
+
+
+@dataclass
+class L0Output:
+    """What one call of :class:`L0Module` produces."""
+
+    masks: dict[str, Tensor]
+    penalty: Tensor | None
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class L0Module(nn.Module):
+    """Hard-concrete masks for ``l0_config.pruning_modules`` of a model shaped like ``model_config``."""
+
+    def __init__(self, model_config: ModelConfig, l0_config: L0Config | Mapping[str, Any]) -> None:
+        super().__init__()
+        self.model_config = model_config
+        self.l0_config = L0Config.from_dict(l0_config)
+        self.plan: TargetPlan = self.l0_config.resolve(model_config)
+        cfg = self.l0_config
+        self.distribution = HardConcrete(cfg.temperature, cfg.limit_a, cfg.limit_b)
+        shapes = mask_shapes(model_config)
+        self.log_alpha = nn.ParameterDict(
+            {f: nn.Parameter(torch.full(shapes[f], float(cfg.init_log_alpha))) for f in self.plan.families}
+        )
+        names = self.plan.families if self.plan.target is not None else ("",)
+        self.multipliers = nn.ParameterDict(
+            {
+                f"lambda_{i}{'_' + f if f else ''}": nn.Parameter(torch.zeros(()))
+                for f in names
+                for i in (1, 2)
+            }
+        )
+        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
+        self.prunable_size = prunable_params(model_config)
+        self.noise_seed: int | None = None
+        self._step = 0  # host copy of ``step``: seeds the noise without a device sync
+        self._draws = 0  # training forwards since the last ``set_step`` (micro-batches)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return self.plan.families
+
+    def set_step(self, step: int) -> None:
+        """Number of optimizer batches done; drives the target warm-up (and seeds the noise)."""
+        self.step.fill_(int(step))
+        self._step, self._draws = int(step), 0
+
+    def set_noise_seed(self, seed: int | None) -> None:
+        """Derive the sampling noise from ``(seed, step, micro-batch)`` instead of the global RNG.
+
+        The masks are then the same on every data-parallel rank and a resumed run draws exactly the
+        noise of an uninterrupted one, whatever else consumes random numbers.
+        """
+        self.noise_seed = None if seed is None else int(seed)
+
+    def _noise(self, device: torch.device) -> torch.Generator | None:
+        if self.noise_seed is None:
+            return None
+        generator = torch.Generator(device=device)
+        mixed = (self.noise_seed * 1_000_003 + self._step) * 65_537 + self._draws
+        generator.manual_seed(mixed % (2**63 - 1))
+        self._draws += 1
+        return generator
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Clamp every log-alpha into ``[-log_alpha_clamp, log_alpha_clamp]`` in place."""
+        bound = self.l0_config.log_alpha_clamp
+        if bound is not None:
+            for log_alpha in self.log_alpha.values():
+                log_alpha.clamp_(-bound, bound)
+
+    def forward(self) -> L0Output:
+        self.constrain_()
+        if self.training:
+            generator = self._noise(next(iter(self.log_alpha.values())).device)
+            masks = {f: self.distribution.sample(la, generator) for f, la in self.log_alpha.items()}
+            penalty, stats = self._penalty_and_stats()
+            return L0Output(masks, penalty, stats)
+        with torch.no_grad():
+            masks = self.deterministic_masks(at_target=self.l0_config.eval_target_model)
+            _, stats = self._penalty_and_stats()
+        return L0Output(masks, None, stats)
+
+    # ----------------------------------------------------------------------------------- sizes
+    def scores(self) -> dict[str, Tensor]:
+        """``P(z > 0)`` per unit, per family (differentiable)."""
+        return {f: self.distribution.prob_nonzero(la) for f, la in self.log_alpha.items()}
+
+    def expected_num_params(self) -> Tensor:
+        return expected_num_params(self.model_config, self.scores())
+
+    def row_sparsity(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Expected sparsity per row: per layer for head/kv_head/intermediate, one value for the others."""
+        return {f: 1.0 - (s.mean(-1) if s.dim() == 2 else s.mean()) for f, s in scores.items()}
+
+    def targets(self) -> tuple[dict[str, Tensor], Tensor]:
+        """Current (warmed-up) target sparsity per family and overall (no host sync)."""
+        cfg, step = self.l0_config, self.step
+        start, warmup = cfg.start_sparsity, cfg.lagrangian_warmup_steps
+        per_family = {f: warmed_target(start, t, step, warmup) for f, t in self.plan.family_sparsity.items()}
+        return per_family, warmed_target(start, self.plan.global_sparsity, step, warmup)
+
+    def _penalty_and_stats(self) -> tuple[Tensor, dict[str, Tensor]]:
+        scores = self.scores()
+        rows = self.row_sparsity(scores)
+        expected = expected_num_params(self.model_config, scores)
+        sparsity = 1.0 - expected / self.prunable_size
+        family_targets, global_target = self.targets()
+        lam = {name: _ascent(p) for name, p in self.multipliers.items()}
+        if self.plan.target is not None:
+            terms = [
+                family_penalty(rows[f], family_targets[f], lam[f"lambda_1_{f}"], lam[f"lambda_2_{f}"])
+                for f in self.families
+            ]
+            penalty = torch.stack(terms).sum()
+        else:
+            penalty = family_penalty(sparsity, global_target, lam["lambda_1"], lam["lambda_2"])
+        stats: dict[str, Tensor] = {
+            "expected_params": expected.detach(),
+            "expected_sparsity": sparsity.detach(),
+            "target_sparsity": global_target,
+        }
+        for f in self.families:
+            stats[f"expected_sparsity/{f}"] = rows[f].detach().mean()
+            if f in family_targets:
+                stats[f"target_sparsity/{f}"] = family_targets[f]
+        for name, p in self.multipliers.items():
+            stats[name.replace("lambda_1_", "lambda_1/").replace("lambda_2_", "lambda_2/")] = (
+                p.detach().clone()
+            )
+        return penalty, stats
+
+    # --------------------------------------------------------------------------- deterministic
+    @torch.no_grad()
+    def keep_counts(self, at_target: bool = True) -> dict[str, int]:
+        """Units kept per row by the deterministic masks: the exact target, or the current expected size.
+
+        The expected size is averaged over rows and rounded, so every row keeps the same number of
+        units (for ``head``: query heads per KV group).
+        """
+        if at_target and self.plan.target is not None:
+            return dict(self.plan.keep)
+        scores = self.scores()
+        counts = {}
+        for f, s in scores.items():
+            n = self.plan.head_block if f == "head" else s.shape[-1]
+            counts[f] = int(torch.round(s.float().mean() * n).item())
+        return counts
+
+    @torch.no_grad()
+    def deterministic_masks(self, at_target: bool = True) -> dict[str, Tensor]:
+        """Masks with exactly ``keep_counts(at_target)`` survivors per row (see :meth:`HardConcrete.deterministic`)."""
+        cfg = self.model_config
+        self.constrain_()
+        keep = self.keep_counts(at_target)
+        masks = {}
+        for f, la in self.log_alpha.items():
+            if f == "head":  # top-k within each KV group (or layer, see TargetPlan) keeps the model uniform
+                grouped = la.reshape(cfg.n_layers, -1, self.plan.head_block)
+                masks[f] = self.distribution.deterministic(grouped, keep[f]).reshape(la.shape)
+            else:
+                masks[f] = self.distribution.deterministic(la, keep[f])
+        if "head" in masks and "kv_head" in masks:  # heads of a dropped KV group are dropped too
+            alive = (masks["kv_head"] != 0).repeat_interleave(cfg.heads_per_group, dim=1)
+            masks["head"] = masks["head"] * alive
+        return masks
+
+
+def _ascent(multiplier: Tensor) -> Tensor:
+    """The multiplier with its gradient negated, so a descent step on the loss maximises over it."""
+    if not (torch.is_grad_enabled() and multiplier.requires_grad):
+        return multiplier
+    reversed_grad = multiplier.clone()
+    reversed_grad.register_hook(torch.neg)
+    return reversed_grad

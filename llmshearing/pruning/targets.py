@@ -1,0 +1,296 @@
+"""The ``model.l0_module`` config: parsing, validation against the source model, and per-family targets.
+
+A target is either an exact shape (``target_model``) or a plain fraction of prunable parameters to
+remove (``target_sparsity``). A shape is turned into one target sparsity and one exact kept size per
+mask family; every problem is reported as a ``ValueError`` naming the config key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmshearing.models.config import ModelConfig
+
+FAMILIES = ("layer", "head_layer", "head", "kv_head", "mlp", "intermediate", "hidden")
+SHAPE_KEYS = ("n_layers", "n_heads", "n_kv_heads", "d_model", "intermediate_size")
+FIXED_SHAPE_KEYS = ("vocab_size", "head_dim")  # accepted in target_model only when equal to the source
+PREFIX = "model.l0_module"
+
+
+def prunable_params(config: ModelConfig) -> int:
+    """Parameters the masks can remove: attention and MLP matrices (no embeddings, output head, norms, biases)."""
+    d, hd = config.d_model, config.head_dim
+    attention = d * hd * (2 * config.n_heads + 2 * config.n_kv_heads)
+    return config.n_layers * (attention + 3 * d * config.intermediate_size)
+
+
+def parse_batches(value: Any, key: str) -> int:
+    """A number of batches given as an int or a Composer time string in batches (``"640ba"``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be a number of batches (e.g. 640 or '640ba'), got {value!r}")
+    if isinstance(value, int):
+        steps = value
+    elif isinstance(value, str) and value.strip().endswith("ba") and value.strip()[:-2].isdigit():
+        steps = int(value.strip()[:-2])
+    elif isinstance(value, str) and value.strip().isdigit():
+        steps = int(value.strip())
+    else:
+        raise ValueError(f"{key} must be a number of batches (e.g. 640 or '640ba'), got {value!r}")
+    if steps < 0:
+        raise ValueError(f"{key} must be >= 0, got {steps}")
+    return steps
+
+
+@dataclass
+class L0Config:
+    """Settings of the L0 pruning; field names are the keys accepted under ``model.l0_module``."""
+
+    pruning_modules: list[str] = field(default_factory=lambda: ["layer", "head", "intermediate", "hidden"])
+    target_model: dict[str, int] | None = None
+    target_sparsity: float | None = None
+    start_sparsity: float = 0.0
+    lagrangian_warmup_steps: int = 0
+    eval_target_model: bool = True
+    temperature: float = 2.0 / 3.0
+    limit_a: float = -0.1
+    limit_b: float = 1.1
+    init_log_alpha: float = math.log(100.0)
+    log_alpha_clamp: float | None = math.log(100.0)
+    mask_lr: float = 1.0
+    multiplier_lr: float = 1.0
+    schedule_l0_lr: bool = False
+    clip_l0_grads: bool = False
+
+    def __post_init__(self) -> None:
+        modules = list(self.pruning_modules) if not isinstance(self.pruning_modules, str) else None
+        if not modules:
+            raise ValueError(
+                f"{PREFIX}.pruning_modules must be a non-empty list of mask families from {list(FAMILIES)}, "
+                f"got {self.pruning_modules!r}"
+            )
+        unknown = [m for m in modules if m not in FAMILIES]
+        if unknown:
+            raise ValueError(
+                f"{PREFIX}.pruning_modules has unknown families {unknown}; valid: {list(FAMILIES)}"
+            )
+        if len(set(modules)) != len(modules):
+            raise ValueError(f"{PREFIX}.pruning_modules lists a family twice: {modules}")
+        self.pruning_modules = [m for m in FAMILIES if m in modules]  # canonical order
+        if self.target_model is not None:
+            self.target_model = dict(self.target_model)
+            if self.target_sparsity is not None:
+                raise ValueError(
+                    f"set either {PREFIX}.target_model (an exact shape) or {PREFIX}.target_sparsity "
+                    "(a fraction of prunable parameters), not both"
+                )
+        elif self.target_sparsity is None:
+            raise ValueError(
+                f"{PREFIX} needs a target: set target_model.{{{', '.join(SHAPE_KEYS)}}} or target_sparsity"
+            )
+        elif not 0.0 < float(self.target_sparsity) < 1.0:
+            raise ValueError(f"{PREFIX}.target_sparsity must be in (0, 1), got {self.target_sparsity}")
+        if not 0.0 <= float(self.start_sparsity) < 1.0:
+            raise ValueError(f"{PREFIX}.start_sparsity must be in [0, 1), got {self.start_sparsity}")
+        self.lagrangian_warmup_steps = parse_batches(
+            self.lagrangian_warmup_steps, f"{PREFIX}.lagrangian_warmup_steps"
+        )
+        if self.log_alpha_clamp is not None and self.log_alpha_clamp <= 0:
+            raise ValueError(
+                f"{PREFIX}.log_alpha_clamp must be > 0 (symmetric bound) or null, got {self.log_alpha_clamp}"
+            )
+        for key in ("mask_lr", "multiplier_lr"):
+            if float(getattr(self, key)) < 0:
+                raise ValueError(f"{PREFIX}.{key} must be >= 0, got {getattr(self, key)}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | L0Config) -> L0Config:
+        """Build from a plain dict or OmegaConf node; unknown keys are an error listing the valid ones."""
+        if isinstance(values, L0Config):
+            return values
+        try:  # OmegaConf nodes become plain containers
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(values, DictConfig):
+                values = OmegaConf.to_container(values, resolve=True)  # type: ignore[assignment]
+        except ImportError:  # pragma: no cover - omegaconf is a dependency
+            pass
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{PREFIX} must be a mapping of settings, got {type(values).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown keys {[f'{PREFIX}.{k}' for k in unknown]}; valid keys are {known}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolve(self, source: ModelConfig) -> TargetPlan:
+        """Validate the target against the source model and derive per-family targets."""
+        return TargetPlan.build(self, source)
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """Per-family target sparsity and exact kept size per row for a validated target.
+
+    ``keep`` is the number of units each row keeps at the target: layers for ``layer``/``head_layer``/``mlp``,
+    KV groups per layer for ``kv_head``, query heads per block of ``head_block`` heads for ``head``,
+    intermediate dims per layer, hidden dims. Both are empty when only a global ``target_sparsity`` is given.
+
+    ``head_block`` is the number of query heads among which ``head`` selects: one KV group, or the whole
+    layer when the source has one query head per KV group (multi-head attention) and ``kv_head`` is not
+    enabled: there ``head`` removes whole heads with their keys and values.
+    """
+
+    families: tuple[str, ...]
+    target: ModelConfig | None
+    family_sparsity: dict[str, float]
+    keep: dict[str, int]
+    global_sparsity: float
+    head_block: int
+
+    @classmethod
+    def build(cls, config: L0Config, source: ModelConfig) -> TargetPlan:
+        families = tuple(config.pruning_modules)
+        head_block = source.n_heads if _heads_are_groups(families, source) else source.heads_per_group
+        if config.target_model is None:
+            sparsity = float(config.target_sparsity)  # type: ignore[arg-type]
+            reachable = 1.0 - _min_prunable_fraction(families, source)
+            if sparsity >= reachable:
+                raise ValueError(
+                    f"{PREFIX}.target_sparsity={sparsity} cannot be reached with pruning_modules {list(families)}: "
+                    f"removing everything they control removes at most {reachable:.4f} of the prunable "
+                    "parameters; lower the target or enable more families"
+                )
+            return cls(families, None, {}, {}, sparsity, head_block)
+        target = _target_config(config.target_model, source)
+        _check_families(families, target, source)
+        hpg_s, hpg_t = source.heads_per_group, target.heads_per_group
+        if head_block != hpg_s:  # whole heads of a multi-head-attention layer
+            hpg_s, hpg_t = source.n_heads, target.n_heads
+        layers_by_blocks = "layer" not in families
+        keep = {
+            "layer": target.n_layers,
+            "head_layer": target.n_layers if layers_by_blocks else source.n_layers,
+            "mlp": target.n_layers if layers_by_blocks else source.n_layers,
+            "kv_head": target.n_kv_heads,
+            "head": hpg_t,
+            "intermediate": target.intermediate_size,
+            "hidden": target.d_model,
+        }
+        size = {
+            "layer": source.n_layers,
+            "head_layer": source.n_layers,
+            "mlp": source.n_layers,
+            "kv_head": source.n_kv_heads,
+            "head": hpg_s,
+            "intermediate": source.intermediate_size,
+            "hidden": source.d_model,
+        }
+        keep = {f: keep[f] for f in families}
+        family_sparsity = {f: 1.0 - keep[f] / size[f] for f in families}
+        global_sparsity = 1.0 - prunable_params(target) / prunable_params(source)
+        return cls(families, target, family_sparsity, keep, global_sparsity, head_block)
+
+
+def _heads_are_groups(families: tuple[str, ...], source: ModelConfig) -> bool:
+    """Multi-head attention pruned by ``head`` alone: each query head is its own KV group."""
+    return source.heads_per_group == 1 and "head" in families and "kv_head" not in families
+
+
+def _target_config(target_model: Mapping[str, Any], source: ModelConfig) -> ModelConfig:
+    key = f"{PREFIX}.target_model"
+    unknown = sorted(set(target_model) - set(SHAPE_KEYS) - set(FIXED_SHAPE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown keys {[f'{key}.{k}' for k in unknown]}; valid keys are {list(SHAPE_KEYS)}")
+    for name in FIXED_SHAPE_KEYS:
+        if name in target_model and target_model[name] != getattr(source, name):
+            raise ValueError(
+                f"{key}.{name}={target_model[name]} differs from the source ({getattr(source, name)}); "
+                f"{name} is not pruned: remove it or set it to {getattr(source, name)}"
+            )
+    shape = {}
+    defaults = {name: getattr(source, name) for name in SHAPE_KEYS}
+    if source.heads_per_group == 1:  # multi-head attention stays multi-head attention
+        defaults["n_kv_heads"] = target_model.get("n_heads", source.n_heads)
+    for name in SHAPE_KEYS:
+        value = target_model.get(name, defaults[name])
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key}.{name} must be a positive integer, got {value!r}")
+        if value > getattr(source, name):
+            raise ValueError(
+                f"{key}.{name}={value} is larger than the source model's {name}={getattr(source, name)}; "
+                "pruning only removes structure: set it to at most the source value"
+            )
+        shape[name] = value
+    if shape["n_heads"] % shape["n_kv_heads"]:
+        raise ValueError(
+            f"{key}.n_heads={shape['n_heads']} is not divisible by {key}.n_kv_heads={shape['n_kv_heads']}; "
+            "every KV group must serve the same number of query heads: pick n_heads as a multiple of n_kv_heads"
+        )
+    if shape["n_heads"] // shape["n_kv_heads"] > source.heads_per_group:
+        raise ValueError(
+            f"{key}.n_heads / {key}.n_kv_heads = {shape['n_heads'] // shape['n_kv_heads']} query heads per KV "
+            f"group exceeds the source's {source.heads_per_group}; query heads stay in their KV group, so lower "
+            "n_heads or keep more KV groups"
+        )
+    return source.replace(**shape)
+
+
+def _check_families(families: tuple[str, ...], target: ModelConfig, source: ModelConfig) -> None:
+    key = f"{PREFIX}.target_model"
+    enabled = set(families)
+
+    def need(condition: bool, name: str, wanted: str) -> None:
+        if condition:
+            raise ValueError(
+                f"{key}.{name}={getattr(target, name)} differs from the source ({getattr(source, name)}) but "
+                f"{PREFIX}.pruning_modules {list(families)} lacks {wanted}: add it or keep {name} at the source value"
+            )
+
+    need(
+        target.n_layers < source.n_layers and "layer" not in enabled and not {"head_layer", "mlp"} <= enabled,
+        "n_layers",
+        "'layer' (or both 'head_layer' and 'mlp')",
+    )
+    need(
+        target.n_kv_heads < source.n_kv_heads
+        and "kv_head" not in enabled
+        and not _heads_are_groups(families, source),
+        "n_kv_heads",
+        "'kv_head'"
+        + (" (or 'head': the source has one query head per KV group)" if source.heads_per_group == 1 else ""),
+    )
+    if target.heads_per_group < source.heads_per_group and "head" not in enabled:
+        raise ValueError(
+            f"{key}.n_heads={target.n_heads} with n_kv_heads={target.n_kv_heads} keeps "
+            f"{target.heads_per_group} of {source.heads_per_group} query heads per KV group, but "
+            f"{PREFIX}.pruning_modules {list(families)} lacks 'head': add it, or prune whole KV groups only "
+            f"(n_heads = n_kv_heads * {source.heads_per_group})"
+        )
+    need(
+        target.intermediate_size < source.intermediate_size and "intermediate" not in enabled,
+        "intermediate_size",
+        "'intermediate'",
+    )
+    need(target.d_model < source.d_model and "hidden" not in enabled, "d_model", "'hidden'")
+
+
+def _min_prunable_fraction(families: tuple[str, ...], source: ModelConfig) -> float:
+    """Fraction of prunable parameters left when every enabled family removes all it controls."""
+    enabled = set(families)
+    if enabled & {"hidden", "layer"}:
+        return 0.0
+    d, hd, L = source.d_model, source.head_dim, source.n_layers
+    attention = (
+        0
+        if enabled & {"head_layer", "head", "kv_head"}
+        else d * hd * (2 * source.n_heads + 2 * source.n_kv_heads)
+    )
+    mlp = 0 if enabled & {"mlp", "intermediate"} else 3 * d * source.intermediate_size
+    return L * (attention + mlp) / prunable_params(source)

@@ -1,0 +1,93 @@
+"""Hard-concrete distribution: sampling, expected score, deterministic top-k masks."""
+
+import math
+
+import pytest
+import torch
+
+from llmshearing.pruning.hard_concrete import MIN_KEPT_VALUE, HardConcrete
+
+HC = HardConcrete()
+
+
+def test_defaults_are_the_papers():
+    assert HC.temperature == pytest.approx(2 / 3)
+    assert (HC.limit_a, HC.limit_b) == (-0.1, 1.1)
+
+
+def test_samples_lie_in_unit_interval_with_exact_zeros_and_ones():
+    torch.manual_seed(0)
+    log_alpha = torch.zeros(20000)
+    z = HC.sample(log_alpha)
+    assert z.min() == 0.0 and z.max() == 1.0
+    assert ((z > 0) & (z < 1)).any()
+    assert (z == 0).float().mean() > 0.05 and (z == 1).float().mean() > 0.05
+
+
+def test_samples_are_differentiable_in_log_alpha():
+    torch.manual_seed(0)
+    log_alpha = torch.zeros(1000, requires_grad=True)
+    HC.sample(log_alpha).sum().backward()
+    assert log_alpha.grad is not None and log_alpha.grad.abs().sum() > 0
+    assert (log_alpha.grad >= 0).all()  # a larger log-alpha never lowers a sample
+
+
+@pytest.mark.parametrize("value", [-3.0, -1.0, 0.0, 1.5, 4.0])
+def test_prob_nonzero_matches_monte_carlo(value):
+    torch.manual_seed(1)
+    n = 200_000
+    empirical = (HC.sample(torch.full((n,), value)) > 0).float().mean().item()
+    expected = HC.prob_nonzero(torch.tensor(value)).item()
+    assert empirical == pytest.approx(expected, abs=4 * math.sqrt(expected * (1 - expected) / n) + 1e-3)
+
+
+def test_prob_nonzero_at_clamp_bounds_matches_reference_numbers():
+    bound = math.log(100.0)
+    assert HC.prob_nonzero(torch.tensor(bound)).item() == pytest.approx(0.99798, abs=1e-5)
+    assert HC.prob_nonzero(torch.tensor(-bound)).item() == pytest.approx(0.04713, abs=1e-5)
+
+
+def test_test_value_is_one_for_large_log_alpha_and_zero_for_very_negative():
+    values = HC.test_value(torch.tensor([10.0, 4.605, -10.0]))
+    assert values[0].item() == 1.0
+    assert values[1].item() == 1.0  # sigmoid(4.605) * 1.2 - 0.1 > 1, clamped
+    assert values[2].item() == 0.0
+
+
+def test_deterministic_keeps_exactly_k_largest_per_row():
+    torch.manual_seed(0)
+    log_alpha = torch.randn(5, 12) * 3
+    mask = HC.deterministic(log_alpha, 4)
+    assert ((mask != 0).sum(-1) == 4).all()
+    for row, m in zip(log_alpha, mask, strict=True):
+        kept = set(torch.nonzero(m).flatten().tolist())
+        assert kept == set(torch.topk(row, 4).indices.tolist())
+        assert torch.allclose(m[list(kept)], HC.test_value(row[list(kept)]).clamp(min=MIN_KEPT_VALUE))
+
+
+def test_deterministic_never_drops_a_selected_unit():
+    log_alpha = torch.full((3, 4), -8.0)  # test value 0 for every unit
+    mask = HC.deterministic(log_alpha, 2)
+    assert ((mask != 0).sum(-1) == 2).all()
+    assert mask.max().item() == pytest.approx(MIN_KEPT_VALUE)
+
+
+def test_deterministic_bounds():
+    log_alpha = torch.zeros(2, 3)
+    assert (HC.deterministic(log_alpha, 0) == 0).all()
+    assert (HC.deterministic(log_alpha, 3) != 0).all()
+    with pytest.raises(ValueError, match="cannot keep 4 of 3"):
+        HC.deterministic(log_alpha, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"limit_a": 0.1}, "limit_a"),
+        ({"limit_b": 0.9}, "limit_b"),
+    ],
+)
+def test_invalid_constants_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HardConcrete(**kwargs)

@@ -1,0 +1,375 @@
+"""L0Module: config validation, masks, expected sizes, Lagrangian and multiplier ascent."""
+
+import math
+
+import pytest
+import torch
+
+from llmshearing.models.config import ModelConfig
+from llmshearing.pruning.fold import kept_structure
+from llmshearing.pruning.l0_module import L0Module, expected_num_params, mask_shapes
+from llmshearing.pruning.lagrangian import family_penalty, warmed_target
+from llmshearing.pruning.targets import FAMILIES, L0Config, prunable_params
+
+SOURCE = ModelConfig(
+    vocab_size=64,
+    d_model=32,
+    n_layers=4,
+    n_heads=8,
+    n_kv_heads=4,
+    head_dim=8,
+    intermediate_size=48,
+    tie_word_embeddings=True,
+)
+TARGET = {"n_layers": 3, "n_heads": 2, "n_kv_heads": 2, "d_model": 16, "intermediate_size": 24}
+ALL = list(FAMILIES)
+
+
+def module(modules=ALL, target=TARGET, **extra) -> L0Module:
+    settings = {"pruning_modules": modules, **extra}
+    if "target_sparsity" not in extra:
+        settings["target_model"] = target
+    return L0Module(SOURCE, settings)
+
+
+def randomise(m: L0Module, seed: int = 0, scale: float = 2.0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for la in m.log_alpha.values():
+            la.copy_(torch.randn(la.shape, generator=g) * scale)
+
+
+def count_params(config: ModelConfig, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Prunable parameters left by concrete (possibly non-uniform) masks, counted structure by structure.
+
+    Masks may carry leading sample dimensions; the result has them.
+    """
+    L, H, Hkv, hpg, hd = (
+        config.n_layers,
+        config.n_heads,
+        config.n_kv_heads,
+        config.heads_per_group,
+        config.head_dim,
+    )
+    alive = {f: m != 0 for f, m in masks.items()}
+    lead = next(iter(masks.values())).shape[: -len(mask_shapes(config)[next(iter(masks))])]
+    everything = torch.ones(*lead, L, dtype=torch.bool)
+    layer = alive.get("layer", everything)
+    attention = layer & alive.get("head_layer", everything)
+    mlp = layer & alive.get("mlp", everything)
+    heads = alive.get("head", torch.ones(*lead, L, H, dtype=torch.bool)) & attention[..., None]
+    kv = alive.get("kv_head", torch.ones(*lead, L, Hkv, dtype=torch.bool))
+    heads = heads & kv.repeat_interleave(hpg, dim=-1)
+    groups = heads.reshape(*lead, L, Hkv, hpg).any(-1)  # a KV group stays while one of its query heads does
+    inter = (
+        alive["intermediate"].sum(-1)
+        if "intermediate" in alive
+        else torch.full((*lead, L), config.intermediate_size)
+    )
+    d = alive["hidden"].sum(-1) if "hidden" in alive else torch.full(lead, config.d_model)
+    per_width = 2 * hd * (heads.sum((-2, -1)) + groups.sum((-2, -1))) + 3 * (inter * mlp).sum(-1)
+    return d * per_width
+
+
+# ------------------------------------------------------------------------------------ structure
+def test_parameters_buffers_and_initial_state():
+    m = module()
+    shapes = mask_shapes(SOURCE)
+    assert {k: tuple(v.shape) for k, v in m.log_alpha.items()} == {f: shapes[f] for f in ALL}
+    assert set(m.multipliers) == {f"lambda_{i}_{f}" for f in ALL for i in (1, 2)}
+    assert all(p.item() == 0.0 for p in m.multipliers.values())
+    assert "step" not in m.state_dict()  # set from the trainer's batch counter, not checkpointed
+    out = m()
+    assert set(out.masks) == set(ALL)
+    assert all(tuple(out.masks[f].shape) == shapes[f] for f in ALL)
+    assert out.stats["expected_sparsity/head"].item() < 0.01  # masks start near 1
+    assert out.penalty is not None and out.penalty.requires_grad
+
+
+def test_global_mode_has_only_global_multipliers():
+    m = module(["head", "intermediate"], target_sparsity=0.3)
+    assert set(m.multipliers) == {"lambda_1", "lambda_2"}
+    assert m.plan.family_sparsity == {}
+    assert m().stats["target_sparsity"].item() == pytest.approx(0.3)
+
+
+def test_training_samples_differ_eval_masks_are_fixed():
+    m = module()
+    randomise(m)
+    torch.manual_seed(0)
+    first, second = m().masks["intermediate"], m().masks["intermediate"]
+    assert not torch.equal(first, second)
+    assert first.min() >= 0 and first.max() <= 1
+    m.eval()
+    a, b = m(), m()
+    assert a.penalty is None
+    assert all(torch.equal(a.masks[f], b.masks[f]) for f in ALL)
+
+
+def test_seeded_noise_depends_only_on_seed_step_and_microbatch():
+    m = module()
+    m.set_noise_seed(17)
+
+    def draw(step: int, microbatches: int = 1) -> list[torch.Tensor]:
+        m.set_step(step)
+        return [m().masks["intermediate"] for _ in range(microbatches)]
+
+    torch.manual_seed(0)
+    first = draw(5, 2)
+    torch.manual_seed(1)  # the global RNG plays no part
+    again = draw(5, 2)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], first[1])  # a fresh sample per micro-batch
+    assert not torch.equal(first[0], draw(6)[0])
+    m.set_noise_seed(18)
+    assert not torch.equal(first[0], draw(5)[0])
+
+
+def test_log_alpha_is_clamped_in_place():
+    m = module(log_alpha_clamp=3.0)
+    with torch.no_grad():
+        m.log_alpha["head"].fill_(10.0)
+        m.log_alpha["hidden"].fill_(-10.0)
+    m()
+    assert m.log_alpha["head"].max().item() == 3.0
+    assert m.log_alpha["hidden"].min().item() == -3.0
+
+
+# ------------------------------------------------------------------------- deterministic masks
+def test_deterministic_masks_have_exact_target_sizes_and_uniform_gqa():
+    m = module()
+    randomise(m)
+    m.eval()
+    masks = m().masks
+    assert int((masks["layer"] != 0).sum()) == 3
+    assert int((masks["hidden"] != 0).sum()) == 16
+    assert ((masks["intermediate"] != 0).sum(-1) == 24).all()
+    assert ((masks["kv_head"] != 0).sum(-1) == 2).all()
+    heads = (masks["head"] != 0).reshape(4, 4, 2)  # [layer, group, head in group]
+    kept_groups = masks["kv_head"] != 0
+    assert (heads.sum(-1)[kept_groups] == 1).all()  # target keeps 2 heads / 2 groups = 1 per group
+    assert (heads.sum(-1)[~kept_groups] == 0).all()  # heads of dropped groups are dropped
+    structure = kept_structure(SOURCE, masks)
+    assert structure.pruned_config(SOURCE) == SOURCE.replace(**TARGET)
+
+
+def test_head_masks_pick_top_heads_within_each_group():
+    m = module(["head"], target={"n_heads": 4})
+    randomise(m, seed=3)
+    masks = m.deterministic_masks(at_target=True)
+    la = m.log_alpha["head"].detach().reshape(4, 4, 2)
+    kept = (masks["head"] != 0).reshape(4, 4, 2)
+    assert torch.equal(kept, la == la.max(-1, keepdim=True).values)
+
+
+def test_multi_head_attention_source_prunes_whole_heads_with_the_head_family():
+    mha = SOURCE.replace(n_kv_heads=8)
+    m = L0Module(
+        mha, {"pruning_modules": ["layer", "head", "intermediate", "hidden"], "target_model": {"n_heads": 3}}
+    )
+    assert m.plan.target.n_kv_heads == 3  # stays multi-head attention
+    assert m.plan.head_block == 8 and m.plan.keep["head"] == 3
+    assert m.plan.family_sparsity["head"] == pytest.approx(5 / 8)
+    randomise(m)
+    masks = m.deterministic_masks(at_target=True)
+    assert ((masks["head"] != 0).sum(-1) == 3).all()
+    assert kept_structure(mha, masks).pruned_config(mha) == mha.replace(n_heads=3, n_kv_heads=3)
+    with pytest.raises(ValueError, match="query heads per KV group exceeds"):
+        L0Config.from_dict(
+            {"pruning_modules": ["head"], "target_model": {"n_heads": 4, "n_kv_heads": 2}}
+        ).resolve(mha)
+
+
+def test_eval_at_expected_size_uses_current_expected_size_uniformly():
+    m = module(eval_target_model=False)
+    randomise(m, seed=1)
+    m.eval()
+    masks = m().masks
+    scores = m.scores()
+    want = round(scores["intermediate"].mean().item() * SOURCE.intermediate_size)
+    assert ((masks["intermediate"] != 0).sum(-1) == want).all()
+    assert int((masks["hidden"] != 0).sum()) == round(scores["hidden"].mean().item() * SOURCE.d_model)
+    assert (
+        (masks["head"] != 0).reshape(4, 4, 2).sum(-1)[masks["kv_head"] != 0]
+        == round(scores["head"].mean().item() * 2)
+    ).all()
+
+
+# ------------------------------------------------------------------------------ expected sizes
+SUBSETS = [
+    ALL,
+    ["head"],
+    ["kv_head"],
+    ["head", "kv_head"],
+    ["intermediate", "hidden"],
+    ["head_layer", "mlp"],
+    ["layer", "head", "intermediate", "hidden"],
+]
+
+
+@pytest.mark.parametrize("modules", SUBSETS, ids=["+".join(s) for s in SUBSETS])
+def test_expected_params_match_monte_carlo(modules):
+    m = module(modules, target_sparsity=0.05)
+    randomise(m, seed=2, scale=1.5)
+    expected = m.expected_num_params().item()
+    torch.manual_seed(0)
+    n = 20_000
+    samples = {f: m.distribution.sample(la.detach().expand(n, *la.shape)) for f, la in m.log_alpha.items()}
+    assert count_params(SOURCE, samples).double().mean().item() == pytest.approx(expected, rel=0.01)
+    m.train()
+    one = m().masks  # the module's own training sample follows the same distribution and shapes
+    assert {f: v.shape for f, v in one.items()} == {f: la.shape for f, la in m.log_alpha.items()}
+
+
+@pytest.mark.parametrize("modules", SUBSETS, ids=["+".join(s) for s in SUBSETS])
+def test_expected_params_are_exact_for_deterministic_masks(modules):
+    m = module(modules, target_sparsity=0.05)
+    randomise(m, seed=4)
+    if {"head_layer", "mlp"} <= set(modules):  # drop the same layers' blocks so the result is uniform
+        with torch.no_grad():
+            m.log_alpha["mlp"].copy_(m.log_alpha["head_layer"])
+    masks = m.deterministic_masks(at_target=False)
+    indicators = {f: (v != 0).float() for f, v in masks.items()}
+    assert expected_num_params(SOURCE, indicators).item() == count_params(SOURCE, masks).item()
+    pruned = kept_structure(SOURCE, masks).pruned_config(SOURCE)
+    assert expected_num_params(SOURCE, indicators).item() == prunable_params(pruned)
+
+
+def test_prunable_size_and_global_target_of_a_shape():
+    m = module()
+    assert m.prunable_size == 4 * (32 * 8 * (16 + 8) + 3 * 32 * 48)
+    target = SOURCE.replace(**TARGET)
+    assert m.plan.global_sparsity == pytest.approx(1 - prunable_params(target) / prunable_params(SOURCE))
+    assert m.plan.family_sparsity == {
+        "layer": 0.25,
+        "head_layer": 0.0,
+        "head": 0.5,
+        "kv_head": 0.5,
+        "mlp": 0.0,
+        "intermediate": 0.5,
+        "hidden": 0.5,
+    }
+
+
+def test_head_layer_and_mlp_carry_the_layer_target_without_layer_family():
+    m = module(["head_layer", "mlp"], target={"n_layers": 2})
+    assert m.plan.family_sparsity == {"head_layer": 0.5, "mlp": 0.5}
+    assert m.plan.keep == {"head_layer": 2, "mlp": 2}
+
+
+# ----------------------------------------------------------------------------------- Lagrangian
+def test_warmup_schedule_endpoints():
+    assert warmed_target(0.1, 0.5, 0, 10).item() == pytest.approx(0.1)
+    assert warmed_target(0.1, 0.5, 5, 10).item() == pytest.approx(0.3)
+    assert warmed_target(0.1, 0.5, 10, 10).item() == pytest.approx(0.5)
+    assert warmed_target(0.1, 0.5, 25, 10).item() == pytest.approx(0.5)
+    assert warmed_target(0.1, 0.5, 0, 0).item() == pytest.approx(0.5)
+
+
+def test_module_targets_follow_the_step_counter():
+    m = module(start_sparsity=0.1, lagrangian_warmup_steps="8ba")
+    m.set_step(0)
+    assert m().stats["target_sparsity/head"].item() == pytest.approx(0.1)
+    m.set_step(4)
+    assert m().stats["target_sparsity/head"].item() == pytest.approx(0.3)
+    m.set_step(8)
+    assert m().stats["target_sparsity/head"].item() == pytest.approx(0.5)
+    assert m().stats["target_sparsity/layer"].item() == pytest.approx(0.25)
+    assert m().stats["target_sparsity/mlp"].item() == pytest.approx(0.0)
+
+
+def test_family_penalty_formula():
+    s = torch.tensor([0.2, 0.4])
+    value = family_penalty(s, 0.5, torch.tensor(2.0), torch.tensor(3.0))
+    expected = ((2 * -0.3 + 3 * 0.09) + (2 * -0.1 + 3 * 0.01)) / 2
+    assert value.item() == pytest.approx(expected)
+
+
+def test_multipliers_ascend_and_masks_descend():
+    m = module(["head", "intermediate"], target={"n_heads": 4, "intermediate_size": 24})
+    optimizer = torch.optim.SGD(m.parameters(), lr=1.0)
+    out = m()
+    gap = out.stats["expected_sparsity/head"].item() - 0.5  # far below the target: negative
+    out.penalty.backward()
+    grads = {k: p.grad.clone() for k, p in m.multipliers.items()}
+    optimizer.step()
+    optimizer.zero_grad()
+    # gradient ascent: lambda_1 moves by +lr * dL/dlambda_1 = gap, lambda_2 by gap**2
+    assert m.multipliers["lambda_1_head"].item() == pytest.approx(gap, rel=1e-5)
+    assert m.multipliers["lambda_2_head"].item() == pytest.approx(gap**2, rel=1e-5)
+    assert grads["lambda_1_head"].item() == pytest.approx(-gap, rel=1e-5)  # negated for the descent step
+    before = m.log_alpha["head"].detach().clone()
+    penalty_before = m().penalty.item()
+    m().penalty.backward()
+    optimizer.step()
+    assert (m.log_alpha["head"] < before).all()  # the penalty now pushes toward more sparsity
+    assert penalty_before > 0  # the maximising player made violating the target costly
+
+
+def test_expected_sparsity_reaches_target_by_gradient_play():
+    m = module(["head", "kv_head", "intermediate", "hidden"], target={**TARGET, "n_layers": 4})
+    optimizer = torch.optim.Adam(m.parameters(), lr=0.1)
+    for _ in range(300):
+        optimizer.zero_grad()
+        m().penalty.backward()
+        optimizer.step()
+    stats = m().stats
+    for f in ("head", "kv_head", "intermediate", "hidden"):
+        assert stats[f"expected_sparsity/{f}"].item() == pytest.approx(m.plan.family_sparsity[f], abs=0.02)
+
+
+# ---------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"target_model": {"n_heads": 16}}, r"target_model\.n_heads=16 is larger"),
+        ({"target_model": {"d_model": 40}}, r"target_model\.d_model=40 is larger"),
+        ({"target_model": {"n_heads": 6, "n_kv_heads": 4}}, r"n_heads=6 is not divisible by .*n_kv_heads=4"),
+        ({"target_model": {"n_heads": 6, "n_kv_heads": 2}}, r"3 query heads per KV group exceeds"),
+        ({"target_model": {"n_kv_heads": 2, "n_heads": 4}, "pruning_modules": ["head"]}, r"lacks 'kv_head'"),
+        ({"target_model": {"n_heads": 4}, "pruning_modules": ["kv_head"]}, r"lacks 'head'"),
+        (
+            {"target_model": {"d_model": 16}, "pruning_modules": ["head"]},
+            r"target_model\.d_model.*lacks 'hidden'",
+        ),
+        ({"target_model": {"intermediate_size": 8}, "pruning_modules": ["head"]}, r"lacks 'intermediate'"),
+        ({"target_model": {"n_layers": 2}, "pruning_modules": ["head_layer"]}, r"n_layers.*lacks 'layer'"),
+        ({"target_model": {"vocab_size": 10}}, r"vocab_size=10 differs"),
+        ({"target_model": {"n_experts": 2}}, r"unknown keys \['model\.l0_module\.target_model\.n_experts'\]"),
+        ({"target_model": {"n_heads": 0}}, r"n_heads must be a positive integer"),
+        ({"target_sparsity": 0.0}, r"target_sparsity must be in \(0, 1\)"),
+        ({"target_sparsity": 1.5}, r"target_sparsity must be in \(0, 1\)"),
+        ({"target_sparsity": 0.5, "target_model": {"n_heads": 4}}, "not both"),
+        ({}, "needs a target"),
+        ({"target_sparsity": 0.5, "pruning_modules": []}, "non-empty"),
+        ({"target_sparsity": 0.5, "pruning_modules": ["heads"]}, r"unknown families \['heads'\]"),
+        ({"target_sparsity": 0.5, "prune_modules": ["head"]}, r"model\.l0_module\.prune_modules.*valid keys"),
+        (
+            {"target_sparsity": 0.5, "lagrangian_warmup_steps": "3ep"},
+            "lagrangian_warmup_steps must be a number of batches",
+        ),
+        ({"target_sparsity": 0.5, "start_sparsity": 1.0}, r"start_sparsity must be in \[0, 1\)"),
+        ({"target_sparsity": 0.9, "pruning_modules": ["head"]}, "cannot be reached"),
+    ],
+)
+def test_invalid_settings_name_the_key(settings, match):
+    settings = {"pruning_modules": ALL, **settings}
+    with pytest.raises(ValueError, match=match):
+        L0Config.from_dict(settings).resolve(SOURCE)
+
+
+def test_config_round_trips_and_accepts_time_strings():
+    config = L0Config.from_dict(
+        {"pruning_modules": ["hidden", "head"], "target_sparsity": 0.4, "lagrangian_warmup_steps": "640ba"}
+    )
+    assert config.pruning_modules == ["head", "hidden"]
+    assert config.lagrangian_warmup_steps == 640
+    assert L0Config.from_dict(config.to_dict()) == config
+    assert config.init_log_alpha == pytest.approx(math.log(100))
+
+
+def test_omegaconf_node_is_accepted():
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"pruning_modules": ["head"], "target_model": {"n_heads": 4}})
+    assert L0Config.from_dict(node).target_model == {"n_heads": 4}

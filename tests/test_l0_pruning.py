@@ -1,0 +1,270 @@
+"""L0Pruning with Composer's Trainer: attach, warm-up, logging, mask files, LR/clipping flags, resume."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from composer import Callback, Trainer
+from composer.algorithms import GradientClipping
+from composer.loggers import InMemoryLogger
+from composer.optim import ConstantWithWarmupScheduler, DecoupledAdamW, DecoupledSGDW
+from torch.utils.data import DataLoader, Dataset
+
+from llmshearing.models.composer_model import ComposerLlama
+from llmshearing.models.config import ModelConfig
+from llmshearing.pruning import L0Pruning, attach_l0_module, l0_param_groups
+
+CONFIG = ModelConfig(
+    vocab_size=64,
+    d_model=32,
+    n_layers=4,
+    n_heads=8,
+    n_kv_heads=4,
+    head_dim=8,
+    intermediate_size=48,
+    tie_word_embeddings=True,
+    max_seq_len=16,
+)
+TARGET = {"n_layers": 3, "n_heads": 2, "n_kv_heads": 2, "d_model": 16, "intermediate_size": 24}
+FAMILIES = ["layer", "head", "kv_head", "intermediate", "hidden"]
+
+
+class PatternTokens(Dataset):
+    """Sequences of an arithmetic token pattern (learnable), one per index."""
+
+    def __init__(self, n: int = 64, seq_len: int = 16, vocab: int = 64) -> None:
+        starts, steps = torch.arange(n) % vocab, torch.arange(n) % 5 + 1
+        self.tokens = (starts[:, None] + steps[:, None] * torch.arange(seq_len)[None, :]) % vocab
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokens[index]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def l0_settings(**changes) -> dict:
+    return {
+        "pruning_modules": FAMILIES,
+        "target_model": TARGET,
+        "lagrangian_warmup_steps": 20,
+        "mask_lr": 0.2,
+        "multiplier_lr": 0.2,
+        **changes,
+    }
+
+
+def pruning_trainer(
+    l0: dict, max_duration: str = "4ba", attach: bool = True, optimizer=None, run_folder=None, **kwargs
+) -> Trainer:
+    torch.manual_seed(0)
+    model = ComposerLlama(CONFIG)
+    if attach:
+        attach_l0_module(model, l0)
+    if optimizer is None:
+        optimizer = DecoupledAdamW(l0_param_groups(model, 1e-3, l0["mask_lr"], l0["multiplier_lr"]), lr=1e-3)
+    elif callable(optimizer):
+        optimizer = optimizer(model)
+    algorithms = [L0Pruning(l0, save_folder=run_folder), *kwargs.pop("algorithms", [])]
+    return Trainer(
+        model=model,
+        train_dataloader=DataLoader(PatternTokens(), batch_size=8),
+        optimizers=optimizer,
+        max_duration=max_duration,
+        algorithms=algorithms,
+        device="cpu",
+        precision="fp32",
+        progress_bar=False,
+        seed=17,
+        **kwargs,
+    )
+
+
+def l0_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.state.model.l0_module.state_dict().items()}
+
+
+def test_short_run_reaches_target_expected_sparsity_and_prunes_to_target_shape(tmp_path):
+    from llmshearing.cli import main
+    from llmshearing.convert.checkpoint import load_checkpoint
+    from llmshearing.training.builders import write_run_description
+
+    l0 = l0_settings()
+    trainer = pruning_trainer(
+        l0, max_duration="200ba", save_folder=str(tmp_path / "checkpoints"), save_interval="200ba"
+    )
+    trainer.fit()
+    module = trainer.state.model.l0_module
+    module.train()
+    stats = module().stats
+    for family in FAMILIES:
+        target = module.plan.family_sparsity[family]
+        assert stats[f"target_sparsity/{family}"].item() == pytest.approx(target)
+        assert stats[f"expected_sparsity/{family}"].item() == pytest.approx(target, abs=0.02), family
+
+    trainer.close()
+    write_run_description(str(tmp_path), {"model": CONFIG.to_dict(), "hf_config": None, "l0_module": l0})
+    (checkpoint,) = (tmp_path / "checkpoints").glob("ep*-ba200-rank0.pt")
+    assert main(["prune-model", str(checkpoint), str(tmp_path / "pruned")]) == 0
+    config, _, _ = load_checkpoint(tmp_path / "pruned")
+    assert config == CONFIG.replace(**TARGET)
+
+
+def test_algorithm_attaches_module_and_adds_param_groups_at_init():
+    l0 = l0_settings()
+    trainer = pruning_trainer(
+        l0, attach=False, optimizer=lambda m: DecoupledAdamW(m.parameters(), lr=1e-3), max_duration="3ba"
+    )
+    model = trainer.state.model
+    assert model.l0_module is not None
+    groups = {g.get("name"): g for g in trainer.state.optimizers[0].param_groups}
+    assert groups["masks"]["lr"] == l0["mask_lr"] and groups["multipliers"]["lr"] == l0["multiplier_lr"]
+    assert groups["masks"]["weight_decay"] == 0.0
+    before = l0_state(trainer)
+    trainer.fit()
+    after = l0_state(trainer)
+    assert not torch.equal(before["log_alpha.head"], after["log_alpha.head"])
+
+
+def test_mixed_optimizer_group_is_rejected():
+    def everything_together(model):
+        return DecoupledAdamW(model.parameters(), lr=1e-3)
+
+    with pytest.raises(ValueError, match="l0_param_groups"):
+        pruning_trainer(l0_settings(), optimizer=everything_together)
+
+
+def test_one_mask_sample_per_microbatch_and_step_counter():
+    trainer = pruning_trainer(l0_settings(), max_duration="3ba", device_train_microbatch_size=4)
+    module = trainer.state.model.l0_module
+    calls = []
+    module.register_forward_hook(
+        lambda mod, args, out: calls.append((int(mod.step), out.masks["head"].clone()))
+    )
+    trainer.fit()
+    assert [step for step, _ in calls] == [0, 0, 1, 1, 2, 2]
+    assert not torch.equal(calls[0][1], calls[1][1])  # a fresh sample per micro-batch
+
+
+def test_logs_expected_and_target_sizes_multipliers_and_penalty():
+    logger = InMemoryLogger()
+    trainer = pruning_trainer(l0_settings(), max_duration="3ba", loggers=[logger])
+    trainer.fit()
+    data = logger.data
+    for key in (
+        "l0/expected_sparsity/head",
+        "l0/target_sparsity/head",
+        "l0/expected_params",
+        "l0/expected_sparsity",
+        "l0/lambda_1/hidden",
+        "l0/lambda_2/layer",
+        "l0/penalty",
+    ):
+        assert key in data and len(data[key]) == 3, key
+    assert data["l0/target_sparsity/head"][-1][1] == pytest.approx(2 / 20 * 0.5)  # warm-up at batch 2
+    assert data["l0/expected_params"][0][1] > 0
+    assert "loss/train/lagrangian" in data
+
+
+def test_masks_written_after_each_evaluation(tmp_path):
+    trainer = pruning_trainer(
+        l0_settings(eval_target_model=False),
+        max_duration="4ba",
+        run_folder=str(tmp_path),
+        eval_dataloader=DataLoader(PatternTokens(n=8), batch_size=4),
+        eval_interval="2ba",
+    )
+    trainer.fit()
+    files = sorted(os.listdir(tmp_path / "masks"))
+    assert files == ["ba2.pt", "ba4.pt"]
+    saved = torch.load(tmp_path / "masks" / "ba4.pt")
+    assert saved["batch"] == 4 and saved["at_target"] is False
+    assert set(saved["masks"]) == set(FAMILIES)
+    target = saved["target_masks"]
+    assert int((target["layer"] != 0).sum()) == 3 and int((target["hidden"] != 0).sum()) == 16
+    expected = trainer.state.model.l0_module.deterministic_masks(at_target=False)
+    assert all(torch.equal(saved["masks"][f], expected[f]) for f in FAMILIES)
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_lr_schedule_applies_to_l0_groups_only_when_asked(schedule):
+    l0 = l0_settings(schedule_l0_lr=schedule)
+    trainer = pruning_trainer(l0, max_duration="4ba", schedulers=ConstantWithWarmupScheduler(t_warmup="10ba"))
+    seen = []  # learning rates in effect at each optimizer step
+    optimizer = trainer.state.optimizers[0]
+    optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append({g["name"]: g["lr"] for g in opt.param_groups})
+    )
+    trainer.fit()
+    assert len(seen) == 4
+    assert seen[-1]["weights"] > 0 and max(lrs["weights"] for lrs in seen) < 1e-3 / 2  # warming up
+    for lrs in seen:
+        factor = lrs["weights"] / 1e-3 if schedule else 1.0
+        assert lrs["masks"] == pytest.approx(l0["mask_lr"] * factor)
+        assert lrs["multipliers"] == pytest.approx(l0["multiplier_lr"] * factor)
+
+
+def _one_sgd_batch(clip: bool | None) -> dict[str, torch.Tensor]:
+    """L0 state after one SGD batch: no clipping (None), clipping with L0 grads excluded (False) or included."""
+    l0 = l0_settings(clip_l0_grads=bool(clip), lagrangian_warmup_steps=0)
+    algorithms = [] if clip is None else [GradientClipping(clipping_type="norm", clipping_threshold=1e-4)]
+
+    def sgd(model):
+        return DecoupledSGDW(l0_param_groups(model, 0.1, 1.0, 1.0), lr=0.1)
+
+    trainer = pruning_trainer(l0, max_duration="1ba", optimizer=sgd, algorithms=algorithms)
+    with torch.no_grad():  # multipliers away from 0 so log-alpha gets a gradient in the first batch
+        for p in trainer.state.model.l0_module.multipliers.values():
+            p.fill_(1.0)
+    trainer.fit()
+    return l0_state(trainer)
+
+
+def test_gradient_clipping_skips_l0_parameters_unless_asked():
+    unclipped, excluded, included = _one_sgd_batch(None), _one_sgd_batch(False), _one_sgd_batch(True)
+    for key in unclipped:
+        assert torch.equal(unclipped[key], excluded[key]), key
+    moved = unclipped["log_alpha.head"] - included["log_alpha.head"]
+    assert moved.abs().max() > 1e-3  # clipping to 1e-4 changed the L0 update when included
+
+
+class ConsumeRandomness(Callback):
+    """Draws from the global RNG at every batch start, as a data pipeline or another algorithm may."""
+
+    def batch_start(self, state, logger) -> None:
+        torch.rand(7)
+
+
+@pytest.mark.filterwarnings("ignore:ConsumeRandomness is not in the state_dict")
+def test_resume_gives_bit_identical_l0_parameters(tmp_path):
+    l0 = l0_settings()
+    full = pruning_trainer(l0, max_duration="6ba")
+    full.fit()
+
+    first = pruning_trainer(l0, max_duration="6ba", save_folder=str(tmp_path), save_interval="3ba")
+    first.fit(duration="3ba")
+    first.close()
+    checkpoint = tmp_path / "ep0-ba3-rank0.pt"
+    assert checkpoint.is_file()
+    resumed = pruning_trainer(
+        l0, max_duration="6ba", load_path=str(checkpoint), callbacks=[ConsumeRandomness()]
+    )
+    assert resumed.state.timestamp.batch.value == 3
+    resumed.fit()
+    expected, got = l0_state(full), l0_state(resumed)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    weights = dict(full.state.model.model.named_parameters())
+    for name, p in resumed.state.model.model.named_parameters():
+        assert torch.equal(p, weights[name]), name
