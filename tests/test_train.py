@@ -140,3 +140,21 @@ def test_killed_run_resumes_without_losing_or_repeating_samples(tiny_source, tin
     expected, got = read_sample_log(str(straight / "samples-rank0.jsonl")), read_sample_log(str(killed / "samples-rank0.jsonl"))
     assert sorted(got) == list(range(1, 121))
     assert got == expected
+
+
+def test_init_from_importance_ranks_the_initial_masks(tiny_source, tiny_mds, tmp_path, clean_shm):
+    from llmshearing.pruning.importance import calibration_batches, compute_importance
+    from llmshearing.pruning.oneshot import importance_log_alpha
+
+    overrides = [*_args(tiny_source, tiny_mds, str(tmp_path / "run")), "model.l0_module.init_from=importance",
+                 "model.l0_module.init_samples=8"]
+    trainer, values = build_trainer(PRUNE, overrides)
+    l0 = trainer.state.model.l0_module
+    total, batches = calibration_batches(tiny_mds, 8, values["device_eval_batch_size"])
+    expected = importance_log_alpha(compute_importance(trainer.state.model.model, batches, total, progress=False),
+                                    l0.model_config, l0.l0_config)
+    for family, value in expected.items():
+        assert torch.equal(l0.log_alpha[family].detach(), value), family
+        assert l0.log_alpha[family].unique().numel() > 1  # ranked, not the constant default
+    run(trainer, values)
+    assert (tmp_path / "run" / "masks" / "ba12.pt").is_file()

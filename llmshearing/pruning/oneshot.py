@@ -21,7 +21,13 @@ import torch
 from torch import Tensor
 
 from llmshearing.models.config import ModelConfig
-from llmshearing.pruning.importance import ImportanceScores, scores_by_family
+from llmshearing.models.decoder import Decoder
+from llmshearing.pruning.importance import (
+    ImportanceScores,
+    calibration_batches,
+    compute_importance,
+    scores_by_family,
+)
 from llmshearing.pruning.l0_module import mask_shapes
 from llmshearing.pruning.targets import PREFIX, SHAPE_KEYS, L0Config, TargetPlan
 
@@ -179,6 +185,37 @@ def importance_log_alpha(
         ranks = _ranks(_rows(family, score, model_config))
         values[family] = table[ranks].reshape(score.shape)
     return values
+
+
+def initialize_from_importance(
+    l0_module: Any, decoder: Decoder, data_dir: str | Path | None = None, batch_size: int = 8
+) -> ImportanceScores:
+    """Set ``l0_module``'s log-alphas from an importance ranking (``model.l0_module.init_from``).
+
+    With ``init_from: importance`` the scores are measured on ``init_samples`` sequences of
+    ``data_dir``'s eval split with ``decoder`` (the source model); otherwise ``init_from`` names a
+    scores file written by ``prune-oneshot --scores-out``.
+    """
+    config = l0_module.l0_config
+    if config.init_from == "importance":
+        if data_dir is None:
+            raise ValueError(
+                f"{PREFIX}.init_from: importance needs the data root (data_local) for calibration"
+            )
+        total, batches = calibration_batches(data_dir, config.init_samples, batch_size)
+        scores = compute_importance(decoder, batches, total=total)
+    else:
+        path = Path(str(config.init_from))
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{PREFIX}.init_from = {path} does not exist; write it with `llmshearing prune-oneshot ... --scores-out FILE`"
+            )
+        scores = ImportanceScores.load(path)
+    values = importance_log_alpha(scores, l0_module.model_config, config)
+    with torch.no_grad():
+        for family, value in values.items():
+            l0_module.log_alpha[family].copy_(value.to(l0_module.log_alpha[family]))
+    return scores
 
 
 def _spread(first: float, last: float, count: int) -> Tensor:

@@ -64,6 +64,8 @@ class L0Config:
     multiplier_lr: float = 1.0
     schedule_l0_lr: bool = False
     clip_l0_grads: bool = False
+    init_from: str | None = None  # "importance" (measured on the data's eval split) or a saved scores file
+    init_samples: int = 256  # calibration sequences for init_from: importance
 
     def __post_init__(self) -> None:
         modules = list(self.pruning_modules) if not isinstance(self.pruning_modules, str) else None
@@ -105,6 +107,17 @@ class L0Config:
         for key in ("mask_lr", "multiplier_lr"):
             if float(getattr(self, key)) < 0:
                 raise ValueError(f"{PREFIX}.{key} must be >= 0, got {getattr(self, key)}")
+        if (
+            self.init_from is not None
+            and self.init_from != "importance"
+            and not str(self.init_from).endswith(".safetensors")
+        ):
+            raise ValueError(
+                f"{PREFIX}.init_from must be null, 'importance' (scores measured on the data's eval split "
+                f"before training) or a scores file from `prune-oneshot --scores-out`, got {self.init_from!r}"
+            )
+        if not isinstance(self.init_samples, int) or self.init_samples <= 0:
+            raise ValueError(f"{PREFIX}.init_samples must be a positive integer, got {self.init_samples!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | L0Config) -> L0Config:

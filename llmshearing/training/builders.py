@@ -35,6 +35,12 @@ def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLla
 
         l0 = attach_l0_module(model, model_cfg["l0_module"])
         description["l0_module"] = l0.l0_config.to_dict()
+        if l0.l0_config.init_from is not None:  # log-alphas ranked by activation importance of the source
+            from llmshearing.pruning.oneshot import initialize_from_importance
+
+            initialize_from_importance(
+                l0, model.model, values["data_local"], values["device_eval_batch_size"]
+            )
     return model, description
 
 
