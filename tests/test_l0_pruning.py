@@ -145,7 +145,7 @@ def test_mixed_optimizer_group_is_rejected():
         pruning_trainer(l0_settings(), optimizer=everything_together)
 
 
-def test_one_mask_sample_per_microbatch_and_step_counter():
+def test_one_mask_sample_per_step_shared_by_its_microbatches():
     trainer = pruning_trainer(l0_settings(), max_duration="3ba", device_train_microbatch_size=4)
     module = trainer.state.model.l0_module
     calls = []
@@ -154,7 +154,8 @@ def test_one_mask_sample_per_microbatch_and_step_counter():
     )
     trainer.fit()
     assert [step for step, _ in calls] == [0, 0, 1, 1, 2, 2]
-    assert not torch.equal(calls[0][1], calls[1][1])  # a fresh sample per micro-batch
+    assert torch.equal(calls[0][1], calls[1][1])  # every micro-batch of a step uses the step's sample
+    assert not torch.equal(calls[0][1], calls[2][1])  # a fresh sample per step
 
 
 def test_logs_expected_and_target_sizes_multipliers_and_penalty():
@@ -236,7 +237,7 @@ def test_gradient_clipping_skips_l0_parameters_unless_asked():
     for key in unclipped:
         assert torch.equal(unclipped[key], excluded[key]), key
     moved = unclipped["log_alpha.head"] - included["log_alpha.head"]
-    assert moved.abs().max() > 1e-3  # clipping to 1e-4 changed the L0 update when included
+    assert moved.abs().max() > 1e-5  # clipping to 1e-4 changed the L0 update when included (float noise ~5e-7)
 
 
 class ConsumeRandomness(Callback):

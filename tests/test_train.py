@@ -158,3 +158,31 @@ def test_init_from_importance_ranks_the_initial_masks(tiny_source, tiny_mds, tmp
         assert l0.log_alpha[family].unique().numel() > 1  # ranked, not the constant default
     run(trainer, values)
     assert (tmp_path / "run" / "masks" / "ba12.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tiny_source, tiny_mds, tmp_path, clean_shm):
+    """`composer -n 2` on CPU (gloo): same global batch, same data, same masks, same result."""
+    common = ["callbacks.sample_log={}", "save_interval=12ba"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    _train(PRUNE, _args(tiny_source, tiny_mds, str(single), *common))
+    launcher = os.path.join(os.path.dirname(sys.executable), "composer")
+    proc = subprocess.run(
+        [launcher, "-n", "2", "--master_port", "29731", "llmshearing/train.py", PRUNE,
+         *_args(tiny_source, tiny_mds, str(double), *common)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    one = read_sample_log(str(single / "samples-rank0.jsonl"))
+    ranks = [read_sample_log(str(double / f"samples-rank{r}.jsonl")) for r in (0, 1)]
+    assert sorted(one) == sorted(ranks[0]) == sorted(ranks[1]) == list(range(1, 13))
+    for batch, ids in one.items():  # each global batch is split between the ranks, nothing lost or doubled
+        assert sorted(ids) == sorted(ranks[0][batch] + ranks[1][batch])
+
+    a, b = _final(str(single)), _final(str(double))
+    for key, value in a["state"]["model"].items():
+        torch.testing.assert_close(b["state"]["model"][key], value, rtol=0, atol=1e-4, msg=key)
+    mix_a, mix_b = _mixing_state(a), _mixing_state(b)
+    assert [h["counts"] for h in mix_b["history"]] == [h["counts"] for h in mix_a["history"]]
+    assert mix_b["weights"] == pytest.approx(mix_a["weights"], abs=1e-6)

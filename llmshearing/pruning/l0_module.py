@@ -96,7 +96,6 @@ class L0Module(nn.Module):
         self.prunable_size = prunable_params(model_config)
         self.noise_seed: int | None = None
         self._step = 0  # host copy of ``step``: seeds the noise without a device sync
-        self._draws = 0  # training forwards since the last ``set_step`` (micro-batches)
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -105,13 +104,15 @@ class L0Module(nn.Module):
     def set_step(self, step: int) -> None:
         """Number of optimizer batches done; drives the target warm-up (and seeds the noise)."""
         self.step.fill_(int(step))
-        self._step, self._draws = int(step), 0
+        self._step = int(step)
 
     def set_noise_seed(self, seed: int | None) -> None:
-        """Derive the sampling noise from ``(seed, step, micro-batch)`` instead of the global RNG.
+        """Derive the sampling noise from ``(seed, step)`` instead of the global RNG.
 
-        The masks are then the same on every data-parallel rank and a resumed run draws exactly the
-        noise of an uninterrupted one, whatever else consumes random numbers.
+        One mask sample per optimizer step, shared by every micro-batch and every data-parallel
+        rank: a run's result does not depend on how its global batch is split across processes and
+        micro-batches, and a resumed run draws exactly the noise of an uninterrupted one, whatever
+        else consumes random numbers.
         """
         self.noise_seed = None if seed is None else int(seed)
 
@@ -119,9 +120,7 @@ class L0Module(nn.Module):
         if self.noise_seed is None:
             return None
         generator = torch.Generator(device=device)
-        mixed = (self.noise_seed * 1_000_003 + self._step) * 65_537 + self._draws
-        generator.manual_seed(mixed % (2**63 - 1))
-        self._draws += 1
+        generator.manual_seed((self.noise_seed * 1_000_003 + self._step) % (2**63 - 1))
         return generator
 
     @torch.no_grad()
