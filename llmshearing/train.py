@@ -127,7 +127,10 @@ def train(yaml_path: str, overrides: Sequence[str] = ()):
 def run(trainer, values: dict):
     """Optional first evaluation (on a fresh run), then training; the trainer is closed at the end."""
     try:
-        if values["eval_first"] and int(trainer.state.timestamp.batch) == 0:
+        # a fresh run evaluates first when asked to, and when the source model's own losses are
+        # the reference of dynamic batch loading (that evaluation measures them)
+        source_reference = (values["callbacks"].get("data_loading") or {}).get("reference") == "source"
+        if (values["eval_first"] or source_reference) and int(trainer.state.timestamp.batch) == 0:
             trainer.eval()
         trainer.fit()
     finally:

@@ -1,0 +1,386 @@
+"""Dynamic batch loading: re-weight the training domains from their losses at every update interval.
+
+At the end of each interval (one epoch of ``DynamicStreamingDataset``) the callback reads every
+domain's loss, updates the domain weights with ``llmshearing.data.mixing.update_weights`` and pushes
+them into the train dataset for the next interval. The losses come from the evaluation that ends the
+interval (``loss_source: eval``, reading ``state.eval_metrics[eval_label][f"{domain}_LanguageCrossEntropy"]``)
+or from the training batches of the interval (``loss_source: train``, token-weighted, all-reduced).
+
+When the update happens (Composer's event order):
+
+* evaluation at ``BATCH_END`` of the interval's last batch (``eval_interval`` = the interval in
+  batches): the next epoch has not been generated yet, and the checkpoint written at that
+  ``BATCH_CHECKPOINT`` already carries the new mix;
+* evaluation at ``EPOCH_END`` (``eval_interval: 1ep``): same, before ``EPOCH_CHECKPOINT``; a
+  checkpoint written at the last ``BATCH_CHECKPOINT`` before it does not have the update, and the
+  resumed run recomputes it from the same evaluation when it replays ``EPOCH_END``;
+* an evaluation before training (``trainer.eval()`` before ``fit``) updates the first interval,
+  or with ``reference: source`` only records the reference losses;
+* evaluations anywhere else (e.g. the one Composer runs at ``FIT_END``) are logged but change
+  nothing, and each interval is updated at most once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from llmshearing.data.dynamic_dataset import DynamicStreamingDataset
+from llmshearing.data.loaders import DataLoadingConfig
+from llmshearing.data.mixing import update_weights
+from llmshearing.data.reference_loss import fit_reference_losses, preset_reference, reference_for_domains
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+_DL = "callbacks.data_loading"
+
+
+def resolve_reference(
+    set_names: Sequence[str], target_loss: Sequence[float] | None, reference: Any
+) -> np.ndarray | None:
+    """Reference losses in domain order, or None for ``reference: source`` / no reference."""
+    if target_loss is not None:
+        return np.asarray([float(v) for v in target_loss], dtype=np.float64)
+    if reference is None or reference == "source":
+        return None
+    if isinstance(reference, str):
+        return reference_for_domains(
+            preset_reference(reference), set_names, f"reference preset {reference!r}"
+        )
+    if isinstance(reference, Mapping):
+        known = {"sizes", "losses", "target_size"}
+        if set(reference) != known:
+            raise ValueError(
+                f"{_DL}.reference as a scaling-law fit needs exactly the keys {sorted(known)}, "
+                f"got {sorted(reference)}"
+            )
+        from llmshearing.data.reference_loss import parse_size
+
+        losses = reference["losses"]
+        if not isinstance(losses, Mapping):
+            raise ValueError(f"{_DL}.reference.losses must map each domain to one loss per size")
+        fitted = fit_reference_losses(
+            [parse_size(s) for s in reference["sizes"]],
+            {d: losses[d] for d in set_names if d in losses},
+            parse_size(reference["target_size"]),
+        )
+        return reference_for_domains(fitted, set_names, f"{_DL}.reference.losses")
+    raise ValueError(
+        f"{_DL}.reference must be 'source', a preset name or {{sizes, losses, target_size}}, got {reference!r}"
+    )
+
+
+def domain_token_losses(
+    logits: torch.Tensor, batch: Mapping[str, Any], num_domains: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-domain sums of next-token cross-entropy and token counts (float64, on the logits' device)."""
+    labels = batch.get("labels", batch["input_ids"])
+    domain = batch.get("domain")
+    if domain is None:
+        raise ValueError(
+            "loss_source: train needs a 'domain' entry in every batch (DynamicStreamingDataset adds it)"
+        )
+    targets = labels[:, 1:]
+    ce = F.cross_entropy(
+        logits[:, :-1].detach().float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)
+    rows_loss = ce.sum(dim=1).double()
+    rows_tokens = (targets != IGNORE_INDEX).sum(dim=1).double()
+    domain = domain.to(logits.device).long()
+    sums = torch.zeros(num_domains, dtype=torch.float64, device=logits.device).index_add_(
+        0, domain, rows_loss
+    )
+    tokens = torch.zeros(num_domains, dtype=torch.float64, device=logits.device).index_add_(
+        0, domain, rows_tokens
+    )
+    return sums, tokens
+
+
+class DynamicLoadingCallback(Callback):
+    """Update the train dataset's domain weights from per-domain losses once per interval.
+
+    Args:
+        set_names: domain names, in the dataset's order.
+        proportion: initial weights (must match the dataset's).
+        update_type: ``doremi`` or ``constant``.
+        target_loss: reference loss per domain.
+        reference: instead of ``target_loss``: ``source`` (losses of the evaluation before
+            training), a preset name (``sheared-1.3b``, ...) or ``{sizes, losses, target_size}``.
+        clip: clip the excess loss at zero (the paper); ``False`` keeps negative excesses.
+        eta: step size. smoothing: weight of the uniform mixture.
+        loss_source: ``eval`` or ``train``.
+        eval_label: the evaluator whose metrics are read.
+    """
+
+    def __init__(
+        self,
+        set_names: Sequence[str],
+        proportion: Sequence[float],
+        update_type: str = "doremi",
+        target_loss: Sequence[float] | None = None,
+        reference: Any = None,
+        clip: bool = True,
+        eta: float = 1.0,
+        smoothing: float = 1e-4,
+        loss_source: str = "eval",
+        eval_label: str = "eval",
+    ) -> None:
+        cfg = DataLoadingConfig(
+            set_names=list(set_names),
+            proportion=list(proportion),
+            dynamic=True,
+            update_type=update_type,
+            target_loss=None if target_loss is None else list(target_loss),
+            reference=reference,
+            clip=clip,
+            eta=eta,
+            smoothing=smoothing,
+            loss_source=loss_source,
+            eval_label=eval_label,
+        )
+        cfg.validate()
+        self.cfg = cfg
+        self.set_names = tuple(cfg.set_names)
+        self.from_source = reference == "source"
+        self.reference = resolve_reference(self.set_names, cfg.target_loss, reference)
+        self.weights = np.asarray(cfg.proportion, dtype=np.float64)
+        self.weights = self.weights / self.weights.sum()
+        self.next_update_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        k = len(self.set_names)
+        self.train_loss_sum = np.zeros(k, dtype=np.float64)
+        self.train_tokens = np.zeros(k, dtype=np.float64)
+        self._micro_sum: torch.Tensor | None = None
+        self._micro_tokens: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | DataLoadingConfig) -> DynamicLoadingCallback | None:
+        """The callback for ``callbacks.data_loading``, or None when ``dynamic`` is false."""
+        dl = cfg if isinstance(cfg, DataLoadingConfig) else DataLoadingConfig.from_dict(cfg)
+        if not dl.dynamic:
+            return None
+        return cls(
+            dl.set_names,
+            dl.proportion,
+            update_type=dl.update_type,
+            target_loss=dl.target_loss,
+            reference=dl.reference,
+            clip=dl.clip,
+            eta=dl.eta,
+            smoothing=dl.smoothing,
+            loss_source=dl.loss_source,
+            eval_label=dl.eval_label,
+        )
+
+    # ------------------------------------------------------------------------------ helpers
+    def _dataset(self, state: State) -> DynamicStreamingDataset:
+        dataset = getattr(state.train_dataloader, "dataset", None)
+        if not isinstance(dataset, DynamicStreamingDataset):
+            raise ValueError(
+                "DynamicLoadingCallback needs the train dataloader of llmshearing.data.loaders."
+                f"build_train_dataloader (a DynamicStreamingDataset), got {type(dataset).__name__}"
+            )
+        if tuple(dataset.set_names) != self.set_names:
+            raise ValueError(
+                f"{_DL}.set_names {list(self.set_names)} differ from the train dataset's domains "
+                f"{list(dataset.set_names)}: build both from the same config"
+            )
+        return dataset
+
+    def _boundary_epoch(self, state: State, interval: int) -> int | None:
+        """The epoch an update made now applies to, or None when not at an interval boundary."""
+        in_epoch = int(state.timestamp.batch_in_epoch)
+        if in_epoch == 0:
+            return int(state.timestamp.epoch)
+        if in_epoch == interval:
+            return int(state.timestamp.epoch) + 1
+        return None
+
+    def _eval_losses(self, state: State) -> tuple[np.ndarray, np.ndarray]:
+        metrics = state.eval_metrics.get(self.cfg.eval_label, {})
+        losses = np.zeros(len(self.set_names), dtype=np.float64)
+        present = np.zeros(len(self.set_names), dtype=bool)
+        for i, name in enumerate(self.set_names):
+            key = f"{name}_LanguageCrossEntropy"
+            metric = metrics.get(key)
+            if metric is None:
+                raise ValueError(
+                    f"evaluator {self.cfg.eval_label!r} has no metric {key}: build the model with "
+                    f"domains={list(self.set_names)} and give the evaluator its metric names"
+                )
+            value = float(metric.compute())
+            tokens = getattr(metric, "tokens", None)
+            present[i] = tokens is None or tokens > 0
+            losses[i] = value
+        return losses, present
+
+    def _log(
+        self, logger: Logger, prefix: str, values: np.ndarray, present: np.ndarray | None = None
+    ) -> None:
+        logger.log_metrics(
+            {
+                f"data/{prefix}/{name}": float(v)
+                for i, (name, v) in enumerate(zip(self.set_names, values, strict=True))
+                if present is None or present[i]
+            }
+        )
+
+    def _update(
+        self, state: State, logger: Logger, epoch: int, losses: np.ndarray, present: np.ndarray
+    ) -> None:
+        if epoch < self.next_update_epoch:
+            return
+        dataset = self._dataset(state)
+        if self.cfg.update_type == "doremi" and self.reference is None:
+            raise RuntimeError(
+                f"{_DL}.reference is 'source' but no evaluation ran before training: "
+                "run trainer.eval() before trainer.fit() so the source model's losses become the reference"
+            )
+        if not present.all():
+            log.warning(
+                "domains %s had no tokens in this interval's %s losses; their weights get no loss signal",
+                [n for n, p in zip(self.set_names, present, strict=True) if not p],
+                self.cfg.loss_source,
+            )
+        effective = np.where(present, losses, self.reference) if self.reference is not None else losses
+        weights = update_weights(
+            self.cfg.update_type,
+            self.weights,
+            effective,
+            self.reference,
+            eta=self.cfg.eta,
+            smoothing=self.cfg.smoothing,
+            clip=self.cfg.clip,
+        )
+        counts = dataset.set_proportions(weights, epoch)
+        self.weights = weights
+        self.next_update_epoch = epoch + 1
+        self.history.append(
+            {
+                "epoch": epoch,
+                "batch": int(state.timestamp.batch),
+                "losses": [float(v) if p else None for v, p in zip(losses, present, strict=True)],
+                "weights": weights.tolist(),
+                "counts": [int(c) for c in counts],
+            }
+        )
+        self._log(logger, "loss", losses, present)
+        self._log(logger, "weight", weights)
+        self._log(logger, "count", counts)
+        if self.reference is not None:
+            self._log(logger, "reference", self.reference)
+        logger.log_metrics({"data/update_epoch": epoch})
+        log.info(
+            "data mix for epoch %d: %s",
+            epoch,
+            ", ".join(f"{n}={w:.4f}" for n, w in zip(self.set_names, weights, strict=True)),
+        )
+
+    # ------------------------------------------------------------------------------ events
+    def fit_start(self, state: State, logger: Logger) -> None:
+        dataset = self._dataset(state)
+        if state.dataloader_len is not None and int(state.dataloader_len) != dataset.interval_batches:
+            raise ValueError(
+                f"the trainer runs {int(state.dataloader_len)} batches per epoch but the data mix interval is "
+                f"{dataset.interval_batches} batches: do not set train_subset_num_batches with dynamic loading"
+            )
+        if not self.history:
+            self._log(logger, "weight", self.weights)
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        if state.dataloader_label != self.cfg.eval_label:
+            return
+        losses, present = self._eval_losses(state)
+        if self.from_source and self.reference is None and int(state.timestamp.batch) == 0:
+            absent = [n for n, p in zip(self.set_names, present, strict=True) if not p]
+            if absent:
+                raise ValueError(f"reference: source needs eval tokens of every domain; none for {absent}")
+            self.reference = losses.copy()
+            self._log(logger, "reference", self.reference)
+            log.info(
+                "reference losses from the source model: %s",
+                dict(zip(self.set_names, losses.tolist(), strict=True)),
+            )
+            return
+        if self.cfg.loss_source != "eval":
+            return
+        epoch = self._boundary_epoch(state, self._dataset(state).interval_batches)
+        if epoch is None:
+            self._log(logger, "eval_loss", losses, present)
+            return
+        self._update(state, logger, epoch, losses, present)
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        if self.cfg.loss_source != "train":
+            return
+        outputs = state.outputs
+        logits = getattr(outputs, "logits", outputs)
+        if isinstance(outputs, Mapping):
+            logits = outputs["logits"]
+        sums, tokens = domain_token_losses(logits, state.batch, len(self.set_names))
+        if self._micro_sum is None:
+            self._micro_sum, self._micro_tokens = sums, tokens
+        else:
+            self._micro_sum += sums
+            self._micro_tokens += tokens
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self.cfg.loss_source != "train":
+            return
+        k = len(self.set_names)
+        if self._micro_sum is None:
+            packed = torch.zeros(2 * k, dtype=torch.float64)
+        else:
+            packed = torch.cat([self._micro_sum, self._micro_tokens])
+        packed = state.device.tensor_to_device(packed)
+        dist.all_reduce(packed, reduce_operation="SUM")
+        packed = packed.cpu().numpy()
+        self.train_loss_sum += packed[:k]
+        self.train_tokens += packed[k:]
+        self._micro_sum = self._micro_tokens = None
+        dataset = self._dataset(state)
+        if int(state.timestamp.batch_in_epoch) != dataset.interval_batches:
+            return
+        present = self.train_tokens > 0
+        losses = np.where(present, self.train_loss_sum / np.maximum(self.train_tokens, 1.0), 0.0)
+        self.train_loss_sum[:] = 0.0
+        self.train_tokens[:] = 0.0
+        self._update(state, logger, int(state.timestamp.epoch) + 1, losses, present)
+
+    # ------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "set_names": list(self.set_names),
+            "weights": self.weights.tolist(),
+            "reference": None if self.reference is None else self.reference.tolist(),
+            "next_update_epoch": self.next_update_epoch,
+            "history": [dict(h) for h in self.history],
+            "train_loss_sum": self.train_loss_sum.tolist(),
+            "train_tokens": self.train_tokens.tolist(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["set_names"]) != list(self.set_names):
+            raise ValueError(
+                f"the checkpoint's data mix is over domains {state['set_names']}, not {list(self.set_names)}: "
+                f"resume with the same {_DL}.set_names"
+            )
+        self.weights = np.asarray(state["weights"], dtype=np.float64)
+        if state["reference"] is not None:
+            self.reference = np.asarray(state["reference"], dtype=np.float64)
+        self.next_update_epoch = int(state["next_update_epoch"])
+        self.history = [dict(h) for h in state["history"]]
+        self.train_loss_sum = np.asarray(state["train_loss_sum"], dtype=np.float64)
+        self.train_tokens = np.asarray(state["train_tokens"], dtype=np.float64)
