@@ -21,7 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 # A LLaMA-2-style ~1.3B decoder (the paper's target shape) and the shape it is pruned toward.
-SOURCE = dict(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16, head_dim=128, intermediate_size=5504)
+SOURCE = dict(
+    vocab_size=32000,
+    d_model=2048,
+    n_layers=24,
+    n_heads=16,
+    n_kv_heads=16,
+    head_dim=128,
+    intermediate_size=5504,
+)
 TARGET = dict(n_layers=16, n_heads=8, n_kv_heads=8, d_model=1536, intermediate_size=4096)
 
 
@@ -84,13 +92,19 @@ def main() -> int:
     batch = {"input_ids": ids}
     tokens = ids.numel()
     rows = []
-    for label, config, prune in (("continued pretraining (target shape)", target, False), ("pruning (source shape)", source, True)):
+    for label, config, prune in (
+        ("continued pretraining (target shape)", target, False),
+        ("pruning (source shape)", source, True),
+    ):
         model = ComposerLlama(config).cuda()
         if prune:
             attach_l0_module(
                 model,
-                {"pruning_modules": ["layer", "head", "intermediate", "hidden"], "target_model": TARGET,
-                 "lagrangian_warmup_steps": 10},
+                {
+                    "pruning_modules": ["layer", "head", "intermediate", "hidden"],
+                    "target_model": TARGET,
+                    "lagrangian_warmup_steps": 10,
+                },
             )
             model.cuda()
             groups = l0_param_groups(model, 1e-4, 1.0, 1.0)
@@ -103,7 +117,9 @@ def main() -> int:
         rows.append((label, tokens / seconds, achieved / 1e12, mfu))
         del model, optimizer
         torch.cuda.empty_cache()
-    print(f"device: {name}, peak bf16 {peak / 1e12 if peak else float('nan'):.0f} TFLOPS, batch {args.batch_size} x {args.seq_len}")
+    print(
+        f"device: {name}, peak bf16 {peak / 1e12 if peak else float('nan'):.0f} TFLOPS, batch {args.batch_size} x {args.seq_len}"
+    )
     print(f"{'stage':<40} {'tokens/s':>12} {'TFLOPS':>8} {'MFU':>7}")
     for label, tps, tflops, mfu in rows:
         print(f"{label:<40} {tps:>12.0f} {tflops:>8.1f} {mfu:>7.1%}")

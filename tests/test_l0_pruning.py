@@ -237,7 +237,9 @@ def test_gradient_clipping_skips_l0_parameters_unless_asked():
     for key in unclipped:
         assert torch.equal(unclipped[key], excluded[key]), key
     moved = unclipped["log_alpha.head"] - included["log_alpha.head"]
-    assert moved.abs().max() > 1e-5  # clipping to 1e-4 changed the L0 update when included (float noise ~5e-7)
+    assert (
+        moved.abs().max() > 1e-5
+    )  # clipping to 1e-4 changed the L0 update when included (float noise ~5e-7)
 
 
 class ConsumeRandomness(Callback):

@@ -51,7 +51,9 @@ def _train(recipe: str, overrides: list[str], crash_at: int | None = None) -> No
 
 
 def _final(folder: str) -> dict:
-    return torch.load(os.path.join(folder, "checkpoints", "latest-rank0.pt"), map_location="cpu", weights_only=False)
+    return torch.load(
+        os.path.join(folder, "checkpoints", "latest-rank0.pt"), map_location="cpu", weights_only=False
+    )
 
 
 def _mixing_state(checkpoint: dict) -> dict:
@@ -74,21 +76,36 @@ def test_prune_fold_continue_export_and_report(tiny_source, tiny_mds, tmp_path, 
     assert "model.layers.2.attention.wq.weight" not in shapes
 
     hf = tmp_path / "hf"
-    assert cli_main(["convert", "composer-to-hf", str(cont_run / "checkpoints" / "latest-rank0.pt"), str(hf)]) == 0
+    assert (
+        cli_main(["convert", "composer-to-hf", str(cont_run / "checkpoints" / "latest-rank0.pt"), str(hf)])
+        == 0
+    )
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads) == (2, 24, 2)
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads) == (
+        2,
+        24,
+        2,
+    )
 
     assert cli_main(["report", str(prune_run)]) == 0
     report = sorted(os.listdir(prune_run / "report"))
-    for name in ("domain_weights.png", "domain_loss.png", "sparsity.png", "multipliers.png", "train_loss.png"):
+    for name in (
+        "domain_weights.png",
+        "domain_loss.png",
+        "sparsity.png",
+        "multipliers.png",
+        "train_loss.png",
+    ):
         assert name in report
     assert "| alpha |" in (prune_run / "report" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("crash_at", [6, 8], ids=["mid-interval", "at-update-boundary"])
-def test_interrupted_pruning_run_resumes_bit_identically(tiny_source, tiny_mds, tmp_path, clean_shm, crash_at):
+def test_interrupted_pruning_run_resumes_bit_identically(
+    tiny_source, tiny_mds, tmp_path, clean_shm, crash_at
+):
     common = ["save_interval=2ba", "autoresume=true", "callbacks.sample_log={}"]
     straight = tmp_path / "straight"
     _train(PRUNE, _args(tiny_source, tiny_mds, str(straight), *common))
@@ -108,11 +125,19 @@ def test_interrupted_pruning_run_resumes_bit_identically(tiny_source, tiny_mds, 
         masks_a = torch.load(straight / "masks" / name, weights_only=False)
         masks_b = torch.load(resumed / "masks" / name, weights_only=False)
         assert masks_a.keys() == masks_b.keys()
-    assert read_sample_log(str(straight / "samples-rank0.jsonl")) == read_sample_log(str(resumed / "samples-rank0.jsonl"))
+    assert read_sample_log(str(straight / "samples-rank0.jsonl")) == read_sample_log(
+        str(resumed / "samples-rank0.jsonl")
+    )
 
 
 def test_bad_recipe_is_reported_before_training(tiny_source, tiny_mds, tmp_path, capsys):
-    code = main([PRUNE, *_args(tiny_source, tiny_mds, str(tmp_path / "r")), "callbacks.data_loading.set_names=[alpha,gamma]"])
+    code = main(
+        [
+            PRUNE,
+            *_args(tiny_source, tiny_mds, str(tmp_path / "r")),
+            "callbacks.data_loading.set_names=[alpha,gamma]",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "gamma" in err and "missing from the data" in err
@@ -121,12 +146,24 @@ def test_bad_recipe_is_reported_before_training(tiny_source, tiny_mds, tmp_path,
 
 @pytest.mark.slow
 def test_killed_run_resumes_without_losing_or_repeating_samples(tiny_source, tiny_mds, tmp_path, clean_shm):
-    common = ["max_duration=120ba", "eval_interval=20ba", "save_interval=10ba", "autoresume=true", "callbacks.sample_log={}"]
+    common = [
+        "max_duration=120ba",
+        "eval_interval=20ba",
+        "save_interval=10ba",
+        "autoresume=true",
+        "callbacks.sample_log={}",
+    ]
     command = [sys.executable, "-m", "llmshearing.train", CONTINUED]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run([*command, *_args(tiny_source, tiny_mds, str(straight), *common)], check=True, capture_output=True)
+    subprocess.run(
+        [*command, *_args(tiny_source, tiny_mds, str(straight), *common)], check=True, capture_output=True
+    )
 
-    proc = subprocess.Popen([*command, *_args(tiny_source, tiny_mds, str(killed), *common)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*command, *_args(tiny_source, tiny_mds, str(killed), *common)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log = killed / "samples-rank0.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -135,9 +172,14 @@ def test_killed_run_resumes_without_losing_or_repeating_samples(tiny_source, tin
             break
         time.sleep(0.01)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    subprocess.run([*command, *_args(tiny_source, tiny_mds, str(killed), *common)], check=True, capture_output=True)
+    subprocess.run(
+        [*command, *_args(tiny_source, tiny_mds, str(killed), *common)], check=True, capture_output=True
+    )
 
-    expected, got = read_sample_log(str(straight / "samples-rank0.jsonl")), read_sample_log(str(killed / "samples-rank0.jsonl"))
+    expected, got = (
+        read_sample_log(str(straight / "samples-rank0.jsonl")),
+        read_sample_log(str(killed / "samples-rank0.jsonl")),
+    )
     assert sorted(got) == list(range(1, 121))
     assert got == expected
 
@@ -146,13 +188,19 @@ def test_init_from_importance_ranks_the_initial_masks(tiny_source, tiny_mds, tmp
     from llmshearing.pruning.importance import calibration_batches, compute_importance
     from llmshearing.pruning.oneshot import importance_log_alpha
 
-    overrides = [*_args(tiny_source, tiny_mds, str(tmp_path / "run")), "model.l0_module.init_from=importance",
-                 "model.l0_module.init_samples=8"]
+    overrides = [
+        *_args(tiny_source, tiny_mds, str(tmp_path / "run")),
+        "model.l0_module.init_from=importance",
+        "model.l0_module.init_samples=8",
+    ]
     trainer, values = build_trainer(PRUNE, overrides)
     l0 = trainer.state.model.l0_module
     total, batches = calibration_batches(tiny_mds, 8, values["device_eval_batch_size"])
-    expected = importance_log_alpha(compute_importance(trainer.state.model.model, batches, total, progress=False),
-                                    l0.model_config, l0.l0_config)
+    expected = importance_log_alpha(
+        compute_importance(trainer.state.model.model, batches, total, progress=False),
+        l0.model_config,
+        l0.l0_config,
+    )
     for family, value in expected.items():
         assert torch.equal(l0.log_alpha[family].detach(), value), family
         assert l0.log_alpha[family].unique().numel() > 1  # ranked, not the constant default
@@ -168,9 +216,18 @@ def test_two_processes_match_one_process(tiny_source, tiny_mds, tmp_path, clean_
     _train(PRUNE, _args(tiny_source, tiny_mds, str(single), *common))
     launcher = os.path.join(os.path.dirname(sys.executable), "composer")
     proc = subprocess.run(
-        [launcher, "-n", "2", "--master_port", "29731", "llmshearing/train.py", PRUNE,
-         *_args(tiny_source, tiny_mds, str(double), *common)],
-        capture_output=True, text=True,
+        [
+            launcher,
+            "-n",
+            "2",
+            "--master_port",
+            "29731",
+            "llmshearing/train.py",
+            PRUNE,
+            *_args(tiny_source, tiny_mds, str(double), *common),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 

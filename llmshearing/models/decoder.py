@@ -206,7 +206,9 @@ class Decoder(nn.Module):
     def reset_rope(self) -> None:
         """Recompute the RoPE table (needed after materialising the model from the meta device)."""
         inv_freq, self.rope_attention_scaling = rope_inverse_frequencies(self.config)
-        device = self.inv_freq.device if self.inv_freq.device.type != "meta" else self.tok_embeddings.weight.device
+        device = (
+            self.inv_freq.device if self.inv_freq.device.type != "meta" else self.tok_embeddings.weight.device
+        )
         self.inv_freq = inv_freq.to(device)
 
     @torch.no_grad()
