@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,48 @@ def list_jsonl_files(directory: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(directory).as_posix())
 
 
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a (multi-frame) zstd stream; a file that ends inside a frame is an error."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        import zstandard
+
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = self._dctx.decompressobj()
+        self._frame_started = False
+        self._out = b""
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._pos >= len(self._out):
+            chunk = self._raw.read(_READ_BUFFER)
+            if not chunk:
+                if self._frame_started and not self._frame.eof:
+                    raise EOFError("the zstd data ends inside a frame")
+                return 0
+            self._out, self._pos = self._decompress(chunk), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        parts = []
+        while chunk:
+            self._frame_started = True
+            parts.append(self._frame.decompress(chunk))
+            chunk = b""
+            if self._frame.eof:  # the rest of the chunk starts the next frame
+                chunk = self._frame.unused_data
+                self._frame = self._dctx.decompressobj()
+                self._frame_started = False
+        return b"".join(parts)
+
+
 class JsonlReader:
     """Iterates ``(line_number, raw_line)`` over a JSON-lines file, skipping blank lines.
 
@@ -50,7 +92,7 @@ class JsonlReader:
         self._raw: BinaryIO | None = None
 
     def __enter__(self) -> JsonlReader:
-        self._raw = open(self.path, "rb")  # noqa: SIM115 (closed in __exit__)
+        self._raw = open(self.path, "rb")  # closed in __exit__
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -72,8 +114,8 @@ class JsonlReader:
         if name.endswith(".zst"):
             import zstandard
 
-            reader = zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True)
-            return io.BufferedReader(reader, buffer_size=_READ_BUFFER), (*errors, zstandard.ZstdError)
+            stream = io.BufferedReader(_ZstdReader(self._raw), buffer_size=_READ_BUFFER)
+            return stream, (*errors, zstandard.ZstdError)
         return self._raw, errors
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:

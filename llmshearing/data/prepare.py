@@ -557,7 +557,8 @@ def _split_by_documents(domain: _Domain, seed: int, seq_len: int, pipeline: Pipe
     assert domain.first_phase is not None
     path = domain.files[0]
     rel = domain.rel(path)
-    cap = count_document_lines(path) // 2
+    lines = count_document_lines(path)
+    cap = lines // 2
     target = domain.eval.packer.max_samples * seq_len
     selector = _EvalSelector(target, cap, lambda tokens: domain.train.add(tokens, 1, rel))
     for _, encoded in pipeline.results(domain.first_phase):
@@ -568,7 +569,7 @@ def _split_by_documents(domain: _Domain, seed: int, seq_len: int, pipeline: Pipe
             selector.offer(_seeded_key(seed, domain.name, str(line)), line, encoded.tokens[start:end].copy())
     kept = selector.selected()
     if len(kept) == cap:
-        domain.notes.append(f"half of the documents held out ({cap})")
+        domain.notes.append(f"at most half of the documents can be held out: {cap} of {lines}")
     for _, tokens in kept:
         domain.eval.add(tokens, 1, rel)
 

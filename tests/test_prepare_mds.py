@@ -1,0 +1,582 @@
+"""MDS preparation: packing, splits, determinism, compressed input and every bad-input case.
+
+The corpus and the tokenizer are generated here: documents are words of a small vocabulary, each
+starting with a unique id word (``d<file tag>_<n>``), tokenised by a word-level tokenizer, so
+documents can be recognised in the packed token stream.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from llmshearing.data.jsonl import BadLine, parse_document
+from llmshearing.data.packing import Packer, token_dtype, wrap_documents
+from llmshearing.data.prepare import (
+    Pipeline,
+    PrepareConfig,
+    TokenizerPool,
+    format_summary,
+    load_tokenizer,
+    prepare,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_LEN = 16
+WORDS = [f"w{i}" for i in range(40)]
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+
+
+def make_docs(tag: str, count: int, seed: int) -> list[str]:
+    rng = random.Random(f"{tag}-{seed}")
+    return [" ".join([f"d{tag}_{n}", *rng.choices(WORDS, k=rng.randint(2, 24))]) for n in range(count)]
+
+
+CORPUS = {
+    # domain -> files -> documents; "solo" has a single file (document-level split)
+    "alpha": {
+        "a0.jsonl": make_docs("a0", 30, 1),
+        "a1.jsonl": make_docs("a1", 25, 2),
+        "a2.jsonl": make_docs("a2", 20, 3),
+    },
+    "beta": {"b0.jsonl": make_docs("b0", 40, 4), "sub/b1.jsonl": make_docs("b1", 35, 5)},
+    "solo": {"s0.jsonl": make_docs("s0", 60, 6)},
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A word-level PreTrainedTokenizerFast over the generated vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [doc for files in CORPUS.values() for docs in files.values() for doc in docs]
+    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    out = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def write_jsonl(path: Path, lines: list[str | bytes], suffix: str = "") -> Path:
+    """Write raw lines (str are encoded as UTF-8) to ``path`` + ``suffix`` (``.gz`` or ``.zst``)."""
+    data = b"".join((line.encode() if isinstance(line, str) else line) + b"\n" for line in lines)
+    path = path.with_name(path.name + suffix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+    elif suffix == ".zst":  # two frames, split mid-line, as concatenated .zst files are
+        half = len(data) // 2
+        data = zstandard.ZstdCompressor().compress(data[:half]) + zstandard.ZstdCompressor().compress(
+            data[half:]
+        )
+    path.write_bytes(data)
+    return path
+
+
+def records(docs: list[str]) -> list[str]:
+    return [json.dumps({"text": doc, "meta": {"n": i}}) for i, doc in enumerate(docs)]
+
+
+def write_corpus(root: Path, corpus: dict[str, dict[str, list[str]]] = CORPUS, suffix: str = "") -> Path:
+    for domain, files in corpus.items():
+        for name, docs in files.items():
+            write_jsonl(root / domain / name, records(docs), suffix)
+    return root
+
+
+def run(root: Path, out: Path, tokenizer_dir: Path, **options) -> dict:
+    options.setdefault("seq_len", SEQ_LEN)
+    options.setdefault("eval_seqs", 3)
+    options.setdefault("progress", False)
+    return prepare(PrepareConfig(input=root, output=out, tokenizer=str(tokenizer_dir), **options))
+
+
+def read_split(path: Path) -> np.ndarray:
+    """All samples of one MDS directory, in order, read with streaming's StreamingDataset."""
+    from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    dataset = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
+    try:
+        samples = [np.array(dataset[i]["tokens"]) for i in range(len(dataset))]
+    finally:
+        del dataset
+        clean_stale_shared_memory()
+    return np.stack(samples)
+
+
+def wrapped(tokenizer, docs: list[str]) -> list[list[int]]:
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return [[bos, *tokenizer(doc, add_special_tokens=False)["input_ids"], eos] for doc in docs]
+
+
+def split_documents(stream: np.ndarray, tokenizer) -> list[list[int]]:
+    """Cut a packed token stream at BOS tokens (the first piece may be a document's tail)."""
+    pieces: list[list[int]] = []
+    for token in stream.tolist():
+        if token == tokenizer.bos_token_id or not pieces:
+            pieces.append([])
+        pieces[-1].append(token)
+    return pieces
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_nothing_left(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*")), "a temporary directory was left behind"
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_wrap_and_pack_exact() -> None:
+    flat, lengths = wrap_documents([[5, 6, 7], [], [8]], bos=1, eos=2, dtype=np.dtype(np.uint16))
+    assert flat.tolist() == [1, 5, 6, 7, 2, 1, 2, 1, 8, 2]
+    assert lengths.tolist() == [5, 2, 3]
+    only_eos, _ = wrap_documents([[5], [6]], bos=None, eos=2, dtype=np.dtype(np.uint32))
+    assert only_eos.tolist() == [5, 2, 6, 2] and only_eos.dtype == np.uint32
+
+    samples: list[list[int]] = []
+    packer = Packer(4, np.dtype(np.uint16), lambda s: samples.append(s.tolist()))
+    stream = np.arange(1, 12, dtype=np.uint16)
+    packer.add(stream[:3])
+    packer.add(stream[3:10], documents=2)
+    packer.add(stream[10:])
+    assert samples == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert (packer.samples, packer.documents, packer.tokens, packer.leftover) == (2, 4, 11, 3)
+
+    capped: list[list[int]] = []
+    packer = Packer(3, np.dtype(np.uint16), lambda s: capped.append(s.tolist()), max_samples=2)
+    packer.add(np.arange(10, dtype=np.uint16))
+    packer.add(np.arange(5, dtype=np.uint16))
+    assert capped == [[0, 1, 2], [3, 4, 5]] and packer.full and packer.tokens == 6 and packer.documents == 1
+
+
+def test_token_dtype_bounds() -> None:
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+    with pytest.raises(ValueError, match="vocab_size"):
+        token_dtype(0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"text": "ok"', "malformed JSON"),
+        (b'["text"]', "expected a JSON object, got list"),
+        (b'{"body": "x"}', "no 'text' field"),
+        (b'{"text": 3}', "is int, not a string"),
+        (b'{"text": "caf\xe9"}', "invalid UTF-8 at byte 13"),
+        (b'{"text": "a \\ud800 b"}', "unpaired UTF-16 surrogate"),
+    ],
+)
+def test_parse_document_reasons(raw: bytes, reason: str) -> None:
+    with pytest.raises(BadLine, match=reason):
+        parse_document(raw)
+    assert parse_document(b'{"text": "pair \\ud83d\\ude00"}') == "pair \U0001f600"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pipeline_orders_phases_and_prefetches(tokenizer_dir: Path, workers: int) -> None:
+    spec = load_tokenizer(str(tokenizer_dir))
+    docs = make_docs("p", 40, 7)
+
+    def batches(tag: str, count: int):
+        for i in range(count):
+            yield (tag, i), ([i + 1], [json.dumps({"text": docs[i]}).encode()])
+
+    def first_token(encoded) -> int:
+        return int(encoded.tokens[1])  # the document's id word, after BOS
+
+    ids = [spec.tokenizer.encode(doc, add_special_tokens=False).ids[0] for doc in docs]
+    with TokenizerPool(spec, workers) as pool:
+        pipeline = Pipeline(pool)
+        limit = 2 * workers + 2
+        a = pipeline.schedule(batches("a", 3))
+        b = pipeline.schedule(batches("b", 20))
+        assert [(tag, first_token(e)) for tag, e in pipeline.results(a)] == [
+            (("a", i), ids[i]) for i in range(3)
+        ]
+        assert len(b.pending) == limit, "b's items are submitted while a is consumed"
+        # a phase scheduled first while b holds the whole budget still runs, before b
+        c = pipeline.schedule(batches("c", 12), first=True)
+        assert [(tag, first_token(e)) for tag, e in pipeline.results(c)] == [
+            (("c", i), ids[i]) for i in range(12)
+        ]
+        assert [(tag, first_token(e)) for tag, e in pipeline.results(b)] == [
+            (("b", i), ids[i]) for i in range(20)
+        ]
+        d = pipeline.schedule(batches("d", 30))
+        got = []
+        for tag, encoded in pipeline.results(d):
+            got.append((tag, first_token(encoded)))
+            if len(got) == 5:
+                pipeline.cancel(d)
+                break
+        assert got == [(("d", i), ids[i]) for i in range(5)]
+        assert next(d.items, None) is None, "a cancelled phase reads nothing more"
+        assert pipeline._in_flight == 0
+
+
+def test_dead_worker_is_an_error_not_a_hang(tokenizer_dir: Path) -> None:
+    spec = load_tokenizer(str(tokenizer_dir))
+    raw = [json.dumps({"text": "w1 w2"}).encode()]
+    with pytest.raises(RuntimeError, match="a tokenizer worker process died"):
+        with TokenizerPool(spec, 2) as pool:
+            pipeline = Pipeline(pool)
+            phase = pipeline.schedule((i, ([1], raw)) for i in range(1000))
+            for i, _ in pipeline.results(phase):
+                if i == 0:
+                    os.kill(next(iter(pool._executor._processes)), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- round trip and splits
+
+
+def test_round_trip_file_level_split(tmp_path: Path, tokenizer_dir: Path, hf_tokenizer) -> None:
+    root = write_corpus(tmp_path / "raw")
+    out = tmp_path / "mds"
+    manifest = run(root, out, tokenizer_dir, eval_seqs=3)
+
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "llmshearing-mds" and manifest["version"] == 1
+    assert manifest["domains"] == ["alpha", "beta", "solo"]
+    assert manifest["token_dtype"] == "uint16" and manifest["seq_len"] == SEQ_LEN
+    assert manifest["bos_token_id"] == hf_tokenizer.bos_token_id
+    assert manifest["eos_token_id"] == hf_tokenizer.eos_token_id
+    assert manifest["bad_lines"] == {"alpha": 0, "beta": 0, "solo": 0}
+    index = json.loads((out / "train" / "alpha" / "index.json").read_text())
+    assert index["shards"][0]["column_encodings"] == ["ndarray:uint16"]
+    assert index["shards"][0]["column_names"] == ["tokens"]
+
+    for domain in ("alpha", "beta"):
+        files = CORPUS[domain]
+        train_stats, eval_stats = manifest["splits"]["train"][domain], manifest["splits"]["eval"][domain]
+        assert eval_stats["paths"] and train_stats["paths"]
+        assert eval_stats["files"] + train_stats["files"] == len(files)
+        assert not set(eval_stats["paths"]) & set(train_stats["paths"]), "eval and train share a file"
+        assert train_stats["paths"] == sorted(train_stats["paths"])  # train keeps the input order
+        for split, stats in (("train", train_stats), ("eval", eval_stats)):
+            samples = read_split(out / split / domain)
+            assert samples.dtype == np.uint16 and samples.shape == (stats["samples"], SEQ_LEN)
+            expected = [
+                t for name in stats["paths"] for doc in wrapped(hf_tokenizer, files[name]) for t in doc
+            ]
+            assert samples.reshape(-1).tolist() == expected[: samples.size]
+            if split == "train":  # every train document is packed; only the tail is dropped
+                assert stats["documents"] == sum(len(files[name]) for name in stats["paths"])
+                assert stats["tokens"] == len(expected) and stats["samples"] == len(expected) // SEQ_LEN
+            else:
+                assert stats["samples"] == 3 and stats["tokens"] == 3 * SEQ_LEN
+
+
+def test_document_level_split_is_disjoint(tmp_path: Path, tokenizer_dir: Path, hf_tokenizer) -> None:
+    root = write_corpus(tmp_path / "raw", {"solo": CORPUS["solo"]})
+    out = tmp_path / "mds"
+    manifest = run(root, out, tokenizer_dir, eval_seqs=4)
+    docs = CORPUS["solo"]["s0.jsonl"]
+    by_id = {doc.split()[0]: tokens for doc, tokens in zip(docs, wrapped(hf_tokenizer, docs), strict=True)}
+    vocab = hf_tokenizer.convert_ids_to_tokens
+
+    seen: dict[str, list[str]] = {}
+    for split in ("eval", "train"):
+        samples = read_split(out / split / "solo")
+        assert samples.shape == (manifest["splits"][split]["solo"]["samples"], SEQ_LEN)
+        pieces = split_documents(samples.reshape(-1), hf_tokenizer)
+        ids = []
+        if len(pieces[-1]) < 2:  # the stream ends right after a BOS
+            pieces.pop()
+        for i, piece in enumerate(pieces):
+            doc_id = vocab(piece[1])
+            full = by_id[doc_id]
+            ids.append(doc_id)
+            if i < len(pieces) - 1:
+                assert piece == full, f"{split}: document {doc_id} is not packed whole"
+            else:
+                assert piece == full[: len(piece)]
+        assert len(ids) == len(set(ids)), f"{split}: a document repeats"
+        seen[split] = ids
+    assert not set(seen["eval"]) & set(seen["train"]), "eval and train share a document"
+    positions = [int(i.split("_")[1]) for i in seen["eval"]]
+    assert positions == sorted(positions), "eval documents are written in file order"
+    stats = manifest["splits"]["eval"]["solo"]
+    assert stats["samples"] == 4 and stats["documents"] == len(seen["eval"]) < len(docs) // 2
+    assert manifest["splits"]["train"]["solo"]["documents"] + stats["documents"] == len(docs)
+
+
+def test_deterministic_across_workers_and_reruns(tmp_path: Path, tokenizer_dir: Path) -> None:
+    root = write_corpus(tmp_path / "raw")
+    digests = []
+    for name, workers in (("w1", 1), ("w2", 2), ("w1-again", 1)):
+        run(root, tmp_path / name, tokenizer_dir, workers=workers, eval_seqs=2)
+        digests.append(tree_digest(tmp_path / name))
+    assert digests[0] == digests[1] == digests[2]
+    assert any(path.endswith(".mds") for path in digests[0])
+
+    selections = set()
+    for seed in range(4):
+        manifest = run(root, tmp_path / f"seed{seed}", tokenizer_dir, seed=seed, eval_seqs=2)
+        splits = manifest["splits"]["eval"]
+        selections.add(
+            (tuple(splits["alpha"]["paths"]), splits["solo"]["documents"], splits["solo"]["tokens"])
+        )
+        assert manifest["seed"] == seed
+    assert len(selections) > 1, "the seed does not change the split"
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_input_matches_plain(tmp_path: Path, tokenizer_dir: Path, suffix: str) -> None:
+    plain = run(write_corpus(tmp_path / "plain"), tmp_path / "out-plain", tokenizer_dir)
+    packed = run(write_corpus(tmp_path / "packed", suffix=suffix), tmp_path / "out-packed", tokenizer_dir)
+    plain_files, packed_files = tree_digest(tmp_path / "out-plain"), tree_digest(tmp_path / "out-packed")
+    assert plain_files.keys() == packed_files.keys()
+    for name, digest in plain_files.items():
+        if name.endswith((".mds", "index.json")):
+            assert packed_files[name] == digest, name
+    for split in ("train", "eval"):
+        for domain in CORPUS:
+            stats = packed["splits"][split][domain]
+            assert [f + suffix for f in plain["splits"][split][domain]["paths"]] == stats["paths"]
+            assert {k: v for k, v in stats.items() if k != "paths"} == {
+                k: v for k, v in plain["splits"][split][domain].items() if k != "paths"
+            }
+
+
+def test_zstd_output_and_caps(tmp_path: Path, tokenizer_dir: Path) -> None:
+    root = write_corpus(tmp_path / "raw")
+    plain = run(root, tmp_path / "plain", tokenizer_dir)
+    manifest = run(root, tmp_path / "zstd", tokenizer_dir, compression="zstd")
+    assert manifest["compression"] == "zstd"
+    assert list((tmp_path / "zstd" / "train" / "beta").glob("*.mds.zstd"))
+    np.testing.assert_array_equal(
+        read_split(tmp_path / "zstd" / "train" / "beta"), read_split(tmp_path / "plain" / "train" / "beta")
+    )
+    assert plain["splits"] == manifest["splits"]
+
+    capped = run(root, tmp_path / "capped", tokenizer_dir, train_seqs=5, eval_seqs=0)
+    for domain in CORPUS:
+        assert capped["splits"]["train"][domain]["samples"] == 5
+        assert capped["splits"]["eval"][domain] == {
+            "files": 0,
+            "paths": [],
+            "documents": 0,
+            "tokens": 0,
+            "samples": 0,
+        }
+        assert len(read_split(tmp_path / "capped" / "train" / domain)) == 5
+    assert not (tmp_path / "capped" / "eval").exists()
+
+
+def test_eval_capped_by_held_out_data_warns(tmp_path: Path, tokenizer_dir: Path, caplog) -> None:
+    root = write_corpus(tmp_path / "raw")
+    with caplog.at_level(logging.WARNING, logger="llmshearing.data.prepare"):
+        manifest = run(root, tmp_path / "mds", tokenizer_dir, eval_seqs=1000)
+    for domain in CORPUS:
+        assert 0 < manifest["splits"]["eval"][domain]["samples"] < 1000
+        assert manifest["splits"]["train"][domain]["samples"] > 0
+    assert manifest["splits"]["eval"]["alpha"]["files"] == 2  # never all three files
+    assert "domain 'alpha': eval has" in caplog.text and "fewer than --eval-seqs 1000" in caplog.text
+    assert "at most half of the documents can be held out: 30 of 60" in caplog.text
+
+
+def test_script_prints_summary(tmp_path: Path, tokenizer_dir: Path, capsys, monkeypatch) -> None:
+    spec = importlib.util.spec_from_file_location("prepare_mds", REPO / "data_prep" / "prepare_mds.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(logging.getLogger(), "handlers", list(logging.getLogger().handlers))
+    root = write_corpus(tmp_path / "raw")
+    out = tmp_path / "mds"
+    argv = ["--input", str(root), "--output", str(out), "--tokenizer", str(tokenizer_dir)]
+    argv += ["--seq-len", str(SEQ_LEN), "--eval-seqs", "2", "--workers", "1", "--no-progress"]
+    assert script.main(argv) == 0
+    stdout = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert stdout.strip().splitlines()[:-1] == format_summary(manifest).splitlines()
+    assert "3 domains, seq_len 16, train " in stdout and f"wrote {out}" in stdout
+    alpha = manifest["splits"]["train"]["alpha"]
+    row = ["alpha", "train", str(alpha["files"]), str(alpha["documents"]), f"{alpha['tokens']:,}"]
+    assert [line.split()[:5] for line in stdout.splitlines() if line.startswith("alpha ")][0] == row
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_malformed_lines_are_counted_and_skipped(tmp_path: Path, tokenizer_dir: Path, caplog) -> None:
+    root = write_corpus(tmp_path / "raw", {"beta": CORPUS["beta"]})
+    docs = make_docs("x", 30, 9)
+    bad = [b'{"text": "cut', b"[1, 2]", b'{"body": "x"}', b'{"text": null}', b'{"text": "\xff\xfe"}', b""]
+    lines = [*records(docs[:10]), *bad, *records(docs[10:])]
+    write_jsonl(root / "gamma" / "only.jsonl", lines)
+    with caplog.at_level(logging.WARNING, logger="llmshearing.data.jsonl"):
+        manifest = run(root, tmp_path / "mds", tokenizer_dir, eval_seqs=1, max_bad_lines=5)
+    assert manifest["bad_lines"] == {"beta": 0, "gamma": 5}
+    total = (
+        manifest["splits"]["train"]["gamma"]["documents"] + manifest["splits"]["eval"]["gamma"]["documents"]
+    )
+    assert total == len(docs)
+    assert f"{root / 'gamma' / 'only.jsonl'}:11: malformed JSON" in caplog.text
+    assert "only.jsonl:15: invalid UTF-8" in caplog.text
+
+
+def test_too_many_bad_lines_fail_and_leave_nothing(tmp_path: Path, tokenizer_dir: Path) -> None:
+    root = write_corpus(tmp_path / "raw", {"beta": CORPUS["beta"]})
+    write_jsonl(root / "gamma" / "g.jsonl", [*records(make_docs("g", 5, 1)), "{oops", '{"text": 1}'])
+    out = tmp_path / "mds"
+    with pytest.raises(ValueError, match=r"g\.jsonl:7: field 'text' is int.*more than --max-bad-lines 1"):
+        run(root, out, tokenizer_dir, max_bad_lines=1)
+    assert_nothing_left(out)
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "message"),
+    [
+        ("missing input", FileNotFoundError, "input directory .*raw-missing does not exist"),
+        ("no domains", ValueError, "has no domain sub-directories"),
+        (
+            "domain without files",
+            ValueError,
+            r"domain 'empty' .* has no \.jsonl, \.jsonl\.gz or \.jsonl\.zst files",
+        ),
+        ("domain without documents", ValueError, r"domain 'blank' .* has no documents.*--text-field"),
+        (
+            "wrong text field",
+            ValueError,
+            r"no documents: no line holds a JSON object with a string 'body' field",
+        ),
+        (
+            "single document",
+            ValueError,
+            r"domain 'one': no eval sample: the 0 held-out documents \(1 in all\) give 0 tokens.*--eval-seqs 0",
+        ),
+        (
+            "too little text",
+            ValueError,
+            r"domain 'tiny': the train split has \d+ tokens, fewer than --seq-len 16",
+        ),
+        ("corrupt gzip", ValueError, r"bad\.jsonl\.gz: unreadable at line 1: Not a gzipped file"),
+        (
+            "truncated zstd",
+            ValueError,
+            r"cut\.jsonl\.zst: unreadable at line \d+: the zstd data ends inside a frame; the file is truncated",
+        ),
+        ("unloadable tokenizer", ValueError, "cannot load tokenizer .*broken-tok"),
+        ("missing tokenizer", FileNotFoundError, "tokenizer directory .*no-such-tok does not exist"),
+        ("bad seq_len", ValueError, "--seq-len must be at least 1"),
+    ],
+)
+def test_bad_input_errors(tmp_path: Path, tokenizer_dir: Path, case: str, error: type, message: str) -> None:
+    root = tmp_path / "raw"
+    options: dict = {}
+    tokenizer = tokenizer_dir
+    if case == "missing input":
+        root = tmp_path / "raw-missing"
+    elif case == "no domains":
+        write_jsonl(root / "loose.jsonl", records(["w1 w2"]))
+    elif case == "domain without files":
+        write_corpus(root, {"alpha": CORPUS["alpha"]})
+        (root / "empty").mkdir()
+        (root / "empty" / "notes.txt").write_text("not data")
+    elif case == "domain without documents":
+        write_jsonl(root / "blank" / "b.jsonl", ["", "   "])
+    elif case == "wrong text field":
+        write_corpus(root, {"alpha": CORPUS["alpha"]})
+        options["text_field"] = "body"
+    elif case == "single document":
+        write_jsonl(root / "one" / "o.jsonl", records(make_docs("o", 1, 1)))
+    elif case == "too little text":
+        write_jsonl(root / "tiny" / "t.jsonl", records(["w1 w2", "w3"]))
+        options["eval_seqs"] = 0
+    elif case == "corrupt gzip":
+        (root / "z").mkdir(parents=True)
+        (root / "z" / "bad.jsonl.gz").write_bytes(b"this is not gzip")
+    elif case == "truncated zstd":
+        path = write_jsonl(root / "z" / "cut.jsonl", records(make_docs("z", 200, 1)), ".zst")
+        path.write_bytes(path.read_bytes()[:-40])
+    elif case == "unloadable tokenizer":
+        write_corpus(root, {"alpha": CORPUS["alpha"]})
+        tokenizer = tmp_path / "broken-tok"
+        tokenizer.mkdir()
+        (tokenizer / "tokenizer.json").write_text("{not json")
+        (tokenizer / "tokenizer_config.json").write_text("{}")
+    elif case == "missing tokenizer":
+        write_corpus(root, {"alpha": CORPUS["alpha"]})
+        tokenizer = tmp_path / "no-such-tok"
+    elif case == "bad seq_len":
+        write_corpus(root, {"alpha": CORPUS["alpha"]})
+        options["seq_len"] = 0
+    out = tmp_path / "mds"
+    with pytest.raises(error, match=message):
+        run(root, out, tokenizer, **options)
+    assert_nothing_left(out)
+
+
+def test_output_with_data_is_refused_unless_overwrite(tmp_path: Path, tokenizer_dir: Path) -> None:
+    root = write_corpus(tmp_path / "raw", {"beta": CORPUS["beta"]})
+    out = tmp_path / "mds"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="already holds data; pass --overwrite"):
+        run(root, out, tokenizer_dir)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+    manifest = run(root, out, tokenizer_dir, overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "manifest.json").is_file()
+    assert manifest["splits"]["train"]["beta"]["samples"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mds", "raw"]
+
+    with pytest.raises(FileNotFoundError, match="no-such-tok does not exist"):
+        run(root, out, tmp_path / "no-such-tok", overwrite=True)
+    assert json.loads((out / "manifest.json").read_text()) == manifest, "a failed run touched the old output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mds", "raw"]
+
+    with pytest.raises(ValueError, match="must not be inside --input"):
+        run(root, root / "beta" / "mds", tokenizer_dir, overwrite=True)
+    with pytest.raises(ValueError, match="contains --input"):
+        run(root, tmp_path, tokenizer_dir, overwrite=True)
+
+
+def test_script_reports_user_errors_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "data_prep" / "prepare_mds.py"), "--input", str(tmp_path / "nowhere"),
+         "--output", str(tmp_path / "out"), "--tokenizer", "unused", "--seq-len", "8"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: input directory {tmp_path / 'nowhere'} does not exist; expected {tmp_path / 'nowhere'}/<domain>/*.jsonl"
+    ]
+    assert not (tmp_path / "out").exists()
