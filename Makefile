@@ -25,7 +25,7 @@ HF_OUT ?= runs/hf
 MODEL ?= $(PRUNED)
 ARGS ?=
 
-.PHONY: help install test test-fast lint demo data convert-in prune prune-model continue convert-out evaluate report bench
+.PHONY: help install test test-fast lint demo data convert-in prune prune-model continue convert-out evaluate report bench bench-quality
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -81,3 +81,6 @@ report: install  ## PNG plots + markdown summary of a run: make report RUN=<run 
 
 bench: install  ## every ratio benchmark, one table (ARGS=--quick for a short run)
 	$(BIN)/python bench/run_all.py $(ARGS)
+
+bench-quality: install  ## quality benchmark on SmolLM2-135M: L0 vs one-shot vs scratch at one token budget (ARGS=--quick)
+	$(BIN)/python bench/quality.py $(ARGS)
