@@ -85,6 +85,8 @@ def test_smollm2_gguf_matches_transformers(transformers_copy, project_copy, tmp_
 
     assert not (project_copy / "tokenizer.model").exists() and (project_copy / "tokenizer.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(project_copy)
+    # the special tokens the GGUF declares (bos 1, eos 2, unk 0), not transformers' guess (eos = bos)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
     ids = tokenizer(SENTENCE, return_tensors="pt").input_ids
     reference = AutoModelForCausalLM.from_pretrained(transformers_copy, dtype=torch.float32).eval()
     model = from_pretrained(project_copy)

@@ -97,6 +97,29 @@ def convert_hf_to_project(
         )
 
 
+GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def _apply_gguf_special_tokens(tokenizer: Any, gguf_file: Path) -> None:
+    """Set the special tokens to the ids the GGUF file declares (transformers' GGUF tokenizer loading
+    can report another token, e.g. the BOS as EOS)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_file)).fields
+    for attribute, key in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(key)
+        if field is None or not field.data:
+            continue
+        token_id = int(field.parts[field.data[0]][0])
+        if 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
+
+
 def _convert_gguf(
     gguf_file: Path, out: str | Path, dtype: str | None, overwrite: bool, max_shard_bytes: int, progress: bool
 ) -> Path:
@@ -117,6 +140,7 @@ def _convert_gguf(
     state = model.state_dict()
     del model
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    _apply_gguf_special_tokens(tokenizer, gguf_file)
 
     def save_tokenizer(staging: Path) -> None:
         tokenizer.save_pretrained(staging)
