@@ -193,7 +193,8 @@ def initialize_from_importance(
     """Set ``l0_module``'s log-alphas from an importance ranking (``model.l0_module.init_from``).
 
     With ``init_from: importance`` the scores are measured on ``init_samples`` sequences of
-    ``data_dir``'s eval split with ``decoder`` (the source model); otherwise ``init_from`` names a
+    ``data_dir``'s train split (never the held-out eval split) with ``decoder`` (the source
+    model); otherwise ``init_from`` names a
     scores file written by ``prune-oneshot --scores-out``.
     """
     config = l0_module.l0_config
@@ -202,7 +203,7 @@ def initialize_from_importance(
             raise ValueError(
                 f"{PREFIX}.init_from: importance needs the data root (data_local) for calibration"
             )
-        total, batches = calibration_batches(data_dir, config.init_samples, batch_size)
+        total, batches = calibration_batches(data_dir, config.init_samples, batch_size, split="train")
         scores = compute_importance(decoder, batches, total=total)
     else:
         path = Path(str(config.init_from))

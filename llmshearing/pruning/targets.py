@@ -64,7 +64,7 @@ class L0Config:
     multiplier_lr: float = 1.0
     schedule_l0_lr: bool = False
     clip_l0_grads: bool = False
-    init_from: str | None = None  # "importance" (measured on the data's eval split) or a saved scores file
+    init_from: str | None = None  # "importance" (measured on the data's train split) or a saved scores file
     init_samples: int = 256  # calibration sequences for init_from: importance
 
     def __post_init__(self) -> None:
@@ -113,7 +113,7 @@ class L0Config:
             and not str(self.init_from).endswith(".safetensors")
         ):
             raise ValueError(
-                f"{PREFIX}.init_from must be null, 'importance' (scores measured on the data's eval split "
+                f"{PREFIX}.init_from must be null, 'importance' (scores measured on the data's train split "
                 f"before training) or a scores file from `prune-oneshot --scores-out`, got {self.init_from!r}"
             )
         if not isinstance(self.init_samples, int) or self.init_samples <= 0:
