@@ -112,6 +112,14 @@ class SampleDataLoader(DataLoader):
         return map(unpack_batch, super().__iter__())
 
 
+def domain_names(streams: Sequence[Stream], set_names: Sequence[str]) -> tuple[str, ...]:
+    """The domain names as a tuple, one per stream (a mismatch is an error)."""
+    names = tuple(set_names)
+    if len(streams) != len(names):
+        raise ValueError(f"got {len(streams)} streams for {len(names)} domains {list(names)}")
+    return names
+
+
 def check_token_column(dataset: StreamingDataset, set_names: Sequence[str]) -> None:
     """Every domain's shards must have the ``tokens`` column of the data contract."""
     for stream_id, name in enumerate(set_names):
@@ -178,11 +186,7 @@ class DynamicStreamingDataset(StreamingDataset):
         validate_hash: str | None = None,
         keep_zip: bool = False,
     ) -> None:
-        self.set_names = tuple(set_names)
-        if len(streams) != len(self.set_names):
-            raise ValueError(
-                f"got {len(streams)} streams for {len(self.set_names)} domains {list(self.set_names)}"
-            )
+        self.set_names = domain_names(streams, set_names)
         for stream, name in zip(streams, self.set_names, strict=True):
             if any(hasattr(stream, attr) for attr in ("proportion", "repeat", "choose")):
                 raise ValueError(

@@ -18,7 +18,7 @@ import numpy as np
 from streaming import Stream, StreamingDataset
 from torch.utils.data import Dataset
 
-from llmshearing.data.dynamic_dataset import check_token_column, to_sample
+from llmshearing.data.dynamic_dataset import check_token_column, domain_names, to_sample
 
 
 def interleaved_order(sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -52,11 +52,7 @@ class DomainEvalDataset(Dataset):
         validate_hash: str | None = None,
         keep_zip: bool = False,
     ) -> None:
-        self.set_names = tuple(set_names)
-        if len(streams) != len(self.set_names):
-            raise ValueError(
-                f"got {len(streams)} streams for {len(self.set_names)} domains {list(self.set_names)}"
-            )
+        self.set_names = domain_names(streams, set_names)
         if samples_per_domain is not None and samples_per_domain <= 0:
             raise ValueError(f"samples_per_domain must be positive or null, got {samples_per_domain}")
         self.max_seq_len = max_seq_len
