@@ -101,6 +101,7 @@ def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
         device=values["device"],
         device_train_microbatch_size=values["device_train_microbatch_size"],
         parallelism_config=parallelism,
+        compile_config=values["compile_config"],
         save_folder=os.path.join(save_folder, "checkpoints"),
         save_interval=values["save_interval"],
         save_num_checkpoints_to_keep=values["save_num_checkpoints_to_keep"],

@@ -165,8 +165,11 @@ def test_flops_per_batch(tied):
     cfg = _config(tie_word_embeddings=tied)
     model = ComposerLlama(cfg)
     batch = _batch(batch_size=3, seq_len=10)
-    # matmul parameters: everything but the embedding lookup, plus the output head (tied or not)
-    n = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model
+    # matmul parameters, counted on the module: everything but the embedding lookup, plus the
+    # output head (a tied head reuses the embedding matrix but still multiplies)
+    n = sum(p.numel() for name, p in model.model.named_parameters() if name != "tok_embeddings.weight")
+    n += cfg.vocab_size * cfg.d_model if tied else 0
+    assert cfg.matmul_params() == n
     attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 10
     assert model.flops_per_batch(batch) == 3 * 10 * (6 * n + attention)
     smaller = ComposerLlama(cfg.replace(n_layers=1, intermediate_size=20))

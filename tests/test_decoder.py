@@ -323,3 +323,20 @@ def test_bad_masks_are_rejected():
         model(IDS, masks={"heads": torch.ones(3, 6)})
     with pytest.raises(ValueError, match=r"mask 'head' has shape \(6,\), expected \(3, 6\)"):
         model(IDS, masks={"head": torch.ones(6)})
+
+
+@pytest.mark.parametrize(("head_dim", "theta"), [(64, 10000.0), (128, 500000.0), (16, 1e6)])
+def test_plain_rope_table_equals_transformers_default(head_dim, theta):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from llmshearing.models.decoder import rope_inverse_frequencies
+
+    config = ModelConfig(
+        vocab_size=8, d_model=4 * head_dim, n_layers=1, n_heads=4, n_kv_heads=4, head_dim=head_dim,
+        intermediate_size=8, rope_theta=theta,
+    )  # fmt: skip
+    ours, scaling = rope_inverse_frequencies(config)
+    hf = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim, rope_theta=theta)
+    theirs, their_scaling = ROPE_INIT_FUNCTIONS["default"](hf, torch.device("cpu"))
+    assert torch.equal(ours, theirs.float()) and scaling == their_scaling == 1.0

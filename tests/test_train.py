@@ -243,3 +243,20 @@ def test_two_processes_match_one_process(tiny_source, tiny_mds, tmp_path, clean_
     mix_a, mix_b = _mixing_state(a), _mixing_state(b)
     assert [h["counts"] for h in mix_b["history"]] == [h["counts"] for h in mix_a["history"]]
     assert mix_b["weights"] == pytest.approx(mix_a["weights"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_pruning_run_matches_eager(tiny_source, tiny_mds, tmp_path, clean_shm):
+    # compile_config hands the model to torch.compile through Composer; the checkpoint keeps the
+    # plain module's keys and the trajectory matches eager up to the fused kernels' rounding
+    common = ["max_duration=3ba", "eval_interval=3ba", "save_interval=3ba"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    _train(PRUNE, _args(tiny_source, tiny_mds, str(eager), *common))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    _train(PRUNE, _args(tiny_source, tiny_mds, str(compiled), *common, "compile_config={}"))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the model really was compiled
+    a, b = _final(str(eager))["state"]["model"], _final(str(compiled))["state"]["model"]
+    assert a.keys() == b.keys() and any(k.startswith("l0_module.") for k in a)
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -39,6 +39,9 @@ def test_defaults_overrides_and_interpolation(recipe):
     assert values["train_loader"]["dataset"]["shuffle_seed"] == 3
     assert values["optimizer"]["lr"] == 0.5
     assert values["optimizer"]["betas"] == [0.9, 0.95]  # default kept
+    assert values["compile_config"] is None  # eager unless asked
+    compiled = validate_config(load_config(recipe, ["compile_config.mode=max-autotune"]))
+    assert compiled["compile_config"] == {"mode": "max-autotune"}
 
 
 @pytest.mark.parametrize(
@@ -52,6 +55,7 @@ def test_defaults_overrides_and_interpolation(recipe):
         (["model.path=/nonexistent/model"], "model.path '/nonexistent/model' does not exist"),
         (["eval_interval=null"], "config key 'eval_interval' is required"),
         (["bad-override"], "overrides must look like key=value"),
+        (["compile_config=true"], "compile_config must be a mapping of torch.compile arguments"),
     ],
 )
 def test_bad_config_names_the_key(recipe, overrides, message):

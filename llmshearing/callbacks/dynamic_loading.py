@@ -37,10 +37,10 @@ from llmshearing.data.dynamic_dataset import DynamicStreamingDataset
 from llmshearing.data.loaders import DataLoadingConfig
 from llmshearing.data.mixing import update_weights
 from llmshearing.data.reference_loss import fit_reference_losses, preset_reference, reference_for_domains
+from llmshearing.models.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _DL = "callbacks.data_loading"
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torch import Tensor, nn
@@ -17,9 +16,8 @@ from torchmetrics import Metric
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.decoder import Block, Decoder, RMSNorm, rope_inverse_frequencies
 from llmshearing.models.loading import parameters_on_meta
+from llmshearing.models.loss import IGNORE_INDEX, lm_loss, shifted_targets
 from llmshearing.models.metrics import DomainLanguageCrossEntropy
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -28,17 +26,6 @@ class LMOutput:
 
     logits: Tensor
     l0: Any = None
-
-
-def shifted_targets(batch: Mapping[str, Tensor]) -> Tensor:
-    """Next-token targets aligned with the logits: ``targets[:, t] = labels[:, t + 1]``, last column ignored.
-
-    ``labels`` (with ``-100`` on padding) is used when the batch has it, else ``input_ids``.
-    """
-    labels = batch.get("labels", batch["input_ids"])
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    return targets
 
 
 def is_block(module: nn.Module) -> bool:
@@ -123,15 +110,8 @@ class ComposerLlama(ComposerModel):
         return LMOutput(logits=self.model(batch["input_ids"], masks=masks), l0=l0)
 
     def loss(self, outputs: LMOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        logits = outputs.logits
-        targets = shifted_targets(batch)
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-        )
         penalty = getattr(outputs.l0, "penalty", None) if outputs.l0 is not None else None
-        if penalty is None:
-            return {"total": ce, "ce": ce}
-        return {"total": ce + penalty, "ce": ce, "lagrangian": penalty}
+        return lm_loss(outputs.logits, batch, penalty)
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         return self.train_metrics if is_train else self.eval_metrics
@@ -144,16 +124,7 @@ class ComposerLlama(ComposerModel):
         else:
             metric.update(logits, targets)
 
-    def matmul_params(self) -> int:
-        """Parameters taking part in matrix multiplies: all but the embedding lookup (a tied head counts)."""
-        total = sum(p.numel() for name, p in self.model.named_parameters() if name != "tok_embeddings.weight")
-        if self.model.output is None:
-            total += self.model.tok_embeddings.weight.numel()
-        return total
-
     def flops_per_batch(self, batch: Mapping[str, Any]) -> int:
-        """Training FLOPs of one batch: ``6 N`` per token plus attention ``12 L H hd T`` per token (PaLM)."""
+        """Training FLOPs of one batch (PaLM): see :meth:`ModelConfig.train_flops_per_token`."""
         batch_size, seq_len = batch["input_ids"].shape[:2]
-        cfg = self.model.config
-        attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-        return int(batch_size * seq_len * (6 * self.matmul_params() + attention))
+        return batch_size * seq_len * self.model.config.train_flops_per_token(seq_len)

@@ -100,3 +100,14 @@ class ModelConfig:
         if include_embeddings:
             total += self.vocab_size * self.d_model * (1 if self.tie_word_embeddings else 2)
         return total
+
+    def matmul_params(self) -> int:
+        """Parameters taking part in matrix multiplies: all but the embedding lookup (the output head
+        counts, tied or not; norms are counted too, as the convention does)."""
+        return self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+
+    def train_flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (PaLM appendix B): ``6 N`` over the matmul parameters plus
+        ``12 L H hd T`` for attention scores and values over a ``seq_len``-token context."""
+        attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        return 6 * self.matmul_params() + attention

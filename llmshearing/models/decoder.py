@@ -48,12 +48,20 @@ def resolve_attn_impl(requested: str) -> str:
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
-    """RoPE inverse frequencies and attention scaling, computed exactly as transformers does."""
+    """RoPE inverse frequencies and attention scaling, computed exactly as transformers does.
+
+    Plain RoPE is computed here (``1 / theta^(2i / hd)``, no scaling); the scaled variants come from
+    transformers' own initialisers.
+    """
+    scaling = dict(config.rope_scaling) if config.rope_scaling else None
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim
+        return 1.0 / (config.rope_theta**exponents), 1.0
+
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    scaling = dict(config.rope_scaling) if config.rope_scaling else None
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "dynamic" or rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(
             f"model.rope_scaling type {rope_type!r} is not supported; use default, linear, llama3 or yarn"

@@ -53,6 +53,7 @@ SCHEMA: dict[str, Any] = {
     "device_eval_batch_size": ANY,
     "precision": ANY,
     "fsdp_config": ANY,
+    "compile_config": ANY,  # torch.compile keyword arguments ({} for the defaults); null: eager
     "save_folder": ANY,
     "save_interval": ANY,
     "save_num_checkpoints_to_keep": ANY,
@@ -91,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "device_eval_batch_size": 8,
     "precision": "amp_bf16",
     "fsdp_config": None,
+    "compile_config": None,
     "save_folder": "runs/{run_name}",
     "save_interval": "1000ba",
     "save_num_checkpoints_to_keep": -1,
@@ -179,6 +181,12 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
         raise ConfigError(
             f"device_train_microbatch_size ({micro}) must divide the per-device batch "
             f"global_train_batch_size / processes = {device_batch}"
+        )
+    compile_config = values["compile_config"]
+    if compile_config is not None and not isinstance(compile_config, dict):
+        raise ConfigError(
+            f"compile_config must be a mapping of torch.compile arguments ({{}} for the defaults, e.g. "
+            f"compile_config={{}} or compile_config.mode=max-autotune) or null for eager; got {compile_config!r}"
         )
     for key in ("max_duration", "eval_interval"):
         if not str(values[key]).endswith("ba"):
