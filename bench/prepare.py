@@ -64,12 +64,11 @@ def _smollm2_tokenizer() -> Path | None:
 
     print(f"converting the tokenizer of {ggufs[0].name} (once, ~10 s)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=ggufs[0].name)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "tokenizer.model").unlink(missing_ok=True)  # a copy of the GGUF itself
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    from llmshearing.staging import staged_dir
+
+    with staged_dir(target, overwrite=True) as tmp:
+        tokenizer.save_pretrained(tmp)
+        (tmp / "tokenizer.model").unlink(missing_ok=True)  # a copy of the GGUF itself
     return target
 
 

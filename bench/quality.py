@@ -37,7 +37,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from llmshearing.demo import CONTINUE_RECIPE, PRUNE_RECIPE, REPO, Steps, build_corpus, smollm2_gguf
+from llmshearing.staging import write_text_atomic
 
 RESULTS_DIR = REPO / "bench" / "results"
 REDPAJAMA = REPO.parent / "shared" / "data" / "redpajama-sample"
@@ -219,7 +219,7 @@ def source_losses(inputs: Inputs, work: Path, max_samples: int, steps: Steps) ->
     losses = steps.run(
         "evaluate the source model", func=lambda: evaluate(inputs.source, inputs.mds, max_samples)
     )
-    write_atomic(cache, json.dumps(losses, indent=2))
+    write_text_atomic(cache, json.dumps(losses, indent=2))
     return losses
 
 
@@ -476,22 +476,6 @@ def git_commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt_loss(losses: Mapping[str, Mapping[str, float]] | None, domain: str | None = None) -> str:
     if not losses:
         return "-"
@@ -591,8 +575,8 @@ def write_results(results: Mapping[str, Any], directory: Path = RESULTS_DIR) -> 
     """``quality-<date>-<mode>.json`` and ``.md`` under ``directory`` (temp file + rename)."""
     stem = f"quality-{results['meta']['date']}-{results['meta']['mode']}"
     json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
-    write_atomic(json_path, json.dumps(results, indent=2) + "\n")
-    write_atomic(md_path, render_markdown(results))
+    write_text_atomic(json_path, json.dumps(results, indent=2) + "\n")
+    write_text_atomic(md_path, render_markdown(results))
     return json_path, md_path
 
 

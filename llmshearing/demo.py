@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
+
+from llmshearing.staging import staged_dir
 
 REPO = Path(__file__).resolve().parent.parent
 PRUNE_RECIPE = REPO / "yamls" / "pruning" / "smollm2-135m-demo.yaml"
@@ -67,15 +68,13 @@ def build_corpus(raw: Path) -> dict[str, int]:
         total += len(text)
         if total >= CODE_CHARS:
             break
-    staging = raw.with_name(raw.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    for domain, documents in (("docs", docs), ("code", code)):
-        (staging / domain).mkdir(parents=True)
-        for part in range(FILES_PER_DOMAIN):
-            with open(staging / domain / f"part-{part:02d}.jsonl", "w", encoding="utf-8") as handle:
-                for text in documents[part::FILES_PER_DOMAIN]:
-                    handle.write(json.dumps({"text": text}) + "\n")
-    os.replace(staging, raw)
+    with staged_dir(raw, overwrite=True) as staging:
+        for domain, documents in (("docs", docs), ("code", code)):
+            (staging / domain).mkdir(parents=True)
+            for part in range(FILES_PER_DOMAIN):
+                with open(staging / domain / f"part-{part:02d}.jsonl", "w", encoding="utf-8") as handle:
+                    for text in documents[part::FILES_PER_DOMAIN]:
+                        handle.write(json.dumps({"text": text}) + "\n")
     return {"docs": len(docs), "code": len(code)}
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tempfile
 from dataclasses import dataclass
+
+from llmshearing.staging import staged_dir
 
 Series = list[tuple[int, float]]
 
@@ -141,17 +142,10 @@ def write_report(run_dir: str, out_dir: str | None = None) -> list[str]:
     if not metrics:
         raise ValueError(f"{source} holds no metrics yet; run training for at least one batch")
     out_dir = out_dir or os.path.join(run_dir, "report")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".report-", dir=parent)
-    written = [p.filename for p in PANELS if _plot(p, metrics, os.path.join(staging, p.filename))]
-    with open(os.path.join(staging, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write(_summary(run_dir, metrics, written))
-    if os.path.isdir(out_dir):
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
+    with staged_dir(out_dir, overwrite=True) as staging:
+        written = [p.filename for p in PANELS if _plot(p, metrics, os.path.join(staging, p.filename))]
+        with open(os.path.join(staging, "report.md"), "w", encoding="utf-8") as handle:
+            handle.write(_summary(run_dir, metrics, written))
     return [os.path.join(out_dir, name) for name in [*written, "report.md"]]
 
 

@@ -569,6 +569,23 @@ def test_output_with_data_is_refused_unless_overwrite(tmp_path: Path, tokenizer_
         run(root, tmp_path, tokenizer_dir, overwrite=True)
 
 
+def test_staging_left_by_a_killed_run_is_removed(tmp_path: Path, tokenizer_dir: Path) -> None:
+    from llmshearing.staging import staging_path
+
+    root = write_corpus(tmp_path / "raw", {"beta": CORPUS["beta"]})
+    out = tmp_path / "mds"
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid now names a process that no longer runs, like a killed prepare_mds
+    own = staging_path(out)
+    prefix, host, _, token = own.name.rsplit("-", 3)
+    stale = own.with_name(f"{prefix}-{host}-{child.pid}-{token}")
+    (stale / "train" / "beta").mkdir(parents=True)
+    (stale / "train" / "beta" / "shard.00000.mds").write_bytes(b"half-written")
+    run(root, out, tokenizer_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mds", "raw"]
+    assert (out / "manifest.json").is_file()
+
+
 def test_script_reports_user_errors_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(REPO / "data_prep" / "prepare_mds.py"), "--input", str(tmp_path / "nowhere"),

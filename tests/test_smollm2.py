@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 import llmshearing.convert as convert_package
-from llmshearing.convert.checkpoint import staged_output
 from llmshearing.convert.hf_to_project import convert_hf_to_project
 from llmshearing.convert.project_to_hf import convert_project_to_hf
 from llmshearing.models import from_pretrained
+from llmshearing.staging import staged_dir
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def transformers_copy() -> Path:
     out = CACHE / "smollm2-135m-hf"
     if not (out / "config.json").is_file():
         gguf = _gguf_file()
-        with staged_output(out, overwrite=True) as staging:
+        with staged_dir(out, overwrite=True) as staging:
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32
             )

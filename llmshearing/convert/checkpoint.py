@@ -10,17 +10,15 @@ A project checkpoint is a directory holding
 
 ``open_checkpoint`` also reads a Composer training checkpoint (``.pt``, weights under
 ``state.model`` with the ``model.`` prefix of ``ComposerLlama``) and an HF model directory.
-Writers build the directory under ``OUT.tmp-<random>`` and rename it when complete.
+Writers build the directory under a hidden staging sibling and rename it when complete
+(:mod:`llmshearing.staging`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from llmshearing.convert.tensor_io import (
     write_safetensors,
 )
 from llmshearing.models.config import ModelConfig
+from llmshearing.staging import staged_dir
 
 FORMAT = "llmshearing"
 CONFIG_NAME = "config.json"
@@ -318,31 +317,6 @@ def is_gguf_file(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
-@contextlib.contextmanager
-def staged_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory of ``out``; rename it to ``out`` only when the block succeeds."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} already exists; remove it or choose another output path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp creates 0700; the result is an ordinary directory
-    try:
-        yield staging
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def tensor_progress(
     total: int, desc: str, enabled: bool = True
 ) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -384,7 +358,7 @@ def write_project_checkpoint(
     def produce(key: str) -> Tensor:
         return tensors.get(key).to(metas[key].dtype)
 
-    with staged_output(out, overwrite) as staging:
+    with staged_dir(out, overwrite) as staging:
         tick, close = tensor_progress(len(metas), f"writing {Path(out).name}", progress)
         try:
             write_safetensors(staging, metas, produce, max_shard_bytes, tick)

@@ -14,12 +14,12 @@ from llmshearing.convert.checkpoint import (
     copy_tokenizer,
     expected_shapes,
     open_checkpoint,
-    staged_output,
     tensor_progress,
 )
 from llmshearing.convert.hf_config import DTYPE_NAMES, hf_config_from_model
 from llmshearing.convert.keymaps import KeyMap
 from llmshearing.convert.tensor_io import DEFAULT_MAX_SHARD_BYTES, TensorMeta, write_safetensors
+from llmshearing.staging import staged_dir
 
 
 def convert_project_to_hf(
@@ -66,7 +66,7 @@ def convert_project_to_hf(
             return source.tensors.get(hf_names[hf_key]).to(metas[hf_key].dtype)
 
         tokenizer_dir = tokenizer_dir or source.tokenizer_dir
-        with staged_output(out_dir, overwrite) as staging:
+        with staged_dir(out_dir, overwrite) as staging:
             tick, close = tensor_progress(len(metas), f"exporting {Path(out_dir).name}", progress)
             try:
                 write_safetensors(staging, metas, produce, max_shard_bytes, tick)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from llmshearing.staging import write_text_atomic
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -79,10 +80,7 @@ def _target_size(text: str) -> int:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def run_fit(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ Manifest entries per split and domain: ``files`` (how many files) and ``paths`` 
 domain directory, in the order read), ``documents`` and ``tokens`` (BOS/EOS included) fed to the
 packer, and ``samples`` written; ``tokens - samples * seq_len`` is the dropped remainder.
 
-Everything is written to a temporary directory beside the output and renamed on success.
+Everything is written to a staging directory beside the output and renamed on success
+(:mod:`llmshearing.staging`); what a killed run left there is removed by the next run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -52,6 +52,7 @@ from llmshearing.data.jsonl import (
     parse_document,
 )
 from llmshearing.data.packing import Packer, token_dtype, wrap_documents
+from llmshearing.staging import staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -705,17 +706,6 @@ def _check_output(cfg: PrepareConfig) -> Path:
     return output
 
 
-def _publish(tmp: Path, output: Path) -> None:
-    """Move the finished ``tmp`` directory to ``output``, replacing what is there."""
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(output)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -726,9 +716,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     domains = discover_domains(cfg.input)
     output = _check_output(cfg)
     spec = load_tokenizer(cfg.tokenizer, cfg.text_field)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    try:
-        tmp.mkdir(parents=True)
+    with staged_dir(output, overwrite=True) as tmp:  # _check_output refused unwanted overwrites
         splits, bad_lines = _prepare_domains(domains, cfg, spec, tmp)
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -747,10 +735,6 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             "bad_lines": bad_lines,
         }
         _write_json(tmp / MANIFEST_NAME, manifest)
-        _publish(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

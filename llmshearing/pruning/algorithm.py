@@ -13,7 +13,6 @@ The Algorithm wires these into a Composer run (see ``llmshearing/pruning/README.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +25,7 @@ from torch import nn
 
 from llmshearing.pruning.l0_module import L0Module
 from llmshearing.pruning.targets import L0Config
+from llmshearing.staging import staged_file
 
 GROUP_NAMES = ("weights", "masks", "multipliers")
 
@@ -93,18 +93,9 @@ def set_l0_step(composer_model: nn.Module, step: int) -> None:
 
 
 def save_masks(path: str, payload: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".masks-", suffix=".pt", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` to a staging file beside ``path``, then rename it into place."""
+    with staged_file(path) as staging:
+        torch.save(payload, staging)
 
 
 class L0Pruning(Algorithm):

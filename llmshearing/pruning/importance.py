@@ -16,7 +16,6 @@ calibration tokens (higher = more important):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from llmshearing.models.decoder import Decoder
+from llmshearing.staging import staged_file
 
 SCORE_KEYS = ("layer", "head_layer", "mlp", "head", "kv_head", "intermediate", "hidden")
 
@@ -52,15 +52,10 @@ class ImportanceScores:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         tensors = {key: value.float().contiguous() for key, value in self.as_dict().items()}
-        try:
-            metadata = {"samples": str(self.samples), "tokens": str(self.tokens)}
+        metadata = {"samples": str(self.samples), "tokens": str(self.tokens)}
+        with staged_file(path) as staging:
             save_file(tensors, str(staging), metadata=metadata)
-            os.replace(staging, path)
-        finally:
-            staging.unlink(missing_ok=True)
         return path
 
     @classmethod

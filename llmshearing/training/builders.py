@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 
 from llmshearing.models.composer_model import ComposerLlama
+from llmshearing.staging import write_text_atomic
 
 SCHEDULERS = ("cosine_with_warmup", "linear_with_warmup", "constant_with_warmup")
 
@@ -46,12 +46,8 @@ def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLla
 
 def write_run_description(save_folder: str, description: dict[str, Any]) -> str:
     """Write ``config.json`` into the run folder (temp file + rename); prune-model and export read it."""
-    os.makedirs(save_folder, exist_ok=True)
     path = os.path.join(save_folder, "config.json")
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=save_folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(description, handle, indent=2, default=str)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(description, indent=2, default=str))
     return path
 
 
