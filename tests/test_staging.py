@@ -80,4 +80,3 @@ def test_staging_of_killed_writers_is_removed_by_the_next_writer(tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["data", running.name, other_host.name, unrelated.name])
     assert remove_stale(out) == []  # nothing more to remove
-
