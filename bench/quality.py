@@ -289,10 +289,7 @@ def train_overrides(
         "callbacks.speed_monitor.time_unit=seconds",
     ]
     if stage.kind == "l0":
-        overrides += [
-            "callbacks.data_loading.reference=null",
-            f"model.l0_module.lagrangian_warmup_steps={max(1, round(stage.steps * 0.2))}ba",
-        ]
+        overrides.append("callbacks.data_loading.reference=null")
     return overrides
 
 
@@ -387,8 +384,13 @@ def run_arm(
                 overrides.append(f"optimizer.lr={args.scratch_lr}")
             detail = ""
             if stage.kind == "l0":
-                scores = args.oneshot.scores if args.oneshot is not None else None
+                ranked = args.oneshot is not None and args.l0_init == "importance"
+                scores = args.oneshot.scores if ranked else None
+                # ranked masks start at the target shape (no target warm-up); untrained ones warm up
+                # over the first 20% of the stage
+                warmup_steps = 0 if scores else max(1, round(stage.steps * 0.2))
                 overrides.append(f"model.l0_module.init_from={scores if scores else 'null'}")
+                overrides.append(f"model.l0_module.lagrangian_warmup_steps={warmup_steps}ba")
                 detail = (
                     "masks start from the one-shot importance scores" if scores else "masks start untrained"
                 )

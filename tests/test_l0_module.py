@@ -350,6 +350,10 @@ def test_expected_sparsity_reaches_target_by_gradient_play():
         ),
         ({"target_sparsity": 0.5, "start_sparsity": 1.0}, r"start_sparsity must be in \[0, 1\)"),
         ({"target_sparsity": 0.9, "pruning_modules": ["head"]}, "cannot be reached"),
+        (
+            {"target_sparsity": 0.5, "init_from": "importance", "lagrangian_warmup_steps": "10ba"},
+            r"lagrangian_warmup_steps must be 0ba with model\.l0_module\.init_from",
+        ),
     ],
 )
 def test_invalid_settings_name_the_key(settings, match):

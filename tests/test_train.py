@@ -192,6 +192,7 @@ def test_init_from_importance_ranks_the_initial_masks(tiny_source, tiny_mds, tmp
         *_args(tiny_source, tiny_mds, str(tmp_path / "run")),
         "model.l0_module.init_from=importance",
         "model.l0_module.init_samples=8",
+        "model.l0_module.lagrangian_warmup_steps=0ba",
     ]
     trainer, values = build_trainer(PRUNE, overrides)
     l0 = trainer.state.model.l0_module

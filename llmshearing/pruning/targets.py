@@ -116,6 +116,12 @@ class L0Config:
                 f"{PREFIX}.init_from must be null, 'importance' (scores measured on the data's train split "
                 f"before training) or a scores file from `prune-oneshot --scores-out`, got {self.init_from!r}"
             )
+        if self.init_from is not None and self.lagrangian_warmup_steps > 0:
+            raise ValueError(
+                f"{PREFIX}.lagrangian_warmup_steps must be 0ba with {PREFIX}.init_from: the masks start at "
+                "the target shape, and a target warmed up from sparsity 0 would first pull them back toward "
+                f"the dense model; set {PREFIX}.lagrangian_warmup_steps=0ba"
+            )
         if not isinstance(self.init_samples, int) or self.init_samples <= 0:
             raise ValueError(f"{PREFIX}.init_samples must be a positive integer, got {self.init_samples!r}")
 
