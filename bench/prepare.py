@@ -254,7 +254,7 @@ def main() -> None:
         print(f"tokenizer: {tokenizer_dir}; workers: {args.workers}; repeats: {repeats}")
         import streaming  # noqa: F401  (one-time imports stay outside the timings)
 
-        from llmshearing.data.prepare import load_tokenizer
+        from llmshearing.data.tokenizer_pool import load_tokenizer
 
         load_tokenizer(str(tokenizer_dir))
         ratios = []

@@ -25,14 +25,8 @@ import zstandard
 
 from llmshearing.data.jsonl import BadLine, parse_document
 from llmshearing.data.packing import Packer, token_dtype, wrap_documents
-from llmshearing.data.prepare import (
-    Pipeline,
-    PrepareConfig,
-    TokenizerPool,
-    format_summary,
-    load_tokenizer,
-    prepare,
-)
+from llmshearing.data.prepare import PrepareConfig, format_summary, prepare
+from llmshearing.data.tokenizer_pool import Pipeline, TokenizerPool, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 16
