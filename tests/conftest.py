@@ -19,6 +19,19 @@ TINY_MODEL = dict(
     max_seq_len=64,
     tie_word_embeddings=True,
 )
+# The pruning tests' source: 8 query heads over 4 KV groups, tied embeddings, and its target shape.
+PRUNABLE_MODEL = dict(
+    vocab_size=64,
+    d_model=32,
+    n_layers=4,
+    n_heads=8,
+    n_kv_heads=4,
+    head_dim=8,
+    intermediate_size=48,
+    tie_word_embeddings=True,
+    max_seq_len=16,
+)
+PRUNABLE_TARGET = {"n_layers": 3, "n_heads": 2, "n_kv_heads": 2, "d_model": 16, "intermediate_size": 24}
 TINY_DOMAINS = ("alpha", "beta")
 TINY_SEQ_LEN = 16
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import PRUNABLE_MODEL, PRUNABLE_TARGET
 
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.fold import kept_structure
@@ -11,17 +12,8 @@ from llmshearing.pruning.l0_module import L0Module, expected_num_params, mask_sh
 from llmshearing.pruning.lagrangian import family_penalty, warmed_target
 from llmshearing.pruning.targets import FAMILIES, L0Config, prunable_params
 
-SOURCE = ModelConfig(
-    vocab_size=64,
-    d_model=32,
-    n_layers=4,
-    n_heads=8,
-    n_kv_heads=4,
-    head_dim=8,
-    intermediate_size=48,
-    tie_word_embeddings=True,
-)
-TARGET = {"n_layers": 3, "n_heads": 2, "n_kv_heads": 2, "d_model": 16, "intermediate_size": 24}
+SOURCE = ModelConfig(**PRUNABLE_MODEL)
+TARGET = PRUNABLE_TARGET
 ALL = list(FAMILIES)
 
 

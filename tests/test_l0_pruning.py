@@ -10,24 +10,15 @@ from composer import Callback, Trainer
 from composer.algorithms import GradientClipping
 from composer.loggers import InMemoryLogger
 from composer.optim import ConstantWithWarmupScheduler, DecoupledAdamW, DecoupledSGDW
+from conftest import PRUNABLE_MODEL, PRUNABLE_TARGET
 from torch.utils.data import DataLoader, Dataset
 
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning import L0Pruning, attach_l0_module, l0_param_groups
 
-CONFIG = ModelConfig(
-    vocab_size=64,
-    d_model=32,
-    n_layers=4,
-    n_heads=8,
-    n_kv_heads=4,
-    head_dim=8,
-    intermediate_size=48,
-    tie_word_embeddings=True,
-    max_seq_len=16,
-)
-TARGET = {"n_layers": 3, "n_heads": 2, "n_kv_heads": 2, "d_model": 16, "intermediate_size": 24}
+CONFIG = ModelConfig(**PRUNABLE_MODEL)
+TARGET = PRUNABLE_TARGET
 FAMILIES = ["layer", "head", "kv_head", "intermediate", "hidden"]
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from composer import Trainer
 from composer.optim import DecoupledAdamW
+from conftest import PRUNABLE_MODEL, PRUNABLE_TARGET
 from torch.utils.data import DataLoader, Dataset
 
 from llmshearing.cli import main
@@ -19,20 +20,9 @@ from llmshearing.models.decoder import Decoder
 from llmshearing.pruning import attach_l0_module, l0_param_groups
 from llmshearing.pruning.algorithm import L0Pruning
 
-TIED = ModelConfig(
-    vocab_size=64,
-    d_model=32,
-    n_layers=4,
-    n_heads=8,
-    n_kv_heads=4,
-    head_dim=8,
-    intermediate_size=48,
-    tie_word_embeddings=True,
-    max_seq_len=16,
-    init_std=0.2,
-)
+TIED = ModelConfig(**PRUNABLE_MODEL, init_std=0.2)
 UNTIED = TIED.replace(tie_word_embeddings=False, qkv_bias=True, family="qwen2")
-TARGET = {"n_layers": 3, "n_heads": 2, "n_kv_heads": 2, "d_model": 16, "intermediate_size": 24}
+TARGET = PRUNABLE_TARGET
 ALL = ["layer", "head_layer", "head", "kv_head", "mlp", "intermediate", "hidden"]
 
 
