@@ -20,7 +20,7 @@ Data: the RedPajama sample at ``../shared/data/redpajama-sample`` (7 domains) wh
 demo corpus. The converted source and the prepared MDS data are cached in ``--out`` and reused; the
 runs are redone every time. Results go to ``bench/results/quality-<date>-<quick|full>.{json,md}``.
 
-    .venv/bin/python bench/quality.py            # default budget: about an hour on 2 CPU cores
+    .venv/bin/python bench/quality.py            # default budget: about 30 minutes on 2 CPU cores
     .venv/bin/python bench/quality.py --quick    # a few steps per stage: checks the pipeline
     .venv/bin/python bench/quality.py --scale 50 # 50x the steps (GPU)
 """
@@ -570,7 +570,7 @@ def result_line(rows: Mapping[str, Any]) -> str:
     if "l0-dynamic" not in rows or not baselines:
         return "RESULT quality skipped=needs the l0-dynamic arm and a baseline arm (oneshot or scratch)"
     ratio = average_loss(rows["l0-dynamic"]["losses"]) / min(baselines)
-    return f"RESULT quality ratio={ratio:.2f} target=<=1.00"
+    return f"RESULT quality ratio={ratio:.3f} target=<=1.00"
 
 
 def write_results(results: Mapping[str, Any], directory: Path = RESULTS_DIR) -> tuple[Path, Path]:

@@ -155,7 +155,7 @@ def test_markdown_table(quality):
 
 def test_result_line(quality):
     rows = _results(quality)["rows"]
-    assert quality.result_line(rows) == "RESULT quality ratio=0.88 target=<=1.00"  # 3.5 / 4.0 (oneshot)
+    assert quality.result_line(rows) == "RESULT quality ratio=0.875 target=<=1.00"  # 3.5 / 4.0 (oneshot)
     del rows["oneshot"], rows["scratch"]
     assert quality.result_line(rows).startswith("RESULT quality skipped=")
 
