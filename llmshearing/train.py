@@ -11,6 +11,7 @@ dynamic batch loading. The run folder (``save_folder``) receives ``config.json``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -129,10 +130,14 @@ def run(trainer, values: dict):
     """Optional first evaluation (on a fresh run), then training; the trainer is closed at the end."""
     try:
         # a fresh run evaluates first when asked to, and when the source model's own losses are
-        # the reference of dynamic batch loading (that evaluation measures them)
+        # the reference of dynamic batch loading: that evaluation measures them, so a pruning run
+        # makes it without its masks (ranked masks from init_from already cut the model)
         source_reference = (values["callbacks"].get("data_loading") or {}).get("reference") == "source"
         if (values["eval_first"] or source_reference) and int(trainer.state.timestamp.batch) == 0:
-            trainer.eval()
+            from llmshearing.pruning.algorithm import masks_disabled
+
+            with masks_disabled(trainer.state.model) if source_reference else contextlib.nullcontext():
+                trainer.eval()
         trainer.fit()
     finally:
         trainer.close()

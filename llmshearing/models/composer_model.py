@@ -76,6 +76,7 @@ class ComposerLlama(ComposerModel):
         else:
             raise ValueError(f"model.init_device must be 'cpu' or 'meta', got {init_device!r}")
         self.l0_module: nn.Module | None = None
+        self.masks_enabled = True  # False: the attached L0 module is ignored (the unpruned source runs)
         # Composer looks up these hooks on the children of a ComposerModel.
         self.model.fsdp_wrap_fn = is_block
         self.model.activation_checkpointing_fn = is_block
@@ -105,7 +106,7 @@ class ComposerLlama(ComposerModel):
         init_module(module, self.config.init_std)
 
     def forward(self, batch: Mapping[str, Any]) -> LMOutput:
-        l0 = self.l0_module() if self.l0_module is not None else None
+        l0 = self.l0_module() if self.l0_module is not None and self.masks_enabled else None
         masks = l0.masks if l0 is not None else batch.get("masks")
         return LMOutput(logits=self.model(batch["input_ids"], masks=masks), l0=l0)
 

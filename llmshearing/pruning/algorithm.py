@@ -12,9 +12,10 @@ The Algorithm wires these into a Composer run (see ``llmshearing/pruning/README.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -37,6 +38,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def l0_module_of(model: nn.Module) -> L0Module | None:
     return getattr(unwrap(model), "l0_module", None)
+
+
+@contextlib.contextmanager
+def masks_disabled(composer_model: nn.Module) -> Iterator[None]:
+    """Run ``composer_model`` without its L0 masks inside the block (e.g. to measure the source model)."""
+    model = unwrap(composer_model)
+    previous = getattr(model, "masks_enabled", True)
+    model.masks_enabled = False
+    try:
+        yield
+    finally:
+        model.masks_enabled = previous
 
 
 def attach_l0_module(composer_model: nn.Module, l0_config: L0Config | Mapping[str, Any]) -> L0Module:
