@@ -1,13 +1,14 @@
-"""Prepare per-domain MDS datasets (train and eval) from JSON-lines text.
+"""Prepare per-domain MDS datasets (train, eval and test) from JSON-lines text.
 
 Example::
 
     python data_prep/prepare_mds.py --input raw --output data/mds --tokenizer .cache/smollm2-135m \\
-        --seq-len 4096 --eval-seqs 500 --workers 8
+        --seq-len 4096 --eval-seqs 500 --test-seqs 500 --workers 8
 
 ``raw`` holds ``<domain>/*.jsonl`` (or ``.jsonl.gz``, ``.jsonl.zst``), one JSON object per line with
-a text field. The output holds ``train/<domain>/`` and ``eval/<domain>/`` MDS directories and a
-``manifest.json``; see ``llmshearing.data.prepare``.
+a text field. The output holds ``train/<domain>/``, ``eval/<domain>/`` and ``test/<domain>/`` MDS
+directories (no document in two of them) and a ``manifest.json``; see ``llmshearing.data.prepare``.
+Training reads train, and eval for the data mix; test is for ``llmshearing evaluate --split test``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-seqs", type=int, default=500, help="eval samples per domain; 0: no eval split (default: 500)"
     )
     parser.add_argument(
+        "--test-seqs",
+        type=int,
+        default=None,
+        help="test samples per domain, never read during training; 0: no test split (default: as --eval-seqs)",
+    )
+    parser.add_argument(
         "--train-seqs", type=int, default=None, help="cap on train samples per domain (default: all)"
     )
     parser.add_argument(
@@ -47,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=min(8, os.cpu_count() or 1),
         help="tokenizer processes (default: CPUs, at most 8)",
     )
-    parser.add_argument("--seed", type=int, default=42, help="seed of the eval/train split (default: 42)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the split (default: 42)")
     parser.add_argument(
         "--text-field", default="text", help="JSON field holding the document text (default: text)"
     )
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer=args.tokenizer,
         seq_len=args.seq_len,
         eval_seqs=args.eval_seqs,
+        test_seqs=args.test_seqs,
         train_seqs=args.train_seqs,
         workers=args.workers,
         seed=args.seed,

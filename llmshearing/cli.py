@@ -32,13 +32,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_of(args: argparse.Namespace) -> str:
+    """The output a command writes (named when the disk fills up)."""
+    for name in ("out", "out_dir", "output", "json"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            return value
+    return "."
+
+
 def main(argv: list[str] | None = None) -> int:
+    from llmshearing.disk_full import disk_full_message, is_disk_full
+
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as err:  # user errors: one clear line, no traceback
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"llmshearing {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as err:
+        if not is_disk_full(err):
+            raise
+        print(
+            f"llmshearing {args.command}: error: {disk_full_message(err, _output_of(args))}", file=sys.stderr
+        )
         return 2
     return int(result or 0)
 

@@ -97,6 +97,27 @@ class Steps:
         return result
 
 
+def train_action(run: Path) -> str:
+    """What a training step does with its run folder: ``reuse`` a finished run, ``resume`` one that
+    stopped early (the demo recipes set autoresume), or ``start`` a new one."""
+    from llmshearing.training.run_folder import is_finished, run_entries
+
+    if is_finished(run):
+        return "reuse"
+    return "resume" if run_entries(run) else "start"
+
+
+def train_step(steps: Steps, title: str, run: Path, command: list) -> None:
+    """Run a training step into ``run`` unless it already finished there."""
+    action = train_action(run)
+    if action == "reuse":
+        print(f"\n=== {title} ===\nreusing the finished run in {run}", flush=True)
+        return
+    if action == "resume":
+        title += f" (resuming the run in {run})"
+    steps.run(title, [*command, f"save_folder={run}"])
+
+
 def _losses(model_path: Path, data: Path, transformers: bool = False) -> dict[str, float]:
     from llmshearing.evaluate import domain_losses, format_table, load_model_fn
 
@@ -209,17 +230,11 @@ def main(argv: list[str] | None = None) -> int:
 
     prune_run, pruned = out / "prune", out / "pruned"
     common = [f"data_local={mds}", "progress_bar=true"]
-    steps.run(
+    train_step(
+        steps,
         "4. prune with dynamic batch loading",
-        [
-            python,
-            "-m",
-            "llmshearing.train",
-            PRUNE_RECIPE,
-            *common,
-            f"model.path={source}",
-            f"save_folder={prune_run}",
-        ],
+        prune_run,
+        [python, "-m", "llmshearing.train", PRUNE_RECIPE, *common, f"model.path={source}"],
     )
     if not (pruned / "config.json").is_file():
         steps.run(
@@ -230,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cont_run, hf = out / "continued", out / "hf"
     reference = "[" + ",".join(f"{losses['source'][d]:.4f}" for d in sorted(losses["source"])) + "]"
-    steps.run(
+    train_step(
+        steps,
         "6. continued pretraining",
+        cont_run,
         [
             python,
             "-m",
@@ -239,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
             CONTINUE_RECIPE,
             *common,
             f"model.path={pruned}",
-            f"save_folder={cont_run}",
             f"callbacks.data_loading.target_loss={reference}",
         ],
     )

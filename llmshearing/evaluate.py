@@ -2,19 +2,27 @@
 
 MODEL is a project checkpoint (converted, pruned) or, with ``--transformers``, any HF model
 directory loaded by plain transformers (the check that an exported model works without this
-package). DATA is a prepared MDS root (``DATA/<split>/<domain>/``).
+package). DATA is a prepared MDS root (``DATA/<split>/<domain>/``); ``--split test`` measures on
+the documents that training never reads. The options, the data's shards and its token ids (against
+the model's vocabulary) are checked before any sample is evaluated.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+SPLITS = ("eval", "test", "train")
 
 
 @dataclass
@@ -41,43 +49,126 @@ def split_domains(data_dir: str, split: str) -> list[str]:
     return domains
 
 
-def load_model_fn(path: str, use_transformers: bool = False) -> Callable:
-    """A function ``input_ids -> logits`` for a project checkpoint or (``use_transformers``) an HF dir."""
+class ModelFn:
+    """``input_ids -> logits`` of a loaded model, with the number of token embeddings it has."""
+
+    def __init__(self, forward: Callable[[Any], Any], vocab_size: int) -> None:
+        self._forward = forward
+        self.vocab_size = vocab_size
+
+    def __call__(self, ids: Any) -> Any:
+        return self._forward(ids)
+
+
+def _refuse_pruning_checkpoint(path: str) -> None:
+    """A pruning run's Composer checkpoint holds masks that only ``prune-model`` applies."""
+    from llmshearing.convert.checkpoint import open_checkpoint
+
+    with open_checkpoint(path) as checkpoint:
+        if checkpoint.has_l0_state():
+            raise ValueError(
+                f"{path} is a pruning checkpoint: evaluating it would measure the unpruned model without "
+                "its masks; fold it first with `llmshearing prune-model CKPT OUT` and evaluate OUT"
+            )
+
+
+def load_model_fn(path: str, use_transformers: bool = False) -> ModelFn:
+    """The model at ``path``: a project checkpoint or (``use_transformers``) an HF directory."""
     import torch
 
     if use_transformers:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
-        return lambda ids: model(ids).logits
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        except (OSError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"cannot load {path} with transformers: {reason}") from err
+        model.eval()
+        vocab = model.get_input_embeddings().weight.shape[0]
+        return ModelFn(lambda ids: model(ids).logits, int(vocab))
     from llmshearing.models import from_pretrained
 
+    if os.path.isfile(path):
+        _refuse_pruning_checkpoint(path)
     decoder = from_pretrained(path).float().eval()
-    return lambda ids: decoder(ids)
+    return ModelFn(decoder, int(decoder.config.vocab_size))
 
 
-def domain_losses(
-    model_fn: Callable,
-    data_dir: str,
-    split: str = "eval",
-    batch_size: int = 8,
-    max_samples: int | None = None,
-    domains: Sequence[str] | None = None,
-    progress: bool = True,
-) -> list[DomainLoss]:
-    """Token-weighted next-token cross-entropy of every sample of each domain's MDS split."""
+def _config_vocab_size(path: str, use_transformers: bool) -> int | None:
+    """The vocabulary in ``<path>/config.json`` when there is one (read without loading weights)."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return None
+    if use_transformers:
+        from transformers import AutoConfig
+
+        try:
+            return int(AutoConfig.from_pretrained(path, local_files_only=True).get_text_config().vocab_size)
+        except (OSError, ValueError, AttributeError, TypeError):
+            return None  # loading the model reports what is wrong
+    from pathlib import Path
+
+    from llmshearing.convert.checkpoint import read_any_config
+
+    return int(read_any_config(Path(config))[0].vocab_size)
+
+
+@contextlib.contextmanager
+def readable_shards(directory: str) -> Iterator[str]:
+    """``directory``, or, when some shards are stored only compressed (``--compression zstd``), a
+    temporary copy with them decompressed: streaming's ``LocalDataset`` reads raw shards only."""
+    from streaming.base.compression import decompress
+
+    with open(os.path.join(directory, "index.json"), encoding="utf-8") as handle:
+        shards = json.load(handle)["shards"]
+    compressed = [
+        s
+        for s in shards
+        if s.get("zip_data") and not os.path.isfile(os.path.join(directory, s["raw_data"]["basename"]))
+    ]
+    if not compressed:
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="llmshearing-eval-") as copy:
+        shutil.copy(os.path.join(directory, "index.json"), copy)
+        for shard in shards:
+            raw = shard["raw_data"]["basename"]
+            if shard in compressed:
+                with open(os.path.join(directory, shard["zip_data"]["basename"]), "rb") as handle:
+                    data = decompress(shard["compression"], handle.read())
+                with open(os.path.join(copy, raw), "wb") as handle:
+                    handle.write(data)
+            else:
+                os.symlink(os.path.abspath(os.path.join(directory, raw)), os.path.join(copy, raw))
+        yield copy
+
+
+def check_options(batch_size: int, max_samples: int | None) -> None:
+    """Raise ``ValueError`` naming the option for a batch size or sample count below 1."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(
+            f"--max-samples must be at least 1 (or left out for every sample), got {max_samples}"
+        )
+
+
+def _summed_loss(
+    model_fn: Callable, directory: str, batch_size: int, max_samples: int | None, progress: bool
+) -> tuple[float, int, int]:
+    """Summed next-token cross-entropy, predicted tokens and samples read of one MDS directory."""
     import torch
     import torch.nn.functional as F
     from streaming import LocalDataset
     from tqdm import tqdm
 
-    results = []
-    for domain in domains or split_domains(data_dir, split):
-        dataset = LocalDataset(os.path.join(data_dir, split, domain))
+    total, tokens = 0.0, 0
+    with readable_shards(directory) as readable, torch.no_grad():
+        dataset = LocalDataset(readable)
         count = len(dataset) if max_samples is None else min(len(dataset), max_samples)
-        total, tokens = 0.0, 0
-        bar = tqdm(total=count, desc=f"eval {domain}", unit="seq", disable=not progress, leave=False)
-        with torch.no_grad():
+        name = os.path.basename(directory.rstrip(os.sep))
+        with tqdm(total=count, desc=f"eval {name}", unit="seq", disable=not progress, leave=False) as bar:
             for start in range(0, count, batch_size):
                 rows = [
                     np.asarray(dataset[i]["tokens"], dtype=np.int64)
@@ -91,8 +182,34 @@ def domain_losses(
                 total += float(loss)
                 tokens += ids[:, 1:].numel()
                 bar.update(len(rows))
-        bar.close()
-        results.append(DomainLoss(domain, tokens, total / max(tokens, 1)))
+    return total, tokens, count
+
+
+def domain_losses(
+    model_fn: Callable,
+    data_dir: str,
+    split: str = "eval",
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    domains: Sequence[str] | None = None,
+    progress: bool = True,
+) -> list[DomainLoss]:
+    """Token-weighted next-token cross-entropy of every sample of each domain's MDS split."""
+    from llmshearing.data.checks import check_shards
+
+    check_options(batch_size, max_samples)
+    directories = {d: os.path.join(data_dir, split, d) for d in domains or split_domains(data_dir, split)}
+    for directory in directories.values():
+        check_shards(directory)
+    results = []
+    for domain, directory in directories.items():
+        total, tokens, count = _summed_loss(model_fn, directory, batch_size, max_samples, progress)
+        if tokens == 0:
+            raise ValueError(
+                f"{directory}: no token to predict in {count} samples (samples of one token or none): "
+                "prepare the data with --seq-len 2 or more"
+            )
+        results.append(DomainLoss(domain, tokens, total / tokens))
     return results
 
 
@@ -107,19 +224,28 @@ def format_table(results: Sequence[DomainLoss]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from llmshearing.data.checks import check_shards, check_vocab
+
+    check_options(args.batch_size, args.max_samples)
+    if args.json and os.path.isdir(args.json):
+        raise ValueError(f"--json {args.json} is a directory; give the path of the JSON file to write")
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"model {args.model!r} does not exist")
     domains = split_domains(args.data, args.split)
+    for domain in domains:
+        check_shards(os.path.join(args.data, args.split, domain))
+    vocab = _config_vocab_size(args.model, args.transformers) if os.path.isdir(args.model) else None
+    if vocab is not None:
+        check_vocab(args.data, vocab, args.model)
     model_fn = load_model_fn(args.model, args.transformers)
+    check_vocab(args.data, model_fn.vocab_size, args.model)
     results = domain_losses(model_fn, args.data, args.split, args.batch_size, args.max_samples, domains)
     print(format_table(results))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(
-                {r.domain: {"tokens": r.tokens, "loss": r.loss, "perplexity": r.perplexity} for r in results},
-                handle,
-                indent=2,
-            )
+        from llmshearing.staging import write_text_atomic
+
+        data = {r.domain: {"tokens": r.tokens, "loss": r.loss, "perplexity": r.perplexity} for r in results}
+        write_text_atomic(args.json, json.dumps(data, indent=2) + "\n")
     return 0
 
 
@@ -127,8 +253,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="per-domain held-out loss and perplexity of a model")
     parser.add_argument("model", help="project checkpoint dir, or an HF model dir with --transformers")
     parser.add_argument("data", help="prepared MDS root (holds <split>/<domain>/)")
-    parser.add_argument("--split", default="eval")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--split",
+        default="eval",
+        choices=SPLITS,
+        help="split of DATA: eval (default), test (never read during training) or train",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
     parser.add_argument("--max-samples", type=int, default=None, help="at most this many samples per domain")
     parser.add_argument("--transformers", action="store_true", help="load MODEL with plain transformers")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -128,6 +128,23 @@ def _summary(run_dir: str, metrics: dict[str, Series], written: list[str]) -> st
     return "\n".join(lines) + "\n"
 
 
+REPORT_FILES = frozenset([*(panel.filename for panel in PANELS), "report.md"])
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Refuse an output directory holding anything but an earlier report (which is replaced)."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} exists and is not a directory; choose another path")
+    others = sorted(set(os.listdir(out_dir)) - REPORT_FILES)
+    if others:
+        raise ValueError(
+            f"--out {out_dir} holds files a report does not write ({', '.join(others[:3])}); "
+            "a report replaces its directory as a whole: choose a new or empty directory"
+        )
+
+
 def write_report(run_dir: str, out_dir: str | None = None) -> list[str]:
     """Render the plots and ``report.md`` for ``run_dir`` into ``out_dir`` (default ``RUN_DIR/report``)."""
     from llmshearing.training.metrics_log import METRICS_FILENAME, read_metrics
@@ -142,6 +159,7 @@ def write_report(run_dir: str, out_dir: str | None = None) -> list[str]:
     if not metrics:
         raise ValueError(f"{source} holds no metrics yet; run training for at least one batch")
     out_dir = out_dir or os.path.join(run_dir, "report")
+    _check_out_dir(out_dir)
     with staged_dir(out_dir, overwrite=True) as staging:
         written = [p.filename for p in PANELS if _plot(p, metrics, os.path.join(staging, p.filename))]
         with open(os.path.join(staging, "report.md"), "w", encoding="utf-8") as handle:

@@ -10,6 +10,7 @@ written from other hosts of a shared filesystem is left alone).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -62,14 +63,29 @@ def remove_stale(out: str | Path) -> list[Path]:
     return removed
 
 
+def _rename_without_replacing(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``, which may be missing or an empty directory, never a finished output."""
+    try:
+        os.rename(staging, out)  # atomic; fails when out is a non-empty directory or not a directory
+    except OSError as err:
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise ValueError(
+            f"{out} was written by another process while this one ran (two runs with the same output?); "
+            "it is left as it is and this run's output discarded: remove it or choose another output path"
+        ) from None
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory; it becomes ``out`` only when the block succeeds.
 
-    An existing ``out`` is an error unless ``overwrite``, in which case it is replaced as a whole.
+    An existing ``out`` (other than an empty directory) is an error unless ``overwrite``, in which
+    case it is replaced as a whole. Without ``overwrite``, an ``out`` that another writer completed
+    meanwhile is kept and this writer fails.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} already exists; remove it or choose another output path")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
@@ -77,7 +93,9 @@ def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        if out.exists() or out.is_symlink():
+        if not overwrite:
+            _rename_without_replacing(staging, out)
+        elif out.exists() or out.is_symlink():
             old = staging_path(out, "old")
             os.replace(out, old)
             os.replace(staging, out)

@@ -30,20 +30,31 @@ def _precision(requested: str) -> str:
 
 
 def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
-    """Validate the recipe and build the Composer Trainer (nothing runs yet)."""
-    import torch
+    """Validate the recipe and build the Composer Trainer (nothing runs yet).
+
+    A start that fails leaves the run folder as it found it (no stub ``config.json``).
+    """
+    from llmshearing.training.run_folder import StartGuard
+
+    with StartGuard() as guard:
+        return _build_trainer(yaml_path, overrides, guard)
+
+
+def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     from composer import Trainer
     from composer.core import Evaluator
-    from composer.utils import dist, reproducibility
+    from composer.utils import dist, get_device, reproducibility
 
     from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
     from llmshearing.data.loaders import DataLoadingConfig, build_eval_dataloader, build_train_dataloader
-    from llmshearing.training import builders
+    from llmshearing.training import builders, run_folder
     from llmshearing.training.config import load_config, validate_config
+    from llmshearing.training.fsdp import resolve_fsdp
 
     cfg = load_config(yaml_path, overrides)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     values = validate_config(cfg, world_size)
+    fsdp = resolve_fsdp(values["fsdp_config"])
     if not values["callbacks"].get("data_loading"):
         raise ValueError(
             "callbacks.data_loading is required: at least set_names (the domains, i.e. the MDS sub-directories) "
@@ -56,6 +67,8 @@ def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
         dataset.setdefault("remote", values["data_remote"])
         dataset.setdefault("max_seq_len", values["max_seq_len"])
     save_folder = values["save_folder"].format(run_name=values["run_name"])
+    run_folder.check_start(save_folder, values["autoresume"], values["save_overwrite"])
+    guard.watch(save_folder)
     if values["python_log_level"]:
         logging.basicConfig(format="%(asctime)s: [%(name)s]: %(levelname)s: %(message)s")
         logging.getLogger("llmshearing").setLevel(values["python_log_level"].upper())
@@ -71,10 +84,16 @@ def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
         values["eval_loader"], data_loading.set_names, device_batch_size=values["device_eval_batch_size"]
     )
     reproducibility.seed_all(values["seed"])
+    if world_size > 1:  # the ranks talk before the Trainer starts (mask initialisation is broadcast)
+        dist.initialize_dist(get_device(values["device"]), values["dist_timeout"])
+    if dist.get_global_rank() == 0:
+        print(f"llmshearing: {describe_parallelism(fsdp, world_size, device_batch, values)}", flush=True)
     model, description = builders.build_model(values, data_loading.set_names)
-    if dist.get_global_rank() == 0:  # only once the recipe, the data and the model are known to be good
+    # only once the recipe, the data and the model are known to be good
+    run_folder.prepare(save_folder, description, values["autoresume"], values["save_overwrite"])
+    if dist.get_global_rank() == 0:
         builders.write_run_description(save_folder, description)
-    callbacks = builders.build_callbacks(values, save_folder)
+    callbacks = [*builders.build_callbacks(values, save_folder), run_folder.RunRecord(description)]
     mixing = DynamicLoadingCallback.from_config(data_loading)
     if mixing is not None:
         callbacks.append(mixing)
@@ -82,9 +101,6 @@ def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
         label="eval", dataloader=eval_loader, metric_names=list(model.get_metrics(is_train=False))
     )
 
-    parallelism = None
-    if values["fsdp_config"] and torch.cuda.is_available():
-        parallelism = {"fsdp": dict(values["fsdp_config"])}
     trainer = Trainer(
         run_name=values["run_name"],
         model=model,
@@ -95,13 +111,13 @@ def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
         eval_subset_num_batches=values["eval_subset_num_batches"],
         optimizers=builders.build_optimizer(values, model),
         schedulers=builders.build_scheduler(values),
-        algorithms=builders.build_algorithms(values, save_folder),
+        algorithms=builders.build_algorithms(values, save_folder, fsdp=fsdp is not None),
         callbacks=callbacks,
         loggers=builders.build_loggers(values, save_folder),
         precision=_precision(values["precision"]),
         device=values["device"],
         device_train_microbatch_size=values["device_train_microbatch_size"],
-        parallelism_config=parallelism,
+        parallelism_config=None if fsdp is None else fsdp.parallelism,
         compile_config=values["compile_config"],
         save_folder=os.path.join(save_folder, "checkpoints"),
         save_interval=values["save_interval"],
@@ -117,7 +133,34 @@ def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
         seed=values["seed"],
         dist_timeout=values["dist_timeout"],
     )
+    if values["autoresume"]:
+        run_folder.check_progress(save_folder, int(trainer.state.timestamp.batch), _batches(trainer))
     return trainer, values
+
+
+def _batches(trainer) -> int:
+    """The run's ``max_duration`` in batches (validated to be given in batches)."""
+    return int(trainer.state.max_duration.value)
+
+
+def describe_parallelism(fsdp, world_size: int, device_batch: int, values: dict) -> str:
+    """One line for the start of a run: how the model is spread and how much each rank reads."""
+    from llmshearing.training.fsdp import ignored_fsdp2_keys
+
+    if fsdp is not None:
+        how = fsdp.describe()
+        ignored = ignored_fsdp2_keys(fsdp)
+        if ignored:
+            how += f" [no FSDP2 counterpart, ignored: {', '.join('fsdp_config.' + k for k in ignored)}]"
+    elif world_size > 1:
+        how = "data parallel (DDP, no sharding: set fsdp_config to shard)"
+    else:
+        how = "one process, no sharding"
+    micro = values["device_train_microbatch_size"]
+    return (
+        f"{how}; world size {world_size}; per-rank batch {device_batch} "
+        f"(micro-batch {micro}) of a global batch of {values['global_train_batch_size']}"
+    )
 
 
 def train(yaml_path: str, overrides: Sequence[str] = ()):
@@ -127,8 +170,17 @@ def train(yaml_path: str, overrides: Sequence[str] = ()):
 
 
 def run(trainer, values: dict):
-    """Optional first evaluation (on a fresh run), then training; the trainer is closed at the end."""
+    """Optional first evaluation (on a fresh run), then training; the trainer is closed at the end.
+
+    A resumed run that already reached ``max_duration`` reports so and trains nothing.
+    """
     try:
+        done = int(trainer.state.timestamp.batch)
+        if done and done >= _batches(trainer):
+            print(
+                f"llmshearing: the run has already trained all {done} batches of max_duration; nothing to do"
+            )
+            return trainer
         # a fresh run evaluates first when asked to, and when the source model's own losses are
         # the reference of dynamic batch loading: that evaluation measures them, so a pruning run
         # makes it without its masks (ranked masks from init_from already cut the model)
@@ -149,13 +201,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    from llmshearing.disk_full import is_disk_full
+
     try:  # everything before training starts: configuration, data and checkpoint problems
         trainer, values = build_trainer(argv[0], argv[1:])
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run(trainer, values)
+    except (OSError, RuntimeError) as err:  # a full disk while writing the run folder
+        if not is_disk_full(err):
+            raise
+        return _disk_full(err, argv)
+    try:
+        run(trainer, values)
+    except (OSError, RuntimeError) as err:  # a full disk while writing a checkpoint, metrics or masks
+        if not is_disk_full(err):
+            raise
+        return _disk_full(err, argv)
     return 0
+
+
+def _disk_full(err: BaseException, argv: Sequence[str]) -> int:
+    """Set aside a checkpoint the full disk cut off, and say where the disk is full (exit code 2)."""
+    from llmshearing.disk_full import disk_full_message
+    from llmshearing.training.checkpoint_files import set_aside_incomplete
+    from llmshearing.training.config import load_config
+
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        folder = str(cfg.save_folder).format(run_name=cfg.run_name)
+    except Exception:  # the recipe was readable when the run started; this is only for the message
+        folder = "the run folder"
+    cut_off = set_aside_incomplete(os.path.join(folder, "checkpoints"))
+    writing = str(cut_off[0]).removesuffix(".incomplete") if cut_off else folder
+    print(
+        f"error: {disk_full_message(err, writing)}; a checkpoint cut off is set aside as .incomplete, and "
+        "autoresume=true continues from the last complete one",
+        file=sys.stderr,
+    )
+    return 2
 
 
 if __name__ == "__main__":

@@ -52,19 +52,23 @@ def write_tiny_source(path: str, seed: int = 0, **overrides) -> str:
     return path
 
 
-def write_tiny_mds(root: str, n_train: int = 96, n_eval: int = 8, seq_len: int = TINY_SEQ_LEN) -> str:
-    """Two domains of learnable token patterns in the layout `prepare_mds.py` writes."""
+def write_tiny_mds(
+    root: str, n_train: int = 96, n_eval: int = 8, seq_len: int = TINY_SEQ_LEN, n_test: int | None = None
+) -> str:
+    """Two domains of learnable token patterns in the layout `prepare_mds.py` writes (train, eval, test)."""
     from streaming import MDSWriter
 
-    rng = np.random.default_rng(0)
-    splits: dict[str, dict[str, dict[str, int]]] = {"train": {}, "eval": {}}
+    rngs = {"train": np.random.default_rng(0), "test": np.random.default_rng(1)}
+    rngs["eval"] = rngs["train"]  # eval draws from the train stream; test has its own
+    splits: dict[str, dict[str, dict[str, int]]] = {"train": {}, "eval": {}, "test": {}}
+    n_test = n_eval if n_test is None else n_test
     for d, domain in enumerate(TINY_DOMAINS):
-        for split, count in (("train", n_train), ("eval", n_eval)):
+        for split, count in (("train", n_train), ("eval", n_eval), ("test", n_test)):
             with MDSWriter(
                 out=os.path.join(root, split, domain), columns={"tokens": "ndarray:uint16"}
             ) as writer:
                 for _ in range(count):
-                    start = int(rng.integers(0, 40))
+                    start = int(rngs[split].integers(0, 40))
                     step = 1 + d  # domain 0 counts by ones, domain 1 by twos
                     tokens = (start + step * np.arange(seq_len)) % 97
                     writer.write({"tokens": tokens.astype(np.uint16)})

@@ -265,3 +265,47 @@ def test_composer_trainer_fit_on_cpu():
     )
     assert values["web_LanguageCrossEntropy"] > 0 and values["code_LanguageCrossEntropy"] > 0
     trainer.close()
+
+
+def test_train_metrics_of_a_domain_absent_from_a_batch_are_not_logged():
+    from composer import Trainer
+    from composer.loggers import InMemoryLogger
+    from torch.utils.data import DataLoader
+
+    from llmshearing.training.builders import build_callbacks
+
+    torch.manual_seed(0)
+    model = ComposerLlama(_config(), DOMAINS)
+    ids = _batch(0, 4)["input_ids"]
+    domains = [[0, 1, 0, 1], [0, 0, 0, 0], [0, 1, 2, 1]]  # code is absent from batch 1, "absent" from 0 and 1
+    samples = [
+        {"input_ids": ids[j], "domain": torch.tensor(d[j]), "idx": torch.tensor(4 * b + j)}
+        for b, d in enumerate(domains)
+        for j in range(4)
+    ]
+    logger = InMemoryLogger()
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataLoader(samples, batch_size=4),
+        max_duration="3ba",
+        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        callbacks=build_callbacks({"callbacks": {}, "model": {}}, ""),
+        loggers=[logger],
+        device="cpu",
+        precision="fp32",
+        progress_bar=False,
+    )
+    trainer.fit()
+
+    def logged(domain: str) -> list[int]:
+        return [int(t.batch) for t, _ in logger.data.get(f"metrics/train/{domain}_LanguageCrossEntropy", [])]
+
+    everyone = logged("web")
+    # Composer logs after every batch and again at the end of the epoch (the last batch's values)
+    assert everyone == [0, 1, 2, 3]
+    assert logged("code") == [0, 2, 3]
+    assert logged("absent") == [2, 3]
+    assert all(v > 0 for _, v in logger.data["metrics/train/code_LanguageCrossEntropy"])
+    # every metric is back for the next batch
+    assert set(trainer.state.train_metrics) == set(model.train_metrics)
+    trainer.close()

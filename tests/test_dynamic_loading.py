@@ -262,3 +262,69 @@ def test_two_ranks_share_the_mix_and_resume_exactly(data_root, tmp_path):
     assert ranks[0]["eval_tokens"] == {
         n: k * (mix.SEQ_LEN - 1) for n, k in zip(NAMES, mix.EVAL_SIZES, strict=True)
     }
+
+
+# ------------------------------------------------------------------------------- stabilisers
+STABLE = {"loss_ema": 0.5, "min_proportion": 0.5, "update_warmup": "4ba", "excess": "relative"}
+
+
+def test_stabilised_mix_follows_the_options_and_resumes_exactly(data_root, fresh, tmp_path):
+    # boundaries at batches 0 and 3 fall in the warm-up: they feed the average and keep the mix;
+    # ep1-ba4 holds an average of two evaluations mid-interval, ep2-ba6 the first real update
+    full = assert_resumes_exactly(
+        data_root, fresh, tmp_path, ["ep1-ba4.pt", "ep2-ba6.pt"], data_loading=dict(STABLE)
+    )
+    state = full["callback"]
+    history = state["history"]
+    initial, ref = np.array([0.5, 0.3, 0.2]), np.array([2.0, 1.0, 0.5])
+    floors = 0.5 * initial
+    weights, smoothed = initial, None
+    for h in history:
+        losses = np.array(h["losses"])
+        smoothed = losses if smoothed is None else 0.5 * smoothed + 0.5 * losses
+        assert h["smoothed"] == smoothed.tolist()
+        if h["batch"] < 4:
+            assert h.get("warmup") is True and "counts" not in h and h["weights"] == initial.tolist()
+            continue
+        weights = doremi_update(weights, smoothed, ref, eta=1.0, smoothing=1e-4, relative=True, floors=floors)
+        assert h["weights"] == weights.tolist()
+        assert h["counts"] == largest_remainder_counts(weights, 12).tolist()
+    assert [h["batch"] for h in history] == [0, 3, 6, 9]
+    assert state["weights"] == weights.tolist() and json.loads(state["smoothed"]) == smoothed.tolist()
+    assert np.isclose(weights, floors).any()  # a floor holds the mix up
+    # the intervals before the first update read the initial mix
+    domains = [d for b, _, ds in full["batches"] for d in ds if b < 6]
+    assert np.bincount(domains, minlength=3).tolist() == (2 * largest_remainder_counts(initial, 12)).tolist()
+
+
+BAD_OPTIONS = {
+    "loss_ema": (1.0, r"loss_ema must be a decay in \[0, 1\)"),
+    "min_proportion": (-0.1, r"min_proportion must be in \[0, 1\)"),
+    "update_warmup": ("2ep", "update_warmup must be a number of batches"),
+    "excess": ("ratio", r"excess must be one of \['absolute', 'relative'\]"),
+    "eta": ("fast", "eta must be a non-negative number"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(BAD_OPTIONS))
+def test_stabiliser_options_are_validated_with_the_key(key):
+    from llmshearing.data.loaders import DataLoadingConfig
+
+    value, message = BAD_OPTIONS[key]
+    settings = {"dynamic": True, "set_names": ["a", "b"], "proportion": [0.5, 0.5], "target_loss": [1, 1]}
+    with pytest.raises(ValueError, match=rf"callbacks\.data_loading\.{message}"):
+        DataLoadingConfig.from_dict({**settings, key: value})
+
+
+def test_stabiliser_options_are_parsed_and_relative_excess_needs_positive_references():
+    from llmshearing.data.loaders import DataLoadingConfig
+
+    settings = {"dynamic": True, "set_names": ["a", "b"], "proportion": [0.6, 0.4], "target_loss": [1, 2]}
+    cfg = DataLoadingConfig.from_dict({**settings, "update_warmup": "40ba", "min_proportion": 0.25})
+    assert cfg.update_warmup == 40 and cfg.floors == [0.15, 0.1]
+    assert DataLoadingConfig.from_dict(settings).floors is None and cfg.loss_ema == 0.0
+    assert cfg.excess == "absolute"
+    with pytest.raises(ValueError, match="excess: relative divides by the reference losses"):
+        DynamicLoadingCallback(["a", "b"], [0.5, 0.5], target_loss=[1.0, 0.0], excess="relative")
+    callback = DynamicLoadingCallback.from_config({**settings, **STABLE})
+    assert (callback.cfg.loss_ema, callback.cfg.update_warmup, callback.cfg.excess) == (0.5, 4, "relative")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llmshearing.pruning.hard_concrete import MIN_KEPT_VALUE, HardConcrete
+from llmshearing.pruning.hard_concrete import MIN_KEPT_VALUE, HardConcrete, floored_units, top_units
 
 HC = HardConcrete()
 
@@ -91,3 +91,30 @@ def test_deterministic_bounds():
 def test_invalid_constants_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HardConcrete(**kwargs)
+
+
+@pytest.mark.parametrize(("n", "keep"), [(4, 3), (8, 2), (48, 24), (200, 50)])
+def test_deterministic_breaks_exact_ties_by_the_lower_index(n, keep):
+    log_alpha = torch.full((3, n), math.log(100.0))  # every unit at the clamp
+    log_alpha[1, -1] = 10.0  # a unique best unit always wins, whatever its index
+    mask = HC.deterministic(log_alpha, keep)
+    assert mask[0].nonzero().flatten().tolist() == list(range(keep))
+    assert mask[1].nonzero().flatten().tolist() == [*range(keep - 1), n - 1]
+
+
+def test_rank_by_replaces_log_alpha_in_the_choice_but_not_in_the_values():
+    log_alpha = torch.tensor([[3.0, -3.0, 0.5, 8.0]])
+    rank_by = torch.tensor([[0.0, 2.0, 1.0, 0.0]])
+    mask = HC.deterministic(log_alpha, 2, rank_by=rank_by)
+    assert mask.nonzero()[:, 1].tolist() == [1, 2]
+    assert mask[0, 1].item() == pytest.approx(MIN_KEPT_VALUE)  # test value 0, floored
+    assert mask[0, 2].item() == pytest.approx(HC.test_value(torch.tensor(0.5)).item())
+    assert top_units(torch.tensor([1.0, 1.0, 1.0]), 0).tolist() == [False, False, False]
+
+
+def test_floored_units_counts_kept_units_at_the_floor_only():
+    log_alpha = torch.tensor([[8.0, -8.0, -8.0, 0.0], [-8.0, -8.0, -8.0, -8.0]])
+    masks = {"intermediate": HC.deterministic(log_alpha, 2), "hidden": HC.deterministic(torch.ones(5), 5)}
+    # row 0 keeps 8.0 and 0.0 (both above the floor); row 1 keeps two units with test value 0
+    assert floored_units(masks) == {"intermediate": 2, "hidden": 0}
+    assert floored_units({"head": torch.tensor([0.0, 1.0, 0.5])}) == {"head": 0}

@@ -117,14 +117,31 @@ def test_seeded_noise_depends_only_on_seed_and_step():
     assert not torch.equal(first[0], draw(5)[0])
 
 
-def test_log_alpha_is_clamped_in_place():
+def test_log_alpha_is_clamped_in_forward_and_in_place_by_constrain():
     m = module(log_alpha_clamp=3.0)
     with torch.no_grad():
         m.log_alpha["head"].fill_(10.0)
         m.log_alpha["hidden"].fill_(-10.0)
-    m()
+    clamped = m.clamped_log_alpha()
+    assert clamped["head"].max().item() == 3.0 and clamped["hidden"].min().item() == -3.0
+    clamped["head"].sum().backward()  # the gradient passes as through an in-place clamp
+    assert torch.equal(m.log_alpha["head"].grad, torch.ones_like(m.log_alpha["head"]))
+    m()  # forward never writes the parameters (FSDP and autograd may own views of them)
+    assert m.log_alpha["head"].max().item() == 10.0
+    m.constrain_()  # what L0Pruning does after every optimizer step
     assert m.log_alpha["head"].max().item() == 3.0
     assert m.log_alpha["hidden"].min().item() == -3.0
+
+
+def test_multipliers_are_vectors_and_scalar_checkpoints_still_load():
+    m = module()
+    assert all(p.shape == (1,) for p in m.multipliers.values())  # FSDP refuses 0-d parameters
+    state = {
+        k: (v.reshape(()) + 0.5 if k.startswith("multipliers.") else v) for k, v in m.state_dict().items()
+    }
+    fresh = module()
+    fresh.load_state_dict(state)
+    assert all(p.shape == (1,) and p.item() == 0.5 for p in fresh.multipliers.values())
 
 
 # ------------------------------------------------------------------------- deterministic masks
@@ -369,3 +386,42 @@ def test_omegaconf_node_is_accepted():
 
     node = OmegaConf.create({"pruning_modules": ["head"], "target_model": {"n_heads": 4}})
     assert L0Config.from_dict(node).target_model == {"n_heads": 4}
+
+
+# ------------------------------------------------------------------------- ties and tied blocks
+def test_head_layer_and_mlp_masks_drop_the_same_layers():
+    m = module(["head_layer", "mlp", "head"], target={"n_layers": 3, "n_heads": 4})
+    with torch.no_grad():  # the attention would rather drop layer 0, the MLP layer 1; together layer 1 goes
+        m.log_alpha["head_layer"].copy_(torch.tensor([-1.0, 3.0, 3.0, 3.0]))
+        m.log_alpha["mlp"].copy_(torch.tensor([3.0, -3.0, 3.0, 3.0]))
+    masks = m.deterministic_masks(at_target=True)
+    assert (masks["head_layer"] != 0).tolist() == (masks["mlp"] != 0).tolist() == [True, False, True, True]
+    assert kept_structure(SOURCE, masks).pruned_config(SOURCE) == SOURCE.replace(n_layers=3, n_heads=4)
+
+
+def test_tied_blocks_keep_one_count_at_the_expected_size():
+    m = module(["head_layer", "mlp"], target_sparsity=0.2)
+    with torch.no_grad():  # alone, the attention would keep 3 layers and the MLP 2
+        m.log_alpha["head_layer"].copy_(torch.tensor([5.0, 5.0, 5.0, -5.0]))
+        m.log_alpha["mlp"].copy_(torch.tensor([5.0, 5.0, -5.0, -5.0]))
+    keep = m.keep_counts(at_target=False)
+    assert keep["head_layer"] == keep["mlp"]
+    masks = m.deterministic_masks(at_target=False)
+    assert kept_structure(SOURCE, masks).layers == list(range(keep["mlp"]))
+
+
+@pytest.mark.parametrize("lone", ["head_layer", "mlp"])
+def test_a_lone_block_family_with_a_target_sparsity_is_refused(lone):
+    with pytest.raises(ValueError, match=rf"pruning_modules .* has '{lone}' without") as err:
+        L0Config.from_dict({"pruning_modules": [lone, "head"], "target_sparsity": 0.3}).resolve(SOURCE)
+    assert "use 'layer' instead" in str(err.value)
+
+
+def test_deterministic_masks_at_the_clamp_keep_the_lowest_indices():
+    m = module()  # every log-alpha starts at the clamp: all units tie
+    masks = m.deterministic_masks(at_target=True)
+    assert masks["layer"].nonzero().flatten().tolist() == [0, 1, 2]
+    assert masks["hidden"].nonzero().flatten().tolist() == list(range(TARGET["d_model"]))
+    for row in masks["intermediate"]:
+        assert row.nonzero().flatten().tolist() == list(range(TARGET["intermediate_size"]))
+    assert (masks["kv_head"] != 0).tolist() == [[True, True, False, False]] * SOURCE.n_layers

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning import L0Pruning, attach_l0_module, l0_param_groups
+from llmshearing.pruning.hard_concrete import floored_units
 
 CONFIG = ModelConfig(**PRUNABLE_MODEL)
 TARGET = PRUNABLE_TARGET
@@ -187,6 +188,7 @@ def test_masks_written_after_each_evaluation(tmp_path):
     assert int((target["layer"] != 0).sum()) == 3 and int((target["hidden"] != 0).sum()) == 16
     expected = trainer.state.model.l0_module.deterministic_masks(at_target=False)
     assert all(torch.equal(saved["masks"][f], expected[f]) for f in FAMILIES)
+    assert saved["floored"] == floored_units(expected)  # kept units at the floor value, per family
 
 
 @pytest.mark.parametrize("schedule", [False, True])
@@ -209,7 +211,8 @@ def test_lr_schedule_applies_to_l0_groups_only_when_asked(schedule):
 
 def _one_sgd_batch(clip: bool | None) -> dict[str, torch.Tensor]:
     """L0 state after one SGD batch: no clipping (None), clipping with L0 grads excluded (False) or included."""
-    l0 = l0_settings(clip_l0_grads=bool(clip), lagrangian_warmup_steps=0)
+    # no clamp: at the default bound (= the initial value) both updates would be clamped back alike
+    l0 = l0_settings(clip_l0_grads=bool(clip), lagrangian_warmup_steps=0, log_alpha_clamp=None)
     algorithms = [] if clip is None else [GradientClipping(clipping_type="norm", clipping_threshold=1e-4)]
 
     def sgd(model):

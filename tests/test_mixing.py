@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from llmshearing.data.mixing import (
+    apply_floors,
     doremi_update,
+    ema_losses,
     excess_loss,
     largest_remainder_counts,
     update_weights,
@@ -111,3 +113,70 @@ def test_update_weights_dispatch():
         update_weights("bandit", [0.5, 0.5], [1.0, 1.0], [1.0, 1.0])
     with pytest.raises(ValueError, match="needs reference losses"):
         update_weights("doremi", [0.5, 0.5], [1.0, 1.0], None)
+
+
+# ------------------------------------------------------------------------------- stabilisers
+def test_relative_excess_divides_by_the_reference():
+    losses, ref = np.array([3.0, 1.0, 0.25]), np.array([2.0, 0.5, 0.5])
+    assert excess_loss(losses, ref, relative=True).tolist() == [0.5, 1.0, 0.0]
+    assert excess_loss(losses, ref, clip=False, relative=True).tolist() == [0.5, 1.0, -0.5]
+    with pytest.raises(ValueError, match="positive reference losses"):
+        excess_loss(losses, np.array([2.0, 0.0, 1.0]), relative=True)
+
+
+def test_doremi_update_with_relative_excess_by_hand():
+    # absolute deltas [1, 0.5] would favour a; relative deltas [0.5, 1.0] favour b
+    w = doremi_update([0.5, 0.5], [3.0, 1.0], [2.0, 0.5], eta=1.0, smoothing=0.0, relative=True)
+    raw = np.array([math.exp(0.5), math.exp(1.0)])
+    assert w.tolist() == pytest.approx((raw / raw.sum()).tolist(), abs=1e-15)
+    assert w[1] > w[0]
+
+
+def test_ema_losses_by_hand():
+    present = np.array([True, True, True])
+    first = ema_losses(None, np.array([2.0, 1.0, 4.0]), present, 0.25)
+    assert first.tolist() == [2.0, 1.0, 4.0]  # the first observation starts the average
+    second = ema_losses(first, np.array([4.0, 1.0, 0.0]), np.array([True, True, False]), 0.25)
+    # 0.25 * old + 0.75 * new; the absent third domain keeps its average
+    assert second.tolist() == [0.25 * 2 + 0.75 * 4, 1.0, 4.0]
+    unseen = ema_losses(None, np.array([2.0, 7.0]), np.array([True, False]), 0.5)
+    assert unseen[0] == 2.0 and math.isnan(unseen[1])
+    assert ema_losses(first, np.array([4.0, 1.0, 0.0]), present, 0.0).tolist() == [4.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
+        ema_losses(None, np.array([1.0]), np.array([True]), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("weights", "floors", "expected"),
+    [
+        ([0.5, 0.3, 0.2], [0.1, 0.1, 0.1], [0.5, 0.3, 0.2]),  # nothing below: unchanged
+        ([0.97, 0.02, 0.01], [0.0, 0.05, 0.05], [0.9, 0.05, 0.05]),
+        ([0.9, 0.09, 0.01], [0.05, 0.05, 0.05], [0.9 * 0.95 / 0.99, 0.09 * 0.95 / 0.99, 0.05]),
+        # raising c scales b below its own floor: b is raised in a second round
+        ([0.5, 0.46, 0.04], [0.0, 0.45, 0.1], [0.45, 0.45, 0.1]),
+    ],
+)
+def test_apply_floors_by_hand(weights, floors, expected):
+    w = apply_floors(weights, floors)
+    assert w.tolist() == pytest.approx(expected, abs=1e-15)
+    assert w.sum() == pytest.approx(1.0, abs=1e-15) and np.all(w >= np.asarray(floors) - 1e-15)
+
+
+def test_apply_floors_rejects_floors_that_cannot_hold():
+    with pytest.raises(ValueError, match="summing to at most 1"):
+        apply_floors([0.5, 0.5], [0.6, 0.6])
+    with pytest.raises(ValueError, match="one non-negative value per domain"):
+        apply_floors([0.5, 0.5], [0.1])
+
+
+def test_doremi_update_with_floors_and_dispatch():
+    # unfloored: delta [4, 0] drives b to 1 / (1 + e^4) of the mix; its floor 0.1 holds it up
+    free = doremi_update([0.5, 0.5], [5.0, 1.0], [1.0, 1.0], smoothing=0.0)
+    assert free[1] == pytest.approx(1 / (1 + math.exp(4.0)), abs=1e-15)
+    floored = doremi_update([0.5, 0.5], [5.0, 1.0], [1.0, 1.0], smoothing=0.0, floors=[0.1, 0.1])
+    assert floored.tolist() == pytest.approx([0.9, 0.1], abs=1e-15)
+    dispatched = update_weights(
+        "doremi", [0.5, 0.5], [5.0, 1.0], [1.0, 1.0], smoothing=0.0, floors=[0.1, 0.1], relative=True
+    )
+    assert dispatched.tolist() == pytest.approx([0.9, 0.1], abs=1e-15)  # relative deltas [4, 0] too
+    assert update_weights("constant", [0.2, 0.8], [9.0, 1.0], None, floors=[0.5, 0.0]).tolist() == [0.2, 0.8]

@@ -23,6 +23,7 @@ from llmshearing.pruning.oneshot import (
     importance_log_alpha,
     oneshot_masks,
     parse_target,
+    ranking_scores,
     resolve_target,
 )
 
@@ -74,13 +75,15 @@ def random_ids(batches: int = 3, batch_size: int = 4, seed: int = 1) -> list[tor
 
 
 def write_mds(root: Path, domains: dict[str, int], seed: int = 2) -> Path:
+    """Train and eval splits of random tokens (different samples in each split)."""
     from streaming import MDSWriter
 
     rng = np.random.default_rng(seed)
-    for domain, count in domains.items():
-        with MDSWriter(out=str(root / "eval" / domain), columns={"tokens": "ndarray:int32"}) as writer:
-            for _ in range(count):
-                writer.write({"tokens": rng.integers(0, SOURCE.vocab_size, SEQ_LEN, dtype=np.int32)})
+    for split in ("train", "eval"):
+        for domain, count in domains.items():
+            with MDSWriter(out=str(root / split / domain), columns={"tokens": "ndarray:int32"}) as writer:
+                for _ in range(count):
+                    writer.write({"tokens": rng.integers(0, SOURCE.vocab_size, SEQ_LEN, dtype=np.int32)})
     return root
 
 
@@ -192,8 +195,10 @@ def test_masks_are_uniform_gqa_consistent_and_keep_the_top_units(seed):
         assert masks["intermediate"][i].sum() == 24
         assert masks["intermediate"][i][scores.intermediate[i].topk(24).indices].sum() == 24
         assert masks["kv_head"][i].sum() == 2
+        # a KV group is worth the 2 query heads it keeps, not all of its heads
+        kept_worth = scores.head[i].reshape(3, hpg).topk(2, dim=-1).values.sum(-1)
         assert set(masks["kv_head"][i].nonzero().flatten().tolist()) == set(
-            scores.kv_head[i].topk(2).indices.tolist()
+            kept_worth.topk(2).indices.tolist()
         )
         for g in range(SOURCE.n_kv_heads):
             group = masks["head"][i, g * hpg : (g + 1) * hpg]
@@ -233,8 +238,9 @@ def test_importance_log_alpha_gives_l0_masks_that_keep_the_top_units(case, ties)
         kept, dropped = values[family][expected[family] == 1], values[family][expected[family] == 0]
         if family != "head":  # heads of dropped KV groups may rank high within their own group
             assert kept.min() > 0 and (dropped.numel() == 0 or dropped.max() < 0)
-    # Strictly monotone in the score within each row.
-    for family, score in (("intermediate", scores.intermediate), ("kv_head", scores.kv_head)):
+    # Strictly monotone in the ranking score within each row.
+    ranked = ranking_scores(scores, SOURCE, module.plan)
+    for family, score in (("intermediate", ranked["intermediate"]), ("kv_head", ranked["kv_head"])):
         for row_score, row_value in zip(score, values[family], strict=True):
             order = torch.sort(row_score, descending=True, stable=True).indices
             assert torch.all(row_value[order][1:] < row_value[order][:-1])
@@ -283,9 +289,10 @@ def test_prune_oneshot_command_writes_the_target_shape_and_an_equal_hf_model(
     pruned.load_state_dict(state, strict=True)
     pruned.eval()
 
-    # The masks used are those of the importance on the same calibration samples (round-robin over domains).
+    # The masks used are those of the importance on the same calibration samples (round-robin over the
+    # domains of the train split: the held-out splits measure the result).
     source = random_decoder()
-    total, batches = calibration_batches(data_root, 6, 4)
+    total, batches = calibration_batches(data_root, 6, 4, split="train")
     scores = compute_importance(source, batches, total=total, progress=False)
     masks = oneshot_masks(scores, SOURCE, resolve_target(SOURCE, TARGET))
     written = load_file(str(out / MASKS_NAME))
@@ -293,6 +300,7 @@ def test_prune_oneshot_command_writes_the_target_shape_and_an_equal_hf_model(
     for key in masks:
         assert torch.equal(written[key], masks[key]), key
     record = json.loads((out / RECORD_NAME).read_text())
+    assert record["split"] == "train"
     assert record["samples"] == 6 and record["tokens"] == 6 * SEQ_LEN
     assert record["params_after"] == config.num_params() < record["params_before"] == SOURCE.num_params()
     assert record["kept_layers"] == masks["layer"].nonzero().flatten().tolist()
@@ -396,3 +404,94 @@ def test_parse_target():
         parse_target("n_layers=2,n_layers=3")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_target("n_layers")
+
+
+# ------------------------------------------------------------------- multi-head (LLaMA-2) sources
+MHA_SOURCE = SOURCE.replace(n_heads=6, n_kv_heads=6)  # one query head per KV group, as LLaMA-2-7B
+MHA_TARGET = {"n_layers": 3, "n_heads": 4, "d_model": 16, "intermediate_size": 24}
+PAPER_MODULES = ["layer", "head", "intermediate", "hidden"]
+
+
+def mha_scores(seed: int = 0) -> ImportanceScores:
+    decoder = random_decoder(seed, MHA_SOURCE)
+    return compute_importance(decoder, random_ids(batches=2, seed=seed + 1), progress=False)
+
+
+@pytest.mark.parametrize("modules", [PAPER_MODULES, ["layer", "head", "kv_head", "intermediate", "hidden"]])
+def test_importance_init_of_a_multi_head_source_keeps_the_top_heads_of_each_layer(modules):
+    scores = mha_scores()
+    l0_config = {"pruning_modules": modules, "target_model": MHA_TARGET}
+    module = L0Module(MHA_SOURCE, l0_config)
+    values = importance_log_alpha(scores, MHA_SOURCE, l0_config)
+    with torch.no_grad():
+        for family, value in values.items():
+            module.log_alpha[family].copy_(value)
+    masks = module.eval()().masks
+    expected = oneshot_masks(scores, MHA_SOURCE, module.plan)
+    for family in module.families:
+        assert torch.equal((masks[family] != 0).float(), expected[family]), family
+    if "kv_head" not in modules:  # heads compete across the whole layer
+        for i in range(MHA_SOURCE.n_layers):
+            best = set(scores.head[i].topk(MHA_TARGET["n_heads"]).indices.tolist())
+            assert set(masks["head"][i].nonzero().flatten().tolist()) == best
+    pruned = kept_structure(MHA_SOURCE, masks).pruned_config(MHA_SOURCE)
+    assert {k: getattr(pruned, k) for k in SHAPE_KEYS} == {**MHA_TARGET, "n_kv_heads": MHA_TARGET["n_heads"]}
+
+
+def test_init_from_importance_measures_a_multi_head_source_on_the_train_split(data_root):
+    from llmshearing.pruning.oneshot import initialize_from_importance
+
+    decoder = random_decoder(0, MHA_SOURCE)
+    module = L0Module(
+        MHA_SOURCE,
+        {
+            "pruning_modules": PAPER_MODULES,
+            "target_model": MHA_TARGET,
+            "init_from": "importance",
+            "init_samples": 4,
+        },
+    )
+    scores = initialize_from_importance(module, decoder, data_root, batch_size=2)
+    assert scores.samples == 4
+    total, batches = calibration_batches(data_root, 4, 2, split="train")
+    expected = compute_importance(decoder, batches, total=total, progress=False)
+    torch.testing.assert_close(scores.head, expected.head)
+    masks = module.eval()().masks
+    assert torch.equal((masks["head"] != 0).float(), oneshot_masks(expected, MHA_SOURCE, module.plan)["head"])
+
+
+def test_kv_groups_are_ranked_by_the_heads_they_keep():
+    L, H, Hkv = SOURCE.n_layers, SOURCE.n_heads, SOURCE.n_kv_heads
+    head = torch.zeros(L, H)
+    # group 0: four fair heads (sum 12, best two 6); group 1: two strong heads (sum 10, best two 10)
+    head[:, 0:4] = torch.tensor([3.0, 3.0, 3.0, 3.0])
+    head[:, 4:8] = torch.tensor([5.0, 5.0, 0.0, 0.0])
+    head[:, 8:12] = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    scores = random_scores(0)
+    scores.head, scores.kv_head = head, head.reshape(L, Hkv, -1).sum(-1)
+    target = {**TARGET, "n_kv_heads": 1, "n_heads": 2}
+    masks = oneshot_masks(scores, SOURCE, resolve_target(SOURCE, target))
+    assert masks["kv_head"].tolist() == [[0.0, 1.0, 0.0]] * L
+    assert masks["head"][0].nonzero().flatten().tolist() == [4, 5]
+    # keeping every head of a group, the group is worth all of them
+    masks = oneshot_masks(scores, SOURCE, resolve_target(SOURCE, {**TARGET, "n_kv_heads": 1, "n_heads": 4}))
+    assert masks["kv_head"].tolist() == [[1.0, 0.0, 0.0]] * L
+
+
+def test_prune_oneshot_calibrates_on_the_train_split_by_default(source_ckpt, data_root, tmp_path):
+    from llmshearing.pruning.oneshot import prune_oneshot
+
+    common = dict(samples=4, batch_size=2, progress=False)
+    default = prune_oneshot(source_ckpt, tmp_path / "a", data_root, TARGET, **common)
+    assert json.loads((default.out / RECORD_NAME).read_text())["split"] == "train"
+    on_eval = prune_oneshot(source_ckpt, tmp_path / "b", data_root, TARGET, split="eval", **common)
+    assert json.loads((on_eval.out / RECORD_NAME).read_text())["split"] == "eval"
+    train_masks, eval_masks = (
+        load_file(str(default.out / MASKS_NAME)),
+        load_file(str(on_eval.out / MASKS_NAME)),
+    )
+    total, batches = calibration_batches(data_root, 4, 2, split="train")
+    scores = compute_importance(random_decoder(), batches, total=total, progress=False)
+    expected = oneshot_masks(scores, SOURCE, resolve_target(SOURCE, TARGET))
+    assert all(torch.equal(train_masks[k], expected[k]) for k in expected)
+    assert any(not torch.equal(train_masks[k], eval_masks[k]) for k in expected)  # the splits differ

@@ -141,6 +141,23 @@ def split_documents(stream: np.ndarray, tokenizer) -> list[list[int]]:
     return pieces
 
 
+def packed_ids(samples: np.ndarray, tokenizer, docs: list[str]) -> list[str]:
+    """Id words of the documents packed in ``samples``, in order; each is checked to be packed whole
+    (the last may be cut where the split ends)."""
+    by_id = {doc.split()[0]: tokens for doc, tokens in zip(docs, wrapped(tokenizer, docs), strict=True)}
+    pieces = split_documents(samples.reshape(-1), tokenizer)
+    if len(pieces[-1]) < 2:  # the stream ends right after a BOS
+        pieces.pop()
+    ids = []
+    for i, piece in enumerate(pieces):
+        doc_id = tokenizer.convert_ids_to_tokens(piece[1])
+        full = by_id[doc_id]
+        assert piece == (full if i < len(pieces) - 1 else full[: len(piece)]), f"{doc_id} is not packed whole"
+        ids.append(doc_id)
+    assert len(ids) == len(set(ids)), "a document repeats"
+    return ids
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -279,23 +296,45 @@ def test_round_trip_file_level_split(tmp_path: Path, tokenizer_dir: Path, hf_tok
 
     for domain in ("alpha", "beta"):
         files = CORPUS[domain]
-        train_stats, eval_stats = manifest["splits"]["train"][domain], manifest["splits"]["eval"][domain]
-        assert eval_stats["paths"] and train_stats["paths"]
-        assert eval_stats["files"] + train_stats["files"] == len(files)
-        assert not set(eval_stats["paths"]) & set(train_stats["paths"]), "eval and train share a file"
-        assert train_stats["paths"] == sorted(train_stats["paths"])  # train keeps the input order
-        for split, stats in (("train", train_stats), ("eval", eval_stats)):
+        stats = {split: manifest["splits"][split][domain] for split in ("train", "eval", "test")}
+        assert stats["eval"]["samples"] == stats["test"]["samples"] == 3  # test defaults to --eval-seqs
+        # held-out files are read in seeded order; their documents fill eval and test, then train
+        held = list(dict.fromkeys([*stats["eval"]["paths"], *stats["test"]["paths"]]))
+        assert 0 < len(held) < len(files)
+        held_docs = [doc for name in held for doc in files[name]]
+        all_docs = [doc for docs in files.values() for doc in docs]
+        ids = {split: packed_ids(read_split(out / split / domain), hf_tokenizer, all_docs) for split in stats}
+        n_held = stats["eval"]["documents"] + stats["test"]["documents"]
+        assert [len(ids["eval"]), len(ids["test"])] == [
+            stats["eval"]["documents"],
+            stats["test"]["documents"],
+        ]
+        assert sorted(ids["eval"] + ids["test"]) == sorted(d.split()[0] for d in held_docs[:n_held])
+        tail = held_docs[n_held:]
+        rest = [name for name in sorted(files) if name not in held]
+        assert stats["train"]["paths"] == ([held[-1]] if tail else []) + rest
+        assert len(tail) < len(files[held[-1]]), "only the file that filled test passes its rest to train"
+        train_docs = tail + [doc for name in rest for doc in files[name]]
+        assert n_held + len(train_docs) == len(all_docs) == manifest["documents_read"][domain]
+        assert manifest["unused_documents"][domain] == 0
+        by_id = {doc.split()[0]: doc for doc in all_docs}
+        for split in stats:
+            docs = train_docs if split == "train" else [by_id[i] for i in ids[split]]
             samples = read_split(out / split / domain)
-            assert samples.dtype == np.uint16 and samples.shape == (stats["samples"], SEQ_LEN)
-            expected = [
-                t for name in stats["paths"] for doc in wrapped(hf_tokenizer, files[name]) for t in doc
-            ]
+            assert samples.dtype == np.uint16 and samples.shape == (stats[split]["samples"], SEQ_LEN)
+            wrapped_docs = wrapped(hf_tokenizer, docs)
+            expected = [t for tokens in wrapped_docs for t in tokens]
             assert samples.reshape(-1).tolist() == expected[: samples.size]
+            assert stats[split]["documents"] == len(docs)
             if split == "train":  # every train document is packed; only the tail is dropped
-                assert stats["documents"] == sum(len(files[name]) for name in stats["paths"])
-                assert stats["tokens"] == len(expected) and stats["samples"] == len(expected) // SEQ_LEN
-            else:
-                assert stats["samples"] == 3 and stats["tokens"] == 3 * SEQ_LEN
+                assert stats[split]["tokens"] == len(expected)
+                assert stats[split]["samples"] == len(expected) // SEQ_LEN
+            else:  # the document that fills the last sample is cut there
+                assert stats[split]["tokens"] == 3 * SEQ_LEN < len(expected)
+                assert len(expected) - len(wrapped_docs[-1]) < 3 * SEQ_LEN, "a document not needed"
+    assert manifest["max_token_id"] == max(
+        int(read_split(out / split / d).max()) for split in ("train", "eval", "test") for d in CORPUS
+    )
 
 
 def test_document_level_split_is_disjoint(tmp_path: Path, tokenizer_dir: Path, hf_tokenizer) -> None:
@@ -303,33 +342,20 @@ def test_document_level_split_is_disjoint(tmp_path: Path, tokenizer_dir: Path, h
     out = tmp_path / "mds"
     manifest = run(root, out, tokenizer_dir, eval_seqs=4)
     docs = CORPUS["solo"]["s0.jsonl"]
-    by_id = {doc.split()[0]: tokens for doc, tokens in zip(docs, wrapped(hf_tokenizer, docs), strict=True)}
-    vocab = hf_tokenizer.convert_ids_to_tokens
-
     seen: dict[str, list[str]] = {}
-    for split in ("eval", "train"):
+    for split in ("eval", "test", "train"):
         samples = read_split(out / split / "solo")
         assert samples.shape == (manifest["splits"][split]["solo"]["samples"], SEQ_LEN)
-        pieces = split_documents(samples.reshape(-1), hf_tokenizer)
-        ids = []
-        if len(pieces[-1]) < 2:  # the stream ends right after a BOS
-            pieces.pop()
-        for i, piece in enumerate(pieces):
-            doc_id = vocab(piece[1])
-            full = by_id[doc_id]
-            ids.append(doc_id)
-            if i < len(pieces) - 1:
-                assert piece == full, f"{split}: document {doc_id} is not packed whole"
-            else:
-                assert piece == full[: len(piece)]
-        assert len(ids) == len(set(ids)), f"{split}: a document repeats"
-        seen[split] = ids
-    assert not set(seen["eval"]) & set(seen["train"]), "eval and train share a document"
-    positions = [int(i.split("_")[1]) for i in seen["eval"]]
-    assert positions == sorted(positions), "eval documents are written in file order"
-    stats = manifest["splits"]["eval"]["solo"]
-    assert stats["samples"] == 4 and stats["documents"] == len(seen["eval"]) < len(docs) // 2
-    assert manifest["splits"]["train"]["solo"]["documents"] + stats["documents"] == len(docs)
+        seen[split] = packed_ids(samples, hf_tokenizer, docs)
+    for a, b in (("eval", "train"), ("test", "train"), ("eval", "test")):
+        assert not set(seen[a]) & set(seen[b]), f"{a} and {b} share a document"
+    stats = {split: manifest["splits"][split]["solo"] for split in ("train", "eval", "test")}
+    for split in ("eval", "test"):
+        positions = [int(i.split("_")[1]) for i in seen[split]]
+        assert positions == sorted(positions), f"{split} documents are written in file order"
+        assert stats[split]["samples"] == 4 and stats[split]["documents"] == len(seen[split])
+    assert stats["eval"]["documents"] + stats["test"]["documents"] <= len(docs) // 2
+    assert sum(s["documents"] for s in stats.values()) == manifest["documents_read"]["solo"] == len(docs)
 
 
 def test_deterministic_across_workers_and_reruns(tmp_path: Path, tokenizer_dir: Path) -> None:
@@ -415,12 +441,25 @@ def test_script_prints_summary(tmp_path: Path, tokenizer_dir: Path, capsys, monk
     root = write_corpus(tmp_path / "raw")
     out = tmp_path / "mds"
     argv = ["--input", str(root), "--output", str(out), "--tokenizer", str(tokenizer_dir)]
-    argv += ["--seq-len", str(SEQ_LEN), "--eval-seqs", "2", "--workers", "1", "--no-progress"]
+    argv += [
+        "--seq-len",
+        str(SEQ_LEN),
+        "--eval-seqs",
+        "2",
+        "--test-seqs",
+        "1",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     assert script.main(argv) == 0
     stdout = capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
+    assert {d: s["samples"] for d, s in manifest["splits"]["test"].items()} == dict.fromkeys(CORPUS, 1)
     assert stdout.strip().splitlines()[:-1] == format_summary(manifest).splitlines()
-    assert "3 domains, seq_len 16, train " in stdout and f"wrote {out}" in stdout
+    assert "3 domains, seq_len 16, train " in stdout and "eval 6 samples, test 3 samples" in stdout
+    assert f"{sum(len(d) for f in CORPUS.values() for d in f.values())} documents read: train " in stdout
+    assert f"wrote {out}" in stdout
     alpha = manifest["splits"]["train"]["alpha"]
     row = ["alpha", "train", str(alpha["files"]), str(alpha["documents"]), f"{alpha['tokens']:,}"]
     assert [line.split()[:5] for line in stdout.splitlines() if line.startswith("alpha ")][0] == row
@@ -438,12 +477,112 @@ def test_malformed_lines_are_counted_and_skipped(tmp_path: Path, tokenizer_dir: 
     with caplog.at_level(logging.WARNING, logger="llmshearing.data.jsonl"):
         manifest = run(root, tmp_path / "mds", tokenizer_dir, eval_seqs=1, max_bad_lines=5)
     assert manifest["bad_lines"] == {"beta": 0, "gamma": 5}
-    total = (
-        manifest["splits"]["train"]["gamma"]["documents"] + manifest["splits"]["eval"]["gamma"]["documents"]
-    )
-    assert total == len(docs)
+    total = sum(manifest["splits"][split]["gamma"]["documents"] for split in ("train", "eval", "test"))
+    assert total == manifest["documents_read"]["gamma"] == len(docs)
     assert f"{root / 'gamma' / 'only.jsonl'}:11: malformed JSON" in caplog.text
     assert "only.jsonl:15: invalid UTF-8" in caplog.text
+
+
+def two_file_domain(root: Path) -> Path:
+    """A domain of 150 documents in two files of 75."""
+    for i in range(2):
+        write_jsonl(root / "duo" / f"part{i}.jsonl", records(make_docs(f"a{i}", 75, 20 + i)))
+    return root
+
+
+def test_every_document_of_a_multi_file_domain_is_in_one_split(tmp_path: Path, tokenizer_dir: Path) -> None:
+    root = two_file_domain(tmp_path / "raw")
+    manifest = run(root, tmp_path / "mds", tokenizer_dir, eval_seqs=3, test_seqs=2)
+    splits = {split: manifest["splits"][split]["duo"] for split in ("train", "eval", "test")}
+    assert (splits["eval"]["samples"], splits["test"]["samples"]) == (3, 2)
+    assert sum(s["documents"] for s in splits.values()) == manifest["documents_read"]["duo"] == 150
+    held = splits["eval"]["paths"]
+    assert held == splits["test"]["paths"] and len(held) == 1, "eval and test share the held-out file"
+    assert splits["train"]["paths"] == [held[0], *(p for p in ("part0.jsonl", "part1.jsonl") if p != held[0])]
+    summary = format_summary(manifest)
+    assert "150 documents read: train 1" in summary and "eval 3 samples, test 2 samples" in summary
+
+    # a malformed line at the end of the held-out file is read and counted like any other
+    held_file = root / "duo" / held[0]
+    held_file.write_bytes(held_file.read_bytes() + b'{"text": 7}\n')
+    with pytest.raises(ValueError, match=rf"{held[0]}:76: field 'text' is int.*--max-bad-lines 0"):
+        run(root, tmp_path / "strict", tokenizer_dir, eval_seqs=3, test_seqs=2, max_bad_lines=0)
+    assert_nothing_left(tmp_path / "strict")
+
+
+def test_documents_over_the_train_cap_are_counted_as_unused(tmp_path: Path, tokenizer_dir: Path) -> None:
+    root = two_file_domain(tmp_path / "raw")
+    (root / "duo" / "part1.jsonl").write_bytes((root / "duo" / "part1.jsonl").read_bytes() + b"[1]\n")
+    with pytest.raises(ValueError, match=r"part1\.jsonl:76: expected a JSON object"):
+        run(root, tmp_path / "strict", tokenizer_dir, train_seqs=2, eval_seqs=0, max_bad_lines=0)
+    manifest = run(root, tmp_path / "mds", tokenizer_dir, train_seqs=2, eval_seqs=0, max_bad_lines=1)
+    train = manifest["splits"]["train"]["duo"]
+    assert train["samples"] == 2 and train["paths"] == ["part0.jsonl"]
+    unused = manifest["unused_documents"]["duo"]
+    assert unused > 75 and train["documents"] + unused == manifest["documents_read"]["duo"] == 150
+    assert f", {unused} in no split (train full at its --train-seqs cap); 1 malformed lines skipped" in (
+        format_summary(manifest)
+    )
+
+
+@pytest.mark.parametrize("case", ["wrong text field", "binary file", "bad lines fill whole batches"])
+def test_single_file_domain_with_unparsed_batches(tmp_path: Path, tokenizer_dir: Path, case: str) -> None:
+    path = tmp_path / "raw" / "solo" / "only.jsonl"
+    docs = make_docs("s0", 200, 6)
+    if case == "wrong text field":
+        write_jsonl(path, [json.dumps({"body": doc}) for doc in docs[:40]])
+        message = r"domain 'solo' .* has no documents.*first bad line: .*only\.jsonl:1: no 'text' field \(keys: body\)"
+    elif case == "binary file":
+        path.parent.mkdir(parents=True)
+        path.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4000)))
+        message = r"has no documents.*first bad line: .*only\.jsonl:1: invalid UTF-8"
+    else:  # 1,100 bad lines (whole batches of them) before 200 good ones
+        write_jsonl(path, [*["{broken"] * 1100, *records(docs)])
+        manifest = run(tmp_path / "raw", tmp_path / "mds", tokenizer_dir, max_bad_lines=2000)
+        assert manifest["bad_lines"] == {"solo": 1100} and manifest["documents_read"] == {"solo": 200}
+        assert (
+            sum(manifest["splits"][split]["solo"]["documents"] for split in ("train", "eval", "test")) == 200
+        )
+        return
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "raw", tmp_path / "mds", tokenizer_dir, max_bad_lines=2000)
+    assert_nothing_left(tmp_path / "mds")
+
+
+def test_a_second_run_into_the_same_output_fails_and_keeps_the_first(
+    tmp_path: Path, tokenizer_dir: Path, monkeypatch
+) -> None:
+    import llmshearing.data.prepare as prepare_module
+
+    root = write_corpus(tmp_path / "raw", {"beta": CORPUS["beta"]})
+    out = tmp_path / "mds"
+    inner_runs: list[dict] = []
+    prepare_domains = prepare_module._prepare_domains
+
+    def with_a_concurrent_run(*args, **kwargs):
+        if not inner_runs:  # another run into the same output starts and finishes meanwhile
+            inner_runs.append({})
+            inner_runs[0] = run(root, out, tokenizer_dir, eval_seqs=2)
+        return prepare_domains(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "_prepare_domains", with_a_concurrent_run)
+    with pytest.raises(ValueError, match="was written by another process while this one ran"):
+        run(root, out, tokenizer_dir, eval_seqs=1)
+    assert json.loads((out / "manifest.json").read_text()) == inner_runs[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mds", "raw"], "the losing run left its staging"
+
+
+def test_test_split_options(tmp_path: Path, tokenizer_dir: Path) -> None:
+    root = write_corpus(tmp_path / "raw", {"solo": CORPUS["solo"]})
+    manifest = run(root, tmp_path / "no-test", tokenizer_dir, eval_seqs=2, test_seqs=0)
+    assert manifest["splits"]["test"]["solo"]["samples"] == 0 and not (tmp_path / "no-test" / "test").exists()
+    assert manifest["splits"]["eval"]["solo"]["samples"] == 2
+    manifest = run(root, tmp_path / "only-test", tokenizer_dir, eval_seqs=0, test_seqs=2)
+    assert (
+        manifest["splits"]["test"]["solo"]["samples"] == 2 and not (tmp_path / "only-test" / "eval").exists()
+    )
+    with pytest.raises(ValueError, match="--test-seqs must be 0 or more, got -1"):
+        run(root, tmp_path / "bad", tokenizer_dir, test_seqs=-1)
 
 
 def test_too_many_bad_lines_fail_and_leave_nothing(tmp_path: Path, tokenizer_dir: Path) -> None:

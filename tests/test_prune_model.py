@@ -48,8 +48,10 @@ class RandomTokens(Dataset):
 def pruning_run(
     run: Path, config: ModelConfig, l0: dict | None, batches: int = 4, log_alpha: dict | None = None
 ) -> tuple[Path, ComposerLlama]:
-    """Train a few batches, save a Composer checkpoint under ``run/checkpoints`` and the run's config.json."""
+    """Train a few batches, save a Composer checkpoint under ``run/checkpoints`` and the run's config.json
+    (the checkpoint records the run's identity, as the training entry point's checkpoints do)."""
     from llmshearing.training.builders import write_run_description
+    from llmshearing.training.run_folder import RunRecord
 
     torch.manual_seed(0)
     model = ComposerLlama(config)
@@ -58,6 +60,11 @@ def pruning_run(
         groups = l0_param_groups(model, 1e-3, 0.5, 0.2)
     else:
         groups = [{"params": list(model.parameters())}]
+    description = {
+        "model": config.to_dict(),
+        "hf_config": None,
+        "l0_module": module.l0_config.to_dict() if l0 else None,
+    }
     trainer = Trainer(
         model=model,
         train_dataloader=DataLoader(RandomTokens(), batch_size=8),
@@ -69,6 +76,7 @@ def pruning_run(
         progress_bar=False,
         save_folder=str(run / "checkpoints"),
         save_interval=f"{batches}ba",
+        callbacks=[RunRecord(description)],
     )
     trainer.fit()
     if log_alpha:
@@ -77,11 +85,6 @@ def pruning_run(
                 module.log_alpha[family].copy_(values)
         trainer.save_checkpoint(str(run / "checkpoints" / "edited.pt"))
     trainer.close()
-    description = {
-        "model": config.to_dict(),
-        "hf_config": None,
-        "l0_module": module.l0_config.to_dict() if l0 else None,
-    }
     write_run_description(str(run), description)
     name = "edited.pt" if log_alpha else f"ep0-ba{batches}-rank0.pt"
     return run / "checkpoints" / name, model
@@ -141,17 +144,18 @@ def test_target_sparsity_run_prunes_to_current_expected_size(tmp_path, capsys):
     assert config.n_heads < 8 and config.intermediate_size < 48
 
 
-def test_blocks_dropped_in_different_layers_are_refused_with_a_hint(tmp_path, capsys):
+def test_blocks_learned_in_different_layers_drop_the_same_layer_and_report_the_floor(tmp_path, capsys):
     l0 = {"pruning_modules": ["head_layer", "mlp"], "target_model": {"n_layers": 3}}
     log_alpha = {
         "head_layer": torch.tensor([-3.0, 3.0, 3.0, 3.0]),
         "mlp": torch.tensor([3.0, -3.0, 3.0, 3.0]),
     }
     ckpt, _ = pruning_run(tmp_path / "run", TIED, l0, batches=1, log_alpha=log_alpha)
-    assert main(["prune-model", str(ckpt), str(tmp_path / "pruned")]) == 2
-    err = capsys.readouterr().err
-    assert "layer 0 but remove its attention" in err and "'layer' family" in err
-    assert not (tmp_path / "pruned").exists()
+    assert main(["prune-model", str(ckpt), str(tmp_path / "pruned")]) == 0
+    printed = capsys.readouterr().out
+    # layers 0 and 1 tie; layer 1 goes, and layer 0 keeps its attention at the floor value
+    assert load_checkpoint(tmp_path / "pruned")[0] == TIED.replace(n_layers=3)
+    assert "kept units at floor" in printed and "1 kept units" in printed and "head_layer: 1" in printed
 
 
 def test_user_errors_are_one_line_with_the_fix(tmp_path, capsys):

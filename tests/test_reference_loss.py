@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -143,3 +144,39 @@ def test_cli_errors_exit_2(extra, message, capsys):
     code = cli_main(["reference-loss", "fit", "--sizes", *sizes, *extra, "--target-size", "1.3b"])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("losses", "message"),
+    [
+        (
+            "1.5,1.6,1.7",
+            r"the losses do not decrease with model size \(6\.74e\+09: 1\.5, 1\.3e\+10: 1\.6, 6\.9e\+10: 1\.7\)",
+        ),
+        (
+            "2.0,2.0,2.0",
+            r"the losses do not decrease with model size .* a = 0, a loss that rises or stays flat",
+        ),
+        ("2.0,1.9,1.95", r"do not follow a power law that decreases .* b = 5 lies at the edge"),
+        ("2.0,1.95,1.5", r"do not follow a power law that decreases .* b = 1e-06 lies at the edge"),
+    ],
+)
+def test_fit_that_does_not_decrease_is_refused(tmp_path, capsys, losses, message):
+    out = tmp_path / "reference.json"
+    sizes = [str(s) for s in LLAMA2_SIZES]
+    args = ["reference-loss", "fit", "--sizes", *sizes, "--losses", f"cc={losses}", "--target-size", "1.3b"]
+    assert cli_main([*args, "--output", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not out.exists()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmshearing reference-loss: error: domain 'cc': ")
+    assert re.search(message, lines[0])
+
+
+def test_prediction_that_is_no_loss_is_refused():
+    law = fit_power_law(LLAMA2_SIZES, LLAMA2_LOSSES["cc"])  # its asymptote c is negative
+    assert law.predict(TARGET_SIZES["1.3b"]) == pytest.approx(PRESETS["sheared-1.3b"]["cc"], abs=5e-5)
+    with pytest.raises(ValueError, match=r"predicts a loss of -.* at N = 1e\+30, which is no loss"):
+        law.predict(1e30)
+    with pytest.raises(ValueError, match="domain 'cc': the fit predicts a loss of"):
+        fit_reference_losses(LLAMA2_SIZES, {"cc": LLAMA2_LOSSES["cc"]}, 1e30)

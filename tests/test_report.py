@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -81,3 +82,57 @@ def test_report_cli_errors_on_missing_metrics(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "metrics.jsonl not found" in err
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            "{oops",
+            r"metrics\.jsonl:2: not JSON \(Expecting property name enclosed in double quotes at column 2\)",
+        ),
+        ("[1, 2]", r"metrics\.jsonl:2: expected a JSON object, got list"),
+        (
+            '{"step": 2, "loss/train/total": "low"}',
+            r"metrics\.jsonl:2: 'loss/train/total' is 'low', not a number",
+        ),
+        ('{"step": 2.5, "loss/train/total": 1.0}', r"metrics\.jsonl:2: 'step' is 2\.5, not a batch number"),
+        ('{"step": true, "loss/train/total": 1.0}', r"metrics\.jsonl:2: 'step' is True, not a number"),
+    ],
+)
+def test_report_names_a_bad_line(tmp_path, capsys, line, message):
+    good = json.dumps({"step": 1, "loss/train/total": 2.0})
+    (tmp_path / "metrics.jsonl").write_text(f"{good}\n{line}\n{good}\n")
+    assert cli_main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llmshearing report: error: ")
+    assert re.search(message, err[0]) and "repair or delete that line" in err[0]
+    assert not (tmp_path / "report").exists()
+
+
+def test_report_reads_a_run_killed_mid_write_and_resumed(tmp_path):
+    rows = [json.dumps({"step": s, "loss/train/total": 3.0 - 0.1 * s}) for s in (1, 2)]
+    partial = '{"step": 3, "loss/tr'  # the killed run's last write; the resumed run appends after it
+    resumed = json.dumps({"step": 3, "loss/train/total": 2.5})
+    (tmp_path / "metrics.jsonl").write_text(f"{rows[0]}\n{rows[1]}\n{partial}{resumed}\n")
+    assert read_metrics(str(tmp_path / "metrics.jsonl"))["loss/train/total"] == [(1, 2.9), (2, 2.8), (3, 2.5)]
+
+
+def test_report_refuses_a_binary_file(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe\x00binary')
+    assert cli_main(["report", str(tmp_path)]) == 2
+    assert "metrics.jsonl is not UTF-8 text (byte 12)" in capsys.readouterr().err
+
+
+def test_report_keeps_a_directory_it_did_not_write(tmp_path, capsys):
+    _write_metrics(str(tmp_path / "metrics.jsonl"))
+    elsewhere = tmp_path / "documents"
+    elsewhere.mkdir()
+    (elsewhere / "thesis.tex").write_text("keep me")
+    assert cli_main(["report", str(tmp_path), "--out", str(elsewhere)]) == 2
+    assert "holds files a report does not write (thesis.tex)" in capsys.readouterr().err
+    assert (elsewhere / "thesis.tex").read_text() == "keep me"
+    first = write_report(str(tmp_path))  # an earlier report is replaced
+    (tmp_path / "report" / "report.md").write_text("stale")
+    assert write_report(str(tmp_path)) == first
+    assert (tmp_path / "report" / "report.md").read_text().startswith("# Run report")

@@ -79,3 +79,75 @@ def test_shipped_recipes_use_only_known_keys(path):
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     check_keys(values, SCHEMA)
     assert values["max_duration"].endswith("ba") and values["eval_interval"].endswith("ba")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimizer.lr=.nan"], "optimizer.lr must be a finite number > 0, got nan"),
+        (["optimizer.lr=nan"], "optimizer.lr must be a finite number > 0, got 'nan'"),
+        (["optimizer.lr=0"], "optimizer.lr must be a finite number > 0"),
+        (["optimizer.lr=fast"], "optimizer.lr must be a finite number > 0, got 'fast'"),
+        (["optimizer.betas=[0.9,1.0]"], "optimizer.betas[1] must be < 1"),
+        (["optimizer.betas=[0.9]"], "optimizer.betas must be a list of two numbers"),
+        (["optimizer.eps=-1e-8"], "optimizer.eps must be a finite number > 0"),
+        (["optimizer.weight_decay=inf"], "optimizer.weight_decay must be a finite number >= 0"),
+        (["optimizer.name=adam"], "optimizer.name must be one of ['decoupled_adamw']"),
+        (["scheduler.name=cosine"], "scheduler.name must be one of"),
+        (["scheduler.t_warmup=10ba"], "scheduler.t_warmup (10ba) is not shorter than max_duration (10ba)"),
+        (["scheduler.t_warmup=2ep"], "scheduler.t_warmup must be given in batches"),
+        (["scheduler.t_warmup=1.5dur"], "more than the whole run"),
+        (["scheduler.alpha_f=2"], "scheduler.alpha_f must be a finite number >= 0 and <= 1"),
+        (["scheduler.t_max=2ba", "scheduler.t_warmup=3ba"], "scheduler.t_max (2ba) must be longer"),
+        (
+            ["save_interval=500"],
+            "save_interval must be a number of batches >= 1 written like save_interval=100ba",
+        ),
+        (["max_duration=0ba"], "max_duration must be a number of batches >= 1"),
+        (["precision=bf16"], "precision must be one of"),
+        (["autoresume=yes please"], "autoresume must be true or false"),
+        (["eval_subset_num_batches=0"], "eval_subset_num_batches must be -1"),
+        (["device_eval_batch_size=0"], "device_eval_batch_size must be an integer >= 1"),
+        (
+            ["algorithms.gradient_clipping.clipping_threshold=-1"],
+            "clipping_threshold must be a finite number > 0",
+        ),
+        (["algorithms.gradient_clipping.clipping_type=l2"], "clipping_type must be one of"),
+        (
+            ["callbacks.data_loading.set_names=[a,b]", "callbacks.data_loading.target_loss=[1.0,.nan]"],
+            "target_loss[1] (b)",
+        ),
+        (
+            ["callbacks.data_loading.set_names=[a,b]", "callbacks.data_loading.target_loss=[1.0]"],
+            "target_loss has 1 values but set_names has 2",
+        ),
+        (
+            ["callbacks.data_loading.set_names=[a,b]", "callbacks.data_loading.target_loss=[1.0,-2]"],
+            "must be a finite loss >= 0, got -2",
+        ),
+        (["callbacks.data_loading.target_loss=3.0"], "target_loss must be a list of losses"),
+        (["optimizer=null"], "optimizer must be a mapping"),
+    ],
+)
+def test_bad_recipe_values_name_the_key(recipe, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(load_config(recipe, overrides))
+    assert message in str(err.value)
+
+
+def test_missing_mandatory_value_is_named(recipe, tmp_path):
+    path = tmp_path / "mandatory.yaml"
+    path.write_text(open(recipe).read().replace("max_seq_len: 32", "max_seq_len: ???"))
+    with pytest.raises(ConfigError, match=r"leaves max_seq_len to be set \(\?\?\?\); pass max_seq_len="):
+        validate_config(load_config(str(path)))
+
+
+def test_scheduler_t_max_reaches_the_scheduler(recipe):
+    from composer.core import Time
+
+    from llmshearing.training.builders import build_scheduler
+
+    values = validate_config(load_config(recipe, ["scheduler.t_warmup=0ba", "scheduler.t_max=5ba"]))
+    assert build_scheduler(values).t_max == Time.from_timestring("5ba")
+    default = validate_config(load_config(recipe, ["scheduler.t_warmup=0ba"]))
+    assert build_scheduler(default).t_max == Time.from_timestring("1dur")

@@ -18,10 +18,17 @@ When the update happens (Composer's event order):
   or with ``reference: source`` only records the reference losses;
 * evaluations anywhere else (e.g. the one Composer runs at ``FIT_END``) are logged but change
   nothing, and each interval is updated at most once.
+
+Stabilisers (``DataLoadingConfig``): with ``loss_ema`` the rule reads an exponential moving average
+of each domain's losses, fed once per interval boundary; with ``update_warmup: W`` the boundaries
+before batch ``W`` feed the average but keep the mix (the first update is at the first boundary at
+or after ``W``); ``min_proportion`` and ``excess`` act inside :func:`llmshearing.data.mixing.update_weights`.
+The average, like the weights, is part of the callback's checkpoint state.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,7 +42,7 @@ from composer.utils import dist
 
 from llmshearing.data.dynamic_dataset import DynamicStreamingDataset
 from llmshearing.data.loaders import DataLoadingConfig
-from llmshearing.data.mixing import update_weights
+from llmshearing.data.mixing import ema_losses, update_weights
 from llmshearing.data.reference_loss import fit_reference_losses, preset_reference, reference_for_domains
 from llmshearing.models.loss import IGNORE_INDEX
 
@@ -122,6 +129,10 @@ class DynamicLoadingCallback(Callback):
         eta: step size. smoothing: weight of the uniform mixture.
         loss_source: ``eval`` or ``train``.
         eval_label: the evaluator whose metrics are read.
+        loss_ema: decay of the moving average of the losses (0: each interval's own losses).
+        min_proportion: floor of each domain's weight, as a fraction of its initial proportion.
+        update_warmup: batches before the first update.
+        excess: ``absolute`` (``loss - ref``) or ``relative`` (``(loss - ref) / ref``).
     """
 
     def __init__(
@@ -136,6 +147,10 @@ class DynamicLoadingCallback(Callback):
         smoothing: float = 1e-4,
         loss_source: str = "eval",
         eval_label: str = "eval",
+        loss_ema: float = 0.0,
+        min_proportion: float = 0.0,
+        update_warmup: int | str = 0,
+        excess: str = "absolute",
     ) -> None:
         cfg = DataLoadingConfig(
             set_names=list(set_names),
@@ -149,15 +164,21 @@ class DynamicLoadingCallback(Callback):
             smoothing=smoothing,
             loss_source=loss_source,
             eval_label=eval_label,
+            loss_ema=loss_ema,
+            min_proportion=min_proportion,
+            update_warmup=update_warmup,
+            excess=excess,
         )
         cfg.validate()
         self.cfg = cfg
         self.set_names = tuple(cfg.set_names)
         self.from_source = reference == "source"
         self.reference = resolve_reference(self.set_names, cfg.target_loss, reference)
+        self._check_reference(self.reference)
         self.weights = np.asarray(cfg.proportion, dtype=np.float64)
         self.weights = self.weights / self.weights.sum()
         self.next_update_epoch = 0
+        self.smoothed: np.ndarray | None = None  # moving average of the losses (loss_ema > 0)
         self.history: list[dict[str, Any]] = []
         k = len(self.set_names)
         self.train_loss_sum = np.zeros(k, dtype=np.float64)
@@ -182,9 +203,27 @@ class DynamicLoadingCallback(Callback):
             smoothing=dl.smoothing,
             loss_source=dl.loss_source,
             eval_label=dl.eval_label,
+            loss_ema=dl.loss_ema,
+            min_proportion=dl.min_proportion,
+            update_warmup=dl.update_warmup,
+            excess=dl.excess,
         )
 
     # ------------------------------------------------------------------------------ helpers
+    def _check_reference(self, reference: np.ndarray | None) -> None:
+        if self.cfg.excess == "relative" and reference is not None and np.any(reference <= 0):
+            raise ValueError(
+                f"{_DL}.excess: relative divides by the reference losses, which must be positive; got "
+                f"{dict(zip(self.set_names, reference.tolist(), strict=True))}: fix them or use excess: absolute"
+            )
+
+    def _signal(self, losses: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The losses the rule reads and which domains have one: raw, or their moving average."""
+        if not self.cfg.loss_ema:
+            return losses, present
+        self.smoothed = ema_losses(self.smoothed, losses, present, self.cfg.loss_ema)
+        return self.smoothed, ~np.isnan(self.smoothed)
+
     def _dataset(self, state: State) -> DynamicStreamingDataset:
         dataset = getattr(state.train_dataloader, "dataset", None)
         if not isinstance(dataset, DynamicStreamingDataset):
@@ -254,7 +293,23 @@ class DynamicLoadingCallback(Callback):
                 [n for n, p in zip(self.set_names, present, strict=True) if not p],
                 self.cfg.loss_source,
             )
-        effective = np.where(present, losses, self.reference) if self.reference is not None else losses
+        signal, known = self._signal(losses, present)
+        batch = int(state.timestamp.batch)
+        self.next_update_epoch = epoch + 1
+        entry: dict[str, Any] = {
+            "epoch": epoch,
+            "batch": batch,
+            "losses": [float(v) if p else None for v, p in zip(losses, present, strict=True)],
+        }
+        if self.cfg.loss_ema:
+            entry["smoothed"] = [float(v) if k else None for v, k in zip(signal, known, strict=True)]
+        self._log(logger, "loss", losses, present)
+        if self.cfg.loss_ema:
+            self._log(logger, "smoothed_loss", signal, known)
+        if batch < self.cfg.update_warmup:  # the average learns, the mix stays
+            self.history.append({**entry, "warmup": True, "weights": self.weights.tolist()})
+            return
+        effective = np.where(known, signal, self.reference) if self.reference is not None else signal
         weights = update_weights(
             self.cfg.update_type,
             self.weights,
@@ -263,20 +318,12 @@ class DynamicLoadingCallback(Callback):
             eta=self.cfg.eta,
             smoothing=self.cfg.smoothing,
             clip=self.cfg.clip,
+            relative=self.cfg.excess == "relative",
+            floors=self.cfg.floors,
         )
         counts = dataset.set_proportions(weights, epoch)
         self.weights = weights
-        self.next_update_epoch = epoch + 1
-        self.history.append(
-            {
-                "epoch": epoch,
-                "batch": int(state.timestamp.batch),
-                "losses": [float(v) if p else None for v, p in zip(losses, present, strict=True)],
-                "weights": weights.tolist(),
-                "counts": [int(c) for c in counts],
-            }
-        )
-        self._log(logger, "loss", losses, present)
+        self.history.append({**entry, "weights": weights.tolist(), "counts": [int(c) for c in counts]})
         self._log(logger, "weight", weights)
         self._log(logger, "count", counts)
         if self.reference is not None:
@@ -307,6 +354,7 @@ class DynamicLoadingCallback(Callback):
             absent = [n for n, p in zip(self.set_names, present, strict=True) if not p]
             if absent:
                 raise ValueError(f"reference: source needs eval tokens of every domain; none for {absent}")
+            self._check_reference(losses)
             self.reference = losses.copy()
             self._log(logger, "reference", self.reference)
             log.info(
@@ -366,7 +414,9 @@ class DynamicLoadingCallback(Callback):
             "weights": self.weights.tolist(),
             "reference": None if self.reference is None else self.reference.tolist(),
             "next_update_epoch": self.next_update_epoch,
-            "history": [dict(h) for h in self.history],
+            "smoothed": json.dumps(_nan_as_none(self.smoothed)),  # a leaf whether or not it exists yet
+            # one JSON string: a sharded (FSDP) checkpoint stores a leaf, whatever the history's length
+            "history": json.dumps(self.history),
             "train_loss_sum": self.train_loss_sum.tolist(),
             "train_tokens": self.train_tokens.tolist(),
         }
@@ -381,6 +431,22 @@ class DynamicLoadingCallback(Callback):
         if state["reference"] is not None:
             self.reference = np.asarray(state["reference"], dtype=np.float64)
         self.next_update_epoch = int(state["next_update_epoch"])
-        self.history = [dict(h) for h in state["history"]]
+        smoothed = state.get("smoothed")  # absent from checkpoints written before loss_ema existed
+        if isinstance(smoothed, str):
+            smoothed = json.loads(smoothed)
+        self.smoothed = (
+            None
+            if smoothed is None
+            else np.asarray([np.nan if v is None else v for v in smoothed], dtype=float)
+        )
+        history = state["history"]  # a list in checkpoints written before it became a JSON string
+        self.history = [dict(h) for h in (json.loads(history) if isinstance(history, str) else history)]
         self.train_loss_sum = np.asarray(state["train_loss_sum"], dtype=np.float64)
         self.train_tokens = np.asarray(state["train_tokens"], dtype=np.float64)
+
+
+def _nan_as_none(values: np.ndarray | None) -> list[float | None] | None:
+    """A float array as a plain list, NaN (never observed) as None."""
+    if values is None:
+        return None
+    return [None if np.isnan(v) else float(v) for v in values]

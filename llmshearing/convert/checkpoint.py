@@ -8,8 +8,9 @@ A project checkpoint is a directory holding
   (``hf_config`` is the source model's HF config, used on export),
 * the tokenizer files when the source had them.
 
-``open_checkpoint`` also reads a Composer training checkpoint (``.pt``, weights under
-``state.model`` with the ``model.`` prefix of ``ComposerLlama``) and an HF model directory.
+``open_checkpoint`` also reads a Composer training checkpoint (a ``.pt`` file, or the directory of a
+sharded FSDP checkpoint; weights under ``state.model`` with the ``model.`` prefix of ``ComposerLlama``)
+and an HF model directory.
 Writers build the directory under a hidden staging sibling and rename it when complete
 (:mod:`llmshearing.staging`).
 """
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from llmshearing.convert.hf_config import DTYPE_NAMES, model_config_from_hf, read_config_json
 from llmshearing.convert.keymaps import KeyMap, check_keys, is_ignored_hf_key
+from llmshearing.convert.sharded import ShardedModelSource, is_sharded_checkpoint
 from llmshearing.convert.tensor_io import (
     DEFAULT_MAX_SHARD_BYTES,
     StateDictSource,
@@ -38,6 +40,7 @@ from llmshearing.convert.tensor_io import (
 )
 from llmshearing.models.config import ModelConfig
 from llmshearing.staging import staged_dir
+from llmshearing.training.checkpoint_files import checkpoint_file_problem
 
 FORMAT = "llmshearing"
 CONFIG_NAME = "config.json"
@@ -237,10 +240,14 @@ def open_checkpoint(path: str | Path, config_path: str | Path | None = None) -> 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pass a checkpoint directory or a Composer .pt file")
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):
+        if path.is_file() and (problem := checkpoint_file_problem(path)) is not None:
+            raise ValueError(problem)
         cfg_path = _composer_config_path(path, Path(config_path) if config_path else None)
         config, hf_config = read_any_config(cfg_path)
-        tensors: TensorSource = StateDictSource(_load_composer_state(path))
+        tensors: TensorSource = (
+            ShardedModelSource(path) if path.is_dir() else StateDictSource(_load_composer_state(path))
+        )
         check_state(tensors, config, str(path), allow_l0=True)
         candidates = (path.parent, path.parent.parent, _run_source_dir(cfg_path))
         tokenizer_dir = next((d for d in candidates if d is not None and _has_tokenizer(d)), None)

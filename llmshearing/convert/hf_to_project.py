@@ -42,24 +42,79 @@ def resolve_source(src: str | Path, gguf: str | Path | None = None) -> tuple[Pat
     raise FileNotFoundError(f"{src} not found: pass an HF model directory, a .gguf file or a hub model name")
 
 
-def download_from_hub(name: str) -> Path:
-    """Fetch config, weights and tokenizer of an HF hub model (only where the hub is reachable)."""
+HUB_TIMEOUT_S = 10.0
+
+
+def _not_found(name: str, reason: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{name} is not a local directory, and {reason}; pass the directory of a downloaded model "
+        "(or a .gguf file)"
+    )
+
+
+def _cached_snapshot(name: str, patterns: list[str]) -> Path | None:
+    """The model's folder in the local Hugging Face cache, if it is there (no network)."""
     from huggingface_hub import snapshot_download
 
-    base = [CONFIG_NAME, *TOKENIZER_FILES]
     try:
-        directory = Path(
-            snapshot_download(name, allow_patterns=[*base, "*.safetensors", "*.safetensors.index.json"])
-        )
-        if not any(directory.glob("*.safetensors")):
-            directory = Path(
-                snapshot_download(name, allow_patterns=[*base, "pytorch_model*.bin", "*.bin.index.json"])
+        directory = Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached (huggingface_hub raises several types for that)
+        return None
+    return directory if (directory / CONFIG_NAME).is_file() else None
+
+
+def _check_hub_has(name: str) -> bool:
+    """One request with a short timeout: True when the hub has ``name``; False when the hub cannot
+    be reached; an error naming the reason when the hub answers that there is no such model."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(name, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise _not_found(
+            name, "it is a gated model on the hub: accept its licence and log in (`hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise _not_found(
+            name, "the Hugging Face hub has no model of that name (misspelt? private?)"
+        ) from None
+    except Exception:  # connection refused, DNS failure, timeout, proxy error: the hub is unreachable
+        return False
+    return True
+
+
+def download_from_hub(name: str) -> Path:
+    """Fetch config, weights and tokenizer of an HF hub model, or take them from the local cache.
+
+    Fails at once, with the reason, when ``HF_HUB_OFFLINE`` is set or the hub cannot be reached and
+    the model is not cached, and when the hub has no model of that name.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    base = [CONFIG_NAME, *TOKENIZER_FILES]
+    weights = [
+        [*base, "*.safetensors", "*.safetensors.index.json"],
+        [*base, "pytorch_model*.bin", "*.bin.index.json"],
+    ]
+    if constants.HF_HUB_OFFLINE:
+        cached = next((d for p in weights if (d := _cached_snapshot(name, p)) is not None), None)
+        if cached is None:
+            raise _not_found(name, "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache")
+        return cached
+    if not _check_hub_has(name):
+        cached = next((d for p in weights if (d := _cached_snapshot(name, p)) is not None), None)
+        if cached is None:
+            raise _not_found(
+                name, "the Hugging Face hub cannot be reached (no network?) and it is not cached"
             )
-    except Exception as err:  # offline, unknown repo, gated repo: all mean "cannot get it"
-        raise FileNotFoundError(
-            f"{name} is not a local directory and could not be fetched from the Hugging Face hub ({err}); "
-            "download the model and pass its directory"
-        ) from err
+        return cached
+    try:
+        directory = Path(snapshot_download(name, allow_patterns=weights[0], etag_timeout=HUB_TIMEOUT_S))
+        if not any(directory.glob("*.safetensors")):
+            directory = Path(snapshot_download(name, allow_patterns=weights[1], etag_timeout=HUB_TIMEOUT_S))
+    except Exception as err:  # the download itself failed (network lost, disk, permissions)
+        raise _not_found(name, f"downloading it from the Hugging Face hub failed ({err})") from err
     return directory
 
 

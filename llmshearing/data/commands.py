@@ -97,9 +97,9 @@ def run_fit(args: argparse.Namespace) -> int:
     for domain in domains:
         try:
             law = fit_power_law(sizes, losses[domain])
+            rows.append((domain, law, law.predict(target)))
         except ValueError as err:
             raise ValueError(f"domain {domain!r}: {err}") from None
-        rows.append((domain, law, law(target)))
 
     print(f"L(N) = a / (N/s)^b + c, s = {rows[0][1].scale:.6g}; target N = {target:,}")
     print(f"{'domain':<16}{'a':>12}{'b':>12}{'c':>12}{'residual':>12}{'L(target)':>12}")

@@ -11,6 +11,7 @@ every domain in proportion to its size.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from streaming import Stream, StreamingDataset
 from torch.utils.data import Dataset
 
+from llmshearing.data.checks import check_shards
 from llmshearing.data.dynamic_dataset import check_token_column, domain_names, to_sample
 
 
@@ -56,6 +58,9 @@ class DomainEvalDataset(Dataset):
         if samples_per_domain is not None and samples_per_domain <= 0:
             raise ValueError(f"samples_per_domain must be positive or null, got {samples_per_domain}")
         self.max_seq_len = max_seq_len
+        for stream in streams:
+            if stream.remote is None:  # local data is complete: every shard must be whole
+                check_shards(os.path.join(stream.local, stream.split or ""))
         self.reader = StreamingDataset(
             streams=streams,
             shuffle=False,

@@ -170,10 +170,13 @@ class BadLineBudget:
         self.domain = domain
         self.limit = limit
         self.count = 0
+        self.first: str | None = None  # "path:line: reason" of the first bad line
 
     def record(self, path: Path, line_number: int, reason: str) -> None:
         """Account for one bad line: log it (the first few) and raise once over the limit."""
         self.count += 1
+        if self.first is None:
+            self.first = f"{path}:{line_number}: {reason}"
         if self.count > self.limit:
             raise ValueError(
                 f"{path}:{line_number}: {reason}; domain {self.domain!r} has {self.count} malformed "

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from llmshearing.data.mixing import UPDATE_TYPES, validate_proportions
+from llmshearing.data.mixing import EXCESS_TYPES, UPDATE_TYPES, validate_proportions
 
 MANIFEST_NAME = "manifest.json"
 LOSS_SOURCES = ("eval", "train")
@@ -93,6 +93,11 @@ class DataLoadingConfig:
     ``{sizes, losses, target_size}`` for a scaling-law fit), ``clip``, ``eta``, ``smoothing``,
     ``loss_source`` (``eval`` or ``train``), ``update_interval`` (batches as ``50`` or ``"50ba"``,
     or samples as ``"1600sp"``; default: ``eval_interval``), ``eval_label``.
+    Stabilisers (the defaults leave the paper's rule unchanged): ``loss_ema`` (decay in [0, 1) of an
+    exponential moving average of the per-domain losses; 0 = off), ``min_proportion`` (in [0, 1):
+    each domain keeps at least this fraction of its initial proportion, i.e. a floor relative to
+    ``proportion``), ``update_warmup`` (batches before the first update, as ``50`` or ``"50ba"``),
+    ``excess`` (``absolute``: ``loss - ref``; ``relative``: ``(loss - ref) / ref``).
     """
 
     set_names: list[str]
@@ -107,6 +112,10 @@ class DataLoadingConfig:
     loss_source: str = "eval"
     update_interval: int | str | None = None
     eval_label: str = "eval"
+    loss_ema: float = 0.0
+    min_proportion: float = 0.0
+    update_warmup: int | str = 0
+    excess: str = "absolute"
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> DataLoadingConfig:
@@ -162,10 +171,47 @@ class DataLoadingConfig:
                 f"{_DL}.update_type doremi needs reference losses: set {_DL}.target_loss (one per domain) "
                 f"or {_DL}.reference (source, a preset such as sheared-1.3b, or a scaling-law fit)"
             )
-        if not (self.eta >= 0 and math.isfinite(self.eta)):
-            raise ValueError(f"{_DL}.eta must be a non-negative number, got {self.eta!r}")
-        if not 0 <= self.smoothing < 1:
+        if not (_is_number(self.eta) and self.eta >= 0 and math.isfinite(self.eta)):
+            raise ValueError(
+                f"{_DL}.eta must be a non-negative number (the step size; 1.0 in the paper), got {self.eta!r}"
+            )
+        if not (_is_number(self.smoothing) and 0 <= self.smoothing < 1):
             raise ValueError(f"{_DL}.smoothing must be in [0, 1), got {self.smoothing!r}")
+        if not (_is_number(self.loss_ema) and 0 <= self.loss_ema < 1):
+            raise ValueError(
+                f"{_DL}.loss_ema must be a decay in [0, 1) (0 turns the moving average off, 0.5 halves the "
+                f"weight of older losses each update), got {self.loss_ema!r}"
+            )
+        if not (_is_number(self.min_proportion) and 0 <= self.min_proportion < 1):
+            raise ValueError(
+                f"{_DL}.min_proportion must be in [0, 1): the fraction of its initial proportion each domain "
+                f"keeps at least (0 = no floor), got {self.min_proportion!r}"
+            )
+        self.update_warmup = warmup_batches(self.update_warmup)
+        if self.excess not in EXCESS_TYPES:
+            raise ValueError(f"{_DL}.excess must be one of {list(EXCESS_TYPES)}, got {self.excess!r}")
+
+    @property
+    def floors(self) -> list[float] | None:
+        """Lower bound of each domain's proportion (``min_proportion`` times its initial proportion), or None."""
+        if not self.min_proportion:
+            return None
+        return [self.min_proportion * p for p in self.proportion]  # type: ignore[union-attr]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def warmup_batches(value: Any) -> int:
+    """``update_warmup`` as a number of batches (``50`` or ``"50ba"``)."""
+    text = str(value).strip().lower()
+    digits = text[:-2] if text.endswith("ba") else text
+    if isinstance(value, bool) or not digits.isdigit():
+        raise ValueError(
+            f"{_DL}.update_warmup must be a number of batches >= 0 (e.g. 100 or '100ba'), got {value!r}"
+        )
+    return int(digits)
 
 
 def interval_in_batches(interval: int | str, global_batch_size: int, key: str) -> int:

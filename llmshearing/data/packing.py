@@ -81,6 +81,25 @@ class Packer:
         """Tokens waiting for a sample to be completed (dropped if the input ends here)."""
         return self._fill
 
+    @property
+    def room(self) -> int | None:
+        """Tokens the packer still takes before it is full (``None``: no limit)."""
+        if self.max_samples is None:
+            return None
+        return max(0, (self.max_samples - self.samples) * self.seq_len - self._fill)
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> int:
+        """Append the leading documents (wrapped ``lengths``, back to back in ``tokens``) that start
+        before the packer is full; returns how many it took (the tail of the last may be cut)."""
+        room = self.room
+        taken = len(lengths)
+        if room is not None:
+            starts = np.cumsum(lengths) - lengths
+            taken = int(np.searchsorted(starts, room, side="left"))
+        if taken:
+            self.add(tokens[: int(np.sum(lengths[:taken]))], taken)
+        return taken
+
     def add(self, tokens: np.ndarray, documents: int = 1) -> None:
         """Append ``tokens`` (``documents`` wrapped documents) to the stream."""
         if self.full:

@@ -1,25 +1,36 @@
 """Preparation of per-domain MDS datasets from raw JSON-lines text.
 
 ``prepare(PrepareConfig(...))`` reads ``<input>/<domain>/*.jsonl[.gz|.zst]``, splits every domain
-into eval and train without sharing a document, tokenises with a fast tokenizer in worker
+into train, eval and test without sharing a document, tokenises with a fast tokenizer in worker
 processes (order-preserving, so the output does not depend on the worker count), wraps each
 document as BOS + tokens + EOS, packs the stream into ``seq_len`` samples and writes
-``<output>/{train,eval}/<domain>/`` with streaming's ``MDSWriter`` plus ``<output>/manifest.json``.
+``<output>/{train,eval,test}/<domain>/`` with streaming's ``MDSWriter`` plus ``<output>/manifest.json``.
+Training reads train (and eval for the data mix); test is never read during training.
 
-Split rule, deterministic for a seed:
+Split rule, deterministic for a seed. Eval and test (``test_seqs``, by default as many as
+``eval_seqs``) are filled together: each held-out document goes to the one less filled relative to
+its size, so scarce held-out data is shared between them. Every line is read and validated, and
+every document ends in exactly one split, or is counted as unused when train is full at
+``train_seqs``:
 
-* several files: whole files are held out for eval, in an order drawn from the seed, until they
-  give ``eval_seqs`` samples (never all files; the rest of the last held-out file is unused);
+* several files: files are held out in an order drawn from the seed (never all of them) until eval
+  and test are full; the rest of the file that fills them goes to train, then every other file in
+  sorted path order;
 * one file: documents are held out, those with the smallest seeded keys whose tokens give
-  ``eval_seqs`` samples, never more than half of the (non-blank) lines. Train gets the other
-  documents in file order, except candidates that turn out not to be needed, which follow later.
+  ``eval_seqs + test_seqs`` samples, never more than half of the (non-blank) lines. Train gets the
+  other documents in file order, then held-out documents that their split did not take (each passes
+  to the next split: eval, test, train).
 
-Eval documents are packed in file order; train files in sorted path order. A tokenizer whose BOS
-and EOS are the same token (GPT-2 style) gets only the EOS after each document.
+A document that fills a split's last sample is cut there; its tail is the dropped remainder.
+Held-out documents are packed in file order; train files in sorted path order. A tokenizer whose
+BOS and EOS are the same token (GPT-2 style) gets only the EOS after each document.
 
 Manifest entries per split and domain: ``files`` (how many files) and ``paths`` (relative to the
 domain directory, in the order read), ``documents`` and ``tokens`` (BOS/EOS included) fed to the
-packer, and ``samples`` written; ``tokens - samples * seq_len`` is the dropped remainder.
+packer, and ``samples`` written; ``tokens - samples * seq_len`` is the dropped remainder. Per domain:
+``documents_read`` (the sum of the splits' documents and ``unused_documents``) and ``bad_lines``.
+``vocab_size`` is the tokenizer's and ``max_token_id`` the largest id written, which
+:func:`llmshearing.data.checks.check_vocab` checks against a model.
 
 Everything is written to a staging directory beside the output and renamed on success
 (:mod:`llmshearing.staging`); what a killed run left there is removed by the next run.
@@ -60,7 +71,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = "llmshearing-mds"
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "test")
 COMPRESSIONS = (None, "zstd")
 _BATCH_LINES = 512
 _BATCH_BYTES = 1 << 18
@@ -75,6 +86,7 @@ class PrepareConfig:
     tokenizer: str
     seq_len: int
     eval_seqs: int = 500
+    test_seqs: int | None = None  # default: as many as eval_seqs
     train_seqs: int | None = None
     workers: int = 1
     seed: int = 42
@@ -94,6 +106,10 @@ class PrepareConfig:
             (self.seq_len >= 1, f"--seq-len must be at least 1, got {self.seq_len}"),
             (self.eval_seqs >= 0, f"--eval-seqs must be 0 or more, got {self.eval_seqs}"),
             (
+                self.test_seqs is None or self.test_seqs >= 0,
+                f"--test-seqs must be 0 or more, got {self.test_seqs}",
+            ),
+            (
                 self.train_seqs is None or self.train_seqs >= 1,
                 f"--train-seqs must be at least 1, got {self.train_seqs}",
             ),
@@ -108,6 +124,10 @@ class PrepareConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def held_out_seqs(self) -> dict[str, int]:
+        """Samples asked for per held-out split, in the order they are filled: eval, then test."""
+        return {"eval": self.eval_seqs, "test": self.eval_seqs if self.test_seqs is None else self.test_seqs}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -167,6 +187,7 @@ class SplitWriter:
     ) -> None:
         self.out = out
         self.paths: list[str] = []
+        self.max_token_id = -1
         self.packer = Packer(seq_len, dtype, self._write, max_samples)
         self._column = f"ndarray:{dtype.name}"
         self._compression = compression
@@ -176,12 +197,12 @@ class SplitWriter:
     def full(self) -> bool:
         return self.packer.full
 
-    def add(self, tokens: np.ndarray, documents: int, file: str) -> None:
-        if self.packer.full:
-            return
-        if not self.paths or self.paths[-1] != file:
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, file: str) -> int:
+        """Pack the leading documents that start before the split is full; returns how many."""
+        taken = self.packer.add_documents(tokens, lengths)
+        if taken and (not self.paths or self.paths[-1] != file):
             self.paths.append(file)
-        self.packer.add(tokens, documents)
+        return taken
 
     def _write(self, sample: np.ndarray) -> None:
         if self._writer is None:
@@ -191,6 +212,7 @@ class SplitWriter:
             self._writer = MDSWriter(
                 out=str(self.out), columns={"tokens": self._column}, compression=self._compression
             )
+        self.max_token_id = max(self.max_token_id, int(sample.max()))
         self._writer.write({"tokens": sample})
 
     def close(self) -> None:
@@ -214,11 +236,16 @@ class SplitWriter:
         }
 
 
-class _EvalSelector:
-    """Keeps the documents with the smallest keys whose tokens just reach ``target`` (at most
+_Document = tuple[int, np.ndarray]  # (line, wrapped tokens)
+
+
+class _HeldOutSelector:
+    """Keeps the documents with the smallest keys whose tokens just reach ``target()`` (at most
     ``cap`` documents); every other document goes to ``overflow`` as soon as it is not needed."""
 
-    def __init__(self, target: int, cap: int, overflow: Callable[[np.ndarray], None]) -> None:
+    def __init__(
+        self, target: Callable[[], int], cap: int, overflow: Callable[[int, np.ndarray], None]
+    ) -> None:
         self._target = target
         self._cap = cap
         self._overflow = overflow
@@ -229,140 +256,225 @@ class _EvalSelector:
         heapq.heappush(self._heap, (-key, line, tokens))
         self._total += len(tokens)
         heap = self._heap
-        while heap and (len(heap) > self._cap or self._total - len(heap[0][2]) >= self._target):
-            _, _, evicted = heapq.heappop(heap)
+        while heap and (len(heap) > self._cap or self._total - len(heap[0][2]) >= self._target()):
+            _, evicted_line, evicted = heapq.heappop(heap)
             self._total -= len(evicted)
-            self._overflow(evicted)
+            self._overflow(evicted_line, evicted)
 
-    def selected(self) -> list[tuple[int, np.ndarray]]:
-        """The kept documents as ``(line, tokens)`` in file order."""
-        return sorted((line, tokens) for _, line, tokens in self._heap)
+    def kept(self) -> list[_Document]:
+        """The kept documents as ``(line, tokens)``, smallest key first."""
+        return [(line, tokens) for _, line, tokens in sorted(self._heap, key=lambda e: -e[0])]
 
 
 @dataclass
 class _Domain:
-    """One domain's writers and the first phase of batches scheduled for it."""
+    """One domain's writers, the first phase of batches scheduled for it, and its accounting."""
 
     name: str
     root: Path
     files: list[Path]
     budget: BadLineBudget
     train: SplitWriter
-    eval: SplitWriter | None
+    held_out: dict[str, SplitWriter]  # "eval", "test": the held-out splits asked for, in that order
     first_files: list[Path]
     first_phase: Phase | None = None
+    documents_read: int = 0
+    unused: int = 0  # documents read that no split took (train full at --train-seqs)
     notes: list[str] = field(default_factory=list)
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
     def account(self, path: Path, encoded: EncodedBatch) -> None:
+        """Count the documents of a consumed batch and its bad lines."""
         for line, reason in encoded.bad_lines:
             self.budget.record(path, line, reason)
+        self.documents_read += len(encoded.lengths)
 
-    def writers(self) -> list[SplitWriter]:
-        return [w for w in (self.train, self.eval) if w is not None]
+    def route(self, splits: list[SplitWriter], tokens: np.ndarray, lengths: np.ndarray, path: Path) -> None:
+        """Each document goes to the first of ``splits`` that takes it; one that none takes is unused."""
+        rel = self.rel(path)
+        offset = done = 0
+        for split in splits:
+            if done == len(lengths):
+                break
+            taken = split.add(tokens[offset:], lengths[done:], rel)
+            offset += int(np.sum(lengths[done : done + taken]))
+            done += taken
+        self.unused += len(lengths) - done
+
+    def hold_out(self, tokens: np.ndarray, lengths: np.ndarray, path: Path) -> None:
+        """Each document goes to the held-out split least filled relative to its size; once every
+        held-out split is full, the rest go to train."""
+        held = list(self.held_out.values())
+        capacity = [split.packer.max_samples * split.packer.seq_len for split in held]
+        offset = 0
+        for i, length in enumerate(lengths.tolist()):
+            index = _emptiest([split.packer.tokens for split in held], capacity)  # full: tokens == capacity
+            if index is None:
+                self.route([self.train], tokens[offset:], lengths[i:], path)
+                return
+            held[index].add(tokens[offset : offset + length], lengths[i : i + 1], self.rel(path))
+            offset += length
+
+    def pack_in_order(self, split: SplitWriter, documents: list[_Document]) -> list[_Document]:
+        """Pack ``documents`` in file order into ``split``; returns those it did not take."""
+        rel = self.rel(self.files[0])
+        left = []
+        for line, tokens in sorted(documents, key=lambda d: d[0]):
+            if split.add(tokens, np.array([len(tokens)]), rel) == 0:
+                left.append((line, tokens))
+        return left
+
+    def writers(self) -> dict[str, SplitWriter]:
+        return {"train": self.train, **self.held_out}
+
+
+def _emptiest(filled: list[int], capacity: list[int]) -> int | None:
+    """Index of the split least filled relative to its capacity (the first on ties), or ``None``
+    when every split is at capacity."""
+    open_ = [i for i, (f, c) in enumerate(zip(filled, capacity, strict=True)) if f < c]
+    return min(open_, key=lambda i: filled[i] / capacity[i]) if open_ else None
 
 
 def _make_domain(name: str, files: list[Path], cfg: PrepareConfig, dtype: np.dtype, tmp: Path) -> _Domain:
-    """Writers of one domain and the files it reads first (eval candidates, the single file, or all)."""
+    """Writers of one domain and the files it reads first (held-out candidates, the single file, or all)."""
     root = cfg.input / name
-    train = SplitWriter(tmp / "train" / name, cfg.seq_len, dtype, cfg.train_seqs, cfg.compression)
-    evaluation = None
-    first = files
-    if cfg.eval_seqs > 0:
-        evaluation = SplitWriter(tmp / "eval" / name, cfg.seq_len, dtype, cfg.eval_seqs, cfg.compression)
-        if len(files) > 1:
-            # keyed without the compression suffix, so compressing the input does not change the split
-            def key(path: Path) -> int:
-                return _seeded_key(cfg.seed, name, _strip_compression(path.relative_to(root).as_posix()))
 
-            first = sorted(files, key=key)[:-1]
-    return _Domain(name, root, files, BadLineBudget(name, cfg.max_bad_lines), train, evaluation, first)
+    def writer(split: str, max_samples: int | None) -> SplitWriter:
+        return SplitWriter(tmp / split / name, cfg.seq_len, dtype, max_samples, cfg.compression)
+
+    held_out = {split: writer(split, n) for split, n in cfg.held_out_seqs().items() if n > 0}
+    first = files
+    if held_out and len(files) > 1:
+        # keyed without the compression suffix, so compressing the input does not change the split
+        def key(path: Path) -> int:
+            return _seeded_key(cfg.seed, name, _strip_compression(path.relative_to(root).as_posix()))
+
+        first = sorted(files, key=key)[:-1]
+    budget = BadLineBudget(name, cfg.max_bad_lines)
+    return _Domain(name, root, files, budget, writer("train", cfg.train_seqs), held_out, first)
 
 
 def _feed_files(
-    domain: _Domain, files: list[Path], phase: Phase, pipeline: Pipeline, split: SplitWriter
+    domain: _Domain, files: list[Path], phase: Phase, pipeline: Pipeline, splits: list[SplitWriter]
 ) -> None:
-    """Feed the batches of ``phase`` (whole ``files`` in order) to one split until it is full."""
+    """Route every document of ``phase`` (whole ``files`` in order) through ``splits``."""
     for index, encoded in pipeline.results(phase):
         domain.account(files[index], encoded)
-        split.add(encoded.tokens, len(encoded.lengths), domain.rel(files[index]))
-        if split.full:
-            pipeline.cancel(phase)
-            return
+        domain.route(splits, encoded.tokens, encoded.lengths, files[index])
 
 
 def _split_by_files(domain: _Domain, pipeline: Pipeline, progress: Callable[[int], None]) -> None:
-    """Hold out whole files (seeded order, never all of them) for eval; the rest is train."""
-    assert domain.eval is not None and domain.first_phase is not None
+    """Read held-out candidate files (seeded order, never all) into eval, then test, until both are
+    full; the rest of the file that filled them and every file not read go to train."""
+    assert domain.first_phase is not None
     candidates = domain.first_files
-    held: set[Path] = set()
+    held = list(domain.held_out.values())
+    consumed = len(candidates)  # candidates[:consumed] are read to their end
+    current = -1
     for index, encoded in pipeline.results(domain.first_phase):
-        path = candidates[index]
-        held.add(path)
-        domain.account(path, encoded)
-        domain.eval.add(encoded.tokens, len(encoded.lengths), domain.rel(path))
-        if domain.eval.full:
-            pipeline.cancel(domain.first_phase)
-            break
-    if not domain.eval.full and len(held) == len(candidates):
-        domain.notes.append(f"all files but one held out ({len(held)} of {len(domain.files)})")
-    rest = [p for p in domain.files if p not in held]
+        if index != current:
+            if all(split.full for split in held):
+                pipeline.cancel(domain.first_phase)
+                consumed = index
+                break
+            current = index
+        domain.account(candidates[index], encoded)
+        domain.hold_out(encoded.tokens, encoded.lengths, candidates[index])
+    if not all(split.full for split in held):
+        domain.notes.append(f"all files but one held out ({len(candidates)} of {len(domain.files)})")
+    read = set(candidates[:consumed])
+    rest = [p for p in domain.files if p not in read]
     phase = pipeline.schedule(_file_batches(rest, progress), first=True)
-    _feed_files(domain, rest, phase, pipeline, domain.train)
+    _feed_files(domain, rest, phase, pipeline, [domain.train])
 
 
 def _split_by_documents(domain: _Domain, seed: int, seq_len: int, pipeline: Pipeline) -> None:
-    """Hold out documents of a single file (smallest seeded keys, at most half of them) for eval."""
-    assert domain.eval is not None and domain.eval.packer.max_samples is not None
+    """Hold out documents of a single file (smallest seeded keys, at most half of them): the
+    smallest keys for eval, the next for test; each held-out split is packed in file order and
+    what it does not take goes to the next split (train last)."""
     assert domain.first_phase is not None
     path = domain.files[0]
-    rel = domain.rel(path)
     lines = count_document_lines(path)
     cap = lines // 2
-    target = domain.eval.packer.max_samples * seq_len
-    selector = _EvalSelector(target, cap, lambda tokens: domain.train.add(tokens, 1, rel))
+    held = list(domain.held_out.values())
+    targets = [split.packer.max_samples * seq_len for split in held]
+    longest = [0]  # the longest document so far: what a split may lose where its last sample cuts one
+
+    def to_train(_: int, tokens: np.ndarray) -> None:
+        domain.route([domain.train], tokens, np.array([len(tokens)]), path)
+
+    selector = _HeldOutSelector(lambda: sum(targets) + len(held) * longest[0], cap, to_train)
     for _, encoded in pipeline.results(domain.first_phase):
         domain.account(path, encoded)
-        ends = np.cumsum(encoded.lengths).tolist()
-        starts = [0, *ends[:-1]]
-        for line, start, end in zip(encoded.line_numbers.tolist(), starts, ends, strict=True):
-            selector.offer(_seeded_key(seed, domain.name, str(line)), line, encoded.tokens[start:end].copy())
-    kept = selector.selected()
+        starts = (np.cumsum(encoded.lengths) - encoded.lengths).tolist()
+        for line, start, length in zip(
+            encoded.line_numbers.tolist(), starts, encoded.lengths.tolist(), strict=True
+        ):
+            longest[0] = max(longest[0], length)
+            key = _seeded_key(seed, domain.name, str(line))
+            selector.offer(key, line, encoded.tokens[start : start + length].copy())
+    kept = selector.kept()
     if len(kept) == cap:
         domain.notes.append(f"at most half of the documents can be held out: {cap} of {lines}")
-    for _, tokens in kept:
-        domain.eval.add(tokens, 1, rel)
+    groups: list[list[_Document]] = [[] for _ in held]
+    assigned = [0] * len(held)
+    room = [target + longest[0] for target in targets]
+    for line, tokens in kept:
+        index = _emptiest(assigned, room)
+        index = len(held) - 1 if index is None else index
+        groups[index].append((line, tokens))
+        assigned[index] += len(tokens)
+    spill: list[_Document] = []
+    for split, documents in zip(held, groups, strict=True):
+        spill = domain.pack_in_order(split, documents + spill)
+    for _, tokens in sorted(spill, key=lambda d: d[0]):
+        to_train(0, tokens)
 
 
 def _check_domain(domain: _Domain, cfg: PrepareConfig) -> None:
-    """Fail on a domain without documents or samples; warn when eval is smaller than asked."""
-    documents = domain.train.packer.documents + (domain.eval.packer.documents if domain.eval else 0)
+    """Fail on a domain without documents or samples; warn when a held-out split is smaller than asked."""
+    splits = domain.writers()
+    documents = sum(split.packer.documents for split in splits.values())
+    assert documents + domain.unused == domain.documents_read, "a document was lost between splits"
     if documents == 0:
+        first = f" (first bad line: {domain.budget.first})" if domain.budget.first else ""
         raise ValueError(
             f"domain {domain.name!r} ({cfg.input / domain.name}) has no documents: no line holds a "
-            f"JSON object with a string {cfg.text_field!r} field; add data or check --text-field"
+            f"JSON object with a string {cfg.text_field!r} field{first}; add data or check --text-field"
         )
-    if domain.eval is not None and domain.eval.packer.samples == 0:
-        raise ValueError(
-            f"domain {domain.name!r}: no eval sample: the {domain.eval.packer.documents} held-out documents "
-            f"({documents} in all) give {domain.eval.packer.tokens} tokens, fewer than --seq-len "
-            f"{cfg.seq_len}; add documents, lower --seq-len or pass --eval-seqs 0"
-        )
+    for name, split in domain.held_out.items():
+        if split.packer.samples == 0:
+            raise ValueError(
+                f"domain {domain.name!r}: no {name} sample: the {split.packer.documents} held-out "
+                f"documents ({documents} in all) give {split.packer.tokens} tokens, fewer than "
+                f"--seq-len {cfg.seq_len}; add documents, lower --seq-len or pass --{name}-seqs 0"
+            )
     if domain.train.packer.samples == 0:
         raise ValueError(
             f"domain {domain.name!r}: the train split has {domain.train.packer.tokens} tokens, fewer than "
-            f"--seq-len {cfg.seq_len}; add documents, lower --seq-len or lower --eval-seqs"
+            f"--seq-len {cfg.seq_len}; add documents, lower --seq-len or lower --eval-seqs/--test-seqs"
         )
-    if domain.eval is not None and domain.eval.packer.samples < cfg.eval_seqs:
-        why = f" ({'; '.join(domain.notes)})" if domain.notes else ""
+    why = f" ({'; '.join(domain.notes)})" if domain.notes else ""
+    for name, split in domain.held_out.items():
+        asked = cfg.held_out_seqs()[name]
+        if split.packer.samples < asked:
+            logger.warning(
+                "domain %r: %s has %d samples, fewer than --%s-seqs %d%s",
+                domain.name,
+                name,
+                split.packer.samples,
+                name,
+                asked,
+                why,
+            )
+    if domain.unused:
         logger.warning(
-            "domain %r: eval has %d samples, fewer than --eval-seqs %d%s",
+            "domain %r: %d documents are in no split: train is full at --train-seqs %d",
             domain.name,
-            domain.eval.packer.samples,
-            cfg.eval_seqs,
-            why,
+            domain.unused,
+            cfg.train_seqs,
         )
 
 
@@ -371,14 +483,14 @@ def _run_domain(
 ) -> None:
     """Split, tokenise, pack and write one domain (its first phase is already scheduled)."""
     assert domain.first_phase is not None
-    if domain.eval is None:
-        _feed_files(domain, domain.first_files, domain.first_phase, pipeline, domain.train)
+    if not domain.held_out:
+        _feed_files(domain, domain.first_files, domain.first_phase, pipeline, [domain.train])
     elif len(domain.files) > 1:
         _split_by_files(domain, pipeline, progress)
     else:
         _split_by_documents(domain, cfg.seed, cfg.seq_len, pipeline)
     _check_domain(domain, cfg)
-    for writer in domain.writers():
+    for writer in domain.writers().values():
         writer.close()
 
 
@@ -386,17 +498,27 @@ def _empty_stats() -> dict[str, Any]:
     return {"files": 0, "paths": [], "documents": 0, "tokens": 0, "samples": 0}
 
 
+@dataclass
+class _Results:
+    """What :func:`_prepare_domains` measured, for the manifest."""
+
+    splits: dict[str, dict[str, Any]]  # split -> domain -> stats
+    documents_read: dict[str, int]
+    unused_documents: dict[str, int]
+    bad_lines: dict[str, int]
+    max_token_id: int
+
+
 def _prepare_domains(
     listing: dict[str, list[Path]], cfg: PrepareConfig, spec: TokenizerSpec, tmp: Path
-) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """Every domain in turn, the next one's batches already in flight; per-split stats and bad lines."""
+) -> _Results:
+    """Every domain in turn, the next one's batches already in flight."""
     from tqdm.auto import tqdm
 
     dtype = np.dtype(spec.dtype)
     domains = [_make_domain(name, files, cfg, dtype, tmp) for name, files in listing.items()]
     total = sum(p.stat().st_size for files in listing.values() for p in files)
-    splits: dict[str, dict[str, Any]] = {split: {} for split in SPLITS}
-    bad_lines: dict[str, int] = {}
+    results = _Results({split: {} for split in SPLITS}, {}, {}, {}, -1)
     bar = tqdm(total=total, unit="B", unit_scale=True, disable=not cfg.progress, desc="reading")
     try:
         with TokenizerPool(spec, cfg.workers) as pool:
@@ -407,18 +529,24 @@ def _prepare_domains(
                         ahead.first_phase = pipeline.schedule(_file_batches(ahead.first_files, bar.update))
                 bar.set_description(domain.name)
                 _run_domain(domain, cfg, pipeline, bar.update)
-                splits["train"][domain.name] = domain.train.stats()
-                splits["eval"][domain.name] = domain.eval.stats() if domain.eval else _empty_stats()
-                bad_lines[domain.name] = domain.budget.count
+                writers = domain.writers()
+                for split in SPLITS:
+                    results.splits[split][domain.name] = (
+                        writers[split].stats() if split in writers else _empty_stats()
+                    )
+                results.documents_read[domain.name] = domain.documents_read
+                results.unused_documents[domain.name] = domain.unused
+                results.bad_lines[domain.name] = domain.budget.count
+                results.max_token_id = max(results.max_token_id, *(w.max_token_id for w in writers.values()))
         bar.update(max(0, total - bar.n))
     except BaseException:
         for domain in domains:
-            for writer in domain.writers():
+            for writer in domain.writers().values():
                 writer.abort()
         raise
     finally:
         bar.close()
-    return splits, bad_lines
+    return results
 
 
 # ----------------------------------------------------------------------------- input and output
@@ -472,19 +600,24 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Run the whole preparation and return the manifest (also written to ``<output>/manifest.json``)."""
+    """Run the whole preparation and return the manifest (also written to ``<output>/manifest.json``).
+
+    The output appears complete or not at all; a run that finds the output written by another run
+    when it finishes fails and leaves that output as it is (unless ``overwrite``).
+    """
     cfg.validate()
     domains = discover_domains(cfg.input)
     output = _check_output(cfg)
     spec = load_tokenizer(cfg.tokenizer, cfg.text_field)
-    with staged_dir(output, overwrite=True) as tmp:  # _check_output refused unwanted overwrites
-        splits, bad_lines = _prepare_domains(domains, cfg, spec, tmp)
+    with staged_dir(output, overwrite=cfg.overwrite) as tmp:
+        results = _prepare_domains(domains, cfg, spec, tmp)
         manifest = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
             "seq_len": cfg.seq_len,
             "tokenizer": cfg.tokenizer,
             "vocab_size": spec.vocab_size,
+            "max_token_id": results.max_token_id,
             "bos_token_id": spec.bos_token_id,
             "eos_token_id": spec.eos_token_id,
             "token_dtype": spec.dtype,
@@ -492,34 +625,39 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             "text_field": cfg.text_field,
             "compression": cfg.compression,
             "domains": sorted(domains),
-            "splits": splits,
-            "bad_lines": bad_lines,
+            "splits": results.splits,
+            "documents_read": results.documents_read,
+            "unused_documents": results.unused_documents,
+            "bad_lines": results.bad_lines,
         }
         _write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
 
 
 def format_summary(manifest: dict[str, Any]) -> str:
-    """A plain-text table of files, documents, tokens and samples per domain and split."""
+    """A plain-text table of files, documents, tokens and samples per domain and split, and where
+    every document read went."""
     header = ("domain", "split", "files", "documents", "tokens", "samples", "bad lines")
+    splits = [split for split in SPLITS if split in manifest["splits"]]
     rows = []
     for name in manifest["domains"]:
-        for split in SPLITS:
+        for split in splits:
             s = manifest["splits"][split][name]
             bad = f"{manifest['bad_lines'][name]:,}" if split == "train" else ""
-            rows.append(
-                (
-                    name,
-                    split,
-                    f"{s['files']}",
-                    f"{s['documents']:,}",
-                    f"{s['tokens']:,}",
-                    f"{s['samples']:,}",
-                    bad,
-                )
+            row = (
+                name,
+                split,
+                f"{s['files']}",
+                f"{s['documents']:,}",
+                f"{s['tokens']:,}",
+                f"{s['samples']:,}",
             )
+            rows.append((*row, bad))
+        unused = manifest.get("unused_documents", {}).get(name, 0)
+        if unused:
+            rows.append((name, "unused", "", f"{unused:,}", "", "", ""))
     totals = {
-        split: sum(manifest["splits"][split][d]["samples"] for d in manifest["domains"]) for split in SPLITS
+        split: sum(manifest["splits"][split][d]["samples"] for d in manifest["domains"]) for split in splits
     }
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
@@ -527,8 +665,23 @@ def format_summary(manifest: dict[str, Any]) -> str:
         for r in [header, *rows]
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(
-        f"{len(manifest['domains'])} domains, seq_len {manifest['seq_len']}, "
-        f"train {totals['train']:,} samples, eval {totals['eval']:,} samples"
-    )
+    samples = ", ".join(f"{split} {totals[split]:,} samples" for split in splits)
+    lines.append(f"{len(manifest['domains'])} domains, seq_len {manifest['seq_len']}, {samples}")
+    if "documents_read" in manifest:
+        lines.append(_document_accounting(manifest))
     return "\n".join(lines)
+
+
+def _document_accounting(manifest: dict[str, Any]) -> str:
+    """One line: documents read, how many each split holds, how many none holds, and bad lines."""
+    domains = manifest["domains"]
+    read = sum(manifest["documents_read"][d] for d in domains)
+    parts = [
+        f"{split} {sum(manifest['splits'][split][d]['documents'] for d in domains):,}"
+        for split in SPLITS
+        if split in manifest["splits"]
+    ]
+    unused = sum(manifest["unused_documents"][d] for d in domains)
+    bad = sum(manifest["bad_lines"][d] for d in domains)
+    tail = f", {unused:,} in no split (train full at its --train-seqs cap)" if unused else ""
+    return f"{read:,} documents read: {', '.join(parts)}{tail}; {bad:,} malformed lines skipped"

@@ -45,7 +45,9 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+_MIN_EXPONENT = 1e-6
 _MAX_EXPONENT = 5.0
+_EDGE = 1e-3  # an exponent within this fraction of the range's upper end is at its edge
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,16 @@ class PowerLaw:
 
     def __call__(self, size: float) -> float:
         return float(self.a * (float(size) / self.scale) ** (-self.b) + self.c)
+
+    def predict(self, size: float) -> float:
+        """The loss at ``size`` parameters; ``ValueError`` when the law gives no usable loss there."""
+        value = self(size)
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(
+                f"the fit predicts a loss of {value:.4g} at N = {size:.4g}, which is no loss: the target "
+                "size lies too far beyond the measured sizes for this fit"
+            )
+        return value
 
 
 def _linear_part(x: np.ndarray, y: np.ndarray, b: np.ndarray | float) -> tuple[np.ndarray, ...]:
@@ -88,7 +100,7 @@ def fit_power_law(sizes: Sequence[float], losses: Sequence[float]) -> PowerLaw:
     scale = float(np.exp(np.log(n).mean()))
     x = n / scale
 
-    grid = np.linspace(1e-6, _MAX_EXPONENT, 5001)
+    grid = np.linspace(_MIN_EXPONENT, _MAX_EXPONENT, 5001)
     best = int(np.argmin(_linear_part(x, y, grid)[2]))
     lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)]
     for _ in range(200):
@@ -101,7 +113,26 @@ def fit_power_law(sizes: Sequence[float], losses: Sequence[float]) -> PowerLaw:
             lo = m1
     b = 0.5 * (lo + hi)
     a, c, residual = (float(v[0]) for v in _linear_part(x, y, b))
+    _check_decreasing(n, y, a, float(b))
     return PowerLaw(a=a, b=float(b), c=c, scale=scale, residual=residual)
+
+
+def _check_decreasing(sizes: np.ndarray, losses: np.ndarray, a: float, b: float) -> None:
+    """Refuse a fit whose loss does not fall with size, or that only fits at an exponent bound."""
+    order = np.argsort(sizes)
+    points = ", ".join(f"{sizes[i]:.3g}: {losses[i]:.4g}" for i in order)
+    if not a > 0:
+        raise ValueError(
+            f"the losses do not decrease with model size ({points}): the best fit of a / N^b + c has "
+            f"a = {a:.3g}, a loss that rises or stays flat as N grows; give the losses in the order of "
+            "--sizes, measured on the same data"
+        )
+    if b < 2 * _MIN_EXPONENT or b > _MAX_EXPONENT * (1 - _EDGE):
+        raise ValueError(
+            f"the losses do not follow a power law that decreases with model size ({points}): the "
+            f"best exponent b = {b:.3g} lies at the edge of the range searched, (0, {_MAX_EXPONENT:g}]; "
+            "the loss must fall with every larger model, by less at each step; check the sizes and losses"
+        )
 
 
 def fit_reference_losses(
@@ -113,7 +144,7 @@ def fit_reference_losses(
     out = {}
     for domain, values in losses.items():
         try:
-            out[domain] = fit_power_law(sizes, values)(target_size)
+            out[domain] = fit_power_law(sizes, values).predict(target_size)
         except ValueError as err:
             raise ValueError(f"domain {domain!r}: {err}") from None
     return out

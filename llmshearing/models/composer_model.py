@@ -15,17 +15,21 @@ from torchmetrics import Metric
 
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.decoder import Block, Decoder, RMSNorm, rope_inverse_frequencies
+from llmshearing.models.distill import distillation_loss
 from llmshearing.models.loading import parameters_on_meta
 from llmshearing.models.loss import IGNORE_INDEX, lm_loss, shifted_targets
 from llmshearing.models.metrics import DomainLanguageCrossEntropy
+from llmshearing.models.teacher import DistillationConfig, Teacher
 
 
 @dataclass
 class LMOutput:
-    """Model output: logits [B, T, V] and the L0 module's output (masks and penalty) when pruning."""
+    """Model output: logits [B, T, V], the L0 module's output (masks and penalty) when pruning, and the
+    teacher's final hidden states [B, T, d] when distilling (training only)."""
 
     logits: Tensor
     l0: Any = None
+    teacher_hidden: Tensor | None = None
 
 
 def is_block(module: nn.Module) -> bool:
@@ -77,6 +81,9 @@ class ComposerLlama(ComposerModel):
             raise ValueError(f"model.init_device must be 'cpu' or 'meta', got {init_device!r}")
         self.l0_module: nn.Module | None = None
         self.masks_enabled = True  # False: the attached L0 module is ignored (the unpruned source runs)
+        # a plain attribute, not a submodule: neither checkpointed nor wrapped with the student
+        self.teacher: Teacher | None = None
+        self.distillation: DistillationConfig | None = None
         # Composer looks up these hooks on the children of a ComposerModel.
         self.model.fsdp_wrap_fn = is_block
         self.model.activation_checkpointing_fn = is_block
@@ -108,11 +115,33 @@ class ComposerLlama(ComposerModel):
     def forward(self, batch: Mapping[str, Any]) -> LMOutput:
         l0 = self.l0_module() if self.l0_module is not None and self.masks_enabled else None
         masks = l0.masks if l0 is not None else batch.get("masks")
-        return LMOutput(logits=self.model(batch["input_ids"], masks=masks), l0=l0)
+        logits = self.model(batch["input_ids"], masks=masks)
+        teacher_hidden = None
+        if self.teacher is not None and self.training:
+            teacher_hidden = self.teacher.hidden_states(batch["input_ids"])
+        return LMOutput(logits=logits, l0=l0, teacher_hidden=teacher_hidden)
+
+    def attach_teacher(self, teacher: Teacher, config: DistillationConfig) -> None:
+        """Distil from ``teacher`` in training: the loss becomes ``alpha * kd + (1 - alpha) * ce``."""
+        config.check_vocab(self.config.vocab_size, teacher.config.vocab_size)
+        self.teacher, self.distillation = teacher, config
 
     def loss(self, outputs: LMOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         penalty = getattr(outputs.l0, "penalty", None) if outputs.l0 is not None else None
-        return lm_loss(outputs.logits, batch, penalty)
+        if outputs.teacher_hidden is None or self.distillation is None:
+            return lm_loss(outputs.logits, batch, penalty)
+        cfg = self.distillation
+        kd = distillation_loss(
+            outputs.logits,
+            outputs.teacher_hidden,
+            self.teacher.logits,
+            shifted_targets(batch),
+            temperature=cfg.temperature,
+            kind=cfg.kind,
+            top_k=cfg.top_k,
+            chunk_size=cfg.chunk_size,
+        )
+        return lm_loss(outputs.logits, batch, penalty, kd=kd, alpha=cfg.alpha)
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         return self.train_metrics if is_train else self.eval_metrics
@@ -126,6 +155,10 @@ class ComposerLlama(ComposerModel):
             metric.update(logits, targets)
 
     def flops_per_batch(self, batch: Mapping[str, Any]) -> int:
-        """Training FLOPs of one batch (PaLM): see :meth:`ModelConfig.train_flops_per_token`."""
+        """Training FLOPs of one batch (PaLM): see :meth:`ModelConfig.train_flops_per_token`; the
+        teacher's forward pass is counted when distilling."""
         batch_size, seq_len = batch["input_ids"].shape[:2]
-        return batch_size * seq_len * self.model.config.train_flops_per_token(seq_len)
+        per_token = self.model.config.train_flops_per_token(seq_len)
+        if self.teacher is not None:
+            per_token += self.teacher.forward_flops_per_token(seq_len)
+        return batch_size * seq_len * per_token

@@ -238,7 +238,17 @@ class Decoder(nn.Module):
         sin = angles.sin() * self.rope_attention_scaling
         return cos.to(dtype), sin.to(dtype)
 
-    def forward(self, input_ids: Tensor, masks: Mapping[str, Tensor] | None = None) -> Tensor:
+    def head(self, hidden: Tensor) -> Tensor:
+        """The output head: final hidden states [..., d] to logits [..., V] (tied or not)."""
+        if self.output is None:
+            return F.linear(hidden, self.tok_embeddings.weight)
+        return self.output(hidden)
+
+    def forward(
+        self, input_ids: Tensor, masks: Mapping[str, Tensor] | None = None, apply_head: bool = True
+    ) -> Tensor:
+        """Logits [B, T, V] of ``input_ids`` [B, T]; with ``apply_head=False`` the final hidden
+        states [B, T, d] (after the last RMSNorm), which :meth:`head` turns into logits."""
         x = self.tok_embeddings(input_ids)
         cos, sin = self.rope_tables(input_ids.shape[1], x.dtype)
         hidden, n_kept, head_scales, ffn_scales = self._prepare_masks(masks or {}, x.dtype)
@@ -255,9 +265,7 @@ class Decoder(nn.Module):
                 None if ffn_scales is None else ffn_scales[i],
             )
         x = self.norm(x, hidden, n_kept)
-        if self.output is None:
-            return F.linear(x, self.tok_embeddings.weight)
-        return self.output(x)
+        return self.head(x) if apply_head else x
 
     def _prepare_masks(
         self, masks: Mapping[str, Tensor], dtype: torch.dtype

@@ -22,13 +22,26 @@ def shifted_targets(batch: Mapping[str, Tensor]) -> Tensor:
     return targets
 
 
-def lm_loss(logits: Tensor, batch: Mapping[str, Tensor], penalty: Tensor | None = None) -> dict[str, Tensor]:
-    """Mean next-token cross-entropy (``ce``) plus the L0 module's Lagrangian ``penalty`` when pruning.
+def lm_loss(
+    logits: Tensor,
+    batch: Mapping[str, Tensor],
+    penalty: Tensor | None = None,
+    kd: Tensor | None = None,
+    alpha: float = 0.0,
+) -> dict[str, Tensor]:
+    """Mean next-token cross-entropy (``ce``), mixed with a distillation loss ``kd`` when given, plus the
+    L0 module's Lagrangian ``penalty`` when pruning.
 
-    Returns ``total`` (what is minimised), ``ce`` and, with a penalty, ``lagrangian``.
+    ``total`` (what is minimised) is ``alpha * kd + (1 - alpha) * ce`` with a KD term, else ``ce``, plus
+    the penalty. Also returns ``ce`` and, when present, ``kd`` and ``lagrangian``.
     """
     targets = shifted_targets(batch)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-    if penalty is None:
-        return {"total": ce, "ce": ce}
-    return {"total": ce + penalty, "ce": ce, "lagrangian": penalty}
+    total, parts = ce, {"ce": ce}
+    if kd is not None:
+        total = alpha * kd + (1.0 - alpha) * ce
+        parts["kd"] = kd
+    if penalty is not None:
+        total = total + penalty
+        parts["lagrangian"] = penalty
+    return {"total": total, **parts}

@@ -13,6 +13,8 @@ class DomainLanguageCrossEntropy(LanguageCrossEntropy):
     States are sums (``sum_loss``, ``total_items``), reduced by summing across ranks. A domain
     with no tokens anywhere computes to 0.0, never NaN; ``tokens`` holds the token count behind
     the last ``compute()`` (summed over ranks) so consumers can tell "absent" from "zero loss".
+    In training, ``llmshearing.callbacks.domain_metrics.AbsentDomainMetrics`` keeps the metric of a
+    domain absent from a batch out of that batch's logged metrics.
     """
 
     def __init__(self, domain_index: int, dist_sync_on_step: bool = False, ignore_index: int = -100) -> None:

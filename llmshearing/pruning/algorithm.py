@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
+from llmshearing.pruning.hard_concrete import floored_units, log_floored
 from llmshearing.pruning.l0_module import L0Module
 from llmshearing.pruning.targets import L0Config
 from llmshearing.staging import staged_file
@@ -132,19 +132,23 @@ class L0Pruning(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            self._attach(state)
-            l0_module_of(state.model).set_noise_seed(state.rank_zero_seed)
+            module = self._attach(state)
+            module.set_noise_seed(state.rank_zero_seed)
+            module.constrain_()
+            if state.fsdp_config is not None:  # FSDP moves only the units it wraps; this one stays whole
+                state.device.module_to_device(module)
         elif event == Event.BATCH_START:
             set_l0_step(state.model, int(state.timestamp.batch.value))
             if not self.l0_config.schedule_l0_lr:
                 self._reset_l0_lr(state)
-        elif event == Event.BATCH_END:
+        elif event == Event.BATCH_END:  # after the optimizer step
+            l0_module_of(state.model).constrain_()
             self._log_stats(state, logger)
         elif event == Event.EVAL_AFTER_ALL:
             self._write_masks(state)
 
     # ------------------------------------------------------------------------------------ INIT
-    def _attach(self, state: State) -> None:
+    def _attach(self, state: State) -> L0Module:
         module = attach_l0_module(state.model, self.l0_config)
         l0_params = {id(p) for p in module.parameters()}
         for optimizer in state.optimizers:
@@ -173,6 +177,7 @@ class L0Pruning(Algorithm):
                     )
         if not self.l0_config.clip_l0_grads:
             self._guard_gradient_clipping(state)
+        return module
 
     def _guard_gradient_clipping(self, state: State) -> None:
         """Surround every GradientClipping with guards that hide the L0 gradients from it.
@@ -183,14 +188,7 @@ class L0Pruning(Algorithm):
         from composer.algorithms import GradientClipping
 
         clippers = [a for a in state.algorithms if isinstance(a, GradientClipping)]
-        if not clippers:
-            return
-        if state.fsdp_config is not None:
-            warnings.warn(
-                "model.l0_module.clip_l0_grads=false is not supported with FSDP: the L0 gradients are clipped "
-                "together with the model's",
-                stacklevel=2,
-            )
+        if not clippers:  # under FSDP the run clips with FSDPGradients, which leaves the L0 groups out itself
             return
         stash: dict[int, torch.Tensor | None] = {}
         algorithms = list(state.algorithms)
@@ -231,12 +229,15 @@ class L0Pruning(Algorithm):
             return
         batch = int(state.timestamp.batch.value)
         at_target = self.l0_config.eval_target_model
+        masks = {k: v.cpu() for k, v in module.deterministic_masks(at_target=at_target).items()}
         payload: dict[str, Any] = {
             "batch": batch,
             "at_target": at_target,
-            "masks": {k: v.cpu() for k, v in module.deterministic_masks(at_target=at_target).items()},
+            "masks": masks,
             "keep": module.keep_counts(at_target=at_target),
+            "floored": floored_units(masks),  # kept units whose learned value is at the floor
         }
+        log_floored(payload["floored"], f"masks at batch {batch}")
         if module.plan.target is not None and not at_target:
             payload["target_masks"] = {
                 k: v.cpu() for k, v in module.deterministic_masks(at_target=True).items()

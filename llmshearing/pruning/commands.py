@@ -20,7 +20,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "them into the weights, slice, renumber the layers and write an llmshearing checkpoint directory "
         "(and optionally a Hugging Face directory) of exactly the target shape.",
     )
-    parser.add_argument("ckpt", help="Composer checkpoint (.pt) of a pruning run")
+    parser.add_argument(
+        "ckpt", help="Composer checkpoint of a pruning run: a .pt file or a sharded checkpoint directory"
+    )
     parser.add_argument("out", help="output checkpoint directory (must not exist unless --overwrite)")
     parser.add_argument(
         "--hf-out", metavar="DIR", help="also export the pruned model as a Hugging Face directory"
@@ -62,8 +64,10 @@ class PruneSummary:
     at_target: bool
     out: Path
     hf_out: Path | None
+    floored: dict[str, int] | None = None  # kept units per family whose learned value is at the floor
 
     def describe(self) -> str:
+        from llmshearing.pruning.hard_concrete import describe_floored
         from llmshearing.pruning.targets import prunable_params
 
         rows = [f"{'':20s}{'source':>16s}{'pruned':>16s}"]
@@ -74,7 +78,13 @@ class PruneSummary:
             f"{'prunable params':20s}{prunable_params(self.source):>16,d}{prunable_params(self.pruned):>16,d}"
         )
         how = "the exact target shape" if self.at_target else "the current expected size (no target_model)"
-        lines = [f"pruned to {how}:", *rows, f"wrote {self.out}"]
+        floored = sum((self.floored or {}).values())
+        rows.append(f"{'kept units at floor':20s}{'':>16s}{floored:>16,d}")
+        lines = [f"pruned to {how}:", *rows]
+        warning = describe_floored(self.floored or {})
+        if warning is not None:
+            lines.append(f"warning: {warning}")
+        lines.append(f"wrote {self.out}")
         if self.hf_out is not None:
             lines.append(f"wrote {self.hf_out}")
         return "\n".join(lines)
@@ -131,22 +141,30 @@ def prune_checkpoint(
         open_checkpoint,
         write_project_checkpoint,
     )
+    from llmshearing.convert.sharded import is_sharded_checkpoint
     from llmshearing.pruning.fold import prune_state_dict
+    from llmshearing.pruning.hard_concrete import floored_units
     from llmshearing.pruning.l0_module import L0Module
     from llmshearing.pruning.targets import L0Config
+    from llmshearing.training.checkpoint_files import checkpoint_file_problem
 
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt} not found; pass the Composer checkpoint (.pt) of a pruning run")
-    if not ckpt.is_file():
+    if not ckpt.is_file() and not is_sharded_checkpoint(ckpt):
         raise ValueError(
-            f"{ckpt} is a directory; prune-model needs the Composer checkpoint file (.pt) of a pruning run"
+            f"{ckpt} is a directory but not a sharded checkpoint (no .metadata); prune-model needs a Composer "
+            "checkpoint of a pruning run: a .pt file, or the directory of a sharded FSDP checkpoint"
         )
+    problem = checkpoint_file_problem(ckpt) if ckpt.is_file() else None
+    if problem is not None:
+        raise ValueError(f"{problem}; prune-model needs the Composer checkpoint (.pt) of a pruning run")
     for path in (Path(out), Path(hf_out) if hf_out else None):
         if path is not None and path.exists() and not overwrite:
             raise ValueError(f"{path} already exists; remove it, choose another path or pass --overwrite")
     run_config = find_run_config(ckpt, config_path)
     l0_config = L0Config.from_dict(read_l0_settings(run_config))
+    check_description_matches(ckpt, run_config, l0_config.to_dict())
 
     with open_checkpoint(ckpt, run_config) as source:
         config, hf_config = source.config, source.hf_config
@@ -172,6 +190,7 @@ def prune_checkpoint(
         )
     at_target = module.plan.target is not None
     masks = module.deterministic_masks(at_target=True)
+    floored = floored_units(masks)
     pruned_state, pruned_config = prune_state_dict(weights, config, masks, progress=True)
     if at_target and pruned_config != module.plan.target:
         raise ValueError(f"pruned shape {pruned_config} differs from the target {module.plan.target}")
@@ -183,7 +202,28 @@ def prune_checkpoint(
         from llmshearing.convert.project_to_hf import convert_project_to_hf
 
         convert_project_to_hf(out, hf_out, dtype=hf_dtype, overwrite=overwrite)
-    return PruneSummary(config, pruned_config, at_target, Path(out), Path(hf_out) if hf_out else None)
+    return PruneSummary(
+        config, pruned_config, at_target, Path(out), Path(hf_out) if hf_out else None, floored
+    )
+
+
+def check_description_matches(ckpt: Path, run_config: Path, l0_settings: dict[str, Any]) -> None:
+    """The run description must describe the checkpoint: the model shape and the mask settings the
+    checkpoint recorded when it was written (checkpoints without a record are not checked)."""
+    from llmshearing.training.checkpoint_files import read_recorded_identity
+    from llmshearing.training.run_folder import differences
+
+    recorded = read_recorded_identity(ckpt)
+    if recorded is None or recorded.get("l0_module") is None:  # no record, or not a pruning run (told later)
+        return
+    model = json.loads(run_config.read_text(encoding="utf-8")).get("model")
+    changed = differences({"model": model, "l0_module": l0_settings}, recorded)
+    if changed:
+        raise ValueError(
+            f"{run_config} does not describe {ckpt}: {'; '.join(changed[:6])} ({run_config.name} vs the "
+            "checkpoint); the run's config.json was replaced after this checkpoint was written: pass the "
+            "description the run was trained with via --config"
+        )
 
 
 def _source_tokenizer(run_config: Path) -> Path | None:

@@ -7,11 +7,15 @@ and ones have positive probability and the sample is differentiable in ``a``.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 EPSILON = 1e-6
 # Kept units never get a deterministic value below this, so a unit selected to stay is never dropped.
@@ -51,18 +55,58 @@ class HardConcrete:
         """The noise-free value ``clamp(sigmoid(a) * (limit_b - limit_a) + limit_a, 0, 1)``."""
         return (torch.sigmoid(log_alpha) * (self.limit_b - self.limit_a) + self.limit_a).clamp(0.0, 1.0)
 
-    def deterministic(self, log_alpha: Tensor, keep: int) -> Tensor:
+    def deterministic(self, log_alpha: Tensor, keep: int, rank_by: Tensor | None = None) -> Tensor:
         """Keep the ``keep`` units with the largest log-alpha in each row (last dim), zero the others.
 
         Kept units carry their test-time value (exactly 1 for a large log-alpha), floored at
         ``MIN_KEPT_VALUE`` so that the number of surviving units is exactly ``keep`` per row.
+        ``rank_by`` (shaped like ``log_alpha``) replaces log-alpha as the ranking score. Exact ties
+        (e.g. many units at the log-alpha clamp) go to the lower index, on every device.
         """
         n = log_alpha.shape[-1]
         if not 0 <= keep <= n:
             raise ValueError(f"cannot keep {keep} of {n} units")
         values = self.test_value(log_alpha).clamp(min=MIN_KEPT_VALUE)
-        selected = torch.zeros_like(log_alpha, dtype=torch.bool)
-        if keep > 0:
-            top = torch.topk(log_alpha, keep, dim=-1, sorted=False).indices
-            selected.scatter_(-1, top, True)
+        selected = top_units(log_alpha if rank_by is None else rank_by, keep)
         return torch.where(selected, values, torch.zeros_like(values))
+
+
+def top_units(scores: Tensor, keep: int) -> Tensor:
+    """Boolean mask of the ``keep`` highest scores in each row (last dim); ties go to the lower index."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    selected = torch.zeros_like(scores, dtype=torch.bool)
+    return selected.scatter_(-1, order[..., :keep], True)
+
+
+def floored_units(masks: Mapping[str, Tensor]) -> dict[str, int]:
+    """Per family, the kept units of deterministic masks whose test value lies at or below ``MIN_KEPT_VALUE``.
+
+    Such a unit survives the fold but scaled by ``MIN_KEPT_VALUE``: the target keeps more units
+    than the learned masks regard as alive.
+    """
+    counts = {}
+    for family, mask in masks.items():
+        mask = mask.detach().cpu()
+        floor = torch.tensor(MIN_KEPT_VALUE, dtype=mask.dtype)
+        counts[family] = int(((mask != 0) & (mask <= floor)).sum().item())
+    return counts
+
+
+def describe_floored(counts: Mapping[str, int]) -> str | None:
+    """A sentence naming the families whose kept units sit at the floor, or None when there are none."""
+    nonzero = {family: n for family, n in counts.items() if n}
+    if not nonzero:
+        return None
+    listed = ", ".join(f"{family}: {n}" for family, n in nonzero.items())
+    return (
+        f"{sum(nonzero.values())} kept units have a learned value at or below the floor {MIN_KEPT_VALUE} "
+        f"({listed}); they stay in the pruned model scaled by {MIN_KEPT_VALUE}: the target keeps more units "
+        "than the masks regard as alive (train longer, or lower the target)"
+    )
+
+
+def log_floored(counts: Mapping[str, int], where: str) -> None:
+    """Warn (Python logging) about kept units at the floor in the masks of ``where``."""
+    message = describe_floored(counts)
+    if message is not None:
+        log.warning("%s: %s", where, message)

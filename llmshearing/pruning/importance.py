@@ -5,7 +5,8 @@ calibration tokens (higher = more important):
 
 * ``head`` [L, H]: norm of the head's contribution to the residual stream, ``||wo_h ctx_h||``
   (its attention context projected by its own columns of ``wo``).
-* ``kv_head`` [L, Hkv]: sum of the ``head`` scores of the query heads in the KV group.
+* ``kv_head`` [L, Hkv]: sum of the ``head`` scores of the query heads in the KV group (pruning ranks a
+  group by the heads the target keeps in it: ``oneshot.surviving_group_scores``).
 * ``intermediate`` [L, I]: ``|silu(w1 x) * w3 x|`` of the dim times the norm of its ``w2`` column,
   i.e. the norm of its contribution to the residual stream.
 * ``hidden`` [d]: ``|x|`` of the residual stream entering every RMSNorm (both norms of every block
@@ -238,7 +239,7 @@ def compute_importance(
     return accumulator.result(decoder)
 
 
-def calibration_domains(data_dir: str | Path, split: str = "eval") -> list[Path]:
+def calibration_domains(data_dir: str | Path, split: str = "train") -> list[Path]:
     """The MDS directories ``DATA/<split>/<domain>/`` of a prepared data root, sorted by domain."""
     root = Path(data_dir) / split
     if not root.is_dir():
@@ -255,7 +256,7 @@ def calibration_domains(data_dir: str | Path, split: str = "eval") -> list[Path]
 
 
 def calibration_batches(
-    data_dir: str | Path, samples: int, batch_size: int, split: str = "eval"
+    data_dir: str | Path, samples: int, batch_size: int, split: str = "train"
 ) -> tuple[int, Iterator[Tensor]]:
     """``(number of batches, batches)`` of ``samples`` token sequences taken round-robin over the domains.
 

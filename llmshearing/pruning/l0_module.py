@@ -1,8 +1,13 @@
 """``L0Module``: learnable hard-concrete masks for the chosen families, their Lagrangian and sizes.
 
 The module holds one log-alpha parameter per family (shaped like the decoder's mask of that name)
-and the Lagrange multipliers, so the model's optimizer, DDP/FSDP and checkpoints see them. Calling it
-returns an :class:`L0Output`: sampled masks and the penalty in training, deterministic masks in eval.
+and the Lagrange multipliers (1-d, one value each), so the model's optimizer, DDP and checkpoints see
+them. Calling it returns an :class:`L0Output`: sampled masks and the penalty in training,
+deterministic masks in eval.
+
+Under FSDP the module stays whole on every rank (``_fsdp_wrap = False``): its few values keep fp32
+whatever the mixed-precision policy, every rank reads the full log-alphas anywhere (mask files, keep
+counts, logs), and ``L0Pruning`` averages its gradients across ranks as DDP would.
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ class L0Output:
 class L0Module(nn.Module):
     """Hard-concrete masks for ``l0_config.pruning_modules`` of a model shaped like ``model_config``."""
 
+    _fsdp_wrap = False  # Composer's FSDP (1 and 2) leaves this child of the model unsharded
+
     def __init__(self, model_config: ModelConfig, l0_config: L0Config | Mapping[str, Any]) -> None:
         super().__init__()
         self.model_config = model_config
@@ -86,16 +93,13 @@ class L0Module(nn.Module):
         )
         names = self.plan.families if self.plan.target is not None else ("",)
         self.multipliers = nn.ParameterDict(
-            {
-                f"lambda_{i}{'_' + f if f else ''}": nn.Parameter(torch.zeros(()))
-                for f in names
-                for i in (1, 2)
-            }
+            {f"lambda_{i}{'_' + f if f else ''}": nn.Parameter(torch.zeros(1)) for f in names for i in (1, 2)}
         )
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
         self.prunable_size = prunable_params(model_config)
         self.noise_seed: int | None = None
         self._step = 0  # host copy of ``step``: seeds the noise without a device sync
+        self._register_load_state_dict_pre_hook(_scalar_multipliers_as_vectors)
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -125,17 +129,31 @@ class L0Module(nn.Module):
 
     @torch.no_grad()
     def constrain_(self) -> None:
-        """Clamp every log-alpha into ``[-log_alpha_clamp, log_alpha_clamp]`` in place."""
+        """Clamp every stored log-alpha into ``[-log_alpha_clamp, log_alpha_clamp]`` in place.
+
+        ``L0Pruning`` calls it after every optimizer step (never inside forward, where the parameters
+        may be views that autograd or FSDP own), so each step starts from clamped values.
+        """
         bound = self.l0_config.log_alpha_clamp
         if bound is not None:
             for log_alpha in self.log_alpha.values():
                 log_alpha.clamp_(-bound, bound)
 
+    def clamped_log_alpha(self) -> dict[str, Tensor]:
+        """The log-alphas clamped to the bound, with the gradient of the identity.
+
+        Equal to the stored values whenever :meth:`constrain_` ran after the last update, so a caller
+        that never calls it (the functional API) still sees bounded masks.
+        """
+        bound = self.l0_config.log_alpha_clamp
+        if bound is None:
+            return dict(self.log_alpha.items())
+        return {f: la + (la.clamp(-bound, bound) - la).detach() for f, la in self.log_alpha.items()}
+
     def forward(self) -> L0Output:
-        self.constrain_()
         if self.training:
             generator = self._noise(next(iter(self.log_alpha.values())).device)
-            masks = {f: self.distribution.sample(la, generator) for f, la in self.log_alpha.items()}
+            masks = {f: self.distribution.sample(la, generator) for f, la in self.clamped_log_alpha().items()}
             penalty, stats = self._penalty_and_stats()
             return L0Output(masks, penalty, stats)
         with torch.no_grad():
@@ -146,7 +164,7 @@ class L0Module(nn.Module):
     # ----------------------------------------------------------------------------------- sizes
     def scores(self) -> dict[str, Tensor]:
         """``P(z > 0)`` per unit, per family (differentiable)."""
-        return {f: self.distribution.prob_nonzero(la) for f, la in self.log_alpha.items()}
+        return {f: self.distribution.prob_nonzero(la) for f, la in self.clamped_log_alpha().items()}
 
     def expected_num_params(self) -> Tensor:
         return expected_num_params(self.model_config, self.scores())
@@ -207,6 +225,9 @@ class L0Module(nn.Module):
         for f, s in scores.items():
             n = self.plan.head_block if f == "head" else s.shape[-1]
             counts[f] = int(torch.round(s.float().mean() * n).item())
+        if self.plan.blocks_tied:  # attention and MLP blocks leave the same layers
+            both = torch.stack([scores["head_layer"], scores["mlp"]]).float()
+            counts["head_layer"] = counts["mlp"] = int(torch.round(both.mean() * both.shape[-1]).item())
         return counts
 
     @torch.no_grad()
@@ -216,8 +237,12 @@ class L0Module(nn.Module):
         self.constrain_()
         keep = self.keep_counts(at_target)
         masks = {}
+        # Tied blocks rank layers by the sum of both log-alphas, so both masks drop the same layers.
+        tied = self.log_alpha["head_layer"] + self.log_alpha["mlp"] if self.plan.blocks_tied else None
         for f, la in self.log_alpha.items():
-            if f == "head":  # top-k within each KV group (or layer, see TargetPlan) keeps the model uniform
+            if tied is not None and f in ("head_layer", "mlp"):
+                masks[f] = self.distribution.deterministic(la, keep[f], rank_by=tied)
+            elif f == "head":  # top-k within each KV group (or layer, see TargetPlan) keeps the model uniform
                 grouped = la.reshape(cfg.n_layers, -1, self.plan.head_block)
                 masks[f] = self.distribution.deterministic(grouped, keep[f]).reshape(la.shape)
             else:
@@ -226,6 +251,14 @@ class L0Module(nn.Module):
             alive = (masks["kv_head"] != 0).repeat_interleave(cfg.heads_per_group, dim=1)
             masks["head"] = masks["head"] * alive
         return masks
+
+
+def _scalar_multipliers_as_vectors(state_dict: dict, prefix: str, *args: Any) -> None:
+    """Read checkpoints that stored the multipliers as 0-d tensors (FSDP refuses 0-d parameters)."""
+    del args
+    for key, value in list(state_dict.items()):
+        if key.startswith(prefix + "multipliers.") and isinstance(value, Tensor) and value.dim() == 0:
+            state_dict[key] = value.reshape(1)
 
 
 def _ascent(multiplier: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 The dense source model scores every structure on calibration data (:mod:`llmshearing.pruning.importance`);
 the top-ranked units are kept at exactly the target shape, uniformly per layer and GQA-aware (the kept
 KV groups of a layer each keep their best ``n_heads / n_kv_heads`` query heads, as the L0 module's
-deterministic masks do); the 0/1 masks are folded and sliced with ``prune_decoder``. The same ranking
+deterministic masks do, and a KV group is ranked by the heads it keeps); the 0/1 masks are folded and sliced with ``prune_decoder``. The same ranking
 can instead initialise an ``L0Module``'s log-alphas (:func:`importance_log_alpha`).
 """
 
@@ -102,10 +102,14 @@ def resolve_target(
 
 
 # ---------------------------------------------------------------------------------------- ranks
-def _rows(family: str, tensor: Tensor, config: ModelConfig) -> Tensor:
-    """Arrange a family's tensor so that units compete within the last dim (heads within their KV group)."""
+def _rows(family: str, tensor: Tensor, config: ModelConfig, plan: TargetPlan) -> Tensor:
+    """Arrange a family's tensor so that units compete within the last dim.
+
+    Query heads compete within blocks of ``plan.head_block`` heads: their KV group, or the whole layer
+    for a multi-head-attention source pruned by ``head`` alone.
+    """
     if family == "head":
-        return tensor.reshape(config.n_layers, config.n_kv_heads, config.heads_per_group)
+        return tensor.reshape(config.n_layers, -1, plan.head_block)
     return tensor
 
 
@@ -117,33 +121,64 @@ def _ranks(scores: Tensor) -> Tensor:
     return ranks.scatter_(-1, order, positions)
 
 
-def _family_sizes(config: ModelConfig) -> dict[str, int]:
+def _family_sizes(config: ModelConfig, plan: TargetPlan) -> dict[str, int]:
+    """Units per row of each family, as :func:`_rows` arranges them."""
     return {
         "layer": config.n_layers,
         "head_layer": config.n_layers,
         "mlp": config.n_layers,
-        "head": config.heads_per_group,
+        "head": plan.head_block,
         "kv_head": config.n_kv_heads,
         "intermediate": config.intermediate_size,
         "hidden": config.d_model,
     }
 
 
+def surviving_group_scores(head: Tensor, config: ModelConfig, kept_heads: int) -> Tensor:
+    """Score [L, Hkv] of each KV group: the sum of its ``kept_heads`` best query-head scores.
+
+    Only those heads survive in a kept group, so a group is worth what it keeps, not all its heads.
+    """
+    grouped = head.float().reshape(config.n_layers, config.n_kv_heads, config.heads_per_group)
+    return torch.sort(grouped, dim=-1, descending=True).values[..., :kept_heads].sum(-1)
+
+
+def ranking_scores(
+    scores: ImportanceScores | Mapping[str, Tensor], config: ModelConfig, plan: TargetPlan
+) -> dict[str, Tensor]:
+    """The score that ranks each family of ``plan``, shaped like the family's mask.
+
+    * ``kv_head``: :func:`surviving_group_scores` with the query heads per group the target keeps;
+    * ``head_layer`` and ``mlp`` (pruned together): both rank layers by the sum of the two branch
+      influences, so they drop the same layers (as the L0 module's deterministic masks do);
+    * every other family: its own importance score.
+    """
+    by_family = scores_by_family(scores)
+    ranked = {family: _checked(family, by_family[family], config) for family in plan.families}
+    if "kv_head" in ranked:
+        kept_heads = plan.keep.get("head", config.heads_per_group)  # all of them when heads are not pruned
+        ranked["kv_head"] = surviving_group_scores(
+            _checked("head", by_family["head"], config), config, kept_heads
+        )
+    if plan.blocks_tied:
+        ranked["head_layer"] = ranked["mlp"] = ranked["head_layer"].float() + ranked["mlp"].float()
+    return ranked
+
+
 def oneshot_masks(
     scores: ImportanceScores | Mapping[str, Tensor], config: ModelConfig, plan: TargetPlan
 ) -> dict[str, Tensor]:
-    """0/1 masks that keep exactly ``plan.keep`` top-scoring units per row of each family in ``plan``.
+    """0/1 masks that keep exactly ``plan.keep`` top-ranked units per row of each family in ``plan``.
 
-    Heads are chosen within their KV group; heads of a dropped KV group are dropped with it.
+    Units are ranked by :func:`ranking_scores`; heads are chosen within their KV group (or layer, see
+    :class:`TargetPlan`); heads of a dropped KV group are dropped with it.
     """
     if plan.target is None:
         raise ValueError("one-shot pruning needs an exact target shape (target_model), not a target_sparsity")
-    by_family = scores_by_family(scores)
     masks = {}
-    for family in plan.families:
-        score = _checked(family, by_family[family], config)
+    for family, score in ranking_scores(scores, config, plan).items():
         masks[family] = (
-            (_ranks(_rows(family, score, config)) < plan.keep[family]).float().reshape(score.shape)
+            (_ranks(_rows(family, score, config, plan)) < plan.keep[family]).float().reshape(score.shape)
         )
     if "head" in masks and "kv_head" in masks:
         masks["head"] = masks["head"] * masks["kv_head"].repeat_interleave(config.heads_per_group, dim=1)
@@ -158,12 +193,13 @@ def importance_log_alpha(
 ) -> dict[str, Tensor]:
     """Initial log-alphas for an ``L0Module`` from an importance ranking, one tensor per pruned family.
 
-    Within each row (per layer; per KV group for ``head``) units are ranked by score. The units the
-    target keeps start at ``+bound`` (best) down to ``+margin * bound``; the others from
-    ``-margin * bound`` down to ``-bound`` (worst), linearly in rank, so the values are strictly
-    monotone in the score and the L0 module's deterministic masks at the target keep exactly the
-    top-ranked units. ``bound`` is ``log_alpha_clamp`` (``init_log_alpha`` when unclamped). With a
-    ``target_sparsity`` instead of a target shape every unit lies above the cut-off.
+    Within each row (per layer; per KV group, or per layer for a multi-head source pruned by ``head``
+    alone) units are ranked by :func:`ranking_scores`. The units the target keeps start at ``+bound``
+    (best) down to ``+margin * bound``; the others from ``-margin * bound`` down to ``-bound`` (worst),
+    linearly in rank, so the values are strictly monotone in the score and the L0 module's
+    deterministic masks at the target keep exactly the top-ranked units. ``bound`` is
+    ``log_alpha_clamp`` (``init_log_alpha`` when unclamped). With a ``target_sparsity`` instead of a
+    target shape every unit lies above the cut-off.
     """
     l0 = L0Config.from_dict(l0_config)
     plan = l0.resolve(model_config)
@@ -174,15 +210,13 @@ def importance_log_alpha(
         raise ValueError(
             f"{PREFIX}.init_log_alpha must be > 0 to place kept units above the cut-off, got {bound}"
         )
-    by_family = scores_by_family(scores)
-    sizes = _family_sizes(model_config)
+    sizes = _family_sizes(model_config, plan)
     values = {}
-    for family in plan.families:
-        score = _checked(family, by_family[family], model_config)
+    for family, score in ranking_scores(scores, model_config, plan).items():
         n = sizes[family]
         keep = plan.keep.get(family, n)
         table = torch.cat([_spread(bound, margin * bound, keep), _spread(-margin * bound, -bound, n - keep)])
-        ranks = _ranks(_rows(family, score, model_config))
+        ranks = _ranks(_rows(family, score, model_config, plan))
         values[family] = table[ranks].reshape(score.shape)
     return values
 
@@ -265,7 +299,7 @@ def prune_oneshot(
     samples: int = 256,
     batch_size: int = 8,
     hf_out: str | Path | None = None,
-    split: str = "eval",
+    split: str = "train",
     dtype: str | None = None,
     device: str | None = None,
     scores_out: str | Path | None = None,
@@ -273,7 +307,7 @@ def prune_oneshot(
     target_flag: str = "--target",
     progress: bool = True,
 ) -> OneShotResult:
-    """Score ``src`` on ``samples`` calibration sequences of ``data``, prune it to ``target_model``, write ``out``.
+    """Score ``src`` on ``samples`` calibration sequences of ``data``'s ``split``, prune it to ``target_model``, write ``out``.
 
     ``out`` is a project checkpoint directory (plus ``oneshot.json`` and the masks used); ``hf_out``
     optionally an HF directory. Every input is validated before any work; outputs are staged and
@@ -420,7 +454,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--samples", type=int, default=256, help="calibration samples (default: 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default: 8)")
-    parser.add_argument("--split", default="eval", help="split of DATA to calibrate on (default: eval)")
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="split of DATA to calibrate on (default: train; the held-out eval and test splits measure the result)",
+    )
     parser.add_argument("--hf-out", metavar="DIR", help="also export the pruned model as an HF directory")
     parser.add_argument(
         "--dtype", choices=("fp32", "bf16", "fp16"), help="stored precision (default: the source's)"

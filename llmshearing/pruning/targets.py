@@ -16,6 +16,7 @@ from typing import Any
 from llmshearing.models.config import ModelConfig
 
 FAMILIES = ("layer", "head_layer", "head", "kv_head", "mlp", "intermediate", "hidden")
+BLOCK_FAMILIES = ("head_layer", "mlp")  # per-layer attention and MLP masks: they must drop the same layers
 SHAPE_KEYS = ("n_layers", "n_heads", "n_kv_heads", "d_model", "intermediate_size")
 FIXED_SHAPE_KEYS = ("vocab_size", "head_dim")  # accepted in target_model only when equal to the source
 PREFIX = "model.l0_module"
@@ -173,11 +174,17 @@ class TargetPlan:
     global_sparsity: float
     head_block: int
 
+    @property
+    def blocks_tied(self) -> bool:
+        """Both ``head_layer`` and ``mlp`` are pruned: their deterministic masks choose the same layers."""
+        return set(BLOCK_FAMILIES) <= set(self.families)
+
     @classmethod
     def build(cls, config: L0Config, source: ModelConfig) -> TargetPlan:
         families = tuple(config.pruning_modules)
         head_block = source.n_heads if _heads_are_groups(families, source) else source.heads_per_group
         if config.target_model is None:
+            _check_lone_block_family(families)
             sparsity = float(config.target_sparsity)  # type: ignore[arg-type]
             reachable = 1.0 - _min_prunable_fraction(families, source)
             if sparsity >= reachable:
@@ -220,6 +227,19 @@ class TargetPlan:
 def _heads_are_groups(families: tuple[str, ...], source: ModelConfig) -> bool:
     """Multi-head attention pruned by ``head`` alone: each query head is its own KV group."""
     return source.heads_per_group == 1 and "head" in families and "kv_head" not in families
+
+
+def _check_lone_block_family(families: tuple[str, ...]) -> None:
+    """With a plain target sparsity, a lone ``head_layer`` or ``mlp`` mask would remove one block of a layer only."""
+    lone = [f for f in BLOCK_FAMILIES if f in families]
+    if len(lone) == 1:
+        other = next(f for f in BLOCK_FAMILIES if f not in lone)
+        raise ValueError(
+            f"{PREFIX}.pruning_modules {list(families)} has '{lone[0]}' without '{other}': with "
+            f"{PREFIX}.target_sparsity it would remove the {'attention' if lone[0] == 'head_layer' else 'MLP'} "
+            "of some layers only, which no uniform model can hold; add "
+            f"'{other}' (the two then drop the same layers), use 'layer' instead, or give a target_model"
+        )
 
 
 def _target_config(target_model: Mapping[str, Any], source: ModelConfig) -> ModelConfig:

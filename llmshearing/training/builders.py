@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -11,8 +13,9 @@ from composer.loggers import LoggerDestination
 
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.staging import write_text_atomic
+from llmshearing.training.value_checks import SCHEDULERS
 
-SCHEDULERS = ("cosine_with_warmup", "linear_with_warmup", "constant_with_warmup")
+log = logging.getLogger("llmshearing.train")
 
 
 def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLlama, dict[str, Any]]:
@@ -23,7 +26,8 @@ def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLla
     from llmshearing.convert.checkpoint import load_checkpoint
 
     model_cfg = values["model"]
-    config, state_dict, hf_config = load_checkpoint(model_cfg["path"], drop_l0=True)
+    config, state_dict, hf_config = load_checkpoint(model_cfg["path"])
+    refuse_pruning_checkpoint(model_cfg["path"], state_dict)
     config = config.replace(
         attn_impl=model_cfg["attn_impl"], max_seq_len=max(config.max_seq_len, values["max_seq_len"])
     )
@@ -36,12 +40,77 @@ def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLla
         l0 = attach_l0_module(model, model_cfg["l0_module"])
         description["l0_module"] = l0.l0_config.to_dict()
         if l0.l0_config.init_from is not None:  # log-alphas ranked by activation importance of the source
-            from llmshearing.pruning.oneshot import initialize_from_importance
+            description["l0_init"] = initialize_masks(l0, model.model, values)
+    if model_cfg.get("distillation"):  # validated (and its teacher path resolved) by validate_config
+        from llmshearing.models.teacher import DistillationConfig, Teacher
 
-            initialize_from_importance(
-                l0, model.model, values["data_local"], values["device_eval_batch_size"]
-            )
+        distillation = DistillationConfig.from_dict(model_cfg["distillation"])
+        dtype = next(model.model.parameters()).dtype
+        model.attach_teacher(Teacher.load(distillation.teacher, dtype, model_cfg["attn_impl"]), distillation)
+        description["distillation"] = distillation.to_dict()
     return model, description
+
+
+def initialize_masks(l0: Any, decoder: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Rank the L0 module's log-alphas (``init_from``) once, on rank 0, and broadcast them.
+
+    Calibration runs on the run's device (the GPU when there is one) in the run's precision; the
+    decoder goes back to the CPU afterwards. Returns what it cost (logged and kept in config.json).
+    """
+    import time
+
+    import torch
+    from composer.utils import dist, get_device
+
+    from llmshearing.pruning.oneshot import initialize_from_importance
+
+    device = get_device(values["device"])
+    target = torch.device("cuda") if device.name == "gpu" else torch.device("cpu")
+    autocast_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(values["precision"])
+    start = time.perf_counter()
+    if dist.get_global_rank() == 0:
+        home = next(decoder.parameters()).device
+        decoder.to(target)
+        context = (
+            torch.autocast(target.type, dtype=autocast_dtype)
+            if autocast_dtype is not None and target.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        try:
+            with context:
+                initialize_from_importance(
+                    l0, decoder, values["data_local"], values["device_eval_batch_size"]
+                )
+        finally:
+            decoder.to(home)
+    if dist.get_world_size() > 1:  # every rank starts from rank 0's ranking
+        for log_alpha in l0.log_alpha.values():
+            carrier = log_alpha.detach().to(target)
+            dist.broadcast(carrier, src=0)
+            with torch.no_grad():
+                log_alpha.copy_(carrier.to(log_alpha.device))
+    cost = {
+        "source": str(l0.l0_config.init_from),
+        "device": target.type,
+        "precision": values["precision"] if target.type == "cuda" else "fp32",
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    log.info("mask initialisation (%s) took %.1f s on %s", cost["source"], cost["seconds"], cost["device"])
+    return cost
+
+
+def refuse_pruning_checkpoint(path: str, state_dict: dict[str, Any]) -> None:
+    """``model.path`` must be a dense model: a pruning checkpoint's masks would silently be dropped."""
+    from llmshearing.convert.checkpoint import L0_PREFIX
+    from llmshearing.training.config import ConfigError
+
+    if any(key.startswith(L0_PREFIX) for key in state_dict):
+        raise ConfigError(
+            f"model.path {path} is a pruning run's checkpoint (it holds l0_module.* masks), and training it "
+            f"would drop the masks and train the unpruned model; fold it first with `llmshearing prune-model "
+            f"{path} OUT` and set model.path=OUT (to continue the pruning run itself, train into its "
+            "save_folder with autoresume=true)"
+        )
 
 
 def write_run_description(save_folder: str, description: dict[str, Any]) -> str:
@@ -78,21 +147,37 @@ def build_scheduler(values: dict[str, Any]):
 
     sched = dict(values["scheduler"])
     name = sched.pop("name")
+    t_max = sched.get("t_max") or "1dur"
     if name == "cosine_with_warmup":
         return CosineAnnealingWithWarmupScheduler(
-            t_warmup=sched["t_warmup"], alpha_f=sched.get("alpha_f", 0.0)
+            t_warmup=sched["t_warmup"], t_max=t_max, alpha_f=sched.get("alpha_f", 0.0)
         )
     if name == "linear_with_warmup":
-        return LinearWithWarmupScheduler(t_warmup=sched["t_warmup"], alpha_f=sched.get("alpha_f", 0.0))
+        return LinearWithWarmupScheduler(
+            t_warmup=sched["t_warmup"], t_max=t_max, alpha_f=sched.get("alpha_f", 0.0)
+        )
     if name == "constant_with_warmup":
-        return ConstantWithWarmupScheduler(t_warmup=sched["t_warmup"])
+        return ConstantWithWarmupScheduler(t_warmup=sched["t_warmup"], t_max=t_max)
     raise ValueError(f"scheduler.name {name!r} is not supported; use one of {SCHEDULERS}")
 
 
-def build_algorithms(values: dict[str, Any], save_folder: str) -> list[Algorithm]:
+def build_algorithms(values: dict[str, Any], save_folder: str, fsdp: bool = False) -> list[Algorithm]:
+    """Gradient clipping (FSDP-aware under FSDP) and, when pruning, ``L0Pruning``."""
     algorithms: list[Algorithm] = []
     clipping = values["algorithms"].get("gradient_clipping")
-    if clipping:
+    if fsdp:  # Composer's GradientClipping does not see the whole model under FSDP
+        from llmshearing.pruning.targets import L0Config
+        from llmshearing.training.fsdp import FSDPGradients
+
+        l0 = values["model"].get("l0_module")
+        algorithms.append(
+            FSDPGradients(
+                clipping_type=clipping.get("clipping_type", "norm") if clipping else None,
+                clipping_threshold=float(clipping.get("clipping_threshold", 1.0)) if clipping else 1.0,
+                clip_l0=L0Config.from_dict(l0).clip_l0_grads if l0 else True,
+            )
+        )
+    elif clipping:
         from composer.algorithms import GradientClipping
 
         algorithms.append(
@@ -111,6 +196,7 @@ def build_algorithms(values: dict[str, Any], save_folder: str) -> list[Algorithm
 def build_callbacks(values: dict[str, Any], save_folder: str) -> list[Callback]:
     from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
 
+    from llmshearing.callbacks.domain_metrics import AbsentDomainMetrics
     from llmshearing.callbacks.sample_log import SampleLog
 
     known = {
@@ -120,7 +206,7 @@ def build_callbacks(values: dict[str, Any], save_folder: str) -> list[Callback]:
         "runtime_estimator": RuntimeEstimator,
         "optimizer_monitor": OptimizerMonitor,
     }
-    callbacks: list[Callback] = []
+    callbacks: list[Callback] = [AbsentDomainMetrics()]  # no per-domain train metric for an absent domain
     for name, kwargs in values["callbacks"].items():
         if name == "data_loading" or kwargs is False:
             continue
@@ -128,6 +214,10 @@ def build_callbacks(values: dict[str, Any], save_folder: str) -> list[Callback]:
             callbacks.append(SampleLog(**{"folder": save_folder, **(kwargs or {})}))
             continue
         callbacks.append(known[name](**(kwargs or {})))
+    if values["model"].get("distillation"):
+        from llmshearing.callbacks.distillation import TeacherTimeMonitor
+
+        callbacks.append(TeacherTimeMonitor())
     return callbacks
 
 

@@ -28,6 +28,14 @@ SCHEMA: dict[str, Any] = {
         "init_device": ANY,
         "attn_impl": ANY,
         "l0_module": ANY,  # validated by llmshearing.pruning
+        "distillation": {  # validated by validate_distillation
+            "teacher": ANY,
+            "alpha": ANY,
+            "temperature": ANY,
+            "kind": ANY,
+            "top_k": ANY,
+            "chunk_size": ANY,
+        },
     },
     "train_loader": ANY,  # validated by llmshearing.data.loaders
     "eval_loader": ANY,
@@ -74,7 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "run_name": "llmshearing",
     "seed": 17,
     "data_remote": None,
-    "model": {"init_device": "cpu", "attn_impl": "auto", "l0_module": None},
+    "model": {"init_device": "cpu", "attn_impl": "auto", "l0_module": None, "distillation": None},
     "optimizer": {
         "name": "decoupled_adamw",
         "lr": 1e-4,
@@ -148,6 +156,11 @@ def check_keys(values: Any, schema: Any, prefix: str = "") -> None:
 
 def validate_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
     """Validate a resolved config; returns it as a plain dict."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"the recipe leaves {', '.join(missing)} to be set (???); pass {missing[0]}=... on the command line"
+        )
     values = OmegaConf.to_container(cfg, resolve=True)
     check_keys(values, SCHEMA)
     for key in REQUIRED:
@@ -191,4 +204,42 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
     for key in ("max_duration", "eval_interval"):
         if not str(values[key]).endswith("ba"):
             raise ConfigError(f"{key} must be given in batches, e.g. {key}=100ba (got {values[key]!r})")
+    validate_distillation(values["model"])
+    from llmshearing.training.value_checks import check_run_values
+
+    check_run_values(values)
     return values
+
+
+def validate_distillation(model: dict[str, Any]) -> None:
+    """Check ``model.distillation`` and fill in its teacher (the source ``model.path`` when pruning)."""
+    section = model.get("distillation")
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"model.distillation must be a mapping (teacher, alpha, temperature, kind, top_k, chunk_size) "
+            f"or null to train without a teacher, got {section!r}"
+        )
+    from llmshearing.models.teacher import DistillationConfig, checkpoint_vocab_size
+
+    teacher = section.get("teacher") or (model["path"] if model.get("l0_module") else None)
+    if teacher is None:
+        raise ConfigError(
+            "model.distillation.teacher is required outside pruning: set it to the checkpoint directory the "
+            "student was pruned from (`llmshearing convert hf-to-composer` output)"
+        )
+    if not isinstance(teacher, str) or not os.path.exists(teacher):
+        raise ConfigError(
+            f"model.distillation.teacher {teacher!r} does not exist; point it at a checkpoint directory "
+            "(`llmshearing convert hf-to-composer SRC OUT` writes one)"
+        )
+    try:
+        config = DistillationConfig.from_dict({**section, "teacher": teacher})
+        teacher_vocab = checkpoint_vocab_size(teacher)
+        student_vocab = checkpoint_vocab_size(model["path"])
+        if teacher_vocab is not None and student_vocab is not None:
+            config.check_vocab(student_vocab, teacher_vocab)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from err
+    model["distillation"] = config.to_dict()

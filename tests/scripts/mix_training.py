@@ -173,7 +173,9 @@ def run_training(
     eval_tokens = {
         name: trainer.state.eval_metrics["eval"][f"{name}_LanguageCrossEntropy"].tokens for name in NAMES
     }
-    result = {"batches": recorder.batches, "callback": callback.state_dict(), "eval_tokens": eval_tokens}
+    state = callback.state_dict()
+    state["history"] = json.loads(state["history"])  # stored as one JSON string
+    result = {"batches": recorder.batches, "callback": state, "eval_tokens": eval_tokens}
     trainer.close()
     del trainer, train, evaluation
     gc.collect()

@@ -1,0 +1,161 @@
+"""Composer checkpoint files on disk: is one complete, what is a file that is not one, and the repair
+of a checkpoint folder after a process was killed while saving.
+
+Composer 0.32.1 writes a monolithic checkpoint with ``torch.save`` straight into its final name
+(``ep{epoch}-ba{batch}-rank{rank}.pt``) and only then replaces the ``latest-rank{rank}.pt`` symlink
+(remove, then create). A process killed while saving therefore leaves a truncated file under a
+checkpoint's name, or (between remove and create) no ``latest`` symlink at all. Either breaks
+autoresume: Composer refuses to start next to a checkpoint "from the future", or starts over.
+``repair_checkpoint_folder`` renames truncated files to ``<name>.incomplete`` and points
+``latest`` at the newest complete checkpoint again.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path
+
+from llmshearing.staging import staging_path
+
+log = logging.getLogger("llmshearing.train")
+
+CHECKPOINT_NAME = re.compile(r"ep(\d+)-ba(\d+)-rank(\d+)\.pt")
+LATEST_NAME = "latest-rank{rank}.pt"
+INCOMPLETE_SUFFIX = ".incomplete"
+_PICKLE_MAGIC = b"\x80"  # torch's legacy (non-zip) format starts with a pickle protocol byte
+
+
+def is_complete_torch_file(path: str | Path) -> bool:
+    """True when ``path`` is a whole ``torch.save`` archive: a zip whose central directory (written
+    last) is present and lists a ``data.pkl``. A legacy (non-zip) torch file counts as complete."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    if head[:1] == _PICKLE_MAGIC:
+        return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _kind_of_file(path: Path) -> str:
+    """A short name for what a file that is not a torch checkpoint looks like."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"GGUF"):
+        return "a GGUF model file"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "a safetensors file (part of a converted or exported model directory)"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file"
+    if not head:
+        return "an empty file"
+    try:  # an incremental decoder accepts a character cut off at the end of the sample
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return "a binary file of another format"
+    if all(char.isprintable() or char in "\t\r\n" for char in text):
+        return "a text file"
+    return "a binary file of another format"
+
+
+def checkpoint_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a readable Composer checkpoint file, or None when it looks like one."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"PK"):
+        if is_complete_torch_file(path):
+            return None
+        return (
+            f"{path} is incomplete: it was cut off while being written (a run killed or out of disk while "
+            "saving); use the previous checkpoint (the run's checkpoints/latest-rank0.pt points at the newest "
+            "complete one after `autoresume=true` restarts the run)"
+        )
+    if head[:1] == _PICKLE_MAGIC:
+        return None
+    return f"{path} is not a Composer checkpoint (.pt written by training): it is {_kind_of_file(path)}"
+
+
+def _batch_of(name: str) -> int:
+    match = CHECKPOINT_NAME.fullmatch(name)
+    return int(match.group(2)) if match else -1
+
+
+def set_aside_incomplete(folder: str | Path) -> list[Path]:
+    """Rename truncated checkpoint files in ``folder`` to ``<name>.incomplete``; returns the new paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    moved = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink() or not entry.is_file() or not CHECKPOINT_NAME.fullmatch(entry.name):
+            continue
+        if not is_complete_torch_file(entry):
+            target = entry.with_name(entry.name + INCOMPLETE_SUFFIX)
+            os.replace(entry, target)
+            log.warning("%s was cut off while being written; set aside as %s", entry, target.name)
+            moved.append(target)
+    return moved
+
+
+def newest_complete_checkpoint(folder: str | Path, rank: int = 0) -> Path | None:
+    """The complete checkpoint of ``rank`` in ``folder`` with the highest batch count, if any."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = [
+        entry
+        for entry in folder.iterdir()
+        if (match := CHECKPOINT_NAME.fullmatch(entry.name))
+        and int(match.group(3)) == rank
+        and not entry.is_symlink()
+        and is_complete_torch_file(entry)
+    ]
+    return max(candidates, key=lambda entry: _batch_of(entry.name), default=None)
+
+
+def repair_latest_link(folder: str | Path, rank: int = 0) -> Path | None:
+    """Point ``latest-rank{rank}.pt`` at the newest complete checkpoint when it is missing, dangling or
+    points at an incomplete file (replaced atomically); returns the link when it was changed."""
+    folder = Path(folder)
+    link = folder / LATEST_NAME.format(rank=rank)
+    if link.exists() and is_complete_torch_file(link):
+        return None
+    newest = newest_complete_checkpoint(folder, rank)
+    if newest is None:
+        return None
+    staging = staging_path(link)
+    os.symlink(newest.name, staging)
+    os.replace(staging, link)
+    log.warning("%s pointed at no complete checkpoint; it now points at %s", link, newest.name)
+    return link
+
+
+def repair_checkpoint_folder(folder: str | Path, rank: int = 0) -> list[Path]:
+    """Make a checkpoint folder safe to resume from after a kill while saving; returns what changed."""
+    changed = set_aside_incomplete(folder)
+    link = repair_latest_link(folder, rank)
+    return [*changed, *([link] if link is not None else [])]
+
+
+def read_recorded_identity(path: str | Path) -> dict | None:
+    """The run identity (model shape, mask settings) a training checkpoint recorded, if any."""
+    import torch
+
+    from llmshearing.training.run_folder import recorded_identity
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # unreadable files are reported by the checkpoint reader itself
+        return None
+    return recorded_identity(payload.get("state")) if isinstance(payload, dict) else None

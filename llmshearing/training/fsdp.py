@@ -1,0 +1,268 @@
+"""Composer's FSDP for llmshearing: which FSDP a recipe runs, and the gradients under it.
+
+``fsdp_config`` (llm-foundry's key) turns FSDP on. Composer's FSDP1 (the default) needs CUDA GPUs;
+``FSDP_VERSION=2`` in the environment selects FSDP2, which also runs on CPU with gloo. The recipe's
+keys are checked here before anything heavy runs, and FSDP1-style keys are translated for FSDP2
+(``sharding_strategy`` -> ``reshard_after_forward``) rather than dropped.
+
+Parameters of model children marked ``_fsdp_wrap = False`` (the L0 module) stay whole on every rank.
+:class:`FSDPGradients` averages their gradients across ranks, as DDP would, and clips the gradients
+by the norm over all parameters, sharded or not, exactly as one process would.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+from torch import Tensor, nn
+
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2", "NO_SHARD")
+FSDP2_RESHARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}  # FSDP2 has no hybrid or unsharded mode here
+MIXED_PRECISION = ("DEFAULT", "PURE", "FULL")
+STATE_DICT_TYPES = ("full", "sharded")
+CLIPPING_TYPES = ("norm", "value")
+
+
+class FSDPConfigError(ValueError):
+    """A problem with ``fsdp_config`` or the FSDP environment; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class FSDPPlan:
+    """The FSDP a run uses: its version, the settings as the recipe states them, and Composer's form."""
+
+    version: int
+    settings: dict[str, Any]
+    parallelism: dict[str, Any]  # Composer's ``parallelism_config``
+
+    @property
+    def sharding_strategy(self) -> str:
+        return str(self.settings.get("sharding_strategy", "FULL_SHARD")).upper()
+
+    @property
+    def state_dict_type(self) -> str:
+        return str(self.settings.get("state_dict_type", "full" if self.version == 1 else "sharded"))
+
+    def describe(self) -> str:
+        mixed = self.settings.get("mixed_precision", "DEFAULT")
+        ac = ", activation checkpointing per block" if self.settings.get("activation_checkpointing") else ""
+        return (
+            f"FSDP{self.version} ({self.sharding_strategy}, mixed precision {mixed}, "
+            f"{self.state_dict_type} checkpoints{ac})"
+        )
+
+
+def _composer_fsdp_keys() -> tuple[set[str], set[str]]:
+    from composer.utils.parallelism import FSDP2Config, FSDPConfig
+
+    fsdp1 = {f.name for f in fields(FSDPConfig) if not f.name.startswith("_")}
+    return fsdp1, FSDP2Config.settable_attrs()
+
+
+def fsdp_version(environ: Mapping[str, str] | None = None) -> int:
+    """The FSDP version Composer runs: ``FSDP_VERSION`` (1 or 2) from the environment, default 1."""
+    value = (os.environ if environ is None else environ).get("FSDP_VERSION", "1").strip()
+    if value not in ("1", "2"):
+        raise FSDPConfigError(
+            f"FSDP_VERSION={value!r} in the environment; use FSDP_VERSION=1 or FSDP_VERSION=2"
+        )
+    return int(value)
+
+
+def resolve_fsdp(
+    fsdp_config: Mapping[str, Any] | None,
+    cuda: bool | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> FSDPPlan | None:
+    """Validate ``fsdp_config`` for this machine; ``None`` when FSDP is off.
+
+    Raises :class:`FSDPConfigError` naming the key and the fix: an unknown key or value, FSDP1 on a
+    machine without CUDA, a sharding strategy FSDP2 does not offer here.
+    """
+    if fsdp_config is None or fsdp_config is False:
+        return None
+    if not isinstance(fsdp_config, Mapping):
+        raise FSDPConfigError(
+            f"fsdp_config must be a mapping (e.g. fsdp_config.sharding_strategy=FULL_SHARD) or null, "
+            f"got {fsdp_config!r}"
+        )
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    version = fsdp_version(environ)
+    settings = dict(fsdp_config)
+    fsdp1_keys, fsdp2_keys = _composer_fsdp_keys()
+    for key in settings:
+        if key not in fsdp1_keys | fsdp2_keys:
+            close = difflib.get_close_matches(key, sorted(fsdp1_keys | fsdp2_keys), n=1)
+            hint = f"; did you mean fsdp_config.{close[0]}?" if close else ""
+            raise FSDPConfigError(f"unknown config key 'fsdp_config.{key}'{hint}")
+    _check_choice(settings, "sharding_strategy", SHARDING_STRATEGIES)
+    _check_choice(settings, "mixed_precision", MIXED_PRECISION)
+    _check_choice(settings, "state_dict_type", STATE_DICT_TYPES, upper=False)
+    for key in ("activation_checkpointing", "activation_cpu_offload", "sync_module_states", "verbose"):
+        if key in settings and not isinstance(settings[key], bool):
+            raise FSDPConfigError(f"fsdp_config.{key} must be true or false, got {settings[key]!r}")
+
+    if version == 1:
+        if not cuda:
+            raise FSDPConfigError(
+                "fsdp_config asks for FSDP, and Composer's FSDP1 (the default) needs CUDA GPUs, which this machine "
+                "lacks; on CPU run FSDP2: set FSDP_VERSION=2 in the environment (FSDP_VERSION=2 composer -n N "
+                "llmshearing/train.py ...), or remove fsdp_config (fsdp_config=null) to train without sharding"
+            )
+        return FSDPPlan(1, settings, {"fsdp": settings})
+
+    strategy = str(settings.get("sharding_strategy", "FULL_SHARD")).upper()
+    if strategy not in FSDP2_RESHARD:
+        raise FSDPConfigError(
+            f"fsdp_config.sharding_strategy={strategy} is not available with FSDP2 (FSDP_VERSION=2) in "
+            "Composer 0.32.1; use FULL_SHARD or SHARD_GRAD_OP, or FSDP1 on GPUs (unset FSDP_VERSION)"
+        )
+    from composer.utils.parallelism import FSDP2Config
+
+    translated = {k: v for k, v in settings.items() if k in fsdp2_keys}
+    translated.setdefault("reshard_after_forward", FSDP2_RESHARD[strategy])
+    import warnings
+
+    with warnings.catch_warnings():  # Composer warns that its FSDP2 API is experimental
+        warnings.simplefilter("ignore", UserWarning)
+        config = FSDP2Config(**translated)
+    return FSDPPlan(2, settings, {"fsdp": config})
+
+
+def _check_choice(settings: dict[str, Any], key: str, choices: tuple[str, ...], upper: bool = True) -> None:
+    if key not in settings:
+        return
+    value = settings[key]
+    normal = str(value).upper() if upper else str(value).lower()
+    if not isinstance(value, str) or normal not in choices:
+        raise FSDPConfigError(f"fsdp_config.{key} must be one of {list(choices)}, got {value!r}")
+    settings[key] = normal
+
+
+def ignored_fsdp2_keys(plan: FSDPPlan) -> list[str]:
+    """Recipe keys FSDP2 has no counterpart for (reported at start, never silently)."""
+    if plan.version != 2:
+        return []
+    _, fsdp2_keys = _composer_fsdp_keys()
+    return sorted(k for k in plan.settings if k not in fsdp2_keys and k != "sharding_strategy")
+
+
+# --------------------------------------------------------------------------------- gradients
+def unsharded_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the children that FSDP leaves whole (``_fsdp_wrap = False``)."""
+    return [
+        p
+        for child in model.children()
+        if getattr(child, "_fsdp_wrap", True) is False
+        for p in child.parameters()
+    ]
+
+
+def average_across_ranks(tensors: Iterable[Tensor]) -> None:
+    """All-reduce ``tensors`` in place to their mean over the ranks (a no-op in one process)."""
+    import torch.distributed as tdist
+
+    tensors = list(tensors)
+    if not tensors or not (tdist.is_available() and tdist.is_initialized()):
+        return
+    world = tdist.get_world_size()
+    if world == 1:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    tdist.all_reduce(flat)
+    flat.div_(world)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def _sharded_norm_squared(model: nn.Module, sharded: list[nn.Parameter]) -> Tensor:
+    """Squared 2-norm of the gradients of the FSDP-managed parameters over all ranks."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.tensor import DTensor
+
+    roots = [m for m in model.modules() if isinstance(m, FSDP) and m.check_is_root()]
+    if (
+        roots
+    ):  # FSDP1: each root unit knows its own sharding (also hybrid); inf leaves the gradients as they are
+        norms = [root.clip_grad_norm_(max_norm=math.inf).float() for root in roots]
+        return torch.stack([n * n for n in norms]).sum()
+    grads = [p.grad for p in sharded if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    for g in grads:
+        local = g.to_local() if isinstance(g, DTensor) else g
+        total = total + local.float().pow(2).sum()
+    import torch.distributed as tdist
+
+    if any(isinstance(g, DTensor) for g in grads) and tdist.is_initialized():
+        tdist.all_reduce(total)  # FSDP2: disjoint shards over the (one-dimensional) data-parallel mesh
+    return total
+
+
+class FSDPGradients(Algorithm):
+    """Gradients under FSDP: average the unsharded ones across ranks, then clip like one process.
+
+    Composer's ``GradientClipping`` clips each FSDP1 root unit on its own and nothing under FSDP2;
+    here the norm is taken over every parameter (the L0 module's too, unless ``clip_l0`` is false),
+    so a sharded run clips exactly as the single-process run does.
+    """
+
+    def __init__(
+        self, clipping_type: str | None = None, clipping_threshold: float = 1.0, clip_l0: bool = True
+    ) -> None:
+        if clipping_type is not None and clipping_type not in CLIPPING_TYPES:
+            raise ValueError(
+                f"algorithms.gradient_clipping.clipping_type={clipping_type!r} is not available with FSDP; "
+                f"use one of {list(CLIPPING_TYPES)}"
+            )
+        self.clipping_type, self.clipping_threshold, self.clip_l0 = clipping_type, clipping_threshold, clip_l0
+
+    def __repr__(self) -> str:
+        return f"FSDPGradients(clipping_type={self.clipping_type!r}, threshold={self.clipping_threshold})"
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == Event.AFTER_TRAIN_BATCH
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        del event, logger
+        model = state.model
+        unsharded = unsharded_parameters(model)
+        average_across_ranks(p.grad for p in unsharded if p.grad is not None)
+        if self.clipping_type is not None:
+            self.clip(model, unsharded)
+
+    @torch.no_grad()
+    def clip(self, model: nn.Module, unsharded: list[nn.Parameter]) -> None:
+        unsharded_ids = {id(p) for p in unsharded}
+        sharded = [p for p in model.parameters() if id(p) not in unsharded_ids]
+        replicated = unsharded if self.clip_l0 else [p for p in unsharded if not _is_l0(model, p)]
+        clipped = [p for p in (*sharded, *replicated) if p.grad is not None]
+        if self.clipping_type == "value":
+            for p in clipped:
+                p.grad.clamp_(-self.clipping_threshold, self.clipping_threshold)
+            return
+        squared = _sharded_norm_squared(model, sharded)
+        for p in replicated:
+            if p.grad is not None:
+                squared = squared + p.grad.float().pow(2).sum().to(squared.device)
+        total = squared.sqrt()
+        coefficient = float(torch.clamp(self.clipping_threshold / (total + 1e-6), max=1.0))
+        for p in clipped:
+            p.grad.mul_(coefficient)
+
+
+def _is_l0(model: nn.Module, parameter: nn.Parameter) -> bool:
+    module = getattr(model, "l0_module", None)
+    return module is not None and any(parameter is p for p in module.parameters())

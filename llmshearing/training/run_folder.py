@@ -1,0 +1,246 @@
+"""The run folder (``save_folder``): what makes it hold a run, and the start-up rules that keep a run
+from being damaged by the next start.
+
+* A folder that holds a run is used only with ``autoresume=true`` (continue it) or
+  ``save_overwrite=true`` (replace it); otherwise the start is refused before anything is written.
+* A resumed run must be the same run: the model shape and the mask settings (the ``l0_module``
+  settings that decide the masks and the target) agree with the folder's ``config.json``.
+* A start that fails leaves the folder as it found it (no stub ``config.json``).
+* Every checkpoint carries the same description (the ``RunRecord`` callback), so ``prune-model``
+  can tell whether ``config.json`` describes the checkpoint it folds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from composer.core import Callback
+
+from llmshearing.training.config import ConfigError
+
+log = logging.getLogger("llmshearing.train")
+
+DESCRIPTION_NAME = "config.json"
+# what a training run writes into its folder (the report and user files are not part of it)
+RUN_ENTRIES = ("config.json", "metrics.jsonl", "checkpoints", "masks", "logs.txt")
+RUN_ENTRY_PREFIXES = ("samples-rank",)
+# model settings that may change between the start and a resume of one run
+MODEL_KEYS_FREE = ("attn_impl", "max_seq_len", "init_std")
+# l0_module settings that decide the masks and the target shape
+L0_MASK_KEYS = (
+    "pruning_modules",
+    "target_model",
+    "target_sparsity",
+    "temperature",
+    "limit_a",
+    "limit_b",
+    "log_alpha_clamp",
+)
+
+
+def run_entries(folder: str | Path) -> list[str]:
+    """Names of the run artefacts ``folder`` holds (an empty ``checkpoints``/``masks`` folder is none)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name not in RUN_ENTRIES and not entry.name.startswith(RUN_ENTRY_PREFIXES):
+            continue
+        if entry.is_dir() and not any(entry.iterdir()):
+            continue
+        found.append(entry.name)
+    return found
+
+
+def check_start(folder: str | Path, autoresume: bool, overwrite: bool) -> None:
+    """Refuse to start a fresh run in a folder that holds a run unless asked to resume or replace it."""
+    entries = run_entries(folder)
+    if entries and not autoresume and not overwrite:
+        raise ConfigError(
+            f"save_folder {folder} already holds a run ({', '.join(entries)}); set autoresume=true to continue "
+            "it, save_overwrite=true to replace it, or choose another save_folder"
+        )
+
+
+def identity(description: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run description that must not change within a run: shape and mask settings."""
+    model = {k: v for k, v in (description.get("model") or {}).items() if k not in MODEL_KEYS_FREE}
+    l0 = description.get("l0_module")
+    masks = {k: l0.get(k) for k in L0_MASK_KEYS} if isinstance(l0, dict) else None
+    return {"model": model, "l0_module": masks}
+
+
+def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """``key: <mine> vs <theirs>`` for every identity key that differs."""
+    a, b = identity(mine), identity(theirs)
+    found = []
+    for section in ("model", "l0_module"):
+        left, right = a[section], b[section]
+        if left is None or right is None:
+            if left != right:
+                found.append(f"{section}: {'set' if left else 'none'} vs {'set' if right else 'none'}")
+            continue
+        for key in sorted(set(left) | set(right)):
+            if left.get(key) != right.get(key):
+                found.append(f"{section}.{key}: {left.get(key)!r} vs {right.get(key)!r}")
+    return found
+
+
+def read_description(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's ``config.json`` as a dict, None when there is none."""
+    path = Path(folder) / DESCRIPTION_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path} is not valid JSON ({err}); it is the run's description: restore it, or set "
+            "save_overwrite=true (and autoresume=false) to replace the run"
+        ) from None
+    return data if isinstance(data, dict) else None
+
+
+def check_same_run(folder: str | Path, description: dict[str, Any]) -> None:
+    """A resumed run must be the run the folder holds (same model shape and mask settings)."""
+    previous = read_description(folder)
+    if previous is None:
+        return
+    changed = differences(description, previous)
+    if changed:
+        raise ConfigError(
+            f"save_folder {folder} holds a different run: {'; '.join(changed[:6])} (this recipe vs the "
+            f"folder's {DESCRIPTION_NAME}); resume with the run's own settings, or choose another save_folder "
+            "(save_overwrite=true with autoresume=false replaces the run)"
+        )
+
+
+def clear_previous_run(folder: str | Path) -> list[str]:
+    """Remove the run artefacts of ``folder`` (``save_overwrite=true`` on a fresh start); returns them."""
+    folder = Path(folder)
+    removed = run_entries(folder)
+    for name in removed:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if removed:
+        log.warning("save_overwrite: removed the previous run in %s (%s)", folder, ", ".join(removed))
+    return removed
+
+
+def prepare(folder: str | Path, description: dict[str, Any], autoresume: bool, overwrite: bool) -> None:
+    """Make the folder ready for this start, once the run's description is known.
+
+    Resuming: the folder must hold this run, and checkpoints cut off while being written are set
+    aside. Replacing (``save_overwrite`` without ``autoresume``): the previous run is removed.
+    Checks run on every rank; only global rank 0 changes the folder.
+    """
+    from composer.utils import dist
+
+    from llmshearing.training.checkpoint_files import repair_checkpoint_folder
+
+    if autoresume:
+        check_same_run(folder, description)
+        if dist.get_global_rank() == 0:
+            repair_checkpoint_folder(Path(folder) / "checkpoints")
+    elif overwrite and dist.get_global_rank() == 0:
+        clear_previous_run(folder)
+
+
+class StartGuard:
+    """Context manager: when the block fails, remove what it created in the watched folder (the folder
+    itself if it did not exist); what was there before is kept."""
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.before: set[str] | None = None
+
+    def watch(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.before = {e.name for e in self.folder.iterdir()} if self.folder.is_dir() else None
+
+    def __enter__(self) -> StartGuard:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None or self.folder is None or not self.folder.is_dir():
+            return
+        if self.before is None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        for entry in self.folder.iterdir():
+            if entry.name in self.before:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+class RunRecord(Callback):
+    """Stores the run's identity (model shape, mask settings) in every checkpoint; a resumed run
+    whose checkpoint records another identity is refused."""
+
+    def __init__(self, description: dict[str, Any]) -> None:
+        self.record = identity(description)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"identity": self.record}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("identity")
+        if saved is None:
+            return
+        changed = differences(self.record, saved)
+        if changed:
+            raise ConfigError(
+                f"the checkpoint to resume from belongs to a different run: {'; '.join(changed[:6])} "
+                "(this recipe vs the checkpoint); resume with the run's own settings or choose another save_folder"
+            )
+
+
+def check_progress(folder: str | Path, done: int, max_batches: int) -> bool:
+    """True when a resumed run has already trained its ``max_batches``; an error when it went beyond."""
+    if done > max_batches:
+        raise ConfigError(
+            f"save_folder {folder} holds a run already trained for {done} batches, more than "
+            f"max_duration={max_batches}ba; raise max_duration to continue it, or choose another save_folder"
+        )
+    return done == max_batches > 0
+
+
+def trained_batches(folder: str | Path) -> int | None:
+    """Batches trained by the run in ``folder`` at its latest complete checkpoint; None without one."""
+    import torch
+
+    from llmshearing.training.checkpoint_files import LATEST_NAME, is_complete_torch_file
+
+    latest = Path(folder) / "checkpoints" / LATEST_NAME.format(rank=0)
+    if not latest.exists() or not is_complete_torch_file(latest):
+        return None
+    payload = torch.load(latest, map_location="cpu", weights_only=False, mmap=True)
+    return int(payload["state"]["timestamp"]["Timestamp"]["batch"])
+
+
+def is_finished(folder: str | Path) -> bool:
+    """True when the run in ``folder`` has trained all of its ``max_duration`` (as its config.json says)."""
+    description = read_description(folder)
+    done = trained_batches(folder)
+    if description is None or done is None:
+        return False
+    max_duration = str((description.get("train") or {}).get("max_duration", ""))
+    return max_duration.endswith("ba") and done >= int(max_duration[:-2])
+
+
+def recorded_identity(checkpoint_state: dict[str, Any]) -> dict[str, Any] | None:
+    """The identity a training checkpoint (its ``state`` dict) recorded, None for checkpoints without one."""
+    callbacks = checkpoint_state.get("callbacks") if isinstance(checkpoint_state, dict) else None
+    record = (callbacks or {}).get(RunRecord.__name__)
+    return record.get("identity") if isinstance(record, dict) else None

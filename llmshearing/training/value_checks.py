@@ -1,0 +1,182 @@
+"""Types and ranges of the recipe's scalar values, checked before anything heavy runs.
+
+Each check names the key, what it got and what it accepts: a NaN learning rate or target loss, a
+warm-up longer than the run or an interval Composer would read in epochs is refused at start-up
+rather than found a few batches into training.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from llmshearing.training.config import ConfigError
+
+OPTIMIZERS = ("decoupled_adamw",)
+SCHEDULERS = ("cosine_with_warmup", "linear_with_warmup", "constant_with_warmup")
+CLIPPING_TYPES = ("norm", "value", "adaptive")
+PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "amp_fp8")
+DEVICES = (None, "cpu", "gpu")
+LOG_LEVELS = (None, "debug", "info", "warning", "error", "critical")
+BOOLEANS = (
+    "eval_first",
+    "save_overwrite",
+    "save_weights_only",
+    "autoresume",
+    "load_weights_only",
+    "progress_bar",
+    "log_to_console",
+)
+_BATCHES = re.compile(r"(\d+)ba")
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)dur")
+_DL = "callbacks.data_loading"
+
+
+def is_number(value: Any) -> bool:
+    """A real int or float (a YAML boolean is not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    """``value`` is a finite number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    above = value > low if is_number(value) and low_open else is_number(value) and value >= low
+    if not (is_number(value) and math.isfinite(value) and above and value <= high):
+        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != math.inf else "")
+        raise ConfigError(f"{key} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_int(key: str, value: Any, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def batches(key: str, value: Any, allow_zero: bool = False) -> int:
+    """An interval given in batches (``100ba``); Composer would read a bare integer as epochs."""
+    match = _BATCHES.fullmatch(str(value).strip()) if isinstance(value, str) else None
+    if match is None or (int(match.group(1)) == 0 and not allow_zero):
+        smallest = 0 if allow_zero else 1
+        raise ConfigError(
+            f"{key} must be a number of batches >= {smallest} written like {key}=100ba, got {value!r}"
+        )
+    return int(match.group(1))
+
+
+def duration_in_batches(key: str, value: Any, total: int) -> float:
+    """A scheduler time, ``<n>ba`` or a fraction of the run ``<f>dur``, in batches."""
+    text = str(value).strip() if isinstance(value, str) else ""
+    match = _DURATION.fullmatch(text)
+    if match is not None:
+        fraction = float(match.group(1))
+        if fraction > 1:
+            raise ConfigError(f"{key} = {value!r} is more than the whole run (1dur)")
+        return fraction * total
+    if _BATCHES.fullmatch(text):
+        return batches(key, value, allow_zero=True)
+    raise ConfigError(
+        f"{key} must be given in batches (e.g. 100ba) or as a fraction of the run (e.g. 0.1dur), got {value!r}"
+    )
+
+
+def check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def check_optimizer(optimizer: dict[str, Any]) -> None:
+    check_choice("optimizer.name", optimizer.get("name"), OPTIMIZERS)
+    check_number("optimizer.lr", optimizer.get("lr"), 0.0, low_open=True)
+    betas = optimizer.get("betas")
+    if not isinstance(betas, list) or len(betas) != 2:
+        raise ConfigError(f"optimizer.betas must be a list of two numbers in [0, 1), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if check_number(f"optimizer.betas[{i}]", beta, 0.0, 1.0) == 1.0:
+            raise ConfigError(f"optimizer.betas[{i}] must be < 1, got {beta!r}")
+    check_number("optimizer.eps", optimizer.get("eps"), 0.0, low_open=True)
+    check_number("optimizer.weight_decay", optimizer.get("weight_decay"), 0.0)
+
+
+def check_scheduler(scheduler: dict[str, Any], total: int) -> None:
+    """Name, warm-up shorter than the run (``total`` batches), final factor and ``t_max``."""
+    check_choice("scheduler.name", scheduler.get("name"), SCHEDULERS)
+    warmup = duration_in_batches("scheduler.t_warmup", scheduler.get("t_warmup", "0ba"), total)
+    if warmup >= total:
+        raise ConfigError(
+            f"scheduler.t_warmup ({scheduler.get('t_warmup')}) is not shorter than max_duration ({total}ba): "
+            "the learning rate would never leave its warm-up; shorten the warm-up"
+        )
+    if scheduler.get("alpha_f") is not None:
+        check_number("scheduler.alpha_f", scheduler["alpha_f"], 0.0, 1.0)
+    if scheduler.get("t_max") is not None:
+        if duration_in_batches("scheduler.t_max", scheduler["t_max"], total) <= warmup:
+            raise ConfigError(
+                f"scheduler.t_max ({scheduler['t_max']}) must be longer than scheduler.t_warmup "
+                f"({scheduler.get('t_warmup')})"
+            )
+
+
+def check_clipping(algorithms: dict[str, Any]) -> None:
+    clipping = algorithms.get("gradient_clipping")
+    if not clipping:
+        return
+    check_choice(
+        "algorithms.gradient_clipping.clipping_type", clipping.get("clipping_type", "norm"), CLIPPING_TYPES
+    )
+    check_number(
+        "algorithms.gradient_clipping.clipping_threshold",
+        clipping.get("clipping_threshold", 1.0),
+        0.0,
+        low_open=True,
+    )
+
+
+def check_target_loss(data_loading: Any) -> None:
+    """One finite, non-negative reference loss per domain, in the order of ``set_names``."""
+    if not isinstance(data_loading, dict) or data_loading.get("target_loss") is None:
+        return
+    losses, names = data_loading["target_loss"], data_loading.get("set_names")
+    if not isinstance(losses, list):
+        raise ConfigError(f"{_DL}.target_loss must be a list of losses, one per domain, got {losses!r}")
+    if isinstance(names, list) and len(losses) != len(names):
+        raise ConfigError(
+            f"{_DL}.target_loss has {len(losses)} values but set_names has {len(names)} domains {names}: "
+            "give one reference loss per domain, in the order of set_names"
+        )
+    for i, loss in enumerate(losses):
+        domain = f" ({names[i]})" if isinstance(names, list) else ""
+        if not (is_number(loss) and math.isfinite(loss) and loss >= 0):
+            raise ConfigError(f"{_DL}.target_loss[{i}]{domain} must be a finite loss >= 0, got {loss!r}")
+
+
+def check_run_values(values: dict[str, Any]) -> None:
+    """Every scalar of the run itself: durations, sizes, flags, precision, device, logging."""
+    for section in ("optimizer", "scheduler", "algorithms", "callbacks"):
+        if not isinstance(values.get(section), dict):
+            raise ConfigError(f"{section} must be a mapping of settings, got {values.get(section)!r}")
+    total = batches("max_duration", values["max_duration"])
+    batches("eval_interval", values["eval_interval"])
+    batches("save_interval", values["save_interval"])
+    batches("console_log_interval", values["console_log_interval"])
+    check_int("max_seq_len", values["max_seq_len"], 1)
+    check_int("seed", values["seed"], 0)
+    check_int("device_eval_batch_size", values["device_eval_batch_size"], 1)
+    subset = values["eval_subset_num_batches"]
+    if check_int("eval_subset_num_batches", subset, -1) == 0:
+        raise ConfigError(
+            "eval_subset_num_batches must be -1 (the whole eval set) or a positive integer, got 0"
+        )
+    check_int("save_num_checkpoints_to_keep", values["save_num_checkpoints_to_keep"], -1)
+    check_number("dist_timeout", values["dist_timeout"], 0.0, low_open=True)
+    for key in BOOLEANS:
+        if not isinstance(values[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {values[key]!r}")
+    check_choice("precision", values["precision"], PRECISIONS)
+    check_choice("device", values["device"], DEVICES)
+    level = values["python_log_level"]
+    check_choice("python_log_level", level.lower() if isinstance(level, str) else level, LOG_LEVELS)
+    check_optimizer(values["optimizer"])
+    check_scheduler(values["scheduler"], total)
+    check_clipping(values["algorithms"])
+    check_target_loss(values["callbacks"].get("data_loading"))

@@ -1,0 +1,100 @@
+"""Bad input to ``llmshearing convert``: hub names without the hub, files that are not checkpoints,
+a full disk; each a one-line error with exit code 2, at once, and nothing written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmshearing.cli import main
+
+MISSPELT = "HuggingFaceTB/SmolLM2-135M-Instrukt"
+
+
+def _convert(args: list[str], tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``llmshearing convert`` in a fresh process with an empty Hugging Face cache."""
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "NO_PROXY": "", "no_proxy": "", **env}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmshearing.cli", "convert", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    return proc, time.perf_counter() - start
+
+
+def _one_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_hub_name_with_hf_hub_offline_fails_at_once_with_the_reason(tmp_path):
+    proc, seconds = _convert(
+        ["hf-to-composer", MISSPELT, str(tmp_path / "out")], tmp_path, HF_HUB_OFFLINE="1"
+    )
+    line = _one_error(proc)
+    assert "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" in line and MISSPELT in line
+    assert seconds < 30 and not (tmp_path / "out").exists()
+
+
+def test_hub_name_without_network_fails_at_once_with_the_reason(tmp_path):
+    closed = "http://127.0.0.1:9"  # the discard port: nothing listens, every connection is refused
+    proc, seconds = _convert(
+        ["hf-to-composer", MISSPELT, str(tmp_path / "out")],
+        tmp_path,
+        HTTPS_PROXY=closed,
+        HTTP_PROXY=closed,
+        https_proxy=closed,
+        http_proxy=closed,
+        HF_HUB_OFFLINE="0",
+    )
+    line = _one_error(proc)
+    assert "the Hugging Face hub cannot be reached (no network?) and it is not cached" in line
+    assert seconds < 30 and not (tmp_path / "out").exists()
+
+
+def test_composer_to_hf_names_a_file_that_is_not_a_checkpoint(tiny_source, tmp_path, capsys):
+    cases = {
+        "notes.pt": (b"not a checkpoint\n", "it is a text file"),
+        "cut.pt": (b"PK\x03\x04" + bytes(100), "is incomplete: it was cut off while being written"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert main(["convert", "composer-to-hf", str(path), str(tmp_path / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "hf").exists()
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or not _can_mount_tmpfs(), reason="needs a tmpfs mount")
+def test_full_disk_is_one_line_and_leaves_nothing(tiny_source, tmp_path):
+    hf = tmp_path / "hf"
+    assert main(["convert", "composer-to-hf", tiny_source, str(hf), "--dtype", "fp32"]) == 0
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = (
+        f"mount -t tmpfs -o size=16k none {disk} && {sys.executable} -m llmshearing.cli convert hf-to-composer "
+        f"{hf} {disk / 'source'}; echo exit=$?; ls -A {disk}"
+    )
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"no space left on {disk}" in errors[0]
+    assert proc.stdout.split() == ["exit=2"], proc.stdout  # the staging was removed, nothing is left

@@ -1,0 +1,211 @@
+"""Sharded training with Composer's FSDP2 on CPU (gloo, ``composer -n 2``) against one process.
+
+Pruning (dynamic loading, source reference, gradient clipping) and continued pretraining (train-loss
+mixing) run once per module in one process and under FSDP2 with the same global batch; the tests
+compare masks, mix, losses and weights (fp32, 1e-5), resume a sharded run bit-identically, fold the
+sharded checkpoint, and check the errors of a misconfigured ``fsdp_config``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmshearing.callbacks.sample_log import read_sample_log
+from llmshearing.cli import main as cli_main
+from llmshearing.convert.checkpoint import open_checkpoint
+from llmshearing.convert.sharded import is_sharded_checkpoint
+from llmshearing.train import main as train_main
+from llmshearing.training.fsdp import FSDPConfigError, resolve_fsdp
+
+PRUNE = "yamls/tiny/prune.yaml"
+CONTINUED = "yamls/tiny/continued.yaml"
+SHARDED = ["fsdp_config.sharding_strategy=FULL_SHARD", "fsdp_config.state_dict_type=sharded"]
+PRUNE_EXTRA = [
+    "callbacks.sample_log={}",
+    "save_interval=2ba",
+    "callbacks.data_loading.reference=source",
+    "callbacks.data_loading.target_loss=null",
+]
+CONTINUED_EXTRA = ["callbacks.sample_log={}", "max_duration=8ba", "callbacks.data_loading.loss_source=train"]
+LAUNCHER = os.path.join(os.path.dirname(sys.executable), "composer")
+PORTS = iter(range(29811, 29899))
+
+
+def _args(source: str, data: str, folder: Path, *extra: str) -> list[str]:
+    return [f"model.path={source}", f"data_local={data}", f"save_folder={folder}", *extra]
+
+
+def _single(recipe: str, args: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmshearing.train", recipe, *args], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _sharded(recipe: str, args: list[str], script: list[str] | None = None, expect: int = 0) -> str:
+    command = [LAUNCHER, "-n", "2", "--master_port", str(next(PORTS))]
+    command += script or ["llmshearing/train.py"]
+    proc = subprocess.run(
+        [*command, recipe, *args], capture_output=True, text=True, env={**os.environ, "FSDP_VERSION": "2"}
+    )
+    output = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == (expect == 0), output[-6000:]
+    return output
+
+
+def _metrics(folder: Path) -> dict[tuple[int, str], float]:
+    rows = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        step = record.pop("step")
+        rows.update({(step, k): v for k, v in record.items() if isinstance(v, (int, float))})
+    return rows
+
+
+def _model(folder: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(folder / "checkpoints" / "latest-rank0.pt") as ckpt:
+        return {k: ckpt.tensors.get(k) for k in ckpt.tensors.keys()}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_source, tiny_mds, tmp_path_factory):
+    """One-process and FSDP2 runs of the tiny pruning and continued recipes (and the FSDP2 launch log)."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    root = tmp_path_factory.mktemp("fsdp")
+    clean_stale_shared_memory()
+    _single(PRUNE, _args(tiny_source, tiny_mds, root / "prune-one", *PRUNE_EXTRA))
+    log = _sharded(PRUNE, _args(tiny_source, tiny_mds, root / "prune-fsdp", *PRUNE_EXTRA, *SHARDED))
+    _single(CONTINUED, _args(tiny_source, tiny_mds, root / "cont-one", *CONTINUED_EXTRA))
+    _sharded(CONTINUED, _args(tiny_source, tiny_mds, root / "cont-fsdp", *CONTINUED_EXTRA, *SHARDED))
+    clean_stale_shared_memory()
+    return {"root": root, "log": log}
+
+
+def _assert_same_run(one: Path, fsdp: Path) -> None:
+    a, b = _metrics(one), _metrics(fsdp)
+    assert a.keys() == b.keys()
+    for key, value in a.items():  # losses, per-domain metrics, mix weights, L0 statistics
+        tolerance = 1e-5 * max(1.0, abs(value)) if "Perplexity" in key[1] else 1e-5
+        assert b[key] == pytest.approx(value, abs=tolerance), key
+    weights_a, weights_b = _model(one), _model(fsdp)
+    assert weights_a.keys() == weights_b.keys()
+    for key, value in weights_a.items():
+        torch.testing.assert_close(weights_b[key], value, rtol=0, atol=1e-5, msg=key)
+    samples = read_sample_log(str(one / "samples-rank0.jsonl"))
+    ranks = [read_sample_log(str(fsdp / f"samples-rank{r}.jsonl")) for r in (0, 1)]
+    for batch, ids in samples.items():  # each global batch is split between the ranks
+        assert sorted(ids) == sorted(ranks[0][batch] + ranks[1][batch]), batch
+
+
+@pytest.mark.slow
+def test_fsdp2_pruning_matches_one_process(runs):
+    one, fsdp = runs["root"] / "prune-one", runs["root"] / "prune-fsdp"
+    assert "FSDP2 (FULL_SHARD" in runs["log"] and "world size 2; per-rank batch 2" in runs["log"]
+    assert is_sharded_checkpoint((fsdp / "checkpoints" / "latest-rank0.pt").resolve())
+    _assert_same_run(one, fsdp)
+    for name in ("ba4.pt", "ba8.pt", "ba12.pt"):  # the same masks at every evaluation
+        masks_a = torch.load(one / "masks" / name, weights_only=False)
+        masks_b = torch.load(fsdp / "masks" / name, weights_only=False)
+        assert masks_a["keep"] == masks_b["keep"]
+        for family, mask in masks_a["masks"].items():
+            assert torch.equal(mask != 0, masks_b["masks"][family] != 0), (name, family)
+    counts = [(k, v) for k, v in _metrics(one).items() if k[1].startswith("data/count/")]
+    assert counts and all(_metrics(fsdp)[k] == v for k, v in counts)  # the same integer mix at every update
+
+
+@pytest.mark.slow
+def test_fsdp2_continued_pretraining_matches_one_process(runs):
+    _assert_same_run(runs["root"] / "cont-one", runs["root"] / "cont-fsdp")
+
+
+@pytest.mark.slow
+def test_sharded_run_resumes_bit_identically(runs, tiny_source, tiny_mds):
+    from streaming.base.util import clean_stale_shared_memory
+
+    straight, resumed = runs["root"] / "prune-fsdp", runs["root"] / "prune-resumed"
+    args = _args(tiny_source, tiny_mds, resumed, *PRUNE_EXTRA, *SHARDED, "autoresume=true")
+    clean_stale_shared_memory()
+    _sharded(PRUNE, args, script=["tests/scripts/train_until.py", "6"], expect=3)  # stops mid-interval
+    assert os.readlink(resumed / "checkpoints" / "latest-rank0.pt") == "ep1-ba6"
+    _sharded(PRUNE, args)
+    clean_stale_shared_memory()
+
+    a, b = _model(straight), _model(resumed)
+    assert any(k.startswith("l0_module.multipliers") for k in a)
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+    for name in ("ba4.pt", "ba8.pt", "ba12.pt"):
+        masks_a = torch.load(straight / "masks" / name, weights_only=False)["masks"]
+        masks_b = torch.load(resumed / "masks" / name, weights_only=False)["masks"]
+        assert all(torch.equal(masks_a[f], masks_b[f]) for f in masks_a), name
+    mix = {k: v for k, v in _metrics(straight).items() if k[1].startswith("data/") and k[0] > 6}
+    resumed_metrics = _metrics(resumed)
+    assert mix and all(resumed_metrics[k] == v for k, v in mix.items())
+    for rank in (0, 1):
+        assert read_sample_log(str(straight / f"samples-rank{rank}.jsonl")) == read_sample_log(
+            str(resumed / f"samples-rank{rank}.jsonl")
+        )
+
+
+@pytest.mark.slow
+def test_prune_model_reads_a_sharded_checkpoint(runs, tmp_path):
+    one, fsdp = runs["root"] / "prune-one", runs["root"] / "prune-fsdp"
+    for run, out in ((one, tmp_path / "from-pt"), (fsdp, tmp_path / "from-sharded")):
+        assert cli_main(["prune-model", str(run / "checkpoints" / "latest-rank0.pt"), str(out)]) == 0
+    with open_checkpoint(tmp_path / "from-pt") as a, open_checkpoint(tmp_path / "from-sharded") as b:
+        assert a.config == b.config
+        assert a.tensors.keys() == b.tensors.keys()
+        for key in a.tensors.keys():
+            torch.testing.assert_close(b.tensors.get(key), a.tensors.get(key), rtol=0, atol=1e-5, msg=key)
+    hf = tmp_path / "hf"
+    assert cli_main(["convert", "composer-to-hf", str(fsdp / "checkpoints" / "latest-rank0.pt"), str(hf)]) == 0
+    assert (hf / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("override", "environ", "expected"),
+    [
+        ("fsdp_config.sharding_strategy=HALF_SHARD", {"FSDP_VERSION": "2"}, "fsdp_config.sharding_strategy"),
+        ("fsdp_config.sharding_strategy=FULL_SHARD", {"FSDP_VERSION": "1"}, "FSDP_VERSION=2"),
+        ("fsdp_config.mixed_precision=HALF", {"FSDP_VERSION": "2"}, "fsdp_config.mixed_precision"),
+        ("fsdp_config.state_dict_typ=full", {"FSDP_VERSION": "2"}, "did you mean fsdp_config.state_dict_type"),
+        ("fsdp_config.sharding_strategy=HYBRID_SHARD", {"FSDP_VERSION": "2"}, "FULL_SHARD or SHARD_GRAD_OP"),
+        ("fsdp_config.sharding_strategy=FULL_SHARD", {"FSDP_VERSION": "3"}, "FSDP_VERSION=1 or FSDP_VERSION=2"),
+    ],
+)
+def test_misconfigured_fsdp_is_a_clear_error_before_anything_runs(
+    tiny_source, tiny_mds, tmp_path, capsys, monkeypatch, override, environ, expected
+):
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    folder = tmp_path / "run"
+    assert train_main([PRUNE, *_args(tiny_source, tiny_mds, folder), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and "Traceback" not in err
+    assert not folder.exists()
+
+
+def test_fsdp1_is_chosen_on_gpus_and_fsdp2_translates_the_strategy():
+    plan = resolve_fsdp({"sharding_strategy": "hybrid_shard", "mixed_precision": "PURE"}, cuda=True, environ={})
+    assert plan.version == 1 and plan.parallelism == {
+        "fsdp": {"sharding_strategy": "HYBRID_SHARD", "mixed_precision": "PURE"}
+    }
+    plan = resolve_fsdp(
+        {"sharding_strategy": "SHARD_GRAD_OP", "limit_all_gathers": True},
+        cuda=False,
+        environ={"FSDP_VERSION": "2"},
+    )
+    assert plan.version == 2 and plan.parallelism["fsdp"].reshard_after_forward is False
+    assert plan.state_dict_type == "sharded"
+    assert resolve_fsdp(None, cuda=True, environ={}) is None
+    with pytest.raises(FSDPConfigError, match="must be a mapping"):
+        resolve_fsdp("FULL_SHARD", cuda=True, environ={})

@@ -1,0 +1,133 @@
+"""Bad input to ``llmshearing prune-model``: a run description that does not describe the checkpoint,
+files that are not checkpoints, a full disk; each a one-line error, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_prune_model import ALL, TARGET, TIED, pruning_run
+
+from llmshearing.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A pruning run toward the tests' target, with the run description beside its checkpoint."""
+    folder = tmp_path_factory.mktemp("prune") / "run"
+    pruning_run(
+        folder,
+        TIED,
+        {"pruning_modules": ALL, "target_model": TARGET},
+        1,
+    )
+    return folder
+
+
+def _refused(capsys, args: list[str], out: Path) -> str:
+    assert main(["prune-model", *args, str(out)]) == 2, args
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+    return err
+
+
+def test_replaced_run_description_is_refused(run, tmp_path, capsys):
+    ckpt = run / "checkpoints" / "ep0-ba1-rank0.pt"
+    config = json.loads((run / "config.json").read_text())
+    config["l0_module"]["target_model"] = {**TARGET, "n_layers": 2}  # a later start rewrote the target
+    other = tmp_path / "config.json"
+    other.write_text(json.dumps(config))
+    err = _refused(capsys, [str(ckpt), "--config", str(other)], tmp_path / "pruned")
+    assert "does not describe" in err and "l0_module.target_model" in err and "--config" in err
+
+
+def test_other_model_shape_in_the_description_is_refused(run, tmp_path, capsys):
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["rope_theta"] = 500000.0  # shapes of tensors agree; the model does not
+    other = tmp_path / "config.json"
+    other.write_text(json.dumps(config))
+    err = _refused(
+        capsys, [str(run / "checkpoints" / "ep0-ba1-rank0.pt"), "--config", str(other)], tmp_path / "p"
+    )
+    assert "model.rope_theta" in err
+
+
+def _write_safetensors(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(path))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda p: p.write_text("hello\n"),
+            "is not a Composer checkpoint (.pt written by training): it is a text file",
+        ),
+        (lambda p: p.write_bytes(b""), "it is an empty file"),
+        (lambda p: p.write_text('{"model": {}}'), "it is a JSON file"),
+        (lambda p: p.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(32)), "it is a GGUF model file"),
+        (_write_safetensors, "it is a safetensors file"),
+        (lambda p: p.write_bytes(bytes(range(256))), "it is a binary file of another format"),
+    ],
+    ids=["text", "empty", "json", "gguf", "safetensors", "binary"],
+)
+def test_file_that_is_not_a_checkpoint_is_named(run, tmp_path, capsys, make, message):
+    ckpt = run / "checkpoints" / "not-a-checkpoint.pt"
+    make(ckpt)
+    try:
+        err = _refused(capsys, [str(ckpt)], tmp_path / "pruned")
+    finally:
+        ckpt.unlink()
+    assert message in err and "prune-model needs the Composer checkpoint" in err
+
+
+def test_checkpoint_cut_off_while_written_is_named(run, tmp_path, capsys):
+    whole = (run / "checkpoints" / "ep0-ba1-rank0.pt").read_bytes()
+    ckpt = run / "checkpoints" / "ep0-ba2-rank0.pt"
+    ckpt.write_bytes(whole[: len(whole) // 2])
+    try:
+        err = _refused(capsys, [str(ckpt)], tmp_path / "pruned")
+    finally:
+        ckpt.unlink()
+    assert "is incomplete: it was cut off while being written" in err
+
+
+def test_torch_file_that_is_not_a_training_checkpoint(run, tmp_path, capsys):
+    ckpt = run / "checkpoints" / "weights.pt"
+    torch.save({"layers.0.w": torch.zeros(2)}, ckpt)
+    try:
+        err = _refused(capsys, [str(ckpt)], tmp_path / "pruned")
+    finally:
+        ckpt.unlink()
+    assert "is not a Composer training checkpoint" in err
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or not _can_mount_tmpfs(), reason="needs a tmpfs mount")
+def test_full_disk_is_one_line_and_leaves_nothing(run, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    ckpt = run / "checkpoints" / "ep0-ba1-rank0.pt"
+    command = (
+        f"mount -t tmpfs -o size=8k none {disk} && {sys.executable} -m llmshearing.cli prune-model {ckpt} "
+        f"{disk / 'pruned'}; echo exit=$?; ls -A {disk}"
+    )
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"no space left on {disk}" in errors[0]
+    assert proc.stdout.split() == ["exit=2"], proc.stdout  # nothing left on the full disk

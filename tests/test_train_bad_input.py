@@ -1,0 +1,258 @@
+"""Bad input and faults at the training entry point: each a one-line error naming the fix, no
+traceback, nothing half-written, no run damaged; and a killed or finished run resumes or is reused."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmshearing.train import build_trainer, main
+from llmshearing.training.checkpoint_files import (
+    LATEST_NAME,
+    is_complete_torch_file,
+    repair_checkpoint_folder,
+)
+from llmshearing.training.run_folder import is_finished
+
+PRUNE = "yamls/tiny/prune.yaml"
+CONTINUED = "yamls/tiny/continued.yaml"
+SHORT = ["max_duration=4ba", "eval_interval=4ba", "save_interval=4ba"]
+
+
+def _args(source: str, data: str, folder: Path, *extra: str) -> list[str]:
+    return [f"model.path={source}", f"data_local={data}", f"save_folder={folder}", *extra]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """Content hash of every file under ``folder`` (symlinks by their target)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[key] = "-> " + os.readlink(path)
+        elif path.is_file():
+            out[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_source, tiny_mds, tmp_path_factory) -> Path:
+    """A tiny pruning run trained to its max_duration (4 batches)."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, folder, *SHORT)]) == 0
+    clean_stale_shared_memory()
+    return folder
+
+
+@pytest.fixture()
+def run_copy(finished_run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy, symlinks=True)
+    return copy
+
+
+def test_fresh_start_into_a_finished_run_is_refused_before_writing(
+    tiny_source, tiny_mds, run_copy, capsys, clean_shm
+):
+    before = _digest(run_copy)
+    other_target = "model.l0_module.target_model.n_layers=1"
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, run_copy, *SHORT, other_target)]) == 2
+    line = _one_error_line(capsys)
+    assert "already holds a run" in line and "autoresume=true" in line and "save_overwrite=true" in line
+    assert _digest(run_copy) == before  # config.json and metrics.jsonl untouched
+
+
+def test_resume_with_other_mask_settings_is_refused(tiny_source, tiny_mds, run_copy, capsys, clean_shm):
+    before = _digest(run_copy)
+    overrides = [*SHORT, "autoresume=true", "model.l0_module.target_model.n_layers=1"]
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, run_copy, *overrides)]) == 2
+    line = _one_error_line(capsys)
+    assert "holds a different run" in line and "l0_module.target_model" in line
+    assert _digest(run_copy) == before
+
+
+def test_finished_run_is_reused_not_retrained(tiny_source, tiny_mds, run_copy, capsys, clean_shm):
+    checkpoints = _digest(run_copy / "checkpoints")
+    assert is_finished(run_copy)
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, run_copy, *SHORT, "autoresume=true")]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert _digest(run_copy / "checkpoints") == checkpoints
+
+
+def test_resume_past_a_shorter_max_duration_is_refused(tiny_source, tiny_mds, run_copy, capsys, clean_shm):
+    overrides = ["max_duration=3ba", "eval_interval=4ba", "save_interval=4ba", "autoresume=true"]
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, run_copy, *overrides)]) == 2
+    line = _one_error_line(capsys)
+    assert "already trained for 4 batches" in line and "max_duration" in line
+
+
+def test_save_overwrite_replaces_the_previous_run(tiny_source, tiny_mds, run_copy, clean_shm):
+    from llmshearing.training.metrics_log import read_metrics
+
+    (run_copy / "metrics.jsonl").write_text('{"step": 99, "loss/train/total": 7.0}\n')
+    overrides = [*SHORT, "save_overwrite=true", "model.l0_module.target_model.n_layers=1"]
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, run_copy, *overrides)]) == 0
+    steps = {step for series in read_metrics(str(run_copy / "metrics.jsonl")).values() for step, _ in series}
+    assert 99 not in steps and max(steps) == 4  # the old run's records are gone, not mixed in
+    assert '"n_layers": 1' in (run_copy / "config.json").read_text()
+
+
+def test_continued_pretraining_from_a_pruning_checkpoint_is_refused(
+    tiny_mds, finished_run, tmp_path, capsys, clean_shm
+):
+    ckpt = finished_run / "checkpoints" / "latest-rank0.pt"
+    folder = tmp_path / "continued"
+    assert main([CONTINUED, *_args(str(ckpt), tiny_mds, folder, *SHORT)]) == 2
+    line = _one_error_line(capsys)
+    assert "pruning run's checkpoint" in line and "llmshearing prune-model" in line
+    assert not folder.exists()
+
+
+def test_failed_start_leaves_no_stub_run_folder(tiny_source, tiny_mds, tmp_path, clean_shm):
+    folder = tmp_path / "run"
+    # the checkpoint to load is named only when the Trainer is built, after config.json was written
+    overrides = [*SHORT, f"load_path={tmp_path / 'missing.pt'}"]
+    with pytest.raises(Exception):  # noqa: B017 - whatever Composer raises for it
+        build_trainer(PRUNE, _args(tiny_source, tiny_mds, folder, *overrides))
+    assert not folder.exists()
+    # a folder that existed keeps what it held and loses only what the failed start wrote
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(Exception):  # noqa: B017
+        build_trainer(PRUNE, _args(tiny_source, tiny_mds, folder, *overrides))
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("callbacks.data_loading.target_loss=[.nan,2.0]", "callbacks.data_loading.target_loss[0] (alpha)"),
+        ("optimizer.lr=nan", "optimizer.lr must be a finite number > 0"),
+        ("scheduler.t_warmup=8ba", "scheduler.t_warmup (8ba) is not shorter than max_duration"),
+    ],
+)
+def test_bad_recipe_value_is_refused_before_anything_runs(
+    tiny_source, tiny_mds, tmp_path, capsys, override, message
+):
+    folder = tmp_path / "run"
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, folder, *SHORT, override)]) == 2
+    assert message in _one_error_line(capsys)
+    assert not folder.exists()
+
+
+def _save(path: Path, batch: int) -> None:
+    torch.save({"state": {"timestamp": {"Timestamp": {"batch": batch}}}, "blob": torch.zeros(4096)}, path)
+
+
+def test_checkpoint_folder_repair_sets_aside_cut_off_files_and_relinks_latest(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    _save(folder / "ep0-ba4-rank0.pt", 4)
+    _save(folder / "ep0-ba8-rank0.pt", 8)
+    whole = (folder / "ep0-ba8-rank0.pt").read_bytes()
+    (folder / "ep0-ba12-rank0.pt").write_bytes(whole[: len(whole) // 2])  # cut off mid-write
+    assert not is_complete_torch_file(folder / "ep0-ba12-rank0.pt")
+    latest = folder / LATEST_NAME.format(rank=0)
+    assert not latest.exists()  # killed between Composer's remove and re-create of the link
+
+    changed = repair_checkpoint_folder(folder)
+    assert (folder / "ep0-ba12-rank0.pt.incomplete").is_file() and not (folder / "ep0-ba12-rank0.pt").exists()
+    assert os.readlink(latest) == "ep0-ba8-rank0.pt" and latest in changed
+    assert repair_checkpoint_folder(folder) == []  # nothing left to repair
+
+
+KILL_DURING_SAVE = textwrap.dedent(
+    """
+    import io, os, signal, sys
+    import torch
+    import composer.utils.checkpoint as checkpoint
+
+    write = checkpoint._write_checkpoint_file
+
+    def write_half_then_die(state_dict, filename):
+        if "-ba{kill_at}-" in os.path.basename(filename):
+            buffer = io.BytesIO()
+            torch.save(state_dict, buffer)
+            with open(filename, "wb") as handle:
+                handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(state_dict, filename)
+
+    checkpoint._write_checkpoint_file = write_half_then_die
+    from llmshearing.train import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_run_killed_while_saving_a_checkpoint_resumes(tiny_source, tiny_mds, tmp_path, clean_shm):
+    folder = tmp_path / "run"
+    args = _args(tiny_source, tiny_mds, folder, "autoresume=true", "max_duration=8ba")
+    script = tmp_path / "kill_during_save.py"
+    script.write_text(KILL_DURING_SAVE.replace("{kill_at}", "8"))
+    killed = subprocess.run([sys.executable, str(script), PRUNE, *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    cut_off = next((folder / "checkpoints").glob("*-ba8-rank0.pt"))
+    assert not is_complete_torch_file(cut_off)  # Composer writes in place: a checkpoint name, half a file
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "llmshearing.train", PRUNE, *args], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (folder / "checkpoints" / (cut_off.name + ".incomplete")).is_file()
+    assert is_complete_torch_file(cut_off) and is_finished(folder)
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("unshare") is None or not _can_mount_tmpfs(), reason="needs a tmpfs mount")
+def test_full_disk_while_saving_is_one_line_and_leaves_no_complete_looking_checkpoint(
+    tiny_source, tiny_mds, tmp_path, clean_shm
+):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    folder = disk / "run"
+    # room for the run description, the metrics and one checkpoint (~0.4 MB each), not for two
+    command = " ".join(
+        [
+            f"mount -t tmpfs -o size=600k none {disk} &&",
+            f"{sys.executable} -m llmshearing.train {PRUNE}",
+            *_args(tiny_source, tiny_mds, folder, "max_duration=8ba"),
+            f"; echo exit=$?; ls -1 {folder / 'checkpoints'}",
+        ]
+    )
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"no space left on {disk}" in errors[0] and "checkpoints/ep" in errors[0]
+    listing = proc.stdout.split()
+    assert "exit=2" in listing, proc.stdout
+    assert any(name.endswith(".pt.incomplete") for name in listing), listing
+    complete_looking = [n for n in listing if n.endswith(".pt") and not n.startswith("latest")]
+    assert len(complete_looking) == 1, listing  # only the checkpoint that fitted
