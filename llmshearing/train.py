@@ -7,6 +7,10 @@ The recipe is an omegaconf YAML; ``key=value`` dot-list overrides win over it. `
 turns on pruning (the ``L0Pruning`` algorithm); ``callbacks.data_loading.dynamic`` turns on
 dynamic batch loading. The run folder (``save_folder``) receives ``config.json`` (what
 ``prune-model`` and the exporters read), Composer checkpoints, ``metrics.jsonl`` and the masks.
+
+A folder that already holds a run is continued only with ``autoresume=true`` (a finished run then
+trains nothing) and replaced only with ``save_overwrite=true``; a start that fails leaves it as it
+was (see ``llmshearing.training.run_folder``).
 """
 
 from __future__ import annotations

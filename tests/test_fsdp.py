@@ -1,7 +1,7 @@
 """Sharded training with Composer's FSDP2 on CPU (gloo, ``composer -n 2``) against one process.
 
-Pruning (dynamic loading, source reference, gradient clipping) and continued pretraining (train-loss
-mixing) run once per module in one process and under FSDP2 with the same global batch; the tests
+Pruning (dynamic loading, source reference, importance-ranked masks, gradient clipping) and continued
+pretraining (train-loss mixing, distillation from the source) run once per module in one process and under FSDP2 with the same global batch; the tests
 compare masks, mix, losses and weights (fp32, 1e-5), resume a sharded run bit-identically, fold the
 sharded checkpoint, and check the errors of a misconfigured ``fsdp_config``.
 """
@@ -32,6 +32,9 @@ PRUNE_EXTRA = [
     "save_interval=2ba",
     "callbacks.data_loading.reference=source",
     "callbacks.data_loading.target_loss=null",
+    "model.l0_module.init_from=importance",  # rank 0 calibrates, every rank gets its ranking
+    "model.l0_module.init_samples=8",
+    "model.l0_module.lagrangian_warmup_steps=0ba",
 ]
 CONTINUED_EXTRA = ["callbacks.sample_log={}", "max_duration=8ba", "callbacks.data_loading.loss_source=train"]
 LAUNCHER = os.path.join(os.path.dirname(sys.executable), "composer")
@@ -83,8 +86,9 @@ def runs(tiny_source, tiny_mds, tmp_path_factory):
     clean_stale_shared_memory()
     _single(PRUNE, _args(tiny_source, tiny_mds, root / "prune-one", *PRUNE_EXTRA))
     log = _sharded(PRUNE, _args(tiny_source, tiny_mds, root / "prune-fsdp", *PRUNE_EXTRA, *SHARDED))
-    _single(CONTINUED, _args(tiny_source, tiny_mds, root / "cont-one", *CONTINUED_EXTRA))
-    _sharded(CONTINUED, _args(tiny_source, tiny_mds, root / "cont-fsdp", *CONTINUED_EXTRA, *SHARDED))
+    distil = [f"model.distillation.teacher={tiny_source}", "model.distillation.alpha=0.5"]
+    _single(CONTINUED, _args(tiny_source, tiny_mds, root / "cont-one", *CONTINUED_EXTRA, *distil))
+    _sharded(CONTINUED, _args(tiny_source, tiny_mds, root / "cont-fsdp", *CONTINUED_EXTRA, *distil, *SHARDED))
     clean_stale_shared_memory()
     return {"root": root, "log": log}
 
@@ -117,13 +121,17 @@ def test_fsdp2_pruning_matches_one_process(runs):
         assert masks_a["keep"] == masks_b["keep"]
         for family, mask in masks_a["masks"].items():
             assert torch.equal(mask != 0, masks_b["masks"][family] != 0), (name, family)
+    init = json.loads((fsdp / "config.json").read_text())["l0_init"]  # calibrated once, cost recorded
+    assert init["source"] == "importance" and init["device"] == "cpu" and init["seconds"] >= 0
     counts = [(k, v) for k, v in _metrics(one).items() if k[1].startswith("data/count/")]
     assert counts and all(_metrics(fsdp)[k] == v for k, v in counts)  # the same integer mix at every update
 
 
 @pytest.mark.slow
 def test_fsdp2_continued_pretraining_matches_one_process(runs):
-    _assert_same_run(runs["root"] / "cont-one", runs["root"] / "cont-fsdp")
+    fsdp = runs["root"] / "cont-fsdp"
+    _assert_same_run(runs["root"] / "cont-one", fsdp)
+    assert any(name == "loss/train/kd" for _, name in _metrics(fsdp))  # the teacher was in the loss
 
 
 @pytest.mark.slow
@@ -166,7 +174,9 @@ def test_prune_model_reads_a_sharded_checkpoint(runs, tmp_path):
         for key in a.tensors.keys():
             torch.testing.assert_close(b.tensors.get(key), a.tensors.get(key), rtol=0, atol=1e-5, msg=key)
     hf = tmp_path / "hf"
-    assert cli_main(["convert", "composer-to-hf", str(fsdp / "checkpoints" / "latest-rank0.pt"), str(hf)]) == 0
+    assert (
+        cli_main(["convert", "composer-to-hf", str(fsdp / "checkpoints" / "latest-rank0.pt"), str(hf)]) == 0
+    )
     assert (hf / "config.json").is_file()
 
 
@@ -177,9 +187,17 @@ def test_prune_model_reads_a_sharded_checkpoint(runs, tmp_path):
         ("fsdp_config.sharding_strategy=HALF_SHARD", {"FSDP_VERSION": "2"}, "fsdp_config.sharding_strategy"),
         ("fsdp_config.sharding_strategy=FULL_SHARD", {"FSDP_VERSION": "1"}, "FSDP_VERSION=2"),
         ("fsdp_config.mixed_precision=HALF", {"FSDP_VERSION": "2"}, "fsdp_config.mixed_precision"),
-        ("fsdp_config.state_dict_typ=full", {"FSDP_VERSION": "2"}, "did you mean fsdp_config.state_dict_type"),
+        (
+            "fsdp_config.state_dict_typ=full",
+            {"FSDP_VERSION": "2"},
+            "did you mean fsdp_config.state_dict_type",
+        ),
         ("fsdp_config.sharding_strategy=HYBRID_SHARD", {"FSDP_VERSION": "2"}, "FULL_SHARD or SHARD_GRAD_OP"),
-        ("fsdp_config.sharding_strategy=FULL_SHARD", {"FSDP_VERSION": "3"}, "FSDP_VERSION=1 or FSDP_VERSION=2"),
+        (
+            "fsdp_config.sharding_strategy=FULL_SHARD",
+            {"FSDP_VERSION": "3"},
+            "FSDP_VERSION=1 or FSDP_VERSION=2",
+        ),
     ],
 )
 def test_misconfigured_fsdp_is_a_clear_error_before_anything_runs(
@@ -195,7 +213,9 @@ def test_misconfigured_fsdp_is_a_clear_error_before_anything_runs(
 
 
 def test_fsdp1_is_chosen_on_gpus_and_fsdp2_translates_the_strategy():
-    plan = resolve_fsdp({"sharding_strategy": "hybrid_shard", "mixed_precision": "PURE"}, cuda=True, environ={})
+    plan = resolve_fsdp(
+        {"sharding_strategy": "hybrid_shard", "mixed_precision": "PURE"}, cuda=True, environ={}
+    )
     assert plan.version == 1 and plan.parallelism == {
         "fsdp": {"sharding_strategy": "HYBRID_SHARD", "mixed_precision": "PURE"}
     }

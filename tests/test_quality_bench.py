@@ -31,23 +31,46 @@ def quality():
 def test_every_arm_trains_exactly_the_budget(quality, quick, scale, steps, share):
     budget = quality.make_budget(quick, scale, batch=4, seq_len=128, prune_share=share, steps=steps)
     arms = quality.plan_arms(budget)
-    assert set(arms) == set(quality.ARMS)
+    assert list(arms) == list(quality.ARMS)
     assert budget.tokens == budget.steps * 4 * 128
     for name, stages in arms.items():
         assert sum(stage.tokens(budget) for stage in stages) == budget.tokens, name
         assert all(stage.steps >= 1 for stage in stages if stage.kind in ("l0", "train")), name
     prune = arms["l0-dynamic"][0].steps
     assert prune == min(budget.steps - 1, max(1, round(budget.steps * share)))
-    assert [s.steps for s in arms["l0-dynamic"]] == [s.steps for s in arms["l0-constant"]]
+    for arm in ("l0-constant", "l0-distill"):
+        assert [s.steps for s in arms[arm]] == [s.steps for s in arms["l0-dynamic"]]
+
+
+def test_distillation_stages(quality):
+    budget = quality.make_budget(False, 1, batch=4, seq_len=128, prune_share=0.25)
+    distilled = {
+        arm: [s.name for s in stages if s.distill] for arm, stages in quality.plan_arms(budget).items()
+    }
+    assert distilled == {
+        "l0-dynamic": [],
+        "l0-constant": [],
+        "l0-distill": ["prune", "continued"],
+        "oneshot": [],
+        "oneshot-distill": ["continued"],
+        "scratch": [],
+    }
+    without = quality.plan_arms(budget, kd_prune=False)
+    assert [s.name for s in without["l0-distill"] if s.distill] == ["continued"]
 
 
 def test_default_budgets(quality):
     full = quality.make_budget(False, 1, batch=4, seq_len=128, prune_share=0.25)
     assert (full.steps, full.tokens) == (96, 49_152)
-    assert [s.steps for s in quality.plan_arms(full)["l0-dynamic"]] == [24, 0, 72]
+    assert [s.steps for s in quality.plan_arms(full)["l0-distill"]] == [24, 0, 72]
     scaled = quality.make_budget(False, 10, batch=4, seq_len=128, prune_share=0.25)
     assert scaled.steps == 960
     assert quality.plan_arms(scaled)["l0-dynamic"][0].update_interval(scaled) == 60  # updates per stage kept
+
+
+def test_warmup_is_shorter_than_the_stage(quality):
+    assert [quality.warmup_batches(steps, 0.1) for steps in (1, 2, 3, 24, 72)] == [0, 1, 1, 2, 7]
+    assert quality.warmup_batches(4, 0.9) == 3
 
 
 def test_unequal_budgets_are_rejected(quality):
@@ -68,6 +91,55 @@ def test_bad_budget_arguments(quality, kwargs, message):
         quality.make_budget(**args)
 
 
+def test_seeds_repeat_the_deciding_arms(quality):
+    runs = quality.runs_per_seed(quality.ARMS, [17, 18])
+    assert runs[:6] == [(17, arm) for arm in quality.ARMS]
+    assert runs[6:] == [(18, "l0-dynamic"), (18, "l0-constant"), (18, "l0-distill"), (18, "oneshot-distill")]
+    assert quality.runs_per_seed(["oneshot", "scratch"], [1, 2]) == [(1, "oneshot"), (1, "scratch")]
+    with pytest.raises(ValueError, match="distinct"):
+        quality.runs_per_seed(quality.ARMS, [5, 5])
+    with pytest.raises(ValueError, match="at least one"):
+        quality.runs_per_seed(quality.ARMS, [])
+
+
+def test_flops_count_the_teacher_and_match_the_model(quality, tiny_source):
+    """The bench's FLOPs equal what the model's own ``flops_per_batch`` reports, teacher included."""
+    import torch
+
+    from llmshearing.models import from_pretrained
+    from llmshearing.models.composer_model import ComposerLlama
+    from llmshearing.models.teacher import DistillationConfig, Teacher
+
+    source = from_pretrained(tiny_source).config
+    target = source.replace(n_layers=2, intermediate_size=16)
+    budget = quality.make_budget(False, 1, batch=2, seq_len=8, prune_share=0.5, steps=6)
+    batch = {"input_ids": torch.zeros(budget.batch, budget.seq_len, dtype=torch.long)}
+    student = ComposerLlama(target)
+    plain = quality.stage_flops(quality.Stage("c", "train", 3), budget, source, target)
+    assert plain == 3 * student.flops_per_batch(batch)
+    student.attach_teacher(
+        Teacher.load(tiny_source, torch.float32, "auto"), DistillationConfig(teacher=tiny_source)
+    )
+    distilled = quality.stage_flops(quality.Stage("c", "train", 3, True), budget, source, target)
+    assert distilled == 3 * student.flops_per_batch(batch)
+    assert distilled > plain
+    masked = quality.stage_flops(quality.Stage("p", "l0", 3), budget, source, target)
+    assert masked == 3 * ComposerLlama(source).flops_per_batch(batch)  # pruning trains the masked source
+    assert quality.stage_flops(quality.Stage("f", "fold", 0), budget, source, target) == 0
+    stages = quality.plan_arms(budget)
+    calibration = quality.calibration_flops(4, budget.seq_len, source)
+    assert calibration == 4 * budget.seq_len * (source.train_flops_per_token(budget.seq_len) // 3)
+    oneshot = quality.arm_flops(stages["oneshot"], budget, source, target, calibration)
+    assert oneshot == {"train": 2 * plain, "calibration": calibration, "total": 2 * plain + calibration}
+    scratch = quality.arm_flops(stages["scratch"], budget, source, target, calibration)
+    assert scratch["calibration"] == 0 and scratch["total"] == 2 * plain
+    kd = quality.arm_flops(stages["oneshot-distill"], budget, source, target, calibration)
+    assert kd["train"] == 2 * distilled
+    l0 = quality.arm_flops(stages["l0-distill"], budget, source, target, calibration)
+    teacher = 3 * budget.batch * budget.seq_len * (source.train_flops_per_token(budget.seq_len) // 3)
+    assert l0["train"] == masked + teacher + distilled
+
+
 def test_initial_mix(quality):
     domains = ["arxiv", "book", "c4-rp", "cc", "github", "stackexchange", "wiki"]
     mix = quality.initial_mix(domains)
@@ -79,6 +151,34 @@ def test_initial_mix(quality):
     assert quality.initial_mix(domains, uniform=True) == [1 / 7] * 7
 
 
+def test_domains_too_small_for_three_splits_are_left_out(quality, tmp_path):
+    import gzip
+
+    raw = tmp_path / "raw"
+    for domain, files in {"book": [2], "cc": [2, 2], "wiki": [3], "zipped": [1, 2]}.items():
+        (raw / domain).mkdir(parents=True)
+        for i, lines in enumerate(files):
+            text = "".join(json.dumps({"text": f"doc {j}"}) + "\n\n" for j in range(lines))
+            if domain == "zipped" and i == 1:
+                with gzip.open(raw / domain / f"part{i}.jsonl.gz", "wt") as handle:
+                    handle.write(text)
+            else:
+                (raw / domain / f"part{i}.jsonl").write_text(text)
+    (raw / "notes").mkdir()  # no JSON lines: not a domain
+    kept, excluded = quality.usable_domains(raw)
+    assert kept == ["cc", "wiki", "zipped"]
+    assert list(excluded) == ["book"] and excluded["book"].startswith("2 documents")
+    view = quality.domain_view(raw, kept, tmp_path / "view")
+    assert sorted(p.name for p in view.iterdir()) == kept
+    assert (view / "cc" / "part1.jsonl").read_text() == (raw / "cc" / "part1.jsonl").read_text()
+    assert quality.domain_view(raw, kept, view) == view  # reused as it is
+
+
+def _write_metrics(folder, lines, tail=""):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + tail)
+
+
 def test_final_weights_and_run_totals(quality, tmp_path):
     lines = [
         {"step": 0, "data/weight/a": 0.5, "data/weight/b": 0.5},
@@ -87,7 +187,7 @@ def test_final_weights_and_run_totals(quality, tmp_path):
         {"step": 8, "loss/train/total": 1.5, "time/token": 4096.0},
         {"step": 8, "time/train": 6.5, "time/val": 2.0},
     ]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 9, "tr')
+    _write_metrics(tmp_path, lines, '{"step": 9, "tr')
     assert quality.final_weights(tmp_path) == {"a": 0.7, "b": 0.3}
     # the partial last line of a killed run is ignored
     totals = {"steps": 8, "tokens": 4096.0, "train_seconds": 6.5, "eval_seconds": 2.0}
@@ -96,26 +196,130 @@ def test_final_weights_and_run_totals(quality, tmp_path):
     assert quality.final_weights(tmp_path / "missing") == {}
 
 
+def test_l0_sparsity_and_distillation_summaries(quality, tmp_path):
+    lines = [
+        {"step": 1, "l0/expected_sparsity": 0.55, "l0/target_sparsity": 0.6, "loss/train/ce": 3.0},
+        {"step": 1, "loss/train/kd": 1.0, "distill/teacher_time_share": 0.2},
+        {"step": 2, "l0/expected_sparsity": 0.59, "l0/target_sparsity": 0.6, "loss/train/ce": 2.0},
+        {"step": 2, "loss/train/kd": 0.5, "distill/teacher_time_share": 0.4},
+    ]
+    _write_metrics(tmp_path / "ok", lines)
+    sparsity = quality.l0_sparsity(tmp_path / "ok")
+    assert sparsity == pytest.approx(
+        {"initial": 0.55, "expected": 0.59, "target": 0.6, "gap": -0.01, "ok": True}
+    )
+    assert quality.distill_summary(tmp_path / "ok") == pytest.approx(
+        {"lm": 2.5, "kd": 0.75, "teacher_time_share": 0.3}
+    )
+    _write_metrics(tmp_path / "miss", [{"step": 3, "l0/expected_sparsity": 0.31, "l0/target_sparsity": 0.61}])
+    missed = quality.l0_sparsity(tmp_path / "miss")
+    assert missed["ok"] is False and missed["gap"] == pytest.approx(-0.30)
+    _write_metrics(tmp_path / "dense", [{"step": 1, "loss/train/ce": 3.0}])
+    with pytest.raises(RuntimeError, match="l0/expected_sparsity"):
+        quality.l0_sparsity(tmp_path / "dense")
+    assert quality.distill_summary(tmp_path / "dense") == {"lm": 3.0}
+
+
+def _stage_args(quality, tmp_path, tiny_source, **extra):
+    import argparse
+
+    args = quality.build_parser().parse_args([])
+    args.seed, args.train_eval_samples, args.precision = 3, 2, "fp32"
+    args.reference = {"alpha": 1.5, "beta": 2.5}
+    for key, value in extra.items():
+        setattr(args, key, value)
+    return argparse.Namespace(**vars(args))
+
+
+def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_source, tiny_mds):
+    """Every stage's overrides of the demo recipes load and validate with the project's own config code."""
+    from llmshearing.training.config import load_config, validate_config
+
+    budget = quality.make_budget(
+        False, 1, batch=4, seq_len=16, prune_share=0.25, steps=4
+    )  # a 1-step L0 stage
+    inputs = quality.Inputs(Path(tiny_source), Path(tiny_mds), "tiny", ["alpha", "beta"], [0.5, 0.5], {})
+    args = _stage_args(quality, tmp_path, tiny_source, mix_ema=0.5, mix_warmup=1, mix_excess="relative")
+    scores = tmp_path / "scores.safetensors"
+    stages = quality.plan_arms(budget)["l0-distill"]
+    for stage, recipe in ((stages[0], quality.PRUNE_RECIPE), (stages[2], quality.CONTINUE_RECIPE)):
+        overrides = quality.train_overrides(
+            budget, stage, inputs, Path(tiny_source), tmp_path / "run", [0.5, 0.5], args, 0.1
+        )
+        if stage.kind == "l0":
+            overrides += quality.l0_overrides(args, None, stage.steps)
+        values = validate_config(load_config(str(recipe), overrides))
+        loading = values["callbacks"]["data_loading"]
+        assert (loading["loss_ema"], loading["excess"], loading["eta"]) == (0.5, "relative", 1.0)
+        assert loading["update_warmup"] == f"{stage.update_interval(budget)}ba"
+        distillation = values["model"]["distillation"]
+        assert distillation["teacher"] == tiny_source and distillation["alpha"] == args.kd_alpha
+    l0 = dict(o.split("=", 1) for o in quality.l0_overrides(args, scores, 24))
+    assert l0["model.l0_module.init_from"] == str(scores)
+    assert l0["model.l0_module.lagrangian_warmup_steps"] == "0ba"  # ranked masks: no target warm-up
+    assert l0["model.l0_module.log_alpha_clamp"] == l0["model.l0_module.init_log_alpha"] == str(args.l0_clamp)
+    assert (
+        dict(o.split("=", 1) for o in quality.l0_overrides(args, None, 24))[
+            "model.l0_module.lagrangian_warmup_steps"
+        ]
+        == "5ba"
+    )
+    plain = quality.train_overrides(
+        budget,
+        quality.plan_arms(budget)["oneshot"][1],
+        inputs,
+        Path(tiny_source),
+        tmp_path / "r",
+        [0.5, 0.5],
+        args,
+        0.1,
+    )
+    assert not any(o.startswith("model.distillation") for o in plain)
+
+
 def _losses(values):
     return {d: {"loss": v, "perplexity": math.exp(v), "tokens": 127} for d, v in values.items()}
 
 
-def _results(quality):
-    rows = {"source": {"title": "source", "losses": _losses({"a": 2.0, "b": 3.0}), "tokens": 0}}
+ARM_LOSSES = {  # (a, b) test losses of the first seed
+    "l0-dynamic": (3.0, 4.0),
+    "l0-constant": (3.2, 4.0),
+    "l0-distill": (2.8, 3.8),
+    "oneshot": (3.5, 4.5),
+    "oneshot-distill": (3.0, 3.9),
+    "scratch": (6.0, 7.0),
+}
+
+
+def _record(quality, arm, seed, a, b):
     stages = [
-        {"name": "train", "steps": 8, "tokens": 4096, "seconds": 12.5, "detail": "", "train_seconds": 9.25},
-        {"name": "fold", "steps": 0, "tokens": 0, "seconds": 2.0, "detail": "note"},
-    ]
-    for arm, (a, b) in zip(quality.ARMS, [(3.0, 4.0), (3.2, 4.0), (3.5, 4.5), (6.0, 7.0)], strict=True):
-        rows[arm] = {
-            "title": quality.ARM_TITLES[arm],
-            "dynamic": arm != "l0-constant",
-            "stages": stages,
-            "losses": _losses({"a": a, "b": b}),
-            "tokens": 4096,
-            "seconds": 12.5,
-            "mixes": {"train": {"initial": {"a": 0.5, "b": 0.5}, "final": {"a": 0.25, "b": 0.75}}},
-        }
+        {"name": "train", "steps": 8, "tokens": 4096, "seconds": 12.5, "detail": "", "train_seconds": 9.25,
+         "flops": 2_000_000_000_000, "distill_summary": {"lm": 3.25, "kd": 0.5, "teacher_time_share": 0.25}},
+        {"name": "fold", "steps": 0, "tokens": 0, "seconds": 2.0, "detail": "note", "flops": 0},
+    ]  # fmt: skip
+    record = {
+        "arm": arm,
+        "title": quality.ARM_TITLES[arm],
+        "seed": seed,
+        "dynamic": arm != "l0-constant",
+        "stages": stages,
+        "losses": _losses({"a": a, "b": b}),
+        "tokens": 4096,
+        "seconds": 12.5,
+        "flops": {"train": 2_000_000_000_000, "calibration": 500_000_000_000, "total": 2_500_000_000_000},
+        "mixes": {"train": {"initial": {"a": 0.5, "b": 0.5}, "final": {"a": 0.25, "b": 0.75}}},
+    }
+    if arm.startswith("l0-"):
+        record["sparsity"] = {"initial": 0.5, "expected": 0.6, "target": 0.61, "gap": -0.01, "ok": True}
+    return record
+
+
+def _results(quality, second_seed=None):
+    records = [_record(quality, arm, 17, *ARM_LOSSES[arm]) for arm in quality.ARMS]
+    for arm, (a, b) in (second_seed or {}).items():
+        records.append(_record(quality, arm, 18, a, b))
+    source = {"title": "source", "losses": _losses({"a": 2.0, "b": 3.0}), "tokens": 0}
+    rows = quality.build_rows(source, records)
     rows["l0-dynamic"]["after_pruning"] = _losses({"a": 5.0, "b": 6.0})
     return {
         "meta": {
@@ -129,35 +333,108 @@ def _results(quality):
         "budget": {"steps": 8, "batch": 4, "seq_len": 128, "prune_share": 0.25, "tokens": 4096},
         "corpus": "test",
         "domains": ["a", "b"],
+        "excluded_domains": {"book": "2 documents: train, eval and test need 3 disjoint ones"},
         "initial_mix": [0.5, 0.5],
         "eval_samples": 8,
+        "report_split": "test",
+        "settings": {"kd_alpha": 0.5},
         "target_desc": "tiny",
         "params": {"source": 1000, "target": 400},
         "rows": rows,
     }
 
 
+def test_rows_aggregate_seeds(quality):
+    rows = _results(quality, {"l0-distill": (3.0, 4.0), "oneshot-distill": (3.1, 3.9)})["rows"]
+    assert list(rows) == ["source", *quality.ARMS]
+    seeds = rows["l0-distill"]["seeds"]
+    assert seeds["per_seed"] == pytest.approx({"17": 3.3, "18": 3.5})
+    assert (seeds["mean"], seeds["spread"]) == pytest.approx((3.4, 0.2))
+    assert rows["l0-distill"]["seed"] == 17 and [r["seed"] for r in rows["l0-distill"]["repeats"]] == [18]
+    assert quality.arm_loss(rows["l0-distill"]) == pytest.approx(3.4)
+    assert quality.arm_loss(rows["scratch"]) == pytest.approx(6.5)
+    assert quality.arm_loss(rows["source"]) == pytest.approx(2.5)
+
+
 def test_markdown_table(quality):
-    text = quality.render_markdown(_results(quality))
-    assert "| model | avg loss | avg ppl | after pruning | a | b | train tokens | wall s |" in text
-    row = next(line for line in text.splitlines() if line.startswith("| l0-dynamic:"))
+    text = quality.render_markdown(_results(quality, {"l0-distill": (3.0, 4.0)}))
+    header = "| model | avg loss | seeds: mean (spread) | avg ppl | after pruning | a | b | train tokens | TFLOPs | wall s |"
+    assert header in text
+    row = next(line for line in text.splitlines() if line.startswith("| 1 l0-dynamic:"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1:7] == ["3.500", f"{math.exp(3.5):.1f}", "5.500", "3.000", "4.000", "4,096"]
+    assert cells[1:10] == [
+        "3.500",
+        "-",
+        f"{math.exp(3.5):.1f}",
+        "5.500",
+        "3.000",
+        "4.000",
+        "4,096",
+        "2.50",
+        "12",
+    ]
+    three = next(line for line in text.splitlines() if line.startswith("| 3 l0-distill:"))
+    assert "| 3.400 (0.200, n=2) |" in three
     source = next(line for line in text.splitlines() if line.startswith("| source:"))
-    assert "| 2.500 |" in source and source.rstrip().endswith("| - |")
-    assert "| l0-dynamic | train | 8 | 4,096 | 12.5 | 9.2 | - |  |" in text
-    assert "| scratch | fold | 0 | 0 | 2.0 | - | - | note |" in text
+    assert "| 2.500 |" in source and source.rstrip().endswith("| - | - |")
+    assert "| 1 l0-dynamic | train | 8 | 4,096 | 2.00 | 12.5 | 9.2 | - | 3.250 / 0.500, 25% |  |" in text
+    assert "| 6 scratch | fold | 0 | 0 | 0.00 | 2.0 | - | - | - | note |" in text
     weights = next(line for line in text.splitlines() if line.startswith("| b | "))
-    assert weights.count("0.750") == 3 and "0.500" in weights  # three dynamic arms' final mixes, initial mix
+    assert weights.count("0.750") == 5 and "0.500" in weights  # five dynamic arms' final mixes, initial mix
+    assert "| 3 l0-distill | 18 | 0.500 | 0.600 | 0.610 | -0.010 | yes |" in text
+    assert "left out: book (2 documents" in text and "test split" in text
     assert "`python bench/quality.py --quick`" in text and "Test CPU" in text and "abc123" in text
-    assert "total wall time: 99 s" in text
+    assert "total wall time: 99 s" in text and "sparsity check failed" not in text
 
 
-def test_result_line(quality):
+def test_result_line_and_targets(quality):
     rows = _results(quality)["rows"]
-    assert quality.result_line(rows) == "RESULT quality ratio=0.875 target=<=1.00"  # 3.5 / 4.0 (oneshot)
-    del rows["oneshot"], rows["scratch"]
+    # arm 3: (2.8 + 3.8) / 2 = 3.3; arm 5: 3.45; arm 1: 3.5; arm 2: 3.6
+    assert (
+        quality.result_line(rows)
+        == "RESULT quality arm3/arm5=0.957 target=<1.00 arm1/arm2=0.972 target=<=1.00"
+    )
+    lines = quality.target_lines(rows)
+    assert (
+        lines[0].startswith("- arm 3 (l0-distill) 3.300 vs arm 5 (oneshot-distill) 3.450")
+        and "**met**" in lines[0]
+    )
+    assert "one seed: no spread" in lines[0]
+    assert (
+        "**met**" in lines[1] and lines[2] == "- arm 3 has the lowest average test loss of all arms: **met**"
+    )
+    worse = _results(quality, {"l0-dynamic": (3.9, 4.5), "l0-constant": (3.2, 4.0)})["rows"]
+    line = quality.target_lines(worse)[1]
+    # arm 1: mean(3.5, 4.2) = 3.85; arm 2: 3.6 over both seeds (spread 0)
+    assert "ratio 1.069, target <= 1.00: **missed**" in line
+    assert "seed spread (max - min over 2 seeds) up to 0.700" in line
+    assert "the difference is within the seed spread" in line  # 0.25 apart, seeds 0.7 apart
+    assert "per-domain differences (first seed): b +0.000, a -0.200" in line
+    del rows["l0-distill"], rows["oneshot-distill"], rows["l0-dynamic"]
     assert quality.result_line(rows).startswith("RESULT quality skipped=")
+
+
+def test_lowest_arm_and_sparsity_misses_are_reported(quality):
+    results = _results(quality)
+    rows = results["rows"]
+    rows["oneshot-distill"]["losses"] = _losses({"a": 2.0, "b": 3.0})
+    rows["oneshot-distill"]["seeds"] = quality.seed_summary([rows["oneshot-distill"]])
+    rows["l0-dynamic"]["sparsity"] = {
+        "initial": 0.49,
+        "expected": 0.31,
+        "target": 0.61,
+        "gap": -0.3,
+        "ok": False,
+    }
+    lines = quality.target_lines(rows)
+    assert "**missed**" in lines[0] and "per-domain differences (first seed): b +0.800, a +0.800" in lines[0]
+    assert "lowest: arm 5 oneshot-distill 2.500, arm 3 3.300" in lines[2]
+    assert quality.sparsity_misses(rows) == [
+        "l0-dynamic seed 17: expected sparsity 0.310, target 0.610 (gap -0.300, tolerance 0.02)"
+    ]
+    text = quality.render_markdown(results)
+    assert "**L0 sparsity check failed:** l0-dynamic seed 17" in text
+    assert "| 1 l0-dynamic | 17 | 0.490 | 0.310 | 0.610 | -0.300 | **no** |" in text
 
 
 def test_write_results_is_atomic_and_complete(quality, tmp_path):
@@ -170,6 +447,40 @@ def test_write_results_is_atomic_and_complete(quality, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert json_path.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, not mkstemp's 0600
+
+
+def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
+    variants = quality.study_variants(["mix", "distillation"])
+    assert len(variants) == len(quality.STUDY_MIX) + len(quality.STUDY_KD)
+    assert ("mix", "paper rule", {}) in variants
+    with pytest.raises(ValueError, match="unknown study groups"):
+        quality.study_variants(["mix", "lr"])
+    parser = quality.build_parser()
+    for _, _, values in variants:  # every variant's flags are options of the command
+        flags = quality.as_flags(values).split() if values else []
+        args = parser.parse_args(flags)
+        assert all(getattr(args, key) == value for key, value in values.items())
+    assert quality.as_flags({}) == "(defaults)"
+    base = _results(quality)
+    records = [
+        {"group": "mix", "variant": "paper rule", "values": {}, "losses": _losses({"a": 3.0, "b": 4.0})},
+        {"group": "mix", "variant": "eta 0.3", "values": {"mix_eta": 0.3}, "losses": _losses({"a": 3.0, "b": 3.8})},
+        {"group": "distillation", "variant": "alpha 0.9, T 1", "values": {"kd_alpha": 0.9, "kd_temperature": 1.0},
+         "losses": _losses({"a": 2.0, "b": 3.0})},
+    ]  # fmt: skip
+    best = quality.best_variants(records)
+    assert best["mix"]["variant"] == "eta 0.3" and best["distillation"]["variant"] == "alpha 0.9, T 1"
+    study = {**{k: v for k, v in base.items() if k != "rows"}, "report_split": "eval", "variants": records}
+    json_path, md_path = quality.write_results(study, tmp_path, kind="study")
+    assert md_path.name == "quality-2030-01-02-quick-study.md"
+    text = md_path.read_text()
+    assert "| mix | eta 0.3 | `--mix-eta 0.3` | 3.400 | 3.000 | 3.800 |" in text
+    assert "- mix (oneshot arm): eta 0.3 (3.400): `--mix-eta 0.3`" in text
+    assert (
+        "- distillation (oneshot-distill arm): alpha 0.9, T 1 (2.500): `--kd-alpha 0.9 --kd-temperature 1.0`"
+        in text
+    )
+    assert "eval split" in text and "test split is not read" in text
 
 
 def test_scratch_model_has_the_target_shape(quality, tiny_source, tmp_path):

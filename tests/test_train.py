@@ -287,3 +287,13 @@ def test_compiled_pruning_run_matches_eager(tiny_source, tiny_mds, tmp_path, cle
     assert a.keys() == b.keys() and any(k.startswith("l0_module.") for k in a)
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_data_beyond_the_models_vocabulary_is_refused_before_training(tiny_mds, tmp_path, capsys):
+    from conftest import write_tiny_source
+
+    small = write_tiny_source(str(tmp_path / "small-vocab"), vocab_size=64)  # the data holds ids up to 96
+    assert main([CONTINUED, *_args(small, tiny_mds, str(tmp_path / "run"))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "vocab" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -131,13 +131,13 @@ def test_failed_start_leaves_no_stub_run_folder(tiny_source, tiny_mds, tmp_path,
     folder = tmp_path / "run"
     # the checkpoint to load is named only when the Trainer is built, after config.json was written
     overrides = [*SHORT, f"load_path={tmp_path / 'missing.pt'}"]
-    with pytest.raises(Exception):  # noqa: B017 - whatever Composer raises for it
+    with pytest.raises(FileNotFoundError):
         build_trainer(PRUNE, _args(tiny_source, tiny_mds, folder, *overrides))
     assert not folder.exists()
     # a folder that existed keeps what it held and loses only what the failed start wrote
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(Exception):  # noqa: B017
+    with pytest.raises(FileNotFoundError):
         build_trainer(PRUNE, _args(tiny_source, tiny_mds, folder, *overrides))
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
@@ -256,3 +256,44 @@ def test_full_disk_while_saving_is_one_line_and_leaves_no_complete_looking_check
     assert any(name.endswith(".pt.incomplete") for name in listing), listing
     complete_looking = [n for n in listing if n.endswith(".pt") and not n.startswith("latest")]
     assert len(complete_looking) == 1, listing  # only the checkpoint that fitted
+
+
+def test_demo_reuses_a_finished_run_and_resumes_an_unfinished_one(
+    tiny_source, tiny_mds, run_copy, tmp_path, capsys, clean_shm
+):
+    from llmshearing.demo import Steps, train_action, train_step
+
+    assert train_action(tmp_path / "absent") == "start"
+    (tmp_path / "empty").mkdir()
+    assert train_action(tmp_path / "empty") == "start"
+    assert train_action(run_copy) == "reuse"
+
+    steps = Steps()
+    command = [
+        sys.executable,
+        "-m",
+        "llmshearing.train",
+        PRUNE,
+        f"model.path={tiny_source}",
+        f"data_local={tiny_mds}",
+    ]
+    before = _digest(run_copy / "checkpoints")
+    train_step(steps, "prune", run_copy, [*command, *SHORT, "autoresume=true"])
+    assert steps.timings == [] and "reusing the finished run" in capsys.readouterr().out
+    assert _digest(run_copy / "checkpoints") == before
+
+    longer = ["max_duration=8ba", "eval_interval=4ba", "save_interval=4ba", "autoresume=true"]
+    description = run_copy / "config.json"  # the run as a demo killed half-way through would leave it
+    description.write_text(description.read_text().replace('"max_duration": "4ba"', '"max_duration": "8ba"'))
+    assert train_action(run_copy) == "resume"
+    train_step(steps, "prune", run_copy, [*command, *longer])
+    assert [title for title, _ in steps.timings] == [f"prune (resuming the run in {run_copy})"]
+    assert is_finished(run_copy) and (run_copy / "checkpoints" / "ep0-ba4-rank0.pt").is_file()
+
+
+def test_save_folder_that_is_a_file_is_refused(tiny_source, tiny_mds, tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.write_text("a file")
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, folder, *SHORT)]) == 2
+    assert "is a file, not a folder" in _one_error_line(capsys)
+    assert folder.read_text() == "a file"

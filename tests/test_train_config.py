@@ -127,6 +127,13 @@ def test_shipped_recipes_use_only_known_keys(path):
         ),
         (["callbacks.data_loading.target_loss=3.0"], "target_loss must be a list of losses"),
         (["optimizer=null"], "optimizer must be a mapping"),
+        (
+            ["callbacks.speed_monitor.windw_size=5"],
+            "callbacks.speed_monitor.windw_size is not a setting of SpeedMonitor",
+        ),
+        (["loggers.file=3"], "loggers.file must be a mapping of settings"),
+        (["model.l0_module.target_sparsity=1.5"], "model.l0_module.target_sparsity must be in (0, 1)"),
+        (["model.attn_impl=flash2"], "model.attn_impl must be one of ['auto', 'sdpa', 'flash']"),
     ],
 )
 def test_bad_recipe_values_name_the_key(recipe, overrides, message):

@@ -24,10 +24,12 @@ def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLla
     Returns the model and the run description written to ``<save_folder>/config.json``.
     """
     from llmshearing.convert.checkpoint import load_checkpoint
+    from llmshearing.data.checks import check_vocab
 
     model_cfg = values["model"]
     config, state_dict, hf_config = load_checkpoint(model_cfg["path"])
     refuse_pruning_checkpoint(model_cfg["path"], state_dict)
+    check_vocab(values["data_local"], config.vocab_size, model_cfg["path"])  # before any batch is read
     config = config.replace(
         attn_impl=model_cfg["attn_impl"], max_seq_len=max(config.max_seq_len, values["max_seq_len"])
     )
@@ -45,10 +47,20 @@ def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLla
         from llmshearing.models.teacher import DistillationConfig, Teacher
 
         distillation = DistillationConfig.from_dict(model_cfg["distillation"])
-        dtype = next(model.model.parameters()).dtype
+        dtype = teacher_dtype(values["precision"], values["device"])
         model.attach_teacher(Teacher.load(distillation.teacher, dtype, model_cfg["attn_impl"]), distillation)
         description["distillation"] = distillation.to_dict()
     return model, description
+
+
+def teacher_dtype(precision: str, device: str | None) -> Any:
+    """The frozen teacher's stored precision: the run's half precision on a GPU, else fp32."""
+    import torch
+    from composer.utils import get_device
+
+    if get_device(device).name != "gpu":
+        return torch.float32
+    return {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(precision, torch.float32)
 
 
 def initialize_masks(l0: Any, decoder: Any, values: dict[str, Any]) -> dict[str, Any]:
@@ -193,25 +205,45 @@ def build_algorithms(values: dict[str, Any], save_folder: str, fsdp: bool = Fals
     return algorithms
 
 
-def build_callbacks(values: dict[str, Any], save_folder: str) -> list[Callback]:
+def callback_classes() -> dict[str, type]:
+    """The callbacks a recipe turns on under ``callbacks.<name>`` (their settings are the keyword
+    arguments of the class)."""
     from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
 
-    from llmshearing.callbacks.domain_metrics import AbsentDomainMetrics
     from llmshearing.callbacks.sample_log import SampleLog
 
-    known = {
+    return {
         "speed_monitor": SpeedMonitor,
         "lr_monitor": LRMonitor,
         "memory_monitor": MemoryMonitor,
         "runtime_estimator": RuntimeEstimator,
         "optimizer_monitor": OptimizerMonitor,
+        "sample_log": SampleLog,
     }
+
+
+def logger_classes() -> dict[str, type]:
+    """The loggers a recipe turns on under ``loggers.<name>`` (settings: the class's keyword arguments)."""
+    from composer.loggers import FileLogger, MLFlowLogger, TensorboardLogger, WandBLogger
+
+    return {
+        "file": FileLogger,
+        "wandb": WandBLogger,
+        "mlflow": MLFlowLogger,
+        "tensorboard": TensorboardLogger,
+    }
+
+
+def build_callbacks(values: dict[str, Any], save_folder: str) -> list[Callback]:
+    from llmshearing.callbacks.domain_metrics import AbsentDomainMetrics
+
+    known = callback_classes()
     callbacks: list[Callback] = [AbsentDomainMetrics()]  # no per-domain train metric for an absent domain
     for name, kwargs in values["callbacks"].items():
         if name == "data_loading" or kwargs is False:
             continue
         if name == "sample_log":
-            callbacks.append(SampleLog(**{"folder": save_folder, **(kwargs or {})}))
+            callbacks.append(known[name](**{"folder": save_folder, **(kwargs or {})}))
             continue
         callbacks.append(known[name](**(kwargs or {})))
     if values["model"].get("distillation"):
@@ -222,26 +254,15 @@ def build_callbacks(values: dict[str, Any], save_folder: str) -> list[Callback]:
 
 
 def build_loggers(values: dict[str, Any], save_folder: str) -> list[LoggerDestination]:
-    from composer.loggers import FileLogger
-
     from llmshearing.training.metrics_log import MetricsJSONLLogger
 
+    known = logger_classes()
     loggers: list[LoggerDestination] = [MetricsJSONLLogger(save_folder)]
     for name, kwargs in values["loggers"].items():
+        if name not in known or kwargs is False:  # metrics_jsonl is always on
+            continue
         kwargs = dict(kwargs or {})
         if name == "file":
             kwargs.setdefault("filename", os.path.join(save_folder, "logs.txt"))
-            loggers.append(FileLogger(**kwargs))
-        elif name == "wandb":
-            from composer.loggers import WandBLogger
-
-            loggers.append(WandBLogger(**kwargs))
-        elif name == "mlflow":
-            from composer.loggers import MLFlowLogger
-
-            loggers.append(MLFlowLogger(**kwargs))
-        elif name == "tensorboard":
-            from composer.loggers import TensorboardLogger
-
-            loggers.append(TensorboardLogger(**kwargs))
+        loggers.append(known[name](**kwargs))
     return loggers

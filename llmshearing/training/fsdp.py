@@ -7,12 +7,14 @@ keys are checked here before anything heavy runs, and FSDP1-style keys are trans
 
 Parameters of model children marked ``_fsdp_wrap = False`` (the L0 module) stay whole on every rank.
 :class:`FSDPGradients` averages their gradients across ranks, as DDP would, and clips the gradients
-by the norm over all parameters, sharded or not, exactly as one process would.
+by the norm over all parameters, sharded or not, exactly as one process would. On CPU (gloo) it also
+corrects FSDP2's sharded gradients, which torch 2.7 sums over the ranks instead of averaging.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -240,6 +242,7 @@ class FSDPGradients(Algorithm):
         model = state.model
         unsharded = unsharded_parameters(model)
         average_across_ranks(p.grad for p in unsharded if p.grad is not None)
+        _undo_summed_fsdp2_gradients(model)
         if self.clipping_type is not None:
             self.clip(model, unsharded)
 
@@ -261,6 +264,37 @@ class FSDPGradients(Algorithm):
         coefficient = float(torch.clamp(self.clipping_threshold / (total + 1e-6), max=1.0))
         for p in clipped:
             p.grad.mul_(coefficient)
+
+
+@functools.cache
+def _gloo_average_sums() -> bool:
+    """Whether gloo's reduce-scatter with ``ReduceOp.AVG`` returns the sum (torch 2.7 on CPU does).
+
+    FSDP2 reduces fp32 gradients with ``AVG``; where the backend sums instead, the sharded gradients
+    come out ``world_size`` times too large (pytorch/pytorch#162338). Probed once, collectively.
+    """
+    import torch.distributed as tdist
+
+    if not (tdist.is_initialized() and tdist.get_backend() == "gloo") or tdist.get_world_size() == 1:
+        return False
+    world = tdist.get_world_size()
+    out = torch.zeros(1)
+    tdist.reduce_scatter_tensor(out, torch.ones(world), op=tdist.ReduceOp.AVG)
+    return bool(out.item() == world)
+
+
+@torch.no_grad()
+def _undo_summed_fsdp2_gradients(model: nn.Module) -> None:
+    """Divide FSDP2's sharded gradients by the world size where the backend summed them."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if isinstance(p.grad, DTensor)]
+    if grads and _gloo_average_sums():
+        import torch.distributed as tdist
+
+        world = tdist.get_world_size()
+        for g in grads:
+            g.to_local().div_(world)
 
 
 def _is_l0(model: nn.Module, parameter: nn.Parameter) -> bool:

@@ -28,6 +28,7 @@ DESCRIPTION_NAME = "config.json"
 # what a training run writes into its folder (the report and user files are not part of it)
 RUN_ENTRIES = ("config.json", "metrics.jsonl", "checkpoints", "masks", "logs.txt")
 RUN_ENTRY_PREFIXES = ("samples-rank",)
+DERIVED_ENTRIES = ("report",)  # made from a run by `llmshearing report`; replaced with the run
 # model settings that may change between the start and a resume of one run
 MODEL_KEYS_FREE = ("attn_impl", "max_seq_len", "init_std")
 # l0_module settings that decide the masks and the target shape
@@ -59,6 +60,8 @@ def run_entries(folder: str | Path) -> list[str]:
 
 def check_start(folder: str | Path, autoresume: bool, overwrite: bool) -> None:
     """Refuse to start a fresh run in a folder that holds a run unless asked to resume or replace it."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ConfigError(f"save_folder {folder} is a file, not a folder; choose another save_folder")
     entries = run_entries(folder)
     if entries and not autoresume and not overwrite:
         raise ConfigError(
@@ -124,6 +127,8 @@ def clear_previous_run(folder: str | Path) -> list[str]:
     """Remove the run artefacts of ``folder`` (``save_overwrite=true`` on a fresh start); returns them."""
     folder = Path(folder)
     removed = run_entries(folder)
+    if removed:
+        removed += [name for name in DERIVED_ENTRIES if (folder / name).exists()]
     for name in removed:
         path = folder / name
         if path.is_dir() and not path.is_symlink():

@@ -40,8 +40,8 @@ def is_number(value: Any) -> bool:
 
 def check_number(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> float:
     """``value`` is a finite number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
-    above = value > low if is_number(value) and low_open else is_number(value) and value >= low
-    if not (is_number(value) and math.isfinite(value) and above and value <= high):
+    in_range = is_number(value) and math.isfinite(value) and low <= value <= high
+    if not in_range or (low_open and value == low):
         bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != math.inf else "")
         raise ConfigError(f"{key} must be a finite number {bound}, got {value!r}")
     return float(value)
@@ -150,6 +150,40 @@ def check_target_loss(data_loading: Any) -> None:
             raise ConfigError(f"{_DL}.target_loss[{i}]{domain} must be a finite loss >= 0, got {loss!r}")
 
 
+def check_settings(section: str, entries: dict[str, Any], classes: dict[str, type]) -> None:
+    """Each entry of ``callbacks``/``loggers`` is null, false or a mapping of its class's arguments."""
+    import inspect
+
+    for name, settings in entries.items():
+        if name not in classes or settings is None or settings is False:
+            continue
+        if not isinstance(settings, dict):
+            raise ConfigError(
+                f"{section}.{name} must be a mapping of settings ({{}} for the defaults) or false, got {settings!r}"
+            )
+        parameters = inspect.signature(classes[name]).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            continue
+        valid = sorted(p for p in parameters if p != "self")
+        for key in settings:
+            if key not in valid:
+                raise ConfigError(
+                    f"{section}.{name}.{key} is not a setting of {classes[name].__name__}; valid: {valid}"
+                )
+
+
+def check_l0_settings(model: dict[str, Any]) -> None:
+    """``model.l0_module`` on its own (the target is checked against the source when it is loaded)."""
+    if model.get("l0_module") is None:
+        return
+    from llmshearing.pruning.targets import L0Config
+
+    try:
+        L0Config.from_dict(model["l0_module"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
 def check_run_values(values: dict[str, Any]) -> None:
     """Every scalar of the run itself: durations, sizes, flags, precision, device, logging."""
     for section in ("optimizer", "scheduler", "algorithms", "callbacks"):
@@ -180,3 +214,13 @@ def check_run_values(values: dict[str, Any]) -> None:
     check_scheduler(values["scheduler"], total)
     check_clipping(values["algorithms"])
     check_target_loss(values["callbacks"].get("data_loading"))
+    check_l0_settings(values["model"])
+    from llmshearing.models.config import ATTN_IMPLS
+
+    check_choice("model.attn_impl", values["model"].get("attn_impl"), ATTN_IMPLS)
+    from llmshearing.training.builders import callback_classes, logger_classes
+
+    check_settings("callbacks", values["callbacks"], callback_classes())
+    if not isinstance(values.get("loggers"), dict):
+        raise ConfigError(f"loggers must be a mapping of settings, got {values.get('loggers')!r}")
+    check_settings("loggers", values["loggers"], logger_classes())
