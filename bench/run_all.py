@@ -22,6 +22,8 @@ BENCHMARKS = (
     ("loader.py", "dynamic dataset samples/s / plain StreamingDataset"),
     ("prepare.py", "prepare_mds tokens/s / tokenizer alone"),
     ("mfu.py", "model FLOPs utilisation on GPU (skipped without one)"),
+    ("fold_memory.py", "prune-model peak memory / model bytes (sharded and .pt checkpoints)"),
+    ("fsdp_gpu.py", "Trainer FSDP1/FSDP2 tokens/s / torch-alone step on GPU (skipped without one)"),
 )
 RESULT = re.compile(r"^RESULT (\S+) (?:ratio=(\S+) target=(>=|<=)(\S+)|skipped(?:=(.*))?)")
 OPS = {">=": operator.ge, "<=": operator.le}

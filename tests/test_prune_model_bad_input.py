@@ -131,3 +131,23 @@ def test_full_disk_is_one_line_and_leaves_nothing(run, tmp_path):
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"no space left on {disk}" in errors[0]
     assert proc.stdout.split() == ["exit=2"], proc.stdout  # nothing left on the full disk
+
+
+def test_a_pruning_checkpoint_is_never_loaded_as_a_dense_model(run, tiny_mds, tmp_path, capsys):
+    # one-shot pruning, evaluation and a distillation teacher all load a dense model: the masks of a
+    # pruning checkpoint would be dropped, so each refuses it and points to prune-model
+    from llmshearing.models.loading import from_pretrained
+    from llmshearing.models.teacher import Teacher
+
+    checkpoint = str(run / "checkpoints" / "latest-rank0.pt")
+    for load in (
+        lambda: from_pretrained(checkpoint),
+        lambda: Teacher.load(checkpoint, torch.float32, "sdpa"),
+    ):
+        with pytest.raises(ValueError, match="prune-model"):
+            load()
+    out = tmp_path / "oneshot"
+    code = main(["prune-oneshot", checkpoint, str(out), "--data", tiny_mds, "--target", "n_layers=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "prune-model" in err and "Traceback" not in err
+    assert not out.exists()

@@ -40,12 +40,18 @@ def from_pretrained(
     """A ``Decoder`` in eval mode holding the weights at ``path``.
 
     ``path`` is an HF model directory (``config.json`` + safetensors or ``pytorch_model*.bin``), a
-    project checkpoint directory, or a Composer training checkpoint ``.pt`` (its ``config.json`` is
-    found beside it or in the run folder, or given as ``config_path``; L0 pruning state is ignored,
-    so a pruning checkpoint loads as the unpruned model). ``dtype`` casts floating weights;
-    ``attn_impl`` overrides the config's attention kernel choice.
+    project checkpoint directory, or a Composer training checkpoint (its ``config.json`` is found
+    beside it or in the run folder, or given as ``config_path``). A pruning run's checkpoint is
+    refused: its masks would be dropped and the unpruned model used in their place.
+    ``dtype`` casts floating weights; ``attn_impl`` overrides the config's attention kernel choice.
     """
     with open_checkpoint(path, config_path) as ckpt:
+        if ckpt.has_l0_state():
+            raise ValueError(
+                f"{path} is a pruning run's checkpoint (it holds l0_module.* masks); loading it as a model "
+                "would drop the masks and use the unpruned model: fold it first with "
+                "`llmshearing prune-model CKPT OUT` and use OUT"
+            )
         config = ckpt.config if attn_impl is None else ckpt.config.replace(attn_impl=attn_impl)
         with parameters_on_meta():
             model = Decoder(config)

@@ -332,6 +332,11 @@ def prune_oneshot(
     if samples <= 0 or batch_size <= 0:
         raise ValueError(f"--samples ({samples}) and --batch-size ({batch_size}) must be positive")
     with open_checkpoint(src) as ckpt:
+        if ckpt.has_l0_state():
+            raise ValueError(
+                f"{src} is a pruning run's checkpoint: one-shot pruning it would use the unpruned model and drop "
+                "its masks; fold it with `llmshearing prune-model CKPT OUT` (or prune the source model)"
+            )
         source, hf_config, tokenizer_dir = ckpt.config, ckpt.hf_config, ckpt.tokenizer_dir
         stored = ckpt.tensors.meta("tok_embeddings.weight").dtype
     plan = resolve_target(source, target_model, target_flag)
