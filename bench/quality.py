@@ -532,6 +532,7 @@ class OneShot:
     scores: Path
     seconds: float
     samples: int
+    after_pruning: dict[str, dict[str, float]] | None = None  # its losses, once measured
 
 
 def run_oneshot(inputs: Inputs, root: Path, args: Any, steps: Steps) -> OneShot:
@@ -653,12 +654,17 @@ def run_arm(
             init = folder / "init"
             timed(stage, func=lambda init=init: build_scratch(inputs.source, init, args.seed))
             model = init
-        if stage.kind in ("fold", "oneshot"):
+        if stage.kind == "fold":
             print(
                 f"--- {arm}: {args.report_split} loss after pruning (before continued pretraining)",
                 flush=True,
             )
             record["after_pruning"] = evaluate(model, inputs.mds, args.eval_samples, args.report_split)
+        elif stage.kind == "oneshot":  # one model shared by the one-shot arms and seeds: measured once
+            if args.oneshot.after_pruning is None:
+                print(f"--- {args.report_split} loss of the one-shot pruned model", flush=True)
+                args.oneshot.after_pruning = evaluate(model, inputs.mds, args.eval_samples, args.report_split)
+            record["after_pruning"] = args.oneshot.after_pruning
     print(f"--- {arm}: final {args.report_split} loss", flush=True)
     record["losses"] = evaluate(model, inputs.mds, args.eval_samples, args.report_split)
     if args.report_split != "eval":

@@ -173,7 +173,7 @@ def test_sharded_run_resumes_bit_identically(runs, tiny_source, tiny_mds):
 
 
 @pytest.mark.slow
-def test_prune_model_reads_a_sharded_checkpoint(runs, tmp_path):
+def test_prune_model_reads_a_sharded_checkpoint(runs, tmp_path, capsys):
     one, fsdp = runs["root"] / "prune-one", runs["root"] / "prune-fsdp"
     for run, out in ((one, tmp_path / "from-pt"), (fsdp, tmp_path / "from-sharded")):
         assert cli_main(["prune-model", str(run / "checkpoints" / "latest-rank0.pt"), str(out)]) == 0
@@ -182,10 +182,12 @@ def test_prune_model_reads_a_sharded_checkpoint(runs, tmp_path):
         assert a.tensors.keys() == b.tensors.keys()
         for key in a.tensors.keys():
             torch.testing.assert_close(b.tensors.get(key), a.tensors.get(key), rtol=0, atol=1e-5, msg=key)
+    # the exporter opens the sharded directory too, and points a pruning checkpoint to prune-model
+    sharded = str(fsdp / "checkpoints" / "latest-rank0.pt")
+    assert cli_main(["convert", "composer-to-hf", sharded, str(tmp_path / "refused")]) == 2
+    assert "prune-model" in capsys.readouterr().err and not (tmp_path / "refused").exists()
     hf = tmp_path / "hf"
-    assert (
-        cli_main(["convert", "composer-to-hf", str(fsdp / "checkpoints" / "latest-rank0.pt"), str(hf)]) == 0
-    )
+    assert cli_main(["convert", "composer-to-hf", str(tmp_path / "from-sharded"), str(hf)]) == 0
     assert (hf / "config.json").is_file()
 
 
