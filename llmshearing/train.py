@@ -78,6 +78,10 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         logging.getLogger("llmshearing").setLevel(values["python_log_level"].upper())
 
     device_batch = values["global_train_batch_size"] // world_size
+    if world_size > 1:
+        # one process group from the start: streaming would otherwise open and close its own on the same
+        # port while building the loaders (a race between ranks), and the mask ranking is broadcast
+        dist.initialize_dist(get_device(values["device"]), values["dist_timeout"])
     train_loader = build_train_dataloader(
         values["train_loader"],
         data_loading,
@@ -88,8 +92,6 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         values["eval_loader"], data_loading.set_names, device_batch_size=values["device_eval_batch_size"]
     )
     reproducibility.seed_all(values["seed"])
-    if world_size > 1:  # the ranks talk before the Trainer starts (mask initialisation is broadcast)
-        dist.initialize_dist(get_device(values["device"]), values["dist_timeout"])
     if dist.get_global_rank() == 0:
         print(f"llmshearing: {describe_parallelism(fsdp, world_size, device_batch, values)}", flush=True)
     model, description = builders.build_model(values, data_loading.set_names)

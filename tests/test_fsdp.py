@@ -240,3 +240,24 @@ def test_fsdp1_is_chosen_on_gpus_and_fsdp2_translates_the_strategy():
     assert resolve_fsdp(None, cuda=True, environ={}) is None
     with pytest.raises(FSDPConfigError, match="must be a mapping"):
         resolve_fsdp("FULL_SHARD", cuda=True, environ={})
+
+
+def test_sharded_checkpoint_cut_off_while_written_is_set_aside(tmp_path):
+    # a sharded checkpoint is a directory whose .metadata index is written last; one without it was
+    # cut off, and autoresume must fall back to the newest complete one
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    from llmshearing.training.checkpoint_files import repair_checkpoint_folder
+
+    folder = tmp_path / "checkpoints"
+    save(
+        {"state.model.model.w": torch.ones(2)},
+        storage_writer=FileSystemWriter(str(folder / "ep0-ba4")),
+        no_dist=True,
+    )
+    (folder / "ep1-ba8").mkdir()
+    (folder / "ep1-ba8" / "__0_0.distcp").write_bytes(b"partial")
+    os.symlink("ep1-ba8", folder / "latest-rank0.pt")
+    changed = repair_checkpoint_folder(folder)
+    assert (folder / "ep1-ba8.incomplete").is_dir() and not (folder / "ep1-ba8").exists()
+    assert os.readlink(folder / "latest-rank0.pt") == "ep0-ba4" and len(changed) == 2

@@ -6,8 +6,9 @@ Composer 0.32.1 writes a monolithic checkpoint with ``torch.save`` straight into
 (remove, then create). A process killed while saving therefore leaves a truncated file under a
 checkpoint's name, or (between remove and create) no ``latest`` symlink at all. Either breaks
 autoresume: Composer refuses to start next to a checkpoint "from the future", or starts over.
-``repair_checkpoint_folder`` renames truncated files to ``<name>.incomplete`` and points
-``latest`` at the newest complete checkpoint again.
+A sharded checkpoint (a directory ``ep{epoch}-ba{batch}`` that ``latest`` links to) is complete once
+its ``.metadata`` index exists. ``repair_checkpoint_folder`` renames truncated files and index-less
+directories to ``<name>.incomplete`` and points ``latest`` at the newest complete checkpoint again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from llmshearing.staging import staging_path
 log = logging.getLogger("llmshearing.train")
 
 CHECKPOINT_NAME = re.compile(r"ep(\d+)-ba(\d+)-rank(\d+)\.pt")
+SHARDED_NAME = re.compile(r"ep(\d+)-ba(\d+)")  # a sharded checkpoint's directory (all ranks)
 LATEST_NAME = "latest-rank{rank}.pt"
 INCOMPLETE_SUFFIX = ".incomplete"
 _PICKLE_MAGIC = b"\x80"  # torch's legacy (non-zip) format starts with a pickle protocol byte
@@ -87,8 +89,17 @@ def checkpoint_file_problem(path: str | Path) -> str | None:
 
 
 def _batch_of(name: str) -> int:
-    match = CHECKPOINT_NAME.fullmatch(name)
+    match = CHECKPOINT_NAME.fullmatch(name) or SHARDED_NAME.fullmatch(name)
     return int(match.group(2)) if match else -1
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """A whole ``.pt`` file, or a sharded checkpoint directory whose ``.metadata`` index (written last,
+    once every rank has written its shard) exists."""
+    from llmshearing.convert.sharded import is_sharded_checkpoint
+
+    path = Path(path)
+    return is_sharded_checkpoint(path) if path.is_dir() else is_complete_torch_file(path)
 
 
 def set_aside_incomplete(folder: str | Path) -> list[Path]:
@@ -98,9 +109,14 @@ def set_aside_incomplete(folder: str | Path) -> list[Path]:
         return []
     moved = []
     for entry in sorted(folder.iterdir()):
-        if entry.is_symlink() or not entry.is_file() or not CHECKPOINT_NAME.fullmatch(entry.name):
+        if entry.is_symlink():
             continue
-        if not is_complete_torch_file(entry):
+        named = (
+            CHECKPOINT_NAME.fullmatch(entry.name) if entry.is_file() else SHARDED_NAME.fullmatch(entry.name)
+        )
+        if not named or not (entry.is_file() or entry.is_dir()):
+            continue
+        if not is_complete_checkpoint(entry):
             target = entry.with_name(entry.name + INCOMPLETE_SUFFIX)
             os.replace(entry, target)
             log.warning("%s was cut off while being written; set aside as %s", entry, target.name)
@@ -116,10 +132,12 @@ def newest_complete_checkpoint(folder: str | Path, rank: int = 0) -> Path | None
     candidates = [
         entry
         for entry in folder.iterdir()
-        if (match := CHECKPOINT_NAME.fullmatch(entry.name))
-        and int(match.group(3)) == rank
-        and not entry.is_symlink()
-        and is_complete_torch_file(entry)
+        if not entry.is_symlink()
+        and (
+            ((match := CHECKPOINT_NAME.fullmatch(entry.name)) and int(match.group(3)) == rank)
+            or (entry.is_dir() and SHARDED_NAME.fullmatch(entry.name))
+        )
+        and is_complete_checkpoint(entry)
     ]
     return max(candidates, key=lambda entry: _batch_of(entry.name), default=None)
 
@@ -129,7 +147,7 @@ def repair_latest_link(folder: str | Path, rank: int = 0) -> Path | None:
     points at an incomplete file (replaced atomically); returns the link when it was changed."""
     folder = Path(folder)
     link = folder / LATEST_NAME.format(rank=rank)
-    if link.exists() and is_complete_torch_file(link):
+    if link.exists() and is_complete_checkpoint(link):
         return None
     newest = newest_complete_checkpoint(folder, rank)
     if newest is None:
