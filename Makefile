@@ -82,5 +82,5 @@ report: install  ## PNG plots + markdown summary of a run: make report RUN=<run 
 bench: install  ## every ratio benchmark, one table (ARGS=--quick for a short run)
 	$(BIN)/python bench/run_all.py $(ARGS)
 
-bench-quality: install  ## quality benchmark on SmolLM2-135M: L0 vs one-shot vs scratch at one token budget (ARGS=--quick)
+bench-quality: install  ## quality benchmark on SmolLM2-135M: six arms (L0, distillation, one-shot, scratch) at one token budget, reported on the test split (ARGS=--quick)
 	$(BIN)/python bench/quality.py $(ARGS)

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.cpu_check:
-        args.shapes, args.seq_len, args.batch_size, args.steps = ["tiny"], 64, 2, 4
+        args.shapes, args.seq_len, args.batch_size, args.steps = ["tiny"], 64, 2, 8
     elif not torch.cuda.is_available():
         print("no CUDA device: the Trainer's FSDP throughput is measured on GPU machines only")
         print("RESULT fsdp_gpu skipped=no GPU")
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.cpu_check else torch.cuda.get_device_name()
     print(f"device: {device}; torch {torch.__version__}; attention: {resolve_attn_impl('auto')}")
     print(
-        f"batch {args.batch_size} x {args.seq_len}, {args.steps} steps, bf16 autocast, activation checkpointing"
+        f"batch {args.batch_size} x {args.seq_len}, {args.steps} steps, {'fp32' if args.cpu_check else 'bf16 autocast'}, activation checkpointing"
     )
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
