@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from composer.core import Callback
 
 TINY_MODEL = dict(
     vocab_size=97,
@@ -111,3 +112,19 @@ def clean_shm():
     clean_stale_shared_memory()
     yield
     clean_stale_shared_memory()
+
+
+class Interrupted(RuntimeError):
+    """Raised by :class:`CrashAt`: a run stopped as a crash would stop it."""
+
+
+class CrashAt(Callback):
+    """Stops training when batch ``at`` is about to start (the checkpoint of batch ``at`` exists)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def batch_start(self, state, logger) -> None:
+        del logger
+        if int(state.timestamp.batch) == self.at:
+            raise Interrupted(f"stopped before batch {self.at + 1}")

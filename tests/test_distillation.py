@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from composer.core import Callback
-from conftest import write_tiny_source
+from conftest import CrashAt, Interrupted, write_tiny_source
 
 from llmshearing.models.distill import distillation_loss, kd_per_position
 from llmshearing.models.loading import from_pretrained
@@ -155,22 +154,6 @@ def _distil(teacher: str, alpha: float = 0.5, *extra: str) -> list[str]:
 def _final_model(folder) -> dict[str, torch.Tensor]:
     path = os.path.join(folder, "checkpoints", "latest-rank0.pt")
     return torch.load(path, map_location="cpu", weights_only=False)["state"]["model"]
-
-
-class Interrupted(RuntimeError):
-    pass
-
-
-class CrashAt(Callback):
-    """Stops training when batch ``at`` is about to start."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def batch_start(self, state, logger) -> None:
-        del logger
-        if int(state.timestamp.batch) == self.at:
-            raise Interrupted(f"stopped before batch {self.at + 1}")
 
 
 def _train(recipe: str, overrides: list[str], crash_at: int | None = None):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from composer.core import Callback
+from conftest import CrashAt, Interrupted
 
 from llmshearing.callbacks.sample_log import read_sample_log
 from llmshearing.cli import main as cli_main
@@ -19,22 +19,6 @@ from llmshearing.train import build_trainer, main, run
 
 PRUNE = "yamls/tiny/prune.yaml"
 CONTINUED = "yamls/tiny/continued.yaml"
-
-
-class Interrupted(RuntimeError):
-    pass
-
-
-class CrashAt(Callback):
-    """Stops training when batch ``at`` is about to start (the checkpoint of batch ``at`` exists)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def batch_start(self, state, logger) -> None:
-        del logger
-        if int(state.timestamp.batch) == self.at:
-            raise Interrupted(f"stopped before batch {self.at + 1}")
 
 
 def _args(source: str, data: str, folder: str, *extra: str) -> list[str]:

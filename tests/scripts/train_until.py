@@ -9,30 +9,19 @@ multi-process run would; ``tests/test_fsdp.py`` then resumes it with ``autoresum
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from composer.core import Callback
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the shared CrashAt callback
 
-from llmshearing.train import build_trainer, run
+from conftest import CrashAt, Interrupted  # noqa: E402
 
-
-class Interrupted(RuntimeError):
-    pass
-
-
-class StopAt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def batch_start(self, state, logger) -> None:
-        del logger
-        if int(state.timestamp.batch) == self.at:
-            raise Interrupted(f"stopped before batch {self.at + 1}")
+from llmshearing.train import build_trainer, run  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     at, recipe, overrides = int(argv[0]), argv[1], argv[2:]
     trainer, values = build_trainer(recipe, overrides)
-    trainer.state.callbacks.append(StopAt(at))
+    trainer.state.callbacks.append(CrashAt(at))
     try:
         run(trainer, values)
     except Interrupted as stop:
