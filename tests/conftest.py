@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -128,3 +130,16 @@ class CrashAt(Callback):
         del logger
         if int(state.timestamp.batch) == self.at:
             raise Interrupted(f"stopped before batch {self.at + 1}")
+
+
+def can_mount_tmpfs() -> bool:
+    """A private mount namespace with a tmpfs can be made here (the full-disk tests need one)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+needs_tmpfs = pytest.mark.skipif(not can_mount_tmpfs(), reason="needs a tmpfs mount (unshare -rm)")

@@ -4,13 +4,12 @@ a full disk; each a one-line error with exit code 2, at once, and nothing writte
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
+from conftest import needs_tmpfs
 
 from llmshearing.cli import main
 
@@ -76,14 +75,7 @@ def test_composer_to_hf_names_a_file_that_is_not_a_checkpoint(tiny_source, tmp_p
         assert not (tmp_path / "hf").exists()
 
 
-def _can_mount_tmpfs() -> bool:
-    probe = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"], capture_output=True
-    )
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(shutil.which("unshare") is None or not _can_mount_tmpfs(), reason="needs a tmpfs mount")
+@needs_tmpfs
 def test_full_disk_is_one_line_and_leaves_nothing(tiny_source, tmp_path):
     hf = tmp_path / "hf"
     assert main(["convert", "composer-to-hf", tiny_source, str(hf), "--dtype", "fp32"]) == 0

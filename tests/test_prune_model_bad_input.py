@@ -4,13 +4,13 @@ files that are not checkpoints, a full disk; each a one-line error, exit code 2,
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_tmpfs
 from test_prune_model import ALL, TARGET, TIED, pruning_run
 
 from llmshearing.cli import main
@@ -110,14 +110,7 @@ def test_torch_file_that_is_not_a_training_checkpoint(run, tmp_path, capsys):
     assert "is not a Composer training checkpoint" in err
 
 
-def _can_mount_tmpfs() -> bool:
-    probe = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"], capture_output=True
-    )
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(shutil.which("unshare") is None or not _can_mount_tmpfs(), reason="needs a tmpfs mount")
+@needs_tmpfs
 def test_full_disk_is_one_line_and_leaves_nothing(run, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_tmpfs
 
 from llmshearing.train import build_trainer, main
 from llmshearing.training.checkpoint_files import (
@@ -223,15 +224,8 @@ def test_run_killed_while_saving_a_checkpoint_resumes(tiny_source, tiny_mds, tmp
     assert is_complete_torch_file(cut_off) and is_finished(folder)
 
 
-def _can_mount_tmpfs() -> bool:
-    probe = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"], capture_output=True
-    )
-    return probe.returncode == 0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("unshare") is None or not _can_mount_tmpfs(), reason="needs a tmpfs mount")
+@needs_tmpfs
 def test_full_disk_while_saving_is_one_line_and_leaves_no_complete_looking_checkpoint(
     tiny_source, tiny_mds, tmp_path, clean_shm
 ):
