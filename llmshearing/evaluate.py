@@ -60,18 +60,6 @@ class ModelFn:
         return self._forward(ids)
 
 
-def _refuse_pruning_checkpoint(path: str) -> None:
-    """A pruning run's Composer checkpoint holds masks that only ``prune-model`` applies."""
-    from llmshearing.convert.checkpoint import open_checkpoint
-
-    with open_checkpoint(path) as checkpoint:
-        if checkpoint.has_l0_state():
-            raise ValueError(
-                f"{path} is a pruning checkpoint: evaluating it would measure the unpruned model without "
-                "its masks; fold it first with `llmshearing prune-model CKPT OUT` and evaluate OUT"
-            )
-
-
 def load_model_fn(path: str, use_transformers: bool = False) -> ModelFn:
     """The model at ``path``: a project checkpoint or (``use_transformers``) an HF directory."""
     import torch
@@ -89,8 +77,6 @@ def load_model_fn(path: str, use_transformers: bool = False) -> ModelFn:
         return ModelFn(lambda ids: model(ids).logits, int(vocab))
     from llmshearing.models import from_pretrained
 
-    if os.path.isfile(path):
-        _refuse_pruning_checkpoint(path)
     decoder = from_pretrained(path).float().eval()
     return ModelFn(decoder, int(decoder.config.vocab_size))
 

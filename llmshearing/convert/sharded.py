@@ -37,8 +37,9 @@ class ShardedModelSource(TensorSource):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = Path(path)
+        self.reader = FileSystemReader(str(self.path))
         try:
-            metadata = FileSystemReader(str(self.path)).read_metadata()
+            metadata = self.reader.read_metadata()
         except Exception as err:  # a missing or damaged index
             raise ValueError(
                 f"{self.path} could not be read as a sharded checkpoint ({err}); the checkpoint is incomplete or "
@@ -69,13 +70,13 @@ class ShardedModelSource(TensorSource):
         return self.metas[key]
 
     def get(self, key: str) -> Tensor:
-        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint import load
 
         meta = self.metas[key]
         holder = {self.stored[key]: torch.empty(meta.shape, dtype=meta.dtype)}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            load(holder, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
+            load(holder, storage_reader=self.reader, no_dist=True)
         return holder[self.stored[key]]
 
     def close(self) -> None:

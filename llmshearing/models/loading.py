@@ -48,9 +48,9 @@ def from_pretrained(
     with open_checkpoint(path, config_path) as ckpt:
         if ckpt.has_l0_state():
             raise ValueError(
-                f"{path} is a pruning run's checkpoint (it holds l0_module.* masks); loading it as a model "
-                "would drop the masks and use the unpruned model: fold it first with "
-                "`llmshearing prune-model CKPT OUT` and use OUT"
+                f"{path} is a pruning checkpoint (it holds l0_module.* masks): loading it as a model would "
+                "drop the masks and use the unpruned model; fold it first with `llmshearing prune-model CKPT OUT` "
+                "and use OUT"
             )
         config = ckpt.config if attn_impl is None else ckpt.config.replace(attn_impl=attn_impl)
         with parameters_on_meta():

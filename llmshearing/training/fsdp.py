@@ -17,11 +17,13 @@ import difflib
 import functools
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from torch import Tensor, nn
@@ -131,8 +133,6 @@ def resolve_fsdp(
 
     translated = {k: v for k, v in settings.items() if k in fsdp2_keys}
     translated.setdefault("reshard_after_forward", FSDP2_RESHARD[strategy])
-    import warnings
-
     with warnings.catch_warnings():  # Composer warns that its FSDP2 API is experimental
         warnings.simplefilter("ignore", UserWarning)
         config = FSDP2Config(**translated)
@@ -170,8 +170,6 @@ def unsharded_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def average_across_ranks(tensors: Iterable[Tensor]) -> None:
     """All-reduce ``tensors`` in place to their mean over the ranks (a no-op in one process)."""
-    import torch.distributed as tdist
-
     tensors = list(tensors)
     if not tensors or not (tdist.is_available() and tdist.is_initialized()):
         return
@@ -206,8 +204,6 @@ def _sharded_norm_squared(model: nn.Module, sharded: list[nn.Parameter]) -> Tens
     for g in grads:
         local = g.to_local() if isinstance(g, DTensor) else g
         total = total + local.float().pow(2).sum()
-    import torch.distributed as tdist
-
     if any(isinstance(g, DTensor) for g in grads) and tdist.is_initialized():
         tdist.all_reduce(total)  # FSDP2: disjoint shards over the (one-dimensional) data-parallel mesh
     return total
@@ -250,7 +246,9 @@ class FSDPGradients(Algorithm):
     def clip(self, model: nn.Module, unsharded: list[nn.Parameter]) -> None:
         unsharded_ids = {id(p) for p in unsharded}
         sharded = [p for p in model.parameters() if id(p) not in unsharded_ids]
-        replicated = unsharded if self.clip_l0 else [p for p in unsharded if not _is_l0(model, p)]
+        l0 = getattr(model, "l0_module", None)
+        l0_ids = {id(p) for p in l0.parameters()} if l0 is not None and not self.clip_l0 else set()
+        replicated = [p for p in unsharded if id(p) not in l0_ids]
         clipped = [p for p in (*sharded, *replicated) if p.grad is not None]
         if self.clipping_type == "value":
             for p in clipped:
@@ -273,8 +271,6 @@ def _gloo_average_sums() -> bool:
     FSDP2 reduces fp32 gradients with ``AVG``; where the backend sums instead, the sharded gradients
     come out ``world_size`` times too large (pytorch/pytorch#162338). Probed once, collectively.
     """
-    import torch.distributed as tdist
-
     if not (tdist.is_initialized() and tdist.get_backend() == "gloo") or tdist.get_world_size() == 1:
         return False
     world = tdist.get_world_size()
@@ -290,13 +286,6 @@ def _undo_summed_fsdp2_gradients(model: nn.Module) -> None:
 
     grads = [p.grad for p in model.parameters() if isinstance(p.grad, DTensor)]
     if grads and _gloo_average_sums():
-        import torch.distributed as tdist
-
         world = tdist.get_world_size()
         for g in grads:
             g.to_local().div_(world)
-
-
-def _is_l0(model: nn.Module, parameter: nn.Parameter) -> bool:
-    module = getattr(model, "l0_module", None)
-    return module is not None and any(parameter is p for p in module.parameters())
