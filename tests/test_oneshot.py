@@ -246,6 +246,24 @@ def test_importance_log_alpha_gives_l0_masks_that_keep_the_top_units(case, ties)
             assert torch.all(row_value[order][1:] < row_value[order][:-1])
 
 
+@pytest.mark.parametrize("case", sorted(L0_CASES))
+def test_importance_log_alpha_starts_the_expected_sparsity_at_the_target(case):
+    """Every unit sits near a bound: with bound 16 each dropped unit keeps P(z > 0) < 1e-5 and each kept
+    one P(z > 0) > 1 - 1e-5, so the masks start at the target's sparsity rather than well short of it."""
+    l0_config = {
+        "pruning_modules": L0_CASES[case],
+        "target_model": TARGET,
+        "log_alpha_clamp": 16.0,
+        "init_log_alpha": 16.0,
+    }
+    module = L0Module(SOURCE, l0_config)
+    with torch.no_grad():
+        for family, value in importance_log_alpha(random_scores(7), SOURCE, l0_config).items():
+            module.log_alpha[family].copy_(value)
+    expected_sparsity = 1.0 - float(module.expected_num_params() / module.prunable_size)
+    assert expected_sparsity == pytest.approx(module.plan.global_sparsity, abs=1e-3)
+
+
 def test_importance_log_alpha_without_target_shape_keeps_every_unit_above_the_cutoff():
     scores = random_scores(6)
     other = SOURCE.replace(intermediate_size=32)

@@ -195,9 +195,11 @@ def importance_log_alpha(
 
     Within each row (per layer; per KV group, or per layer for a multi-head source pruned by ``head``
     alone) units are ranked by :func:`ranking_scores`. The units the target keeps start at ``+bound``
-    (best) down to ``+margin * bound``; the others from ``-margin * bound`` down to ``-bound`` (worst),
-    linearly in rank, so the values are strictly monotone in the score and the L0 module's
-    deterministic masks at the target keep exactly the top-ranked units. ``bound`` is
+    (best) down to ``+(1 - margin) * bound``; the others from ``-(1 - margin) * bound`` down to ``-bound``
+    (worst), linearly in rank, so the values are strictly monotone in the score, the L0 module's
+    deterministic masks at the target keep exactly the top-ranked units, and every unit sits near a
+    bound, which starts the expected sparsity near the target (``P(z > 0)`` at ``-bound`` is 0.047 for
+    the default bound ``log 100``, 1e-6 for 16). ``bound`` is
     ``log_alpha_clamp`` (``init_log_alpha`` when unclamped). With a ``target_sparsity`` instead of a
     target shape every unit lies above the cut-off.
     """
@@ -215,7 +217,8 @@ def importance_log_alpha(
     for family, score in ranking_scores(scores, model_config, plan).items():
         n = sizes[family]
         keep = plan.keep.get(family, n)
-        table = torch.cat([_spread(bound, margin * bound, keep), _spread(-margin * bound, -bound, n - keep)])
+        inner = (1.0 - margin) * bound
+        table = torch.cat([_spread(bound, inner, keep), _spread(-inner, -bound, n - keep)])
         ranks = _ranks(_rows(family, score, model_config, plan))
         values[family] = table[ranks].reshape(score.shape)
     return values
