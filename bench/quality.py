@@ -291,7 +291,7 @@ def domain_view(raw: Path, domains: Sequence[str], view: Path) -> Path:
 
 def prepare_inputs(work: Path, seq_len: int, held_out: int, uniform: bool, steps: Steps) -> Inputs:
     """Convert the source and prepare the MDS data (train, eval, test) once; later runs reuse both."""
-    from llmshearing.evaluate import split_domains
+    from llmshearing.data.layout import split_domains
 
     python = sys.executable
     excluded: dict[str, str] = {}

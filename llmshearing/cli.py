@@ -14,7 +14,6 @@ import sys
 COMMAND_MODULES = (
     "llmshearing.convert.commands",
     "llmshearing.pruning.commands",
-    "llmshearing.pruning.oneshot",
     "llmshearing.data.commands",
     "llmshearing.evaluate",
     "llmshearing.report",

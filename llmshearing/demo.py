@@ -118,10 +118,15 @@ def train_step(steps: Steps, title: str, run: Path, command: list) -> None:
     steps.run(title, [*command, f"save_folder={run}"])
 
 
-def _losses(model_path: Path, data: Path, transformers: bool = False) -> dict[str, float]:
+def _losses(
+    model_path: Path, data: Path, split: str = "test", transformers: bool = False
+) -> dict[str, float]:
+    """Per-domain loss of a model on one split: ``test`` reports (no run reads it), ``eval`` is what the
+    dynamic mix compares against."""
     from llmshearing.evaluate import domain_losses, format_table, load_model_fn
 
-    results = domain_losses(load_model_fn(str(model_path), transformers), str(data))
+    results = domain_losses(load_model_fn(str(model_path), transformers), str(data), split)
+    print(f"{split} split:")
     print(format_table(results))
     return {r.domain: r.loss for r in results}
 
@@ -167,7 +172,11 @@ def summary(out: Path, losses: dict[str, dict[str, float]], sample: str, steps: 
     lines.append(f"non-embedding parameters kept: {ratio:.1%}")
     stages = list(losses)
     domains = sorted(next(iter(losses.values())))
-    lines += ["", "per-domain eval loss:", f"{'domain':<10}" + "".join(f"{s:>22}" for s in stages)]
+    lines += [
+        "",
+        "per-domain test loss (held-out documents that neither training nor the data mix reads):",
+        f"{'domain':<10}" + "".join(f"{s:>22}" for s in stages),
+    ]
     for d in domains:
         lines.append(f"{d:<10}" + "".join(f"{losses[s][d]:>22.4f}" for s in stages))
     for run in ("prune", "continued"):
@@ -226,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
             "2",
         ]
         steps.run("3. prepare MDS data", prepare)
-    losses["source"] = steps.run("   evaluate the source model", func=lambda: _losses(source, mds))
+    reference = steps.run(
+        "   evaluate the source model (eval split: the reference of the data mix)",
+        func=lambda: _losses(source, mds, "eval"),
+    )
+    losses["source"] = steps.run(
+        "   evaluate the source model (test split)", func=lambda: _losses(source, mds)
+    )
 
     prune_run, pruned = out / "prune", out / "pruned"
     common = [f"data_local={mds}", "progress_bar=true"]
@@ -244,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     losses["pruned"] = steps.run("   evaluate the pruned model", func=lambda: _losses(pruned, mds))
 
     cont_run, hf = out / "continued", out / "hf"
-    reference = "[" + ",".join(f"{losses['source'][d]:.4f}" for d in sorted(losses["source"])) + "]"
+    target_loss = "[" + ",".join(f"{reference[d]:.4f}" for d in sorted(reference)) + "]"
     train_step(
         steps,
         "6. continued pretraining",
@@ -256,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             CONTINUE_RECIPE,
             *common,
             f"model.path={pruned}",
-            f"callbacks.data_loading.target_loss={reference}",
+            f"callbacks.data_loading.target_loss={target_loss}",
         ],
     )
     if not (hf / "config.json").is_file():

@@ -10,19 +10,14 @@ the model's vocabulary) are checked before any sample is evaluated.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-SPLITS = ("eval", "test", "train")
+from llmshearing.data.layout import SPLITS, TokenSamples, domain_dir, split_domains, token_batches
 
 
 @dataclass
@@ -34,19 +29,6 @@ class DomainLoss:
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.loss, 50.0))
-
-
-def split_domains(data_dir: str, split: str) -> list[str]:
-    root = os.path.join(data_dir, split)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(
-            f"{root} is not a directory: DATA must be an MDS root prepared by data_prep/prepare_mds.py "
-            f"(holding {split}/<domain>/index.json)"
-        )
-    domains = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "index.json")))
-    if not domains:
-        raise FileNotFoundError(f"{root} holds no MDS domain directories (<domain>/index.json)")
-    return domains
 
 
 class ModelFn:
@@ -75,7 +57,7 @@ def load_model_fn(path: str, use_transformers: bool = False) -> ModelFn:
         model.eval()
         vocab = model.get_input_embeddings().weight.shape[0]
         return ModelFn(lambda ids: model(ids).logits, int(vocab))
-    from llmshearing.models import from_pretrained
+    from llmshearing.convert.loading import from_pretrained
 
     decoder = from_pretrained(path).float().eval()
     return ModelFn(decoder, int(decoder.config.vocab_size))
@@ -100,36 +82,6 @@ def _config_vocab_size(path: str, use_transformers: bool) -> int | None:
     return int(read_any_config(Path(config))[0].vocab_size)
 
 
-@contextlib.contextmanager
-def readable_shards(directory: str) -> Iterator[str]:
-    """``directory``, or, when some shards are stored only compressed (``--compression zstd``), a
-    temporary copy with them decompressed: streaming's ``LocalDataset`` reads raw shards only."""
-    from streaming.base.compression import decompress
-
-    with open(os.path.join(directory, "index.json"), encoding="utf-8") as handle:
-        shards = json.load(handle)["shards"]
-    compressed = [
-        s
-        for s in shards
-        if s.get("zip_data") and not os.path.isfile(os.path.join(directory, s["raw_data"]["basename"]))
-    ]
-    if not compressed:
-        yield directory
-        return
-    with tempfile.TemporaryDirectory(prefix="llmshearing-eval-") as copy:
-        shutil.copy(os.path.join(directory, "index.json"), copy)
-        for shard in shards:
-            raw = shard["raw_data"]["basename"]
-            if shard in compressed:
-                with open(os.path.join(directory, shard["zip_data"]["basename"]), "rb") as handle:
-                    data = decompress(shard["compression"], handle.read())
-                with open(os.path.join(copy, raw), "wb") as handle:
-                    handle.write(data)
-            else:
-                os.symlink(os.path.abspath(os.path.join(directory, raw)), os.path.join(copy, raw))
-        yield copy
-
-
 def check_options(batch_size: int, max_samples: int | None) -> None:
     """Raise ``ValueError`` naming the option for a batch size or sample count below 1."""
     if batch_size < 1:
@@ -146,21 +98,15 @@ def _summed_loss(
     """Summed next-token cross-entropy, predicted tokens and samples read of one MDS directory."""
     import torch
     import torch.nn.functional as F
-    from streaming import LocalDataset
     from tqdm import tqdm
 
     total, tokens = 0.0, 0
-    with readable_shards(directory) as readable, torch.no_grad():
-        dataset = LocalDataset(readable)
-        count = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+    with TokenSamples(directory) as samples, torch.no_grad():
+        count = len(samples) if max_samples is None else min(len(samples), max_samples)
         name = os.path.basename(directory.rstrip(os.sep))
         with tqdm(total=count, desc=f"eval {name}", unit="seq", disable=not progress, leave=False) as bar:
-            for start in range(0, count, batch_size):
-                rows = [
-                    np.asarray(dataset[i]["tokens"], dtype=np.int64)
-                    for i in range(start, min(count, start + batch_size))
-                ]
-                ids = torch.from_numpy(np.stack(rows))
+            for rows in token_batches([samples], [(0, i) for i in range(count)], batch_size, samples.label):
+                ids = torch.from_numpy(rows)
                 logits = model_fn(ids).float()
                 loss = F.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
@@ -184,7 +130,7 @@ def domain_losses(
     from llmshearing.data.checks import check_shards
 
     check_options(batch_size, max_samples)
-    directories = {d: os.path.join(data_dir, split, d) for d in domains or split_domains(data_dir, split)}
+    directories = {d: domain_dir(data_dir, split, d) for d in domains or split_domains(data_dir, split)}
     for directory in directories.values():
         check_shards(directory)
     results = []
@@ -219,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"model {args.model!r} does not exist")
     domains = split_domains(args.data, args.split)
     for domain in domains:
-        check_shards(os.path.join(args.data, args.split, domain))
+        check_shards(domain_dir(args.data, args.split, domain))
     vocab = _config_vocab_size(args.model, args.transformers) if os.path.isdir(args.model) else None
     if vocab is not None:
         check_vocab(args.data, vocab, args.model)

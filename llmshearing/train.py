@@ -229,8 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _disk_full(err: BaseException, argv: Sequence[str]) -> int:
     """Set aside a checkpoint the full disk cut off, and say where the disk is full (exit code 2)."""
+    from llmshearing.convert.checkpoint_files import set_aside_incomplete
     from llmshearing.disk_full import disk_full_message
-    from llmshearing.training.checkpoint_files import set_aside_incomplete
     from llmshearing.training.config import load_config
 
     try:

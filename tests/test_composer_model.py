@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmshearing.models.composer_model import ComposerLlama, LMOutput, init_module, is_block
+from llmshearing.models.composer_model import ComposerLlama, LMOutput
 from llmshearing.models.config import ModelConfig
-from llmshearing.models.decoder import Block, Decoder
+from llmshearing.models.decoder import Block, Decoder, init_module, is_block
 from llmshearing.models.metrics import DomainLanguageCrossEntropy
 
 DOMAINS = ("web", "code", "absent")
@@ -181,10 +181,12 @@ def test_fsdp_and_activation_checkpointing_hooks_select_blocks():
     chosen = [m for m in model.model.modules() if model.model.fsdp_wrap_fn(m)]
     assert len(chosen) == 2 and all(isinstance(m, Block) for m in chosen)
     assert [m for m in model.model.modules() if model.model.activation_checkpointing_fn(m)] == chosen
+    # the hooks belong to the decoder itself: a bare Decoder (a teacher, say) carries them too
+    bare = Decoder(_config())
     assert (
         not is_block(model.model)
-        and model.fsdp_wrap_fn(chosen[0])
-        and model.activation_checkpointing_fn(chosen[1])
+        and bare.fsdp_wrap_fn(bare.layers[0])
+        and bare.activation_checkpointing_fn(bare.layers[1])
     )
 
 

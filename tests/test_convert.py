@@ -14,8 +14,8 @@ from llmshearing.convert.checkpoint import load_checkpoint, open_checkpoint, sav
 from llmshearing.convert.hf_config import hf_config_from_model, model_config_from_hf
 from llmshearing.convert.hf_to_project import convert_hf_to_project
 from llmshearing.convert.keymaps import KEY_MAPS, KeyMap
+from llmshearing.convert.loading import from_pretrained
 from llmshearing.convert.project_to_hf import convert_project_to_hf
-from llmshearing.models import from_pretrained
 
 VOCAB = 96
 LOGIT_ATOL = 1e-4  # fp32 on CPU, project Decoder vs transformers

@@ -325,6 +325,33 @@ def test_bad_masks_are_rejected():
         model(IDS, masks={"head": torch.ones(6)})
 
 
+def test_blocks_run_by_hand_with_their_layer_masks_equal_the_forward():
+    cfg = _config()
+    model = _model(cfg)
+    generator = torch.Generator().manual_seed(5)
+    masks = {
+        "hidden": (torch.rand(cfg.d_model, generator=generator) > 0.3).float(),
+        "head": torch.rand(cfg.n_layers, cfg.n_heads, generator=generator),
+        "layer": torch.tensor([1.0, 0.5, 1.0]),
+        "intermediate": torch.rand(cfg.n_layers, cfg.intermediate_size, generator=generator),
+    }
+    layer_masks = model.layer_masks(masks, torch.float32)
+    assert len(layer_masks) == cfg.n_layers
+    assert layer_masks[1].heads.shape == (cfg.n_heads,) and layer_masks[1].ffn.shape == (
+        cfg.intermediate_size,
+    )
+    assert layer_masks[2].n_kept.item() == masks["hidden"].sum().item()
+    with torch.no_grad():
+        rope = model.rope_tables(IDS.shape[1], torch.float32)
+        x = layer_masks[0].keep_dims(model.tok_embeddings(IDS))
+        for block, masks_of_block in zip(model.layers, layer_masks, strict=True):
+            x = block(x, rope, masks_of_block)
+        by_hand = model.head(model.norm(x, layer_masks[0].dims, layer_masks[0].n_kept))
+    assert torch.equal(by_hand, _logits(model, masks))
+    unmasked = model.layer_masks({}, torch.float32)
+    assert all(m.dims is m.heads is m.ffn is None for m in unmasked)
+
+
 @pytest.mark.parametrize(("head_dim", "theta"), [(64, 10000.0), (128, 500000.0), (16, 1e6)])
 def test_plain_rope_table_equals_transformers_default(head_dim, theta):
     from transformers import LlamaConfig

@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from streaming.base.util import clean_stale_shared_memory
 
-from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback, domain_token_losses
+from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmshearing.data.loaders import DataLoadingConfig
 from llmshearing.data.mixing import doremi_update, largest_remainder_counts
 from llmshearing.data.reference_loss import PRESETS
+from llmshearing.models.loss import domain_token_losses
 
 _spec = importlib.util.spec_from_file_location(
     "mix_training", os.path.join(os.path.dirname(__file__), "scripts", "mix_training.py")
@@ -196,27 +198,34 @@ def test_domain_token_losses_match_cross_entropy_per_row():
     assert tokens.tolist() == expected_tok.tolist() == [2.0, 5.0, 10.0]
 
 
+def dynamic_callback(set_names: list[str], proportion: list[float], **keys) -> DynamicLoadingCallback:
+    """The callback of ``callbacks.data_loading`` with ``dynamic: true``, these domains and ``keys``."""
+    return DynamicLoadingCallback(DataLoadingConfig(set_names, proportion, dynamic=True, **keys))
+
+
 def test_reference_options_and_validation():
-    cb = DynamicLoadingCallback(["wiki", "cc"], [0.5, 0.5], reference="sheared-1.3b")
+    cb = dynamic_callback(["wiki", "cc"], [0.5, 0.5], reference="sheared-1.3b")
     assert cb.reference.tolist() == [PRESETS["sheared-1.3b"]["wiki"], PRESETS["sheared-1.3b"]["cc"]]
     from llmshearing.data.reference_loss import LLAMA2_LOSSES, LLAMA2_SIZES
 
     fit = {"sizes": list(LLAMA2_SIZES), "losses": LLAMA2_LOSSES, "target_size": "2701560320"}
-    cb = DynamicLoadingCallback(["github", "arxiv"], [0.5, 0.5], reference=fit)
+    cb = dynamic_callback(["github", "arxiv"], [0.5, 0.5], reference=fit)
     assert np.round(cb.reference, 4).tolist() == [0.6883, 1.3560]
     with pytest.raises(ValueError, match=r"needs exactly the keys \['losses', 'sizes', 'target_size'\]"):
-        DynamicLoadingCallback(["cc"], [1.0], reference={"sizes": [1, 2, 3]})
+        dynamic_callback(["cc"], [1.0], reference={"sizes": [1, 2, 3]})
     with pytest.raises(ValueError, match="unknown reference preset"):
-        DynamicLoadingCallback(["cc"], [1.0], reference="sheared-7b")
+        dynamic_callback(["cc"], [1.0], reference="sheared-7b")
     assert DynamicLoadingCallback.from_config({"set_names": ["cc"], "proportion": [1.0]}) is None
+    with pytest.raises(ValueError, match=r"callbacks.data_loading.dynamic is false: the mix is fixed"):
+        DynamicLoadingCallback(DataLoadingConfig(["cc"], [1.0]))
     constant = DynamicLoadingCallback.from_config(
         {"dynamic": True, "set_names": ["a", "b"], "proportion": [0.5, 0.5], "update_type": "constant"}
     )
     assert constant.reference is None
 
-    state = DynamicLoadingCallback(["a", "b"], [0.4, 0.6], target_loss=[1, 1]).state_dict()
+    state = dynamic_callback(["a", "b"], [0.4, 0.6], target_loss=[1, 1]).state_dict()
     with pytest.raises(ValueError, match="resume with the same callbacks.data_loading.set_names"):
-        DynamicLoadingCallback(["a", "c"], [0.4, 0.6], target_loss=[1, 1]).load_state_dict(state)
+        dynamic_callback(["a", "c"], [0.4, 0.6], target_loss=[1, 1]).load_state_dict(state)
 
 
 @pytest.mark.slow
@@ -308,8 +317,6 @@ BAD_OPTIONS = {
 
 @pytest.mark.parametrize("key", sorted(BAD_OPTIONS))
 def test_stabiliser_options_are_validated_with_the_key(key):
-    from llmshearing.data.loaders import DataLoadingConfig
-
     value, message = BAD_OPTIONS[key]
     settings = {"dynamic": True, "set_names": ["a", "b"], "proportion": [0.5, 0.5], "target_loss": [1, 1]}
     with pytest.raises(ValueError, match=rf"callbacks\.data_loading\.{message}"):
@@ -317,14 +324,12 @@ def test_stabiliser_options_are_validated_with_the_key(key):
 
 
 def test_stabiliser_options_are_parsed_and_relative_excess_needs_positive_references():
-    from llmshearing.data.loaders import DataLoadingConfig
-
     settings = {"dynamic": True, "set_names": ["a", "b"], "proportion": [0.6, 0.4], "target_loss": [1, 2]}
     cfg = DataLoadingConfig.from_dict({**settings, "update_warmup": "40ba", "min_proportion": 0.25})
     assert cfg.update_warmup == 40 and cfg.floors == [0.15, 0.1]
     assert DataLoadingConfig.from_dict(settings).floors is None and cfg.loss_ema == 0.0
     assert cfg.excess == "absolute"
     with pytest.raises(ValueError, match="excess: relative divides by the reference losses"):
-        DynamicLoadingCallback(["a", "b"], [0.5, 0.5], target_loss=[1.0, 0.0], excess="relative")
+        dynamic_callback(["a", "b"], [0.5, 0.5], target_loss=[1.0, 0.0], excess="relative")
     callback = DynamicLoadingCallback.from_config({**settings, **STABLE})
     assert (callback.cfg.loss_ema, callback.cfg.update_warmup, callback.cfg.excess) == (0.5, 4, "relative")

@@ -247,7 +247,7 @@ def test_sharded_checkpoint_cut_off_while_written_is_set_aside(tmp_path):
     # cut off, and autoresume must fall back to the newest complete one
     from torch.distributed.checkpoint import FileSystemWriter, save
 
-    from llmshearing.training.checkpoint_files import repair_checkpoint_folder
+    from llmshearing.convert.checkpoint_files import repair_checkpoint_folder
 
     folder = tmp_path / "checkpoints"
     save(

@@ -14,18 +14,12 @@ from llmshearing import cli
 from llmshearing.convert.checkpoint import load_checkpoint, save_checkpoint
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.decoder import Decoder
+from llmshearing.pruning.commands import parse_target
 from llmshearing.pruning.fold import kept_structure
 from llmshearing.pruning.importance import ImportanceScores, calibration_batches, compute_importance
 from llmshearing.pruning.l0_module import L0Module
-from llmshearing.pruning.oneshot import (
-    MASKS_NAME,
-    RECORD_NAME,
-    importance_log_alpha,
-    oneshot_masks,
-    parse_target,
-    ranking_scores,
-    resolve_target,
-)
+from llmshearing.pruning.oneshot import MASKS_NAME, RECORD_NAME, resolve_target
+from llmshearing.pruning.ranking import importance_log_alpha, oneshot_masks, ranking_scores
 
 LOGIT_ATOL = 1e-4  # fp32 on CPU
 SEQ_LEN = 16
@@ -49,7 +43,7 @@ SHAPE_KEYS = ("n_layers", "n_heads", "n_kv_heads", "d_model", "intermediate_size
 def cli_main(argv: list[str]) -> int:
     """``llmshearing`` with only the one-shot command registered."""
     modules = cli.COMMAND_MODULES
-    cli.COMMAND_MODULES = ("llmshearing.pruning.oneshot",)
+    cli.COMMAND_MODULES = ("llmshearing.pruning.commands",)
     try:
         return cli.main(argv)
     finally:
@@ -457,7 +451,7 @@ def test_importance_init_of_a_multi_head_source_keeps_the_top_heads_of_each_laye
 
 
 def test_init_from_importance_measures_a_multi_head_source_on_the_train_split(data_root):
-    from llmshearing.pruning.oneshot import initialize_from_importance
+    from llmshearing.pruning.ranking import initialize_from_importance
 
     decoder = random_decoder(0, MHA_SOURCE)
     module = L0Module(

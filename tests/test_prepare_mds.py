@@ -730,3 +730,54 @@ def test_script_reports_user_errors_in_one_line(tmp_path: Path) -> None:
         f"error: input directory {tmp_path / 'nowhere'} does not exist; expected {tmp_path / 'nowhere'}/<domain>/*.jsonl"
     ]
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- llmshearing prepare-data
+
+
+def test_prepare_data_subcommand_writes_what_the_library_writes(
+    tmp_path: Path, tokenizer_dir: Path, capsys, monkeypatch
+) -> None:
+    from llmshearing.cli import main as cli_main
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", list(logging.getLogger().handlers))
+    root = write_corpus(tmp_path / "raw")
+    out, library = tmp_path / "mds", tmp_path / "library"
+    argv = ["prepare-data", "--input", str(root), "--output", str(out), "--tokenizer", str(tokenizer_dir)]
+    argv += ["--seq-len", str(SEQ_LEN), "--eval-seqs", "2", "--workers", "1", "--no-progress"]
+    assert cli_main(argv) == 0
+    stdout = capsys.readouterr().out
+    manifest = run(root, library, tokenizer_dir, eval_seqs=2, workers=1)
+    assert tree_digest(out) == tree_digest(library)
+    assert stdout.strip().splitlines() == [*format_summary(manifest).splitlines(), f"wrote {out}"]
+
+
+def test_prepare_data_subcommand_reports_bad_input_in_one_line(tmp_path: Path, capsys) -> None:
+    from llmshearing.cli import main as cli_main
+
+    missing, out = tmp_path / "nowhere", tmp_path / "out"
+    argv = ["prepare-data", "--input", str(missing), "--output", str(out), "--tokenizer", "unused"]
+    assert cli_main([*argv, "--seq-len", "8"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"llmshearing prepare-data: error: input directory {missing} does not exist; "
+        f"expected {missing}/<domain>/*.jsonl"
+    ]
+    assert cli_main([*argv, "--seq-len", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "llmshearing prepare-data: error: --seq-len must be at least 1, got 0"
+    ]
+    assert not out.exists()
+
+
+def test_prepare_data_parser_imports_no_heavy_module() -> None:
+    code = (
+        "import argparse, sys\n"
+        "from llmshearing.data.commands import add_commands\n"
+        "add_commands(argparse.ArgumentParser().add_subparsers())\n"
+        "print(sorted(m for m in ('torch', 'composer', 'streaming', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -20,6 +20,7 @@ from llmshearing.data.reference_loss import (
     parse_size,
     preset_reference,
     reference_for_domains,
+    resolve_reference,
 )
 
 
@@ -180,3 +181,19 @@ def test_prediction_that_is_no_loss_is_refused():
         law.predict(1e30)
     with pytest.raises(ValueError, match="domain 'cc': the fit predicts a loss of"):
         fit_reference_losses(LLAMA2_SIZES, {"cc": LLAMA2_LOSSES["cc"]}, 1e30)
+
+
+def test_resolve_reference_orders_every_source_by_the_domains():
+    assert resolve_reference(["b", "a"], [2, 1.5], None).tolist() == [2.0, 1.5]
+    assert resolve_reference(["a"], None, "source") is None and resolve_reference(["a"], None, None) is None
+    preset = resolve_reference(["wiki", "cc"], None, "sheared-2.7b")
+    assert preset.tolist() == [PRESETS["sheared-2.7b"]["wiki"], PRESETS["sheared-2.7b"]["cc"]]
+    fit = {"sizes": list(LLAMA2_SIZES), "losses": LLAMA2_LOSSES, "target_size": TARGET_SIZES["1.3b"]}
+    assert resolve_reference(["book", "cc"], None, fit).round(4).tolist() == [
+        round(PRESETS["sheared-1.3b"]["book"], 4),
+        round(PRESETS["sheared-1.3b"]["cc"], 4),
+    ]
+    with pytest.raises(ValueError, match=r"reference.losses has no reference loss for domains \['code'\]"):
+        resolve_reference(["cc", "code"], None, fit)
+    with pytest.raises(ValueError, match=r"callbacks.data_loading.reference must be 'source', a preset name"):
+        resolve_reference(["cc"], None, 1.3)

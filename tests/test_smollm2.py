@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 import llmshearing.convert as convert_package
 from llmshearing.convert.hf_to_project import convert_hf_to_project
+from llmshearing.convert.loading import from_pretrained
 from llmshearing.convert.project_to_hf import convert_project_to_hf
-from llmshearing.models import from_pretrained
 from llmshearing.staging import staged_dir
 
 pytestmark = pytest.mark.slow

@@ -171,7 +171,7 @@ def test_killed_run_resumes_without_losing_or_repeating_samples(tiny_source, tin
 
 def test_init_from_importance_ranks_the_initial_masks(tiny_source, tiny_mds, tmp_path, clean_shm):
     from llmshearing.pruning.importance import calibration_batches, compute_importance
-    from llmshearing.pruning.oneshot import importance_log_alpha
+    from llmshearing.pruning.ranking import importance_log_alpha
 
     overrides = [
         *_args(tiny_source, tiny_mds, str(tmp_path / "run")),

@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import needs_tmpfs
 
-from llmshearing.train import build_trainer, main
-from llmshearing.training.checkpoint_files import (
+from llmshearing.convert.checkpoint_files import (
     LATEST_NAME,
     is_complete_torch_file,
     repair_checkpoint_folder,
 )
+from llmshearing.train import build_trainer, main
 from llmshearing.training.run_folder import is_finished
 
 PRUNE = "yamls/tiny/prune.yaml"

@@ -3,4 +3,5 @@
 Key maps are declarative per model family (``keymaps``); configs translate in ``hf_config``;
 ``checkpoint`` defines the project checkpoint format and reads every checkpoint kind;
 ``hf_to_project`` and ``project_to_hf`` are the two converters behind ``llmshearing convert``.
+``loading`` turns a checkpoint into a ready ``Decoder`` (``from_pretrained``) or a distillation teacher.
 """

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmshearing.convert.checkpoint_files import checkpoint_file_problem
 from llmshearing.convert.hf_config import DTYPE_NAMES, model_config_from_hf, read_config_json
 from llmshearing.convert.keymaps import KeyMap, check_keys, is_ignored_hf_key
 from llmshearing.convert.sharded import ShardedModelSource, is_sharded_checkpoint
@@ -39,8 +40,8 @@ from llmshearing.convert.tensor_io import (
     write_safetensors,
 )
 from llmshearing.models.config import ModelConfig
+from llmshearing.models.schema import state_shapes
 from llmshearing.staging import staged_dir
-from llmshearing.training.checkpoint_files import checkpoint_file_problem
 
 FORMAT = "llmshearing"
 CONFIG_NAME = "config.json"
@@ -60,35 +61,9 @@ TOKENIZER_FILES = (
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every state-dict key of a ``Decoder`` built from ``config`` with its shape, in a stable order."""
-    d, hd, inter = config.d_model, config.head_dim, config.intermediate_size
-    q_dim, kv_dim = config.n_heads * hd, config.n_kv_heads * hd
-    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (config.vocab_size, d)}
-    for i in range(config.n_layers):
-        prefix = f"layers.{i}."
-        shapes[prefix + "attention_norm.weight"] = (d,)
-        shapes[prefix + "attention.wq.weight"] = (q_dim, d)
-        shapes[prefix + "attention.wk.weight"] = (kv_dim, d)
-        shapes[prefix + "attention.wv.weight"] = (kv_dim, d)
-        if config.qkv_bias:
-            shapes[prefix + "attention.wq.bias"] = (q_dim,)
-            shapes[prefix + "attention.wk.bias"] = (kv_dim,)
-            shapes[prefix + "attention.wv.bias"] = (kv_dim,)
-        shapes[prefix + "attention.wo.weight"] = (d, q_dim)
-        shapes[prefix + "ffn_norm.weight"] = (d,)
-        shapes[prefix + "feed_forward.w1.weight"] = (inter, d)
-        shapes[prefix + "feed_forward.w3.weight"] = (inter, d)
-        shapes[prefix + "feed_forward.w2.weight"] = (d, inter)
-    shapes["norm.weight"] = (d,)
-    if not config.tie_word_embeddings:
-        shapes["output.weight"] = (config.vocab_size, d)
-    return shapes
-
-
 def check_state(tensors: TensorSource, config: ModelConfig, source: str, allow_l0: bool = False) -> None:
     """Strict check: exactly the decoder's keys (plus ``l0_module.*`` when allowed), right shapes."""
-    shapes = expected_shapes(config)
+    shapes = state_shapes(config)
     keys = [k for k in tensors.keys() if not (allow_l0 and k.startswith(L0_PREFIX))]
     check_keys(keys, shapes, source)
     wrong = [
@@ -186,7 +161,8 @@ def read_any_config(path: Path) -> tuple[ModelConfig, dict[str, Any] | None]:
     return model_config_from_hf(data, str(path)), data
 
 
-def _composer_config_path(ckpt: Path, config_path: Path | None) -> Path:
+def find_run_config(ckpt: Path, config_path: Path | None) -> Path:
+    """The ``config.json`` of a Composer checkpoint: ``config_path``, else beside it, else in its run folder."""
     if config_path is not None:
         if not config_path.is_file():
             raise FileNotFoundError(f"--config {config_path} not found")
@@ -243,7 +219,7 @@ def open_checkpoint(path: str | Path, config_path: str | Path | None = None) -> 
     if path.is_file() or is_sharded_checkpoint(path):
         if path.is_file() and (problem := checkpoint_file_problem(path)) is not None:
             raise ValueError(problem)
-        cfg_path = _composer_config_path(path, Path(config_path) if config_path else None)
+        cfg_path = find_run_config(path, Path(config_path) if config_path else None)
         config, hf_config = read_any_config(cfg_path)
         tensors: TensorSource = (
             ShardedModelSource(path) if path.is_dir() else StateDictSource(_load_composer_state(path))
@@ -356,7 +332,7 @@ def write_project_checkpoint(
     check_state(tensors, config, "checkpoint to write")
     target = TORCH_DTYPES.get(dtype) if dtype else None
     metas = {}
-    for key in expected_shapes(config):
+    for key in state_shapes(config):
         meta = tensors.meta(key)
         metas[key] = TensorMeta(
             target if target is not None and meta.dtype.is_floating_point else meta.dtype, meta.shape

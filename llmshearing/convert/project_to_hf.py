@@ -12,13 +12,13 @@ from llmshearing.convert.checkpoint import (
     CONFIG_NAME,
     TORCH_DTYPES,
     copy_tokenizer,
-    expected_shapes,
     open_checkpoint,
     tensor_progress,
 )
 from llmshearing.convert.hf_config import DTYPE_NAMES, hf_config_from_model
 from llmshearing.convert.keymaps import KeyMap
 from llmshearing.convert.tensor_io import DEFAULT_MAX_SHARD_BYTES, TensorMeta, write_safetensors
+from llmshearing.models.schema import state_shapes
 from llmshearing.staging import staged_dir
 
 
@@ -54,7 +54,7 @@ def convert_project_to_hf(
         target = TORCH_DTYPES[dtype]
         hf_names: dict[str, str] = {}
         metas: dict[str, TensorMeta] = {}
-        for key, shape in expected_shapes(config).items():
+        for key, shape in state_shapes(config).items():
             hf_key = keymap.to_hf(key)
             if hf_key is None:
                 raise KeyError(f"no Hugging Face name for project key {key!r} in the {config.family} key map")

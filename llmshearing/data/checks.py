@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from llmshearing.data.loaders import MANIFEST_NAME, read_manifest
+from llmshearing.data.layout import INDEX_NAME, manifest_path, read_manifest
 
 
 def _manifest_int(manifest: dict[str, Any], key: str, path: str) -> int | None:
@@ -37,7 +37,7 @@ def check_vocab(data_dir: str | os.PathLike[str], vocab_size: int, model: str) -
     manifest = read_manifest(os.fspath(data_dir))
     if manifest is None:
         return
-    path = os.path.join(os.fspath(data_dir), MANIFEST_NAME)
+    path = manifest_path(data_dir)
     tokenizer = manifest.get("tokenizer", "unknown")
     data_vocab = _manifest_int(manifest, "vocab_size", path)
     max_id = _manifest_int(manifest, "max_token_id", path)
@@ -71,7 +71,7 @@ def check_shards(split_dir: str | os.PathLike[str]) -> None:
     """Raise ``ValueError`` naming the file when a shard listed in ``<split_dir>/index.json`` is
     missing or does not have the size the index records (a truncated or interrupted copy)."""
     directory = os.fspath(split_dir)
-    index_path = os.path.join(directory, "index.json")
+    index_path = os.path.join(directory, INDEX_NAME)
     try:
         with open(index_path, encoding="utf-8") as handle:
             index = json.load(handle)

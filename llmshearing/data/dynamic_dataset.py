@@ -34,11 +34,11 @@ from streaming.base.shared import SharedArray, _get_path
 from streaming.base.world import World
 from torch.utils.data import DataLoader
 
+from llmshearing.data.layout import TOKENS_COLUMN
 from llmshearing.data.mixing import largest_remainder_counts, validate_proportions
 
 log = logging.getLogger(__name__)
 
-TOKENS_COLUMN = "tokens"
 _STOCK_STATE_KEYS = (
     "epoch",
     "sample_in_epoch",

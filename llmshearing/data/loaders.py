@@ -1,9 +1,9 @@
 """Composer-ready train and eval data loaders built from plain (YAML) config dicts, with validation.
 
-Data layout (written by ``data_prep/prepare_mds.py``): ``<root>/train/<domain>/`` and
-``<root>/eval/<domain>/`` MDS directories with a ``tokens`` column, and ``<root>/manifest.json``
-(checked when the root is local). ``dataset.local`` is that root, or with ``dataset.remote`` the
-local cache of the remote root.
+Data layout (written by ``llmshearing prepare-data``; see ``llmshearing.data.layout``):
+``<root>/train/<domain>/`` and ``<root>/eval/<domain>/`` MDS directories with a ``tokens`` column,
+and ``<root>/manifest.json`` (checked when the root is local). ``dataset.local`` is that root, or
+with ``dataset.remote`` the local cache of the remote root.
 
 Train loader config (``train_loader``)::
 
@@ -30,16 +30,15 @@ In a training script::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from llmshearing.data.layout import INDEX_NAME, domain_dir, manifest_path, read_manifest
 from llmshearing.data.mixing import EXCESS_TYPES, UPDATE_TYPES, validate_proportions
 
-MANIFEST_NAME = "manifest.json"
 LOSS_SOURCES = ("eval", "train")
 _DL = "callbacks.data_loading"
 
@@ -86,7 +85,8 @@ def _check_keys(cfg: Mapping[str, Any], known: Mapping[str, Any] | set[str], whe
 
 @dataclass
 class DataLoadingConfig:
-    """``callbacks.data_loading``: the domains, their initial mix and how it is updated.
+    """``callbacks.data_loading``: the domains, their initial mix and how it is updated (every key, its
+    default and the update rule: ``llmshearing/callbacks/dynamic_loading/README.md``).
 
     Upstream keys: ``dynamic``, ``set_names``, ``proportion``, ``update_type``, ``target_loss``.
     Added: ``reference`` (``source``, a preset name such as ``sheared-1.3b``, or
@@ -279,20 +279,6 @@ def resolve_update_interval(
     return batches
 
 
-def read_manifest(local_root: str | None) -> dict[str, Any] | None:
-    """``<root>/manifest.json`` if the root is local and has one."""
-    if not local_root:
-        return None
-    path = os.path.join(local_root, MANIFEST_NAME)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): re-run data_prep/prepare_mds.py") from None
-
-
 def check_data(
     local: str | None,
     remote: str | None,
@@ -308,7 +294,7 @@ def check_data(
         )
     manifest = read_manifest(local)
     if manifest is not None:
-        path = os.path.join(local, MANIFEST_NAME)
+        path = manifest_path(local)
         domains = manifest.get("domains", [])
         missing = [d for d in set_names if d not in domains]
         if missing:
@@ -331,7 +317,7 @@ def check_data(
             )
     if remote is None:
         for name in set_names:
-            index = os.path.join(local, split, name, "index.json")
+            index = os.path.join(domain_dir(local, split, name), INDEX_NAME)
             if not os.path.isfile(index):
                 raise ValueError(
                     f"domain {name!r} is missing from the data: no {index}; "
@@ -344,8 +330,8 @@ def _streams(local: str, remote: str | None, split: str, set_names: Sequence[str
 
     return [
         Stream(
-            local=os.path.join(local, split, name),
-            remote=None if remote is None else os.path.join(remote, split, name),
+            local=domain_dir(local, split, name),
+            remote=None if remote is None else domain_dir(remote, split, name),
         )
         for name in set_names
     ]

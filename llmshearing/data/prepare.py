@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +54,13 @@ from llmshearing.data.jsonl import (
     count_document_lines,
     list_jsonl_files,
 )
+from llmshearing.data.layout import (
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    SPLITS,
+    TOKENS_COLUMN,
+    write_manifest,
+)
 from llmshearing.data.packing import Packer
 from llmshearing.data.tokenizer_pool import (
     EncodedBatch,
@@ -68,10 +74,6 @@ from llmshearing.staging import staged_dir
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "llmshearing-mds"
-MANIFEST_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "eval", "test")
 COMPRESSIONS = (None, "zstd")
 _BATCH_LINES = 512
 _BATCH_BYTES = 1 << 18
@@ -210,10 +212,10 @@ class SplitWriter:
 
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self._writer = MDSWriter(
-                out=str(self.out), columns={"tokens": self._column}, compression=self._compression
+                out=str(self.out), columns={TOKENS_COLUMN: self._column}, compression=self._compression
             )
         self.max_token_id = max(self.max_token_id, int(sample.max()))
-        self._writer.write({"tokens": sample})
+        self._writer.write({TOKENS_COLUMN: sample})
 
     def close(self) -> None:
         if self._writer is not None:
@@ -595,10 +597,6 @@ def _check_output(cfg: PrepareConfig) -> Path:
     return output
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the whole preparation and return the manifest (also written to ``<output>/manifest.json``).
 
@@ -630,7 +628,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             "unused_documents": results.unused_documents,
             "bad_lines": results.bad_lines,
         }
-        _write_json(tmp / MANIFEST_NAME, manifest)
+        write_manifest(tmp, manifest)
     return manifest
 
 

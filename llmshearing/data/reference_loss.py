@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+_DL = "callbacks.data_loading"
 PAPER_DOMAINS = ("cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4-rp")
 
 LLAMA2_SIZES = (6_738_415_616, 13_015_864_320, 68_976_648_192)
@@ -164,7 +166,7 @@ def reference_for_domains(values: Mapping[str, float], set_names: Sequence[str],
     if missing:
         raise ValueError(
             f"{source} has no reference loss for domains {missing} (it covers {sorted(values)}): "
-            "use matching callbacks.data_loading.set_names or give target_loss explicitly"
+            f"use matching {_DL}.set_names or give target_loss explicitly"
         )
     return np.array([float(values[d]) for d in set_names], dtype=np.float64)
 
@@ -185,3 +187,38 @@ def parse_size(text: str | int | float) -> int:
     if value <= 0 or not np.isfinite(value):
         raise ValueError(f"model size must be positive, got {text!r}")
     return int(round(value))
+
+
+def resolve_reference(
+    set_names: Sequence[str], target_loss: Sequence[float] | None, reference: Any
+) -> np.ndarray | None:
+    """The reference losses of ``callbacks.data_loading`` in ``set_names`` order: ``target_loss`` as given,
+    or from ``reference`` (a preset name or a scaling-law fit ``{sizes, losses, target_size}``); None for
+    ``reference: source`` (the losses of the evaluation before training) or no reference."""
+    if target_loss is not None:
+        return np.asarray([float(v) for v in target_loss], dtype=np.float64)
+    if reference is None or reference == "source":
+        return None
+    if isinstance(reference, str):
+        return reference_for_domains(
+            preset_reference(reference), set_names, f"reference preset {reference!r}"
+        )
+    if isinstance(reference, Mapping):
+        known = {"sizes", "losses", "target_size"}
+        if set(reference) != known:
+            raise ValueError(
+                f"{_DL}.reference as a scaling-law fit needs exactly the keys {sorted(known)}, "
+                f"got {sorted(reference)}"
+            )
+        losses = reference["losses"]
+        if not isinstance(losses, Mapping):
+            raise ValueError(f"{_DL}.reference.losses must map each domain to one loss per size")
+        fitted = fit_reference_losses(
+            [parse_size(s) for s in reference["sizes"]],
+            {d: losses[d] for d in set_names if d in losses},
+            parse_size(reference["target_size"]),
+        )
+        return reference_for_domains(fitted, set_names, f"{_DL}.reference.losses")
+    raise ValueError(
+        f"{_DL}.reference must be 'source', a preset name or {{sizes, losses, target_size}}, got {reference!r}"
+    )

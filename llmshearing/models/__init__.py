@@ -1,4 +1,7 @@
-"""LLaMA-family decoder with pruning masks, its Composer model, metrics and the loading API.
+"""LLaMA-family decoder with pruning masks, its schema, its Composer model and metrics.
+
+Checkpoint I/O (``from_pretrained``) lives in :mod:`llmshearing.convert.loading`: ``models/`` imports
+no other part of the package.
 
 Exports are resolved lazily so that importing ``llmshearing.models.config`` does not import
 torch or Composer.
@@ -13,7 +16,6 @@ _EXPORTS = {
     "ModelConfig": "llmshearing.models.config",
     "Decoder": "llmshearing.models.decoder",
     "ComposerLlama": "llmshearing.models.composer_model",
-    "from_pretrained": "llmshearing.models.loading",
 }
 
 __all__ = list(_EXPORTS)

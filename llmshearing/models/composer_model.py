@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torch import Tensor, nn
 from torchmetrics import Metric
 
 from llmshearing.models.config import ModelConfig
-from llmshearing.models.decoder import Block, Decoder, RMSNorm, rope_inverse_frequencies
+from llmshearing.models.decoder import Decoder, parameters_on_meta
 from llmshearing.models.distill import distillation_loss
-from llmshearing.models.loading import parameters_on_meta
 from llmshearing.models.loss import IGNORE_INDEX, lm_loss, shifted_targets
 from llmshearing.models.metrics import DomainLanguageCrossEntropy
 from llmshearing.models.teacher import DistillationConfig, Teacher
@@ -32,39 +29,14 @@ class LMOutput:
     teacher_hidden: Tensor | None = None
 
 
-def is_block(module: nn.Module) -> bool:
-    """FSDP wrapping and activation checkpointing unit: one decoder block."""
-    return isinstance(module, Block)
-
-
-@torch.no_grad()
-def init_module(module: nn.Module, init_std: float) -> None:
-    """(Re-)initialise the tensors owned directly by ``module`` (not its children).
-
-    Linears and embeddings: normal(0, init_std), zero biases; RMSNorm: ones; the decoder's RoPE
-    table is recomputed. A module still on the meta device is first materialised on the CPU.
-    """
-    own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-    if any(t.is_meta for t in own):
-        module.to_empty(device="cpu", recurse=False)
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=init_std)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, RMSNorm):
-        nn.init.ones_(module.weight)
-    elif isinstance(module, Decoder):
-        inv_freq, module.rope_attention_scaling = rope_inverse_frequencies(module.config)
-        module.inv_freq = inv_freq.to(module.inv_freq.device)
-
-
 class ComposerLlama(ComposerModel):
     """Composer wrapper of ``Decoder`` with next-token loss, per-domain metrics and an optional L0 module.
 
     Batches hold ``input_ids`` [B, T] and optionally ``labels`` [B, T], ``domain`` [B] (index into
     ``domains``), ``idx`` [B] and ``masks`` (used only when no L0 module is attached).
-    ``init_device="meta"`` creates the parameters on the meta device (the RoPE buffer stays real);
-    ``param_init_fn`` then materialises and initialises them module by module, as FSDP does.
+    ``init_device="meta"`` creates the parameters on the meta device (the RoPE buffer stays real); the
+    decoder's ``param_init_fn`` then materialises and initialises them module by module, as FSDP does
+    (Composer reads the FSDP, activation-checkpointing and init hooks from the ``Decoder`` child).
     """
 
     def __init__(self, config: ModelConfig, domains: Sequence[str] = (), init_device: str = "cpu") -> None:
@@ -84,10 +56,6 @@ class ComposerLlama(ComposerModel):
         # a plain attribute, not a submodule: neither checkpointed nor wrapped with the student
         self.teacher: Teacher | None = None
         self.distillation: DistillationConfig | None = None
-        # Composer looks up these hooks on the children of a ComposerModel.
-        self.model.fsdp_wrap_fn = is_block
-        self.model.activation_checkpointing_fn = is_block
-        self.model.param_init_fn = functools.partial(init_module, init_std=config.init_std)
         self.train_metrics = self._build_metrics()
         self.eval_metrics = self._build_metrics()
 
@@ -101,16 +69,6 @@ class ComposerLlama(ComposerModel):
                 index, ignore_index=IGNORE_INDEX
             )
         return metrics
-
-    # FSDP / activation-checkpointing / meta-init hooks (also attached to ``self.model``).
-    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
-        return is_block(module)
-
-    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
-        return is_block(module)
-
-    def param_init_fn(self, module: nn.Module) -> None:
-        init_module(module, self.config.init_std)
 
     def forward(self, batch: Mapping[str, Any]) -> LMOutput:
         l0 = self.l0_module() if self.l0_module is not None and self.masks_enabled else None

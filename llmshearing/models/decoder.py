@@ -1,8 +1,9 @@
 """A LLaMA-family decoder that optionally takes structured-pruning masks as inputs.
 
 Without masks it is a plain dense LLaMA / Mistral / Qwen2 / SmolLM. With masks, every structure
-the pruning learns is scaled in place (see ``MASK_KEYS``), and the masked model equals the
-physically smaller model obtained by folding the masks into the weights and slicing:
+the pruning learns is scaled in place, and the masked model equals the physically smaller model
+obtained by folding the masks into the weights and slicing (``models/schema.py`` defines the keys,
+their shapes and how they combine; each block receives its share as a :class:`LayerMasks`):
 
 * ``hidden``       [d]       embedding output, every RMSNorm output and every branch output
 * ``layer``        [L]       attention and MLP branch of a layer
@@ -18,16 +19,19 @@ what makes the masked model equal to the sliced one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmshearing.models.config import ModelConfig
+from llmshearing.models.schema import combine_masks
 
-MASK_KEYS = ("hidden", "layer", "head_layer", "head", "kv_head", "mlp", "intermediate")
+Rope = tuple[Tensor, Tensor]  # (cos, sin) position tables [T, hd]
 
 
 def flash_attn_available() -> bool:
@@ -89,20 +93,43 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+@dataclass(frozen=True)
+class LayerMasks:
+    """What one block multiplies in; a field left ``None`` leaves that structure unmasked.
+
+    ``dims`` [d] is the hidden-dimension mask (in the activations' dtype) and ``n_kept`` its number of
+    kept dims (fp32); ``heads`` [H] (or [1]) scales each query head's context; ``ffn`` [I] (or [1])
+    scales the SwiGLU product.
+    """
+
+    dims: Tensor | None = None
+    n_kept: Tensor | None = None
+    heads: Tensor | None = None
+    ffn: Tensor | None = None
+
+    def keep_dims(self, x: Tensor) -> Tensor:
+        """``x`` [..., d] with the masked hidden dims scaled (zeroed)."""
+        return x if self.dims is None else x * self.dims
+
+
+NO_MASKS = LayerMasks()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor, hidden: Tensor | None = None, n_kept: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, dims: Tensor | None = None, n_kept: Tensor | None = None) -> Tensor:
+        """Normalise ``x``; with a ``dims`` mask the statistics cover the ``n_kept`` kept dims only."""
         xf = x.float()
-        if hidden is None:
+        if dims is None:
             variance = xf.pow(2).mean(-1, keepdim=True)
         else:  # masked dims of x are zero, so the sum over all dims is the sum over the kept ones
             variance = xf.pow(2).sum(-1, keepdim=True) / n_kept
         y = self.weight * (xf * torch.rsqrt(variance + self.eps)).to(x.dtype)
-        return y if hidden is None else y * hidden
+        return y if dims is None else y * dims
 
 
 class Attention(nn.Module):
@@ -117,8 +144,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * hd, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, head_scale: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope, head_scale: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
+        cos, sin = rope
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -179,20 +207,37 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        hidden: Tensor | None = None,
-        n_kept: Tensor | None = None,
-        head_scale: Tensor | None = None,
-        ffn_scale: Tensor | None = None,
-    ) -> Tensor:
-        h = self.attention(self.attention_norm(x, hidden, n_kept), cos, sin, head_scale)
-        x = x + (h if hidden is None else h * hidden)
-        h = self.feed_forward(self.ffn_norm(x, hidden, n_kept), ffn_scale)
-        return x + (h if hidden is None else h * hidden)
+    def forward(self, x: Tensor, rope: Rope, masks: LayerMasks | None = None) -> Tensor:
+        masks = masks or NO_MASKS
+        h = self.attention(self.attention_norm(x, masks.dims, masks.n_kept), rope, masks.heads)
+        x = x + masks.keep_dims(h)
+        h = self.feed_forward(self.ffn_norm(x, masks.dims, masks.n_kept), masks.ffn)
+        return x + masks.keep_dims(h)
+
+
+def is_block(module: nn.Module) -> bool:
+    """FSDP wrapping and activation checkpointing unit: one decoder block."""
+    return isinstance(module, Block)
+
+
+@torch.no_grad()
+def init_module(module: nn.Module, init_std: float) -> None:
+    """(Re-)initialise the tensors owned directly by ``module`` (not its children).
+
+    Linears and embeddings: normal(0, init_std), zero biases; RMSNorm: ones; the decoder's RoPE
+    table is recomputed. A module still on the meta device is first materialised on the CPU.
+    """
+    own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    if any(t.is_meta for t in own):
+        module.to_empty(device="cpu", recurse=False)
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=init_std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+    elif isinstance(module, Decoder):
+        module.reset_rope()
 
 
 class Decoder(nn.Module):
@@ -219,18 +264,22 @@ class Decoder(nn.Module):
         )
         self.inv_freq = inv_freq.to(device)
 
-    @torch.no_grad()
     def init_weights(self) -> None:
-        """Random initialisation: normal(0, init_std) for linears and embeddings, ones for norms."""
+        """Random initialisation of every module (see :func:`init_module`)."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+            init_module(module, self.config.init_std)
 
-    def rope_tables(self, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    # Composer's FSDP (1 and 2), activation checkpointing and meta-device init read these hooks.
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        return is_block(module)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        return is_block(module)
+
+    def param_init_fn(self, module: nn.Module) -> None:
+        init_module(module, self.config.init_std)
+
+    def rope_tables(self, seq_len: int, dtype: torch.dtype) -> Rope:
         positions = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(positions, self.inv_freq.float())
         angles = torch.cat((freqs, freqs), dim=-1)
@@ -250,64 +299,48 @@ class Decoder(nn.Module):
         """Logits [B, T, V] of ``input_ids`` [B, T]; with ``apply_head=False`` the final hidden
         states [B, T, d] (after the last RMSNorm), which :meth:`head` turns into logits."""
         x = self.tok_embeddings(input_ids)
-        cos, sin = self.rope_tables(input_ids.shape[1], x.dtype)
-        hidden, n_kept, head_scales, ffn_scales = self._prepare_masks(masks or {}, x.dtype)
-        if hidden is not None:
-            x = x * hidden
-        for i, layer in enumerate(self.layers):
-            x = layer(
-                x,
-                cos,
-                sin,
-                hidden,
-                n_kept,
-                None if head_scales is None else head_scales[i],
-                None if ffn_scales is None else ffn_scales[i],
-            )
-        x = self.norm(x, hidden, n_kept)
+        rope = self.rope_tables(input_ids.shape[1], x.dtype)
+        layer_masks = self.layer_masks(masks or {}, x.dtype)
+        shared = layer_masks[0]  # the hidden-dims mask is the same in every layer
+        x = shared.keep_dims(x)
+        for layer, masks_of_layer in zip(self.layers, layer_masks, strict=True):
+            x = layer(x, rope, masks_of_layer)
+        x = self.norm(x, shared.dims, shared.n_kept)
         return self.head(x) if apply_head else x
 
-    def _prepare_masks(
-        self, masks: Mapping[str, Tensor], dtype: torch.dtype
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-        """Combine the masks into per-layer head scales [L, H|1] and MLP scales [L, I|1]."""
-        unknown = sorted(set(masks) - set(MASK_KEYS))
-        if unknown:
-            raise ValueError(f"unknown mask keys {unknown}; valid keys are {list(MASK_KEYS)}")
-        cfg = self.config
-        expected = {
-            "hidden": (cfg.d_model,),
-            "layer": (cfg.n_layers,),
-            "head_layer": (cfg.n_layers,),
-            "mlp": (cfg.n_layers,),
-            "head": (cfg.n_layers, cfg.n_heads),
-            "kv_head": (cfg.n_layers, cfg.n_kv_heads),
-            "intermediate": (cfg.n_layers, cfg.intermediate_size),
-        }
-        for key, mask in masks.items():
-            if tuple(mask.shape) != expected[key]:
-                raise ValueError(f"mask {key!r} has shape {tuple(mask.shape)}, expected {expected[key]}")
-        layer = masks.get("layer")
-        head_factors = [masks.get("head")]
-        if "kv_head" in masks:
-            head_factors.append(masks["kv_head"].repeat_interleave(cfg.heads_per_group, dim=1))
-        head_factors += [m[:, None] for m in (masks.get("head_layer"), layer) if m is not None]
-        ffn_factors = [masks.get("intermediate")] + [
-            m[:, None] for m in (masks.get("mlp"), layer) if m is not None
+    def layer_masks(self, masks: Mapping[str, Tensor], dtype: torch.dtype) -> list[LayerMasks]:
+        """One :class:`LayerMasks` per layer from the mask dict (validated and combined by the schema)."""
+        if not masks:
+            return [NO_MASKS] * len(self.layers)
+        factors = combine_masks(self.config, masks)
+        dims, n_kept = factors.dims, None
+        if dims is not None:
+            n_kept = torch.count_nonzero(dims).clamp(min=1).to(torch.float32)
+            dims = dims.to(dtype)
+        heads, ffn = factors.heads, factors.ffn
+        return [
+            LayerMasks(
+                dims=dims,
+                n_kept=n_kept,
+                heads=None if heads is None else heads[i],
+                ffn=None if ffn is None else ffn[i],
+            )
+            for i in range(len(self.layers))
         ]
-        hidden = masks.get("hidden")
-        n_kept = None
-        if hidden is not None:
-            n_kept = torch.count_nonzero(hidden).clamp(min=1).to(torch.float32)
-            hidden = hidden.to(dtype)
-        return hidden, n_kept, _product(head_factors), _product(ffn_factors)
 
 
-def _product(factors: list[Tensor | None]) -> Tensor | None:
-    present = [f for f in factors if f is not None]
-    if not present:
-        return None
-    result = present[0]
-    for factor in present[1:]:
-        result = result * factor
-    return result
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create module parameters on the meta device (no memory, no init); buffers stay real."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]

@@ -45,3 +45,32 @@ def lm_loss(
         total = total + penalty
         parts["lagrangian"] = penalty
     return {"total": total, **parts}
+
+
+def domain_token_losses(
+    logits: Tensor, batch: Mapping[str, Tensor], num_domains: int
+) -> tuple[Tensor, Tensor]:
+    """Per-domain sums of next-token cross-entropy and token counts (float64, on the logits' device)."""
+    labels = batch.get("labels", batch["input_ids"])
+    domain = batch.get("domain")
+    if domain is None:
+        raise ValueError(
+            "loss_source: train needs a 'domain' entry in every batch (DynamicStreamingDataset adds it)"
+        )
+    targets = labels[:, 1:]
+    ce = F.cross_entropy(
+        logits[:, :-1].detach().float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)
+    rows_loss = ce.sum(dim=1).double()
+    rows_tokens = (targets != IGNORE_INDEX).sum(dim=1).double()
+    domain = domain.to(logits.device).long()
+    sums = torch.zeros(num_domains, dtype=torch.float64, device=logits.device).index_add_(
+        0, domain, rows_loss
+    )
+    tokens = torch.zeros(num_domains, dtype=torch.float64, device=logits.device).index_add_(
+        0, domain, rows_tokens
+    )
+    return sums, tokens

@@ -1,8 +1,9 @@
 """Distillation from a frozen teacher: the ``model.distillation`` settings and the ``Teacher`` holder.
 
 The teacher is a ``Decoder`` loaded from a checkpoint directory (what ``llmshearing convert
-hf-to-composer`` or ``prune-model`` writes). It is held outside the student's module tree, so
-Composer neither checkpoints it nor wraps it: a resumed run reloads it from its path.
+hf-to-composer`` or ``prune-model`` writes) by :func:`llmshearing.convert.loading.load_teacher`.
+It is held outside the student's module tree, so Composer neither checkpoints it nor wraps it: a
+resumed run reloads it from its path.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,16 +99,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def checkpoint_vocab_size(path: str) -> int | None:
-    """Vocabulary size from a checkpoint directory's ``config.json`` (None for a file checkpoint)."""
-    from llmshearing.convert.checkpoint import read_any_config
-
-    directory = Path(path)
-    if not directory.is_dir():
-        return None
-    return read_any_config(directory / "config.json")[0].vocab_size
-
-
 class Teacher:
     """A frozen teacher ``Decoder`` (eval mode, no gradients), deliberately not an ``nn.Module``.
 
@@ -123,13 +113,6 @@ class Teacher:
         self.path = path
         self.config: ModelConfig = decoder.config
         self.seconds = 0.0
-
-    @classmethod
-    def load(cls, path: str, dtype: torch.dtype, attn_impl: str) -> Teacher:
-        """Load the checkpoint at ``path`` with ``dtype`` weights (the student's)."""
-        from llmshearing.models.loading import from_pretrained
-
-        return cls(from_pretrained(path, dtype=dtype, attn_impl=attn_impl), path)
 
     def module(self) -> nn.Module:
         return self._decoder

@@ -1,18 +1,27 @@
-"""``llmshearing prune-model``: turn a pruning checkpoint into a dense model of exactly the target shape."""
+"""The pruning sub-commands of ``llmshearing``: ``prune-model`` and ``prune-oneshot``.
+
+Only argument parsing lives here; the pipelines are :mod:`llmshearing.pruning.prune_model` and
+:mod:`llmshearing.pruning.oneshot`, imported when a command runs so that building the parser stays
+free of torch.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmshearing.pruning.targets import SHAPE_KEYS
+
 DTYPES = ("fp32", "bf16", "fp16")
-SHAPE_FIELDS = ("n_layers", "n_heads", "n_kv_heads", "d_model", "intermediate_size")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    _add_prune_model(subparsers)
+    _add_prune_oneshot(subparsers)
+
+
+def _add_prune_model(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prune-model",
         help="fold the learned masks into the weights: pruning checkpoint -> smaller dense checkpoint",
@@ -42,6 +51,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_prune_model(args: argparse.Namespace) -> int:
+    from llmshearing.pruning.prune_model import prune_checkpoint
+
     summary = prune_checkpoint(
         args.ckpt,
         args.out,
@@ -55,183 +66,120 @@ def run_prune_model(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass
-class PruneSummary:
-    """Shapes and sizes before and after pruning."""
-
-    source: Any  # ModelConfig
-    pruned: Any  # ModelConfig
-    at_target: bool
-    out: Path
-    hf_out: Path | None
-    floored: dict[str, int] | None = None  # kept units per family whose learned value is at the floor
-
-    def describe(self) -> str:
-        from llmshearing.pruning.hard_concrete import describe_floored
-        from llmshearing.pruning.targets import prunable_params
-
-        rows = [f"{'':20s}{'source':>16s}{'pruned':>16s}"]
-        for name in SHAPE_FIELDS:
-            rows.append(f"{name:20s}{getattr(self.source, name):>16,d}{getattr(self.pruned, name):>16,d}")
-        rows.append(f"{'parameters':20s}{self.source.num_params():>16,d}{self.pruned.num_params():>16,d}")
-        rows.append(
-            f"{'prunable params':20s}{prunable_params(self.source):>16,d}{prunable_params(self.pruned):>16,d}"
-        )
-        how = "the exact target shape" if self.at_target else "the current expected size (no target_model)"
-        floored = sum((self.floored or {}).values())
-        rows.append(f"{'kept units at floor':20s}{'':>16s}{floored:>16,d}")
-        lines = [f"pruned to {how}:", *rows]
-        warning = describe_floored(self.floored or {})
-        if warning is not None:
-            lines.append(f"warning: {warning}")
-        lines.append(f"wrote {self.out}")
-        if self.hf_out is not None:
-            lines.append(f"wrote {self.hf_out}")
-        return "\n".join(lines)
-
-
-def find_run_config(ckpt: Path, config_path: str | Path | None) -> Path:
-    """The run's ``config.json``: ``config_path``, else beside the checkpoint, else in its parent folder."""
-    if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path} not found; pass the pruning run's config.json")
-        return path
-    for candidate in (ckpt.parent / "config.json", ckpt.parent.parent / "config.json"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"no config.json beside {ckpt} or in {ckpt.parent.parent}; pass --config with the pruning run's "
-        "config.json (it holds the model and l0_module settings)"
+def _add_prune_oneshot(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prune-oneshot",
+        help="prune a model to a target shape in one shot from activation importance (no training)",
+        description="Score heads, KV groups, intermediate dims, hidden dims and layers of SRC on calibration "
+        "samples of DATA, keep the most important ones at exactly the target shape (uniform per layer, "
+        "GQA-aware) and write the smaller model as a project checkpoint OUT.",
     )
+    parser.add_argument("src", help="source checkpoint: project checkpoint dir, HF model dir or Composer .pt")
+    parser.add_argument("out", help="output project checkpoint directory (must not exist unless --overwrite)")
+    parser.add_argument("--data", required=True, help="prepared MDS root holding <split>/<domain>/")
+    parser.add_argument(
+        "--target",
+        help="target shape, e.g. n_layers=24,n_heads=16,n_kv_heads=4,d_model=2048,"
+        "intermediate_size=5504 (omitted keys keep the source size)",
+    )
+    parser.add_argument(
+        "--target-config",
+        metavar="YAML",
+        help="YAML with a target_model mapping (or a pruning recipe with model.l0_module.target_model)",
+    )
+    parser.add_argument("--samples", type=int, default=256, help="calibration samples (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default: 8)")
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="split of DATA to calibrate on (default: train; the held-out eval and test splits measure the result)",
+    )
+    parser.add_argument("--hf-out", metavar="DIR", help="also export the pruned model as an HF directory")
+    parser.add_argument("--dtype", choices=DTYPES, help="stored precision (default: the source's)")
+    parser.add_argument("--device", help="device for calibration (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--scores-out",
+        metavar="FILE",
+        help="also save the importance scores (safetensors), e.g. to initialise L0 masks",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT / --hf-out if they exist")
+    parser.set_defaults(func=run_prune_oneshot)
 
 
-def read_l0_settings(config_file: Path) -> dict[str, Any]:
-    """The ``l0_module`` settings recorded in a run's ``config.json``."""
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+def run_prune_oneshot(args: argparse.Namespace) -> int:
+    if (args.target is None) == (args.target_config is None):
         raise ValueError(
-            f"{config_file} is not valid JSON ({err}); pass the run's config.json with --config"
-        ) from err
-    settings = data.get("l0_module") if isinstance(data, dict) else None
-    if settings is None and isinstance(data, dict):  # a training config with the model section
-        settings = (data.get("train") or {}).get("model", {}).get("l0_module")
-    if not settings:
+            "give the target shape with exactly one of --target KEY=VALUE,... or --target-config YAML"
+        )
+    if args.target is not None:
+        target, flag = parse_target(args.target), "--target"
+    else:
+        target, flag = read_target_config(args.target_config), "--target-config"
+    from llmshearing.pruning.oneshot import prune_oneshot
+
+    result = prune_oneshot(
+        args.src,
+        args.out,
+        args.data,
+        target,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        hf_out=args.hf_out,
+        split=args.split,
+        dtype=args.dtype,
+        device=args.device,
+        scores_out=args.scores_out,
+        overwrite=args.overwrite,
+        target_flag=flag,
+    )
+    print(result.describe())
+    return 0
+
+
+def parse_target(text: str) -> dict[str, int]:
+    """``"n_layers=2,n_heads=4"`` -> ``{"n_layers": 2, "n_heads": 4}``; unknown keys and non-integers raise."""
+    target: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ValueError(f"--target {text!r}: expected comma-separated KEY=VALUE pairs, got {item!r}")
+        if key not in SHAPE_KEYS:
+            raise ValueError(f"--target: unknown key {key!r}; valid keys are {list(SHAPE_KEYS)}")
+        if key in target:
+            raise ValueError(f"--target: {key} is given twice")
+        try:
+            target[key] = int(value)
+        except ValueError:
+            raise ValueError(f"--target: {key}={value!r} is not an integer") from None
+    if not target:
+        raise ValueError(
+            f"--target is empty; give e.g. n_layers=..,n_heads=..; valid keys are {list(SHAPE_KEYS)}"
+        )
+    return target
+
+
+def read_target_config(path: str | Path) -> dict[str, Any]:
+    """The ``target_model`` mapping of a YAML file (top level, or under ``model.l0_module`` of a recipe)."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--target-config {path} not found")
+    try:
+        document = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:  # omegaconf/yaml raise several types for malformed files
+        raise ValueError(f"--target-config {path} is not valid YAML ({err})") from err
+    if not isinstance(document, dict):
+        raise ValueError(f"--target-config {path} must hold a mapping with a target_model key")
+    target = document.get("target_model")
+    if target is None:
+        target = ((document.get("model") or {}).get("l0_module") or {}).get("target_model")
+    if not isinstance(target, dict):
         raise KeyError(
-            f"{config_file} has no l0_module settings: it is not the config of a pruning run; pass the pruning "
-            "run's config.json with --config"
+            f"--target-config {path} has no target_model mapping; write "
+            f"target_model: {{{', '.join(f'{k}: ...' for k in SHAPE_KEYS)}}}"
         )
-    return dict(settings)
-
-
-def prune_checkpoint(
-    ckpt: str | Path,
-    out: str | Path,
-    hf_out: str | Path | None = None,
-    config_path: str | Path | None = None,
-    dtype: str | None = None,
-    hf_dtype: str = "bf16",
-    overwrite: bool = False,
-) -> PruneSummary:
-    """Load a pruning checkpoint, fold its deterministic masks and write the pruned checkpoint(s)."""
-    from llmshearing.convert.checkpoint import (
-        L0_PREFIX,
-        StateDictSource,
-        open_checkpoint,
-        write_project_checkpoint,
-    )
-    from llmshearing.convert.sharded import is_sharded_checkpoint
-    from llmshearing.pruning.fold import prune_state_dict
-    from llmshearing.pruning.hard_concrete import floored_units
-    from llmshearing.pruning.l0_module import L0Module
-    from llmshearing.pruning.targets import L0Config
-    from llmshearing.training.checkpoint_files import checkpoint_file_problem
-
-    ckpt = Path(ckpt)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt} not found; pass the Composer checkpoint (.pt) of a pruning run")
-    if not ckpt.is_file() and not is_sharded_checkpoint(ckpt):
-        raise ValueError(
-            f"{ckpt} is a directory but not a sharded checkpoint (no .metadata); prune-model needs a Composer "
-            "checkpoint of a pruning run: a .pt file, or the directory of a sharded FSDP checkpoint"
-        )
-    problem = checkpoint_file_problem(ckpt) if ckpt.is_file() else None
-    if problem is not None:
-        raise ValueError(f"{problem}; prune-model needs the Composer checkpoint (.pt) of a pruning run")
-    for path in (Path(out), Path(hf_out) if hf_out else None):
-        if path is not None and path.exists() and not overwrite:
-            raise ValueError(f"{path} already exists; remove it, choose another path or pass --overwrite")
-    run_config = find_run_config(ckpt, config_path)
-    l0_config = L0Config.from_dict(read_l0_settings(run_config))
-    check_description_matches(ckpt, run_config, l0_config.to_dict())
-
-    with open_checkpoint(ckpt, run_config) as source:
-        config, hf_config = source.config, source.hf_config
-        tokenizer_dir = source.tokenizer_dir or _source_tokenizer(run_config)
-        l0_state = {
-            k[len(L0_PREFIX) :]: source.tensors.get(k)
-            for k in source.tensors.keys()
-            if k.startswith(L0_PREFIX)
-        }
-        if not l0_state:
-            raise ValueError(
-                f"{ckpt} holds no l0_module.* tensors: it is not a pruning checkpoint (already pruned, or trained "
-                "without model.l0_module)"
-            )
-        weights = {k: source.tensors.get(k) for k in source.tensors.keys() if not k.startswith(L0_PREFIX)}
-
-    module = L0Module(config, l0_config)
-    result = module.load_state_dict(l0_state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{ckpt}: the l0_module tensors do not match the l0_module settings in {run_config} "
-            f"(missing {result.missing_keys}, unexpected {result.unexpected_keys}); pass the run's own config.json"
-        )
-    at_target = module.plan.target is not None
-    masks = module.deterministic_masks(at_target=True)
-    floored = floored_units(masks)
-    pruned_state, pruned_config = prune_state_dict(weights, config, masks, progress=True)
-    if at_target and pruned_config != module.plan.target:
-        raise ValueError(f"pruned shape {pruned_config} differs from the target {module.plan.target}")
-
-    write_project_checkpoint(
-        out, pruned_config, StateDictSource(pruned_state), hf_config, tokenizer_dir, dtype, overwrite
-    )
-    if hf_out is not None:
-        from llmshearing.convert.project_to_hf import convert_project_to_hf
-
-        convert_project_to_hf(out, hf_out, dtype=hf_dtype, overwrite=overwrite)
-    return PruneSummary(
-        config, pruned_config, at_target, Path(out), Path(hf_out) if hf_out else None, floored
-    )
-
-
-def check_description_matches(ckpt: Path, run_config: Path, l0_settings: dict[str, Any]) -> None:
-    """The run description must describe the checkpoint: the model shape and the mask settings the
-    checkpoint recorded when it was written (checkpoints without a record are not checked)."""
-    from llmshearing.training.checkpoint_files import read_recorded_identity
-    from llmshearing.training.run_folder import differences
-
-    recorded = read_recorded_identity(ckpt)
-    if recorded is None or recorded.get("l0_module") is None:  # no record, or not a pruning run (told later)
-        return
-    model = json.loads(run_config.read_text(encoding="utf-8")).get("model")
-    changed = differences({"model": model, "l0_module": l0_settings}, recorded)
-    if changed:
-        raise ValueError(
-            f"{run_config} does not describe {ckpt}: {'; '.join(changed[:6])} ({run_config.name} vs the "
-            "checkpoint); the run's config.json was replaced after this checkpoint was written: pass the "
-            "description the run was trained with via --config"
-        )
-
-
-def _source_tokenizer(run_config: Path) -> Path | None:
-    """The tokenizer of the run's source checkpoint (``train.model.path``), if it has one."""
-    try:
-        data = json.loads(run_config.read_text(encoding="utf-8"))
-        source = Path(data["train"]["model"]["path"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    has_tokenizer = (source / "tokenizer.json").is_file() or (source / "tokenizer_config.json").is_file()
-    return source if source.is_dir() and has_tokenizer else None
+    return dict(target)

@@ -1,7 +1,8 @@
 """Fold deterministic masks into a decoder's weights and slice it to the smaller, uniform shape.
 
 The result has the same architecture and parameter names with smaller sizes; its unmasked forward
-equals the source decoder's forward with the masks applied. Folding rules (``[out, in]`` layouts):
+equals the source decoder's forward with the masks applied (both combine the masks with
+:func:`llmshearing.models.schema.combine_masks`). Folding rules (``[out, in]`` layouts):
 
 * ``hidden``: embedding columns, both block norms and the ``wo``/``w2`` output rows are scaled; the
   final norm is scaled only when the embeddings are untied (tied: the scaled embedding already acts
@@ -21,7 +22,8 @@ import torch
 from torch import Tensor
 
 from llmshearing.models.config import ModelConfig
-from llmshearing.models.decoder import MASK_KEYS, Decoder
+from llmshearing.models.decoder import Decoder
+from llmshearing.models.schema import combine_masks, state_shapes
 
 NON_UNIFORM_HINT = (
     "a pruned model needs the same shape in every layer: use the deterministic masks of the L0 module at the "
@@ -57,19 +59,12 @@ class KeptStructure:
 
 def kept_structure(config: ModelConfig, masks: Mapping[str, Tensor]) -> KeptStructure:
     """What the masks keep; raises ``ValueError`` if the result would not be a uniform model."""
-    unknown = sorted(set(masks) - set(MASK_KEYS))
-    if unknown:
-        raise ValueError(f"unknown mask keys {unknown}; valid keys are {list(MASK_KEYS)}")
-    L, H, hpg = config.n_layers, config.n_heads, config.heads_per_group
-    m = {k: v.detach().float().cpu() for k, v in masks.items()}
-    ones = torch.ones(L)
-    layer_scale = m.get("layer", ones) * m.get("head_layer", ones)
-    head_factor = m.get("head", torch.ones(L, H)) * layer_scale[:, None]
-    if "kv_head" in m:
-        head_factor = head_factor * m["kv_head"].repeat_interleave(hpg, dim=1)
-    mlp_factor = m.get("layer", ones) * m.get("mlp", ones)
-    intermediate_factor = m.get("intermediate", torch.ones(L, config.intermediate_size))
-    hidden_factor = m.get("hidden")
+    L, hpg = config.n_layers, config.heads_per_group
+    factors = combine_masks(config, {k: v.detach().float().cpu() for k, v in masks.items()})
+    head_factor = _dense(factors.heads, (L, config.n_heads))
+    mlp_factor = _dense(factors.mlp, (L,))
+    intermediate_factor = _dense(factors.intermediate, (L, config.intermediate_size))
+    hidden_factor = factors.dims
     hidden = torch.arange(config.d_model) if hidden_factor is None else torch.nonzero(hidden_factor).flatten()
     if hidden.numel() == 0:
         raise ValueError("the hidden mask removes every hidden dimension; nothing would be left of the model")
@@ -108,6 +103,11 @@ def kept_structure(config: ModelConfig, masks: Mapping[str, Tensor]) -> KeptStru
     )
 
 
+def _dense(factor: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    """A combined mask factor at its full shape (ones where no mask applies)."""
+    return torch.ones(shape) if factor is None else factor.expand(shape)
+
+
 def _block_rows(indices: Tensor, block: int) -> Tensor:
     """Row indices of whole ``block``-sized blocks (heads of ``head_dim`` rows)."""
     return (indices[:, None] * block + torch.arange(block)[None, :]).flatten()
@@ -121,7 +121,7 @@ def prune_state_dict(
 
     kept = kept_structure(config, masks)
     new_config = kept.pruned_config(config)
-    expected = set(decoder_state_keys(config))
+    expected = set(state_shapes(config))
     missing, extra = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or extra:
         raise ValueError(
@@ -176,22 +176,6 @@ def prune_state_dict(
         w2 = scaled(f"{ff}w2.weight", rows=down_rows)
         new[f"{dst}feed_forward.w2.weight"] = out(w2[hid][:, inter], f"{ff}w2.weight")
     return new, new_config
-
-
-def decoder_state_keys(config: ModelConfig) -> list[str]:
-    """State-dict keys of a ``Decoder`` with this config."""
-    keys = ["tok_embeddings.weight", "norm.weight"]
-    if not config.tie_word_embeddings:
-        keys.append("output.weight")
-    for i in range(config.n_layers):
-        p = f"layers.{i}."
-        keys += [f"{p}attention_norm.weight", f"{p}ffn_norm.weight", f"{p}attention.wo.weight"]
-        keys += [f"{p}feed_forward.{w}.weight" for w in ("w1", "w2", "w3")]
-        for proj in ("wq", "wk", "wv"):
-            keys.append(f"{p}attention.{proj}.weight")
-            if config.qkv_bias:
-                keys.append(f"{p}attention.{proj}.bias")
-    return keys
 
 
 def prune_decoder(decoder: Decoder, masks: Mapping[str, Tensor]) -> Decoder:

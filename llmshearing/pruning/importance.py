@@ -6,7 +6,7 @@ calibration tokens (higher = more important):
 * ``head`` [L, H]: norm of the head's contribution to the residual stream, ``||wo_h ctx_h||``
   (its attention context projected by its own columns of ``wo``).
 * ``kv_head`` [L, Hkv]: sum of the ``head`` scores of the query heads in the KV group (pruning ranks a
-  group by the heads the target keeps in it: ``oneshot.surviving_group_scores``).
+  group by the heads the target keeps in it: ``ranking.surviving_group_scores``).
 * ``intermediate`` [L, I]: ``|silu(w1 x) * w3 x|`` of the dim times the norm of its ``w2`` column,
   i.e. the norm of its contribution to the residual stream.
 * ``hidden`` [d]: ``|x|`` of the residual stream entering every RMSNorm (both norms of every block
@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from llmshearing.data.layout import TokenSamples, split_domains, token_batches
 from llmshearing.models.decoder import Decoder
 from llmshearing.staging import staged_file
 
@@ -241,18 +241,7 @@ def compute_importance(
 
 def calibration_domains(data_dir: str | Path, split: str = "train") -> list[Path]:
     """The MDS directories ``DATA/<split>/<domain>/`` of a prepared data root, sorted by domain."""
-    root = Path(data_dir) / split
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"--data {data_dir}: {root} is not a directory; DATA must be an MDS root prepared by "
-            f"data_prep/prepare_mds.py (holding {split}/<domain>/index.json)"
-        )
-    domains = sorted(path for path in root.iterdir() if (path / "index.json").is_file())
-    if not domains:
-        raise FileNotFoundError(
-            f"--data {data_dir}: {root} holds no MDS domain directories (<domain>/index.json)"
-        )
-    return domains
+    return [Path(data_dir) / split / d for d in split_domains(data_dir, split, label=f"--data {data_dir}: ")]
 
 
 def calibration_batches(
@@ -263,39 +252,28 @@ def calibration_batches(
     Sample ``j`` of domain ``k`` is used before sample ``j + 1`` of any domain, so every domain
     contributes equally until it runs out. Fewer samples are used if the data holds fewer.
     """
-    from streaming import LocalDataset
-
     if samples <= 0:
         raise ValueError(f"--samples must be a positive number of calibration samples, got {samples}")
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    datasets = [LocalDataset(str(path)) for path in calibration_domains(data_dir, split)]
+    label = f"--data {data_dir}: "
+    sources = [TokenSamples(path, label) for path in calibration_domains(data_dir, split)]
     order: list[tuple[int, int]] = []
-    for j in range(max(len(ds) for ds in datasets)):
-        order += [(k, j) for k, ds in enumerate(datasets) if j < len(ds)]
+    for j in range(max(len(source) for source in sources)):
+        order += [(k, j) for k, source in enumerate(sources) if j < len(source)]
         if len(order) >= samples:
             break
     order = order[:samples]
     if not order:
         raise ValueError(f"--data {data_dir}: the {split} split holds no samples")
 
-    def read(k: int, j: int) -> np.ndarray:
-        row = datasets[k][j]
-        if "tokens" not in row:
-            raise KeyError(
-                f"--data {data_dir}: samples have no 'tokens' column; prepare the data with data_prep/prepare_mds.py"
-            )
-        return np.asarray(row["tokens"], dtype=np.int64)
-
     def generate() -> Iterator[Tensor]:
-        for start in range(0, len(order), batch_size):
-            rows = [read(k, j) for k, j in order[start : start + batch_size]]
-            lengths = {len(r) for r in rows}
-            if len(lengths) != 1:
-                raise ValueError(
-                    f"--data {data_dir}: samples have different lengths {sorted(lengths)}; use a fixed seq_len"
-                )
-            yield torch.from_numpy(np.stack(rows))
+        try:
+            for rows in token_batches(sources, order, batch_size, label):
+                yield torch.from_numpy(rows)
+        finally:
+            for source in sources:
+                source.close()
 
     return (len(order) + batch_size - 1) // batch_size, generate()
 

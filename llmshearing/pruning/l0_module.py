@@ -20,23 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from llmshearing.models.config import ModelConfig
+from llmshearing.models.schema import mask_shapes
 from llmshearing.pruning.hard_concrete import HardConcrete
 from llmshearing.pruning.lagrangian import family_penalty, warmed_target
 from llmshearing.pruning.targets import L0Config, TargetPlan, prunable_params
-
-
-def mask_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of each family's mask (and log-alpha), as the decoder expects it."""
-    L = config.n_layers
-    return {
-        "layer": (L,),
-        "head_layer": (L,),
-        "head": (L, config.n_heads),
-        "kv_head": (L, config.n_kv_heads),
-        "mlp": (L,),
-        "intermediate": (L, config.intermediate_size),
-        "hidden": (config.d_model,),
-    }
 
 
 def expected_num_params(config: ModelConfig, scores: Mapping[str, Tensor]) -> Tensor:

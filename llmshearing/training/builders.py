@@ -44,11 +44,12 @@ def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLla
         if l0.l0_config.init_from is not None:  # log-alphas ranked by activation importance of the source
             description["l0_init"] = initialize_masks(l0, model.model, values)
     if model_cfg.get("distillation"):  # validated (and its teacher path resolved) by validate_config
-        from llmshearing.models.teacher import DistillationConfig, Teacher
+        from llmshearing.convert.loading import load_teacher
+        from llmshearing.models.teacher import DistillationConfig
 
         distillation = DistillationConfig.from_dict(model_cfg["distillation"])
         dtype = teacher_dtype(values["precision"], values["device"])
-        model.attach_teacher(Teacher.load(distillation.teacher, dtype, model_cfg["attn_impl"]), distillation)
+        model.attach_teacher(load_teacher(distillation.teacher, dtype, model_cfg["attn_impl"]), distillation)
         description["distillation"] = distillation.to_dict()
     return model, description
 
@@ -74,7 +75,7 @@ def initialize_masks(l0: Any, decoder: Any, values: dict[str, Any]) -> dict[str,
     import torch
     from composer.utils import dist, get_device
 
-    from llmshearing.pruning.oneshot import initialize_from_importance
+    from llmshearing.pruning.ranking import initialize_from_importance
 
     device = get_device(values["device"])
     target = torch.device("cuda") if device.name == "gpu" else torch.device("cpu")

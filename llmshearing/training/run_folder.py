@@ -6,8 +6,9 @@ from being damaged by the next start.
 * A resumed run must be the same run: the model shape and the mask settings (the ``l0_module``
   settings that decide the masks and the target) agree with the folder's ``config.json``.
 * A start that fails leaves the folder as it found it (no stub ``config.json``).
-* Every checkpoint carries the same description (the ``RunRecord`` callback), so ``prune-model``
-  can tell whether ``config.json`` describes the checkpoint it folds.
+* Every checkpoint carries the run's identity (the ``RunRecord`` callback; the identity itself is
+  :mod:`llmshearing.run_identity`), so ``prune-model`` can tell whether ``config.json`` describes the
+  checkpoint it folds.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from composer.core import Callback
 
+from llmshearing.run_identity import differences, identity
 from llmshearing.training.config import ConfigError
 
 log = logging.getLogger("llmshearing.train")
@@ -29,18 +31,6 @@ DESCRIPTION_NAME = "config.json"
 RUN_ENTRIES = ("config.json", "metrics.jsonl", "checkpoints", "masks", "logs.txt")
 RUN_ENTRY_PREFIXES = ("samples-rank",)
 DERIVED_ENTRIES = ("report",)  # made from a run by `llmshearing report`; replaced with the run
-# model settings that may change between the start and a resume of one run
-MODEL_KEYS_FREE = ("attn_impl", "max_seq_len", "init_std")
-# l0_module settings that decide the masks and the target shape
-L0_MASK_KEYS = (
-    "pruning_modules",
-    "target_model",
-    "target_sparsity",
-    "temperature",
-    "limit_a",
-    "limit_b",
-    "log_alpha_clamp",
-)
 
 
 def run_entries(folder: str | Path) -> list[str]:
@@ -68,30 +58,6 @@ def check_start(folder: str | Path, autoresume: bool, overwrite: bool) -> None:
             f"save_folder {folder} already holds a run ({', '.join(entries)}); set autoresume=true to continue "
             "it, save_overwrite=true to replace it, or choose another save_folder"
         )
-
-
-def identity(description: dict[str, Any]) -> dict[str, Any]:
-    """The part of a run description that must not change within a run: shape and mask settings."""
-    model = {k: v for k, v in (description.get("model") or {}).items() if k not in MODEL_KEYS_FREE}
-    l0 = description.get("l0_module")
-    masks = {k: l0.get(k) for k in L0_MASK_KEYS} if isinstance(l0, dict) else None
-    return {"model": model, "l0_module": masks}
-
-
-def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
-    """``key: <mine> vs <theirs>`` for every identity key that differs."""
-    a, b = identity(mine), identity(theirs)
-    found = []
-    for section in ("model", "l0_module"):
-        left, right = a[section], b[section]
-        if left is None or right is None:
-            if left != right:
-                found.append(f"{section}: {'set' if left else 'none'} vs {'set' if right else 'none'}")
-            continue
-        for key in sorted(set(left) | set(right)):
-            if left.get(key) != right.get(key):
-                found.append(f"{section}.{key}: {left.get(key)!r} vs {right.get(key)!r}")
-    return found
 
 
 def read_description(folder: str | Path) -> dict[str, Any] | None:
@@ -149,7 +115,7 @@ def prepare(folder: str | Path, description: dict[str, Any], autoresume: bool, o
     """
     from composer.utils import dist
 
-    from llmshearing.training.checkpoint_files import repair_checkpoint_folder
+    from llmshearing.convert.checkpoint_files import repair_checkpoint_folder
 
     if autoresume:
         check_same_run(folder, description)
@@ -225,7 +191,7 @@ def trained_batches(folder: str | Path) -> int | None:
     """Batches trained by the run in ``folder`` at its latest complete checkpoint; None without one."""
     import torch
 
-    from llmshearing.training.checkpoint_files import LATEST_NAME, is_complete_torch_file
+    from llmshearing.convert.checkpoint_files import LATEST_NAME, is_complete_torch_file
 
     latest = Path(folder) / "checkpoints" / LATEST_NAME.format(rank=0)
     if not latest.exists() or not is_complete_torch_file(latest):
@@ -242,10 +208,3 @@ def is_finished(folder: str | Path) -> bool:
         return False
     max_duration = str((description.get("train") or {}).get("max_duration", ""))
     return max_duration.endswith("ba") and done >= int(max_duration[:-2])
-
-
-def recorded_identity(checkpoint_state: dict[str, Any]) -> dict[str, Any] | None:
-    """The identity a training checkpoint (its ``state`` dict) recorded, None for checkpoints without one."""
-    callbacks = checkpoint_state.get("callbacks") if isinstance(checkpoint_state, dict) else None
-    record = (callbacks or {}).get(RunRecord.__name__)
-    return record.get("identity") if isinstance(record, dict) else None

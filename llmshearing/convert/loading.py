@@ -1,33 +1,15 @@
-"""``from_pretrained``: load any checkpoint the project reads into a ready-to-use ``Decoder``."""
+"""Load checkpoints as models: ``from_pretrained`` (a ready-to-use ``Decoder``) and a distillation teacher."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from llmshearing.convert.checkpoint import expected_shapes, open_checkpoint
-from llmshearing.models.decoder import Decoder
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Create module parameters on the meta device (no memory, no init); buffers stay real."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
+from llmshearing.convert.checkpoint import open_checkpoint, read_any_config
+from llmshearing.models.decoder import Decoder, parameters_on_meta
+from llmshearing.models.schema import state_shapes
+from llmshearing.models.teacher import Teacher
 
 
 def from_pretrained(
@@ -56,7 +38,7 @@ def from_pretrained(
         with parameters_on_meta():
             model = Decoder(config)
         state = {}
-        for key in expected_shapes(config):
+        for key in state_shapes(config):
             tensor = ckpt.tensors.get(key)
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
@@ -64,3 +46,16 @@ def from_pretrained(
     model.load_state_dict(state, strict=True, assign=True)
     model.reset_rope()
     return model.eval()
+
+
+def load_teacher(path: str, dtype: torch.dtype, attn_impl: str) -> Teacher:
+    """The frozen teacher at ``path`` with ``dtype`` weights (the student's)."""
+    return Teacher(from_pretrained(path, dtype=dtype, attn_impl=attn_impl), path)
+
+
+def checkpoint_vocab_size(path: str) -> int | None:
+    """Vocabulary size from a checkpoint directory's ``config.json`` (None for a file checkpoint)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return None
+    return read_any_config(directory / "config.json")[0].vocab_size

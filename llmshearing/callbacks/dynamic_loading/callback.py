@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
@@ -43,139 +42,35 @@ from composer.utils import dist
 from llmshearing.data.dynamic_dataset import DynamicStreamingDataset
 from llmshearing.data.loaders import DataLoadingConfig
 from llmshearing.data.mixing import ema_losses, update_weights
-from llmshearing.data.reference_loss import fit_reference_losses, preset_reference, reference_for_domains
-from llmshearing.models.loss import IGNORE_INDEX
+from llmshearing.data.reference_loss import resolve_reference
+from llmshearing.models.loss import domain_token_losses
 
 log = logging.getLogger(__name__)
 
 _DL = "callbacks.data_loading"
 
 
-def resolve_reference(
-    set_names: Sequence[str], target_loss: Sequence[float] | None, reference: Any
-) -> np.ndarray | None:
-    """Reference losses in domain order, or None for ``reference: source`` / no reference."""
-    if target_loss is not None:
-        return np.asarray([float(v) for v in target_loss], dtype=np.float64)
-    if reference is None or reference == "source":
-        return None
-    if isinstance(reference, str):
-        return reference_for_domains(
-            preset_reference(reference), set_names, f"reference preset {reference!r}"
-        )
-    if isinstance(reference, Mapping):
-        known = {"sizes", "losses", "target_size"}
-        if set(reference) != known:
-            raise ValueError(
-                f"{_DL}.reference as a scaling-law fit needs exactly the keys {sorted(known)}, "
-                f"got {sorted(reference)}"
-            )
-        from llmshearing.data.reference_loss import parse_size
-
-        losses = reference["losses"]
-        if not isinstance(losses, Mapping):
-            raise ValueError(f"{_DL}.reference.losses must map each domain to one loss per size")
-        fitted = fit_reference_losses(
-            [parse_size(s) for s in reference["sizes"]],
-            {d: losses[d] for d in set_names if d in losses},
-            parse_size(reference["target_size"]),
-        )
-        return reference_for_domains(fitted, set_names, f"{_DL}.reference.losses")
-    raise ValueError(
-        f"{_DL}.reference must be 'source', a preset name or {{sizes, losses, target_size}}, got {reference!r}"
-    )
-
-
-def domain_token_losses(
-    logits: torch.Tensor, batch: Mapping[str, Any], num_domains: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-domain sums of next-token cross-entropy and token counts (float64, on the logits' device)."""
-    labels = batch.get("labels", batch["input_ids"])
-    domain = batch.get("domain")
-    if domain is None:
-        raise ValueError(
-            "loss_source: train needs a 'domain' entry in every batch (DynamicStreamingDataset adds it)"
-        )
-    targets = labels[:, 1:]
-    ce = F.cross_entropy(
-        logits[:, :-1].detach().float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(targets.shape)
-    rows_loss = ce.sum(dim=1).double()
-    rows_tokens = (targets != IGNORE_INDEX).sum(dim=1).double()
-    domain = domain.to(logits.device).long()
-    sums = torch.zeros(num_domains, dtype=torch.float64, device=logits.device).index_add_(
-        0, domain, rows_loss
-    )
-    tokens = torch.zeros(num_domains, dtype=torch.float64, device=logits.device).index_add_(
-        0, domain, rows_tokens
-    )
-    return sums, tokens
-
-
 class DynamicLoadingCallback(Callback):
     """Update the train dataset's domain weights from per-domain losses once per interval.
 
     Args:
-        set_names: domain names, in the dataset's order.
-        proportion: initial weights (must match the dataset's).
-        update_type: ``doremi`` or ``constant``.
-        target_loss: reference loss per domain.
-        reference: instead of ``target_loss``: ``source`` (losses of the evaluation before
-            training), a preset name (``sheared-1.3b``, ...) or ``{sizes, losses, target_size}``.
-        clip: clip the excess loss at zero (the paper); ``False`` keeps negative excesses.
-        eta: step size. smoothing: weight of the uniform mixture.
-        loss_source: ``eval`` or ``train``.
-        eval_label: the evaluator whose metrics are read.
-        loss_ema: decay of the moving average of the losses (0: each interval's own losses).
-        min_proportion: floor of each domain's weight, as a fraction of its initial proportion.
-        update_warmup: batches before the first update.
-        excess: ``absolute`` (``loss - ref``) or ``relative`` (``(loss - ref) / ref``).
+        config: the validated ``callbacks.data_loading`` section (:class:`DataLoadingConfig`) with
+            ``dynamic: true``; every key is described in this folder's README.
     """
 
-    def __init__(
-        self,
-        set_names: Sequence[str],
-        proportion: Sequence[float],
-        update_type: str = "doremi",
-        target_loss: Sequence[float] | None = None,
-        reference: Any = None,
-        clip: bool = True,
-        eta: float = 1.0,
-        smoothing: float = 1e-4,
-        loss_source: str = "eval",
-        eval_label: str = "eval",
-        loss_ema: float = 0.0,
-        min_proportion: float = 0.0,
-        update_warmup: int | str = 0,
-        excess: str = "absolute",
-    ) -> None:
-        cfg = DataLoadingConfig(
-            set_names=list(set_names),
-            proportion=list(proportion),
-            dynamic=True,
-            update_type=update_type,
-            target_loss=None if target_loss is None else list(target_loss),
-            reference=reference,
-            clip=clip,
-            eta=eta,
-            smoothing=smoothing,
-            loss_source=loss_source,
-            eval_label=eval_label,
-            loss_ema=loss_ema,
-            min_proportion=min_proportion,
-            update_warmup=update_warmup,
-            excess=excess,
-        )
-        cfg.validate()
-        self.cfg = cfg
-        self.set_names = tuple(cfg.set_names)
-        self.from_source = reference == "source"
-        self.reference = resolve_reference(self.set_names, cfg.target_loss, reference)
+    def __init__(self, config: DataLoadingConfig) -> None:
+        if not config.dynamic:
+            raise ValueError(
+                f"{_DL}.dynamic is false: the mix is fixed, no callback is needed "
+                "(DynamicLoadingCallback.from_config returns None for it)"
+            )
+        config.validate()
+        self.cfg = config
+        self.set_names = tuple(config.set_names)
+        self.from_source = config.reference == "source"
+        self.reference = resolve_reference(self.set_names, config.target_loss, config.reference)
         self._check_reference(self.reference)
-        self.weights = np.asarray(cfg.proportion, dtype=np.float64)
+        self.weights = np.asarray(config.proportion, dtype=np.float64)
         self.weights = self.weights / self.weights.sum()
         self.next_update_epoch = 0
         self.smoothed: np.ndarray | None = None  # moving average of the losses (loss_ema > 0)
@@ -190,24 +85,7 @@ class DynamicLoadingCallback(Callback):
     def from_config(cls, cfg: Mapping[str, Any] | DataLoadingConfig) -> DynamicLoadingCallback | None:
         """The callback for ``callbacks.data_loading``, or None when ``dynamic`` is false."""
         dl = cfg if isinstance(cfg, DataLoadingConfig) else DataLoadingConfig.from_dict(cfg)
-        if not dl.dynamic:
-            return None
-        return cls(
-            dl.set_names,
-            dl.proportion,
-            update_type=dl.update_type,
-            target_loss=dl.target_loss,
-            reference=dl.reference,
-            clip=dl.clip,
-            eta=dl.eta,
-            smoothing=dl.smoothing,
-            loss_source=dl.loss_source,
-            eval_label=dl.eval_label,
-            loss_ema=dl.loss_ema,
-            min_proportion=dl.min_proportion,
-            update_warmup=dl.update_warmup,
-            excess=dl.excess,
-        )
+        return cls(dl) if dl.dynamic else None
 
     # ------------------------------------------------------------------------------ helpers
     def _check_reference(self, reference: np.ndarray | None) -> None:

@@ -170,7 +170,7 @@ def read_recorded_identity(path: str | Path) -> dict | None:
     """The run identity (model shape, mask settings) a training checkpoint recorded, if any."""
     import torch
 
-    from llmshearing.training.run_folder import recorded_identity
+    from llmshearing.run_identity import recorded_identity
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)

@@ -1,0 +1,163 @@
+"""The layout of a prepared data root, and the readers of it that are not training loaders.
+
+A data root written by ``llmshearing prepare-data`` (or ``data_prep/prepare_mds.py``)::
+
+    <root>/manifest.json                   what was prepared (fields: see ``llmshearing.data.prepare``)
+    <root>/<split>/<domain>/index.json     one MDS directory per split and domain, with a
+    <root>/<split>/<domain>/shard.*.mds    ``tokens`` column of fixed-length token samples
+
+This module owns those names: the manifest's name and its read/write, the directory of a split's
+domain, the domains a split holds, and :class:`TokenSamples` / :func:`token_batches`, which read
+token samples by index for evaluation and calibration. Nothing here imports torch; streaming is
+imported only when samples are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "llmshearing-mds"  # the manifest's "format" and "version" fields
+MANIFEST_VERSION = 1
+INDEX_NAME = "index.json"  # streaming's index of one MDS directory
+TOKENS_COLUMN = "tokens"
+SPLITS = ("train", "eval", "test")
+
+
+def domain_dir(root: str, split: str, domain: str) -> str:
+    """``<root>/<split>/<domain>``: the MDS directory of one domain's split (a local path or a remote URL)."""
+    return os.path.join(root, split, domain)
+
+
+def manifest_path(root: str | os.PathLike[str]) -> str:
+    return os.path.join(os.fspath(root), MANIFEST_NAME)
+
+
+def read_manifest(root: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """``<root>/manifest.json`` if the root is local and has one."""
+    if not root:
+        return None
+    path = manifest_path(root)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): re-run data_prep/prepare_mds.py") from None
+
+
+def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    """Write ``<root>/manifest.json`` (``root`` is a staging directory renamed into place when complete)."""
+    Path(manifest_path(root)).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def split_domains(root: str | os.PathLike[str], split: str, label: str = "") -> list[str]:
+    """The domains of ``<root>/<split>`` (sub-directories holding an MDS index), sorted.
+
+    Raises ``FileNotFoundError`` when the split is missing or empty; ``label`` prefixes the message
+    (e.g. the option that named the root).
+    """
+    directory = os.path.join(os.fspath(root), split)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"{label}{directory} is not a directory: DATA must be an MDS root prepared by "
+            f"data_prep/prepare_mds.py (holding {split}/<domain>/{INDEX_NAME})"
+        )
+    domains = sorted(
+        d for d in os.listdir(directory) if os.path.isfile(os.path.join(directory, d, INDEX_NAME))
+    )
+    if not domains:
+        raise FileNotFoundError(f"{label}{directory} holds no MDS domain directories (<domain>/{INDEX_NAME})")
+    return domains
+
+
+def _decompressed_copy(directory: str) -> tempfile.TemporaryDirectory | None:
+    """A temporary copy of ``directory`` with the shards stored only compressed (``--compression zstd``)
+    decompressed and the others linked, or None when every shard is stored raw: streaming's
+    ``LocalDataset`` reads raw shards only."""
+    from streaming.base.compression import decompress
+
+    with open(os.path.join(directory, INDEX_NAME), encoding="utf-8") as handle:
+        shards = json.load(handle)["shards"]
+    compressed = [
+        s
+        for s in shards
+        if s.get("zip_data") and not os.path.isfile(os.path.join(directory, s["raw_data"]["basename"]))
+    ]
+    if not compressed:
+        return None
+    copy = tempfile.TemporaryDirectory(prefix="llmshearing-mds-")
+    shutil.copy(os.path.join(directory, INDEX_NAME), copy.name)
+    for shard in shards:
+        raw = shard["raw_data"]["basename"]
+        if shard in compressed:
+            with open(os.path.join(directory, shard["zip_data"]["basename"]), "rb") as handle:
+                data = decompress(shard["compression"], handle.read())
+            with open(os.path.join(copy.name, raw), "wb") as handle:
+                handle.write(data)
+        else:
+            os.symlink(os.path.abspath(os.path.join(directory, raw)), os.path.join(copy.name, raw))
+    return copy
+
+
+class TokenSamples:
+    """The token samples of one MDS directory, read by index as int64 arrays.
+
+    Shards stored only compressed are read from a decompressed temporary copy, removed by
+    :meth:`close` (or when the object is collected). ``label`` prefixes error messages (default:
+    the directory).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], label: str | None = None) -> None:
+        from streaming import LocalDataset
+
+        self.directory = os.fspath(directory)
+        self.label = f"{self.directory}: " if label is None else label
+        self._copy = _decompressed_copy(self.directory)
+        self._dataset = LocalDataset(self.directory if self._copy is None else self._copy.name)
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def row(self, index: int) -> np.ndarray:
+        sample = self._dataset[index]
+        if TOKENS_COLUMN not in sample:
+            raise KeyError(
+                f"{self.label}samples have no {TOKENS_COLUMN!r} column; prepare the data with "
+                "data_prep/prepare_mds.py"
+            )
+        return np.asarray(sample[TOKENS_COLUMN], dtype=np.int64)
+
+    def close(self) -> None:
+        if self._copy is not None:
+            self._copy.cleanup()
+            self._copy = None
+
+    def __enter__(self) -> TokenSamples:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def token_batches(
+    sources: Sequence[TokenSamples], order: Iterable[tuple[int, int]], batch_size: int, label: str = ""
+) -> Iterator[np.ndarray]:
+    """Batches ``[B, T]`` (int64) of the samples ``(source index, sample index)`` in ``order``, ``batch_size``
+    at a time (the last batch may be smaller). Samples of one batch must have one length."""
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        rows = [sources[k].row(j) for k, j in order[start : start + batch_size]]
+        lengths = {len(r) for r in rows}
+        if len(lengths) != 1:
+            raise ValueError(f"{label}samples have different lengths {sorted(lengths)}; use a fixed seq_len")
+        yield np.stack(rows)

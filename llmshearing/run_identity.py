@@ -1,0 +1,56 @@
+"""The identity of a training run: the model shape and mask settings that must not change within one run.
+
+A run records its identity in every checkpoint (the ``RunRecord`` callback of
+:mod:`llmshearing.training.run_folder`); a resumed run and ``prune-model`` compare it with a run
+description (``config.json``) to tell whether the two belong together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# the callback whose checkpoint state holds the identity (Composer keys callback state by class name)
+RECORD_CALLBACK = "RunRecord"
+# model settings that may change between the start and a resume of one run
+MODEL_KEYS_FREE = ("attn_impl", "max_seq_len", "init_std")
+# l0_module settings that decide the masks and the target shape
+L0_MASK_KEYS = (
+    "pruning_modules",
+    "target_model",
+    "target_sparsity",
+    "temperature",
+    "limit_a",
+    "limit_b",
+    "log_alpha_clamp",
+)
+
+
+def identity(description: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run description that must not change within a run: shape and mask settings."""
+    model = {k: v for k, v in (description.get("model") or {}).items() if k not in MODEL_KEYS_FREE}
+    l0 = description.get("l0_module")
+    masks = {k: l0.get(k) for k in L0_MASK_KEYS} if isinstance(l0, dict) else None
+    return {"model": model, "l0_module": masks}
+
+
+def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """``key: <mine> vs <theirs>`` for every identity key that differs."""
+    a, b = identity(mine), identity(theirs)
+    found = []
+    for section in ("model", "l0_module"):
+        left, right = a[section], b[section]
+        if left is None or right is None:
+            if left != right:
+                found.append(f"{section}: {'set' if left else 'none'} vs {'set' if right else 'none'}")
+            continue
+        for key in sorted(set(left) | set(right)):
+            if left.get(key) != right.get(key):
+                found.append(f"{section}.{key}: {left.get(key)!r} vs {right.get(key)!r}")
+    return found
+
+
+def recorded_identity(checkpoint_state: dict[str, Any]) -> dict[str, Any] | None:
+    """The identity a training checkpoint (its ``state`` dict) recorded, None for checkpoints without one."""
+    callbacks = checkpoint_state.get("callbacks") if isinstance(checkpoint_state, dict) else None
+    record = (callbacks or {}).get(RECORD_CALLBACK)
+    return record.get("identity") if isinstance(record, dict) else None

@@ -1,0 +1,101 @@
+"""The package's import graph runs one way: ``models/`` at the bottom, no two parts leaning on each other.
+
+Read from the source with ``ast`` (imports inside functions count too), so the check covers lazy imports
+that a run-time check would miss.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+PACKAGE = "llmshearing"
+ROOT = Path(__file__).resolve().parent.parent / PACKAGE
+
+# (importing part, imported part) -> ["path:line: import statement", ...]
+Edges = dict[tuple[str, str], list[str]]
+
+
+def part_of(module: str) -> str | None:
+    """The top-level folder or module of ``llmshearing.<part>...``; None for the package itself or others."""
+    names = module.split(".")
+    if names[0] != PACKAGE or len(names) < 2:
+        return None
+    return names[1]
+
+
+def module_name(path: Path) -> str:
+    relative = path.relative_to(ROOT.parent).with_suffix("")
+    names = list(relative.parts)
+    if names[-1] == "__init__":
+        names.pop()
+    return ".".join(names)
+
+
+def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool) -> list[str]:
+    """Absolute names a statement imports (``from a import b`` counts ``a.b``, which may be a module)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if node.level:  # relative: resolve against the importing module's package
+        base = importer.split(".")
+        base = base if is_package else base[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        stem = ".".join([*base, node.module] if node.module else base)
+    else:
+        stem = node.module or ""
+    return [stem, *(f"{stem}.{alias.name}" for alias in node.names)]
+
+
+def import_edges() -> Edges:
+    """Every import between two different parts of the package, with where it is written."""
+    edges: Edges = defaultdict(list)
+    for path in sorted(ROOT.rglob("*.py")):
+        importer = module_name(path)
+        source_part = part_of(importer) if "." in importer else None
+        if source_part is None:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            targets = {part_of(m) for m in imported_modules(node, importer, path.name == "__init__.py")}
+            for target in targets - {None, source_part}:
+                where = f"{path.relative_to(ROOT.parent)}:{node.lineno}: {ast.unparse(node)}"
+                if where not in edges[(source_part, target)]:
+                    edges[(source_part, target)].append(where)
+    return edges
+
+
+def describe(edges: Edges, pairs: list[tuple[str, str]]) -> str:
+    return "\n".join(f"{a} -> {b}:\n  " + "\n  ".join(edges[(a, b)]) for a, b in pairs)
+
+
+def test_the_graph_sees_known_imports() -> None:
+    edges = import_edges()
+    assert ("pruning", "models") in edges  # the fold imports the decoder
+    assert ("train", "training") in edges  # inside a function of train.py
+    assert part_of("llmshearing.models.decoder") == "models"
+    assert part_of("llmshearing") is None and part_of("torch.nn") is None
+
+
+def test_models_import_no_other_part_of_the_package() -> None:
+    edges = import_edges()
+    found = sorted(pair for pair in edges if pair[0] == "models")
+    assert not found, "models/ must import only itself:\n" + describe(edges, found)
+
+
+def test_no_two_parts_import_each_other() -> None:
+    edges = import_edges()
+    both_ways = sorted((a, b) for a, b in edges if a < b and (b, a) in edges)
+    pairs = [pair for a, b in both_ways for pair in ((a, b), (b, a))]
+    assert not pairs, "parts that import each other:\n" + describe(edges, pairs)
+
+
+def test_pruning_readme_lists_every_module() -> None:
+    readme = (ROOT / "pruning" / "README.md").read_text(encoding="utf-8")
+    listed = {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `") and ".py`" in line}
+    modules = {path.name for path in (ROOT / "pruning").glob("*.py") if path.name != "__init__.py"}
+    assert listed == modules, (
+        f"missing from the table: {sorted(modules - listed)}; gone: {sorted(listed - modules)}"
+    )
