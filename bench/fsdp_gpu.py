@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -49,9 +48,9 @@ def write_inputs(root: Path, source: dict[str, int], seq_len: int, samples: int)
     """A random source checkpoint and two domains of random tokens in the layout prepare_mds.py writes."""
     import numpy as np
     import torch
-    from streaming import MDSWriter
 
     from llmshearing.convert.checkpoint import save_checkpoint
+    from llmshearing.data.layout import write_token_root
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.decoder import Decoder
 
@@ -61,30 +60,14 @@ def write_inputs(root: Path, source: dict[str, int], seq_len: int, samples: int)
     decoder.init_weights()
     checkpoint = save_checkpoint(root / "source", config, decoder.state_dict(), progress=False)
     rng = np.random.default_rng(0)
-    splits: dict[str, dict[str, Any]] = {}
-    for split, count in (("train", samples), ("eval", 16)):
-        splits[split] = {}
-        for domain in ("a", "b"):
-            with MDSWriter(out=str(root / "mds" / split / domain), columns={"tokens": "ndarray:uint16"}) as w:
-                for _ in range(count):
-                    w.write({"tokens": rng.integers(0, config.vocab_size, seq_len).astype(np.uint16)})
-            splits[split][domain] = {
-                "files": 1,
-                "documents": count,
-                "tokens": count * seq_len,
-                "samples": count,
-            }
-    manifest = {
-        "format": "llmshearing-mds",
-        "version": 1,
-        "seq_len": seq_len,
-        "tokenizer": "synthetic",
-        "vocab_size": config.vocab_size,
-        "token_dtype": "uint16",
-        "domains": ["a", "b"],
-        "splits": splits,
+    samples = {
+        split: {
+            domain: [rng.integers(0, config.vocab_size, seq_len) for _ in range(count)]
+            for domain in ("a", "b")
+        }
+        for split, count in (("train", samples), ("eval", 16))
     }
-    (root / "mds" / "manifest.json").write_text(json.dumps(manifest))
+    write_token_root(root / "mds", samples, vocab_size=config.vocab_size)
     return checkpoint, root / "mds"
 
 

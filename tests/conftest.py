@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
 from composer.core import Callback
+
+from llmshearing.data.layout import write_token_root
 
 TINY_MODEL = dict(
     vocab_size=97,
@@ -59,40 +59,16 @@ def write_tiny_mds(
     root: str, n_train: int = 96, n_eval: int = 8, seq_len: int = TINY_SEQ_LEN, n_test: int | None = None
 ) -> str:
     """Two domains of learnable token patterns in the layout `prepare_mds.py` writes (train, eval, test)."""
-    from streaming import MDSWriter
-
     rngs = {"train": np.random.default_rng(0), "test": np.random.default_rng(1)}
     rngs["eval"] = rngs["train"]  # eval draws from the train stream; test has its own
-    splits: dict[str, dict[str, dict[str, int]]] = {"train": {}, "eval": {}, "test": {}}
     n_test = n_eval if n_test is None else n_test
+    samples: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "eval": {}, "test": {}}
     for d, domain in enumerate(TINY_DOMAINS):
         for split, count in (("train", n_train), ("eval", n_eval), ("test", n_test)):
-            with MDSWriter(
-                out=os.path.join(root, split, domain), columns={"tokens": "ndarray:uint16"}
-            ) as writer:
-                for _ in range(count):
-                    start = int(rngs[split].integers(0, 40))
-                    step = 1 + d  # domain 0 counts by ones, domain 1 by twos
-                    tokens = (start + step * np.arange(seq_len)) % 97
-                    writer.write({"tokens": tokens.astype(np.uint16)})
-            splits[split][domain] = {
-                "files": 1,
-                "documents": count,
-                "tokens": count * seq_len,
-                "samples": count,
-            }
-    manifest = {
-        "format": "llmshearing-mds",
-        "version": 1,
-        "seq_len": seq_len,
-        "tokenizer": "synthetic",
-        "vocab_size": 97,
-        "token_dtype": "uint16",
-        "domains": list(TINY_DOMAINS),
-        "splits": splits,
-    }
-    with open(os.path.join(root, "manifest.json"), "w") as handle:
-        json.dump(manifest, handle)
+            step = 1 + d  # domain 0 counts by ones, domain 1 by twos
+            starts = [int(rngs[split].integers(0, 40)) for _ in range(count)]
+            samples[split][domain] = [(start + step * np.arange(seq_len)) % 97 for start in starts]
+    write_token_root(root, samples, vocab_size=97)
     return root
 
 

@@ -16,6 +16,7 @@ from llmshearing.data.layout import (
     split_domains,
     token_batches,
     write_manifest,
+    write_token_root,
 )
 
 
@@ -98,3 +99,24 @@ def test_calibration_reads_compressed_data_like_plain_data(tiny_mds, tmp_path):
     zstd_total, zstd = calibration_batches(tmp_path, 10, 4)
     assert plain_total == zstd_total == 3
     assert [b.tolist() for b in zstd] == [b.tolist() for b in plain]
+
+
+def test_write_token_root_writes_a_root_the_readers_accept(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = {
+        split: {d: [rng.integers(0, 70_000, 6) for _ in range(3)] for d in ("b", "a")}
+        for split in ("train", "eval")
+    }
+    manifest = write_token_root(tmp_path / "root", rows, vocab_size=70_000)
+    assert read_manifest(tmp_path / "root") == manifest
+    assert (
+        manifest["token_dtype"] == "uint32" and manifest["seq_len"] == 6 and manifest["domains"] == ["a", "b"]
+    )
+    assert manifest["splits"]["eval"]["b"] == {"files": 1, "documents": 3, "tokens": 18, "samples": 3}
+    assert split_domains(tmp_path / "root", "train") == ["a", "b"]
+    with TokenSamples(domain_dir(str(tmp_path / "root"), "eval", "b")) as samples:
+        assert [samples.row(i).tolist() for i in range(len(samples))] == [
+            r.tolist() for r in rows["eval"]["b"]
+        ]
+    with pytest.raises(ValueError, match="share one length"):
+        write_token_root(tmp_path / "bad", {"train": {"a": [np.arange(4), np.arange(5)]}}, vocab_size=97)

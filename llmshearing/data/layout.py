@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,68 @@ def read_manifest(root: str | os.PathLike[str] | None) -> dict[str, Any] | None:
 def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
     """Write ``<root>/manifest.json`` (``root`` is a staging directory renamed into place when complete)."""
     Path(manifest_path(root)).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def manifest_header(
+    seq_len: int,
+    tokenizer: str,
+    vocab_size: int,
+    token_dtype: str,
+    domains: Sequence[str],
+    splits: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest fields every prepared root has (``prepare`` adds what it measured while tokenising);
+    ``splits`` maps split -> domain -> ``{"files", "documents", "tokens", "samples"}``."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "seq_len": seq_len,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "token_dtype": token_dtype,
+        "domains": sorted(domains),
+        "splits": splits,
+    }
+
+
+def write_token_root(
+    root: str | os.PathLike[str],
+    samples: Mapping[str, Mapping[str, Sequence[np.ndarray]]],
+    vocab_size: int,
+    tokenizer: str = "synthetic",
+) -> dict[str, Any]:
+    """Write already-tokenised samples (``samples[split][domain]``: equal-length token arrays) as a data
+    root in this layout, manifest included, and return the manifest. For tests and benchmarks that need
+    data without a tokenizer; ``prepare-data`` is the writer for text."""
+    from streaming import MDSWriter
+
+    from llmshearing.data.packing import token_dtype
+
+    dtype = token_dtype(vocab_size).name
+    splits: dict[str, dict[str, dict[str, int]]] = {}
+    seq_lens: set[int] = set()
+    for split, by_domain in samples.items():
+        splits[split] = {}
+        for domain, rows in by_domain.items():
+            with MDSWriter(
+                out=domain_dir(os.fspath(root), split, domain), columns={TOKENS_COLUMN: f"ndarray:{dtype}"}
+            ) as writer:
+                for row in rows:
+                    writer.write({TOKENS_COLUMN: np.asarray(row).astype(dtype)})
+                    seq_lens.add(len(row))
+            count = len(rows)
+            splits[split][domain] = {
+                "files": 1,
+                "documents": count,
+                "tokens": count * len(rows[0]),
+                "samples": count,
+            }
+    if len(seq_lens) != 1:
+        raise ValueError(f"token samples must share one length, got lengths {sorted(seq_lens)}")
+    domains = sorted({d for by_domain in samples.values() for d in by_domain})
+    manifest = manifest_header(seq_lens.pop(), tokenizer, vocab_size, dtype, domains, splits)
+    write_manifest(root, manifest)
+    return manifest
 
 
 def split_domains(root: str | os.PathLike[str], split: str, label: str = "") -> list[str]:

@@ -55,10 +55,9 @@ from llmshearing.data.jsonl import (
     list_jsonl_files,
 )
 from llmshearing.data.layout import (
-    MANIFEST_FORMAT,
-    MANIFEST_VERSION,
     SPLITS,
     TOKENS_COLUMN,
+    manifest_header,
     write_manifest,
 )
 from llmshearing.data.packing import Packer
@@ -610,20 +609,15 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     with staged_dir(output, overwrite=cfg.overwrite) as tmp:
         results = _prepare_domains(domains, cfg, spec, tmp)
         manifest = {
-            "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
-            "seq_len": cfg.seq_len,
-            "tokenizer": cfg.tokenizer,
-            "vocab_size": spec.vocab_size,
+            **manifest_header(
+                cfg.seq_len, cfg.tokenizer, spec.vocab_size, spec.dtype, domains, results.splits
+            ),
             "max_token_id": results.max_token_id,
             "bos_token_id": spec.bos_token_id,
             "eos_token_id": spec.eos_token_id,
-            "token_dtype": spec.dtype,
             "seed": cfg.seed,
             "text_field": cfg.text_field,
             "compression": cfg.compression,
-            "domains": sorted(domains),
-            "splits": results.splits,
             "documents_read": results.documents_read,
             "unused_documents": results.unused_documents,
             "bad_lines": results.bad_lines,
