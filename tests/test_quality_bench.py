@@ -274,7 +274,15 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
         args,
         0.1,
     )
-    assert not any(o.startswith("model.distillation") for o in plain)
+    # the demo recipes distil: an arm without distillation turns it off, whichever recipe it starts from
+    assert [o for o in plain if o.startswith("model.distillation")] == ["model.distillation=null"]
+    for stage, recipe in ((quality.plan_arms(budget)["l0-dynamic"][0], quality.PRUNE_RECIPE),):
+        overrides = quality.train_overrides(
+            budget, stage, inputs, Path(tiny_source), tmp_path / "p", [0.5, 0.5], args, 0.1
+        ) + quality.l0_overrides(args, None, stage.steps)
+        assert validate_config(load_config(str(recipe), overrides))["model"].get("distillation") is None
+    values = validate_config(load_config(str(quality.CONTINUE_RECIPE), plain))
+    assert values["model"].get("distillation") is None
 
 
 def _losses(values):

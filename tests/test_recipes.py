@@ -109,9 +109,13 @@ def test_recipe_validates_and_builds_its_plan(name, tmp_path):
     data.mkdir()
     _, _, processes = SOURCES[name]
     cfg = load_config(str(YAMLS / name), _placeholders(source, data))
-    for key in OmegaConf.missing_keys(cfg):  # what a recipe leaves to its caller (the demo measures it)
-        assert key == "callbacks.data_loading.target_loss", f"{name} leaves {key} unset"
-        OmegaConf.update(cfg, key, [2.0] * len(cfg.callbacks.data_loading.set_names))
+    for key in OmegaConf.missing_keys(cfg):  # what a recipe leaves to its caller (the demo passes it)
+        callers = {
+            "callbacks.data_loading.target_loss": [2.0] * len(cfg.callbacks.data_loading.set_names),
+            "model.distillation.teacher": str(source),
+        }
+        assert key in callers, f"{name} leaves {key} unset"
+        OmegaConf.update(cfg, key, callers[key])
     values = validate_config(cfg, processes)
     loading = DataLoadingConfig.from_dict(values["callbacks"]["data_loading"])
     assert len(loading.set_names) == len(loading.proportion)
