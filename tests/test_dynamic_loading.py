@@ -327,7 +327,9 @@ def test_stabiliser_options_are_parsed_and_relative_excess_needs_positive_refere
     settings = {"dynamic": True, "set_names": ["a", "b"], "proportion": [0.6, 0.4], "target_loss": [1, 2]}
     cfg = DataLoadingConfig.from_dict({**settings, "update_warmup": "40ba", "min_proportion": 0.25})
     assert cfg.update_warmup == 40 and cfg.floors == [0.15, 0.1]
-    assert DataLoadingConfig.from_dict(settings).floors is None and cfg.loss_ema == 0.0
+    assert DataLoadingConfig.from_dict(settings).floors == [0.3, 0.2]  # default: half the initial mix
+    assert DataLoadingConfig.from_dict({**settings, "min_proportion": 0}).floors is None  # the paper's rule
+    assert cfg.loss_ema == 0.0
     assert cfg.excess == "absolute"
     with pytest.raises(ValueError, match="excess: relative divides by the reference losses"):
         dynamic_callback(["a", "b"], [0.5, 0.5], target_loss=[1.0, 0.0], excess="relative")

@@ -93,10 +93,10 @@ class DataLoadingConfig:
     ``{sizes, losses, target_size}`` for a scaling-law fit), ``clip``, ``eta``, ``smoothing``,
     ``loss_source`` (``eval`` or ``train``), ``update_interval`` (batches as ``50`` or ``"50ba"``,
     or samples as ``"1600sp"``; default: ``eval_interval``), ``eval_label``.
-    Stabilisers (the defaults leave the paper's rule unchanged): ``loss_ema`` (decay in [0, 1) of an
-    exponential moving average of the per-domain losses; 0 = off), ``min_proportion`` (in [0, 1):
-    each domain keeps at least this fraction of its initial proportion, i.e. a floor relative to
-    ``proportion``), ``update_warmup`` (batches before the first update, as ``50`` or ``"50ba"``),
+    Stabilisers: ``loss_ema`` (decay in [0, 1) of an exponential moving average of the per-domain
+    losses; 0 = off), ``min_proportion`` (in [0, 1): each domain keeps at least this fraction of its
+    initial proportion, i.e. a floor relative to ``proportion``; default 0.5, chosen on the quality
+    benchmark's eval split; 0 is the paper's rule), ``update_warmup`` (batches before the first update, as ``50`` or ``"50ba"``),
     ``excess`` (``absolute``: ``loss - ref``; ``relative``: ``(loss - ref) / ref``).
     """
 
@@ -113,7 +113,7 @@ class DataLoadingConfig:
     update_interval: int | str | None = None
     eval_label: str = "eval"
     loss_ema: float = 0.0
-    min_proportion: float = 0.0
+    min_proportion: float = 0.5
     update_warmup: int | str = 0
     excess: str = "absolute"
 

@@ -136,6 +136,7 @@ def run_training(
         "proportion": [0.5, 0.3, 0.2],
         "target_loss": [2.0, 1.0, 0.5],
         "update_interval": f"{INTERVAL}ba",
+        "min_proportion": 0.0,  # the paper's rule unless a test asks for a stabiliser
     }
     dl_cfg.update(data_loading or {})
     train_cfg = {
