@@ -1024,15 +1024,20 @@ def write_results(
 
 # ------------------------------------------------------------------------------------------- study
 # variants of the settings, each a set of option values (``--mix-*`` / ``--kd-*`` flags) over the
-# defaults; mix variants run the one-shot arm, distillation variants the one-shot + distillation arm
+# defaults; mix variants run the one-shot arm from the paper's rule plus one change, distillation
+# variants the one-shot + distillation arm with the default mix
+PAPER_RULE = {"mix_eta": 1.0, "mix_ema": 0.0, "mix_floor": 0.0, "mix_warmup": 0, "mix_excess": "absolute"}
 STUDY_MIX = {
-    "paper rule": {},
-    "eta 0.3": {"mix_eta": 0.3},
-    "loss EMA 0.5": {"mix_ema": 0.5},
-    "floor 0.5": {"mix_floor": 0.5},
-    "warm-up 1 update": {"mix_warmup": 1},
-    "relative excess": {"mix_excess": "relative"},
-    "all four": {"mix_eta": 0.3, "mix_ema": 0.5, "mix_floor": 0.5, "mix_excess": "relative"},
+    name: {**PAPER_RULE, **change}
+    for name, change in {
+        "paper rule": {},
+        "eta 0.3": {"mix_eta": 0.3},
+        "loss EMA 0.5": {"mix_ema": 0.5},
+        "floor 0.5": {"mix_floor": 0.5},
+        "warm-up 1 update": {"mix_warmup": 1},
+        "relative excess": {"mix_excess": "relative"},
+        "all four": {"mix_eta": 0.3, "mix_ema": 0.5, "mix_floor": 0.5, "mix_excess": "relative"},
+    }.items()
 }
 STUDY_KD = {
     "alpha 0.5, T 1": {"kd_alpha": 0.5, "kd_temperature": 1.0},
@@ -1164,7 +1169,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--multiplier-lr", type=float, default=0.5, help="learning rate of the Lagrange multipliers (0.5)")
     add("--mix-eta", type=float, default=1.0, help="dynamic mix: step size eta (1.0: the paper)")
     add("--mix-ema", type=float, default=0.0, help="dynamic mix: loss moving-average decay (0: off)")
-    add("--mix-floor", type=float, default=0.0, help="dynamic mix: floor, x the initial proportion (0: off)")
+    add(
+        "--mix-floor",
+        type=float,
+        default=0.5,
+        help="dynamic mix: floor, x the initial proportion (0.5, the library default; 0: the paper's rule)",
+    )
     add("--mix-warmup", type=int, default=0, help="dynamic mix: update intervals before the first update (0)")
     add("--mix-excess", choices=("absolute", "relative"), default="absolute", help="dynamic mix: excess loss")
     add("--kd-alpha", type=float, default=0.5, help="distillation: weight of the KD loss (0.5)")

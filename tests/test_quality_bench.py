@@ -460,7 +460,25 @@ def test_write_results_is_atomic_and_complete(quality, tmp_path):
 def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
     variants = quality.study_variants(["mix", "distillation"])
     assert len(variants) == len(quality.STUDY_MIX) + len(quality.STUDY_KD)
-    assert ("mix", "paper rule", {}) in variants
+    assert ("mix", "paper rule", quality.PAPER_RULE) in variants
+    # each mix variant is the paper's rule with one change (or the four together), whatever the defaults
+    for group, name, values in variants:
+        if group == "mix":
+            changed = {k for k, v in values.items() if quality.PAPER_RULE[k] != v}
+            assert set(values) == set(quality.PAPER_RULE) and (
+                len(changed) == 1 or name in ("paper rule", "all four")
+            )
+    # the arms run the library's default mix unless told otherwise
+    from llmshearing.data.loaders import DataLoadingConfig
+
+    defaults = quality.build_parser().parse_args([])
+    library = DataLoadingConfig(["a"], [1.0])
+    assert (defaults.mix_eta, defaults.mix_ema, defaults.mix_floor, defaults.mix_excess) == (
+        library.eta,
+        library.loss_ema,
+        library.min_proportion,
+        library.excess,
+    )
     with pytest.raises(ValueError, match="unknown study groups"):
         quality.study_variants(["mix", "lr"])
     parser = quality.build_parser()
