@@ -56,7 +56,7 @@ demo: install  ## the whole path on SmolLM2-135M: convert, prepare data, prune, 
 	$(BIN)/python -m llmshearing.demo --out demo_out $(ARGS)
 
 data: install  ## prepare per-domain MDS data: make data RAW=<dir of <domain>/*.jsonl> DATA=<out> TOKENIZER=<hf dir>
-	$(BIN)/python data_prep/prepare_mds.py --input $(RAW) --output $(DATA) --tokenizer $(TOKENIZER) --seq-len $(SEQ_LEN) $(ARGS)
+	$(BIN)/llmshearing prepare-data --input $(RAW) --output $(DATA) --tokenizer $(TOKENIZER) --seq-len $(SEQ_LEN) $(ARGS)
 
 convert-in: install  ## HF checkpoint -> project checkpoint: make convert-in HF=<hf dir|hub name> SOURCE=<out> (ARGS=--gguf FILE)
 	$(BIN)/llmshearing convert hf-to-composer $(HF) $(SOURCE) $(ARGS)

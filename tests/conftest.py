@@ -58,7 +58,7 @@ def write_tiny_source(path: str, seed: int = 0, **overrides) -> str:
 def write_tiny_mds(
     root: str, n_train: int = 96, n_eval: int = 8, seq_len: int = TINY_SEQ_LEN, n_test: int | None = None
 ) -> str:
-    """Two domains of learnable token patterns in the layout `prepare_mds.py` writes (train, eval, test)."""
+    """Two domains of learnable token patterns in the layout `llmshearing prepare-data` writes (train, eval, test)."""
     rngs = {"train": np.random.default_rng(0), "test": np.random.default_rng(1)}
     rngs["eval"] = rngs["train"]  # eval draws from the train stream; test has its own
     n_test = n_eval if n_test is None else n_test

@@ -43,7 +43,7 @@ def test_manifest_round_trip_and_absent_or_broken_manifests(tmp_path):
     assert read_manifest(None) is None and read_manifest(tmp_path / "elsewhere") is None
     (tmp_path / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(
-        ValueError, match=rf"{MANIFEST_NAME} is not valid JSON .*re-run data_prep/prepare_mds.py"
+        ValueError, match=rf"{MANIFEST_NAME} is not valid JSON .*re-run llmshearing prepare-data"
     ):
         read_manifest(tmp_path)
 

@@ -99,7 +99,7 @@ def test_a_truncated_shard_is_named(tiny_source, tiny_mds, tmp_path, capsys):
     assert stderr.strip().splitlines() == [
         f"llmshearing evaluate: error: {shard} has {size - 7:,} bytes, but {data / 'test' / 'beta' / 'index.json'} "
         f"records {size:,} bytes: the shard is truncated or was not copied completely; copy the data again "
-        "or re-run data_prep/prepare_mds.py"
+        "or re-run llmshearing prepare-data"
     ]
     shard.unlink()
     with pytest.raises(ValueError, match=rf"{shard.name} is missing, but .* records {size:,} bytes"):
@@ -118,7 +118,7 @@ def test_token_ids_beyond_the_model_vocabulary_are_refused(tiny_mds, tmp_path, c
     assert stderr.strip().splitlines() == [
         f"llmshearing evaluate: error: the data in {data} was tokenised with a 97-token vocabulary "
         f"(tokenizer 'synthetic', vocabulary 97), but model {small} has 50 token embeddings (ids 0 to 49): "
-        "prepare the data with the model's own tokenizer (data_prep/prepare_mds.py --tokenizer MODEL_DIR) "
+        "prepare the data with the model's own tokenizer (llmshearing prepare-data --tokenizer MODEL_DIR) "
         "or use a model with this tokenizer's vocabulary"
     ]
     edit_manifest(data, max_token_id=96)

@@ -21,7 +21,7 @@ def _manifest_int(manifest: dict[str, Any], key: str, path: str) -> int | None:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(
-            f"{path}: {key!r} must be an integer, got {value!r}; re-run data_prep/prepare_mds.py"
+            f"{path}: {key!r} must be an integer, got {value!r}; re-run llmshearing prepare-data"
         )
     return value
 
@@ -52,7 +52,7 @@ def check_vocab(data_dir: str | os.PathLike[str], vocab_size: int, model: str) -
     raise ValueError(
         f"the data in {os.fspath(data_dir)} {found} (tokenizer {tokenizer!r}, vocabulary {data_vocab}), "
         f"but model {model} has {vocab_size} token embeddings (ids 0 to {vocab_size - 1}): prepare the "
-        "data with the model's own tokenizer (data_prep/prepare_mds.py --tokenizer MODEL_DIR) or use a "
+        "data with the model's own tokenizer (llmshearing prepare-data --tokenizer MODEL_DIR) or use a "
         "model with this tokenizer's vocabulary"
     )
 
@@ -78,18 +78,18 @@ def check_shards(split_dir: str | os.PathLike[str]) -> None:
         shards = index["shards"]
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{index_path} not found: {directory} is not an MDS directory written by data_prep/prepare_mds.py"
+            f"{index_path} not found: {directory} is not an MDS directory written by llmshearing prepare-data"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ValueError(
             f"{index_path} is not a readable MDS index ({type(err).__name__}: {err}); "
-            "copy the data again or re-run data_prep/prepare_mds.py"
+            "copy the data again or re-run llmshearing prepare-data"
         ) from None
     for shard in shards:
         forms = _shard_files(shard) if isinstance(shard, dict) else []
         if not forms:
             raise ValueError(
-                f"{index_path} lists a shard without file names; re-run data_prep/prepare_mds.py"
+                f"{index_path} lists a shard without file names; re-run llmshearing prepare-data"
             )
         sizes = {name: _size(os.path.join(directory, name)) for name, _ in forms}
         if any(sizes[name] == expected for name, expected in forms):
@@ -100,7 +100,7 @@ def check_shards(split_dir: str | os.PathLike[str]) -> None:
         raise ValueError(
             f"{os.path.join(directory, name)} {state}, but {index_path} records {expected:,} bytes: the "
             "shard is truncated or was not copied completely; copy the data again or re-run "
-            "data_prep/prepare_mds.py"
+            "llmshearing prepare-data"
         )
 
 

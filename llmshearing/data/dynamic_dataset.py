@@ -128,7 +128,7 @@ def check_token_column(dataset: StreamingDataset, set_names: Sequence[str]) -> N
         if TOKENS_COLUMN not in columns:
             raise ValueError(
                 f"domain {name!r} ({dataset.streams[stream_id].local}) has columns {columns}, "
-                f"not {TOKENS_COLUMN!r}: prepare the data with data_prep/prepare_mds.py"
+                f"not {TOKENS_COLUMN!r}: prepare the data with llmshearing prepare-data"
             )
 
 

@@ -52,7 +52,7 @@ def read_manifest(root: str | os.PathLike[str] | None) -> dict[str, Any] | None:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): re-run data_prep/prepare_mds.py") from None
+        raise ValueError(f"{path} is not valid JSON ({err}): re-run llmshearing prepare-data") from None
 
 
 def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
@@ -132,7 +132,7 @@ def split_domains(root: str | os.PathLike[str], split: str, label: str = "") -> 
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"{label}{directory} is not a directory: DATA must be an MDS root prepared by "
-            f"data_prep/prepare_mds.py (holding {split}/<domain>/{INDEX_NAME})"
+            f"llmshearing prepare-data (holding {split}/<domain>/{INDEX_NAME})"
         )
     domains = sorted(
         d for d in os.listdir(directory) if os.path.isfile(os.path.join(directory, d, INDEX_NAME))
@@ -195,7 +195,7 @@ class TokenSamples:
         if TOKENS_COLUMN not in sample:
             raise KeyError(
                 f"{self.label}samples have no {TOKENS_COLUMN!r} column; prepare the data with "
-                "data_prep/prepare_mds.py"
+                "llmshearing prepare-data"
             )
         return np.asarray(sample[TOKENS_COLUMN], dtype=np.int64)
 

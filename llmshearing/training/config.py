@@ -179,7 +179,7 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
     if values.get("data_remote") is None and not os.path.isdir(values["data_local"]):
         raise ConfigError(
             f"data_local {values['data_local']!r} is not a directory; prepare data with "
-            "`python data_prep/prepare_mds.py --output DIR ...` and set data_local=DIR"
+            "`llmshearing prepare-data --output DIR ...` and set data_local=DIR"
         )
     global_batch = values["global_train_batch_size"]
     micro = values["device_train_microbatch_size"]
