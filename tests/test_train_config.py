@@ -56,6 +56,7 @@ def test_defaults_overrides_and_interpolation(recipe):
         (["eval_interval=null"], "config key 'eval_interval' is required"),
         (["bad-override"], "overrides must look like key=value"),
         (["compile_config=true"], "compile_config must be a mapping of torch.compile arguments"),
+        (["loggers.metrics_jsonl=false"], "unknown config key 'loggers.metrics_jsonl'"),
     ],
 )
 def test_bad_config_names_the_key(recipe, overrides, message):

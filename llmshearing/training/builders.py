@@ -260,7 +260,7 @@ def build_loggers(values: dict[str, Any], save_folder: str) -> list[LoggerDestin
     known = logger_classes()
     loggers: list[LoggerDestination] = [MetricsJSONLLogger(save_folder)]
     for name, kwargs in values["loggers"].items():
-        if name not in known or kwargs is False:  # metrics_jsonl is always on
+        if kwargs is False:
             continue
         kwargs = dict(kwargs or {})
         if name == "file":

@@ -51,7 +51,8 @@ SCHEMA: dict[str, Any] = {
         "optimizer_monitor": ANY,
         "sample_log": ANY,  # record the sample ids of every batch (audits resumption)
     },
-    "loggers": {"file": ANY, "wandb": ANY, "mlflow": ANY, "tensorboard": ANY, "metrics_jsonl": ANY},
+    # metrics.jsonl is always written (report, demo and resume read it): it has no key to turn it off
+    "loggers": {"file": ANY, "wandb": ANY, "mlflow": ANY, "tensorboard": ANY},
     "max_duration": ANY,
     "eval_interval": ANY,
     "eval_first": ANY,
