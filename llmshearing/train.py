@@ -139,6 +139,12 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         seed=values["seed"],
         dist_timeout=values["dist_timeout"],
     )
+    if fsdp is not None and model.teacher is not None:  # Composer wrapped the student; the teacher follows it
+        from llmshearing.training.fsdp import shard_teacher
+
+        placed = shard_teacher(model.teacher, fsdp, next(trainer.state.model.parameters()).device)
+        if dist.get_global_rank() == 0:
+            print(f"llmshearing: {placed}", flush=True)
     if values["autoresume"]:
         run_folder.check_progress(save_folder, int(trainer.state.timestamp.batch), _batches(trainer))
     return trainer, values

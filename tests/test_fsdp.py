@@ -1,9 +1,9 @@
 """Sharded training with Composer's FSDP2 on CPU (gloo, ``composer -n 2``) against one process.
 
 Pruning (dynamic loading, source reference, importance-ranked masks, gradient clipping; FULL_SHARD,
-sharded checkpoints) and continued pretraining (train-loss mixing, distillation from the source;
-SHARD_GRAD_OP, activation checkpointing, full checkpoints) run once per module in one process and
-under FSDP2 with the same global batch; the tests compare masks, mix, losses and weights (fp32, 1e-5),
+sharded checkpoints) and continued pretraining (train-loss mixing, distillation from the source,
+whose blocks are sharded too; SHARD_GRAD_OP, activation checkpointing, full checkpoints) run once per
+module in one process and under FSDP2 with the same global batch; the tests compare masks, mix, losses and weights (fp32, 1e-5),
 resume a sharded run bit-identically, fold the sharded checkpoint, and check the errors of a
 misconfigured ``fsdp_config``.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,10 @@ import torch
 from llmshearing.callbacks.sample_log import read_sample_log
 from llmshearing.cli import main as cli_main
 from llmshearing.convert.checkpoint import open_checkpoint
+from llmshearing.convert.loading import from_pretrained
 from llmshearing.convert.sharded import is_sharded_checkpoint
 from llmshearing.train import main as train_main
-from llmshearing.training.fsdp import FSDPConfigError, resolve_fsdp
+from llmshearing.training.fsdp import FSDPConfigError, resolve_fsdp, shard_teacher
 
 PRUNE = "yamls/tiny/prune.yaml"
 CONTINUED = "yamls/tiny/continued.yaml"
@@ -95,9 +97,11 @@ def runs(tiny_source, tiny_mds, tmp_path_factory):
     log = _sharded(PRUNE, _args(tiny_source, tiny_mds, root / "prune-fsdp", *PRUNE_EXTRA, *SHARDED))
     distil = [f"model.distillation.teacher={tiny_source}", "model.distillation.alpha=0.5"]
     _single(CONTINUED, _args(tiny_source, tiny_mds, root / "cont-one", *CONTINUED_EXTRA, *distil))
-    _sharded(CONTINUED, _args(tiny_source, tiny_mds, root / "cont-fsdp", *CONTINUED_EXTRA, *distil, *FULL))
+    distil_log = _sharded(
+        CONTINUED, _args(tiny_source, tiny_mds, root / "cont-fsdp", *CONTINUED_EXTRA, *distil, *FULL)
+    )
     clean_stale_shared_memory()
-    return {"root": root, "log": log}
+    return {"root": root, "log": log, "distil_log": distil_log, "teacher": tiny_source}
 
 
 def _assert_same_run(one: Path, fsdp: Path) -> None:
@@ -141,6 +145,18 @@ def test_fsdp2_continued_pretraining_matches_one_process(runs):
     assert (fsdp / "checkpoints" / "latest-rank0.pt").resolve().is_file()  # state_dict_type: full
     _assert_same_run(runs["root"] / "cont-one", fsdp)
     assert any(name == "loss/train/kd" for _, name in _metrics(fsdp))  # the teacher was in the loss
+    # the teacher's blocks were sharded too: rank 0 holds half of them plus the whole embeddings and head
+    found = re.search(
+        r"teacher: blocks sharded over 2 ranks; .* ([\d,]+) of ([\d,]+) parameters", runs["distil_log"]
+    )
+    assert found, runs["distil_log"][-3000:]
+    local, total = (int(n.replace(",", "")) for n in found.groups())
+    params = dict(from_pretrained(runs["teacher"]).named_parameters())
+    whole = sum(p.numel() for name, p in params.items() if not name.startswith("layers."))
+    halves = sum(
+        -(-p.shape[0] // 2) * p[0].numel() for name, p in params.items() if name.startswith("layers.")
+    )
+    assert (local, total) == (whole + halves, sum(p.numel() for p in params.values()))
 
 
 @pytest.mark.slow
@@ -240,6 +256,20 @@ def test_fsdp1_is_chosen_on_gpus_and_fsdp2_translates_the_strategy():
     assert resolve_fsdp(None, cuda=True, environ={}) is None
     with pytest.raises(FSDPConfigError, match="must be a mapping"):
         resolve_fsdp("FULL_SHARD", cuda=True, environ={})
+
+
+def test_a_teacher_stays_whole_in_one_process_and_with_no_shard(tiny_source):
+    from torch.distributed.tensor import DTensor
+
+    from llmshearing.convert.loading import load_teacher
+
+    teacher = load_teacher(tiny_source, torch.float32, "sdpa")
+    total = sum(p.numel() for p in teacher.module().parameters())
+    for strategy in ("FULL_SHARD", "NO_SHARD"):
+        plan = resolve_fsdp({"sharding_strategy": strategy}, cuda=True, environ={})
+        summary = shard_teacher(teacher, plan, torch.device("cpu"))
+        assert summary == f"distillation teacher: whole on every rank ({total:,} parameters)"
+    assert not any(isinstance(p, DTensor) for p in teacher.module().parameters())
 
 
 def test_sharded_checkpoint_cut_off_while_written_is_set_aside(tmp_path):

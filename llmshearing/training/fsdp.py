@@ -9,6 +9,7 @@ Parameters of model children marked ``_fsdp_wrap = False`` (the L0 module) stay 
 :class:`FSDPGradients` averages their gradients across ranks, as DDP would, and clips the gradients
 by the norm over all parameters, sharded or not, exactly as one process would. On CPU (gloo) it also
 corrects FSDP2's sharded gradients, which torch 2.7 sums over the ranks instead of averaging.
+A distillation teacher, outside the student's module tree, is sharded by :func:`shard_teacher`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as tdist
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from llmshearing.models.teacher import Teacher
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2", "NO_SHARD")
 FSDP2_RESHARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}  # FSDP2 has no hybrid or unsharded mode here
@@ -155,6 +159,60 @@ def ignored_fsdp2_keys(plan: FSDPPlan) -> list[str]:
         return []
     _, fsdp2_keys = _composer_fsdp_keys()
     return sorted(k for k in plan.settings if k not in fsdp2_keys and k != "sharding_strategy")
+
+
+# --------------------------------------------------------------------------------- the teacher
+def shard_teacher(teacher: Teacher, plan: FSDPPlan, device: torch.device) -> str:
+    """Shard a distillation teacher's blocks over the ranks as the student is; returns a one-line summary.
+
+    The teacher sits outside the student's module tree, so Composer does not wrap it. Its blocks are
+    sharded here with FSDP2's ``fully_shard`` (whichever FSDP the student runs), each gathered for its
+    forward and freed after it; ``HYBRID_SHARD`` shards within a node and replicates across nodes,
+    ``NO_SHARD`` keeps the teacher whole. The embeddings, final norm and output head stay whole on
+    every rank: the distillation loss applies the head to one chunk of positions at a time, outside
+    the teacher's forward. Every rank must call this (it communicates).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    decoder = teacher.module().to(device)
+    total = sum(p.numel() for p in decoder.parameters())
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    if world == 1 or plan.sharding_strategy == "NO_SHARD":
+        return f"distillation teacher: whole on every rank ({total:,} parameters)"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    hybrid = plan.sharding_strategy in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2") and world > local_world
+    if hybrid:
+        if world % local_world:
+            raise FSDPConfigError(
+                f"fsdp_config.sharding_strategy={plan.sharding_strategy} needs the same number of ranks on "
+                f"every node; {world} ranks do not split into nodes of {local_world}"
+            )
+        mesh = init_device_mesh(
+            device.type, (world // local_world, local_world), mesh_dim_names=("node", "rank")
+        )
+        where = f"within each node ({local_world} ranks), replicated across {world // local_world} nodes"
+    else:
+        mesh = init_device_mesh(device.type, (world,))
+        where = f"over {world} ranks"
+    for block in decoder.layers:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    own = {p for name, p in decoder.named_parameters() if not name.startswith("layers.")}
+    fully_shard(
+        decoder, mesh=mesh, reshard_after_forward=True, ignored_params=own
+    )  # the root: blocks free after use
+    teacher.set_module(decoder)
+    local = sum(_local_numel(p) for p in decoder.parameters())
+    return (
+        f"distillation teacher: blocks sharded {where}; embeddings, final norm and head whole; "
+        f"{local:,} of {total:,} parameters on this rank"
+    )
+
+
+def _local_numel(param: Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local().numel() if isinstance(param, DTensor) else param.numel()
 
 
 # --------------------------------------------------------------------------------- gradients
