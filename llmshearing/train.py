@@ -89,7 +89,10 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         eval_interval=values["eval_interval"],
     )
     eval_loader = build_eval_dataloader(
-        values["eval_loader"], data_loading.set_names, device_batch_size=values["device_eval_batch_size"]
+        values["eval_loader"],
+        data_loading.set_names,
+        device_batch_size=values["device_eval_batch_size"],
+        subset_num_batches=values["eval_subset_num_batches"],
     )
     reproducibility.seed_all(values["seed"])
     if dist.get_global_rank() == 0:

@@ -198,6 +198,21 @@ def test_eval_set_covers_every_sample_once_interleaved(data_root, cache):
     assert sorted(d for d, _ in draws[:3]) == [0, 1, 2]  # any prefix covers every domain
 
 
+def test_an_eval_subset_must_reach_every_domain(data_root, cache):
+    cfg = {"dataset": {"local": cache, "remote": data_root}}
+    spec = build_eval_dataloader(cfg, NAMES, device_batch_size=2, subset_num_batches=2)
+    dataset = spec.dataloader.dataset
+    assert dataset.prefix_covering() == 3 and dataset.domains_in_prefix(2) == NAMES[:2]
+    del spec, dataset
+    gc.collect()
+    clean_stale_shared_memory()
+    missing = rf"\['{NAMES[2]}'\]"
+    with pytest.raises(
+        ValueError, match=rf"first 2 eval samples, which hold none of domains {missing}.*=2 or more"
+    ):
+        build_eval_dataloader(cfg, NAMES, device_batch_size=2, subset_num_batches=1)
+
+
 def test_eval_samples_per_domain(data_root, cache):
     cfg = {"dataset": {"local": cache, "remote": data_root, "samples_per_domain": 4}}
     dataset = build_eval_dataloader(cfg, NAMES, device_batch_size=2).dataloader.dataset

@@ -160,6 +160,16 @@ def test_bad_recipe_value_is_refused_before_anything_runs(
     assert not folder.exists()
 
 
+def test_eval_subset_that_leaves_out_a_domain_is_refused(tiny_source, tiny_mds, tmp_path, capsys):
+    folder = tmp_path / "run"
+    subset = ["device_eval_batch_size=1", "eval_subset_num_batches=1"]  # one sample: the first domain's
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, folder, *SHORT, *subset)]) == 2
+    line = _one_error_line(capsys)
+    assert "eval_subset_num_batches=1 evaluates the first 1 eval samples, which hold none of domains" in line
+    assert "set eval_subset_num_batches=2 or more, or -1" in line
+    assert not folder.exists()
+
+
 def _save(path: Path, batch: int) -> None:
     torch.save({"state": {"timestamp": {"Timestamp": {"batch": batch}}}, "blob": torch.zeros(4096)}, path)
 

@@ -81,6 +81,16 @@ class DomainEvalDataset(Dataset):
     def __len__(self) -> int:
         return int(self._global.size)
 
+    def prefix_covering(self) -> int:
+        """The fewest leading samples that include every domain (a domain without samples is never covered)."""
+        firsts = [int(np.argmax(self._domain == d)) for d, n in enumerate(self.samples_per_domain) if n]
+        return max(firsts, default=-1) + 1
+
+    def domains_in_prefix(self, n: int) -> list[str]:
+        """Names of the domains with at least one sample among the first ``n``."""
+        present = set(self._domain[: max(n, 0)].tolist())
+        return [name for d, name in enumerate(self.set_names) if d in present]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample_id = int(self._global[index])
         return to_sample(

@@ -426,14 +426,36 @@ def build_train_dataloader(
     return DataSpec(loader, get_num_tokens_in_batch=_num_tokens)
 
 
+def _check_subset_covers_domains(dataset: Any, batches: int, device_batch_size: int, world_size: int) -> None:
+    """Each rank evaluates ``batches`` batches of a non-shuffled, rank-strided set: the first
+    ``batches * device_batch_size * world_size`` samples; they must include every domain."""
+    evaluated = batches * device_batch_size * world_size
+    needed = dataset.prefix_covering()
+    if evaluated >= needed:
+        return
+    present = set(dataset.domains_in_prefix(evaluated))
+    missing = [name for name in dataset.set_names if name not in present]
+    enough = -(-needed // (device_batch_size * world_size))
+    raise ValueError(
+        f"eval_subset_num_batches={batches} evaluates the first {evaluated} eval samples, which hold none of "
+        f"domains {missing}: they would get no eval loss (for the logs or the dynamic mix); set "
+        f"eval_subset_num_batches={enough} or more, or -1 for the whole eval set"
+    )
+
+
 def build_eval_dataloader(
     loader_cfg: Mapping[str, Any],
     set_names: Sequence[str],
     *,
     device_batch_size: int,
+    subset_num_batches: int = -1,
     where: str = "eval_loader",
 ) -> Any:
-    """A ``DataSpec`` over a ``DomainEvalDataset`` with a non-shuffling ``DistributedSampler``."""
+    """A ``DataSpec`` over a ``DomainEvalDataset`` with a non-shuffling ``DistributedSampler``.
+
+    ``subset_num_batches`` (the run's ``eval_subset_num_batches``; -1: all) must reach every domain:
+    a domain left out of the evaluated prefix would have no eval loss for the mix or the logs.
+    """
     from composer.core import DataSpec
     from composer.utils import dist
 
@@ -454,6 +476,8 @@ def build_eval_dataloader(
         validate_hash=ds["validate_hash"],
         keep_zip=bool(ds["keep_zip"]),
     )
+    if subset_num_batches > 0:
+        _check_subset_covers_domains(dataset, subset_num_batches, device_batch_size, dist.get_world_size())
     kwargs = _loader_kwargs(loader_cfg, where)
     kwargs["drop_last"] = False  # Composer removes the sampler's padding only without drop_last
     sampler = dist.get_sampler(dataset, drop_last=False, shuffle=False)
