@@ -21,8 +21,9 @@ deciding arms (3, 5, 1, 2) are repeated for every seed after the first (``--seed
 reported. An L0 stage must end with its expected sparsity within 0.02 of the target; a miss is recorded
 and makes the command fail after the results are written.
 
-``--study`` chooses the settings instead: short continued-pretraining variants of the one-shot arm (mix
-stabilisers) and of the one-shot + distillation arm (alpha, temperature), ranked on the eval split only.
+``--study`` chooses the settings instead: variants of the one-shot arm (mix stabilisers), of the one-shot +
+distillation arm (alpha, temperature) and, with ``--study-groups pruning``, of arm 3 (the pruning share of
+T and the pruning learning rate), each for the whole budget and ranked on the eval split only.
 
 Data: the RedPajama sample at ``../shared/data/redpajama-sample`` when present (domains with fewer than
 three documents cannot give disjoint train / eval / test splits and are left out, with a note), else the
@@ -52,7 +53,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -609,6 +610,7 @@ def run_arm(
                 overrides.append(f"optimizer.lr={args.scratch_lr}")
             detail = "distillation from the source" if stage.distill else ""
             if stage.kind == "l0":
+                overrides.append(f"optimizer.lr={args.prune_lr}")
                 ranked = args.oneshot is not None and args.l0_init == "importance"
                 scores = args.oneshot.scores if ranked else None
                 overrides += l0_overrides(args, scores, stage.steps)
@@ -1046,16 +1048,23 @@ STUDY_KD = {
     "alpha 0.5, T 2": {"kd_alpha": 0.5, "kd_temperature": 2.0},
     "alpha 0.9, T 2": {"kd_alpha": 0.9, "kd_temperature": 2.0},
 }
-STUDY_ARMS = {"mix": "oneshot", "distillation": "oneshot-distill"}
+PRUNE_LR = 2e-4  # the pruning recipe's learning rate of the model's weights
+STUDY_PRUNE = {
+    "share 0.25, lr 2e-4": {"prune_share": 0.25, "prune_lr": PRUNE_LR},
+    "share 0.125, lr 2e-4": {"prune_share": 0.125, "prune_lr": PRUNE_LR},
+    "share 0.25, lr 3e-4": {"prune_share": 0.25, "prune_lr": 3e-4},
+    "share 0.125, lr 3e-4": {"prune_share": 0.125, "prune_lr": 3e-4},
+}
+STUDY_TABLES = {"mix": STUDY_MIX, "distillation": STUDY_KD, "pruning": STUDY_PRUNE}
+STUDY_ARMS = {"mix": "oneshot", "distillation": "oneshot-distill", "pruning": "l0-distill"}
 
 
 def study_variants(groups: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
     """``(group, name, option values)`` of the study's variants in the chosen ``groups``."""
-    tables = {"mix": STUDY_MIX, "distillation": STUDY_KD}
-    unknown = sorted(set(groups) - set(tables))
+    unknown = sorted(set(groups) - set(STUDY_TABLES))
     if unknown:
-        raise ValueError(f"unknown study groups {unknown}; choose from {sorted(tables)}")
-    return [(group, name, values) for group in groups for name, values in tables[group].items()]
+        raise ValueError(f"unknown study groups {unknown}; choose from {sorted(STUDY_TABLES)}")
+    return [(group, name, values) for group in groups for name, values in STUDY_TABLES[group].items()]
 
 
 def as_flags(values: Mapping[str, Any]) -> str:
@@ -1095,9 +1104,10 @@ def render_study(results: Mapping[str, Any]) -> str:
         )
     lines += [
         "",
-        "Each variant is the continued pretraining of the one-shot pruned model for the whole budget T (the "
-        "distillation variants with the source as teacher), evaluated on the eval split; the test split is "
-        "not read.",
+        "Each mix or distillation variant is the continued pretraining of the one-shot pruned model for the "
+        "whole budget T (the distillation variants with the source as teacher); each pruning variant is arm 3 "
+        "(L0 pruning for its share of T, then continued pretraining, both distilling from the source). All "
+        "are evaluated on the eval split; the test split is not read.",
         "",
     ]
     return "\n".join(lines)
@@ -1107,15 +1117,16 @@ def run_study(
     args: argparse.Namespace, budget: Budget, inputs: Inputs, root: Path, steps: Steps
 ) -> list[dict[str, Any]]:
     """Every study variant once (first seed), measured on the eval split."""
-    plan = plan_arms(budget, args.kd_prune)
     records = []
     for index, (group, name, values) in enumerate(study_variants(args.study_groups)):
         variant = copy.copy(args)
         for key, value in values.items():
             setattr(variant, key, value)
         arm = STUDY_ARMS[group]
+        variant_budget = replace(budget, prune_share=variant.prune_share)  # the pruning group varies it
+        stages = plan_arms(variant_budget, variant.kd_prune)[arm]
         print(f"\n##### study {group}: {name} ({as_flags(values)})", flush=True)
-        record = run_arm(arm, plan[arm], budget, inputs, root / f"variant{index}", variant, steps)
+        record = run_arm(arm, stages, variant_budget, inputs, root / f"variant{index}", variant, steps)
         records.append({"group": group, "variant": name, "values": dict(values), "arm": arm, **record})
     return records
 
@@ -1133,6 +1144,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--microbatch", type=int, default=None, help="device microbatch (default: --batch)")
     add("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     add("--prune-share", type=float, default=0.25, help="share of T for L0 pruning (0.25)")
+    add(
+        "--prune-lr",
+        type=float,
+        default=PRUNE_LR,
+        help=f"learning rate of the model's weights while L0 pruning (default: {PRUNE_LR:g}, the recipe's)",
+    )
     add(
         "--seeds",
         type=int,
@@ -1195,9 +1212,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--study-groups",
         nargs="+",
-        choices=("mix", "distillation"),
+        choices=tuple(STUDY_TABLES),
         default=["mix", "distillation"],
-        help="what --study varies (default: both)",
+        help="what --study varies: mix stabilisers (one-shot arm), distillation weight and temperature "
+        "(one-shot + distillation arm), pruning share of T and learning rate (arm 3) (default: mix distillation)",
     )
     add("--scratch-lr", type=float, default=1e-3, help="peak lr of the scratch arm (1e-3)")
     add("--calibration-samples", type=int, default=None, help="one-shot samples (128; quick 8)")
@@ -1214,7 +1232,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the runs, as recorded with the results."""
     names = [
-        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "prune_lr", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
         "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip

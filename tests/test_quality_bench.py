@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
 
@@ -482,7 +483,15 @@ def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
     with pytest.raises(ValueError, match="unknown study groups"):
         quality.study_variants(["mix", "lr"])
     parser = quality.build_parser()
-    for _, _, values in variants:  # every variant's flags are options of the command
+    pruning = quality.study_variants(["pruning"])
+    assert {quality.STUDY_ARMS[group] for group, _, _ in pruning} == {"l0-distill"}
+    # the defaults are among the pruning variants; the pruning lr default is the recipe's
+    assert any(
+        values == {"prune_share": defaults.prune_share, "prune_lr": defaults.prune_lr}
+        for *_, values in pruning
+    )
+    assert defaults.prune_lr == OmegaConf.load(quality.PRUNE_RECIPE).optimizer.lr
+    for _, _, values in [*variants, *pruning]:  # every variant's flags are options of the command
         flags = quality.as_flags(values).split() if values else []
         args = parser.parse_args(flags)
         assert all(getattr(args, key) == value for key, value in values.items())
