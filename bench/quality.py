@@ -486,6 +486,8 @@ def train_overrides(
         f"precision={args.precision}",
         f"callbacks.data_loading.set_names=[{','.join(inputs.domains)}]",
         f"callbacks.data_loading.proportion=[{','.join(f'{p:.6f}' for p in mix)}]",
+        # a continued stage starts from the previous stage's final mix; its floor stays a share of the data's
+        f"callbacks.data_loading.floor_proportion=[{','.join(f'{p:.6f}' for p in inputs.proportion)}]",
         f"callbacks.data_loading.target_loss=[{','.join(f'{v:.4f}' for v in reference)}]",
         *mix_overrides(args, interval),
         f"progress_bar={'false' if args.no_progress else 'true'}",

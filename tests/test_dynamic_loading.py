@@ -312,6 +312,7 @@ BAD_OPTIONS = {
     "update_warmup": ("2ep", "update_warmup must be a number of batches"),
     "excess": ("ratio", r"excess must be one of \['absolute', 'relative'\]"),
     "eta": ("fast", "eta must be a non-negative number"),
+    "floor_proportion": ([0.9, 0.3], "floor_proportion sums to 1.2, not 1"),
 }
 
 
@@ -329,6 +330,11 @@ def test_stabiliser_options_are_parsed_and_relative_excess_needs_positive_refere
     assert cfg.update_warmup == 40 and cfg.floors == [0.15, 0.1]
     assert DataLoadingConfig.from_dict(settings).floors == [0.3, 0.2]  # default: half the initial mix
     assert DataLoadingConfig.from_dict({**settings, "min_proportion": 0}).floors is None  # the paper's rule
+    # a later stage that starts from an earlier stage's final mix anchors the floor to the data's own mix
+    later = DataLoadingConfig.from_dict(
+        {**settings, "proportion": [0.9, 0.1], "floor_proportion": [0.6, 0.4]}
+    )
+    assert later.floors == [0.3, 0.2] and later.proportion == [0.9, 0.1]
     assert cfg.loss_ema == 0.0
     assert cfg.excess == "absolute"
     with pytest.raises(ValueError, match="excess: relative divides by the reference losses"):

@@ -234,6 +234,7 @@ def _stage_args(quality, tmp_path, tiny_source, **extra):
 
 def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_source, tiny_mds):
     """Every stage's overrides of the demo recipes load and validate with the project's own config code."""
+    from llmshearing.data.loaders import DataLoadingConfig
     from llmshearing.training.config import load_config, validate_config
 
     budget = quality.make_budget(
@@ -245,13 +246,16 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
     stages = quality.plan_arms(budget)["l0-distill"]
     for stage, recipe in ((stages[0], quality.PRUNE_RECIPE), (stages[2], quality.CONTINUE_RECIPE)):
         overrides = quality.train_overrides(
-            budget, stage, inputs, Path(tiny_source), tmp_path / "run", [0.5, 0.5], args, 0.1
+            budget, stage, inputs, Path(tiny_source), tmp_path / "run", [0.8, 0.2], args, 0.1
         )
         if stage.kind == "l0":
             overrides += quality.l0_overrides(args, None, stage.steps)
         values = validate_config(load_config(str(recipe), overrides))
         loading = values["callbacks"]["data_loading"]
         assert (loading["loss_ema"], loading["excess"], loading["eta"]) == (0.5, "relative", 1.0)
+        # a stage starts from the mix it is given; the floor stays a share of the data's initial mix
+        assert DataLoadingConfig.from_dict(loading).floors == [0.5 * args.mix_floor] * 2
+        assert loading["proportion"] == [0.8, 0.2]
         assert loading["update_warmup"] == f"{stage.update_interval(budget)}ba"
         distillation = values["model"]["distillation"]
         assert distillation["teacher"] == tiny_source and distillation["alpha"] == args.kd_alpha

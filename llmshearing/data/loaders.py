@@ -96,7 +96,10 @@ class DataLoadingConfig:
     Stabilisers: ``loss_ema`` (decay in [0, 1) of an exponential moving average of the per-domain
     losses; 0 = off), ``min_proportion`` (in [0, 1): each domain keeps at least this fraction of its
     initial proportion, i.e. a floor relative to ``proportion``; default 0.5, chosen on the quality
-    benchmark's eval split; 0 is the paper's rule), ``update_warmup`` (batches before the first update, as ``50`` or ``"50ba"``),
+    benchmark's eval split; 0 is the paper's rule), ``floor_proportion`` (the mix the floor is a fraction
+    of, default ``proportion``: a continued run that starts from the pruning run's final mix gives the
+    pruning run's initial mix here, so the floor does not halve again in every stage),
+    ``update_warmup`` (batches before the first update, as ``50`` or ``"50ba"``),
     ``excess`` (``absolute``: ``loss - ref``; ``relative``: ``(loss - ref) / ref``).
     """
 
@@ -114,6 +117,7 @@ class DataLoadingConfig:
     eval_label: str = "eval"
     loss_ema: float = 0.0
     min_proportion: float = 0.5
+    floor_proportion: list[float] | None = None
     update_warmup: int | str = 0
     excess: str = "absolute"
 
@@ -187,16 +191,21 @@ class DataLoadingConfig:
                 f"{_DL}.min_proportion must be in [0, 1): the fraction of its initial proportion each domain "
                 f"keeps at least (0 = no floor), got {self.min_proportion!r}"
             )
+        if self.floor_proportion is not None:
+            validate_proportions(self.floor_proportion, names, key=f"{_DL}.floor_proportion")
+            self.floor_proportion = [float(p) for p in self.floor_proportion]
         self.update_warmup = warmup_batches(self.update_warmup)
         if self.excess not in EXCESS_TYPES:
             raise ValueError(f"{_DL}.excess must be one of {list(EXCESS_TYPES)}, got {self.excess!r}")
 
     @property
     def floors(self) -> list[float] | None:
-        """Lower bound of each domain's proportion (``min_proportion`` times its initial proportion), or None."""
+        """Lower bound of each domain's proportion (``min_proportion`` times its ``floor_proportion``,
+        by default its initial proportion), or None."""
         if not self.min_proportion:
             return None
-        return [self.min_proportion * p for p in self.proportion]  # type: ignore[union-attr]
+        anchor = self.proportion if self.floor_proportion is None else self.floor_proportion
+        return [self.min_proportion * p for p in anchor]  # type: ignore[union-attr]
 
 
 def _is_number(value: Any) -> bool:
