@@ -1055,7 +1055,6 @@ STUDY_PRUNE = {
     "share 0.25, lr 2e-4": {"prune_share": 0.25, "prune_lr": PRUNE_LR},
     "share 0.125, lr 2e-4": {"prune_share": 0.125, "prune_lr": PRUNE_LR},
     "share 0.25, lr 3e-4": {"prune_share": 0.25, "prune_lr": 3e-4},
-    "share 0.125, lr 3e-4": {"prune_share": 0.125, "prune_lr": 3e-4},
 }
 STUDY_TABLES = {"mix": STUDY_MIX, "distillation": STUDY_KD, "pruning": STUDY_PRUNE}
 STUDY_ARMS = {"mix": "oneshot", "distillation": "oneshot-distill", "pruning": "l0-distill"}
