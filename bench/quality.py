@@ -28,7 +28,8 @@ T and the pruning learning rate), each for the whole budget and ranked on the ev
 Data: the RedPajama sample at ``../shared/data/redpajama-sample`` when present (domains with fewer than
 three documents cannot give disjoint train / eval / test splits and are left out, with a note), else the
 demo corpus. The converted source and the prepared MDS data are cached in ``--out`` and reused; the runs
-are redone every time. Results go to ``bench/results/quality-<date>-<quick|full>[-study].{json,md}``.
+are redone every time. Results go to ``bench/results/quality-<date>-<quick|full>[-study][-N].{json,md}``
+(``-N`` for a later run of the same day: an earlier record is never overwritten).
 
     .venv/bin/python bench/quality.py            # default budget: about an hour on 2 CPU cores
     .venv/bin/python bench/quality.py --quick    # a few steps per stage: checks the pipeline
@@ -1017,9 +1018,16 @@ def render_markdown(results: Mapping[str, Any]) -> str:
 def write_results(
     results: Mapping[str, Any], directory: Path = RESULTS_DIR, kind: str = ""
 ) -> tuple[Path, Path]:
-    """``quality-<date>-<mode>[-<kind>].json`` and ``.md`` under ``directory`` (temp file + rename)."""
+    """``quality-<date>-<mode>[-<kind>].json`` and ``.md`` under ``directory`` (temp file + rename).
+
+    A record already there is kept: a second run of the same day and mode gets ``-2``, then ``-3``.
+    """
     stem = f"quality-{results['meta']['date']}-{results['meta']['mode']}" + (f"-{kind}" if kind else "")
     json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
+    repeat = 1
+    while json_path.exists() or md_path.exists():
+        repeat += 1
+        json_path, md_path = directory / f"{stem}-{repeat}.json", directory / f"{stem}-{repeat}.md"
     render = render_study if kind == "study" else render_markdown
     write_text_atomic(json_path, json.dumps(results, indent=2) + "\n")
     write_text_atomic(md_path, render(results))

@@ -460,6 +460,13 @@ def test_write_results_is_atomic_and_complete(quality, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert json_path.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, not mkstemp's 0600
+    # a second run of the same day and mode keeps the first record and writes beside it
+    first = json_path.read_text()
+    again = quality.write_results({**results, "eval_samples": 99}, tmp_path / "results")
+    assert [p.name for p in again] == ["quality-2030-01-02-quick-2.json", "quality-2030-01-02-quick-2.md"]
+    assert json_path.read_text() == first and json.loads(again[0].read_text())["eval_samples"] == 99
+    third = quality.write_results(results, tmp_path / "results")
+    assert third[1].name == "quality-2030-01-02-quick-3.md"
 
 
 def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
