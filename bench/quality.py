@@ -400,6 +400,37 @@ def l0_sparsity(run: Path) -> dict[str, Any]:
     }
 
 
+def structure_change(run: Path, oneshot: Path) -> dict[str, Any]:
+    """How the structure an L0 run folds differs from the one-shot cut (the masks ``prune-oneshot``
+    saved beside the model it wrote to ``oneshot``).
+
+    Reads the run's last mask snapshot (``masks/ba<N>.pt``: the deterministic masks at the target, what
+    ``prune-model`` folds) and counts, per mask family, the units one keeps and the other drops.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from llmshearing.pruning.oneshot import MASKS_NAME
+
+    cut = oneshot / MASKS_NAME
+    snapshots = sorted((run / "masks").glob("ba*.pt"), key=lambda p: int(p.stem[2:]))
+    if not snapshots:
+        raise RuntimeError(f"{run}/masks has no ba<N>.pt mask snapshots to compare with the one-shot cut")
+    payload = torch.load(snapshots[-1], map_location="cpu", weights_only=True)
+    masks, reference = payload.get("target_masks", payload["masks"]), load_file(str(cut))
+    changed, units = {}, {}
+    for family in sorted(set(masks) & set(reference)):
+        mine, theirs = masks[family], reference[family]
+        if mine.shape != theirs.shape:
+            raise RuntimeError(
+                f"{snapshots[-1]}: mask {family!r} has shape {tuple(mine.shape)}, the one-shot cut "
+                f"{tuple(theirs.shape)} ({cut}); they do not describe the same source"
+            )
+        changed[family] = int(((mine > 0) != (theirs > 0)).sum())
+        units[family] = theirs.numel()
+    return {"batch": int(payload["batch"]), "changed": changed, "units": units}
+
+
 def distill_summary(run: Path) -> dict[str, float]:
     """Mean LM and KD losses over a distillation run and the teacher's mean share of step time."""
     from llmshearing.training.metrics_log import read_metrics
@@ -635,6 +666,8 @@ def run_arm(
                 record["stages"][-1]["distill_summary"] = distill_summary(run)
             if stage.kind == "l0":
                 record["sparsity"] = l0_sparsity(run)
+                if args.oneshot is not None:
+                    record["structure"] = structure_change(run, args.oneshot.pruned)
             record["mixes"][stage.name] = {"initial": dict(zip(inputs.domains, mix, strict=True))}
             if dynamic:
                 final = final_weights(run)
@@ -766,11 +799,16 @@ def _explain(rows: Mapping[str, Any], arm: str, other: str, strict: bool) -> str
     if not met:
         notes.append(f"per-domain differences (first seed): {_domain_deltas(rows, arm, other)}")
         for name in (arm, other):
-            sparsity = rows[name].get("sparsity")
+            sparsity, structure = rows[name].get("sparsity"), rows[name].get("structure")
             if sparsity and not sparsity["ok"]:
                 notes.append(
                     f"arm {ARM_NUMBER[name]}'s masks ended at expected sparsity {sparsity['expected']:.3f} "
                     f"of {sparsity['target']:.3f}"
+                )
+            if structure:
+                notes.append(
+                    f"arm {ARM_NUMBER[name]} folds a structure that differs from the one-shot cut in "
+                    f"{_structure_cell(structure)} units (first seed)"
                 )
     return f"- {head}; " + "; ".join(notes)
 
@@ -922,16 +960,29 @@ def _sparsity_table(rows: Mapping[str, Any]) -> list[str]:
         f"Expected sparsity of the prunable parameters at the last pruning step (must be within "
         f"{SPARSITY_TOLERANCE} of the target).",
         "",
-        "| arm | seed | at start | at the end | target | gap | within tolerance |",
-        "|---|---|---|---|---|---|---|",
+        "'units changed': units of the folded structure (the last mask snapshot, at batch N) that the "
+        "one-shot cut of the same importance scores treats the other way (kept / dropped), of all units compared.",
+        "",
+        "| arm | seed | at start | at the end | target | gap | within tolerance | units changed vs the one-shot cut |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, record in entries:
         s = record["sparsity"]
         lines.append(
             f"| {_label(name)} | {record['seed']} | {s['initial']:.3f} | {s['expected']:.3f} | {s['target']:.3f} | "
-            f"{s['gap']:+.3f} | {'yes' if s['ok'] else '**no**'} |"
+            f"{s['gap']:+.3f} | {'yes' if s['ok'] else '**no**'} | {_structure_cell(record.get('structure'))} |"
         )
     return lines
+
+
+def _structure_cell(structure: Mapping[str, Any] | None) -> str:
+    """``changed of units (family n, ...), at batch N`` for :func:`structure_change`'s result."""
+    if not structure:
+        return "-"
+    changed, units = structure["changed"], structure["units"]
+    families = ", ".join(f"{family} {n:,}" for family, n in changed.items() if n)
+    total = f"{sum(changed.values()):,} of {sum(units.values()):,}"
+    return f"{total}{f' ({families})' if families else ''}, at batch {structure['batch']}"
 
 
 def _stage_table(rows: Mapping[str, Any]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -317,6 +318,10 @@ def test_prune_oneshot_command_writes_the_target_shape_and_an_equal_hf_model(
     assert record["params_after"] == config.num_params() < record["params_before"] == SOURCE.num_params()
     assert record["kept_layers"] == masks["layer"].nonzero().flatten().tolist()
     assert ImportanceScores.load(tmp_path / "scores.safetensors").tokens == 6 * SEQ_LEN
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out / MASKS_NAME, out / "model.safetensors", tmp_path / "scores.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path  # the usual permissions, like every output
 
     ids = random_ids(batches=1, seed=9)[0]
     with torch.no_grad():

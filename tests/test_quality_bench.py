@@ -221,6 +221,45 @@ def test_l0_sparsity_and_distillation_summaries(quality, tmp_path):
     assert quality.distill_summary(tmp_path / "dense") == {"lm": 3.0}
 
 
+def test_structure_change_counts_units_against_the_oneshot_cut(quality, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from llmshearing.pruning.algorithm import save_masks
+    from llmshearing.pruning.oneshot import MASKS_NAME
+
+    cut = {"head": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]), "layer": torch.tensor([1.0, 1.0])}
+    (tmp_path / "oneshot").mkdir()
+    save_file(cut, str(tmp_path / "oneshot" / MASKS_NAME))
+    run = tmp_path / "run"
+    early = {"head": torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]), "layer": torch.tensor([1.0, 0.0])}
+    save_masks(str(run / "masks" / "ba4.pt"), {"batch": 4, "at_target": False, "masks": early})
+    # the last snapshot (ba12, not ba4 as names sort) folds; its target masks, not the expected-size ones
+    moved = {"head": torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]), "layer": torch.tensor([1.0, 1.0])}
+    payload = {"batch": 12, "at_target": False, "masks": early, "target_masks": moved}
+    save_masks(str(run / "masks" / "ba12.pt"), payload)
+    structure = quality.structure_change(run, tmp_path / "oneshot")
+    assert structure == {"batch": 12, "changed": {"head": 2, "layer": 0}, "units": {"head": 6, "layer": 2}}
+    assert quality._structure_cell(structure) == "2 of 8 (head 2), at batch 12"
+    same = {"batch": 12, "changed": {"head": 0, "layer": 0}, "units": {"head": 6, "layer": 2}}
+    assert quality._structure_cell(same) == "0 of 8, at batch 12" and quality._structure_cell(None) == "-"
+
+    save_masks(str(run / "masks" / "ba16.pt"), {"batch": 16, "at_target": True, "masks": {"layer": torch.ones(3)}})
+    with pytest.raises(RuntimeError, match="mask 'layer' has shape \\(3,\\), the one-shot cut \\(2,\\)"):
+        quality.structure_change(run, tmp_path / "oneshot")
+    with pytest.raises(RuntimeError, match="no ba<N>.pt mask snapshots"):
+        quality.structure_change(tmp_path / "empty", tmp_path / "oneshot")
+
+    rows = _results(quality)["rows"]
+    rows["l0-distill"]["structure"] = same
+    rows["oneshot-distill"]["losses"] = _losses({"a": 2.0, "b": 3.0})
+    rows["oneshot-distill"]["seeds"] = quality.seed_summary([rows["oneshot-distill"]])
+    line = quality.target_lines(rows)[0]
+    assert "**missed**" in line and "arm 3 folds a structure that differs from the one-shot cut in 0 of 8" in line
+    text = quality.render_markdown({**_results(quality), "rows": rows})
+    assert "| 3 l0-distill | 17 | 0.500 | 0.600 | 0.610 | -0.010 | yes | 0 of 8, at batch 12 |" in text
+
+
 def _stage_args(quality, tmp_path, tiny_source, **extra):
     import argparse
 

@@ -254,6 +254,19 @@ def _write_safetensors_file(
             handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
+def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a small dict of tensors as one safetensors file, staged and renamed into place, with the
+    usual file permissions (``safetensors.torch.save_file`` creates its files readable by the owner only)."""
+    from safetensors.torch import save
+
+    from llmshearing.staging import staged_file
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=dict(metadata or {}))
+    with staged_file(path) as staging:
+        staging.write_bytes(data)
+    return Path(path)
+
+
 def write_safetensors(
     directory: Path,
     metas: Mapping[str, TensorMeta],

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 
 from llmshearing.data.layout import TokenSamples, split_domains, token_batches
 from llmshearing.models.decoder import Decoder
-from llmshearing.staging import staged_file
 
 SCORE_KEYS = ("layer", "head_layer", "mlp", "head", "kv_head", "intermediate", "hidden")
 
@@ -50,14 +49,10 @@ class ImportanceScores:
 
     def save(self, path: str | Path) -> Path:
         """Write the scores as safetensors (sample and token counts in the metadata), via a temporary file and rename."""
-        from safetensors.torch import save_file
+        from llmshearing.convert.tensor_io import save_tensors
 
-        path = Path(path)
-        tensors = {key: value.float().contiguous() for key, value in self.as_dict().items()}
-        metadata = {"samples": str(self.samples), "tokens": str(self.tokens)}
-        with staged_file(path) as staging:
-            save_file(tensors, str(staging), metadata=metadata)
-        return path
+        tensors = {key: value.float() for key, value in self.as_dict().items()}
+        return save_tensors(path, tensors, {"samples": str(self.samples), "tokens": str(self.tokens)})
 
     @classmethod
     def load(cls, path: str | Path) -> ImportanceScores:

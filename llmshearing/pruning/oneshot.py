@@ -151,9 +151,9 @@ def prune_oneshot(
     }
 
     def extra(staging: Path) -> None:
-        from safetensors.torch import save_file
+        from llmshearing.convert.tensor_io import save_tensors
 
-        save_file({k: v.contiguous() for k, v in masks.items()}, str(staging / MASKS_NAME))
+        save_tensors(staging / MASKS_NAME, masks)
         (staging / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if hf_path is not None:
             from llmshearing.convert.project_to_hf import convert_project_to_hf
