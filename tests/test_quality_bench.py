@@ -244,7 +244,9 @@ def test_structure_change_counts_units_against_the_oneshot_cut(quality, tmp_path
     same = {"batch": 12, "changed": {"head": 0, "layer": 0}, "units": {"head": 6, "layer": 2}}
     assert quality._structure_cell(same) == "0 of 8, at batch 12" and quality._structure_cell(None) == "-"
 
-    save_masks(str(run / "masks" / "ba16.pt"), {"batch": 16, "at_target": True, "masks": {"layer": torch.ones(3)}})
+    save_masks(
+        str(run / "masks" / "ba16.pt"), {"batch": 16, "at_target": True, "masks": {"layer": torch.ones(3)}}
+    )
     with pytest.raises(RuntimeError, match="mask 'layer' has shape \\(3,\\), the one-shot cut \\(2,\\)"):
         quality.structure_change(run, tmp_path / "oneshot")
     with pytest.raises(RuntimeError, match="no ba<N>.pt mask snapshots"):
@@ -255,7 +257,10 @@ def test_structure_change_counts_units_against_the_oneshot_cut(quality, tmp_path
     rows["oneshot-distill"]["losses"] = _losses({"a": 2.0, "b": 3.0})
     rows["oneshot-distill"]["seeds"] = quality.seed_summary([rows["oneshot-distill"]])
     line = quality.target_lines(rows)[0]
-    assert "**missed**" in line and "arm 3 folds a structure that differs from the one-shot cut in 0 of 8" in line
+    assert (
+        "**missed**" in line
+        and "arm 3 folds a structure that differs from the one-shot cut in 0 of 8" in line
+    )
     text = quality.render_markdown({**_results(quality), "rows": rows})
     assert "| 3 l0-distill | 17 | 0.500 | 0.600 | 0.610 | -0.010 | yes | 0 of 8, at batch 12 |" in text
 

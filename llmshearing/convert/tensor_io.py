@@ -254,7 +254,9 @@ def _write_safetensors_file(
             handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+def save_tensors(
+    path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
     """Write a small dict of tensors as one safetensors file, staged and renamed into place, with the
     usual file permissions (``safetensors.torch.save_file`` creates its files readable by the owner only)."""
     from safetensors.torch import save
