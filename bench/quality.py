@@ -22,8 +22,9 @@ reported. An L0 stage must end with its expected sparsity within 0.02 of the tar
 and makes the command fail after the results are written.
 
 ``--study`` chooses the settings instead: variants of the one-shot arm (mix stabilisers), of the one-shot +
-distillation arm (alpha, temperature) and, with ``--study-groups pruning``, of arm 3 (the pruning share of
-T and the pruning learning rate), each for the whole budget and ranked on the eval split only.
+distillation arm (alpha, temperature) and, with ``--study-groups pruning`` / ``masks``, of arm 3 (the
+pruning share of T and the pruning learning rate / whether its ranked masks are held or learn), each for
+the whole budget and ranked on the eval split only; ``--seeds S`` runs the study at seed S.
 
 Data: the RedPajama sample at ``../shared/data/redpajama-sample`` when present (domains with fewer than
 three documents cannot give disjoint train / eval / test splits and are left out, with a note), else the
@@ -1115,8 +1116,19 @@ STUDY_PRUNE = {
     "share 0.125, lr 2e-4": {"prune_share": 0.125, "prune_lr": PRUNE_LR},
     "share 0.25, lr 3e-4": {"prune_share": 0.25, "prune_lr": 3e-4},
 }
-STUDY_TABLES = {"mix": STUDY_MIX, "distillation": STUDY_KD, "pruning": STUDY_PRUNE}
-STUDY_ARMS = {"mix": "oneshot", "distillation": "oneshot-distill", "pruning": "l0-distill"}
+# whether arm 3's masks should learn: at bound 16 and mask lr 0.05 they keep the importance ranking they start
+# from; at the library's default bound (log 100) and mask lr 0.5 they can move within the pruning stage
+STUDY_MASKS = {
+    "ranked, held (bound 16, mask lr 0.05)": {"l0_clamp": 16.0, "mask_lr": 0.05},
+    "ranked, learning (bound log 100, mask lr 0.5)": {"l0_clamp": round(math.log(100), 4), "mask_lr": 0.5},
+}
+STUDY_TABLES = {"mix": STUDY_MIX, "distillation": STUDY_KD, "pruning": STUDY_PRUNE, "masks": STUDY_MASKS}
+STUDY_ARMS = {
+    "mix": "oneshot",
+    "distillation": "oneshot-distill",
+    "pruning": "l0-distill",
+    "masks": "l0-distill",
+}
 
 
 def study_variants(groups: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -1146,15 +1158,21 @@ def render_study(results: Mapping[str, Any]) -> str:
     """The study as markdown: eval-split losses per variant, and the best variant of each group."""
     domains = list(results["domains"])
     lines = _header(results, "Quality study (eval split only)")
+    l0 = any(record.get("sparsity") for record in results["variants"])
+    extra = " expected sparsity at the end (target) | units changed vs the one-shot cut |" if l0 else ""
     lines += [
         "",
-        "| group | variant | flags | avg eval loss | " + " | ".join(domains) + " |",
-        "|---|---|---|---|" + "---|" * len(domains),
+        "| group | variant | flags | avg eval loss | " + " | ".join(domains) + " |" + extra,
+        "|---|---|---|---|" + "---|" * (len(domains) + (2 if l0 else 0)),
     ]
     for record in results["variants"]:
         losses = record["losses"]
         cells = [record["group"], record["variant"], f"`{as_flags(record['values'])}`"]
         cells += [f"{average_loss(losses):.3f}", *(_fmt_loss(losses, d) for d in domains)]
+        if l0:
+            sparsity = record.get("sparsity")
+            cells.append(f"{sparsity['expected']:.3f} ({sparsity['target']:.3f})" if sparsity else "-")
+            cells.append(_structure_cell(record.get("structure")))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Best on the eval split", ""]
     for group, record in best_variants(results["variants"]).items():
@@ -1165,8 +1183,8 @@ def render_study(results: Mapping[str, Any]) -> str:
     lines += [
         "",
         "Each mix or distillation variant is the continued pretraining of the one-shot pruned model for the "
-        "whole budget T (the distillation variants with the source as teacher); each pruning variant is arm 3 "
-        "(L0 pruning for its share of T, then continued pretraining, both distilling from the source). All "
+        "whole budget T (the distillation variants with the source as teacher); each pruning or masks variant is "
+        "arm 3 (L0 pruning for its share of T, then continued pretraining, both distilling from the source). All "
         "are evaluated on the eval split; the test split is not read.",
         "",
     ]

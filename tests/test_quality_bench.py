@@ -546,7 +546,17 @@ def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
         for *_, values in pruning
     )
     assert defaults.prune_lr == OmegaConf.load(quality.PRUNE_RECIPE).optimizer.lr
-    for _, _, values in [*variants, *pruning]:  # every variant's flags are options of the command
+    masks = quality.study_variants(["masks"])
+    assert {quality.STUDY_ARMS[group] for group, _, _ in masks} == {"l0-distill"}
+    # the held ranking is the bench's default; the learning one uses the library's default bound
+    from llmshearing.pruning.targets import L0Config
+
+    held, learning = (values for *_, values in masks)
+    assert held == {"l0_clamp": defaults.l0_clamp, "mask_lr": defaults.mask_lr}
+    assert learning["l0_clamp"] == pytest.approx(
+        L0Config.__dataclass_fields__["log_alpha_clamp"].default, abs=1e-4
+    )
+    for _, _, values in [*variants, *pruning, *masks]:  # every variant's flags are options of the command
         flags = quality.as_flags(values).split() if values else []
         args = parser.parse_args(flags)
         assert all(getattr(args, key) == value for key, value in values.items())
@@ -571,6 +581,17 @@ def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
         in text
     )
     assert "eval split" in text and "test split is not read" in text
+    assert "units changed" not in text  # no L0 variant: no mask columns
+    sparsity = {"initial": 0.57, "expected": 0.605, "target": 0.608, "gap": -0.003, "ok": True}
+    structure = {"batch": 24, "changed": {"head": 3, "layer": 0}, "units": {"head": 60, "layer": 4}}
+    l0 = {"group": "masks", "variant": "learning", "values": {"mask_lr": 0.5}, "losses": _losses({"a": 2.5, "b": 3.0}),
+          "sparsity": sparsity, "structure": structure}  # fmt: skip
+    text = quality.render_study({**study, "variants": [*records, l0]})
+    assert "| mix | eta 0.3 | `--mix-eta 0.3` | 3.400 | 3.000 | 3.800 | - | - |" in text
+    assert (
+        "| masks | learning | `--mask-lr 0.5` | 2.750 | 2.500 | 3.000 | 0.605 (0.608) | 3 of 64 (head 3), at batch 24 |"
+        in text
+    )
 
 
 def test_scratch_model_has_the_target_shape(quality, tiny_source, tmp_path):
