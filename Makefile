@@ -52,7 +52,7 @@ lint: install  ## ruff over the package, tests, benchmarks and scripts
 	$(BIN)/ruff check llmshearing tests bench data_prep
 	$(BIN)/ruff format --check llmshearing tests bench data_prep
 
-demo: install  ## the whole path on SmolLM2-135M: convert, prepare data, prune, fold, continue, export, report
+demo: install  ## the whole path on SmolLM2-135M: convert, prepare data, prune, continue with distillation, export, report (ARGS="--method l0": L0 masks, folded)
 	$(BIN)/python -m llmshearing.demo --out demo_out $(ARGS)
 
 data: install  ## prepare per-domain MDS data: make data RAW=<dir of <domain>/*.jsonl> DATA=<out> TOKENIZER=<hf dir>

