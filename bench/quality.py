@@ -860,12 +860,14 @@ def machine() -> dict[str, Any]:
 
 
 def git_commit() -> str:
-    """``HEAD``'s commit, with ``+dirty`` when the work tree has changes."""
+    """``HEAD``'s commit, with ``+dirty`` when the work tree has changes (the result files an earlier
+    run wrote to ``bench/results`` do not count)."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
         )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
+        status = ["git", "status", "--porcelain", "--", ".", f":(exclude){RESULTS_DIR.relative_to(REPO)}"]
+        dirty = subprocess.run(status, cwd=REPO, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

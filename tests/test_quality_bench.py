@@ -494,6 +494,28 @@ def test_lowest_arm_and_sparsity_misses_are_reported(quality):
     assert "| 1 l0-dynamic | 17 | 0.490 | 0.310 | 0.610 | -0.300 | **no** |" in text
 
 
+def test_git_commit_ignores_earlier_results_but_not_other_changes(quality, tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        command = ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "quality.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    monkeypatch.setattr(quality, "REPO", tmp_path)
+    monkeypatch.setattr(quality, "RESULTS_DIR", tmp_path / "bench" / "results")
+    clean = quality.git_commit()
+    assert len(clean) == 40 and not clean.endswith("+dirty")
+    (tmp_path / "bench" / "results" / "quality-2030-01-02-full.md").write_text("an earlier run\n")
+    assert quality.git_commit() == clean
+    (tmp_path / "bench" / "quality.py").write_text("x = 2\n")
+    assert quality.git_commit() == clean + "+dirty"
+
+
 def test_write_results_is_atomic_and_complete(quality, tmp_path):
     results = _results(quality)
     json_path, md_path = quality.write_results(results, tmp_path / "results")
