@@ -1147,10 +1147,13 @@ def as_flags(values: Mapping[str, Any]) -> str:
 
 
 def best_variants(records: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    """Per group, the variant with the lowest average eval loss."""
+    """Per group, the variant with the lowest average eval loss among those whose L0 masks (if any) ended
+    within the sparsity tolerance of the target (a model of another size does not qualify)."""
     best: dict[str, Mapping[str, Any]] = {}
     for record in records:
         group = record["group"]
+        if record.get("sparsity") and not record["sparsity"]["ok"]:
+            continue
         if group not in best or average_loss(record["losses"]) < average_loss(best[group]["losses"]):
             best[group] = record
     return best
@@ -1187,7 +1190,8 @@ def render_study(results: Mapping[str, Any]) -> str:
         "Each mix or distillation variant is the continued pretraining of the one-shot pruned model for the "
         "whole budget T (the distillation variants with the source as teacher); each pruning or masks variant is "
         "arm 3 (L0 pruning for its share of T, then continued pretraining, both distilling from the source). All "
-        "are evaluated on the eval split; the test split is not read.",
+        "are evaluated on the eval split; the test split is not read. An L0 variant whose expected sparsity "
+        f"ends more than {SPARSITY_TOLERANCE} from the target is not eligible as the best.",
         "",
     ]
     return "\n".join(lines)

@@ -608,6 +608,12 @@ def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
     structure = {"batch": 24, "changed": {"head": 3, "layer": 0}, "units": {"head": 60, "layer": 4}}
     l0 = {"group": "masks", "variant": "learning", "values": {"mask_lr": 0.5}, "losses": _losses({"a": 2.5, "b": 3.0}),
           "sparsity": sparsity, "structure": structure}  # fmt: skip
+    assert quality.best_variants([*records, l0])["masks"]["variant"] == "learning"
+    missed = {**l0, "variant": "overshot", "losses": _losses({"a": 1.0, "b": 1.0}),
+              "sparsity": {**sparsity, "expected": 0.66, "gap": 0.052, "ok": False}}  # fmt: skip
+    assert (
+        quality.best_variants([*records, l0, missed])["masks"]["variant"] == "learning"
+    )  # lower, not eligible
     text = quality.render_study({**study, "variants": [*records, l0]})
     assert "| mix | eta 0.3 | `--mix-eta 0.3` | 3.400 | 3.000 | 3.800 | - | - |" in text
     assert (
