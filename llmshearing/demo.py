@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=METHODS,
         default="oneshot",
         help="how to prune: one-shot importance pruning (default: the quality benchmark's best at CPU "
-        "budgets) or L0 masks learned with dynamic batch loading and distillation, then folded",
+        "budgets) or L0 pruning (importance-ranked masks trained with dynamic batch loading and distillation), "
+        "then folded",
     )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
