@@ -809,7 +809,7 @@ def _explain(rows: Mapping[str, Any], arm: str, other: str, strict: bool) -> str
             if structure:
                 notes.append(
                     f"arm {ARM_NUMBER[name]} folds a structure that differs from the one-shot cut in "
-                    f"{_structure_cell(structure)} units (first seed)"
+                    f"{_structure_cell(structure)} (first seed)"
                 )
     return f"- {head}; " + "; ".join(notes)
 

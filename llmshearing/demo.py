@@ -171,10 +171,9 @@ def recipe_value(recipe: Path, key: str) -> object:
 
 def recipe_steps(recipe: Path) -> int:
     """A recipe's ``max_duration`` in batches (the demo recipes give it as ``<N>ba``)."""
-    duration = str(recipe_value(recipe, "max_duration"))
-    if not duration.endswith("ba") or not duration[:-2].isdigit():
-        raise ValueError(f"{recipe}: max_duration must be a number of batches such as 48ba, got {duration!r}")
-    return int(duration[:-2])
+    from llmshearing.pruning.targets import parse_batches
+
+    return parse_batches(recipe_value(recipe, "max_duration"), f"{recipe}: max_duration")
 
 
 def continued_steps(method: str) -> int:
@@ -186,16 +185,15 @@ def continued_steps(method: str) -> int:
     return recipe_steps(CONTINUE_RECIPE) + extra
 
 
-def summary(
-    out: Path, work: Path, losses: dict[str, dict[str, float]], sample: str, steps: Steps, method: str
-) -> str:
+def summary(out: Path, work: Path, losses: dict[str, dict[str, float]], sample: str, steps: Steps) -> str:
+    """The demo's report; ``work`` is the folder of one method's runs (``out/<method>``)."""
     from llmshearing.models.config import ModelConfig
 
     source, pruned = (
         ModelConfig.from_dict(_shape(out / "source")),
         ModelConfig.from_dict(_shape(work / "pruned")),
     )
-    how = "one-shot importance pruning" if method == "oneshot" else "L0 pruning, folded"
+    how = "one-shot importance pruning" if work.name == "oneshot" else "L0 pruning, folded"
     lines = ["", "=" * 72, f"llmshearing demo ({how}, then distillation): summary", "=" * 72]
     for name, cfg in (("source", source), ("pruned", pruned)):
         lines.append(
@@ -348,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.method == "l0":
         steps.run("8. report plots (pruning)", [*cli, "report", prune_run])
     steps.run("   report plots (continued)", [*cli, "report", cont_run])
-    print(summary(out, work, losses, sample, steps, args.method))
+    print(summary(out, work, losses, sample, steps))
     return 0
 
 

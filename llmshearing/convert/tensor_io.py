@@ -225,9 +225,13 @@ def plan_shards(metas: Mapping[str, TensorMeta], max_shard_bytes: int) -> list[l
 
 
 def _write_safetensors_file(
-    path: Path, names: list[str], metas: Mapping[str, TensorMeta], produce: Callable[[str], Tensor]
+    path: Path,
+    names: list[str],
+    metas: Mapping[str, TensorMeta],
+    produce: Callable[[str], Tensor],
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name in names:
         meta = metas[name]
@@ -257,15 +261,14 @@ def _write_safetensors_file(
 def save_tensors(
     path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
 ) -> Path:
-    """Write a small dict of tensors as one safetensors file, staged and renamed into place, with the
-    usual file permissions (``safetensors.torch.save_file`` creates its files readable by the owner only)."""
-    from safetensors.torch import save
-
+    """Write a small dict of tensors as one safetensors file (string ``metadata`` in its header), staged and
+    renamed into place."""
     from llmshearing.staging import staged_file
 
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=dict(metadata or {}))
+    source = StateDictSource({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    metas = {name: source.meta(name) for name in source.keys()}
     with staged_file(path) as staging:
-        staging.write_bytes(data)
+        _write_safetensors_file(staging, list(metas), metas, source.get, metadata)
     return Path(path)
 
 
