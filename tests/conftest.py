@@ -82,6 +82,36 @@ def tiny_mds(tmp_path_factory) -> str:
     return write_tiny_mds(str(tmp_path_factory.mktemp("tiny-data") / "mds"))
 
 
+@pytest.fixture(autouse=True)
+def release_streaming_shared_memory(monkeypatch):
+    """Streaming holds every shared-memory block it opens until the process exits (an atexit hook each), so one
+    pytest process would run out of file descriptors: close the blocks a test opened when the test ends."""
+    import atexit
+    import gc
+
+    from streaming.base.shared.memory import SharedMemory
+
+    opened: list[SharedMemory] = []
+    init = SharedMemory.__init__
+
+    def tracked_init(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(SharedMemory, "__init__", tracked_init)
+    yield
+    gc.collect()  # views into the blocks must be gone before they close
+    for block in opened:
+        atexit.unregister(block.cleanup)
+        for shm in block.created_shms + block.opened_shms:
+            try:
+                shm.close()
+                if shm in block.created_shms:
+                    shm.unlink()
+            except (BufferError, OSError):
+                pass  # still in use or already removed: left to the exit hook's owner
+
+
 @pytest.fixture()
 def clean_shm():
     """Streaming keeps shared memory per local path; clear stale segments around a test."""
