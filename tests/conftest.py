@@ -100,7 +100,8 @@ def release_streaming_shared_memory(monkeypatch):
 
     monkeypatch.setattr(SharedMemory, "__init__", tracked_init)
     yield
-    gc.collect()  # views into the blocks must be gone before they close
+    if opened:
+        gc.collect()  # views into the blocks must be gone before they close
     for block in opened:
         atexit.unregister(block.cleanup)
         for shm in block.created_shms + block.opened_shms:
