@@ -411,20 +411,21 @@ def structure_change(run: Path, oneshot: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
+    from llmshearing.pruning.algorithm import latest_mask_snapshot
     from llmshearing.pruning.oneshot import MASKS_NAME
 
     cut = oneshot / MASKS_NAME
-    snapshots = sorted((run / "masks").glob("ba*.pt"), key=lambda p: int(p.stem[2:]))
-    if not snapshots:
+    latest = latest_mask_snapshot(run)
+    if latest is None:
         raise RuntimeError(f"{run}/masks has no ba<N>.pt mask snapshots to compare with the one-shot cut")
-    payload = torch.load(snapshots[-1], map_location="cpu", weights_only=True)
+    payload = torch.load(latest, map_location="cpu", weights_only=True)
     masks, reference = payload.get("target_masks", payload["masks"]), load_file(str(cut))
     changed, units = {}, {}
     for family in sorted(set(masks) & set(reference)):
         mine, theirs = masks[family], reference[family]
         if mine.shape != theirs.shape:
             raise RuntimeError(
-                f"{snapshots[-1]}: mask {family!r} has shape {tuple(mine.shape)}, the one-shot cut "
+                f"{latest}: mask {family!r} has shape {tuple(mine.shape)}, the one-shot cut "
                 f"{tuple(theirs.shape)} ({cut}); they do not describe the same source"
             )
         changed[family] = int(((mine > 0) != (theirs > 0)).sum())

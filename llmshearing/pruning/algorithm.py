@@ -111,6 +111,19 @@ def save_masks(path: str, payload: dict[str, Any]) -> None:
         torch.save(payload, staging)
 
 
+def mask_snapshot_path(save_folder: str | os.PathLike[str], batch: int) -> str:
+    """Where a run writes its deterministic masks after the evaluation at ``batch``."""
+    return os.path.join(save_folder, "masks", f"ba{batch}.pt")
+
+
+def latest_mask_snapshot(save_folder: str | os.PathLike[str]) -> str | None:
+    """The run's mask snapshot of the highest batch (by number, not name), or ``None`` when it has none."""
+    folder = os.path.join(save_folder, "masks")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    batches = [int(n[2:-3]) for n in names if n.startswith("ba") and n.endswith(".pt") and n[2:-3].isdigit()]
+    return mask_snapshot_path(save_folder, max(batches)) if batches else None
+
+
 class L0Pruning(Algorithm):
     """Learn hard-concrete masks toward a target shape during training.
 
@@ -242,7 +255,7 @@ class L0Pruning(Algorithm):
             payload["target_masks"] = {
                 k: v.cpu() for k, v in module.deterministic_masks(at_target=True).items()
             }
-        save_masks(os.path.join(self.save_folder, "masks", f"ba{batch}.pt"), payload)
+        save_masks(mask_snapshot_path(self.save_folder, batch), payload)
 
 
 class _L0GradGuard(Algorithm):
