@@ -14,6 +14,11 @@ INSTALL_REQUIRES = [
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "zstandard>=0.22",
+    # Downstream evaluation (`llmshearing evaluate --tasks`). lm-eval's newest `datasets` pulls
+    # huggingface-hub 1.x, which transformers 4.57 refuses: both are held below that line.
+    "lm-eval==0.4.13",
+    "datasets>=3.0,<4.1",
+    "huggingface-hub>=0.34,<1.0",
 ]
 
 EXTRAS_REQUIRE = {
