@@ -225,6 +225,12 @@ def test_prune_model_reads_a_sharded_checkpoint(runs, tmp_path, capsys):
             {"FSDP_VERSION": "3"},
             "FSDP_VERSION=1 or FSDP_VERSION=2",
         ),
+        ("fsdp_config.use_orig_params=false", {}, "fsdp_config.use_orig_params: false"),
+        (
+            "fsdp_config.activation_checkpointing_reentrant=true",
+            {"FSDP_VERSION": "2"},
+            "fsdp_config.activation_checkpointing_reentrant: true",
+        ),
     ],
 )
 def test_misconfigured_fsdp_is_a_clear_error_before_anything_runs(
@@ -240,11 +246,13 @@ def test_misconfigured_fsdp_is_a_clear_error_before_anything_runs(
 
 
 def test_fsdp1_is_chosen_on_gpus_and_fsdp2_translates_the_strategy():
-    plan = resolve_fsdp(
-        {"sharding_strategy": "hybrid_shard", "mixed_precision": "PURE"}, cuda=True, environ={}
-    )
+    plan = resolve_fsdp({"sharding_strategy": "full_shard", "mixed_precision": "PURE"}, cuda=True, environ={})
     assert plan.version == 1 and plan.parallelism == {
-        "fsdp": {"sharding_strategy": "HYBRID_SHARD", "mixed_precision": "PURE"}
+        "fsdp": {
+            "sharding_strategy": "FULL_SHARD",
+            "mixed_precision": "PURE",
+            "activation_checkpointing_reentrant": False,
+        }
     }
     plan = resolve_fsdp(
         {"sharding_strategy": "SHARD_GRAD_OP", "limit_all_gathers": True},
@@ -291,3 +299,146 @@ def test_sharded_checkpoint_cut_off_while_written_is_set_aside(tmp_path):
     changed = repair_checkpoint_folder(folder)
     assert (folder / "ep1-ba8.incomplete").is_dir() and not (folder / "ep1-ba8").exists()
     assert os.readlink(folder / "latest-rank0.pt") == "ep0-ba4" and len(changed) == 2
+
+
+# ------------------------------------------------------------------- what FSDP1 is handed on GPUs
+def _masked_gradients(checkpoint_impl=None) -> dict[str, torch.Tensor]:
+    """Gradients of one masked pruning step of a small model; with ``checkpoint_impl`` its decoder blocks
+    are wrapped for activation checkpointing as Composer's FSDP1 wraps them (``apply_activation_checkpointing``
+    with ``checkpoint_wrapper(block, checkpoint_impl=...)``, selected by ``activation_checkpointing_fn``)."""
+    from conftest import PRUNABLE_MODEL, PRUNABLE_TARGET
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    from llmshearing.models.composer_model import ComposerLlama
+    from llmshearing.models.config import ModelConfig
+    from llmshearing.pruning import attach_l0_module
+
+    torch.manual_seed(0)
+    model = ComposerLlama(ModelConfig(**PRUNABLE_MODEL, attn_impl="sdpa"), domains=["a"])
+    families = ["layer", "head", "kv_head", "intermediate", "hidden"]
+    attach_l0_module(model, {"pruning_modules": families, "target_model": PRUNABLE_TARGET})
+    if checkpoint_impl is not None:
+        decoder = model.model
+        apply_activation_checkpointing(
+            decoder,
+            checkpoint_wrapper_fn=lambda block: checkpoint_wrapper(block, checkpoint_impl=checkpoint_impl),
+            check_fn=decoder.activation_checkpointing_fn,
+        )
+        assert (
+            sum(type(m).__name__ == "CheckpointWrapper" for m in decoder.modules())
+            == PRUNABLE_MODEL["n_layers"]
+        )
+    ids = torch.randint(0, PRUNABLE_MODEL["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    batch = {
+        "input_ids": ids,
+        "labels": ids,
+        "domain": torch.zeros(2, dtype=torch.long),
+        "idx": torch.arange(2),
+    }
+    torch.manual_seed(5)  # the same mask sample in every variant
+    model.loss(model(batch), batch)["total"].backward()
+    return {name.replace("._checkpoint_wrapped_module", ""): p.grad for name, p in model.named_parameters()}
+
+
+def _checkpoint_impl(fsdp1: dict):
+    """The checkpoint wrapper Composer 0.32.1's FSDP1 picks for these settings (its default is reentrant)."""
+    from composer.utils.parallelism import FSDPConfig
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl
+
+    config = FSDPConfig(**fsdp1)
+    return (
+        CheckpointImpl.REENTRANT if config.activation_checkpointing_reentrant else CheckpointImpl.NO_REENTRANT
+    )
+
+
+def test_activation_checkpointing_as_handed_to_fsdp1_keeps_mask_and_weight_gradients():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl
+
+    plan = resolve_fsdp({"activation_checkpointing": True}, cuda=True, environ={})
+    impl = _checkpoint_impl(plan.parallelism["fsdp"])
+    assert impl is CheckpointImpl.NO_REENTRANT
+    plain, checkpointed = _masked_gradients(), _masked_gradients(impl)
+    assert plain.keys() == checkpointed.keys()
+    assert any(k.startswith("l0_module.log_alpha") for k in plain)
+    for name, grad in plain.items():
+        assert grad is not None and checkpointed[name] is not None, name
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=1e-7, msg=name)
+    assert plain["l0_module.log_alpha.head"].abs().sum() > 0  # the masks do receive gradients
+    # Composer's default (reentrant) is what the recipe would get without resolve_fsdp: it cannot backpropagate
+    assert _checkpoint_impl({"activation_checkpointing": True}) is CheckpointImpl.REENTRANT
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        _masked_gradients(CheckpointImpl.REENTRANT)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"activation_checkpointing": True},
+        {"activation_checkpointing": True, "activation_checkpointing_reentrant": False},
+        {"activation_cpu_offload": True, "sharding_strategy": "SHARD_GRAD_OP"},
+        {"sharding_strategy": "HYBRID_SHARD", "activation_checkpointing": True},
+        {},
+    ],
+)
+def test_resolve_fsdp_never_hands_out_reentrant_checkpointing(settings):
+    for environ in ({}, {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}):
+        plan = resolve_fsdp(settings, cuda=True, environ=environ)
+        assert plan.parallelism["fsdp"]["activation_checkpointing_reentrant"] is False
+        assert _checkpoint_impl(plan.parallelism["fsdp"]).name == "NO_REENTRANT"
+
+
+def test_hybrid_shard_gets_a_two_dimensional_mesh_from_the_node_count():
+    two_nodes = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "NODE_RANK": "1", "LOCAL_RANK": "3"}
+    plan = resolve_fsdp({"sharding_strategy": "HYBRID_SHARD"}, cuda=True, environ=two_nodes)
+    handed = plan.parallelism["fsdp"]
+    assert handed["sharding_strategy"] == "HYBRID_SHARD"
+    assert (handed["data_parallel_replicate_degree"], handed["data_parallel_shard_degree"]) == (2, 8)
+    assert plan.mesh == (2, 8) and plan.runs_as == "HYBRID_SHARD"
+    assert plan.describe().startswith(
+        "FSDP1 (HYBRID_SHARD over a 2 x 8 mesh: sharded within each node, replicated across 2 nodes"
+    )
+    zero2 = resolve_fsdp({"sharding_strategy": "_HYBRID_SHARD_ZERO2"}, cuda=True, environ=two_nodes)
+    assert zero2.parallelism["fsdp"]["sharding_strategy"] == "_HYBRID_SHARD_ZERO2" and zero2.mesh == (2, 8)
+
+    # Composer builds its mesh from exactly these degrees, and keeps HYBRID_SHARD only on a 2-D mesh
+    from composer.utils.parallelism import FSDPConfig
+
+    config = FSDPConfig(**handed)
+    assert (config.data_parallel_replicate_degree, config.data_parallel_shard_degree) == (2, 8)
+
+    # one node: nothing to replicate across; the start-up line says what runs
+    one_node = resolve_fsdp({"sharding_strategy": "HYBRID_SHARD"}, cuda=True, environ={"WORLD_SIZE": "8"})
+    assert one_node.parallelism["fsdp"]["sharding_strategy"] == "FULL_SHARD" and one_node.mesh is None
+    assert "data_parallel_replicate_degree" not in one_node.parallelism["fsdp"]
+    assert one_node.describe().startswith("FSDP1 (FULL_SHARD; HYBRID_SHARD on one node,")
+
+    with pytest.raises(FSDPConfigError, match="same number of ranks on every node"):
+        resolve_fsdp(
+            {"sharding_strategy": "HYBRID_SHARD"},
+            cuda=True,
+            environ={"WORLD_SIZE": "12", "LOCAL_WORLD_SIZE": "8"},
+        )
+    with pytest.raises(FSDPConfigError, match="data_parallel_replicate_degree"):
+        resolve_fsdp(
+            {"sharding_strategy": "HYBRID_SHARD", "data_parallel_replicate_degree": 3},
+            cuda=True,
+            environ=two_nodes,
+        )
+
+
+def test_orig_params_off_and_reentrant_checkpointing_are_refused_naming_the_key():
+    for version in ({}, {"FSDP_VERSION": "2"}):
+        with pytest.raises(
+            FSDPConfigError, match=r"fsdp_config.use_orig_params: false .* three parameter groups"
+        ):
+            resolve_fsdp({"use_orig_params": False}, cuda=True, environ=version)
+        with pytest.raises(FSDPConfigError, match="fsdp_config.activation_checkpointing_reentrant: true"):
+            resolve_fsdp({"activation_checkpointing_reentrant": True}, cuda=True, environ=version)
+    assert resolve_fsdp({"use_orig_params": True}, cuda=True, environ={}).parallelism["fsdp"][
+        "use_orig_params"
+    ]
+    with pytest.raises(FSDPConfigError, match="must be true or false"):
+        resolve_fsdp({"use_orig_params": "no"}, cuda=True, environ={})

@@ -5,6 +5,13 @@
 keys are checked here before anything heavy runs, and FSDP1-style keys are translated for FSDP2
 (``sharding_strategy`` -> ``reshard_after_forward``) rather than dropped.
 
+What FSDP1 receives is settled here too: activation checkpointing is always non-reentrant (the
+reentrant kind re-runs each block's forward inside the backward, where the masks a block receives
+from the L0 module are not inputs it can see, so the shared L0 graph is backpropagated twice), and
+``HYBRID_SHARD`` gets its two-dimensional mesh (replicas = nodes, shards = ranks per node) from the
+launcher's ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``, which Composer would otherwise quietly run as
+``FULL_SHARD``.
+
 Parameters of model children marked ``_fsdp_wrap = False`` (the L0 module) stay whole on every rank.
 :class:`FSDPGradients` averages their gradients across ranks, as DDP would, and clips the gradients
 by the norm over all parameters, sharded or not, exactly as one process would. On CPU (gloo) it also
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
     from llmshearing.models.teacher import Teacher
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2", "NO_SHARD")
+HYBRID_WITHIN_NODE = {"HYBRID_SHARD": "FULL_SHARD", "_HYBRID_SHARD_ZERO2": "SHARD_GRAD_OP"}  # on one node
 FSDP2_RESHARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}  # FSDP2 has no hybrid or unsharded mode here
 MIXED_PRECISION = ("DEFAULT", "PURE", "FULL")
 STATE_DICT_TYPES = ("full", "sharded")
@@ -50,10 +58,19 @@ class FSDPPlan:
     version: int
     settings: dict[str, Any]
     parallelism: dict[str, Any]  # Composer's ``parallelism_config``
+    mesh: tuple[int, int] | None = None  # FSDP1 hybrid sharding: (nodes, ranks per node)
+    note: str = ""  # how the strategy runs, when that differs from its name
 
     @property
     def sharding_strategy(self) -> str:
         return str(self.settings.get("sharding_strategy", "FULL_SHARD")).upper()
+
+    @property
+    def runs_as(self) -> str:
+        """The sharding strategy Composer is handed (``HYBRID_SHARD`` on one node runs as ``FULL_SHARD``)."""
+        if self.version == 1:
+            return str(self.parallelism["fsdp"].get("sharding_strategy", "FULL_SHARD"))
+        return self.sharding_strategy
 
     @property
     def state_dict_type(self) -> str:
@@ -61,11 +78,18 @@ class FSDPPlan:
 
     def describe(self) -> str:
         mixed = self.settings.get("mixed_precision", "DEFAULT")
-        ac = ", activation checkpointing per block" if self.settings.get("activation_checkpointing") else ""
-        return (
-            f"FSDP{self.version} ({self.sharding_strategy}, mixed precision {mixed}, "
-            f"{self.state_dict_type} checkpoints{ac})"
+        ac = (
+            ", non-reentrant activation checkpointing per block"
+            if self.settings.get("activation_checkpointing")
+            else ""
         )
+        how = self.runs_as
+        if self.mesh is not None:
+            nodes, per_node = self.mesh
+            how += f" over a {nodes} x {per_node} mesh: sharded within each node, replicated across {nodes} nodes"
+        if self.note:
+            how += f"; {self.note}"
+        return f"FSDP{self.version} ({how}, mixed precision {mixed}, {self.state_dict_type} checkpoints{ac})"
 
 
 def _composer_fsdp_keys() -> tuple[set[str], set[str]]:
@@ -92,8 +116,11 @@ def resolve_fsdp(
 ) -> FSDPPlan | None:
     """Validate ``fsdp_config`` for this machine; ``None`` when FSDP is off.
 
-    Raises :class:`FSDPConfigError` naming the key and the fix: an unknown key or value, FSDP1 on a
-    machine without CUDA, a sharding strategy FSDP2 does not offer here.
+    ``environ`` (default: the process environment) supplies ``FSDP_VERSION`` and the launcher's
+    ``WORLD_SIZE`` / ``LOCAL_WORLD_SIZE``. Raises :class:`FSDPConfigError` naming the key and the fix:
+    an unknown key or value, FSDP1 on a machine without CUDA, a sharding strategy FSDP2 does not offer
+    here, reentrant activation checkpointing, ``use_orig_params: false``, a hybrid mesh the ranks do
+    not fill.
     """
     if fsdp_config is None or fsdp_config is False:
         return None
@@ -103,6 +130,7 @@ def resolve_fsdp(
             f"got {fsdp_config!r}"
         )
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    environ = os.environ if environ is None else environ
     version = fsdp_version(environ)
     settings = dict(fsdp_config)
     fsdp1_keys, fsdp2_keys = _composer_fsdp_keys()
@@ -114,9 +142,22 @@ def resolve_fsdp(
     _check_choice(settings, "sharding_strategy", SHARDING_STRATEGIES)
     _check_choice(settings, "mixed_precision", MIXED_PRECISION)
     _check_choice(settings, "state_dict_type", STATE_DICT_TYPES, upper=False)
-    for key in ("activation_checkpointing", "activation_cpu_offload", "sync_module_states", "verbose"):
+    for key in BOOLEAN_KEYS:
         if key in settings and not isinstance(settings[key], bool):
             raise FSDPConfigError(f"fsdp_config.{key} must be true or false, got {settings[key]!r}")
+    if settings.get("activation_checkpointing_reentrant") is True:
+        raise FSDPConfigError(
+            "fsdp_config.activation_checkpointing_reentrant: true is not supported: reentrant checkpointing "
+            "re-runs each decoder block inside the backward without the pruning masks as inputs and "
+            'backpropagates the shared L0 graph twice ("Trying to backward through the graph a second '
+            'time"); remove the key (llmshearing always checkpoints non-reentrantly)'
+        )
+    if settings.get("use_orig_params") is False:
+        raise FSDPConfigError(
+            "fsdp_config.use_orig_params: false is not supported: the optimizer has three parameter groups "
+            "(weights, masks' log-alphas, Lagrange multipliers, each with its own learning rate) and "
+            "Composer's FSDP refuses several groups without the original parameters; remove the key"
+        )
 
     if version == 1:
         if not cuda:
@@ -125,7 +166,7 @@ def resolve_fsdp(
                 "lacks; on CPU run FSDP2: set FSDP_VERSION=2 in the environment (FSDP_VERSION=2 composer -n N "
                 "llmshearing/train.py ...), or remove fsdp_config (fsdp_config=null) to train without sharding"
             )
-        return FSDPPlan(1, settings, {"fsdp": settings})
+        return _fsdp1_plan(settings, environ)
 
     strategy = str(settings.get("sharding_strategy", "FULL_SHARD")).upper()
     if strategy not in FSDP2_RESHARD:
@@ -141,6 +182,69 @@ def resolve_fsdp(
         warnings.simplefilter("ignore", UserWarning)
         config = FSDP2Config(**translated)
     return FSDPPlan(2, settings, {"fsdp": config})
+
+
+BOOLEAN_KEYS = (
+    "activation_checkpointing",
+    "activation_checkpointing_reentrant",
+    "activation_cpu_offload",
+    "sync_module_states",
+    "use_orig_params",
+    "verbose",
+)
+
+
+def launch_topology(environ: Mapping[str, str]) -> tuple[int, int]:
+    """``(world size, ranks per node)`` from the launcher's ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``.
+
+    Composer's launcher sets both (and ``NODE_RANK``); without them the run is one process.
+    """
+    try:
+        world = int(environ.get("WORLD_SIZE", "1"))
+        local = int(environ.get("LOCAL_WORLD_SIZE", str(world)))
+    except ValueError as err:
+        raise FSDPConfigError(
+            f"WORLD_SIZE / LOCAL_WORLD_SIZE in the environment must be integers ({err}); launch with composer -n N"
+        ) from None
+    if world < 1 or local < 1:
+        raise FSDPConfigError(f"WORLD_SIZE={world} and LOCAL_WORLD_SIZE={local} must be positive")
+    return world, local
+
+
+def _fsdp1_plan(settings: dict[str, Any], environ: Mapping[str, str]) -> FSDPPlan:
+    """What Composer's FSDP1 is handed: non-reentrant checkpointing and, for hybrid sharding, a 2-D mesh."""
+    handed = {**settings, "activation_checkpointing_reentrant": False}
+    strategy = str(settings.get("sharding_strategy", "FULL_SHARD"))
+    if strategy not in HYBRID_WITHIN_NODE:
+        return FSDPPlan(1, settings, {"fsdp": handed})
+    world, per_node = launch_topology(environ)
+    if world % per_node:
+        raise FSDPConfigError(
+            f"fsdp_config.sharding_strategy={strategy} needs the same number of ranks on every node; "
+            f"WORLD_SIZE={world} ranks do not split into nodes of LOCAL_WORLD_SIZE={per_node}"
+        )
+    nodes = world // per_node
+    replicate = settings.get("data_parallel_replicate_degree")
+    shard = settings.get("data_parallel_shard_degree", -1)
+    if replicate is not None or shard not in (-1, None):  # a mesh the recipe chose: it must fill the ranks
+        r = replicate if replicate is not None else 1
+        s = shard if shard not in (-1, None) else world // max(r, 1)
+        if not isinstance(r, int) or not isinstance(s, int) or r < 1 or s < 1 or r * s != world:
+            raise FSDPConfigError(
+                f"fsdp_config.data_parallel_replicate_degree ({replicate}) x data_parallel_shard_degree "
+                f"({shard}) must be {world} (the world size); remove both to replicate across the {nodes} "
+                f"nodes and shard over the {per_node} ranks of each"
+            )
+        if r == 1:
+            handed["sharding_strategy"] = HYBRID_WITHIN_NODE[strategy]
+            return FSDPPlan(1, settings, {"fsdp": handed}, note=f"{strategy} with one replica")
+        handed.update(data_parallel_replicate_degree=r, data_parallel_shard_degree=s)
+        return FSDPPlan(1, settings, {"fsdp": handed}, mesh=(r, s))
+    if nodes == 1:  # one node: nothing to replicate across, so hybrid sharding is plain sharding
+        handed["sharding_strategy"] = HYBRID_WITHIN_NODE[strategy]
+        return FSDPPlan(1, settings, {"fsdp": handed}, note=f"{strategy} on one node")
+    handed.update(data_parallel_replicate_degree=nodes, data_parallel_shard_degree=per_node)
+    return FSDPPlan(1, settings, {"fsdp": handed}, mesh=(nodes, per_node))
 
 
 def _check_choice(settings: dict[str, Any], key: str, choices: tuple[str, ...], upper: bool = True) -> None:
