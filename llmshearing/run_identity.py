@@ -25,20 +25,47 @@ L0_MASK_KEYS = (
 )
 
 
+# source settings that must not change: where the weights (and a pruning run's teacher) come from
+SOURCE_KEYS = ("path", "dtype")
+# the recipe key that lets a resumed run take another source (e.g. the same checkpoint moved)
+ALLOW_NEW_SOURCE_KEY = "model.allow_new_source"
+# sections compared when both sides have them (descriptions written before a section existed lack it)
+OPTIONAL_SECTIONS = ("source",)
+
+
+def allows_new_source(description: dict[str, Any]) -> bool:
+    """True when the run's recipe sets ``model.allow_new_source``."""
+    model = ((description.get("train") or {}).get("model")) or {}
+    return bool(model.get("allow_new_source")) if isinstance(model, dict) else False
+
+
 def identity(description: dict[str, Any]) -> dict[str, Any]:
-    """The part of a run description that must not change within a run: shape and mask settings."""
+    """The part of a run description that must not change within a run: shape, mask settings, source.
+
+    The source is left out when the recipe sets ``model.allow_new_source``.
+    """
     model = {k: v for k, v in (description.get("model") or {}).items() if k not in MODEL_KEYS_FREE}
     l0 = description.get("l0_module")
     masks = {k: l0.get(k) for k in L0_MASK_KEYS} if isinstance(l0, dict) else None
-    return {"model": model, "l0_module": masks}
+    source = description.get("source")
+    if isinstance(source, dict) and not allows_new_source(description):
+        source = {k: source.get(k) for k in SOURCE_KEYS}
+    else:
+        source = None
+    return {"model": model, "l0_module": masks, "source": source}
 
 
 def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
-    """``key: <mine> vs <theirs>`` for every identity key that differs."""
+    """``key: <mine> vs <theirs>`` for every identity key that differs.
+
+    ``mine`` and ``theirs`` are run descriptions or identities (``identity`` of an identity is itself).
+    """
     a, b = identity(mine), identity(theirs)
     found = []
-    for section in ("model", "l0_module"):
-        left, right = a[section], b[section]
+    for section in ("model", "l0_module", "source"):
+        left, right = a.get(section), b.get(section)
+        if section in OPTIONAL_SECTIONS and (left is None or right is None):
+            continue
         if left is None or right is None:
             if left != right:
                 found.append(f"{section}: {'set' if left else 'none'} vs {'set' if right else 'none'}")
@@ -47,6 +74,16 @@ def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
             if left.get(key) != right.get(key):
                 found.append(f"{section}.{key}: {left.get(key)!r} vs {right.get(key)!r}")
     return found
+
+
+def source_hint(changed: list[str]) -> str:
+    """The way out when the source is what differs ("" otherwise)."""
+    if not any(item.startswith("source.") for item in changed):
+        return ""
+    return (
+        f"; the source is part of a run (its weights start the run and a pruning run distils from it): "
+        f"point model.path at the run's own source, or set {ALLOW_NEW_SOURCE_KEY}=true to resume from this one"
+    )
 
 
 def recorded_identity(checkpoint_state: dict[str, Any]) -> dict[str, Any] | None:

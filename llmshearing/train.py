@@ -24,13 +24,13 @@ from collections.abc import Sequence
 log = logging.getLogger("llmshearing.train")
 
 
-def _precision(requested: str) -> str:
-    import torch
+def _precision(requested: str, device: str | None) -> str:
+    from llmshearing.training.builders import effective_precision
 
-    if requested.startswith("amp_") and not torch.cuda.is_available():
+    runs = effective_precision(requested, device)
+    if runs != requested:
         log.warning("precision %s needs a GPU; running in fp32 on CPU", requested)
-        return "fp32"
-    return requested
+    return runs
 
 
 def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
@@ -98,6 +98,8 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     if dist.get_global_rank() == 0:
         print(f"llmshearing: {describe_parallelism(fsdp, world_size, device_batch, values)}", flush=True)
     model, description = builders.build_model(values, data_loading.set_names)
+    if dist.get_global_rank() == 0:
+        print(f"llmshearing: {builders.precision_line(description['precision'])}", flush=True)
     # only once the recipe, the data and the model are known to be good
     run_folder.prepare(save_folder, description, values["autoresume"], values["save_overwrite"])
     if dist.get_global_rank() == 0:
@@ -123,7 +125,7 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         algorithms=builders.build_algorithms(values, save_folder, fsdp=fsdp is not None),
         callbacks=callbacks,
         loggers=builders.build_loggers(values, save_folder),
-        precision=_precision(values["precision"]),
+        precision=_precision(values["precision"], values["device"]),
         device=values["device"],
         device_train_microbatch_size=values["device_train_microbatch_size"],
         parallelism_config=None if fsdp is None else fsdp.parallelism,

@@ -33,9 +33,17 @@ def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLla
     config = config.replace(
         attn_impl=model_cfg["attn_impl"], max_seq_len=max(config.max_seq_len, values["max_seq_len"])
     )
+    source = {"path": os.path.abspath(model_cfg["path"]), "dtype": stored_dtype(state_dict)}
     model = ComposerLlama(config, domains=domains, init_device="meta")  # no random init: weights come next
-    model.model.load_state_dict(state_dict, strict=True, assign=True)
-    description = {"model": config.to_dict(), "hf_config": hf_config, "l0_module": None, "train": values}
+    model.model.load_state_dict(master_weights(state_dict), strict=True, assign=True)
+    description = {
+        "model": config.to_dict(),
+        "hf_config": hf_config,
+        "l0_module": None,
+        "source": source,
+        "precision": describe_precision(values["precision"], values["device"], source["dtype"]),
+        "train": values,
+    }
     if model_cfg.get("l0_module"):
         from llmshearing.pruning import attach_l0_module
 
@@ -52,6 +60,61 @@ def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLla
         model.attach_teacher(load_teacher(distillation.teacher, dtype, model_cfg["attn_impl"]), distillation)
         description["distillation"] = distillation.to_dict()
     return model, description
+
+
+MASTER_DTYPE_NAME = "fp32"  # what the optimizer steps, whatever the source checkpoint stores
+
+
+def stored_dtype(state_dict: dict[str, Any]) -> str:
+    """The dtype the source checkpoint stores its floating weights in ("bf16", "fp32", ...; "a+b" if mixed)."""
+    from llmshearing.convert.checkpoint import TORCH_DTYPES
+
+    names = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+    found = sorted({names.get(t.dtype, str(t.dtype)) for t in state_dict.values() if t.is_floating_point()})
+    return "+".join(found) or MASTER_DTYPE_NAME
+
+
+def master_weights(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The source's floating tensors as fp32 master weights (integer tensors unchanged), one at a time.
+
+    The model takes these tensors as its parameters (``assign=True``), so their dtype is what the
+    optimizer steps: a bf16 source kept as it is would lose every update below bf16's resolution.
+    """
+    import torch
+
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            state_dict[key] = tensor.to(torch.float32)
+    return state_dict
+
+
+def effective_precision(requested: str, device: str | None = None) -> str:
+    """The compute precision Composer runs: mixed precision needs a GPU, else fp32."""
+    import torch
+
+    if requested.startswith("amp_") and (device == "cpu" or not torch.cuda.is_available()):
+        return "fp32"
+    return requested
+
+
+def describe_precision(requested: str, device: str | None, source_dtype: str) -> dict[str, str]:
+    """What the run's weights, compute and checkpoints hold (kept in config.json, said at start-up)."""
+    return {
+        "source": source_dtype,
+        "weights": MASTER_DTYPE_NAME,
+        "compute": effective_precision(requested, device),
+        "checkpoint": MASTER_DTYPE_NAME,
+    }
+
+
+def precision_line(precision: dict[str, str]) -> str:
+    """One phrase for the start-up line, e.g. ``weights fp32 (source bf16), compute amp_bf16, ...``."""
+    source = precision["source"]
+    converted = f" (source {source}, upcast)" if source != precision["weights"] else ""
+    return (
+        f"weights {precision['weights']}{converted}, compute {precision['compute']}, "
+        f"checkpoints {precision['checkpoint']}"
+    )
 
 
 def teacher_dtype(precision: str, device: str | None) -> Any:

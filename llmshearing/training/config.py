@@ -25,6 +25,7 @@ SCHEMA: dict[str, Any] = {
     "data_remote": ANY,
     "model": {
         "path": ANY,
+        "allow_new_source": ANY,  # a resumed run may take another model.path / source dtype
         "init_device": ANY,
         "attn_impl": ANY,
         "l0_module": ANY,  # validated by llmshearing.pruning
@@ -83,7 +84,13 @@ DEFAULTS: dict[str, Any] = {
     "run_name": "llmshearing",
     "seed": 17,
     "data_remote": None,
-    "model": {"init_device": "cpu", "attn_impl": "auto", "l0_module": None, "distillation": None},
+    "model": {
+        "allow_new_source": False,
+        "init_device": "cpu",
+        "attn_impl": "auto",
+        "l0_module": None,
+        "distillation": None,
+    },
     "optimizer": {
         "name": "decoupled_adamw",
         "lr": 1e-4,

@@ -21,7 +21,7 @@ from typing import Any
 
 from composer.core import Callback
 
-from llmshearing.run_identity import differences, identity
+from llmshearing.run_identity import differences, identity, source_hint
 from llmshearing.training.config import ConfigError
 
 log = logging.getLogger("llmshearing.train")
@@ -84,8 +84,8 @@ def check_same_run(folder: str | Path, description: dict[str, Any]) -> None:
     if changed:
         raise ConfigError(
             f"save_folder {folder} holds a different run: {'; '.join(changed[:6])} (this recipe vs the "
-            f"folder's {DESCRIPTION_NAME}); resume with the run's own settings, or choose another save_folder "
-            "(save_overwrite=true with autoresume=false replaces the run)"
+            f"folder's {DESCRIPTION_NAME}){source_hint(changed)}; resume with the run's own settings, or choose "
+            "another save_folder (save_overwrite=true with autoresume=false replaces the run)"
         )
 
 
@@ -173,7 +173,8 @@ class RunRecord(Callback):
         if changed:
             raise ConfigError(
                 f"the checkpoint to resume from belongs to a different run: {'; '.join(changed[:6])} "
-                "(this recipe vs the checkpoint); resume with the run's own settings or choose another save_folder"
+                f"(this recipe vs the checkpoint){source_hint(changed)}; resume with the run's own settings or "
+                "choose another save_folder"
             )
 
 

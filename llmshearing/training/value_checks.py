@@ -206,6 +206,10 @@ def check_run_values(values: dict[str, Any]) -> None:
     for key in BOOLEANS:
         if not isinstance(values[key], bool):
             raise ConfigError(f"{key} must be true or false, got {values[key]!r}")
+    if not isinstance(values["model"].get("allow_new_source"), bool):
+        raise ConfigError(
+            f"model.allow_new_source must be true or false, got {values['model'].get('allow_new_source')!r}"
+        )
     check_choice("precision", values["precision"], PRECISIONS)
     check_choice("device", values["device"], DEVICES)
     level = values["python_log_level"]
