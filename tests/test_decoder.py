@@ -367,3 +367,30 @@ def test_plain_rope_table_equals_transformers_default(head_dim, theta):
     hf = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim, rope_theta=theta)
     theirs, their_scaling = ROPE_INIT_FUNCTIONS["default"](hf, torch.device("cpu"))
     assert torch.equal(ours, theirs.float()) and scaling == their_scaling == 1.0
+
+
+def test_casting_every_floating_buffer_to_bf16_leaves_the_logits_unchanged():
+    # FSDP1's DEFAULT and PURE mixed precision cast a module's floating buffers to bf16; the rotary
+    # frequencies must not be among them (in bf16 they rotate late positions by radians too many)
+    config = _config(max_seq_len=1024, rope_theta=10000.0, head_dim=16, n_heads=2, n_kv_heads=2)
+    model = _model(config)
+    ids = torch.randint(0, 64, (1, 1024), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(ids)
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_floating_point():
+                module._buffers[name] = buffer.to(torch.bfloat16)
+    with torch.no_grad():
+        after = model(ids)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    # casting the whole module (what `.to(dtype)` and FSDP's parameter casts do) leaves the tables fp32-exact
+    tables = model.rope_tables(4096, torch.float32)
+    model.to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32
+    for ours, expected in zip(model.rope_tables(4096, torch.float32), tables, strict=True):
+        assert torch.equal(ours, expected)
+    exact = torch.arange(4096, dtype=torch.float64)[:, None] * (
+        1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    )
+    assert (tables[0][:, :8].double() - exact.cos()).abs().max() < 1e-3  # fp32 angles at position 4095

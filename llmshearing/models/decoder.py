@@ -225,7 +225,7 @@ def init_module(module: nn.Module, init_std: float) -> None:
     """(Re-)initialise the tensors owned directly by ``module`` (not its children).
 
     Linears and embeddings: normal(0, init_std), zero biases; RMSNorm: ones; the decoder's RoPE
-    table is recomputed. A module still on the meta device is first materialised on the CPU.
+    frequencies are recomputed. A module still on the meta device is first materialised on the CPU.
     """
     own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
     if any(t.is_meta for t in own):
@@ -253,16 +253,28 @@ class Decoder(nn.Module):
         self.output = (
             None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
-        inv_freq, self.rope_attention_scaling = rope_inverse_frequencies(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_rope()
 
+    # The RoPE inverse frequencies are a plain fp32 attribute, not a buffer: FSDP1's mixed precision
+    # (DEFAULT, PURE) casts floating buffers to bf16, which would put a phase error of radians into the
+    # rotations of late positions. Nothing that casts or moves buffers reaches this tensor; each device
+    # gets its own fp32 copy on first use.
     def reset_rope(self) -> None:
-        """Recompute the RoPE table (needed after materialising the model from the meta device)."""
+        """Recompute the RoPE inverse frequencies (fp32, on the CPU) from the config."""
         inv_freq, self.rope_attention_scaling = rope_inverse_frequencies(self.config)
-        device = (
-            self.inv_freq.device if self.inv_freq.device.type != "meta" else self.tok_embeddings.weight.device
-        )
-        self.inv_freq = inv_freq.to(device)
+        self._inv_freq = inv_freq.float()
+        self._inv_freq_on: dict[torch.device, Tensor] = {}
+
+    @property
+    def inv_freq(self) -> Tensor:
+        """The RoPE inverse frequencies [hd / 2] (fp32, CPU)."""
+        return self._inv_freq
+
+    def _inv_freq_for(self, device: torch.device) -> Tensor:
+        cached = self._inv_freq_on.get(device)
+        if cached is None:
+            cached = self._inv_freq_on[device] = self._inv_freq.to(device)
+        return cached
 
     def init_weights(self) -> None:
         """Random initialisation of every module (see :func:`init_module`)."""
@@ -279,9 +291,12 @@ class Decoder(nn.Module):
     def param_init_fn(self, module: nn.Module) -> None:
         init_module(module, self.config.init_std)
 
-    def rope_tables(self, seq_len: int, dtype: torch.dtype) -> Rope:
-        positions = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq.float())
+    def rope_tables(self, seq_len: int, dtype: torch.dtype, device: torch.device | None = None) -> Rope:
+        """Position tables ``(cos, sin)`` [T, hd], computed in fp32 on ``device`` and returned in ``dtype``."""
+        device = self.tok_embeddings.weight.device if device is None else torch.device(device)
+        inv_freq = self._inv_freq_for(device)
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = angles.cos() * self.rope_attention_scaling
         sin = angles.sin() * self.rope_attention_scaling
@@ -299,7 +314,7 @@ class Decoder(nn.Module):
         """Logits [B, T, V] of ``input_ids`` [B, T]; with ``apply_head=False`` the final hidden
         states [B, T, d] (after the last RMSNorm), which :meth:`head` turns into logits."""
         x = self.tok_embeddings(input_ids)
-        rope = self.rope_tables(input_ids.shape[1], x.dtype)
+        rope = self.rope_tables(input_ids.shape[1], x.dtype, x.device)
         layer_masks = self.layer_masks(masks or {}, x.dtype)
         shared = layer_masks[0]  # the hidden-dims mask is the same in every layer
         x = shared.keep_dims(x)
