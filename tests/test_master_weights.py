@@ -179,3 +179,16 @@ def test_a_bf16_source_trains_fp32_weights_under_fsdp2(sources, tiny_mds, tmp_pa
     for key, weight in _weights(folder).items():
         assert weight.dtype == torch.float32, key
         assert not torch.equal(weight, start[key].float()), key
+
+
+@pytest.mark.slow
+def test_loading_a_checkpoint_of_a_run_from_another_source_is_refused(
+    sources, finished, tiny_mds, tmp_path, capsys, clean_shm
+):
+    checkpoint = finished / "checkpoints" / "latest-rank0.pt"
+    overrides = [*SHORT, f"load_path={checkpoint}"]
+    assert main([PRUNE, *_args(sources[1], tiny_mds, tmp_path / "run", *overrides)]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to a different run" in err and "source.dtype: 'bf16' vs 'fp32'" in err, err
+    assert "model.allow_new_source=true" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "config.json").exists()
