@@ -394,3 +394,49 @@ def test_casting_every_floating_buffer_to_bf16_leaves_the_logits_unchanged():
         1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     )
     assert (tables[0][:, :8].double() - exact.cos()).abs().max() < 1e-3  # fp32 angles at position 4095
+
+
+_FLASH_PROBE = """
+import torch
+torch.cuda.is_available = lambda: True  # a GPU machine, as far as the kernel choice is concerned
+from llmshearing.models.config import ModelConfig
+from llmshearing.models.decoder import AttentionKernelError, Decoder
+config = ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, intermediate_size=8)
+student, teacher = Decoder(config), Decoder(config)  # built twice: one notice
+print("impl", student.attn_impl, teacher.attn_impl)
+print("logits", tuple(student(torch.zeros(1, 4, dtype=torch.long)).shape))
+try:
+    Decoder(config.replace(attn_impl="flash"))
+except AttentionKernelError as err:
+    print("refused", isinstance(err, ValueError), err)
+"""
+
+
+@pytest.mark.parametrize("broken", [True, False])
+def test_flash_attn_is_imported_at_model_build_and_falls_back_to_sdpa_in_one_line(tmp_path, broken):
+    import os
+    import subprocess
+    import sys
+
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    if broken:  # what a wheel built for another torch does: found by find_spec, fails on import
+        body = "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c105ErrorC2E')\n"
+    else:
+        body = "def flash_attn_func(q, k, v, causal=True, window_size=(-1, -1)):\n    raise AssertionError\n"
+    (package / "__init__.py").write_text(body)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "-c", _FLASH_PROBE], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    notices = [line for line in proc.stderr.splitlines() if "flash-attn" in line]
+    if broken:
+        assert "impl sdpa sdpa" in proc.stdout and "logits (1, 4, 16)" in proc.stdout
+        assert notices == [
+            "llmshearing: flash-attn is installed but does not import (ImportError: flash_attn_2_cuda.so: "
+            "undefined symbol: _ZN3c105ErrorC2E); attention runs on torch SDPA"
+        ]
+        assert "refused True model.attn_impl=flash needs FlashAttention-2" in proc.stdout
+        assert "undefined symbol" in proc.stdout.split("refused", 1)[1]
+    else:
+        assert "impl flash flash" in proc.stdout and not notices and "refused" not in proc.stdout

@@ -20,8 +20,11 @@ what makes the masked model equal to the sliced one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
-from collections.abc import Iterator, Mapping
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,21 +37,70 @@ from llmshearing.models.schema import combine_masks
 Rope = tuple[Tensor, Tensor]  # (cos, sin) position tables [T, hd]
 
 
-def flash_attn_available() -> bool:
-    """FlashAttention-2 is usable: the package is installed and a CUDA device exists."""
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+class AttentionKernelError(ImportError, ValueError):
+    """``model.attn_impl=flash`` cannot run here; the message says why and what to use instead."""
 
 
-def resolve_attn_impl(requested: str) -> str:
-    """Pick the attention kernel before the model is built; never fails on a CPU machine for 'auto'."""
-    if requested == "auto":
-        return "flash" if flash_attn_available() else "sdpa"
-    if requested == "flash" and not flash_attn_available():
-        raise ImportError(
-            "model.attn_impl=flash needs the flash-attn package and a CUDA device "
-            "(pip install 'llmshearing[gpu]'); use attn_impl=auto or sdpa otherwise"
+@functools.cache
+def import_flash_attn() -> tuple[Callable[..., Tensor] | None, str]:
+    """Import FlashAttention-2's kernel once: ``(flash_attn_func, "")``, or ``(None, why it is unusable)``.
+
+    Finding the package is not enough: a wheel built for another torch or CUDA fails only when its
+    extension loads (e.g. an undefined symbol), so the kernel is imported here, at model build.
+    """
+    if importlib.util.find_spec("flash_attn") is None:
+        return None, "not installed"
+    try:
+        from flash_attn import flash_attn_func
+    except Exception as err:  # ImportError, OSError, RuntimeError: whatever a broken extension raises
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return None, f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+    return flash_attn_func, ""
+
+
+def flash_attn_available(cuda: bool | None = None) -> bool:
+    """FlashAttention-2 is usable: a CUDA device exists and the kernel imports."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return cuda and import_flash_attn()[0] is not None
+
+
+@functools.cache
+def _fallback_notice(reason: str) -> None:
+    """Say once per process (on rank 0) that attention falls back to SDPA, and why."""
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"llmshearing: flash-attn is installed but does not import ({reason}); attention runs on torch SDPA",
+            file=sys.stderr,
+            flush=True,
         )
-    return requested
+
+
+def resolve_attn_impl(requested: str, cuda: bool | None = None) -> str:
+    """Pick the attention kernel before the model is built.
+
+    ``auto`` is FlashAttention-2 on a CUDA machine where it imports, else SDPA (a flash-attn that is
+    installed but does not import is reported in one line); ``flash`` where it cannot run is an
+    :class:`AttentionKernelError`.
+    """
+    if requested not in ("auto", "flash"):
+        return requested
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    kernel, reason = import_flash_attn() if cuda else (None, "no CUDA device")
+    if kernel is not None:
+        return "flash"
+    if requested == "flash":
+        fix = (
+            "pip install 'llmshearing[gpu]'"
+            if reason == "not installed"
+            else "reinstall flash-attn for this torch"
+        )
+        raise AttentionKernelError(
+            f"model.attn_impl=flash needs FlashAttention-2 on a CUDA device, and here it cannot run ({reason}); "
+            f"{fix}, or use attn_impl=auto or sdpa"
+        )
+    if reason not in ("not installed", "no CUDA device"):
+        _fallback_notice(reason)
+    return "sdpa"
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
@@ -160,8 +212,7 @@ class Attention(nn.Module):
         T = q.shape[2]
         window = self.sliding_window if self.sliding_window is not None and self.sliding_window < T else None
         if self.attn_impl == "flash" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            from flash_attn import flash_attn_func
-
+            flash_attn_func, _ = import_flash_attn()  # imported (and checked) when the model was built
             out = flash_attn_func(
                 q.transpose(1, 2),
                 k.transpose(1, 2),
