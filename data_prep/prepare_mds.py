@@ -33,13 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llmshearing.errors import run_reported
+
     args = build_parser().parse_args(argv)
-    try:
-        return run_prepare(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    return run_reported(lambda: run_prepare(args), writing=args.output)
 
 
 if __name__ == "__main__":

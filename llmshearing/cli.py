@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMAND_MODULES = (
@@ -31,33 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _output_of(args: argparse.Namespace) -> str:
-    """The output a command writes (named when the disk fills up)."""
+def _output_of(args: argparse.Namespace) -> str | None:
+    """The output a command writes (named when the disk fills up or Ctrl-C stops it)."""
     for name in ("out", "out_dir", "output", "json"):
         value = getattr(args, name, None)
-        if isinstance(value, str):
-            return value
-    return "."
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmshearing.disk_full import disk_full_message, is_disk_full
+    from llmshearing.errors import run_reported
 
     args = build_parser().parse_args(argv)
-    try:
-        result = args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:  # user errors: one clear line, no traceback
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"llmshearing {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError) as err:
-        if not is_disk_full(err):
-            raise
-        print(
-            f"llmshearing {args.command}: error: {disk_full_message(err, _output_of(args))}", file=sys.stderr
-        )
-        return 2
-    return int(result or 0)
+    return run_reported(lambda: args.func(args), f"llmshearing {args.command}", writing=_output_of(args))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import errno
 import os
 from pathlib import Path
 
+from llmshearing.staging import output_of_staged
+
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "file write failed")
 
@@ -50,6 +52,9 @@ def mount_point(path: str | Path) -> Path:
 
 
 def disk_full_message(err: BaseException, writing: str | Path) -> str:
-    """``no space left on <mount> while writing <path>; ...`` for an error ``is_disk_full`` accepts."""
-    path = _failed_path(err) or str(writing)
+    """``no space left on <mount> while writing <path>; ...`` for an error ``is_disk_full`` accepts.
+
+    ``<path>`` is the file the error names, else ``writing``; a staging path is named as its output.
+    """
+    path = str(output_of_staged(_failed_path(err) or str(writing)))
     return f"no space left on {mount_point(path)} while writing {path}; free space there or write to another disk"

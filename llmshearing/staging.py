@@ -44,8 +44,20 @@ def _running(pid: int) -> bool:
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
+    elif path.exists() or path.is_symlink():  # unlinking a missing name fails on a read-only disk
         path.unlink(missing_ok=True)
+
+
+_STAGED_NAME = re.compile(r"\.(.+)\.(?:tmp|old)-[A-Za-z0-9._]+-\d+-[0-9a-f]+")
+
+
+def output_of_staged(path: str | Path) -> Path:
+    """``path`` with a staging directory or file in it replaced by the output it becomes.
+
+    ``/data/.mds.tmp-host-12-ab12cd34/train`` -> ``/data/mds/train``; other paths are returned as they are.
+    """
+    parts = [match.group(1) if (match := _STAGED_NAME.fullmatch(part)) else part for part in Path(path).parts]
+    return Path(*parts) if parts else Path(path)
 
 
 def remove_stale(out: str | Path) -> list[Path]:

@@ -218,45 +218,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    from llmshearing.disk_full import is_disk_full
+    from llmshearing.errors import run_reported
 
-    try:  # everything before training starts: configuration, data and checkpoint problems
-        trainer, values = build_trainer(argv[0], argv[1:])
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError) as err:  # a full disk while writing the run folder
-        if not is_disk_full(err):
-            raise
-        return _disk_full(err, argv)
-    try:
-        run(trainer, values)
-    except (OSError, RuntimeError) as err:  # a full disk while writing a checkpoint, metrics or masks
-        if not is_disk_full(err):
-            raise
-        return _disk_full(err, argv)
-    return 0
+    folder = _run_folder(argv)
+    built: list = []
+
+    def start() -> None:  # configuration, data and checkpoint problems; a failed start leaves no trace
+        built.extend(build_trainer(argv[0], argv[1:]))
+
+    code = run_reported(start, writing=folder)
+    if code or not built:
+        return code
+    # while training, faults of the file system and Ctrl-C are told in one line; anything else is a
+    # bug and keeps its traceback
+    return run_reported(
+        lambda: run(*built),
+        writing=folder,
+        on_disk_full=lambda err, message: _set_aside(folder, err, message),
+        on_interrupt=lambda: _set_aside(folder, None, "interrupted"),
+        user_errors=False,
+    )
 
 
-def _disk_full(err: BaseException, argv: Sequence[str]) -> int:
-    """Set aside a checkpoint the full disk cut off, and say where the disk is full (exit code 2)."""
-    from llmshearing.convert.checkpoint_files import set_aside_incomplete
-    from llmshearing.disk_full import disk_full_message
+def _run_folder(argv: Sequence[str]) -> str | None:
+    """The run folder the recipe and overrides name (None when they cannot be read)."""
     from llmshearing.training.config import load_config
 
     try:
         cfg = load_config(argv[0], argv[1:])
-        folder = str(cfg.save_folder).format(run_name=cfg.run_name)
-    except Exception:  # the recipe was readable when the run started; this is only for the message
-        folder = "the run folder"
+        return str(cfg.save_folder).format(run_name=cfg.run_name)
+    except Exception:  # a bad recipe is reported by the start itself
+        return None
+
+
+def _set_aside(folder: str | None, err: BaseException | None, message: str) -> str:
+    """Set aside a checkpoint that a full disk (``err``) or Ctrl-C cut off; the message says where and
+    how the run continues."""
+    from llmshearing.convert.checkpoint_files import set_aside_incomplete
+    from llmshearing.disk_full import disk_full_message
+
+    if folder is None:
+        return message
     cut_off = set_aside_incomplete(os.path.join(folder, "checkpoints"))
-    writing = str(cut_off[0]).removesuffix(".incomplete") if cut_off else folder
-    print(
-        f"error: {disk_full_message(err, writing)}; a checkpoint cut off is set aside as .incomplete, and "
-        "autoresume=true continues from the last complete one",
-        file=sys.stderr,
-    )
-    return 2
+    if err is not None:
+        message = disk_full_message(err, str(cut_off[0]).removesuffix(".incomplete") if cut_off else folder)
+    aside = "a checkpoint cut off is set aside as .incomplete, and " if cut_off else ""
+    return f"{message}; {aside}autoresume=true continues {folder} from its last complete checkpoint"
 
 
 if __name__ == "__main__":
