@@ -198,6 +198,57 @@ def test_continued_run_with_distillation_logs_kd_ce_and_teacher_time(
     assert any(name.endswith("alpha_LanguageCrossEntropy") for name in metrics)  # per-domain metrics
 
 
+def test_teacher_time_share_is_the_teachers_spans_over_the_steps_marks(
+    student, tiny_source, tiny_mds, tmp_path, clean_shm
+):
+    # two micro-batches per step and four KD chunks per micro-batch: ten teacher spans in every step,
+    # and the device is waited for once at each end of the step, never inside a span
+    from llmshearing.callbacks.distillation import TeacherTimeMonitor
+
+    folder = tmp_path / "run"
+    distil = _distil(tiny_source, 0.5, "model.distillation.chunk_size=8", "max_duration=3ba")
+    trainer, values = build_trainer(CONTINUED, _args(student, tiny_mds, folder, *distil))
+    monitor = next(c for c in trainer.state.callbacks if isinstance(c, TeacherTimeMonitor))
+    teacher = trainer.state.model.teacher
+    calls = {"sync": 0, "teacher": 0}
+    steps = []
+
+    def counting(name, function):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    monitor.synchronize = counting("sync", monitor.synchronize)
+    teacher.hidden_states = counting("teacher", teacher.hidden_states)
+    teacher.logits = counting("teacher", teacher.logits)
+    take = teacher.clock.take_seconds
+
+    def recorded_take():
+        spans, seconds = list(teacher.clock.spans), take()
+        if calls["sync"] % 2 == 0:  # at batch_end (batch_start's wait makes the count odd)
+            steps.append((spans, monitor.last_step, seconds, dict(calls)))
+        return seconds
+
+    teacher.clock.take_seconds = recorded_take
+    run(trainer, values)
+
+    ends = steps
+    assert len(ends) == 3
+    metrics = read_metrics(str(folder / "metrics.jsonl"))
+    previous = {"sync": 0, "teacher": 0}
+    for (spans, (start, end), seconds, counted), (_, logged), (_, share) in zip(
+        ends, metrics["distill/teacher_seconds"], metrics["distill/teacher_time_share"], strict=True
+    ):
+        assert counted["teacher"] - previous["teacher"] == len(spans) == 2 * (1 + 4)
+        assert counted["sync"] - previous["sync"] == 2  # once at batch_start, once at batch_end
+        previous = counted
+        assert all(start <= a <= b <= end for a, b in spans)
+        assert seconds == pytest.approx(sum(b - a for a, b in spans), rel=1e-12) and logged == seconds
+        assert share == pytest.approx(seconds / (end - start), rel=1e-12) and 0 < share < 1
+
+
 def test_alpha_zero_trains_exactly_like_plain_lm_and_kd_pulls_toward_the_teacher(
     student, tiny_source, tiny_mds, tmp_path, clean_shm
 ):

@@ -100,20 +100,57 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class SpanClock:
+    """Times spans of work without waiting for the device inside them.
+
+    A span on a CUDA device is a pair of CUDA events recorded on the current stream; on the CPU a pair
+    of ``time.perf_counter`` marks. :meth:`take_seconds` sums the spans taken since its last call;
+    CUDA events must have completed by then, which one device synchronisation at the end of the step
+    ensures (``TeacherTimeMonitor``), else the last event is waited for once.
+    """
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[Any, Any]] = []
+
+    @staticmethod
+    def mark(device: torch.device) -> Any:
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(device))
+            return event
+        return time.perf_counter()
+
+    def start(self, device: torch.device) -> Any:
+        return self.mark(device)
+
+    def stop(self, started: Any, device: torch.device) -> None:
+        self.spans.append((started, self.mark(device)))
+
+    def take_seconds(self) -> float:
+        """Seconds within the spans since the last call (the spans are then forgotten)."""
+        spans, self.spans = self.spans, []
+        if not spans:
+            return 0.0
+        if isinstance(spans[-1][1], torch.cuda.Event):
+            spans[-1][1].synchronize()  # a no-op once the step's end has synchronised the device
+            return sum(start.elapsed_time(end) for start, end in spans) / 1000.0
+        return sum(end - start for start, end in spans)
+
+
 class Teacher:
     """A frozen teacher ``Decoder`` (eval mode, no gradients), deliberately not an ``nn.Module``.
 
     :meth:`hidden_states` is the teacher's one forward; :meth:`logits` applies its output head to a
-    chunk of hidden states. Both run under ``torch.no_grad`` and add their wall time to
-    :attr:`seconds`. :meth:`module` returns the decoder (to wrap it for FSDP; :meth:`set_module` puts
-    the wrapped one in place).
+    chunk of hidden states. Both run under ``torch.no_grad`` and are timed by :attr:`clock` (no device
+    synchronisation per call). :meth:`module` returns the decoder (to wrap it for FSDP;
+    :meth:`set_module` puts the wrapped one in place).
     """
 
     def __init__(self, decoder: nn.Module, path: str) -> None:
         self._decoder = decoder.eval().requires_grad_(False)
         self.path = path
         self.config: ModelConfig = decoder.config
-        self.seconds = 0.0
+        self.clock = SpanClock()
 
     def module(self) -> nn.Module:
         return self._decoder
@@ -121,22 +158,26 @@ class Teacher:
     def set_module(self, module: nn.Module) -> None:
         self._decoder = module
 
+    def device(self) -> torch.device:
+        """The device the teacher's weights are on."""
+        return _device_of(self._decoder)
+
     @torch.no_grad()
     def hidden_states(self, input_ids: Tensor) -> Tensor:
         """The teacher's final hidden states [B, T, d] (the decoder moves to ``input_ids``' device first)."""
-        started = time.perf_counter()
         if _device_of(self._decoder) != input_ids.device:
             self._decoder.to(input_ids.device)
+        started = self.clock.start(input_ids.device)
         hidden = self._decoder(input_ids, apply_head=False)
-        self._stop(started, hidden)
+        self.clock.stop(started, input_ids.device)
         return hidden
 
     @torch.no_grad()
     def logits(self, hidden: Tensor) -> Tensor:
         """Logits [N, V] of final hidden states [N, d]."""
-        started = time.perf_counter()
+        started = self.clock.start(hidden.device)
         logits = self._decoder.head(hidden)
-        self._stop(started, logits)
+        self.clock.stop(started, hidden.device)
         return logits
 
     def forward_flops_per_token(self, seq_len: int) -> int:
@@ -146,13 +187,7 @@ class Teacher:
 
     def take_seconds(self) -> float:
         """Seconds spent in the teacher since the last call."""
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
-
-    def _stop(self, started: float, result: Tensor) -> None:
-        if result.is_cuda:  # kernels are asynchronous: wait for them to time them
-            torch.cuda.synchronize(result.device)
-        self.seconds += time.perf_counter() - started
+        return self.clock.take_seconds()
 
 
 def _device_of(module: nn.Module) -> torch.device:
