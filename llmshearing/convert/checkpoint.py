@@ -36,6 +36,7 @@ from llmshearing.convert.tensor_io import (
     StateDictSource,
     TensorMeta,
     TensorSource,
+    finite,
     open_weights,
     write_safetensors,
 )
@@ -227,7 +228,7 @@ def open_checkpoint(path: str | Path, config_path: str | Path | None = None) -> 
         check_state(tensors, config, str(path), allow_l0=True)
         candidates = (path.parent, path.parent.parent, _run_source_dir(cfg_path))
         tokenizer_dir = next((d for d in candidates if d is not None and _has_tokenizer(d)), None)
-        return OpenCheckpoint(path, "composer", config, hf_config, tensors, tokenizer_dir)
+        return OpenCheckpoint(path, "composer", config, hf_config, finite(tensors, str(path)), tokenizer_dir)
 
     cfg_path = Path(config_path) if config_path else path / CONFIG_NAME
     data = read_config_json(cfg_path)
@@ -244,7 +245,7 @@ def open_checkpoint(path: str | Path, config_path: str | Path | None = None) -> 
     except (KeyError, ValueError):
         tensors.close()
         raise
-    return OpenCheckpoint(path, kind, config, hf_config, tensors, path)
+    return OpenCheckpoint(path, kind, config, hf_config, finite(tensors, str(path)), path)
 
 
 def load_checkpoint(
@@ -338,8 +339,10 @@ def write_project_checkpoint(
             target if target is not None and meta.dtype.is_floating_point else meta.dtype, meta.shape
         )
 
+    checked = finite(tensors, f"the weights for {out}")  # a NaN or Inf stops the write; nothing is left
+
     def produce(key: str) -> Tensor:
-        return tensors.get(key).to(metas[key].dtype)
+        return checked.get(key).to(metas[key].dtype)
 
     with staged_dir(out, overwrite) as staging:
         tick, close = tensor_progress(len(metas), f"writing {Path(out).name}", progress)

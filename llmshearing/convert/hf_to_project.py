@@ -14,7 +14,7 @@ from llmshearing.convert.checkpoint import (
     write_project_checkpoint,
 )
 from llmshearing.convert.hf_config import model_config_from_hf, read_config_json
-from llmshearing.convert.tensor_io import DEFAULT_MAX_SHARD_BYTES, StateDictSource, open_weights
+from llmshearing.convert.tensor_io import DEFAULT_MAX_SHARD_BYTES, StateDictSource, finite, open_weights
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -138,7 +138,9 @@ def convert_hf_to_project(
     config_path = directory / CONFIG_NAME
     hf_config = read_config_json(config_path)
     config = model_config_from_hf(hf_config, str(config_path))
-    with hf_source_to_project(open_weights(directory), config, str(directory)) as tensors:
+    with finite(
+        hf_source_to_project(open_weights(directory), config, str(directory)), str(directory)
+    ) as tensors:
         return write_project_checkpoint(
             out,
             config,
@@ -203,7 +205,9 @@ def _convert_gguf(
         if spm.is_file() and is_gguf_file(spm):
             spm.unlink()  # transformers copies the whole GGUF here; tokenizer.json holds the tokenizer
 
-    with hf_source_to_project(StateDictSource(state), config, str(gguf_file)) as tensors:
+    with finite(
+        hf_source_to_project(StateDictSource(state), config, str(gguf_file)), str(gguf_file)
+    ) as tensors:
         return write_project_checkpoint(
             out,
             config,

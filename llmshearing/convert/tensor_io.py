@@ -90,6 +90,48 @@ class StateDictSource(TensorSource):
         return self.tensors[key]
 
 
+class FiniteSource(TensorSource):
+    """A view of another source whose floating tensors are checked when read: a NaN or an Inf is an
+    error naming the tensor (weights that would train or export as garbage without a word)."""
+
+    def __init__(self, source: TensorSource, origin: str) -> None:
+        self.source, self.origin = source, origin
+
+    def keys(self) -> list[str]:
+        return self.source.keys()
+
+    def meta(self, key: str) -> TensorMeta:
+        return self.source.meta(key)
+
+    def get(self, key: str) -> Tensor:
+        tensor = self.source.get(key)
+        check_finite(tensor, key, self.origin)
+        return tensor
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def check_finite(tensor: Tensor, key: str, origin: str) -> None:
+    """Raise ``ValueError`` naming ``key`` of ``origin`` when the floating ``tensor`` holds NaN or Inf."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    bad = int(finite.numel() - finite.sum())
+    raise ValueError(
+        f"{origin}: tensor {key} holds NaN or Inf values ({bad:,} of {tensor.numel():,}); the weights are "
+        "damaged (a run that diverged, or a bad download or conversion): use an earlier checkpoint or "
+        "convert the source again"
+    )
+
+
+def finite(source: TensorSource, origin: str) -> TensorSource:
+    """``source`` with every floating tensor checked for NaN and Inf when read (once)."""
+    return source if isinstance(source, FiniteSource) else FiniteSource(source, origin)
+
+
 class SafetensorsSource(TensorSource):
     """One or more safetensors files, read tensor by tensor with plain file reads.
 
