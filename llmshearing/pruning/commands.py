@@ -168,10 +168,14 @@ def read_target_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--target-config {path} not found")
+    from llmshearing.training.config import read_recipe
+
     try:
-        document = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as err:  # omegaconf/yaml raise several types for malformed files
-        raise ValueError(f"--target-config {path} is not valid YAML ({err})") from err
+        document = OmegaConf.to_container(read_recipe(str(path)), resolve=True)
+    except ValueError as err:  # not YAML, or not a mapping: the message names the file and the line
+        raise ValueError(f"--target-config: {err}") from None
+    except Exception as err:  # an interpolation that does not resolve
+        raise ValueError(f"--target-config {path}: {str(err).strip().splitlines()[0]}") from None
     if not isinstance(document, dict):
         raise ValueError(f"--target-config {path} must hold a mapping with a target_model key")
     target = document.get("target_model")
