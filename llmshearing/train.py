@@ -97,7 +97,7 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     reproducibility.seed_all(values["seed"])
     if dist.get_global_rank() == 0:
         print(f"llmshearing: {describe_parallelism(fsdp, world_size, device_batch, values)}", flush=True)
-    model, description = builders.build_model(values, data_loading.set_names)
+    model, description = builders.build_model(values, data_loading.set_names, train_loader.dataloader.dataset)
     if dist.get_global_rank() == 0:
         print(f"llmshearing: {builders.precision_line(description['precision'])}", flush=True)
     # only once the recipe, the data and the model are known to be good
@@ -231,8 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     # while training, faults of the file system and Ctrl-C are told in one line; anything else is a
     # bug and keeps its traceback
+    def train_built() -> None:
+        run(*built)
+
     return run_reported(
-        lambda: run(*built),
+        train_built,
         writing=folder,
         on_disk_full=lambda err, message: _set_aside(folder, err, message),
         on_interrupt=lambda: _set_aside(folder, None, "interrupted"),
