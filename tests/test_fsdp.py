@@ -26,6 +26,7 @@ from llmshearing.convert.checkpoint import open_checkpoint
 from llmshearing.convert.loading import from_pretrained
 from llmshearing.convert.sharded import is_sharded_checkpoint
 from llmshearing.train import main as train_main
+from llmshearing.training.config import load_config
 from llmshearing.training.fsdp import FSDPConfigError, resolve_fsdp, shard_teacher
 
 PRUNE = "yamls/tiny/prune.yaml"
@@ -41,7 +42,7 @@ PRUNE_EXTRA = [
     "save_interval=2ba",
     "callbacks.data_loading.reference=source",
     "callbacks.data_loading.target_loss=null",
-    "model.l0_module.init_from=importance",  # rank 0 calibrates, every rank gets its ranking
+    "model.l0_module.init_from=importance",  # each rank calibrates on its share; the sums are all-reduced
     "model.l0_module.init_samples=8",
     "model.l0_module.lagrangian_warmup_steps=0ba",
 ]
@@ -442,3 +443,80 @@ def test_orig_params_off_and_reentrant_checkpointing_are_refused_naming_the_key(
     ]
     with pytest.raises(FSDPConfigError, match="must be true or false"):
         resolve_fsdp({"use_orig_params": "no"}, cuda=True, environ={})
+
+
+# ------------------------------------------------------------------- calibration under FSDP
+def _compressed_remote(source_root: str, root: Path, per_shard: int = 4) -> Path:
+    """The tiny data as a remote root of zstd-compressed shards of ``per_shard`` samples (no raw shards)."""
+    from streaming import MDSWriter
+
+    from llmshearing.data.layout import TokenSamples, domain_dir
+
+    for split in ("train", "eval"):
+        for domain in ("alpha", "beta"):
+            with TokenSamples(domain_dir(source_root, split, domain)) as samples:
+                rows = [samples.row(i) for i in range(len(samples))]
+            out = root / split / domain
+            size = per_shard * 230  # an MDS shard of one 16-token sample takes 229 bytes
+            with MDSWriter(
+                out=str(out), columns={"tokens": "ndarray:uint16"}, compression="zstd", size_limit=size
+            ) as writer:
+                for row in rows:
+                    writer.write({"tokens": row.astype("uint16")})
+            assert not list(out.glob("*.mds")) and list(out.glob("*.mds.zstd"))
+    return root
+
+
+@pytest.mark.slow
+def test_two_ranks_calibrate_their_shares_through_the_training_stream(tiny_source, tiny_mds, tmp_path):
+    # compressed-only remote data and an empty local cache; every rank calibrates 4 of the 8 samples
+    # and the sums are all-reduced inside a short dist_timeout: the ranking equals one process's
+    from streaming.base.util import clean_stale_shared_memory
+
+    from llmshearing.pruning.importance import calibration_batches, compute_importance
+    from llmshearing.pruning.ranking import importance_log_alpha
+    from llmshearing.pruning.targets import L0Config
+
+    remote = _compressed_remote(tiny_mds, tmp_path / "remote")
+    cache = tmp_path / "cache"
+    out = tmp_path / "log_alpha.pt"
+    args = [
+        f"model.path={tiny_source}",
+        f"data_local={cache}",
+        f"data_remote={remote}",
+        f"save_folder={tmp_path / 'run'}",
+        "dist_timeout=20",
+        "model.l0_module.init_from=importance",
+        "model.l0_module.init_samples=8",
+        "model.l0_module.lagrangian_warmup_steps=0ba",
+        *SHARDED,
+    ]
+    clean_stale_shared_memory()
+    log = _sharded(PRUNE, args, script=["tests/scripts/build_only.py", str(out)])
+    clean_stale_shared_memory()
+    assert "calibrating on 8 train samples (up to 4 per rank on 2 ranks)" in log, log[-3000:]
+    assert re.search(r"mask ranking calibrated in [\d.]+ s", log)
+
+    # only the shards holding samples 0-3 of each domain were fetched into the cache, and decompressed
+    for domain in ("alpha", "beta"):
+        shards = json.loads((remote / "train" / domain / "index.json").read_text())["shards"]
+        needed, seen = [], 0
+        for shard in shards:
+            if seen < 4 and shard["samples"]:
+                needed.append(shard["raw_data"]["basename"])
+            seen += shard["samples"]
+        fetched = sorted(p.name for p in (cache / "train" / domain).iterdir() if p.name != "index.json")
+        assert fetched == needed and len(needed) < len(shards) // 2, (fetched, needed)
+
+    decoder = from_pretrained(tiny_source)
+    total, batches = calibration_batches(tiny_mds, 8, 4, split="train")
+    values = load_config(PRUNE, [f"model.path={tiny_source}", f"data_local={tiny_mds}"]).model.l0_module
+    l0 = L0Config.from_dict(
+        {**values, "init_from": "importance", "init_samples": 8, "lagrangian_warmup_steps": "0ba"}
+    )
+    expected = importance_log_alpha(
+        compute_importance(decoder, batches, total, progress=False), decoder.config, l0
+    )
+    got = torch.load(out)
+    for family, value in expected.items():
+        assert torch.equal(got[family], value), family

@@ -17,9 +17,10 @@ calibration tokens (higher = more important):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +120,25 @@ class _Accumulator:
             handle.remove()
         self._handles.clear()
 
+    def all_reduce(self) -> None:
+        """Sum every running sum and count over the ranks (each rank calibrated on its own share)."""
+        import torch.distributed as tdist
+
+        if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+            return
+        keys = sorted(self.sums)
+        flat = torch.cat([self.sums[k].reshape(-1) for k in keys])
+        device = flat.device
+        counts = torch.tensor([self.samples, self.tokens], dtype=torch.float64, device=device)
+        flat = torch.cat([flat, counts])
+        tdist.all_reduce(flat)
+        offset = 0
+        for key in keys:
+            n = self.sums[key].numel()
+            self.sums[key] = flat[offset : offset + n].view_as(self.sums[key])
+            offset += n
+        self.samples, self.tokens = int(flat[offset].item()), int(flat[offset + 1].item())
+
     # Each hook sees activations of shape [B, T, ...]; sums run over all B*T tokens.
     def _add_hidden(self, x: Tensor) -> None:
         self.sums["hidden"] += x.detach().float().abs().sum(dim=(0, 1))
@@ -209,12 +229,18 @@ class _Accumulator:
 
 @torch.no_grad()
 def compute_importance(
-    decoder: Decoder, batches: Iterable[Tensor], total: int | None = None, progress: bool = True
+    decoder: Decoder,
+    batches: Iterable[Tensor],
+    total: int | None = None,
+    progress: bool = True,
+    across_ranks: bool = False,
 ) -> ImportanceScores:
     """Run ``decoder`` (dense, no masks) on ``batches`` of input ids [B, T] and return its importance scores.
 
     ``total`` is the number of batches, for the progress bar. Each forward stops at the final norm:
-    the output head does not affect any score.
+    the output head does not affect any score. With ``across_ranks`` every rank of the process group
+    passes its own share of the calibration batches and must call this: the sums are all-reduced, so
+    every rank returns the scores of all the ranks' samples together.
     """
     from tqdm.auto import tqdm
 
@@ -231,6 +257,8 @@ def compute_importance(
     finally:
         accumulator.remove()
         decoder.train(was_training)
+    if across_ranks:
+        accumulator.all_reduce()
     return accumulator.result(decoder)
 
 
@@ -253,12 +281,7 @@ def calibration_batches(
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
     label = f"--data {data_dir}: "
     sources = [TokenSamples(path, label) for path in calibration_domains(data_dir, split)]
-    order: list[tuple[int, int]] = []
-    for j in range(max(len(source) for source in sources)):
-        order += [(k, j) for k, source in enumerate(sources) if j < len(source)]
-        if len(order) >= samples:
-            break
-    order = order[:samples]
+    order = calibration_order([len(source) for source in sources], samples)
     if not order:
         raise ValueError(f"--data {data_dir}: the {split} split holds no samples")
 
@@ -271,6 +294,55 @@ def calibration_batches(
                 source.close()
 
     return (len(order) + batch_size - 1) // batch_size, generate()
+
+
+def calibration_order(domain_sizes: Sequence[int], samples: int) -> list[tuple[int, int]]:
+    """``(domain, sample)`` pairs of ``samples`` calibration samples, round-robin over the domains.
+
+    Sample ``j`` of domain ``k`` comes before sample ``j + 1`` of any domain, so every domain
+    contributes equally until it runs out; fewer pairs when the domains hold fewer samples.
+    """
+    order: list[tuple[int, int]] = []
+    for j in range(max(domain_sizes, default=0)):
+        order += [(k, j) for k, size in enumerate(domain_sizes) if j < size]
+        if len(order) >= samples:
+            break
+    return order[:samples]
+
+
+def stream_calibration_batches(
+    dataset: Any, samples: int, batch_size: int, rank: int = 0, world_size: int = 1
+) -> tuple[int, int, Iterator[Tensor]]:
+    """This rank's share of the calibration batches, read through the training run's ``StreamingDataset``.
+
+    ``dataset`` is the run's train dataset (one stream per domain, samples as ``{"input_ids": ...}``):
+    each sample is fetched by its index, so only the shards holding calibration samples are
+    downloaded (with a remote) or decompressed, into the same local cache training reads. The
+    samples are :func:`calibration_order`'s; rank ``r`` takes every ``world_size``-th one from ``r``.
+    Returns ``(samples in all, batches of this rank, the batches)``.
+    """
+    if samples <= 0:
+        raise ValueError(f"calibration needs a positive number of samples, got {samples}")
+    if batch_size <= 0:
+        raise ValueError(f"calibration batch size must be positive, got {batch_size}")
+    sizes = [int(n) for n in dataset.samples_per_stream]
+    starts = [int(n) for n in dataset.sample_offset_per_stream]
+    order = calibration_order(sizes, samples)
+    if not order:
+        raise ValueError("the train split holds no samples to calibrate on")
+    mine = order[rank::world_size]
+
+    def generate() -> Iterator[Tensor]:
+        for first in range(0, len(mine), batch_size):
+            rows = [dataset[starts[k] + j]["input_ids"] for k, j in mine[first : first + batch_size]]
+            lengths = {len(row) for row in rows}
+            if len(lengths) != 1:
+                raise ValueError(
+                    f"calibration samples have different lengths {sorted(lengths)}; use a fixed seq_len"
+                )
+            yield torch.stack([torch.as_tensor(row, dtype=torch.int64) for row in rows])
+
+    return len(order), (len(mine) + batch_size - 1) // batch_size, generate()
 
 
 def scores_by_family(scores: ImportanceScores | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -288,6 +360,8 @@ __all__ = [
     "SCORE_KEYS",
     "calibration_batches",
     "calibration_domains",
+    "calibration_order",
     "compute_importance",
     "scores_by_family",
+    "stream_calibration_batches",
 ]

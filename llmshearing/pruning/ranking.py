@@ -23,6 +23,7 @@ from llmshearing.pruning.importance import (
     calibration_batches,
     compute_importance,
     scores_by_family,
+    stream_calibration_batches,
 )
 from llmshearing.pruning.targets import PREFIX, L0Config, TargetPlan
 
@@ -138,23 +139,40 @@ def importance_log_alpha(
 
 
 def initialize_from_importance(
-    l0_module: Any, decoder: Decoder, data_dir: str | Path | None = None, batch_size: int = 8
+    l0_module: Any,
+    decoder: Decoder,
+    data_dir: str | Path | None = None,
+    batch_size: int = 8,
+    *,
+    dataset: Any = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
 ) -> ImportanceScores:
     """Set ``l0_module``'s log-alphas from an importance ranking (``model.l0_module.init_from``).
 
-    With ``init_from: importance`` the scores are measured on ``init_samples`` sequences of
-    ``data_dir``'s train split (never the held-out eval split) with ``decoder`` (the source
-    model); otherwise ``init_from`` names a
-    scores file written by ``prune-oneshot --scores-out``.
+    With ``init_from: importance`` the scores are measured on ``init_samples`` sequences of the train
+    split (never the held-out eval split) with ``decoder`` (the source model): read through the
+    training run's ``dataset`` when given (each of ``world_size`` ranks calibrates on its share and
+    the sums are all-reduced, so every rank must call this), else from ``data_dir`` directly.
+    Otherwise ``init_from`` names a scores file written by ``prune-oneshot --scores-out``.
     """
     config = l0_module.l0_config
     if config.init_from == "importance":
-        if data_dir is None:
+        if dataset is not None:
+            _, total, batches = stream_calibration_batches(
+                dataset, config.init_samples, batch_size, rank=rank, world_size=world_size
+            )
+            scores = compute_importance(
+                decoder, batches, total=total, progress=progress, across_ranks=world_size > 1
+            )
+        elif data_dir is None:
             raise ValueError(
                 f"{PREFIX}.init_from: importance needs the data root (data_local) for calibration"
             )
-        total, batches = calibration_batches(data_dir, config.init_samples, batch_size, split="train")
-        scores = compute_importance(decoder, batches, total=total)
+        else:
+            total, batches = calibration_batches(data_dir, config.init_samples, batch_size, split="train")
+            scores = compute_importance(decoder, batches, total=total, progress=progress)
     else:
         path = Path(str(config.init_from))
         if not path.is_file():

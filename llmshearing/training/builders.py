@@ -18,8 +18,12 @@ from llmshearing.training.value_checks import SCHEDULERS
 log = logging.getLogger("llmshearing.train")
 
 
-def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLlama, dict[str, Any]]:
+def build_model(
+    values: dict[str, Any], domains: list[str], train_dataset: Any = None
+) -> tuple[ComposerLlama, dict[str, Any]]:
     """The ComposerLlama initialised from ``model.path``; attaches the L0 module when pruning.
+
+    ``train_dataset`` (the run's train ``StreamingDataset``) is what ``init_from: importance`` calibrates on.
 
     Returns the model and the run description written to ``<save_folder>/config.json``.
     """
@@ -50,7 +54,7 @@ def build_model(values: dict[str, Any], domains: list[str]) -> tuple[ComposerLla
         l0 = attach_l0_module(model, model_cfg["l0_module"])
         description["l0_module"] = l0.l0_config.to_dict()
         if l0.l0_config.init_from is not None:  # log-alphas ranked by activation importance of the source
-            description["l0_init"] = initialize_masks(l0, model.model, values)
+            description["l0_init"] = initialize_masks(l0, model.model, values, train_dataset)
     if model_cfg.get("distillation"):  # validated (and its teacher path resolved) by validate_config
         from llmshearing.convert.loading import load_teacher
         from llmshearing.models.teacher import DistillationConfig
@@ -127,11 +131,18 @@ def teacher_dtype(precision: str, device: str | None) -> Any:
     return {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(precision, torch.float32)
 
 
-def initialize_masks(l0: Any, decoder: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """Rank the L0 module's log-alphas (``init_from``) once, on rank 0, and broadcast them.
+def initialize_masks(l0: Any, decoder: Any, values: dict[str, Any], dataset: Any = None) -> dict[str, Any]:
+    """Rank the L0 module's log-alphas (``init_from``) before training; every rank must call this.
 
-    Calibration runs on the run's device (the GPU when there is one) in the run's precision; the
-    decoder goes back to the CPU afterwards. Returns what it cost (logged and kept in config.json).
+    ``init_from: importance`` calibrates on ``init_samples`` train samples read through the run's
+    train ``dataset`` (the same streams and local cache as training: only the shards holding those
+    samples are downloaded or decompressed). Every rank calibrates on its share, on its device in the
+    run's precision, and the activation sums are all-reduced: no rank waits through another's whole
+    calibration (only for the slowest share, well inside ``dist_timeout``), the calibration takes
+    1 / world size of the time, and the ranking is the one a single process computes. Without a
+    ``dataset`` (or for a scores file) rank 0 reads ``data_local`` (or the file) alone. Rank 0's
+    log-alphas are then broadcast, so every rank starts bit-identical. The decoder goes back to the
+    CPU afterwards. Returns what it cost (logged and kept in config.json).
     """
     import time
 
@@ -143,8 +154,21 @@ def initialize_masks(l0: Any, decoder: Any, values: dict[str, Any]) -> dict[str,
     device = get_device(values["device"])
     target = torch.device("cuda") if device.name == "gpu" else torch.device("cpu")
     autocast_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(values["precision"])
+    rank, world = dist.get_global_rank(), dist.get_world_size()
+    source = l0.l0_config.init_from
+    shared = source == "importance" and dataset is not None  # every rank calibrates on its share
     start = time.perf_counter()
-    if dist.get_global_rank() == 0:
+    if rank == 0 and source == "importance":
+        samples = l0.l0_config.init_samples
+        how = (
+            f"up to {-(-samples // world)} per rank on {world} ranks" if shared and world > 1 else "on rank 0"
+        )
+        print(
+            f"llmshearing: ranking the masks by importance: calibrating on {samples} train samples ({how}) "
+            f"on {target.type}",
+            flush=True,
+        )
+    if shared or rank == 0:
         home = next(decoder.parameters()).device
         decoder.to(target)
         context = (
@@ -155,23 +179,33 @@ def initialize_masks(l0: Any, decoder: Any, values: dict[str, Any]) -> dict[str,
         try:
             with context:
                 initialize_from_importance(
-                    l0, decoder, values["data_local"], values["device_eval_batch_size"]
+                    l0,
+                    decoder,
+                    values["data_local"],
+                    values["device_eval_batch_size"],
+                    dataset=dataset if shared else None,
+                    rank=rank if shared else 0,
+                    world_size=world if shared else 1,
+                    progress=rank == 0,
                 )
         finally:
             decoder.to(home)
-    if dist.get_world_size() > 1:  # every rank starts from rank 0's ranking
+    if world > 1:  # every rank starts from rank 0's ranking, bit for bit
         for log_alpha in l0.log_alpha.values():
             carrier = log_alpha.detach().to(target)
             dist.broadcast(carrier, src=0)
             with torch.no_grad():
                 log_alpha.copy_(carrier.to(log_alpha.device))
     cost = {
-        "source": str(l0.l0_config.init_from),
+        "source": str(source),
         "device": target.type,
         "precision": values["precision"] if target.type == "cuda" else "fp32",
+        "ranks": world if shared else 1,
         "seconds": round(time.perf_counter() - start, 3),
     }
     log.info("mask initialisation (%s) took %.1f s on %s", cost["source"], cost["seconds"], cost["device"])
+    if rank == 0 and source == "importance":
+        print(f"llmshearing: mask ranking calibrated in {cost['seconds']:.1f} s", flush=True)
     return cost
 
 
