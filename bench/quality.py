@@ -75,6 +75,7 @@ REDPAJAMA_MIX = {
     "wiki": 0.045,
 }
 TARGET = {"n_layers": 22, "n_heads": 6, "n_kv_heads": 3, "d_model": 448, "intermediate_size": 1024}
+TARGET_DESC = "22L / 6 heads over 3 KV groups / 448d / 1024I"
 ARMS = ("l0-dynamic", "l0-constant", "l0-distill", "oneshot", "oneshot-distill", "scratch")
 ARM_NUMBER = {arm: i + 1 for i, arm in enumerate(ARMS)}
 # the arms the targets compare (3 vs 5, 1 vs 2): repeated for every seed after the first
@@ -320,6 +321,32 @@ def prepare_inputs(work: Path, seq_len: int, held_out: int, uniform: bool, steps
         steps.run(f"prepare MDS data ({corpus})", command)
     domains = split_domains(str(mds), "eval")
     return Inputs(source, mds, corpus, domains, initial_mix(domains, uniform), excluded)
+
+
+def use_miniature(inputs: Inputs, work: Path, args: Any, steps: Steps) -> tuple[Inputs, Budget]:
+    """Switch the benchmark to the miniature source (built and cached on first use): its data, its
+    target shape and a budget in the paper's regime (unless ``--steps`` sets T)."""
+    from quality import miniature
+
+    built = steps.run(
+        "miniature source: tokenizer, data, pretraining to a plateau (cached)",
+        func=lambda: miniature.build_miniature(
+            work, inputs.mds, inputs.source, CONTINUE_RECIPE, lambda command: steps.run("pretrain", command)
+        ),
+    )
+    args.target, args.target_desc, args.miniature = (
+        dict(miniature.TARGET),
+        miniature.TARGET_DESC,
+        built.record,
+    )
+    seq_len = built.record["spec"]["seq_len"]
+    if args.steps is None:
+        total, share = miniature.paper_regime_steps(built.record["params"]["total"], args.batch, seq_len)
+    else:
+        total, share = args.steps, args.prune_share
+    budget = make_budget(args.quick, args.scale, args.batch, seq_len, share, 4 if args.quick else total)
+    print(f"miniature: T = {budget.tokens:,} tokens per arm, pruning share {share:.4f}", flush=True)
+    return replace(inputs, source=built.source, mds=built.mds), budget
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -577,7 +604,7 @@ def run_oneshot(inputs: Inputs, root: Path, args: Any, steps: Steps) -> OneShot:
     folder = root / "oneshot"
     folder.mkdir(parents=True, exist_ok=True)
     pruned, scores = folder / "pruned", folder / "importance-scores.safetensors"
-    target = ",".join(f"{k}={v}" for k, v in TARGET.items())
+    target = ",".join(f"{k}={v}" for k, v in args.target.items())
     command = [sys.executable, "-m", "llmshearing.cli", "prune-oneshot", inputs.source, pruned]
     command += ["--data", inputs.mds, "--split", "train", "--samples", args.calibration_samples]
     command += ["--target", target, "--scores-out", scores, "--overwrite"]
@@ -650,6 +677,7 @@ def run_arm(
                 ranked = args.oneshot is not None and args.l0_init == "importance"
                 scores = args.oneshot.scores if ranked else None
                 overrides += l0_overrides(args, scores, stage.steps)
+                overrides += [f"model.l0_module.target_model.{k}={v}" for k, v in args.target.items()]
                 start = (
                     "masks start from the one-shot importance scores" if scores else "masks start untrained"
                 )
@@ -692,7 +720,7 @@ def run_arm(
             model = oneshot.pruned
         elif stage.kind == "init":
             init = folder / "init"
-            timed(stage, func=lambda init=init: build_scratch(inputs.source, init, args.seed))
+            timed(stage, func=lambda init=init: build_scratch(inputs.source, init, args.seed, args.target))
             model = init
         if stage.kind == "fold":
             print(
@@ -1223,9 +1251,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--quick", action="store_true", help="a few steps per stage and few eval samples")
+    add(
+        "--source",
+        choices=("smollm2", "miniature"),
+        default="smollm2",
+        help="smollm2: SmolLM2-135M; miniature: a ~1M-parameter Llama trained here (cached), pruned with the "
+        "paper's tokens per source parameter (see bench/quality/miniature.py)",
+    )
     add("--scale", type=int, default=1, help="multiply the steps of every stage (GPUs)")
     add("--steps", type=int, default=None, help="T in steps before --scale (96; quick: 4)")
-    add("--batch", type=int, default=4, help="global batch in sequences (default: 4)")
+    add("--batch", type=int, default=None, help="global batch in sequences (default: 4; miniature: 32)")
     add("--microbatch", type=int, default=None, help="device microbatch (default: --batch)")
     add("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     add("--prune-share", type=float, default=0.25, help="share of T for L0 pruning (0.25)")
@@ -1331,6 +1366,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmshearing.models.config import ModelConfig
 
     mode = "quick" if args.quick else "full"
+    args.batch = args.batch or (32 if args.source == "miniature" else 4)
     budget = make_budget(args.quick, args.scale, args.batch, args.seq_len, args.prune_share, args.steps)
     plan = plan_arms(budget, args.kd_prune)
     order = runs_per_seed([a for a in ARMS if a in args.arms], args.seeds)
@@ -1354,11 +1390,15 @@ def main(argv: list[str] | None = None) -> int:
 
     held_out = max(64, args.eval_samples)
     inputs = prepare_inputs(work, budget.seq_len, held_out, args.initial_mix == "uniform", steps)
+    args.target, args.target_desc, args.miniature = dict(TARGET), TARGET_DESC, None
+    if args.source == "miniature":
+        inputs, budget = use_miniature(inputs, work, args, steps)
+        plan = plan_arms(budget, args.kd_prune)
     reference = source_losses(inputs, work, args.eval_samples, "eval", steps)  # drives the dynamic mix
     args.reference = {d: reference[d]["loss"] for d in inputs.domains}
     with open(inputs.source / "config.json", encoding="utf-8") as handle:
         args.source_cfg = ModelConfig.from_dict(json.load(handle)["model"])
-    args.target_cfg = args.source_cfg.replace(**TARGET)
+    args.target_cfg = args.source_cfg.replace(**args.target)
     args.calibration_flops = calibration_flops(args.calibration_samples, budget.seq_len, args.source_cfg)
 
     root = work / (f"runs-{mode}" + ("-study" if args.study else ""))
@@ -1406,8 +1446,10 @@ def main(argv: list[str] | None = None) -> int:
         "eval_samples": args.eval_samples,
         "report_split": args.report_split,
         "settings": settings(args),
-        "target": TARGET,
-        "target_desc": "22L / 6 heads over 3 KV groups / 448d / 1024I",
+        "source": args.source,
+        "miniature": args.miniature,
+        "target": args.target,
+        "target_desc": args.target_desc,
         "params": {"source": args.source_cfg.num_params(False), "target": args.target_cfg.num_params(False)},
     }
     if args.study:
