@@ -8,8 +8,10 @@ splits) that :mod:`llmshearing.data.prepare` consumes one after the other.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -166,9 +168,28 @@ class TokenizerPool:
         if self._executor is None:
             return _Deferred(batch)
         try:
-            return self._executor.submit(_encode_batch, batch)
+            with _ctrl_c_held():  # a worker started here inherits the held Ctrl-C: only this process sees it
+                return self._executor.submit(_encode_batch, batch)
         except BrokenProcessPool as err:
             raise _worker_died() from err
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) while the block runs; a Ctrl-C meanwhile arrives when it ends.
+
+    The executor starts its worker processes inside ``submit``; a process inherits the signals held
+    by the thread that starts it, and keeps them held. Ctrl-C then reaches this process alone, which
+    stops the workers and reports once, instead of every worker printing its own traceback.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _worker_died() -> RuntimeError:
