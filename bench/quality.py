@@ -1252,6 +1252,11 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--quick", action="store_true", help="a few steps per stage and few eval samples")
     add(
+        "--prepare-only",
+        action="store_true",
+        help="prepare the source and the data (for --source miniature: train it) into --out, then stop",
+    )
+    add(
         "--source",
         choices=("smollm2", "miniature"),
         default="smollm2",
@@ -1394,6 +1399,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.source == "miniature":
         inputs, budget = use_miniature(inputs, work, args, steps)
         plan = plan_arms(budget, args.kd_prune)
+    if args.prepare_only:
+        print(f"prepared: source {inputs.source}, data {inputs.mds}")
+        return 0
     reference = source_losses(inputs, work, args.eval_samples, "eval", steps)  # drives the dynamic mix
     args.reference = {d: reference[d]["loss"] for d in inputs.domains}
     with open(inputs.source / "config.json", encoding="utf-8") as handle:
