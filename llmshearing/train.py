@@ -82,6 +82,10 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         # one process group from the start: streaming would otherwise open and close its own on the same
         # port while building the loaders (a race between ranks), and the mask ranking is broadcast
         dist.initialize_dist(get_device(values["device"]), values["dist_timeout"])
+        if values["autoresume"]:  # every node must see the run folder rank 0 writes
+            from llmshearing.training.fsdp import check_shared_run_folder
+
+            check_shared_run_folder(save_folder)
     train_loader = build_train_dataloader(
         values["train_loader"],
         data_loading,

@@ -451,3 +451,85 @@ def _undo_summed_fsdp2_gradients(model: nn.Module) -> None:
         world = tdist.get_world_size()
         for g in grads:
             g.to_local().div_(world)
+
+
+# --------------------------------------------------------------------------------- several nodes
+def run_folder_view(save_folder: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What this process sees of a run folder's resumable state: ``config.json``, the checkpoint
+    ``checkpoints/latest-rank0.pt`` points to, and any of that checkpoint's files that are not here."""
+    environ = os.environ if environ is None else environ
+    latest = os.path.join(save_folder, "checkpoints", "latest-rank0.pt")
+    view: dict[str, Any] = {
+        "node": environ.get("NODE_RANK", "0"),
+        "config": os.path.isfile(os.path.join(save_folder, "config.json")),
+        "latest": None,
+        "missing": None,
+    }
+    if os.path.lexists(latest):
+        target = os.path.realpath(latest)
+        view["latest"] = os.path.basename(target)
+        view["missing"] = _missing_checkpoint_files(target)
+    return view
+
+
+def _missing_checkpoint_files(target: str) -> str | None:
+    """The files of a full (one file) or sharded (a directory) checkpoint that are not on this node."""
+    if not os.path.isdir(target):
+        return None if os.path.isfile(target) else os.path.basename(target)
+    if not os.path.isfile(os.path.join(target, ".metadata")):
+        return ".metadata"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(target).read_metadata()
+    except Exception:  # a truncated or foreign index: as good as absent
+        return ".metadata (unreadable)"
+    files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    absent = [name for name in files if not os.path.isfile(os.path.join(target, name))]
+    if not absent:
+        return None
+    return ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+
+
+def _describe_view(view: Mapping[str, Any]) -> str:
+    config = "config.json" if view["config"] else "no config.json"
+    if view["latest"] is None:
+        return f"{config} and no checkpoint"
+    state = "complete" if view["missing"] is None else f"without {view['missing']}"
+    return f"{config} and checkpoint {view['latest']} ({state})"
+
+
+def unshared_run_folder_error(save_folder: str, views: list[Mapping[str, Any]]) -> str | None:
+    """Why autoresume cannot work when the ranks' views of ``save_folder`` differ (else ``None``).
+
+    Rank 0 alone writes ``config.json``, the ``latest-rank0.pt`` link and a sharded checkpoint's
+    ``.metadata``, and every rank reads them at resume: with several nodes the folder must be one
+    storage they all see.
+    """
+    reference = views[0]
+    fields_compared = ("config", "latest", "missing")
+    for rank, view in enumerate(views):
+        if any(view[key] != reference[key] for key in fields_compared):
+            return (
+                f"autoresume: save_folder {save_folder} is not the same on every node: node {reference['node']} "
+                f"(rank 0) sees {_describe_view(reference)}, node {view['node']} (rank {rank}) sees "
+                f"{_describe_view(view)}; rank 0 alone writes config.json, the checkpoint links and a sharded "
+                "checkpoint's .metadata, so with several nodes save_folder must be shared storage every node "
+                "mounts at the same path (copy the run folder to every node to resume this run)"
+            )
+    return None
+
+
+def check_shared_run_folder(save_folder: str) -> None:
+    """Refuse to autoresume unless every rank sees the same run folder (collective; several processes).
+
+    Raises :class:`FSDPConfigError` with :func:`unshared_run_folder_error`'s message, on every rank.
+    """
+    from composer.utils import dist
+
+    if "://" in save_folder or dist.get_world_size() == 1:
+        return
+    views = dist.all_gather_object(run_folder_view(save_folder))
+    error = unshared_run_folder_error(save_folder, views)
+    if error is not None:
+        raise FSDPConfigError(error)
