@@ -520,3 +520,95 @@ def test_two_ranks_calibrate_their_shares_through_the_training_stream(tiny_sourc
     got = torch.load(out)
     for family, value in expected.items():
         assert torch.equal(got[family], value), family
+
+
+# --------------------------------------------------------------------- several nodes, one run folder
+def test_autoresume_refuses_a_run_folder_the_nodes_do_not_share(tmp_path):
+    import shutil
+
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    from llmshearing.training.fsdp import run_folder_view, unshared_run_folder_error
+
+    node0 = tmp_path / "node0" / "run"  # what rank 0 wrote: config.json, a sharded checkpoint, the link
+    (node0 / "checkpoints").mkdir(parents=True)
+    (node0 / "config.json").write_text("{}")
+    state = {"state.model.w": torch.ones(4), "state.model.v": torch.zeros(3)}
+    save(state, storage_writer=FileSystemWriter(str(node0 / "checkpoints" / "ep1-ba6")), no_dist=True)
+    os.symlink("ep1-ba6", node0 / "checkpoints" / "latest-rank0.pt")
+    shared = run_folder_view(str(node0), {"NODE_RANK": "0"})
+    assert shared == {"node": "0", "config": True, "latest": "ep1-ba6", "missing": None}
+    assert unshared_run_folder_error(str(node0), [shared, {**shared, "node": "1"}]) is None
+
+    # another node's local disk: its own shard files only (no config.json, no link, no .metadata)
+    node1 = tmp_path / "node1" / "run"
+    (node1 / "checkpoints" / "ep1-ba6").mkdir(parents=True)
+    for shard in (node0 / "checkpoints" / "ep1-ba6").glob("*.distcp"):
+        shutil.copy(shard, node1 / "checkpoints" / "ep1-ba6" / shard.name)
+    local = run_folder_view(str(node1), {"NODE_RANK": "1"})
+    assert local == {"node": "1", "config": False, "latest": None, "missing": None}
+    error = unshared_run_folder_error("runs/x", [shared, shared, local, local])
+    assert error.startswith(
+        "autoresume: save_folder runs/x is not the same on every node: node 0 (rank 0) sees config.json and "
+        "checkpoint ep1-ba6 (complete), node 1 (rank 2) sees no config.json and no checkpoint;"
+    )
+    assert "save_folder must be shared storage" in error
+
+    # the link and config.json copied, the index not: named as what is missing
+    shutil.copy(node0 / "config.json", node1 / "config.json")
+    os.symlink("ep1-ba6", node1 / "checkpoints" / "latest-rank0.pt")
+    assert run_folder_view(str(node1))["missing"] == ".metadata"
+    shutil.copy(
+        node0 / "checkpoints" / "ep1-ba6" / ".metadata", node1 / "checkpoints" / "ep1-ba6" / ".metadata"
+    )
+    assert run_folder_view(str(node1))["missing"] is None
+    for shard in (node1 / "checkpoints" / "ep1-ba6").glob("*.distcp"):
+        shard.unlink()
+    missing = run_folder_view(str(node1), {"NODE_RANK": "1"})
+    assert missing["missing"] and missing["missing"].endswith(".distcp")
+    assert "without __0_0.distcp" in unshared_run_folder_error("runs/x", [shared, missing])
+
+
+# ------------------------------------------------------------- the shipped GPU recipes under FSDP1
+GPU_RECIPES = [
+    "yamls/pruning/llama2-7b-to-1.3b.yaml",
+    "yamls/pruning/llama2-7b-to-2.7b.yaml",
+    "yamls/pruning/llama3-8b-to-3b.yaml",
+    "yamls/continued/sheared-llama-1.3b.yaml",
+    "yamls/continued/sheared-llama-2.7b.yaml",
+]
+ONE_NODE = {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8", "NODE_RANK": "0"}
+TWO_NODES = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "NODE_RANK": "1"}
+
+
+@pytest.mark.parametrize("recipe", GPU_RECIPES)
+def test_what_fsdp1_is_handed_for_each_shipped_gpu_recipe(recipe):
+    from composer.distributed.mosaic_parallelism import get_mixed_precision
+    from composer.utils.parallelism import FSDPConfig
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(recipe)
+    settings = OmegaConf.to_container(cfg.fsdp_config)
+    for environ in (ONE_NODE, TWO_NODES):
+        plan = resolve_fsdp(settings, cuda=True, environ=environ)
+        assert plan.version == 1 and plan.mesh is None
+        handed = FSDPConfig(**plan.parallelism["fsdp"])  # what Composer's Trainer builds from it
+        assert handed.activation_checkpointing and not handed.activation_checkpointing_reentrant
+        assert handed.sharding_strategy == "FULL_SHARD" and handed.data_parallel_replicate_degree is None
+        assert handed.state_dict_type == "sharded"  # every rank reads only its shard at resume
+        assert handed.use_orig_params  # three optimizer groups
+        assert handed.mixed_precision == "DEFAULT" and cfg.precision == "amp_bf16"
+        _, param, reduce, buffers = get_mixed_precision(cfg.precision, handed.mixed_precision)
+        assert (param, reduce, buffers) == (
+            torch.bfloat16,
+            torch.float32,
+            torch.bfloat16,
+        )  # RoPE is no buffer
+        assert plan.describe() == (
+            "FSDP1 (FULL_SHARD, mixed precision DEFAULT, sharded checkpoints, "
+            "non-reentrant activation checkpointing per block)"
+        )
+    hybrid = resolve_fsdp({**settings, "sharding_strategy": "HYBRID_SHARD"}, cuda=True, environ=TWO_NODES)
+    handed = FSDPConfig(**hybrid.parallelism["fsdp"])
+    assert (handed.data_parallel_replicate_degree, handed.data_parallel_shard_degree) == (2, 8)
+    assert handed.sharding_strategy == "HYBRID_SHARD" and not handed.activation_checkpointing_reentrant
