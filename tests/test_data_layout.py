@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,36 @@ def test_manifest_round_trip_and_absent_or_broken_manifests(tmp_path):
 def test_split_domains_lists_mds_directories_only(tiny_mds, tmp_path):
     assert split_domains(tiny_mds, "eval") == sorted(TINY_DOMAINS)
     (tmp_path / "train" / "no-index").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"--data x: .*train holds no MDS domain directories"):
+    with pytest.raises(
+        FileNotFoundError, match=r"--data x: .* is not an MDS root prepared by llmshearing prepare-data"
+    ):
         split_domains(tmp_path, "train", label="--data x: ")
-    with pytest.raises(FileNotFoundError, match=r"test is not a directory: DATA must be an MDS root"):
-        split_domains(tmp_path, "test")
+
+
+def test_a_missing_split_names_the_splits_the_data_has(tiny_mds, tmp_path):
+    root = tmp_path / "mds"
+    shutil.copytree(tiny_mds, root)
+    shutil.rmtree(root / "eval")
+    manifest = read_manifest(root)
+    manifest["splits"]["eval"] = {d: {"samples": 0} for d in TINY_DOMAINS}  # as --eval-seqs 0 writes it
+    write_manifest(root, manifest)
+    with pytest.raises(
+        FileNotFoundError, match=r"has no eval split .*--eval-seqs 0.*its splits: train, test"
+    ):
+        split_domains(root, "eval")
+    (root / "manifest.json").unlink()  # the directories tell the same
+    with pytest.raises(FileNotFoundError, match=r"has no eval split .*its splits: train, test"):
+        split_domains(root, "eval")
+
+
+def test_raw_text_given_as_data_says_prepare_data(tmp_path):
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "part.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"holds JSON-lines text, not prepared data: run `llmshearing prepare-data --input",
+    ):
+        split_domains(tmp_path, "eval")
 
 
 def test_compressed_shards_read_as_the_plain_ones_and_the_copy_is_removed(tiny_mds, tmp_path):

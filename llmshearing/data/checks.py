@@ -68,8 +68,9 @@ def _shard_files(shard: dict[str, Any]) -> list[tuple[str, int]]:
 
 
 def check_shards(split_dir: str | os.PathLike[str]) -> None:
-    """Raise ``ValueError`` naming the file when a shard listed in ``<split_dir>/index.json`` is
-    missing or does not have the size the index records (a truncated or interrupted copy)."""
+    """Raise ``ValueError`` naming the file when ``<split_dir>/index.json`` lists no samples, or a
+    shard it lists is missing or does not have the size the index records (a truncated or
+    interrupted copy)."""
     directory = os.fspath(split_dir)
     index_path = os.path.join(directory, INDEX_NAME)
     try:
@@ -85,6 +86,12 @@ def check_shards(split_dir: str | os.PathLike[str]) -> None:
             f"{index_path} is not a readable MDS index ({type(err).__name__}: {err}); "
             "copy the data again or re-run llmshearing prepare-data"
         ) from None
+    if not isinstance(shards, list) or not any(isinstance(s, dict) and s.get("samples") for s in shards):
+        raise ValueError(
+            f"{index_path} lists no samples ({'no shards' if not shards else 'only empty shards'}): "
+            f"{directory} holds nothing to read; prepare that domain again with more text "
+            "(llmshearing prepare-data), or leave the domain out"
+        )
     for shard in shards:
         forms = _shard_files(shard) if isinstance(shard, dict) else []
         if not forms:

@@ -125,21 +125,70 @@ def write_token_root(
 def split_domains(root: str | os.PathLike[str], split: str, label: str = "") -> list[str]:
     """The domains of ``<root>/<split>`` (sub-directories holding an MDS index), sorted.
 
-    Raises ``FileNotFoundError`` when the split is missing or empty; ``label`` prefixes the message
-    (e.g. the option that named the root).
+    Raises ``FileNotFoundError`` when the split is missing or empty, naming the splits the root does
+    have; ``label`` prefixes the message (e.g. the option that named the root).
     """
     directory = os.path.join(os.fspath(root), split)
+    domains = _domains_in(directory)
+    if domains:
+        return domains
+    raise FileNotFoundError(label + missing_split_message(root, split))
+
+
+def _domains_in(directory: str) -> list[str]:
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"{label}{directory} is not a directory: DATA must be an MDS root prepared by "
-            f"llmshearing prepare-data (holding {split}/<domain>/{INDEX_NAME})"
+        return []
+    return sorted(d for d in os.listdir(directory) if os.path.isfile(os.path.join(directory, d, INDEX_NAME)))
+
+
+def available_splits(root: str | os.PathLike[str]) -> list[str]:
+    """The splits of ``root`` that hold samples: by its manifest, else by its directories."""
+    manifest = read_manifest(root) if os.path.isfile(manifest_path(root)) else None
+    recorded = manifest.get("splits") if isinstance(manifest, dict) else None
+    if isinstance(recorded, dict):
+        return [
+            split
+            for split in SPLITS
+            if any(
+                int((stats or {}).get("samples", 0) or 0) > 0
+                for stats in (recorded.get(split) or {}).values()
+            )
+        ]
+    return [split for split in SPLITS if _domains_in(os.path.join(os.fspath(root), split))]
+
+
+def missing_split_message(root: str | os.PathLike[str], split: str, use: str = "use DIR") -> str:
+    """Why ``<root>/<split>`` cannot be read, and the fix: a prepared root without that split, a folder
+    of raw JSON-lines text, or a folder that is not prepared data at all (``use``: how to point the
+    command at the prepared data)."""
+    root = os.fspath(root)
+    splits = available_splits(root) if os.path.isdir(root) else []
+    if splits:
+        return (
+            f"{root} has no {split} split (it was prepared with --{split}-seqs 0, or without that split); "
+            f"its splits: {', '.join(splits)}: choose one of those, or prepare the data again with "
+            f"--{split}-seqs N"
         )
-    domains = sorted(
-        d for d in os.listdir(directory) if os.path.isfile(os.path.join(directory, d, INDEX_NAME))
+    if holds_jsonl(root):
+        return (
+            f"{root} holds JSON-lines text, not prepared data: run `llmshearing prepare-data --input {root} "
+            f"--output DIR --tokenizer MODEL --seq-len N` and {use}"
+        )
+    return (
+        f"{root} is not an MDS root prepared by llmshearing prepare-data (no {split}/<domain>/{INDEX_NAME}); "
+        f"prepare the data with `llmshearing prepare-data --output DIR ...` and {use}"
     )
-    if not domains:
-        raise FileNotFoundError(f"{label}{directory} holds no MDS domain directories (<domain>/{INDEX_NAME})")
-    return domains
+
+
+def holds_jsonl(root: str | os.PathLike[str]) -> bool:
+    """``root`` or its sub-directories hold JSON-lines files (the input of prepare-data)."""
+    suffixes = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json")
+    directory = Path(root)
+    if not directory.is_dir():
+        return False
+    return any(p.name.endswith(suffixes) for p in directory.iterdir()) or any(
+        p.name.endswith(suffixes) for d in directory.iterdir() if d.is_dir() for p in d.iterdir()
+    )
 
 
 def _decompressed_copy(directory: str) -> tempfile.TemporaryDirectory | None:
@@ -182,8 +231,11 @@ class TokenSamples:
     def __init__(self, directory: str | os.PathLike[str], label: str | None = None) -> None:
         from streaming import LocalDataset
 
+        from llmshearing.data.checks import check_shards
+
         self.directory = os.fspath(directory)
         self.label = f"{self.directory}: " if label is None else label
+        check_shards(self.directory)  # whole shards, and at least one sample
         self._copy = _decompressed_copy(self.directory)
         self._dataset = LocalDataset(self.directory if self._copy is None else self._copy.name)
 

@@ -36,7 +36,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from llmshearing.data.layout import INDEX_NAME, domain_dir, manifest_path, read_manifest
+from llmshearing.data.checks import check_shards
+from llmshearing.data.layout import (
+    INDEX_NAME,
+    available_splits,
+    domain_dir,
+    manifest_path,
+    missing_split_message,
+    read_manifest,
+)
 from llmshearing.data.mixing import EXCESS_TYPES, UPDATE_TYPES, validate_proportions
 
 LOSS_SOURCES = ("eval", "train")
@@ -314,6 +322,10 @@ def check_data(
         split_stats = manifest.get("splits", {}).get(split)
         if split_stats is not None:
             empty = [d for d in set_names if int(split_stats.get(d, {}).get("samples", 1)) <= 0]
+            if empty and split not in available_splits(local):
+                raise ValueError(
+                    f"{_local_key(where)}: {missing_split_message(local, split, 'set data_local=DIR')}"
+                )
             if empty:
                 raise ValueError(
                     f"domains {empty} have no {split} samples in {path}: prepare more text for them"
@@ -325,13 +337,31 @@ def check_data(
                 "lower max_seq_len or prepare the data with a longer --seq-len"
             )
     if remote is None:
+        if not split_domains_present(local, split):
+            raise ValueError(
+                f"{_local_key(where)}: {missing_split_message(local, split, 'set data_local=DIR')}"
+            )
         for name in set_names:
             index = os.path.join(domain_dir(local, split, name), INDEX_NAME)
             if not os.path.isfile(index):
                 raise ValueError(
                     f"domain {name!r} is missing from the data: no {index}; "
-                    f"fix {_DL}.set_names or point {where}.dataset.local at the prepared MDS root"
+                    f"fix {_DL}.set_names or point {_local_key(where)} at the prepared MDS root"
                 )
+            check_shards(domain_dir(local, split, name))
+
+
+def _local_key(where: str) -> str:
+    """The keys that name a loader's data root: ``data_local``, unless the loader sets its own."""
+    return f"data_local ({where}.dataset.local)"
+
+
+def split_domains_present(local: str, split: str) -> bool:
+    """``<local>/<split>`` holds at least one domain's MDS index."""
+    directory = os.path.join(local, split)
+    return os.path.isdir(directory) and any(
+        os.path.isfile(os.path.join(directory, d, INDEX_NAME)) for d in os.listdir(directory)
+    )
 
 
 def _streams(local: str, remote: str | None, split: str, set_names: Sequence[str]) -> list[Any]:
