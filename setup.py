@@ -40,6 +40,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["llmshearing", "llmshearing.*"]),
+    # the local lm-eval tasks: YAMLs, their JSONL data and the module that reads it
+    package_data={"llmshearing.harness": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.py"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["llmshearing=llmshearing.cli:main"]},

@@ -1,4 +1,6 @@
-"""`llmshearing evaluate MODEL DATA`: per-domain held-out loss and perplexity of a model.
+"""`llmshearing evaluate MODEL DATA`: per-domain held-out loss and perplexity of a model;
+`llmshearing evaluate MODEL --tasks ...`: downstream tasks through lm-evaluation-harness
+(:mod:`llmshearing.harness`).
 
 MODEL is a project checkpoint (converted, pruned) or, with ``--transformers``, any HF model
 directory loaded by plain transformers (the check that an exported model works without this
@@ -155,7 +157,70 @@ def format_table(results: Sequence[DomainLoss]) -> str:
     return "\n".join(lines)
 
 
+LOSS_ONLY = ("split", "max_samples", "transformers", "json")
+TASKS_ONLY = ("num_fewshot", "limit", "device", "include_path", "output", "seed", "dtype", "tokenizer")
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    defaults = {"split": "eval", "transformers": False, "include_path": []}
+    return [
+        "--" + name.replace("_", "-")
+        for name in names
+        if getattr(args, name) not in (None, defaults.get(name))
+    ]
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        return _run_tasks(args)
+    if args.data is None:
+        raise ValueError(
+            "give DATA (a prepared MDS root: per-domain loss) or --tasks NAMES (downstream tasks through lm-eval)"
+        )
+    if extra := _given(args, TASKS_ONLY):
+        raise ValueError(f"{', '.join(extra)}: only with --tasks (downstream evaluation)")
+    args.batch_size = 8 if args.batch_size is None else _int_batch_size(args.batch_size)
+    return _run_loss(args)
+
+
+def _int_batch_size(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"--batch-size must be a whole number for the loss evaluation, got {value!r}"
+        ) from None
+
+
+def _run_tasks(args: argparse.Namespace) -> int:
+    from llmshearing.harness.runner import evaluate_tasks
+
+    if args.data is not None:
+        raise ValueError(
+            f"--tasks evaluates downstream tasks and reads no MDS data: leave out {args.data!r} "
+            "(run the loss evaluation separately)"
+        )
+    if extra := _given(args, LOSS_ONLY):
+        raise ValueError(
+            f"{', '.join(extra)}: only for the loss evaluation (without --tasks); with --tasks, --output writes JSON"
+        )
+    evaluate_tasks(
+        args.model,
+        args.tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size or "8",
+        device=args.device,
+        include_paths=args.include_path,
+        output=args.output,
+        seed=args.seed,
+        dtype=args.dtype or "auto",
+        tokenizer=args.tokenizer,
+    )
+    return 0
+
+
+def _run_loss(args: argparse.Namespace) -> int:
     from llmshearing.data.checks import check_shards, check_vocab
 
     check_options(args.batch_size, args.max_samples)
@@ -182,17 +247,65 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("evaluate", help="per-domain held-out loss and perplexity of a model")
-    parser.add_argument("model", help="project checkpoint dir, or an HF model dir with --transformers")
-    parser.add_argument("data", help="prepared MDS root (holds <split>/<domain>/)")
-    parser.add_argument(
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="per-domain held-out loss and perplexity of a model, or downstream tasks (--tasks) through lm-eval",
+        description="MODEL DATA: per-domain loss and perplexity on prepared MDS data. MODEL --tasks NAMES: "
+        "lm-evaluation-harness tasks on MODEL (a project checkpoint directory, a prune-model output, a Composer "
+        "checkpoint of a continued run, or an HF directory), with no export step.",
+    )
+    parser.add_argument("model", help="project checkpoint dir, Composer .pt, or an HF model dir")
+    parser.add_argument("data", nargs="?", default=None, help="prepared MDS root (holds <split>/<domain>/)")
+    loss = parser.add_argument_group("loss evaluation (MODEL DATA)")
+    loss.add_argument(
         "--split",
         default="eval",
         choices=SPLITS,
         help="split of DATA: eval (default), test (never read during training) or train",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
-    parser.add_argument("--max-samples", type=int, default=None, help="at most this many samples per domain")
-    parser.add_argument("--transformers", action="store_true", help="load MODEL with plain transformers")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--batch-size",
+        default=None,
+        help="samples per forward pass (default: 8); with --tasks also 'auto' (lm-eval's search)",
+    )
+    loss.add_argument("--max-samples", type=int, default=None, help="at most this many samples per domain")
+    loss.add_argument("--transformers", action="store_true", help="load MODEL with plain transformers")
+    loss.add_argument("--json", default=None, help="also write the results to this JSON file")
+    tasks = parser.add_argument_group("downstream evaluation (MODEL --tasks NAMES)")
+    tasks.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-eval task, group or tag names and presets (sheared-llama, minitron); "
+        "shipped local tasks: local_mc, local_cloze",
+    )
+    tasks.add_argument(
+        "--num-fewshot", type=int, default=None, help="few-shot examples for the tasks outside presets"
+    )
+    tasks.add_argument(
+        "--limit", type=float, default=None, help="at most this many examples per task (a fraction if < 1)"
+    )
+    tasks.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    tasks.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory of extra lm-eval task YAMLs (repeatable)",
+    )
+    tasks.add_argument("--output", default=None, metavar="FILE.json", help="write lm-eval's results as JSON")
+    tasks.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for python, numpy, torch and few-shot sampling (default: lm-eval's 0,1234,1234,1234)",
+    )
+    tasks.add_argument(
+        "--dtype",
+        default=None,
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="weights' dtype (default auto: as stored)",
+    )
+    tasks.add_argument(
+        "--tokenizer", default=None, metavar="DIR", help="tokenizer directory, if not with MODEL"
+    )
     parser.set_defaults(func=_run)
