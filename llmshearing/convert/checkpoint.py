@@ -301,6 +301,26 @@ def is_gguf_file(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
+def check_gguf_file(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` when its GGUF header or tensor data cannot be read to the end
+    (a download cut off, or a damaged file)."""
+    from gguf import GGUFReader
+
+    size = path.stat().st_size
+    try:
+        reader = GGUFReader(path)
+        end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception:  # the reader runs past the end of a cut file (IndexError, numpy's ValueError)
+        raise ValueError(
+            f"{path} is truncated or damaged: its {size:,} bytes do not hold the GGUF header and tensors it "
+            "describes; download it again"
+        ) from None
+    if end > size:
+        raise ValueError(
+            f"{path} is truncated: its tensors end at byte {end:,}, the file has {size:,}; download it again"
+        )
+
+
 def tensor_progress(
     total: int, desc: str, enabled: bool = True
 ) -> tuple[Callable[[], None], Callable[[], None]]:

@@ -9,6 +9,7 @@ from typing import Any
 from llmshearing.convert.checkpoint import (
     CONFIG_NAME,
     TOKENIZER_FILES,
+    check_gguf_file,
     hf_source_to_project,
     is_gguf_file,
     write_project_checkpoint,
@@ -82,6 +83,18 @@ def _check_hub_has(name: str) -> bool:
     except Exception:  # connection refused, DNS failure, timeout, proxy error: the hub is unreachable
         return False
     return True
+
+
+def hub_unavailable(name: str) -> str | None:
+    """Why ``name`` cannot be fetched from the Hugging Face hub now (``HF_HUB_OFFLINE``, no network),
+    or None when the hub has it; one short request. A name the hub does not know raises, saying so."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if not _check_hub_has(name):
+        return "the Hugging Face hub cannot be reached (no network?)"
+    return None
 
 
 def download_from_hub(name: str) -> Path:
@@ -184,6 +197,7 @@ def _convert_gguf(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_file(gguf_file)
     directory, name = str(gguf_file.parent), gguf_file.name
     try:
         hf = AutoConfig.from_pretrained(directory, gguf_file=name, local_files_only=True)

@@ -51,12 +51,26 @@ def load_tokenizer(name: str, text_field: str = "text") -> TokenizerSpec:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {name} does not exist")
+        from llmshearing.convert.checkpoint import check_gguf_file
+
+        check_gguf_file(path)
         source, kwargs = str(path.parent), {"gguf_file": path.name}
     elif not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise FileNotFoundError(f"tokenizer directory {name} does not exist; pass a directory or a hub name")
+    elif not path.exists():  # a hub name: without the hub, only the local cache (no minutes of retries)
+        from llmshearing.convert.hf_to_project import hub_unavailable
+
+        offline = hub_unavailable(name)
+        if offline is not None:
+            kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, **kwargs)
     except Exception as err:  # transformers raises many types (OSError, ValueError, JSON errors)
+        if kwargs.get("local_files_only"):
+            raise FileNotFoundError(
+                f"tokenizer {name!r} is not a local directory, and {offline} and it is not in the local "
+                "Hugging Face cache; pass a tokenizer directory saved with save_pretrained, or a .gguf file"
+            ) from None
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"cannot load tokenizer {name!r}: {reason}; pass a directory saved with "
