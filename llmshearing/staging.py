@@ -88,6 +88,19 @@ def _rename_without_replacing(staging: Path, out: Path) -> None:
         ) from None
 
 
+def check_distinct_outputs(outputs: dict[str, str | Path | None]) -> None:
+    """Raise ``ValueError`` when two outputs (``{option: path}``; None: not written) are the same path or
+    one lies inside the other: the second writer would replace or pollute the first one's output."""
+    given = [(name, Path(os.path.abspath(path))) for name, path in outputs.items() if path is not None]
+    for i, (name_a, a) in enumerate(given):
+        for name_b, b in given[i + 1 :]:
+            if a == b or a in b.parents or b in a.parents:
+                how = "is the same path as" if a == b else "lies inside" if a in b.parents else "holds"
+                raise ValueError(
+                    f"{name_b} {b} {how} {name_a} {a}: each output needs its own directory; choose another path"
+                )
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory; it becomes ``out`` only when the block succeeds.

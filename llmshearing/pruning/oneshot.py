@@ -20,6 +20,7 @@ import torch
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.ranking import oneshot_masks
 from llmshearing.pruning.targets import PREFIX, SHAPE_KEYS, L0Config, TargetPlan
+from llmshearing.staging import check_distinct_outputs
 
 # Every family a target shape can shrink; families whose size does not change keep all their units.
 ONESHOT_FAMILIES = ("layer", "head", "kv_head", "intermediate", "hidden")
@@ -104,11 +105,10 @@ def prune_oneshot(
     out, hf_path = Path(out), Path(hf_out) if hf_out is not None else None
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+    check_distinct_outputs({"OUT": out, "--hf-out": hf_path})
     _check_fresh(out, "OUT", overwrite)
     if hf_path is not None:
         _check_fresh(hf_path, "--hf-out", overwrite)
-        if hf_path.resolve() == out.resolve():
-            raise ValueError(f"--hf-out {hf_path} must differ from OUT")
     if samples <= 0 or batch_size <= 0:
         raise ValueError(f"--samples ({samples}) and --batch-size ({batch_size}) must be positive")
     with open_checkpoint(src) as ckpt:

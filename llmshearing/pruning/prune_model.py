@@ -29,6 +29,7 @@ from llmshearing.pruning.hard_concrete import describe_floored, floored_units
 from llmshearing.pruning.l0_module import L0Module
 from llmshearing.pruning.targets import SHAPE_KEYS, L0Config, prunable_params
 from llmshearing.run_identity import differences
+from llmshearing.staging import check_distinct_outputs
 
 
 @dataclass
@@ -103,6 +104,7 @@ def prune_checkpoint(
     problem = checkpoint_file_problem(ckpt) if ckpt.is_file() else None
     if problem is not None:
         raise ValueError(f"{problem}; prune-model needs the Composer checkpoint (.pt) of a pruning run")
+    check_distinct_outputs({"OUT": out, "--hf-out": hf_out})
     for path in (Path(out), Path(hf_out) if hf_out else None):
         if path is not None and path.exists() and not overwrite:
             raise ValueError(f"{path} already exists; remove it, choose another path or pass --overwrite")
