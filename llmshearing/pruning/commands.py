@@ -47,6 +47,7 @@ def _add_prune_model(subparsers: argparse._SubParsersAction) -> None:
         "--hf-dtype", choices=DTYPES, default="bf16", help="precision of --hf-out (default: bf16)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT / --hf-out if they exist")
+    _add_allow_indivisible(parser)
     parser.set_defaults(func=run_prune_model)
 
 
@@ -61,6 +62,7 @@ def run_prune_model(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         hf_dtype=args.hf_dtype,
         overwrite=args.overwrite,
+        allow_indivisible_d_model=args.allow_indivisible_d_model,
     )
     print(summary.describe())
     return 0
@@ -103,7 +105,17 @@ def _add_prune_oneshot(subparsers: argparse._SubParsersAction) -> None:
         help="also save the importance scores (safetensors), e.g. to initialise L0 masks",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT / --hf-out if they exist")
+    _add_allow_indivisible(parser)
     parser.set_defaults(func=run_prune_oneshot)
+
+
+def _add_allow_indivisible(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-indivisible-d-model",
+        action="store_true",
+        help="accept a target whose d_model is not a multiple of n_heads; transformers >= 5 refuses to load "
+        "the result (transformers 4.x loads it)",
+    )
 
 
 def run_prune_oneshot(args: argparse.Namespace) -> int:
@@ -131,6 +143,7 @@ def run_prune_oneshot(args: argparse.Namespace) -> int:
         scores_out=args.scores_out,
         overwrite=args.overwrite,
         target_flag=flag,
+        allow_indivisible_d_model=args.allow_indivisible_d_model,
     )
     print(result.describe())
     return 0

@@ -19,7 +19,7 @@ import torch
 
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.ranking import oneshot_masks
-from llmshearing.pruning.targets import PREFIX, SHAPE_KEYS, L0Config, TargetPlan
+from llmshearing.pruning.targets import PREFIX, SHAPE_KEYS, L0Config, TargetPlan, check_loadable_shape
 from llmshearing.staging import check_distinct_outputs
 
 # Every family a target shape can shrink; families whose size does not change keep all their units.
@@ -29,16 +29,29 @@ MASKS_NAME = "oneshot_masks.safetensors"
 DTYPE_OF = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+ALLOW_INDIVISIBLE_FLAG = "--allow-indivisible-d-model"
+
+
 def resolve_target(
-    source: ModelConfig, target_model: Mapping[str, Any], flag: str = "--target"
+    source: ModelConfig,
+    target_model: Mapping[str, Any],
+    flag: str = "--target",
+    allow_indivisible_d_model: bool = False,
 ) -> TargetPlan:
-    """Validate ``target_model`` against ``source`` with the L0 target rules; errors name ``flag``."""
+    """Validate ``target_model`` against ``source`` with the L0 target rules; errors name ``flag``.
+
+    A ``d_model`` that is not a multiple of ``n_heads`` is refused (transformers >= 5 cannot load the
+    result) unless ``allow_indivisible_d_model``.
+    """
     try:
         l0 = L0Config(pruning_modules=list(ONESHOT_FAMILIES), target_model=dict(target_model))
-        return l0.resolve(source)
+        plan = l0.resolve(source)
     except ValueError as err:
         message = str(err).replace(f"{PREFIX}.target_model.", "").replace(f"{PREFIX}.target_model", flag)
         raise ValueError(f"{flag}: {message}") from None
+    if not allow_indivisible_d_model and plan.target is not None:
+        check_loadable_shape(plan.target, flag, f"pass {ALLOW_INDIVISIBLE_FLAG}", source)
+    return plan
 
 
 @dataclass
@@ -87,6 +100,7 @@ def prune_oneshot(
     overwrite: bool = False,
     target_flag: str = "--target",
     progress: bool = True,
+    allow_indivisible_d_model: bool = False,
 ) -> OneShotResult:
     """Score ``src`` on ``samples`` calibration sequences of ``data``'s ``split``, prune it to ``target_model``, write ``out``.
 
@@ -119,7 +133,7 @@ def prune_oneshot(
             )
         source, hf_config, tokenizer_dir = ckpt.config, ckpt.hf_config, ckpt.tokenizer_dir
         stored = ckpt.tensors.meta("tok_embeddings.weight").dtype
-    plan = resolve_target(source, target_model, target_flag)
+    plan = resolve_target(source, target_model, target_flag, allow_indivisible_d_model)
     calibration_domains(data, split)
     out_dtype = dtype or DTYPE_OF.get(stored, "fp32")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

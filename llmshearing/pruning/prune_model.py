@@ -27,7 +27,7 @@ from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.fold import prune_state_dict
 from llmshearing.pruning.hard_concrete import describe_floored, floored_units
 from llmshearing.pruning.l0_module import L0Module
-from llmshearing.pruning.targets import SHAPE_KEYS, L0Config, prunable_params
+from llmshearing.pruning.targets import SHAPE_KEYS, L0Config, check_loadable_shape, prunable_params
 from llmshearing.run_identity import differences
 from llmshearing.staging import check_distinct_outputs
 
@@ -91,8 +91,14 @@ def prune_checkpoint(
     dtype: str | None = None,
     hf_dtype: str = "bf16",
     overwrite: bool = False,
+    allow_indivisible_d_model: bool = False,
 ) -> PruneSummary:
-    """Load a pruning checkpoint, fold its deterministic masks and write the pruned checkpoint(s)."""
+    """Load a pruning checkpoint, fold its deterministic masks and write the pruned checkpoint(s).
+
+    A pruned shape whose ``d_model`` is not a multiple of ``n_heads`` (which transformers >= 5 refuses
+    to load) is refused before anything is written, unless ``allow_indivisible_d_model`` or the run's
+    ``model.l0_module.allow_indivisible_d_model`` accepts it.
+    """
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt} not found; pass the Composer checkpoint (.pt) of a pruning run")
@@ -135,11 +141,18 @@ def prune_checkpoint(
             f"(missing {result.missing_keys}, unexpected {result.unexpected_keys}); pass the run's own config.json"
         )
     at_target = module.plan.target is not None
+    allowed = allow_indivisible_d_model or l0_config.allow_indivisible_d_model
+    where = f"the target of {ckpt} ({run_config}: model.l0_module.target_model)"
+    opt_out = "pass --allow-indivisible-d-model"
+    if at_target and not allowed:  # before the fold: refused at once
+        check_loadable_shape(module.plan.target, where, opt_out, config)
     masks = module.deterministic_masks(at_target=True)
     floored = floored_units(masks)
     pruned_state, pruned_config = prune_state_dict(weights, config, masks, progress=True)
     if at_target and pruned_config != module.plan.target:
         raise ValueError(f"pruned shape {pruned_config} differs from the target {module.plan.target}")
+    if not allowed:  # a target_sparsity run's shape is known once folded
+        check_loadable_shape(pruned_config, f"the pruned shape of {ckpt}", opt_out, config)
 
     write_project_checkpoint(
         out, pruned_config, StateDictSource(pruned_state), hf_config, tokenizer_dir, dtype, overwrite

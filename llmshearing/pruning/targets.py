@@ -67,6 +67,8 @@ class L0Config:
     clip_l0_grads: bool = False
     init_from: str | None = None  # "importance" (measured on the data's train split) or a saved scores file
     init_samples: int = 256  # calibration sequences for init_from: importance
+    # prune to a target whose d_model is not a multiple of n_heads (its export loads in transformers < 5 only)
+    allow_indivisible_d_model: bool = False
 
     def __post_init__(self) -> None:
         modules = list(self.pruning_modules) if not isinstance(self.pruning_modules, str) else None
@@ -125,6 +127,10 @@ class L0Config:
             )
         if not isinstance(self.init_samples, int) or self.init_samples <= 0:
             raise ValueError(f"{PREFIX}.init_samples must be a positive integer, got {self.init_samples!r}")
+        if not isinstance(self.allow_indivisible_d_model, bool):
+            raise ValueError(
+                f"{PREFIX}.allow_indivisible_d_model must be true or false, got {self.allow_indivisible_d_model!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | L0Config) -> L0Config:
@@ -222,6 +228,30 @@ class TargetPlan:
         family_sparsity = {f: 1.0 - keep[f] / size[f] for f in families}
         global_sparsity = 1.0 - prunable_params(target) / prunable_params(source)
         return cls(families, target, family_sparsity, keep, global_sparsity, head_block)
+
+
+def check_loadable_shape(
+    target: ModelConfig, key: str, opt_out: str, source: ModelConfig | None = None
+) -> None:
+    """Refuse a target whose ``d_model`` is not a multiple of ``n_heads``: transformers >= 5 refuses to
+    load such a config (although ``head_dim`` is set), so its export would load in transformers 4.x
+    only. The message names the nearest valid sizes (at most the source's) and ``opt_out``, how to
+    accept the shape anyway (``set <key>=true``, ``pass <flag>``); ``key`` names where the target was given."""
+    d_model, heads = target.d_model, target.n_heads
+    if d_model % heads == 0:
+        return
+    limit = source.d_model if source is not None else None
+    below, above = d_model // heads * heads, (d_model // heads + 1) * heads
+    sizes = [size for size in (below, above) if size > 0 and (limit is None or size <= limit)]
+    options = " or ".join(f"d_model={size}" for size in sizes) or f"a d_model that n_heads={heads} divides"
+    conventional = heads * target.head_dim
+    if conventional not in sizes and (limit is None or conventional <= limit):
+        options += f" (or {conventional} = n_heads x head_dim, as LLaMA models are shaped)"
+    raise ValueError(
+        f"{key}: d_model={d_model} is not a multiple of n_heads={heads}; transformers >= 5 refuses to load "
+        f"such a model (transformers 4.x loads it): choose {options}, or {opt_out} to prune to it "
+        "anyway (the export then loads in transformers < 5 only)"
+    )
 
 
 def _heads_are_groups(families: tuple[str, ...], source: ModelConfig) -> bool:

@@ -269,9 +269,10 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
         if not str(values[key]).endswith("ba"):
             raise ConfigError(f"{key} must be given in batches, e.g. {key}=100ba (got {values[key]!r})")
     validate_distillation(values["model"])
-    from llmshearing.training.value_checks import check_run_values
+    from llmshearing.training.value_checks import check_l0_target, check_run_values
 
     check_run_values(values)
+    check_l0_target(values["model"])
     return values
 
 

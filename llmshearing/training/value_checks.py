@@ -184,6 +184,46 @@ def check_l0_settings(model: dict[str, Any]) -> None:
         raise ConfigError(str(err)) from None
 
 
+def check_l0_target(model: dict[str, Any]) -> None:
+    """``model.l0_module``'s target against the source's shape (read from its config only), before
+    anything loads: every target rule, and a ``d_model`` that transformers >= 5 cannot load."""
+    if model.get("l0_module") is None:
+        return
+    from llmshearing.pruning.targets import PREFIX, L0Config, check_loadable_shape
+
+    source = _source_config(model["path"])
+    if source is None:  # not readable here: the load reports it
+        return
+    l0 = L0Config.from_dict(model["l0_module"])
+    try:
+        plan = l0.resolve(source)
+        if plan.target is not None and not l0.allow_indivisible_d_model:
+            check_loadable_shape(
+                plan.target, f"{PREFIX}.target_model", f"set {PREFIX}.allow_indivisible_d_model=true", source
+            )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _source_config(path: str) -> Any:
+    """The ``ModelConfig`` of the checkpoint at ``path`` from its config.json alone (None if unreadable)."""
+    from pathlib import Path
+
+    from llmshearing.convert.checkpoint import CONFIG_NAME, find_run_config, read_any_config
+    from llmshearing.convert.sharded import is_sharded_checkpoint
+
+    try:
+        where = Path(path)
+        config_path = (
+            find_run_config(where, None)
+            if where.is_file() or is_sharded_checkpoint(where)
+            else where / CONFIG_NAME
+        )
+        return read_any_config(config_path)[0]
+    except Exception:  # a checkpoint the load itself will refuse, with its own message
+        return None
+
+
 def check_run_values(values: dict[str, Any]) -> None:
     """Every scalar of the run itself: durations, sizes, flags, precision, device, logging."""
     for section in ("optimizer", "scheduler", "algorithms", "callbacks"):
