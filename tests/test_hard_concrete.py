@@ -118,3 +118,23 @@ def test_floored_units_counts_kept_units_at_the_floor_only():
     # row 0 keeps 8.0 and 0.0 (both above the floor); row 1 keeps two units with test value 0
     assert floored_units(masks) == {"intermediate": 2, "hidden": 0}
     assert floored_units({"head": torch.tensor([0.0, 1.0, 0.5])}) == {"head": 0}
+
+
+@pytest.mark.parametrize("value", [-4.605, -1.0, 0.0, 2.0, 4.605])
+def test_prob_interior_matches_monte_carlo(value):
+    dist = HardConcrete()
+    torch.manual_seed(0)
+    z = dist.sample(torch.full((200_000,), value))
+    empirical = ((z > 0) & (z < 1)).float().mean().item()
+    assert dist.prob_interior(torch.tensor(value)).item() == pytest.approx(empirical, abs=4e-3)
+    assert (1 - dist.prob_below(0.0, torch.tensor(value))).item() == pytest.approx(
+        dist.prob_nonzero(torch.tensor(value)).item(), abs=1e-6
+    )
+
+
+def test_prob_interior_is_tiny_far_beyond_the_default_bound():
+    dist = HardConcrete()
+    assert dist.prob_interior(torch.tensor(math.log(100.0))).item() == pytest.approx(0.0451, abs=1e-4)
+    assert dist.prob_interior(torch.tensor(16.0)).item() < 1e-6
+    wide = HardConcrete(limit_a=-0.1, limit_b=100.0)  # samples above 1 clamp at 1 almost always
+    assert wide.prob_interior(torch.tensor(0.0)).item() < 0.05

@@ -425,3 +425,66 @@ def test_deterministic_masks_at_the_clamp_keep_the_lowest_indices():
     for row in masks["intermediate"]:
         assert row.nonzero().flatten().tolist() == list(range(TARGET["intermediate_size"]))
     assert (masks["kv_head"] != 0).tolist() == [[True, True, False, False]] * SOURCE.n_layers
+
+
+# ------------------------------------------------------------------------- bounded scores, init scale
+def test_bounded_scores_count_units_at_the_bounds_exactly():
+    m = module(bounded_scores=True)
+    bound = m.l0_config.log_alpha_clamp
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for la in m.log_alpha.values():
+            la.copy_(torch.where(torch.rand(la.shape, generator=g) < 0.5, -bound, bound))
+        m.log_alpha["hidden"][0] = bound  # something stays
+        m.log_alpha["layer"][0] = bound
+    hard = {f: (la > 0).float() for f, la in m.log_alpha.items()}
+    expected = m.expected_num_params().item()
+    assert expected == pytest.approx(count_params(SOURCE, hard).item(), rel=1e-5)
+    plain = module()
+    plain.load_state_dict(m.state_dict())
+    assert plain.expected_num_params().item() != pytest.approx(
+        expected, rel=1e-3
+    )  # P(z > 0) = 0.047 at -bound
+
+
+def test_bounded_scores_keep_gradients_inside_the_bounds():
+    m = module(bounded_scores=True, init_log_alpha=0.0)
+    out = m()
+    out.penalty.backward()
+    s = sum(m.scores()[f].sum() for f in m.families)
+    grads = torch.autograd.grad(s, list(m.log_alpha.values()))
+    assert all(g.abs().min() > 0 for g in grads)
+
+
+def test_bounded_scores_need_a_clamp():
+    with pytest.raises(ValueError, match="bounded_scores .* needs model.l0_module.log_alpha_clamp"):
+        L0Config(target_sparsity=0.5, bounded_scores=True, log_alpha_clamp=None)
+
+
+def test_init_scale_places_a_ranked_start_inside_the_bound():
+    from llmshearing.pruning.ranking import importance_log_alpha
+
+    g = torch.Generator().manual_seed(0)
+    shapes = mask_shapes(SOURCE)
+    scores = {
+        f: torch.rand(shapes[f], generator=g)
+        for f in ("layer", "head_layer", "mlp", "head", "kv_head", "intermediate", "hidden")
+    }
+    settings = {"pruning_modules": ALL, "target_model": TARGET, "init_scale": 1.0}
+    values = importance_log_alpha(scores, SOURCE, settings)
+    assert max(v.abs().max().item() for v in values.values()) == pytest.approx(1.0)
+    m = module(init_scale=1.0)
+    with torch.no_grad():
+        for f, v in values.items():
+            m.log_alpha[f].copy_(v)
+    reference = importance_log_alpha(scores, SOURCE, {"pruning_modules": ALL, "target_model": TARGET})
+    ranked = module()
+    with torch.no_grad():
+        for f, v in reference.items():
+            ranked.log_alpha[f].copy_(v)
+    for f, mask in m.deterministic_masks().items():  # the same units are kept at the target
+        assert torch.equal(mask != 0, ranked.deterministic_masks()[f] != 0), f
+    with pytest.raises(ValueError, match="init_scale=5.0 exceeds model.l0_module.log_alpha_clamp"):
+        L0Config(target_sparsity=0.5, init_scale=5.0)
+    with pytest.raises(ValueError, match="init_scale must be > 0"):
+        L0Config(target_sparsity=0.5, init_scale=0.0)

@@ -13,6 +13,7 @@ The Algorithm wires these into a Composer run (see ``llmshearing/pruning/README.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -28,7 +29,10 @@ from llmshearing.pruning.l0_module import L0Module
 from llmshearing.pruning.targets import L0Config
 from llmshearing.staging import staged_file
 
+log = logging.getLogger(__name__)
+
 GROUP_NAMES = ("weights", "masks", "multipliers")
+MIN_MOVABLE = 1e-3  # below this share of samples off the bounds the masks are reported frozen
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -124,6 +128,37 @@ def latest_mask_snapshot(save_folder: str | os.PathLike[str]) -> str | None:
     return mask_snapshot_path(save_folder, max(batches)) if batches else None
 
 
+def describe_movable(module: L0Module) -> tuple[float, str]:
+    """The share of mask samples that can move at the module's current log-alphas, and a sentence on it.
+
+    Below ``MIN_MOVABLE`` the sentence says the masks are frozen where they start and names the keys.
+    """
+    fraction = module.movable_fraction()
+    cfg = module.l0_config
+    message = (
+        f"L0 masks at start: {fraction:.3%} of mask samples lie strictly between 0 and 1 and carry a gradient"
+    )
+    if fraction < MIN_MOVABLE:
+        message += (
+            f" (below {MIN_MOVABLE:.1%}): almost every sample is clamped at 0 or 1, so the masks stay where they "
+            f"start (model.l0_module.init_log_alpha={cfg.init_log_alpha}, log_alpha_clamp={cfg.log_alpha_clamp}, "
+            f"temperature={cfg.temperature:.4g}, limit_a={cfg.limit_a}, limit_b={cfg.limit_b}"
+            f"{', init_from=' + str(cfg.init_from) if cfg.init_from else ''}); to let them learn, lower "
+            "log_alpha_clamp / init_log_alpha (log 100 = 4.6 leaves 4.5% of samples free) or start them in the "
+            "interior (init_log_alpha: 0)"
+        )
+    return fraction, message
+
+
+def report_movable(module: L0Module, logger: Logger | None = None) -> float:
+    """Log (and warn, when the masks are frozen) the share of mask samples that can move; returns it."""
+    fraction, message = describe_movable(module)
+    (log.warning if fraction < MIN_MOVABLE else log.info)(message)
+    if logger is not None:
+        logger.log_hyperparameters({"l0/movable_at_start": fraction})
+    return fraction
+
+
 class L0Pruning(Algorithm):
     """Learn hard-concrete masks toward a target shape during training.
 
@@ -148,6 +183,7 @@ class L0Pruning(Algorithm):
             module = self._attach(state)
             module.set_noise_seed(state.rank_zero_seed)
             module.constrain_()
+            report_movable(module, logger)
             if state.fsdp_config is not None:  # FSDP moves only the units it wraps; this one stays whole
                 state.device.module_to_device(module)
         elif event == Event.BATCH_START:

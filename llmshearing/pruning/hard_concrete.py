@@ -51,6 +51,19 @@ class HardConcrete:
         shift = self.temperature * math.log(-self.limit_a / self.limit_b)
         return torch.sigmoid(log_alpha - shift).clamp(EPSILON, 1.0 - EPSILON)
 
+    def prob_below(self, x: float, log_alpha: Tensor) -> Tensor:
+        """``P(s_stretched < x)`` for a point ``x`` of the stretch interval, differentiable in ``log_alpha``."""
+        u = (x - self.limit_a) / (self.limit_b - self.limit_a)
+        return torch.sigmoid(self.temperature * math.log(u / (1.0 - u)) - log_alpha)
+
+    def prob_interior(self, log_alpha: Tensor) -> Tensor:
+        """``P(0 < z < 1)``: the chance that a sample lies off both bounds, where it carries a gradient.
+
+        A unit whose samples are clamped at 0 or 1 gets no gradient from the loss in that step; a
+        setting that leaves almost every sample clamped freezes the masks where they start.
+        """
+        return self.prob_below(1.0, log_alpha) - self.prob_below(0.0, log_alpha)
+
     def test_value(self, log_alpha: Tensor) -> Tensor:
         """The noise-free value ``clamp(sigmoid(a) * (limit_b - limit_a) + limit_a, 0, 1)``."""
         return (torch.sigmoid(log_alpha) * (self.limit_b - self.limit_a) + self.limit_a).clamp(0.0, 1.0)

@@ -148,10 +148,31 @@ class L0Module(nn.Module):
             _, stats = self._penalty_and_stats()
         return L0Output(masks, None, stats)
 
+    @torch.no_grad()
+    def movable_fraction(self) -> float:
+        """Mean over all units of ``P(0 < z < 1)`` at the current log-alphas: the share of mask samples
+        that carry a gradient (see :meth:`HardConcrete.prob_interior`)."""
+        probs = [
+            self.distribution.prob_interior(la.float()).flatten() for la in self.clamped_log_alpha().values()
+        ]
+        return float(torch.cat(probs).mean().item())
+
     # ----------------------------------------------------------------------------------- sizes
     def scores(self) -> dict[str, Tensor]:
-        """``P(z > 0)`` per unit, per family (differentiable)."""
-        return {f: self.distribution.prob_nonzero(la) for f, la in self.clamped_log_alpha().items()}
+        """``P(z > 0)`` per unit, per family (differentiable): what the expected sizes count.
+
+        With ``bounded_scores`` it is rescaled linearly so that a unit at the lower log-alpha bound counts
+        0 and one at the upper bound counts 1: a unit pushed to the lower bound is counted as removed (as
+        the deterministic masks remove it) while its samples still leave 0 now and then, so the loss can
+        bring it back.
+        """
+        scores = {f: self.distribution.prob_nonzero(la) for f, la in self.clamped_log_alpha().items()}
+        bound = self.l0_config.log_alpha_clamp
+        if not self.l0_config.bounded_scores or bound is None:
+            return scores
+        ends = self.distribution.prob_nonzero(torch.tensor([-bound, bound], dtype=torch.float64))
+        low, span = float(ends[0]), float(ends[1] - ends[0])
+        return {f: ((s - low) / span).clamp(0.0, 1.0) for f, s in scores.items()}
 
     def expected_num_params(self) -> Tensor:
         return expected_num_params(self.model_config, self.scores())

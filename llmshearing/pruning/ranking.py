@@ -114,7 +114,7 @@ def importance_log_alpha(
     (worst), linearly in rank, so the values are strictly monotone in the score, the L0 module's
     deterministic masks at the target keep exactly the top-ranked units, and every unit sits near a
     bound, which starts the expected sparsity near the target (``P(z > 0)`` at ``-bound`` is 0.047 for
-    the default bound ``log 100``, 1e-6 for 16). ``bound`` is
+    the default bound ``log 100``, 1e-6 for 16). ``bound`` is ``init_scale`` when set, else
     ``log_alpha_clamp`` (``init_log_alpha`` when unclamped). With a ``target_sparsity`` instead of a
     target shape every unit lies above the cut-off.
     """
@@ -123,6 +123,8 @@ def importance_log_alpha(
     if not 0.0 < margin < 1.0:
         raise ValueError(f"margin must be in (0, 1), got {margin}")
     bound = float(l0.log_alpha_clamp if l0.log_alpha_clamp is not None else l0.init_log_alpha)
+    if l0.init_scale is not None:  # a ranked start inside the bound (the interior, where samples move)
+        bound = float(l0.init_scale)
     if bound <= 0:
         raise ValueError(
             f"{PREFIX}.init_log_alpha must be > 0 to place kept units above the cut-off, got {bound}"

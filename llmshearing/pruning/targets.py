@@ -61,6 +61,7 @@ class L0Config:
     limit_b: float = 1.1
     init_log_alpha: float = math.log(100.0)
     log_alpha_clamp: float | None = math.log(100.0)
+    bounded_scores: bool = False  # expected sizes count a unit at -clamp as removed and at +clamp as kept
     mask_lr: float = 1.0
     multiplier_lr: float = 1.0
     schedule_l0_lr: bool = False
@@ -69,6 +70,9 @@ class L0Config:
     init_samples: int = 256  # calibration sequences for init_from: importance
     # prune to a target whose d_model is not a multiple of n_heads (its export loads in transformers < 5 only)
     allow_indivisible_d_model: bool = False
+    # largest |log-alpha| of a ranked start (init_from); null: the log-alpha bound. Inside the bound the
+    # ranked masks start in the interior, where their samples leave 0 and 1 and the loss moves them.
+    init_scale: float | None = None
 
     def __post_init__(self) -> None:
         modules = list(self.pruning_modules) if not isinstance(self.pruning_modules, str) else None
@@ -107,6 +111,11 @@ class L0Config:
             raise ValueError(
                 f"{PREFIX}.log_alpha_clamp must be > 0 (symmetric bound) or null, got {self.log_alpha_clamp}"
             )
+        if self.bounded_scores and self.log_alpha_clamp is None:
+            raise ValueError(
+                f"{PREFIX}.bounded_scores rescales P(z > 0) between its values at the log-alpha bounds and needs "
+                f"{PREFIX}.log_alpha_clamp; set a clamp (e.g. 4.605) or bounded_scores: false"
+            )
         for key in ("mask_lr", "multiplier_lr"):
             if float(getattr(self, key)) < 0:
                 raise ValueError(f"{PREFIX}.{key} must be >= 0, got {getattr(self, key)}")
@@ -125,6 +134,16 @@ class L0Config:
                 "the target shape, and a target warmed up from sparsity 0 would first pull them back toward "
                 f"the dense model; set {PREFIX}.lagrangian_warmup_steps=0ba"
             )
+        if self.init_scale is not None:
+            if isinstance(self.init_scale, bool) or not float(self.init_scale) > 0:
+                raise ValueError(
+                    f"{PREFIX}.init_scale must be > 0 or null (the log-alpha bound), got {self.init_scale!r}"
+                )
+            if self.log_alpha_clamp is not None and float(self.init_scale) > self.log_alpha_clamp:
+                raise ValueError(
+                    f"{PREFIX}.init_scale={self.init_scale} exceeds {PREFIX}.log_alpha_clamp={self.log_alpha_clamp}: "
+                    "the ranked start would be clamped flat at the bound; set init_scale <= log_alpha_clamp"
+                )
         if not isinstance(self.init_samples, int) or self.init_samples <= 0:
             raise ValueError(f"{PREFIX}.init_samples must be a positive integer, got {self.init_samples!r}")
         if not isinstance(self.allow_indivisible_d_model, bool):
