@@ -1,0 +1,144 @@
+"""Planted structure (``bench/planted_models.py``, ``bench/planted.py``): the embedded model computes the
+small one, bad plans are refused, and the masks find the planted units."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    models = _load("planted_models")
+    planted = _load("planted")
+    yield models, planted
+    sys.modules.pop("planted", None)
+    sys.modules.pop("planted_models", None)
+    sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def corpus(bench):
+    models, _ = bench
+    train, held = models.stdlib_corpus(max_bytes=1_500_000)
+    return train, models.held_out_batches(held, n=4)
+
+
+@pytest.fixture(scope="module")
+def small(bench, corpus, tmp_path_factory):
+    models, _ = bench
+    torch.manual_seed(0)
+    return models.train_small(models.SmallSpec(steps=120), corpus[0], tmp_path_factory.mktemp("planted"))
+
+
+@pytest.mark.parametrize("kind", ["dead", "cancel", "duplicate"])
+def test_embedded_model_computes_the_small_one(bench, small, corpus, kind):
+    models, planted_bench = bench
+    setup = {"dead": "dead", "cancel": "cancel", "duplicate": "duplicate"}[kind]
+    plan = planted_bench.SETUPS[setup].plant
+    planted = models.embed(small, plan)
+    large = planted.decoder
+    assert large.config.n_heads > small.config.n_heads
+    assert large.config.intermediate_size > small.config.intermediate_size
+    ids = corpus[1][0][:4]
+    with torch.no_grad():
+        torch.testing.assert_close(large(ids), small(ids), atol=2e-5, rtol=1e-5)
+    # the ideal masks (drop exactly the planted units) fold to the small model's shape
+    families = planted_bench.SETUPS[setup].families
+    folded = planted_bench.prune_decoder(large, models.ideal_masks(planted, families))
+    for key, value in planted.target.items():
+        assert getattr(folded.config, key) == value, key
+    if kind in ("cancel", "duplicate"):  # no hidden dims planted: the fold is the small model again
+        with torch.no_grad():
+            torch.testing.assert_close(
+                folded(ids) if kind == "cancel" else large(ids), small(ids), atol=2e-5, rtol=1e-5
+            )
+
+
+def test_cancelling_units_are_loud_and_worth_nothing(bench, small, corpus):
+    models, planted_bench = bench
+    planted = models.embed(small, planted_bench.SETUPS["cancel"].plant)
+    decoder = planted.decoder
+    ffn = decoder.layers[0].feed_forward
+    pairs = planted.pairs["intermediate"][0]
+    a, b = torch.nonzero(pairs == pairs[pairs >= 0][0]).flatten().tolist()
+    torch.testing.assert_close(ffn.w2.weight[:, a], -ffn.w2.weight[:, b])
+    typical = ffn.w2.weight[:, ~planted.planted["intermediate"][0]].norm(dim=0).mean()
+    assert ffn.w2.weight[:, a].norm() > 2 * typical
+    # dropping one of the pair changes the output; dropping both leaves it as it was
+    ids = corpus[1][0][:2]
+    one = torch.ones(decoder.config.n_layers, decoder.config.intermediate_size)
+    one[0, a] = 0
+    both = one.clone()
+    both[0, b] = 0
+    with torch.no_grad():
+        full = decoder(ids)
+        assert (decoder(ids, masks={"intermediate": one}) - full).abs().max() > 1e-2
+        torch.testing.assert_close(decoder(ids, masks={"intermediate": both}), full, atol=2e-5, rtol=1e-5)
+
+
+def test_oneshot_finds_dead_units_and_keeps_cancelling_pairs(bench, small, corpus):
+    models, planted_bench = bench
+    settings = planted_bench.Settings(calibration_batches=4)
+    dead = planted_bench.SETUPS["dead"]
+    planted = models.embed(small, dead.plant)
+    masks = planted_bench.run_oneshot(dead, planted, corpus[0], settings, 0)
+    assert planted_bench.score(planted, dead.families, masks) == {f: 1.0 for f in dead.families}
+    cancel = planted_bench.SETUPS["cancel"]
+    planted = models.embed(small, cancel.plant)
+    masks = planted_bench.run_oneshot(cancel, planted, corpus[0], settings, 0)
+    dropped = planted_bench.score(planted, cancel.families, masks)
+    assert min(dropped["head"], dropped["intermediate"]) < 1.0  # some loud pairs rank high and stay whole
+
+
+def test_plans_that_cannot_reach_their_target_are_refused(bench, small):
+    models, planted_bench = bench
+    config = small.config
+    with pytest.raises(ValueError, match=r"planted head: cancelling units come in pairs.*got 3"):
+        models.PlantSpec("cancel", heads=3).check(config)
+    with pytest.raises(ValueError, match=r"planted intermediate: 65 duplicates .* only 64"):
+        models.PlantSpec("duplicate", kv_heads=0, intermediate=65).check(config)
+    with pytest.raises(ValueError, match=r"planted kv_head: duplicated KV groups"):
+        models.PlantSpec("duplicate", kv_heads=2).check(config)
+    with pytest.raises(ValueError, match="plant kind"):
+        models.PlantSpec("loud").check(config)
+    setup = planted_bench.Setup(
+        "bad", ("head", "intermediate"), models.PlantSpec("dead", layers=1, kv_heads=0)
+    )
+    with pytest.raises(ValueError, match=r"planted layer: 1 units .* 'layer' .* not pruned"):
+        planted_bench.check_setup(setup)
+
+
+def test_movable_fraction_is_reported(bench):
+    from llmshearing.models.config import ModelConfig
+    from llmshearing.pruning.algorithm import describe_movable
+    from llmshearing.pruning.l0_module import L0Module
+
+    config = ModelConfig(
+        vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, intermediate_size=24
+    )
+    settings = {
+        "pruning_modules": ["head", "intermediate"],
+        "target_model": {"n_heads": 2, "intermediate_size": 12},
+    }
+    fraction, message = describe_movable(L0Module(config, settings))
+    assert fraction == pytest.approx(0.0451, abs=1e-3) and "frozen" not in message
+    frozen = L0Module(config, {**settings, "init_log_alpha": 16.0, "log_alpha_clamp": 16.0})
+    fraction, message = describe_movable(frozen)
+    assert fraction < 1e-6
+    assert "init_log_alpha=16.0" in message and "stay where they start" in message
