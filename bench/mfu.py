@@ -56,8 +56,17 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def build(config: Any, prune: bool, lr: float = 1e-4, compile: bool = False) -> tuple[Any, Any, Any]:
-    """The decoder (``torch.compile``-d if asked; the L0 module when pruning) on the GPU, and its optimizer."""
+def build(
+    config: Any,
+    prune: bool,
+    lr: float = 1e-4,
+    compile: bool = False,
+    l0_settings: dict[str, Any] | None = None,
+    checkpoint: bool = False,
+) -> tuple[Any, Any, Any]:
+    """The decoder (``torch.compile``-d if asked; the L0 module of ``l0_settings``, default ``L0``, when
+    pruning) on the GPU, and its optimizer. ``checkpoint`` wraps each block for non-reentrant
+    activation checkpointing, as the project's FSDP settings have Composer do."""
     import torch
 
     from llmshearing.models.decoder import Decoder
@@ -65,7 +74,21 @@ def build(config: Any, prune: bool, lr: float = 1e-4, compile: bool = False) -> 
 
     model = Decoder(config).cuda()
     model.init_weights()
-    l0 = L0Module(config, L0).cuda() if prune else None
+    if checkpoint:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointImpl,
+            apply_activation_checkpointing,
+            checkpoint_wrapper,
+        )
+
+        apply_activation_checkpointing(
+            model,
+            checkpoint_wrapper_fn=lambda block: checkpoint_wrapper(
+                block, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+            ),
+            check_fn=model.activation_checkpointing_fn,
+        )
+    l0 = L0Module(config, l0_settings or L0).cuda() if prune else None
     groups = [{"params": list(model.parameters()), "lr": lr}]
     if l0 is not None:
         groups += [
