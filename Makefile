@@ -23,9 +23,10 @@ PRUNED ?= $(RUN)/pruned
 CONT_RUN ?= runs/continued
 HF_OUT ?= runs/hf
 MODEL ?= $(PRUNED)
+TASKS ?= local_mc,local_cloze
 ARGS ?=
 
-.PHONY: help install test test-fast lint demo data convert-in prune prune-model continue convert-out evaluate report bench bench-quality
+.PHONY: help install test test-fast lint demo data convert-in prune prune-model continue convert-out evaluate evaluate-tasks report bench bench-quality
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -75,6 +76,9 @@ convert-out: install  ## project/Composer checkpoint -> HF dir: make convert-out
 
 evaluate: install  ## per-domain eval loss: make evaluate MODEL=<ckpt dir> DATA=<mds>
 	$(BIN)/llmshearing evaluate $(MODEL) $(DATA) $(ARGS)
+
+evaluate-tasks: install  ## downstream tasks through lm-eval: make evaluate-tasks MODEL=<ckpt|hf dir> TASKS=<names|sheared-llama|minitron>
+	$(BIN)/llmshearing evaluate $(MODEL) --tasks $(TASKS) $(ARGS)
 
 report: install  ## PNG plots + markdown summary of a run: make report RUN=<run dir>
 	$(BIN)/llmshearing report $(RUN) $(ARGS)
