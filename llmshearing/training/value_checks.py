@@ -185,22 +185,29 @@ def check_l0_settings(model: dict[str, Any]) -> None:
 
 
 def check_l0_target(model: dict[str, Any]) -> None:
-    """``model.l0_module``'s target against the source's shape (read from its config only), before
-    anything loads: every target rule, and a ``d_model`` that transformers >= 5 cannot load."""
+    """A ``model.l0_module.target_model`` whose ``d_model`` is not a multiple of its ``n_heads`` (keys it
+    leaves out are the source's, read from its config only) is refused before anything loads:
+    transformers >= 5 cannot load the result. The other target rules are checked when the model loads."""
     if model.get("l0_module") is None:
         return
     from llmshearing.pruning.targets import PREFIX, L0Config, check_loadable_shape
 
+    l0 = L0Config.from_dict(model["l0_module"])
+    if l0.target_model is None or l0.allow_indivisible_d_model:
+        return
     source = _source_config(model["path"])
     if source is None:  # not readable here: the load reports it
         return
-    l0 = L0Config.from_dict(model["l0_module"])
+    shape = {key: l0.target_model.get(key, getattr(source, key)) for key in ("d_model", "n_heads")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape.values()):
+        return  # told with the other target rules when the model loads
     try:
-        plan = l0.resolve(source)
-        if plan.target is not None and not l0.allow_indivisible_d_model:
-            check_loadable_shape(
-                plan.target, f"{PREFIX}.target_model", f"set {PREFIX}.allow_indivisible_d_model=true", source
-            )
+        check_loadable_shape(
+            source.replace(**shape),
+            f"{PREFIX}.target_model",
+            f"set {PREFIX}.allow_indivisible_d_model=true",
+            source,
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
