@@ -224,7 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     from llmshearing.errors import run_reported
 
-    folder = _run_folder(argv)
+    folders: list[str | None] = []
+    code = run_reported(lambda: folders.append(_run_folder(argv)))  # a recipe that does not read: at once
+    if code:
+        return code
+    folder = folders[0]
     built: list = []
 
     def start() -> None:  # configuration, data and checkpoint problems; a failed start leaves no trace
@@ -233,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = run_reported(start, writing=folder)
     if code or not built:
         return code
+
     # while training, faults of the file system and Ctrl-C are told in one line; anything else is a
     # bug and keeps its traceback
     def train_built() -> None:
@@ -248,13 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_folder(argv: Sequence[str]) -> str | None:
-    """The run folder the recipe and overrides name (None when they cannot be read)."""
+    """The run folder the recipe and overrides name (None when it is not set right: the start says why);
+    a recipe that cannot be read raises ``ConfigError``."""
     from llmshearing.training.config import load_config
 
+    cfg = load_config(argv[0], argv[1:])
     try:
-        cfg = load_config(argv[0], argv[1:])
         return str(cfg.save_folder).format(run_name=cfg.run_name)
-    except Exception:  # a bad recipe is reported by the start itself
+    except Exception:  # save_folder left as ??? or with a brace other than {run_name}: validation tells
         return None
 
 

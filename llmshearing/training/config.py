@@ -245,6 +245,13 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
             f"data_local {values['data_local']!r} is not a directory; prepare data with "
             "`llmshearing prepare-data --output DIR ...` and set data_local=DIR"
         )
+    try:
+        str(values["save_folder"]).format(run_name=values["run_name"])
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(
+            f"save_folder {values['save_folder']!r} cannot be formatted ({type(err).__name__}: {err}); only "
+            "{run_name} may stand in braces"
+        ) from None
     global_batch = values["global_train_batch_size"]
     micro = values["device_train_microbatch_size"]
     if not isinstance(global_batch, int) or global_batch <= 0:
