@@ -327,8 +327,8 @@ def report(env: dict[str, Any], results: dict[str, Any]) -> str:
         "",
         f"- machine: {env['device']}; torch {env['torch']}, Composer {env['composer']}, Python {env['python']}",
         f"- flash-attn: {env['flash_attn']}",
-        f"- every run: `composer -n 1`, FSDP1 {json.dumps(FSDP)}, precision amp_bf16, batch "
-        f"{env['batch_size']} x {env['seq_len']}, {env['steps']} steps, a sharded checkpoint every {env['steps'] // 2}",
+        f"- every run: `composer -n 1`, FSDP{env['fsdp_version']} {json.dumps(FSDP)}, precision {env['precision']}, "
+        f"batch {env['batch_size']} x {env['seq_len']}, {env['steps']} steps, a sharded checkpoint every {env['steps'] // 2}",
         f"- MFU: source-model FLOPs (`ModelConfig.train_flops_per_token`) over a peak of {_fmt(env['peak_tflops'], '.0f')} TFLOP/s",
         "",
     ]
@@ -457,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "flash_attn": "imports (runs auto = flash and sdpa)" if flash else f"not used ({why or 'CPU check'})",
         "peak_tflops": peak / 1e12 if peak else None,
+        "fsdp_version": 2 if args.cpu_check else 1,
+        "precision": "fp32" if args.cpu_check else "amp_bf16",
         **{key: getattr(args, key) for key in ("seq_len", "batch_size", "steps")},
     }
     print(f"device: {device}; torch {torch.__version__}; flash-attn: {env['flash_attn']}", flush=True)
