@@ -118,10 +118,16 @@ def check_setup(setup: Setup) -> None:
 
 
 # Learned-mask variants: L0Config overrides (``warmup`` is the Lagrangian warm-up as a share of the steps).
+# The paper's settings are mask and multiplier lr 1.0 with masks starting at the bound log 100 and a
+# warmed-up target; the "-bounded" variants start in the interior (log-alpha 0, or a ranking within
+# +-1), learn with mask lr 0.1 and multiplier lr 0.05, and count units at the bounds exactly.
+BOUNDED = {"mask_lr": 0.1, "multiplier_lr": 0.05, "bounded_scores": True, "warmup": 0.0}
 METHODS: dict[str, dict[str, Any]] = {
     "default": {"warmup": 0.2},
     "importance": {"init_from": "importance", "warmup": 0.0},
     "interior": {"init_log_alpha": 0.0, "warmup": 0.0},
+    "interior-bounded": {"init_log_alpha": 0.0, **BOUNDED},
+    "importance-bounded": {"init_from": "importance", "init_scale": 1.0, **BOUNDED},
     "oneshot": {},
 }
 
@@ -339,7 +345,10 @@ def one_run(
 
 def summary_line(r: Mapping[str, Any]) -> str:
     dropped = " ".join(f"{f}={v:.2f}" for f, v in r["dropped"].items())
-    gap = "" if r["sparsity_gap"] is None else f" gap={r['sparsity_gap']:+.4f}"
+    gap = ""
+    if r["sparsity_gap"] is not None:
+        worst = max(r["family_gaps"].values(), key=abs) if r["family_gaps"] else 0.0
+        gap = f" gap={r['sparsity_gap']:+.4f} family-gap={worst:+.4f}"
     return (
         f"{r['setup']:<12}{r['size']} s{r['seed']} {r['method']:<11}{r['mode']:<7} {dropped}  "
         f"folded {r['folded_loss']:.3f} (embedded {r['embedded_loss']:.3f}, ideal {r['ideal_fold_loss']:.3f})"
@@ -429,10 +438,21 @@ def result_path(date: str, suffix: str) -> Path:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    p.add_argument("--methods", nargs="+", default=["default", "importance", "oneshot", "interior"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["default", "importance", "oneshot", "interior-bounded", "importance-bounded"],
+    )
     p.add_argument("--modes", nargs="+", default=["frozen", "train"], choices=["frozen", "train"])
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument(
+        "--combos",
+        nargs="+",
+        default=None,
+        help="size:seed pairs to run instead of --sizes x --seeds (e.g. s:0 m:0)",
+    )
+    p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--steps", type=int, default=Settings.steps)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="seed 0, size s, 200 steps")
@@ -454,10 +474,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     train, held_stream = stdlib_corpus()
     held = held_out_batches(held_stream, batch=16, seq_len=64)
     records: list[dict[str, Any]] = []
+    combos = [(size, seed) for size in args.sizes for seed in args.seeds]
+    if args.combos:
+        combos = [(c.split(":")[0], int(c.split(":")[1])) for c in args.combos]
     for setup in args.setups:
-        for size in args.sizes:
-            for seed in args.seeds:
-                records += one_run(SETUPS[setup], size, seed, args.methods, settings, train, held, args.modes)
+        for size, seed in combos:
+            records += one_run(SETUPS[setup], size, seed, args.methods, settings, train, held, args.modes)
     meta = {
         "date": datetime.date.today().isoformat(),
         "command": "python bench/planted.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
@@ -472,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = markdown(records, meta)
     print(text)
     if not args.no_write:
-        md = result_path(meta["date"], ".md")
+        md = result_path(meta["date"] + (f"-{args.tag}" if args.tag else ""), ".md")
         md.write_text(text, encoding="utf-8")
         md.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
         print(f"wrote {md} and {md.with_suffix('.json')}")

@@ -142,3 +142,22 @@ def test_movable_fraction_is_reported(bench):
     fraction, message = describe_movable(frozen)
     assert fraction < 1e-6
     assert "init_log_alpha=16.0" in message and "stay where they start" in message
+
+
+@pytest.mark.slow
+def test_learned_masks_from_an_interior_start_drop_the_dead_units(bench, small, corpus):
+    """Weights frozen, masks from the interior with the planted suite's settings: every dead layer, KV
+    group, query head and hidden dim goes, and the fold keeps the target shape."""
+    models, planted_bench = bench
+    setup = planted_bench.SETUPS["dead"]
+    planted = models.embed(small, setup.plant)
+    settings = planted_bench.Settings(steps=150)
+    masks, decoder, stats = planted_bench.run_learned(
+        setup, planted, "interior-bounded", True, corpus[0], settings, 0
+    )
+    dropped = planted_bench.score(planted, setup.families, masks)
+    for family in ("layer", "kv_head", "head", "hidden"):
+        assert dropped[family] == 1.0, (family, dropped)
+    folded = planted_bench.prune_decoder(decoder, masks)
+    assert {k: getattr(folded.config, k) for k in planted.target} == planted.target
+    assert "expected_sparsity" in stats and "target_sparsity" in stats
