@@ -71,10 +71,14 @@ def user_message(err: BaseException, writing: str | Path | None = None) -> str |
     return None
 
 
-def interrupted_message(writing: str | Path | None = None) -> str:
-    """The line printed on Ctrl-C."""
+# Composer turns SIGINT and SIGTERM into ``sys.exit(128 + signal)`` once it is imported
+SIGNAL_EXITS = {EXIT_INTERRUPTED: "interrupted", 128 + 15: "terminated (SIGTERM)"}
+
+
+def interrupted_message(writing: str | Path | None = None, what: str = "interrupted") -> str:
+    """The line printed on Ctrl-C (``what``: how the process was stopped)."""
     where = f" before {writing} was complete" if writing is not None else ""
-    return f"interrupted{where}; nothing half-written was left (run the command again to redo it)"
+    return f"{what}{where}; nothing half-written was left (run the command again to redo it)"
 
 
 def report(message: str, prog: str | None = None) -> None:
@@ -88,22 +92,27 @@ def run_reported(
     prog: str | None = None,
     writing: str | Path | None = None,
     on_disk_full: Callable[[BaseException, str], str] | None = None,
-    on_interrupt: Callable[[], str] | None = None,
+    on_interrupt: Callable[[str], str] | None = None,
     user_errors: bool = True,
 ) -> int:
     """Run ``body`` and turn a fault the user can fix into one line and an exit code.
 
     ``on_disk_full(err, message)`` may rewrite the message of a full disk (e.g. say what was set
-    aside); ``on_interrupt()`` may replace the line printed on Ctrl-C. With ``user_errors`` false
+    aside); ``on_interrupt(what)`` may replace the line printed on Ctrl-C or SIGTERM (``what`` says
+    which). With ``user_errors`` false
     only faults of the file system (and Ctrl-C) are told this way: a ``ValueError`` is then a bug.
     Bugs propagate with their traceback.
     """
     try:
         return int(body() or 0)
-    except KeyboardInterrupt:
-        line = on_interrupt() if on_interrupt is not None else interrupted_message(writing)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        code = EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else stop.code
+        if code not in SIGNAL_EXITS:  # a plain sys.exit: not ours to report
+            raise
+        what = SIGNAL_EXITS[code]
+        line = on_interrupt(what) if on_interrupt is not None else interrupted_message(writing, what)
         print(f"{prog}: {line}" if prog else line, file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return int(code)
     except Exception as err:
         message = user_message(err, writing) if user_errors else file_system_message(err, writing)
         if message is None:

@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_built,
         writing=folder,
         on_disk_full=lambda err, message: _set_aside(folder, err, message),
-        on_interrupt=lambda: _set_aside(folder, None, "interrupted"),
+        on_interrupt=lambda what: _set_aside(folder, None, what),
         user_errors=False,
     )
 
