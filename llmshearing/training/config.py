@@ -218,8 +218,11 @@ def check_keys(values: Any, schema: Any, prefix: str = "") -> None:
         check_keys(value, schema[key], f"{path}.")
 
 
-def validate_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
-    """Validate a resolved config; returns it as a plain dict."""
+def validate_config(cfg: DictConfig, world_size: int = 1, check_paths: bool = True) -> dict[str, Any]:
+    """Validate a resolved config; returns it as a plain dict.
+
+    ``check_paths=False`` skips what needs the run's files (model.path, data_local, the teacher and
+    its vocabulary), for planning a run on another machine (``llmshearing plan``)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
@@ -235,12 +238,12 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
             "config key 'model.path' is required: the source checkpoint from "
             "`llmshearing convert hf-to-composer` or a `llmshearing prune-model` output"
         )
-    if not os.path.exists(values["model"]["path"]):
+    if check_paths and not os.path.exists(values["model"]["path"]):
         raise ConfigError(
             f"model.path {values['model']['path']!r} does not exist; convert a checkpoint first "
             "(`llmshearing convert hf-to-composer SRC OUT`) and point model.path at OUT"
         )
-    if values.get("data_remote") is None and not os.path.isdir(values["data_local"]):
+    if check_paths and values.get("data_remote") is None and not os.path.isdir(values["data_local"]):
         raise ConfigError(
             f"data_local {values['data_local']!r} is not a directory; prepare data with "
             "`llmshearing prepare-data --output DIR ...` and set data_local=DIR"
@@ -275,7 +278,7 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
     for key in ("max_duration", "eval_interval"):
         if not str(values[key]).endswith("ba"):
             raise ConfigError(f"{key} must be given in batches, e.g. {key}=100ba (got {values[key]!r})")
-    validate_distillation(values["model"])
+    validate_distillation(values["model"], check_paths)
     from llmshearing.training.value_checks import check_l0_target, check_run_values
 
     check_run_values(values)
@@ -283,8 +286,9 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
     return values
 
 
-def validate_distillation(model: dict[str, Any]) -> None:
-    """Check ``model.distillation`` and fill in its teacher (the source ``model.path`` when pruning)."""
+def validate_distillation(model: dict[str, Any], check_paths: bool = True) -> None:
+    """Check ``model.distillation`` and fill in its teacher (the source ``model.path`` when pruning);
+    ``check_paths=False`` leaves the teacher's existence and vocabulary unchecked."""
     section = model.get("distillation")
     if section is None:
         return
@@ -302,7 +306,7 @@ def validate_distillation(model: dict[str, Any]) -> None:
             "model.distillation.teacher is required outside pruning: set it to the checkpoint directory the "
             "student was pruned from (`llmshearing convert hf-to-composer` output)"
         )
-    if not isinstance(teacher, str) or not os.path.exists(teacher):
+    if not isinstance(teacher, str) or (check_paths and not os.path.exists(teacher)):
         raise ConfigError(
             f"model.distillation.teacher {teacher!r} does not exist; point it at a checkpoint directory "
             "(`llmshearing convert hf-to-composer SRC OUT` writes one)"
