@@ -453,6 +453,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="size:seed pairs to run instead of --sizes x --seeds (e.g. s:0 m:0)",
     )
     p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument(
+        "--from-json", nargs="+", default=None, help="report the records of these files; run nothing"
+    )
     p.add_argument("--steps", type=int, default=Settings.steps)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="seed 0, size s, 200 steps")
@@ -477,9 +480,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     combos = [(size, seed) for size in args.sizes for seed in args.seeds]
     if args.combos:
         combos = [(c.split(":")[0], int(c.split(":")[1])) for c in args.combos]
-    for setup in args.setups:
+    if args.from_json:  # report records written earlier (e.g. by interrupted or parallel runs)
+        for path in args.from_json:
+            records += json.loads(Path(path).read_text())["records"]
+    partial = RESULTS / f"planted-partial-{args.tag or 'run'}.json"
+    for setup in args.setups if not args.from_json else []:
         for size, seed in combos:
             records += one_run(SETUPS[setup], size, seed, args.methods, settings, train, held, args.modes)
+            partial.write_text(json.dumps({"records": records}, indent=1) + "\n")
     meta = {
         "date": datetime.date.today().isoformat(),
         "command": "python bench/planted.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
