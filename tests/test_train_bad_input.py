@@ -301,3 +301,127 @@ def test_save_folder_that_is_a_file_is_refused(tiny_source, tiny_mds, tmp_path, 
     assert main([PRUNE, *_args(tiny_source, tiny_mds, folder, *SHORT)]) == 2
     assert "is a file, not a folder" in _one_error_line(capsys)
     assert folder.read_text() == "a file"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- a\n- b\n", "holds a list, not a mapping of keys"),
+        (
+            "model:\n\tpath: x\n",
+            "is not valid YAML (found character that cannot start any token at line 2, column 1); indent with spaces, not tabs",
+        ),
+        ("a: [1, 2\n", "is not valid YAML"),
+        ("", "holds no keys"),
+    ],
+)
+def test_recipe_that_is_not_a_mapping_of_keys_is_one_line(tmp_path, capsys, text, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    assert main([str(recipe)]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: {recipe}") and message in line
+
+
+def test_override_that_does_not_parse_is_named(tiny_source, tiny_mds, tmp_path, capsys):
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, tmp_path / "run"), "optimizer.betas=[0.9"]) == 2
+    assert "override 'optimizer.betas=[0.9' cannot be parsed" in _one_error_line(capsys)
+
+
+def _with_nan(source: str, folder: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["layers.1.feed_forward.w2.weight"][3, 4] = float("inf")
+    save_file(tensors, weights)
+    return folder
+
+
+def test_nan_weights_are_refused_at_load_naming_the_tensor_and_leave_no_run(
+    tiny_source, tiny_mds, tmp_path, capsys, clean_shm
+):
+    source = _with_nan(tiny_source, tmp_path / "source")
+    folder = tmp_path / "run"
+    assert main([PRUNE, *_args(str(source), tiny_mds, folder, *SHORT)]) == 2
+    line = _one_error_line(capsys)
+    assert f"{source}: tensor layers.1.feed_forward.w2.weight holds NaN or Inf values (1 of" in line
+    assert "use an earlier checkpoint or convert the source again" in line
+    assert not folder.exists()  # no stub: the start failed before anything was written
+
+
+def test_data_local_that_holds_raw_text_names_the_key_and_prepare_data(tiny_source, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    (raw / "alpha").mkdir(parents=True)
+    (raw / "alpha" / "part.jsonl").write_text('{"text": "a b c"}\n')
+    assert main([PRUNE, *_args(tiny_source, str(raw), tmp_path / "run", *SHORT)]) == 2
+    line = _one_error_line(capsys)
+    assert (
+        line.startswith("error: data_local (train_loader.dataset.local)") and "holds JSON-lines text" in line
+    )
+    assert f"llmshearing prepare-data --input {raw}" in line and "set data_local=DIR" in line
+
+
+def test_data_without_an_eval_split_names_the_splits_it_has(tiny_source, tiny_mds, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mds, data)
+    shutil.rmtree(data / "eval")
+    assert main([PRUNE, *_args(tiny_source, str(data), tmp_path / "run", *SHORT)]) == 2
+    line = _one_error_line(capsys)
+    assert "has no eval split" in line and "its splits: train, test" in line and "--eval-seqs N" in line
+
+
+def test_domain_whose_index_lists_no_shards_is_named(tiny_source, tiny_mds, tmp_path, capsys):
+    import json
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mds, data)
+    index = data / "train" / "beta" / "index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "shards": []}))
+    assert main([PRUNE, *_args(tiny_source, str(data), tmp_path / "run", *SHORT)]) == 2
+    line = _one_error_line(capsys)
+    assert f"{index} lists no samples (no shards)" in line and "prepare that domain again" in line
+
+
+def test_target_whose_d_model_heads_do_not_divide_is_refused_unless_allowed(
+    tiny_source, tiny_mds, tmp_path, capsys
+):
+    from llmshearing.training.config import load_config, validate_config
+
+    folder = tmp_path / "run"
+    target = "model.l0_module.target_model.d_model=25"  # 2 heads
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, folder, *SHORT, target)]) == 2
+    line = _one_error_line(capsys)
+    assert "model.l0_module.target_model: d_model=25 is not a multiple of n_heads=2" in line
+    assert "transformers >= 5 refuses to load" in line and "choose d_model=24 or d_model=26" in line
+    assert "set model.l0_module.allow_indivisible_d_model=true" in line and not folder.exists()
+    allowed = [
+        *_args(tiny_source, tiny_mds, folder, *SHORT, target),
+        "model.l0_module.allow_indivisible_d_model=true",
+    ]
+    assert (
+        validate_config(load_config(PRUNE, allowed))["model"]["l0_module"]["allow_indivisible_d_model"]
+        is True
+    )
+
+
+@pytest.mark.slow
+@needs_tmpfs
+def test_read_only_run_folder_is_one_line(tiny_source, tiny_mds, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = " ".join(
+        [
+            f"mount -t tmpfs -o size=64k,ro none {disk} &&",
+            f"{sys.executable} -m llmshearing.train {PRUNE}",
+            *_args(tiny_source, tiny_mds, disk / "run", *SHORT),
+            "; echo exit=$?",
+        ]
+    )
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {disk / 'run'}: the file system is read-only; choose an output path on a writable disk"
+    ], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "exit=2" in proc.stdout

@@ -142,19 +142,19 @@ def _domains_in(directory: str) -> list[str]:
 
 
 def available_splits(root: str | os.PathLike[str]) -> list[str]:
-    """The splits of ``root`` that hold samples: by its manifest, else by its directories."""
+    """The splits of ``root`` that hold domains, and samples by its manifest when it has one."""
+    present = [split for split in SPLITS if _domains_in(os.path.join(os.fspath(root), split))]
     manifest = read_manifest(root) if os.path.isfile(manifest_path(root)) else None
     recorded = manifest.get("splits") if isinstance(manifest, dict) else None
-    if isinstance(recorded, dict):
-        return [
-            split
-            for split in SPLITS
-            if any(
-                int((stats or {}).get("samples", 0) or 0) > 0
-                for stats in (recorded.get(split) or {}).values()
-            )
-        ]
-    return [split for split in SPLITS if _domains_in(os.path.join(os.fspath(root), split))]
+    if not isinstance(recorded, dict):
+        return present
+    return [
+        split
+        for split in present
+        if any(
+            int((stats or {}).get("samples", 0) or 0) > 0 for stats in (recorded.get(split) or {}).values()
+        )
+    ]
 
 
 def missing_split_message(root: str | os.PathLike[str], split: str, use: str = "use DIR") -> str:
