@@ -17,6 +17,7 @@ from llmshearing.convert.checkpoint import (
 )
 from llmshearing.convert.hf_config import DTYPE_NAMES, hf_config_from_model
 from llmshearing.convert.keymaps import KeyMap
+from llmshearing.convert.model_card import model_card
 from llmshearing.convert.tensor_io import DEFAULT_MAX_SHARD_BYTES, TensorMeta, write_safetensors
 from llmshearing.models.schema import state_shapes
 from llmshearing.staging import staged_dir
@@ -76,6 +77,7 @@ def convert_project_to_hf(
                 json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
             copied = copy_tokenizer(tokenizer_dir, staging) if tokenizer_dir is not None else []
+            (staging / "README.md").write_text(model_card(source, Path(out_dir), dtype), encoding="utf-8")
     if not any(name.startswith("tokenizer") for name in copied):
         print(f"warning: {out_dir} has no tokenizer; pass --tokenizer DIR to include one", file=sys.stderr)
     return Path(out_dir)
