@@ -90,3 +90,74 @@ def test_full_disk_is_one_line_and_leaves_nothing(tiny_source, tmp_path):
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"no space left on {disk}" in errors[0]
     assert proc.stdout.split() == ["exit=2"], proc.stdout  # the staging was removed, nothing is left
+
+
+def _with_nan(directory: Path, key: str) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    weights = directory / "model.safetensors"
+    tensors = load_file(weights)
+    tensors[key].view(-1)[5] = float("nan")
+    save_file(tensors, weights)
+    return directory
+
+
+def test_nan_weights_are_refused_naming_the_first_tensor_and_nothing_is_written(
+    tiny_source, tmp_path, capsys
+):
+    import shutil
+
+    hf = tmp_path / "hf"
+    assert main(["convert", "composer-to-hf", tiny_source, str(hf), "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    _with_nan(hf, "model.layers.2.mlp.up_proj.weight")
+    project = _with_nan(
+        Path(shutil.copytree(tiny_source, tmp_path / "project")), "layers.0.attention.wq.weight"
+    )
+    cases = {
+        ("hf-to-composer", hf): "tensor layers.2.feed_forward.w3.weight holds NaN or Inf values (1 of",
+        ("composer-to-hf", project): "tensor layers.0.attention.wq.weight holds NaN or Inf values (1 of",
+    }
+    for (command, source), message in cases.items():
+        out = tmp_path / f"out-{command}"
+        assert main(["convert", command, str(source), str(out)]) == 2
+        err = capsys.readouterr().err  # hf-to-composer streams: its progress bar stops at the tensor
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and f"{source}: {message}" in errors[0] and "Traceback" not in err, err
+        assert not out.exists() and not list(tmp_path.glob(f".out-{command}*"))
+
+
+def test_truncated_gguf_is_named_truncated(tmp_path, capsys):
+    from llmshearing.demo import smollm2_gguf
+
+    whole = smollm2_gguf().read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:2])
+    assert main(["convert", "hf-to-composer", str(cut), str(tmp_path / "out")]) == 2
+    assert f"{cut} is truncated: it has 2 bytes; download it again" in capsys.readouterr().err
+    for size in (10, 1000, len(whole) // 2, len(whole) - 10):  # in the header, the tensor table, the data
+        cut = tmp_path / "cut.gguf"
+        cut.write_bytes(whole[:size])
+        assert main(["convert", "hf-to-composer", str(cut), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines() == [
+            f"llmshearing convert: error: {cut} is truncated or damaged: its {size:,} bytes do not hold the GGUF "
+            "header and tensors it describes; download it again"
+        ], err
+        assert not (tmp_path / "out").exists()
+
+
+@needs_tmpfs
+def test_read_only_output_is_one_line(tiny_source, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = (
+        f"mount -t tmpfs -o size=64k,ro none {disk} && {sys.executable} -m llmshearing.cli convert composer-to-hf "
+        f"{tiny_source} {disk / 'hf'}; echo exit=$?"
+    )
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"llmshearing convert: error: {disk / 'hf'}: the file system is read-only; choose an output path on a "
+        "writable disk"
+    ), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stdout.split() == ["exit=2"]

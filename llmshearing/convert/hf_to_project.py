@@ -31,6 +31,10 @@ def resolve_source(src: str | Path, gguf: str | Path | None = None) -> tuple[Pat
             raise FileNotFoundError(f"GGUF file {gguf} not found (looked for {gguf_path})")
         return gguf_path.parent, gguf_path
     if src_path.is_file():
+        with open(src_path, "rb") as handle:
+            head = handle.read(4)
+        if len(head) < 4 and b"GGUF".startswith(head) and src_path.suffix == ".gguf":
+            raise ValueError(f"{src_path} is truncated: it has {len(head)} bytes; download it again")
         if not is_gguf_file(src_path):
             raise ValueError(
                 f"{src_path} is a file but not a GGUF model; pass an HF model directory or a .gguf file"
