@@ -143,3 +143,49 @@ def test_a_pruning_checkpoint_is_never_loaded_as_a_dense_model(run, tiny_mds, tm
     err = capsys.readouterr().err
     assert code == 2 and "prune-model" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("hf_out", ["pruned", "pruned/hf"])
+def test_hf_out_that_is_out_or_inside_it_is_refused_before_writing(run, tmp_path, capsys, hf_out):
+    out = tmp_path / "pruned"
+    ckpt = str(run / "checkpoints" / "ep0-ba1-rank0.pt")
+    err = _refused(capsys, [ckpt, "--hf-out", str(tmp_path / hf_out)], out)
+    assert ("is the same path as OUT" if hf_out == "pruned" else "lies inside OUT") in err
+    assert "each output needs its own directory" in err
+
+
+def test_indivisible_target_is_refused_before_the_fold_unless_allowed(tmp_path, capsys):
+    indivisible = {**TARGET, "n_heads": 4, "d_model": 30}  # 30 over 4 heads: transformers >= 5 refuses it
+    pruning_run(tmp_path / "run", TIED, {"pruning_modules": ALL, "target_model": indivisible}, 1)
+    ckpt = str(tmp_path / "run" / "checkpoints" / "ep0-ba1-rank0.pt")
+    err = _refused(capsys, [ckpt], tmp_path / "pruned")
+    assert "d_model=30 is not a multiple of n_heads=4; transformers >= 5 refuses to load" in err
+    assert "choose d_model=28 or d_model=32" in err and "pass --allow-indivisible-d-model" in err
+    assert main(["prune-model", ckpt, str(tmp_path / "pruned"), "--allow-indivisible-d-model"]) == 0
+    written = json.loads((tmp_path / "pruned" / "config.json").read_text())["model"]
+    assert (written["d_model"], written["n_heads"]) == (30, 4)
+
+
+def test_prune_oneshot_refuses_an_indivisible_target_unless_allowed(tiny_source, tiny_mds, tmp_path, capsys):
+    out = tmp_path / "oneshot"
+    args = [
+        "prune-oneshot",
+        tiny_source,
+        str(out),
+        "--data",
+        tiny_mds,
+        "--target",
+        "d_model=30",
+        "--samples",
+        "8",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "llmshearing prune-oneshot: error: --target: d_model=30 is not a multiple of n_heads=4; transformers >= 5 "
+        "refuses to load such a model (transformers 4.x loads it): choose d_model=28 or d_model=32, or pass "
+        "--allow-indivisible-d-model to prune to it anyway (the export then loads in transformers < 5 only)"
+    ]
+    assert not out.exists()
+    assert main([*args, "--allow-indivisible-d-model"]) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["d_model"] == 30
