@@ -57,6 +57,10 @@ def load_model_fn(path: str, use_transformers: bool = False) -> ModelFn:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"cannot load {path} with transformers: {reason}") from err
         model.eval()
+        from llmshearing.convert.tensor_io import check_finite
+
+        for name, tensor in model.state_dict().items():  # NaN weights would print nan losses, exit 0
+            check_finite(tensor, name, path)
         vocab = model.get_input_embeddings().weight.shape[0]
         return ModelFn(lambda ids: model(ids).logits, int(vocab))
     from llmshearing.convert.loading import from_pretrained
