@@ -428,6 +428,13 @@ def test_hybrid_shard_gets_a_two_dimensional_mesh_from_the_node_count():
             cuda=True,
             environ=two_nodes,
         )
+    # a mesh the recipe states is kept when it fills the ranks (4 replicas of 4 shards here)
+    for stated in ({"data_parallel_shard_degree": 4}, {"data_parallel_replicate_degree": 4}):
+        chosen = resolve_fsdp({"sharding_strategy": "HYBRID_SHARD", **stated}, cuda=True, environ=two_nodes)
+        assert chosen.mesh == (4, 4) and chosen.parallelism["fsdp"]["data_parallel_replicate_degree"] == 4
+        assert chosen.describe().startswith(
+            "FSDP1 (HYBRID_SHARD over a 4 x 4 mesh: sharded over 4 ranks, 4 replicas,"
+        )
 
 
 def test_orig_params_off_and_reentrant_checkpointing_are_refused_naming_the_key():

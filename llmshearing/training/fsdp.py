@@ -84,10 +84,13 @@ class FSDPPlan:
             else ""
         )
         how = self.runs_as
-        if self.mesh is not None:
+        if self.mesh is not None and self.note:  # a mesh the recipe stated
+            replicas, shards = self.mesh
+            how += f" over a {replicas} x {shards} mesh: sharded over {shards} ranks, {replicas} replicas"
+        elif self.mesh is not None:
             nodes, per_node = self.mesh
             how += f" over a {nodes} x {per_node} mesh: sharded within each node, replicated across {nodes} nodes"
-        if self.note:
+        if self.note and self.mesh is None:
             how += f"; {self.note}"
         return f"FSDP{self.version} ({how}, mixed precision {mixed}, {self.state_dict_type} checkpoints{ac})"
 
@@ -227,9 +230,16 @@ def _fsdp1_plan(settings: dict[str, Any], environ: Mapping[str, str]) -> FSDPPla
     replicate = settings.get("data_parallel_replicate_degree")
     shard = settings.get("data_parallel_shard_degree", -1)
     if replicate is not None or shard not in (-1, None):  # a mesh the recipe chose: it must fill the ranks
-        r = replicate if replicate is not None else 1
-        s = shard if shard not in (-1, None) else world // max(r, 1)
-        if not isinstance(r, int) or not isinstance(s, int) or r < 1 or s < 1 or r * s != world:
+        given = [d for d in (replicate, None if shard in (-1, None) else shard) if d is not None]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in given):
+            r = s = 0  # refused below
+        elif replicate is None:  # the shard degree given: replicas fill the rest
+            s = shard
+            r = world // s
+        else:
+            r = replicate
+            s = shard if shard not in (-1, None) else world // r
+        if r < 1 or s < 1 or r * s != world:
             raise FSDPConfigError(
                 f"fsdp_config.data_parallel_replicate_degree ({replicate}) x data_parallel_shard_degree "
                 f"({shard}) must be {world} (the world size); remove both to replicate across the {nodes} "
@@ -239,7 +249,7 @@ def _fsdp1_plan(settings: dict[str, Any], environ: Mapping[str, str]) -> FSDPPla
             handed["sharding_strategy"] = HYBRID_WITHIN_NODE[strategy]
             return FSDPPlan(1, settings, {"fsdp": handed}, note=f"{strategy} with one replica")
         handed.update(data_parallel_replicate_degree=r, data_parallel_shard_degree=s)
-        return FSDPPlan(1, settings, {"fsdp": handed}, mesh=(r, s))
+        return FSDPPlan(1, settings, {"fsdp": handed}, mesh=(r, s), note="the recipe's mesh")
     if nodes == 1:  # one node: nothing to replicate across, so hybrid sharding is plain sharding
         handed["sharding_strategy"] = HYBRID_WITHIN_NODE[strategy]
         return FSDPPlan(1, settings, {"fsdp": handed}, note=f"{strategy} on one node")
