@@ -106,6 +106,10 @@ def test_prune_model_writes_target_shape_equal_to_masked_model(tmp_path, capsys,
     assert main(["prune-model", str(ckpt), str(out), "--hf-out", str(hf_out), "--hf-dtype", "fp32"]) == 0
     printed = capsys.readouterr().out
     assert (
+        "- method: structured pruning with hard-concrete (L0) masks toward"
+        in (hf_out / "README.md").read_text()
+    )
+    assert (
         "exact target shape" in printed and "n_kv_heads" in printed and f"{config.num_params():,d}" in printed
     )
 

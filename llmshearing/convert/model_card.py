@@ -19,17 +19,17 @@ from llmshearing.convert.checkpoint import OpenCheckpoint, find_run_config
 log = logging.getLogger(__name__)
 
 
-def _run_folder(ckpt: OpenCheckpoint) -> tuple[Path, dict[str, Any]] | None:
-    """The run folder and its description, for a Composer checkpoint written by a training run."""
-    if ckpt.kind != "composer":
+def _run_folder(ckpt: OpenCheckpoint, run_config: Path | None) -> tuple[Path, dict[str, Any]] | None:
+    """The run folder and its description: ``run_config``'s, or a Composer checkpoint's own run."""
+    if run_config is None and ckpt.kind != "composer":
         return None
     try:
-        config_path = find_run_config(ckpt.path, None)
+        config_path = run_config or find_run_config(ckpt.path, None)
         description = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(description, dict) or not isinstance(description.get("train"), dict):
-        return None
+    if not isinstance(description, dict) or not ("train" in description or "l0_module" in description):
+        return None  # not a run's description (a source checkpoint's config.json)
     return config_path.parent, description
 
 
@@ -79,7 +79,7 @@ def _shape_lines(ckpt: OpenCheckpoint) -> list[str]:
 
 
 def _run_lines(run: Path, description: dict[str, Any]) -> list[str]:
-    train = description["train"]
+    train = description.get("train") or {}
     model = train.get("model") or {}
     l0 = description.get("l0_module") or model.get("l0_module")
     lines = [f"Produced by an llmshearing training run in `{run}`."]
@@ -127,10 +127,16 @@ def _downstream_lines(found: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def model_card(ckpt: OpenCheckpoint, out_dir: Path, dtype: str) -> str:
-    """The model card text for the HF directory ``out_dir`` exported from ``ckpt`` in ``dtype``."""
-    run = _run_folder(ckpt)
-    pruned = bool(run and (run[1].get("l0_module") or (run[1]["train"].get("model") or {}).get("l0_module")))
+def model_card(ckpt: OpenCheckpoint, out_dir: Path, dtype: str, run_config: Path | None = None) -> str:
+    """The model card text for the HF directory ``out_dir`` exported from ``ckpt`` in ``dtype``.
+
+    ``run_config`` is the ``config.json`` of the run the model comes from when ``ckpt`` does not lead to it
+    (``prune-model --hf-out`` passes the pruning run's).
+    """
+    run = _run_folder(ckpt, run_config)
+    pruned = bool(
+        run and (run[1].get("l0_module") or ((run[1].get("train") or {}).get("model") or {}).get("l0_module"))
+    )
     tags = ["llmshearing", ckpt.config.family] + (["structured-pruning"] if pruned else [])
     header = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:"]
     header += [f"- {tag}" for tag in tags] + ["---", ""]

@@ -32,11 +32,14 @@ def convert_project_to_hf(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
+    run_config: str | Path | None = None,
 ) -> Path:
-    """Export a checkpoint as an HF directory: ``config.json``, safetensors and the tokenizer.
+    """Export a checkpoint as an HF directory: ``config.json``, safetensors, the tokenizer and a model card.
 
     The tokenizer comes from ``tokenizer`` (a directory) or else from the checkpoint's directory.
     A pruning checkpoint that still holds L0 masks is refused: fold them with ``prune-model`` first.
+    ``run_config`` (the producing run's ``config.json``) feeds the model card when the checkpoint does not
+    lead to its run folder.
     """
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
@@ -77,7 +80,7 @@ def convert_project_to_hf(
                 json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
             copied = copy_tokenizer(tokenizer_dir, staging) if tokenizer_dir is not None else []
-            (staging / "README.md").write_text(model_card(source, Path(out_dir), dtype), encoding="utf-8")
+            (staging / "README.md").write_text(model_card(source, Path(out_dir), dtype, Path(run_config) if run_config else None), encoding="utf-8")
     if not any(name.startswith("tokenizer") for name in copied):
         print(f"warning: {out_dir} has no tokenizer; pass --tokenizer DIR to include one", file=sys.stderr)
     return Path(out_dir)

@@ -158,7 +158,7 @@ def prune_checkpoint(
         out, pruned_config, StateDictSource(pruned_state), hf_config, tokenizer_dir, dtype, overwrite
     )
     if hf_out is not None:
-        convert_project_to_hf(out, hf_out, dtype=hf_dtype, overwrite=overwrite)
+        convert_project_to_hf(out, hf_out, dtype=hf_dtype, overwrite=overwrite, run_config=run_config)
     return PruneSummary(
         config, pruned_config, at_target, Path(out), Path(hf_out) if hf_out else None, floored
     )
