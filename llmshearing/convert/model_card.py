@@ -10,13 +10,10 @@ with their first and last weights, the tokens seen, the last per-domain losses, 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from llmshearing.convert.checkpoint import OpenCheckpoint, find_run_config
-
-log = logging.getLogger(__name__)
 
 
 def _run_folder(ckpt: OpenCheckpoint, run_config: Path | None) -> tuple[Path, dict[str, Any]] | None:
@@ -34,16 +31,25 @@ def _run_folder(ckpt: OpenCheckpoint, run_config: Path | None) -> tuple[Path, di
 
 
 def _metrics(run: Path) -> dict[str, list[tuple[int, float]]]:
-    from llmshearing.training.metrics_log import METRICS_FILENAME, read_metrics
+    """Series per metric name of the run's ``metrics.jsonl`` (the last value logged at each step).
 
-    path = run / METRICS_FILENAME
+    Lines that are not records (a run killed mid-write) are skipped: the card leaves out what it cannot read.
+    """
+    path = run / "metrics.jsonl"
     if not path.is_file():
         return {}
-    try:
-        return read_metrics(str(path))
-    except ValueError as err:  # a damaged log leaves its figures out of the card, not the export
-        log.warning("model card: %s", err)
-        return {}
+    latest: dict[str, dict[int, float]] = {}
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+                step = int(record.pop("step"))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                continue
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    latest.setdefault(name, {})[step] = float(value)
+    return {name: sorted(values.items()) for name, values in latest.items()}
 
 
 def _downstream(run: Path) -> list[tuple[str, dict[str, Any]]]:
