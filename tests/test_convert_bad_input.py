@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import needs_tmpfs
 
 from llmshearing.cli import main
@@ -147,6 +148,7 @@ def test_truncated_gguf_is_named_truncated(tmp_path, capsys):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @needs_tmpfs
 def test_read_only_output_is_one_line(tiny_source, tmp_path):
     disk = tmp_path / "disk"

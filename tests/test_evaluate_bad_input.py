@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import needs_tmpfs
 
 from llmshearing.cli import main
@@ -67,6 +68,7 @@ def test_domain_without_shards_and_raw_text_are_named(tiny_source, tiny_mds, tmp
     assert "holds JSON-lines text, not prepared data: run `llmshearing prepare-data" in _one_error(capsys)
 
 
+@pytest.mark.slow
 @needs_tmpfs
 def test_read_only_json_output_is_one_line(tiny_source, tiny_mds, tmp_path):
     disk = tmp_path / "disk"

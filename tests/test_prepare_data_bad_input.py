@@ -40,6 +40,7 @@ def _options(raw: Path, out: Path, tokenizer: str | Path, *extra: str) -> list[s
     ]
 
 
+@pytest.mark.slow
 @needs_tmpfs
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 @pytest.mark.parametrize("mount", ["size=16k", "size=64k,ro"])
