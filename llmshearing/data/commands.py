@@ -158,7 +158,7 @@ def _read_losses(args: argparse.Namespace) -> dict[str, list[float]]:
             raise FileNotFoundError(f"losses file {args.losses_file} does not exist")
         try:
             data = json.loads(args.losses_file.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{args.losses_file} is not valid JSON: {err}") from None
         if not isinstance(data, dict) or not data:
             raise ValueError(f'{args.losses_file} must hold a JSON object {{"<domain>": [losses...]}}')
