@@ -3,7 +3,7 @@
 
 A fault the user can fix (a bad value, a missing file, a full or read-only disk, a path that is a
 file where a directory belongs) is printed as one line, ``[<prog>: ]error: <what, where, the fix>``,
-and the process exits with 2; Ctrl-C prints one line and exits with 130. Anything else is a bug and
+and the process exits with 2; Ctrl-C prints one line and exits with 130 (SIGTERM: 143). Anything else is a bug and
 keeps its traceback. The writers stage their output and rename it into place (``staging``), so a
 fault or Ctrl-C leaves nothing half-written; a path inside a staging directory is reported as the
 output it was becoming.
