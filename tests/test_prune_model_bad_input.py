@@ -164,6 +164,16 @@ def test_indivisible_target_is_refused_before_the_fold_unless_allowed(tmp_path, 
     assert main(["prune-model", ckpt, str(tmp_path / "pruned"), "--allow-indivisible-d-model"]) == 0
     written = json.loads((tmp_path / "pruned" / "config.json").read_text())["model"]
     assert (written["d_model"], written["n_heads"]) == (30, 4)
+    capsys.readouterr()
+    hf = tmp_path / "hf"  # the export says which loaders refuse it; transformers 4.x loads it
+    assert main(["convert", "composer-to-hf", str(tmp_path / "pruned"), str(hf), "--dtype", "fp32"]) == 0
+    assert (
+        "hidden_size 30 over 4 attention heads (not a multiple): transformers >= 5 refuses"
+        in capsys.readouterr().err
+    )
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(hf).config.hidden_size == 30
 
 
 def test_prune_oneshot_refuses_an_indivisible_target_unless_allowed(tiny_source, tiny_mds, tmp_path, capsys):

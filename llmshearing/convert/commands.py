@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -76,4 +78,20 @@ def run_composer_to_hf(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"wrote {out}")
+    _warn_if_transformers5_refuses(Path(out))
     return 0
+
+
+def _warn_if_transformers5_refuses(out: Path) -> None:
+    """Say so when the export's hidden size is not a multiple of its attention heads (pruned with
+    ``allow_indivisible_d_model``): transformers >= 5 refuses such a config, 4.x loads it."""
+    import json
+
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads:
+        print(
+            f"warning: {out} has hidden_size {hidden} over {heads} attention heads (not a multiple): "
+            "transformers >= 5 refuses to load it; transformers 4.x loads it",
+            file=sys.stderr,
+        )
