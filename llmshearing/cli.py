@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "llmshearing.data.commands",
     "llmshearing.evaluate",
     "llmshearing.report",
+    "llmshearing.planning.commands",
 )
 
 
