@@ -111,7 +111,7 @@ def test_plans_that_cannot_reach_their_target_are_refused(bench, small):
     config = small.config
     with pytest.raises(ValueError, match=r"planted head: cancelling units come in pairs.*got 3"):
         models.PlantSpec("cancel", heads=3).check(config)
-    with pytest.raises(ValueError, match=r"planted intermediate: 65 duplicates .* only 64"):
+    with pytest.raises(ValueError, match=r"planted intermediate: 65 duplicates .* only 32"):
         models.PlantSpec("duplicate", kv_heads=0, intermediate=65).check(config)
     with pytest.raises(ValueError, match=r"planted kv_head: duplicated KV groups"):
         models.PlantSpec("duplicate", kv_heads=2).check(config)
