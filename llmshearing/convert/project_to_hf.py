@@ -80,7 +80,10 @@ def convert_project_to_hf(
                 json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
             copied = copy_tokenizer(tokenizer_dir, staging) if tokenizer_dir is not None else []
-            (staging / "README.md").write_text(model_card(source, Path(out_dir), dtype, Path(run_config) if run_config else None), encoding="utf-8")
+            (staging / "README.md").write_text(
+                model_card(source, Path(out_dir), dtype, Path(run_config) if run_config else None),
+                encoding="utf-8",
+            )
     if not any(name.startswith("tokenizer") for name in copied):
         print(f"warning: {out_dir} has no tokenizer; pass --tokenizer DIR to include one", file=sys.stderr)
     return Path(out_dir)

@@ -181,7 +181,7 @@ def read_target_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--target-config {path} not found")
-    from llmshearing.training.config import read_recipe
+    from llmshearing.recipe_file import read_recipe
 
     try:
         document = OmegaConf.to_container(read_recipe(str(path)), resolve=True)

@@ -219,7 +219,7 @@ class TargetPlan:
                     "parameters; lower the target or enable more families"
                 )
             return cls(families, None, {}, {}, sparsity, head_block)
-        target = _target_config(config.target_model, source)
+        target = target_config(config.target_model, source)
         _check_families(families, target, source)
         hpg_s, hpg_t = source.heads_per_group, target.heads_per_group
         if head_block != hpg_s:  # whole heads of a multi-head-attention layer
@@ -291,7 +291,9 @@ def _check_lone_block_family(families: tuple[str, ...]) -> None:
         )
 
 
-def _target_config(target_model: Mapping[str, Any], source: ModelConfig) -> ModelConfig:
+def target_config(target_model: Mapping[str, Any], source: ModelConfig) -> ModelConfig:
+    """The shape ``target_model`` asks of ``source`` (keys it leaves out are the source's; multi-head
+    attention stays multi-head), or a ``ValueError`` naming the key and the fix."""
     key = f"{PREFIX}.target_model"
     unknown = sorted(set(target_model) - set(SHAPE_KEYS) - set(FIXED_SHAPE_KEYS))
     if unknown:

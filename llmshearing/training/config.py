@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from llmshearing.recipe_file import ConfigError, first_line, read_recipe
+
 ANY = object()  # a free-form value (or a free-form mapping) the schema does not look into
 
 SCHEMA: dict[str, Any] = {
@@ -128,10 +130,6 @@ DEFAULTS: dict[str, Any] = {
 REQUIRED = ("data_local", "max_seq_len", "max_duration", "eval_interval", "global_train_batch_size")
 
 
-class ConfigError(ValueError):
-    """A problem in the training configuration; the message names the key and the fix."""
-
-
 def load_config(yaml_path: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Read a recipe, apply ``key=value`` overrides, fill defaults and resolve interpolations."""
     if not os.path.isfile(yaml_path):
@@ -145,64 +143,19 @@ def load_config(yaml_path: str, overrides: Sequence[str] = ()) -> DictConfig:
             OmegaConf.from_dotlist([override])
         except Exception as err:  # omegaconf's grammar errors
             raise ConfigError(
-                f"override {override!r} cannot be parsed ({_first_line(err)}); write key=value, quoting "
+                f"override {override!r} cannot be parsed ({first_line(err)}); write key=value, quoting "
                 "values with brackets or braces"
             ) from None
     cli = OmegaConf.from_dotlist(list(overrides))
     try:
         merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), recipe, cli)
     except Exception as err:  # a value of the wrong kind (a mapping where a number belongs, ...)
-        raise ConfigError(f"{yaml_path}: {_first_line(err)}; compare the key with yamls/") from None
+        raise ConfigError(f"{yaml_path}: {first_line(err)}; compare the key with yamls/") from None
     try:
         OmegaConf.resolve(merged)
     except Exception as err:  # omegaconf's interpolation errors carry the key
         raise ConfigError(f"{yaml_path}: cannot resolve an interpolation: {err}") from err
     return merged
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def read_recipe(yaml_path: str) -> DictConfig:
-    """The recipe at ``yaml_path`` as a mapping; YAML that does not parse, or that is not a mapping of
-    keys, is a ``ConfigError`` naming the file, the line and the fix."""
-    import yaml
-
-    try:
-        recipe = OmegaConf.load(yaml_path)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "its text"
-        problem = getattr(err, "problem", None) or _first_line(err)
-        hint = "; indent with spaces, not tabs" if "\t" in _line_at(yaml_path, mark) else ""
-        raise ConfigError(f"{yaml_path} is not valid YAML ({problem} at {where}){hint}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{yaml_path} is not a text file; pass a YAML recipe (see yamls/)") from None
-    except Exception as err:  # omegaconf refuses some YAML (e.g. keys that are not strings)
-        raise ConfigError(f"{yaml_path} cannot be read as a recipe ({_first_line(err)})") from None
-    if isinstance(recipe, DictConfig) and not recipe:
-        raise ConfigError(f"{yaml_path} holds no keys; a recipe is `key: value` lines (see yamls/)")
-    if not isinstance(recipe, DictConfig):
-        kind = "a list" if OmegaConf.is_list(recipe) else f"a {type(recipe).__name__}"
-        raise ConfigError(
-            f"{yaml_path} holds {kind}, not a mapping of keys; a recipe is `key: value` lines (see yamls/)"
-        )
-    return recipe
-
-
-def _line_at(path: str, mark: object) -> str:
-    """The text of the line a YAML error points at ("" when unknown)."""
-    if mark is None:
-        return ""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return ""
-    index = getattr(mark, "line", -1)
-    return lines[index] if 0 <= index < len(lines) else ""
 
 
 def check_keys(values: Any, schema: Any, prefix: str = "") -> None:

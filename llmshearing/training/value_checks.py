@@ -185,29 +185,26 @@ def check_l0_settings(model: dict[str, Any]) -> None:
 
 
 def check_l0_target(model: dict[str, Any]) -> None:
-    """A ``model.l0_module.target_model`` whose ``d_model`` is not a multiple of its ``n_heads`` (keys it
-    leaves out are the source's, read from its config only) is refused before anything loads:
-    transformers >= 5 cannot load the result. The other target rules are checked when the model loads."""
+    """A ``model.l0_module.target_model`` the source cannot be pruned to, or whose ``d_model`` is not a
+    multiple of its ``n_heads`` (transformers >= 5 cannot load the result), is refused before anything
+    loads; the source's shape is read from its config only. The rules that need the source's weights or
+    the masks are checked when the model loads."""
     if model.get("l0_module") is None:
         return
-    from llmshearing.pruning.targets import PREFIX, L0Config, check_loadable_shape
+    from llmshearing.pruning.targets import PREFIX, L0Config, check_loadable_shape, target_config
 
     l0 = L0Config.from_dict(model["l0_module"])
-    if l0.target_model is None or l0.allow_indivisible_d_model:
+    if l0.target_model is None:
         return
     source = _source_config(model["path"])
     if source is None:  # not readable here: the load reports it
         return
-    shape = {key: l0.target_model.get(key, getattr(source, key)) for key in ("d_model", "n_heads")}
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape.values()):
-        return  # told with the other target rules when the model loads
     try:
-        check_loadable_shape(
-            source.replace(**shape),
-            f"{PREFIX}.target_model",
-            f"set {PREFIX}.allow_indivisible_d_model=true",
-            source,
-        )
+        target = target_config(l0.target_model, source)
+        if not l0.allow_indivisible_d_model:
+            check_loadable_shape(
+                target, f"{PREFIX}.target_model", f"set {PREFIX}.allow_indivisible_d_model=true", source
+            )
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
