@@ -276,6 +276,13 @@ def _stage_args(quality, tmp_path, tiny_source, **extra):
     return argparse.Namespace(**vars(args))
 
 
+# the bench passes its --target to L0 stages; this is one the tiny source can reach
+TINY_TARGET = [
+    f"model.l0_module.target_model.{k}={v}"
+    for k, v in {"n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_model": 16, "intermediate_size": 24}.items()
+]
+
+
 def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_source, tiny_mds):
     """Every stage's overrides of the demo recipes load and validate with the project's own config code."""
     from llmshearing.data.loaders import DataLoadingConfig
@@ -292,8 +299,9 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
         overrides = quality.train_overrides(
             budget, stage, inputs, Path(tiny_source), tmp_path / "run", [0.8, 0.2], args, 0.1
         )
-        if stage.kind == "l0":
+        if stage.kind == "l0":  # the bench adds its --target; here one the tiny source can reach
             overrides += quality.l0_overrides(args, None, stage.steps)
+            overrides += TINY_TARGET
         values = validate_config(load_config(str(recipe), overrides))
         loading = values["callbacks"]["data_loading"]
         assert (loading["loss_ema"], loading["excess"], loading["eta"]) == (0.5, "relative", 1.0)
@@ -326,9 +334,13 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
     # the demo recipes distil: an arm without distillation turns it off, whichever recipe it starts from
     assert [o for o in plain if o.startswith("model.distillation")] == ["model.distillation=null"]
     for stage, recipe in ((quality.plan_arms(budget)["l0-dynamic"][0], quality.PRUNE_RECIPE),):
-        overrides = quality.train_overrides(
-            budget, stage, inputs, Path(tiny_source), tmp_path / "p", [0.5, 0.5], args, 0.1
-        ) + quality.l0_overrides(args, None, stage.steps)
+        overrides = (
+            quality.train_overrides(
+                budget, stage, inputs, Path(tiny_source), tmp_path / "p", [0.5, 0.5], args, 0.1
+            )
+            + quality.l0_overrides(args, None, stage.steps)
+            + TINY_TARGET
+        )
         assert validate_config(load_config(str(recipe), overrides))["model"].get("distillation") is None
     values = validate_config(load_config(str(quality.CONTINUE_RECIPE), plain))
     assert values["model"].get("distillation") is None
