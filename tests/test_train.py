@@ -259,13 +259,15 @@ def test_two_processes_match_one_process(tiny_source, tiny_mds, tmp_path, clean_
 @pytest.mark.slow
 def test_compiled_pruning_run_matches_eager(tiny_source, tiny_mds, tmp_path, clean_shm):
     # compile_config hands the model to torch.compile through Composer; the checkpoint keeps the
-    # plain module's keys and the trajectory matches eager up to the fused kernels' rounding
+    # plain module's keys and the trajectory matches eager up to rounding. The aot_eager backend runs
+    # dynamo's capture and AOT autograd through the masks without inductor's C++ code generation, which
+    # takes minutes on CPU (inductor ran through the Trainer on an H200: bench/results/mfu-2026-11-26-h200.md)
     common = ["max_duration=3ba", "eval_interval=3ba", "save_interval=3ba"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     _train(PRUNE, _args(tiny_source, tiny_mds, str(eager), *common))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    _train(PRUNE, _args(tiny_source, tiny_mds, str(compiled), *common, "compile_config={}"))
+    _train(PRUNE, _args(tiny_source, tiny_mds, str(compiled), *common, "compile_config={backend: aot_eager}"))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the model really was compiled
     a, b = _final(str(eager))["state"]["model"], _final(str(compiled))["state"]["model"]
     assert a.keys() == b.keys() and any(k.startswith("l0_module.") for k in a)
