@@ -1,8 +1,13 @@
-"""Every entry point fed malformed recipes, paths and files, each in its own process as a user runs it:
-the answer is exit code 2 and one error line, never a traceback."""
+"""Every entry point fed malformed recipes, paths and files: the answer is exit code 2 and one error line,
+never a traceback.
+
+Each case runs through the entry point's ``main`` in this process (the same error handler a user's
+process runs); one case of each entry point also runs in a process of its own, as a user starts it, to
+show that the exit code and the single line survive the process boundary."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -224,18 +229,64 @@ CASES: dict[str, tuple[Case, str]] = {
 }
 
 
-@pytest.mark.slow
+# one case per entry point that also runs as a process of its own
+IN_A_PROCESS = (
+    "train: model.path is a text file",
+    "prepare_mds.py: tokenizer is noise",
+    "evaluate: model is noise",
+)
+
+
+def _main_of(command: list[str]) -> tuple[Callable[[list[str]], int], list[str]]:
+    """The ``main`` a command line starts, and the arguments it is given."""
+    if command[:3] == TRAIN:
+        from llmshearing.train import main
+
+        return main, command[3:]
+    if command[:3] == CLI:
+        from llmshearing.cli import main
+
+        return main, command[3:]
+    assert command[:2] == PREPARE, command
+    spec = importlib.util.spec_from_file_location("prepare_mds_script", PREPARE[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main, command[2:]
+
+
+def _check(code: int, stderr: str, names: str, tmp_path: Path) -> None:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1, (code, stderr[-3000:])
+    assert names in errors[0], errors[0]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_malformed_input_is_one_line_and_exit_code_2(case, tmp_path, tiny_source, tiny_mds):
+def test_malformed_input_is_one_line_and_exit_code_2(
+    case, tmp_path, tiny_source, tiny_mds, capfd, monkeypatch
+):
+    build, names = CASES[case]
+    main, argv = _main_of(build(tmp_path, tiny_source, tiny_mds))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.chdir(REPO)
+    capfd.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's usage errors end the process with code 2
+        code = exit_.code
+    _check(code, capfd.readouterr().err, names, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", IN_A_PROCESS)
+def test_malformed_input_in_a_process_of_its_own(case, tmp_path, tiny_source, tiny_mds):
     build, names = CASES[case]
     command = build(tmp_path, tiny_source, tiny_mds)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert proc.returncode == 2 and len(errors) == 1, (proc.returncode, proc.stderr[-3000:])
-    assert names in errors[0], errors[0]
-    assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
+    _check(proc.returncode, proc.stderr, names, tmp_path)
 
 
 def test_every_entry_point_and_command_has_cases():
@@ -250,3 +301,4 @@ def test_every_entry_point_and_command_has_cases():
         "reference-loss",
     }
     assert commands | {"train", "prepare_mds.py"} <= covered, sorted(commands - covered)
+    assert {case.split(":")[0] for case in IN_A_PROCESS} >= {"train", "prepare_mds.py", "evaluate"}
