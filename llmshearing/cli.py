@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "llmshearing.evaluate",
     "llmshearing.report",
     "llmshearing.planning.commands",
+    "llmshearing.shape_search.commands",
 )
 
 

@@ -101,6 +101,9 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     reproducibility.seed_all(values["seed"])
     if dist.get_global_rank() == 0:
         print(f"llmshearing: {describe_parallelism(fsdp, world_size, device_batch, values)}", flush=True)
+        choice = (values["model"].get("l0_module") or {}).get("budget_choice")
+        if choice:
+            print(f"llmshearing: {choice}", flush=True)
     model, description = builders.build_model(values, data_loading.set_names, train_loader.dataloader.dataset)
     if dist.get_global_rank() == 0:
         print(f"llmshearing: {builders.precision_line(description['precision'])}", flush=True)

@@ -87,7 +87,15 @@ def _add_prune_oneshot(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--target-config",
         metavar="YAML",
-        help="YAML with a target_model mapping (or a pruning recipe with model.l0_module.target_model)",
+        help="YAML with a target_model mapping (or a pruning recipe with model.l0_module.target_model), "
+        "e.g. the target.yaml of `llmshearing search-shape`",
+    )
+    parser.add_argument(
+        "--budget",
+        metavar="KIND=VALUE",
+        help="prune to a budget instead of a shape: params=1.3e9, non_embedding_params=4e7, "
+        "memory=6GB[,dtype=bf16][,context=TOKENS] or tokens_per_second=2 (x the source, forward-FLOPs cost "
+        "model); the shape is the proportional shrink closest to the budget (README: Budgets)",
     )
     parser.add_argument("--samples", type=int, default=256, help="calibration samples (default: 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default: 8)")
@@ -119,14 +127,21 @@ def _add_allow_indivisible(parser: argparse.ArgumentParser) -> None:
 
 
 def run_prune_oneshot(args: argparse.Namespace) -> int:
-    if (args.target is None) == (args.target_config is None):
+    given = [args.target, args.target_config, args.budget]
+    if sum(value is not None for value in given) != 1:
         raise ValueError(
-            "give the target shape with exactly one of --target KEY=VALUE,... or --target-config YAML"
+            "give the target with exactly one of --target KEY=VALUE,..., --target-config YAML or --budget KIND=VALUE"
         )
+    target: dict[str, Any] | None
     if args.target is not None:
         target, flag = parse_target(args.target), "--target"
-    else:
+    elif args.target_config is not None:
         target, flag = read_target_config(args.target_config), "--target-config"
+    else:
+        from llmshearing.pruning.budget import parse_budget
+
+        parse_budget(args.budget, "--budget")  # a malformed budget is told before the source is read
+        target, flag = None, "--budget"
     from llmshearing.pruning.oneshot import prune_oneshot
 
     result = prune_oneshot(
@@ -144,6 +159,7 @@ def run_prune_oneshot(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         target_flag=flag,
         allow_indivisible_d_model=args.allow_indivisible_d_model,
+        budget=args.budget,
     )
     print(result.describe())
     return 0

@@ -63,6 +63,8 @@ class OneShotResult:
     samples: int
     tokens: int
     seconds: float
+    choice: str | None = None  # how a --budget resolved to the shape
+
 
     def describe(self) -> str:
         """Shapes and parameters before and after, the calibration cost and what was written."""
@@ -73,6 +75,8 @@ class OneShotResult:
         rows.append(f"{'parameters':<18}{before:>14,}{after:>14,}  ({after / before:.1%})")
         rows.append(f"calibration: {self.samples} samples, {self.tokens:,} tokens; {self.seconds:.1f} s")
         rows.append(f"wrote {self.out}" + (f" and {self.hf_out}" if self.hf_out else ""))
+        if self.choice:
+            rows.insert(0, self.choice)
         return "\n".join(rows)
 
 
@@ -89,7 +93,7 @@ def prune_oneshot(
     src: str | Path,
     out: str | Path,
     data: str | Path,
-    target_model: Mapping[str, Any],
+    target_model: Mapping[str, Any] | None,
     samples: int = 256,
     batch_size: int = 8,
     hf_out: str | Path | None = None,
@@ -101,12 +105,17 @@ def prune_oneshot(
     target_flag: str = "--target",
     progress: bool = True,
     allow_indivisible_d_model: bool = False,
+    budget: str | Mapping[str, Any] | None = None,
+    scores: Any = None,
 ) -> OneShotResult:
     """Score ``src`` on ``samples`` calibration sequences of ``data``'s ``split``, prune it to ``target_model``, write ``out``.
 
     ``out`` is a project checkpoint directory (plus ``oneshot.json`` and the masks used); ``hf_out``
     optionally an HF directory. Every input is validated before any work; outputs are staged and
-    renamed, so a failure leaves nothing behind.
+    renamed, so a failure leaves nothing behind. With ``budget`` (``params=1.3e9``, ``{memory: 6GB}``, ...)
+    instead of ``target_model`` the shape is the one the budget resolves to
+    (:func:`llmshearing.pruning.budget.choose_shape`). ``scores`` (:class:`ImportanceScores` of ``src``)
+    skips the calibration.
     """
     from llmshearing.convert.checkpoint import open_checkpoint, write_project_checkpoint
     from llmshearing.convert.hf_config import DTYPE_NAMES
@@ -133,14 +142,26 @@ def prune_oneshot(
             )
         source, hf_config, tokenizer_dir = ckpt.config, ckpt.hf_config, ckpt.tokenizer_dir
         stored = ckpt.tensors.meta("tok_embeddings.weight").dtype
+    choice = None
+    if budget is not None:
+        from llmshearing.pruning.budget import choose_shape, parse_budget
+
+        if target_model is not None:
+            raise ValueError("give the target as a shape or as --budget, not both")
+        best, choice = choose_shape(source, parse_budget(budget, "--budget"))
+        target_model = best.shape
+    elif target_model is None:
+        raise ValueError("give a target shape (--target, --target-config) or a --budget")
     plan = resolve_target(source, target_model, target_flag, allow_indivisible_d_model)
-    calibration_domains(data, split)
+    if scores is None:
+        calibration_domains(data, split)
     out_dtype = dtype or DTYPE_OF.get(stored, "fp32")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     decoder = from_pretrained(src, dtype=torch.float32 if device == "cpu" else None, device=device)
-    total, batches = calibration_batches(data, samples, batch_size, split)
-    scores = compute_importance(decoder, batches, total=total, progress=progress)
+    if scores is None:
+        total, batches = calibration_batches(data, samples, batch_size, split)
+        scores = compute_importance(decoder, batches, total=total, progress=progress)
     if scores_out is not None:
         scores.save(scores_out)
     masks = oneshot_masks(scores, source, plan)
@@ -187,4 +208,4 @@ def prune_oneshot(
         progress=progress,
     )
     seconds = time.perf_counter() - started
-    return OneShotResult(out, hf_path, source, pruned.config, scores.samples, scores.tokens, seconds)
+    return OneShotResult(out, hf_path, source, pruned.config, scores.samples, scores.tokens, seconds, choice)

@@ -1,7 +1,8 @@
 """The ``model.l0_module`` config: parsing, validation against the source model, and per-family targets.
 
-A target is either an exact shape (``target_model``) or a plain fraction of prunable parameters to
-remove (``target_sparsity``). A shape is turned into one target sparsity and one exact kept size per
+A target is an exact shape (``target_model``), a budget (``target_budget``: parameters, memory or speed,
+resolved to a shape by :mod:`llmshearing.pruning.budget` before training) or a plain fraction of
+prunable parameters to remove (``target_sparsity``). A shape is turned into one target sparsity and one exact kept size per
 mask family; every problem is reported as a ``ValueError`` naming the config key and the fix.
 """
 
@@ -52,7 +53,11 @@ class L0Config:
 
     pruning_modules: list[str] = field(default_factory=lambda: ["layer", "head", "intermediate", "hidden"])
     target_model: dict[str, int] | None = None
+    # a budget ({params: 1.3e9}, {memory: 6GB, dtype: bf16}, {tokens_per_second: 2}): resolved to a
+    # target_model against the source before training (llmshearing.pruning.budget)
+    target_budget: dict[str, Any] | None = None
     target_sparsity: float | None = None
+    budget_choice: str | None = None  # written by the run: which shape the budget resolved to, and why
     start_sparsity: float = 0.0
     lagrangian_warmup_steps: int = 0
     eval_target_model: bool = True
@@ -89,7 +94,22 @@ class L0Config:
         if len(set(modules)) != len(modules):
             raise ValueError(f"{PREFIX}.pruning_modules lists a family twice: {modules}")
         self.pruning_modules = [m for m in FAMILIES if m in modules]  # canonical order
-        if self.target_model is not None:
+        if self.target_budget is not None:
+            from llmshearing.pruning.budget import parse_budget
+
+            if self.target_model is not None or self.target_sparsity is not None:
+                other = "target_model" if self.target_model is not None else "target_sparsity"
+                raise ValueError(
+                    f"set either {PREFIX}.target_budget (a budget the run resolves to a shape) or "
+                    f"{PREFIX}.{other}, not both; remove one of them"
+                )
+            if not isinstance(self.target_budget, Mapping):
+                raise ValueError(
+                    f"{PREFIX}.target_budget must be a mapping such as {{params: 1.3e9}}, got {self.target_budget!r}"
+                )
+            self.target_budget = dict(self.target_budget)
+            parse_budget(self.target_budget, f"{PREFIX}.target_budget")
+        elif self.target_model is not None:
             self.target_model = dict(self.target_model)
             if self.target_sparsity is not None:
                 raise ValueError(
@@ -98,7 +118,8 @@ class L0Config:
                 )
         elif self.target_sparsity is None:
             raise ValueError(
-                f"{PREFIX} needs a target: set target_model.{{{', '.join(SHAPE_KEYS)}}} or target_sparsity"
+                f"{PREFIX} needs a target: set target_model.{{{', '.join(SHAPE_KEYS)}}}, target_budget "
+                "(e.g. {params: 1.3e9}) or target_sparsity"
             )
         elif not 0.0 < float(self.target_sparsity) < 1.0:
             raise ValueError(f"{PREFIX}.target_sparsity must be in (0, 1), got {self.target_sparsity}")
@@ -208,6 +229,11 @@ class TargetPlan:
     def build(cls, config: L0Config, source: ModelConfig) -> TargetPlan:
         families = tuple(config.pruning_modules)
         head_block = source.n_heads if _heads_are_groups(families, source) else source.heads_per_group
+        if config.target_model is None and config.target_budget is not None:
+            raise ValueError(
+                f"{PREFIX}.target_budget is resolved to a target_model against the source before the masks are "
+                "built (llmshearing.pruning.budget.resolve_l0_budget); resolve it first"
+            )
         if config.target_model is None:
             _check_lone_block_family(families)
             sparsity = float(config.target_sparsity)  # type: ignore[arg-type]

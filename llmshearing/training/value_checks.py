@@ -185,7 +185,8 @@ def check_l0_settings(model: dict[str, Any]) -> None:
 
 
 def check_l0_target(model: dict[str, Any]) -> None:
-    """A ``model.l0_module.target_model`` the source cannot be pruned to, or whose ``d_model`` is not a
+    """A ``model.l0_module.target_budget`` is resolved to a ``target_model`` (the values change in place). A
+    ``model.l0_module.target_model`` the source cannot be pruned to, or whose ``d_model`` is not a
     multiple of its ``n_heads`` (transformers >= 5 cannot load the result), is refused before anything
     loads; the source's shape is read from its config only. The rules that need the source's weights or
     the masks are checked when the model loads."""
@@ -194,11 +195,19 @@ def check_l0_target(model: dict[str, Any]) -> None:
     from llmshearing.pruning.targets import PREFIX, L0Config, check_loadable_shape, target_config
 
     l0 = L0Config.from_dict(model["l0_module"])
-    if l0.target_model is None:
+    if l0.target_model is None and l0.target_budget is None:
         return
     source = _source_config(model["path"])
     if source is None:  # not readable here: the load reports it
         return
+    if l0.target_budget is not None:  # the budget becomes a target_model here, before anything loads
+        from llmshearing.pruning.budget import resolve_l0_budget
+
+        try:
+            model["l0_module"], _ = resolve_l0_budget(model["l0_module"], source)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        l0 = L0Config.from_dict(model["l0_module"])
     try:
         target = target_config(l0.target_model, source)
         if not l0.allow_indivisible_d_model:

@@ -1,0 +1,1 @@
+"""``llmshearing search-shape``: enumerate the shapes that meet a budget, score them cheaply, keep the best."""
