@@ -65,7 +65,6 @@ class OneShotResult:
     seconds: float
     choice: str | None = None  # how a --budget resolved to the shape
 
-
     def describe(self) -> str:
         """Shapes and parameters before and after, the calibration cost and what was written."""
         rows = [f"{'':<18}{'source':>14}{'pruned':>14}"]

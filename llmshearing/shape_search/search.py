@@ -73,7 +73,8 @@ class SearchSettings:
         return ShapeSpace(self.multiple, self.min_layers, self.max_layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The settings a score depends on (``candidates`` is not one: a rerun may score more or fewer)."""
+        return {key: value for key, value in self.__dict__.items() if key != "candidates"}
 
 
 @dataclass
@@ -173,7 +174,8 @@ def search_shape(
     found = enumerate_shapes(source, budget, settings.space())
     picked = scoring_candidates(found, settings.candidates)
     state = _open_state(work, settings, picked, restart)
-    scores = {label: Score(**entry) for label, entry in state["scores"].items()}
+    labels = {c.label() for c in picked}
+    scores = {label: Score(**entry) for label, entry in state["scores"].items() if label in labels}
     resumed = len(scores)
     todo = [c for c in picked if c.label() not in scores]
     if todo:
@@ -219,16 +221,17 @@ def _open_state(
             ) from None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"{path} is not a search-shape state file; pass --restart or another --work-dir")
-        if state.get("settings") != fresh["settings"] or state.get("candidates") != fresh["candidates"]:
+        if state.get("settings") != fresh["settings"] or not isinstance(state.get("scores"), dict):
             changed = sorted(
                 key
                 for key in fresh["settings"]
                 if (state.get("settings") or {}).get(key) != fresh["settings"][key]
             )
             raise ValueError(
-                f"{path} holds a search with other settings ({', '.join(changed) or 'candidates'}); pass the "
+                f"{path} holds a search with other settings ({', '.join(changed) or 'scores'}); pass the "
                 "same options to continue it, --restart to discard it, or another --work-dir"
             )
+        state["candidates"] = fresh["candidates"]  # --candidates may grow or shrink between runs
         return state
     if restart and work.exists():
         shutil.rmtree(work)

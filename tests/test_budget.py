@@ -1,0 +1,216 @@
+"""Budgets: parsing, the shapes that meet one (valid, within the band, counted exactly, none missed), the
+shape a budget resolves to in a recipe and in prune-oneshot, and the one-line errors of bad budgets."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+
+from llmshearing import cli
+from llmshearing.convert.checkpoint import load_checkpoint, read_any_config
+from llmshearing.models.config import ModelConfig
+from llmshearing.pruning.budget import (
+    BudgetError,
+    ShapeSpace,
+    choose_shape,
+    enumerate_shapes,
+    forward_flops_per_token,
+    parse_budget,
+    scoring_candidates,
+)
+from llmshearing.pruning.targets import SHAPE_KEYS, L0Config, check_loadable_shape, target_config
+from llmshearing.recipe_file import ConfigError
+from llmshearing.training.config import load_config, validate_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2 = read_any_config(ROOT / "yamls" / "sources" / "smollm2-135m.json")[0]
+LLAMA2_7B = read_any_config(ROOT / "yamls" / "sources" / "llama2-7b.json")[0]
+TINY = ModelConfig(
+    vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=48,
+    tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def shape_of(config: ModelConfig) -> tuple[int, ...]:
+    return tuple(getattr(config, key) for key in SHAPE_KEYS)
+
+
+def check_valid(config: ModelConfig, source: ModelConfig, multiple: int) -> None:
+    """GQA-valid, hardware-friendly, loadable and a shape the pruning targets accept."""
+    assert config.n_heads % config.n_kv_heads == 0
+    assert config.heads_per_group <= source.heads_per_group
+    assert config.d_model % config.n_heads == 0
+    assert config.d_model % multiple == 0 or config.d_model == source.d_model
+    assert config.intermediate_size % multiple == 0 or config.intermediate_size == source.intermediate_size
+    target_config(dict(zip(SHAPE_KEYS, shape_of(config), strict=True)), source)
+    check_loadable_shape(config, "target", "opt out", source)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["non_embedding_params=4.2e7", "params=8e7", "memory=160MB,dtype=bf16", "memory=300MB,dtype=fp32,context=2048",
+     "tokens_per_second=1.6"],
+)  # fmt: skip
+def test_every_enumerated_shape_is_valid_within_budget_and_counted_exactly(spec: str) -> None:
+    budget = parse_budget(spec, "--budget")
+    found = enumerate_shapes(SMOLLM2, budget)
+    assert found
+    limit = budget.limit(SMOLLM2)
+    for candidate in found:
+        config = candidate.config
+        check_valid(config, SMOLLM2, 64)
+        if budget.kind == "params":
+            exact = config.num_params()
+        elif budget.kind == "non_embedding_params":
+            exact = config.num_params(include_embeddings=False)
+        elif budget.kind == "memory":
+            kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * budget.context_tokens
+            exact = (config.num_params() + kv) * {"bf16": 2, "fp32": 4}[budget.dtype]
+        else:
+            exact = forward_flops_per_token(config, 512)
+            assert forward_flops_per_token(SMOLLM2, 512) / exact >= 1.6  # at least 1.6x the source's tokens/s
+        assert candidate.cost == exact
+        assert (1 - budget.tolerance) * limit <= exact <= limit
+    priors = [c.prior for c in found]
+    assert priors == sorted(priors)
+
+
+def test_enumeration_misses_no_valid_shape_of_a_small_source() -> None:
+    """Brute force over every shape of the tiny source on a grid of 8 against the enumeration."""
+    budget = parse_budget("params=16000,tolerance=0.1", "--budget")
+    expected = set()
+    for n_layers, kv, per_group, d_model, inter in itertools.product(
+        range(1, 4), range(1, 3), range(1, 3), range(8, 33, 8), range(8, 49, 8)
+    ):
+        heads = kv * per_group
+        if d_model % heads:
+            continue
+        config = TINY.replace(
+            n_layers=n_layers, n_heads=heads, n_kv_heads=kv, d_model=d_model, intermediate_size=inter
+        )
+        if 0.9 * 16000 <= config.num_params() <= 16000:
+            expected.add(shape_of(config))
+    found = enumerate_shapes(TINY, budget, ShapeSpace(multiple=8))
+    assert {c.sizes for c in found} == expected and len(found) == len(expected) > 3
+    picked = scoring_candidates(found, 3)
+    assert len({c.sizes[:3] for c in picked}) == 3  # one per depth and attention layout
+
+
+def test_the_sheared_llama_1_3b_shape_meets_its_budget() -> None:
+    found = enumerate_shapes(LLAMA2_7B, parse_budget({"params": 1.35e9}, "target_budget"))
+    assert (24, 16, 16, 2048, 5504) in {c.sizes for c in found}  # the paper's target of LLaMA2-7B
+    assert all(c.config.n_heads == c.config.n_kv_heads for c in found[:50])  # multi-head stays multi-head
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("params=1e9", r"budget params=1e\+09 is not below the source \(30L/9H/3KV/576d/1536I: 134,515,008 params\)"),
+        ("tokens_per_second=0.5", "budget tokens_per_second=0.5 is not below the source"),
+        ("params=1e6", r"budget params=1e\+06 is below the smallest valid shape .* nearest valid shapes: 1L/1H/1KV/64d/64I"),
+        ("memory=100KB", "budget memory=100KB,dtype=bf16 is below the smallest valid shape"),
+        (f"params={TINY.replace(n_layers=2).num_params() - 1},tolerance=0.001",
+         r"no valid shape costs between .* nearest valid shapes: below \d+L/.* above 2L/4H/2KV/32d/48I"),
+    ],
+)  # fmt: skip
+def test_a_budget_no_shape_meets_names_the_nearest_shapes_in_one_line(spec: str, message: str) -> None:
+    source = TINY if "tolerance" in spec else SMOLLM2  # the tiny source's grid of 64 has gaps
+    with pytest.raises(BudgetError, match=message) as caught:
+        enumerate_shapes(source, parse_budget(spec, "--budget"))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("param=1e9", r"unknown keys \['param'\]"),
+        ("params=1e9,memory=6GB", "exactly one budget"),
+        ("memory=6 bananas", "--budget.memory must be a size"),
+        ("params=-3", "must be positive"),
+        ("params=1e9,dtype=bf16", "dtype applies to a memory budget only"),
+        ("memory=6GB,dtype=fp8", "dtype must be one of"),
+        ("params=nan", "must be finite"),
+        ("params", "expected KIND=VALUE"),
+    ],
+)
+def test_malformed_budgets_are_refused(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_budget(spec, "--budget")
+
+
+def test_memory_sizes_are_binary_as_the_planner_reads_them() -> None:
+    assert parse_budget("memory=6GB", "b").value == parse_budget({"memory": "6GiB"}, "b").value == 6 * 2**30
+
+
+def test_target_model_with_target_budget_is_refused_naming_both_keys() -> None:
+    with pytest.raises(
+        ValueError, match=r"model\.l0_module\.target_budget .* model\.l0_module\.target_model"
+    ):
+        L0Config(target_model={"n_layers": 2}, target_budget={"params": 1e6})
+    with pytest.raises(
+        ValueError, match=r"model\.l0_module\.target_budget .* model\.l0_module\.target_sparsity"
+    ):
+        L0Config(target_sparsity=0.5, target_budget={"params": 1e6})
+
+
+def tiny_recipe(source: str, data: str, *extra: str) -> dict:
+    overrides = [f"model.path={source}", f"data_local={data}", "model.l0_module.target_model=null", *extra]
+    return validate_config(load_config(str(ROOT / "yamls" / "tiny" / "prune.yaml"), overrides))
+
+
+def test_a_recipe_budget_resolves_to_a_shape_before_training(tiny_source: str, tiny_mds: str) -> None:
+    two_layers = TINY.replace(n_layers=2).num_params()
+    values = tiny_recipe(tiny_source, tiny_mds, f"model.l0_module.target_budget={{params: {two_layers}}}")
+    l0 = values["model"]["l0_module"]
+    assert l0["target_budget"] is None and l0["budget_choice"].startswith(
+        f"budget params={two_layers:.4g} resolves to"
+    )
+    target = TINY.replace(**l0["target_model"])
+    assert 0.95 * two_layers <= target.num_params() <= two_layers
+    assert target.n_kv_heads == TINY.n_kv_heads  # the recipe does not prune kv_head
+    best, why = choose_shape(
+        TINY, parse_budget({"params": two_layers}, "b"), ShapeSpace(frozen=frozenset({"n_kv_heads"}))
+    )
+    assert best.shape == l0["target_model"] and why == l0["budget_choice"]
+    L0Config.from_dict(l0).resolve(TINY)  # the masks' targets accept it
+
+
+def test_a_recipe_mixing_target_model_and_target_budget_is_refused(tiny_source: str, tiny_mds: str) -> None:
+    with pytest.raises(ConfigError, match="target_budget .* target_model, not both"):
+        validate_config(
+            load_config(
+                str(ROOT / "yamls" / "tiny" / "prune.yaml"),
+                [
+                    f"model.path={tiny_source}",
+                    f"data_local={tiny_mds}",
+                    "model.l0_module.target_budget={params: 2e4}",
+                ],
+            )
+        )
+    with pytest.raises(
+        ConfigError, match=r"model\.l0_module\.target_budget: budget params=5e\+06 is not below"
+    ):
+        tiny_recipe(tiny_source, tiny_mds, "model.l0_module.target_budget={params: 5e6}")
+
+
+def test_prune_oneshot_takes_a_budget(tiny_source: str, tiny_mds: str, tmp_path: Path, capsys) -> None:
+    budget = 0.8 * TINY.num_params()
+    out = tmp_path / "pruned"
+    argv = ["prune-oneshot", tiny_source, str(out), "--data", tiny_mds, "--samples", "8"]
+    assert cli.main([*argv, "--budget", f"params={budget}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"budget params={budget:.4g} resolves to" in printed
+    pruned = load_checkpoint(out)[0]
+    assert 0.95 * budget <= pruned.num_params() <= budget
+    assert cli.main([*argv[:2], str(tmp_path / "other"), *argv[3:], "--budget", "params=1e3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "budget params=1000 is below the smallest valid shape" in err and "\n" not in err
+    assert not (tmp_path / "other").exists()
+    assert cli.main([*argv, "--budget", "params=1e3", "--target", "n_layers=2"]) == 2
+    assert "exactly one of --target" in capsys.readouterr().err
+    assert math.isclose(
+        parse_budget("tokens_per_second=2", "b").limit(TINY), forward_flops_per_token(TINY, 512) / 2
+    )
