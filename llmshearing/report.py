@@ -2,7 +2,8 @@
 
 Reads ``RUN_DIR/metrics.jsonl`` (written by the run's metrics logger) and draws one figure per
 topic that the run logged: domain weights, per-domain eval loss against the reference,
-expected vs target sparsity per mask family, Lagrange multipliers, and the training loss.
+expected vs target sparsity per mask family, Lagrange multipliers, the training loss and the
+downstream tasks of ``eval_tasks`` (``icl/<label>/<metric>``: accuracies and perplexities apart).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class Panel:
     dashed_pattern: str | None = None  # a second family of lines drawn dashed (targets, references)
 
 
+# lm-eval's perplexity-like metrics (lower is better, on another scale): drawn apart from the accuracies
+PERPLEXITIES = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
 PANELS = (
     Panel("domain_weights.png", "Domain weights", "weight", r"^data/weight/(.+)$"),
     Panel(
@@ -46,6 +50,18 @@ PANELS = (
     ),
     Panel("multipliers.png", "Lagrange multipliers", "value", r"^l0/(lambda_[12]/.+)$"),
     Panel("train_loss.png", "Training loss", "loss", r"^loss/train/(.+)$"),
+    Panel(
+        "icl.png",
+        "Downstream tasks (lm-eval, eval_tasks)",
+        "score",
+        rf"^icl/(.+/(?!(?:{'|'.join(PERPLEXITIES)})$)[^/]+)$",
+    ),
+    Panel(
+        "icl_perplexity.png",
+        "Downstream tasks: perplexity (lm-eval, eval_tasks)",
+        "perplexity",
+        rf"^icl/(.+/(?:{'|'.join(PERPLEXITIES)}))$",
+    ),
     Panel(
         "eval_loss.png",
         "Evaluation cross-entropy",
@@ -124,6 +140,14 @@ def _summary(run_dir: str, metrics: dict[str, Series], written: list[str]) -> st
             f"Training loss: {train['total'][0][1]:.4f} (first) -> {train['total'][-1][1]:.4f} (last).",
             "",
         ]
+    icl = _select(metrics, r"^icl/(.+)$")
+    if icl:
+        lines += ["| downstream task / metric | first | last |", "|---|---|---|"]
+        for name, series in icl.items():
+            lines.append(
+                f"| {name} | {series[0][1]:.4g} (batch {series[0][0]}) | {series[-1][1]:.4g} (batch {series[-1][0]}) |"
+            )
+        lines.append("")
     lines += ["Plots:", ""] + [f"![{name}]({name})" for name in written]
     return "\n".join(lines) + "\n"
 

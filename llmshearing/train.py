@@ -73,6 +73,9 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     save_folder = values["save_folder"].format(run_name=values["run_name"])
     run_folder.check_start(save_folder, values["autoresume"], values["save_overwrite"])
     guard.watch(save_folder)
+    eval_tasks = builders.prepare_eval_tasks(
+        values
+    )  # lm-eval's tasks load (and are checked) before the model
     if values["python_log_level"]:
         logging.basicConfig(format="%(asctime)s: [%(name)s]: %(levelname)s: %(message)s")
         logging.getLogger("llmshearing").setLevel(values["python_log_level"].upper())
@@ -112,6 +115,8 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     if dist.get_global_rank() == 0:
         builders.write_run_description(save_folder, description)
     callbacks = [*builders.build_callbacks(values, save_folder), run_folder.RunRecord(description)]
+    if eval_tasks is not None:
+        callbacks.append(builders.build_icl_eval(values, eval_tasks, model, description))
     mixing = DynamicLoadingCallback.from_config(data_loading)
     if mixing is not None:
         callbacks.append(mixing)

@@ -278,6 +278,20 @@ def _leaves(obj: Any) -> list[Any]:
     return list(obj.get_all_tasks())
 
 
+def fewshot_available(task: Any) -> int:
+    """How many few-shot examples a task can give one document (the document itself is never among
+    them when the pool is the evaluated split)."""
+    pool = task.fewshot_docs()
+    size = len(pool) if hasattr(pool, "__len__") else len(list(pool))
+    split = task.config.fewshot_split
+    same_as_eval = (
+        split == task.config.test_split
+        if split
+        else not (task.has_training_docs() or task.has_validation_docs())
+    )
+    return size - 1 if same_as_eval else size
+
+
 def check_fewshot_pools(
     loaded: dict[str, Any], requests: Sequence[TaskRequest], num_fewshot: int | None
 ) -> None:
@@ -290,14 +304,7 @@ def check_fewshot_pools(
                 shots = configured if num_fewshot is None or configured == 0 else num_fewshot
             if not shots:
                 continue
-            pool = task.fewshot_docs()
-            size = len(pool) if hasattr(pool, "__len__") else len(list(pool))
-            same_as_eval = not (
-                task.has_training_docs() or task.has_validation_docs() or task.config.fewshot_split
-            )
-            available = (
-                size - 1 if same_as_eval else size
-            )  # the evaluated document is left out of its own shots
+            available = fewshot_available(task)
             if shots > available:
                 raise ValueError(
                     f"task {task.task_name}: {shots}-shot asks for more examples than its few-shot pool holds "

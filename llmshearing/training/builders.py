@@ -364,3 +364,28 @@ def build_loggers(values: dict[str, Any], save_folder: str) -> list[LoggerDestin
             kwargs.setdefault("filename", os.path.join(save_folder, "logs.txt"))
         loggers.append(known[name](**kwargs))
     return loggers
+
+
+def prepare_eval_tasks(values: dict[str, Any]) -> Any:
+    """The recipe's ``eval_tasks`` loaded through lm-eval (None without the key); a task that cannot be
+    scored is a ``ConfigError`` naming its key."""
+    from llmshearing.callbacks.eval_tasks import parse_eval_tasks
+
+    config = parse_eval_tasks(values.get("eval_tasks"))
+    if config is None:
+        return None
+    from llmshearing.callbacks.icl_eval import prepare_eval_tasks as prepare
+
+    return prepare(values, config)
+
+
+def build_icl_eval(
+    values: dict[str, Any], prepared: Any, model: ComposerLlama, description: dict[str, Any]
+) -> Callback:
+    """The callback that scores the prepared ``eval_tasks`` on ``model`` at the run's evaluations."""
+    from llmshearing.callbacks.icl_eval import InContextEval
+    from llmshearing.convert.hf_config import hf_config_from_model
+    from llmshearing.training.value_checks import batches
+
+    hf_config = hf_config_from_model(model.config, description.get("hf_config"), "fp32")
+    return InContextEval(prepared, batches("eval_interval", values["eval_interval"]), hf_config)

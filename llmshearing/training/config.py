@@ -60,6 +60,7 @@ SCHEMA: dict[str, Any] = {
     "eval_interval": ANY,
     "eval_first": ANY,
     "eval_subset_num_batches": ANY,
+    "eval_tasks": ANY,  # downstream tasks through lm-eval at eval intervals: llmshearing.callbacks.eval_tasks
     "global_train_batch_size": ANY,
     "device_train_microbatch_size": ANY,
     "device_eval_batch_size": ANY,
@@ -106,6 +107,7 @@ DEFAULTS: dict[str, Any] = {
     "loggers": {},
     "eval_first": False,
     "eval_subset_num_batches": -1,
+    "eval_tasks": None,
     "device_train_microbatch_size": 1,
     "device_eval_batch_size": 8,
     "precision": "amp_bf16",
@@ -232,6 +234,9 @@ def validate_config(cfg: DictConfig, world_size: int = 1, check_paths: bool = Tr
         if not str(values[key]).endswith("ba"):
             raise ConfigError(f"{key} must be given in batches, e.g. {key}=100ba (got {values[key]!r})")
     validate_distillation(values["model"], check_paths)
+    from llmshearing.callbacks.eval_tasks import parse_eval_tasks
+
+    parse_eval_tasks(values["eval_tasks"], check_paths)
     from llmshearing.training.value_checks import check_l0_target, check_run_values
 
     check_run_values(values)
