@@ -179,7 +179,9 @@ def test_a_recipe_budget_resolves_to_a_shape_before_training(tiny_source: str, t
 
 
 def test_a_recipe_mixing_target_model_and_target_budget_is_refused(tiny_source: str, tiny_mds: str) -> None:
-    with pytest.raises(ConfigError, match="target_budget .* target_model, not both"):
+    with pytest.raises(
+        ConfigError, match=r"model\.l0_module\.target_budget .* or model\.l0_module\.target_model, not both"
+    ):
         validate_config(
             load_config(
                 str(ROOT / "yamls" / "tiny" / "prune.yaml"),
@@ -214,3 +216,33 @@ def test_prune_oneshot_takes_a_budget(tiny_source: str, tiny_mds: str, tmp_path:
     assert math.isclose(
         parse_budget("tokens_per_second=2", "b").limit(TINY), forward_flops_per_token(TINY, 512) / 2
     )
+
+
+@pytest.mark.slow
+def test_a_pruning_run_says_which_shape_its_budget_resolved_to(
+    tiny_source, tiny_mds, tmp_path, capsys
+) -> None:
+    import json
+
+    from llmshearing import train
+
+    budget = TINY.replace(n_layers=2).num_params()
+    folder = tmp_path / "run"
+    overrides = [
+        f"model.path={tiny_source}", f"data_local={tiny_mds}", "model.l0_module.target_model=null",
+        f"model.l0_module.target_budget={{params: {budget}}}", "model.l0_module.lagrangian_warmup_steps=0ba", "max_duration=2ba", "eval_interval=2ba", "scheduler.t_warmup=0ba",
+        "save_interval=2ba", f"save_folder={folder}",
+    ]  # fmt: skip
+    assert train.main([str(ROOT / "yamls" / "tiny" / "prune.yaml"), *overrides]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "resolves to" in line)
+    assert line.startswith(f"llmshearing: budget params={budget:.4g} resolves to 2L/4H/2KV/32d/48I")
+    recorded = json.loads((folder / "config.json").read_text())
+    l0 = recorded.get("l0_module") or recorded["train"]["model"]["l0_module"]
+    assert l0["target_model"] == {
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "d_model": 32,
+        "intermediate_size": 48,
+    }
+    assert line.endswith(l0["budget_choice"])

@@ -336,13 +336,14 @@ def enumerate_shapes(
                 f"budget {budget.describe()} is below the smallest valid shape of the search space "
                 f"({shape_label(smallest[1])}: {_amount(smallest[0], budget)}, {space.min_layers} layer(s) at the "
                 f"narrowest sizes, multiples of {space.multiple}); nearest valid shapes: "
-                f"{_named(above, budget)}; raise the budget, lower --min-layers or --multiple"
+                f"{_named(above, budget)}; raise the budget or relax the grid (--min-layers, --multiple)"
             )
         raise BudgetError(
             f"budget {budget.describe()}: no valid shape costs between {_amount(low, budget)} and "
             f"{_amount(limit, budget)} (multiples of {space.multiple}, {space.min_layers}-"
             f"{space.max_layers or source.n_layers} layers); nearest valid shapes: below {_named(below, budget)}; "
-            f"above {_named(above, budget)}; widen tolerance, lower --multiple or change the budget"
+            f"above {_named(above, budget)}; widen the budget's tolerance (e.g. tolerance=0.1), change the budget "
+            "or relax the grid (--multiple, --min-layers)"
         )
     found.sort(key=lambda c: (c.prior, -c.cost, c.sizes))
     return found
@@ -382,9 +383,11 @@ def choose_shape(
     found = enumerate_shapes(source, budget, space)
     best = found[0]
     ratios = ", ".join(f"{k} {getattr(best.config, k)}/{getattr(source, k)}" for k in SHAPE_KEYS)
+    amount = _amount(best.cost, budget)
+    if budget.kind != "params":
+        amount += f", {best.config.num_params():,} params"
     why = (
-        f"budget {budget.describe()} resolves to {best.label()} ({_amount(best.cost, budget)}, "
-        f"{best.config.num_params():,} params): of {len(found)} valid shapes within "
+        f"budget {budget.describe()} resolves to {best.label()} ({amount}): of {len(found)} valid shapes within "
         f"{budget.tolerance:.0%} below the budget, the closest to a proportional shrink of "
         f"{shape_label(source)} (kept {ratios}); `llmshearing search-shape` scores alternatives"
     )
