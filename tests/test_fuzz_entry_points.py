@@ -207,6 +207,20 @@ CASES: dict[str, tuple[Case, str]] = {
         ],
         "t.yaml",
     ),  # fmt: skip
+    "search-shape: data is a file": (
+        lambda t, s, d: [
+            *CLI,
+            "search-shape",
+            s,
+            "--budget",
+            "params=2e4",
+            "--data",
+            _file(t, "d", "x"),
+            "--out",
+            str(t / "o"),
+        ],
+        "d",
+    ),  # fmt: skip
     "evaluate: data is raw text": (lambda t, s, d: [*CLI, "evaluate", s, _raw(t)], "prepare-data"),
     "evaluate: model is noise": (lambda t, s, d: [*CLI, "evaluate", _file(t, "m.pt", NOISE), d], "m.pt"),
     "report: run folder is a file": (lambda t, s, d: [*CLI, "report", _file(t, "run.txt", "x")], "run.txt"),
@@ -299,6 +313,7 @@ def test_every_entry_point_and_command_has_cases():
         "evaluate",
         "report",
         "reference-loss",
+        "search-shape",
     }
     assert commands | {"train", "prepare_mds.py"} <= covered, sorted(commands - covered)
     assert {case.split(":")[0] for case in IN_A_PROCESS} >= {"train", "prepare_mds.py", "evaluate"}
