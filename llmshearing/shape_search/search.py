@@ -154,6 +154,7 @@ def search_shape(
     from llmshearing.data.layout import split_domains
 
     settings.check()
+    settings.src, settings.data = str(Path(settings.src).resolve()), str(Path(settings.data).resolve())
     out = Path(out)
     work = Path(work_dir) if work_dir is not None else default_work_dir(out)
     budget = parse_budget(settings.budget, "--budget")
@@ -188,7 +189,7 @@ def search_shape(
         try:
             for candidate in todo:
                 bar.set_postfix_str(candidate.label())
-                score = _score(candidate, importance, settings, domains, work, source)
+                score = _score(candidate, importance, settings, domains, work)
                 scores[candidate.label()] = score
                 state["scores"][candidate.label()] = dict(score.__dict__)
                 write_text_atomic(work / STATE_NAME, json.dumps(state, indent=2) + "\n")
@@ -321,7 +322,6 @@ def _score(
     settings: SearchSettings,
     domains: list[str],
     work: Path,
-    source: Any,
 ) -> Score:
     """One-shot prune to the candidate, distil for ``steps`` batches, and read the eval loss."""
     from omegaconf import OmegaConf
@@ -365,7 +365,6 @@ def _score(
     tokens = settings.steps * settings.batch_size * values["max_seq_len"]
     shutil.rmtree(folder)
     config = candidate.config
-    del source
     return Score(
         candidate.shape,
         config.num_params(),
