@@ -97,6 +97,7 @@ def test_enumeration_misses_no_valid_shape_of_a_small_source() -> None:
     assert {c.sizes for c in found} == expected and len(found) == len(expected) > 3
     picked = scoring_candidates(found, 3)
     assert len({c.sizes[:3] for c in picked}) == 3  # one per depth and attention layout
+    assert picked[0] == found[0] and scoring_candidates(found, 2) == picked[:2]  # a search can be extended
 
 
 def test_the_sheared_llama_1_3b_shape_meets_its_budget() -> None:

@@ -431,18 +431,31 @@ def resolve_l0_budget(settings: Mapping[str, Any], source: ModelConfig) -> tuple
     return resolved, why
 
 
+SCORING_POOL = 50  # the most proportional depth-and-attention layouts the scored shapes are drawn from
+
+
 def scoring_candidates(found: list[Candidate], count: int) -> list[Candidate]:
-    """``count`` shapes to score: the best-prior shape of each depth and attention layout
-    (``n_layers``, ``n_heads``, ``n_kv_heads``), best prior first, so the scored set spans the trade-offs
-    between depth, attention and width rather than near-copies of one shape."""
-    seen: set[tuple[int, int, int]] = set()
-    picked: list[Candidate] = []
+    """``count`` shapes to score, spread over the trade-offs between depth, attention and width.
+
+    Rule: keep the most proportional shape of each layout (``n_layers``, ``n_heads``, ``n_kv_heads``) and
+    the ``SCORING_POOL`` most proportional layouts; start from the most proportional, then repeatedly add
+    the shape farthest (in log sizes) from those already taken. The first ``k`` of ``count`` are the ``k``
+    shapes a smaller ``count`` picks, so a search can be extended."""
+    seen: set[tuple[int, ...]] = set()
+    pool: list[Candidate] = []
     for candidate in found:  # already best prior first
-        group = candidate.sizes[:3]
-        if group in seen:
-            continue
-        seen.add(group)
-        picked.append(candidate)
-        if len(picked) == count:
-            break
-    return picked
+        if candidate.sizes[:3] not in seen:
+            seen.add(candidate.sizes[:3])
+            pool.append(candidate)
+            if len(pool) == SCORING_POOL:
+                break
+    if not pool:
+        return []
+    points = [[math.log(size) for size in c.sizes] for c in pool]
+    picked = [0]
+    nearest = [math.dist(p, points[0]) for p in points]
+    while len(picked) < min(count, len(pool)):
+        index = max((i for i in range(len(pool)) if i not in picked), key=lambda i: (nearest[i], -i))
+        picked.append(index)
+        nearest = [min(d, math.dist(p, points[index])) for d, p in zip(nearest, points, strict=True)]
+    return [pool[i] for i in picked]
