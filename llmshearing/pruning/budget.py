@@ -105,9 +105,6 @@ class Budget:
             return self.cost(source) / self.value
         return self.value
 
-    def unit(self) -> str:
-        return {"memory": "bytes", "tokens_per_second": "FLOPs/token"}.get(self.kind, "params")
-
 
 def forward_flops_per_token(config: ModelConfig, context: int) -> int:
     """Forward FLOPs per token at ``context`` tokens: a third of the planner's training FLOPs per token."""
