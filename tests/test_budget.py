@@ -231,7 +231,7 @@ def test_a_pruning_run_says_which_shape_its_budget_resolved_to(
     folder = tmp_path / "run"
     overrides = [
         f"model.path={tiny_source}", f"data_local={tiny_mds}", "model.l0_module.target_model=null",
-        f"model.l0_module.target_budget={{params: {budget}}}", "model.l0_module.lagrangian_warmup_steps=0ba", "max_duration=2ba", "eval_interval=2ba", "scheduler.t_warmup=0ba",
+        f"model.l0_module.target_budget={{params: {budget}}}", "model.l0_module.lagrangian_warmup_steps=0ba", "max_duration=2ba", "eval_interval=2ba", "scheduler.t_warmup=1ba",
         "save_interval=2ba", f"save_folder={folder}",
     ]  # fmt: skip
     assert train.main([str(ROOT / "yamls" / "tiny" / "prune.yaml"), *overrides]) == 0
