@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_icl_eval import icl_recipe_args
 
 from llmshearing.callbacks.sample_log import read_sample_log
 from llmshearing.cli import main as cli_main
@@ -94,12 +95,13 @@ def runs(tiny_source, tiny_mds, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fsdp")
     clean_stale_shared_memory()
-    _single(PRUNE, _args(tiny_source, tiny_mds, root / "prune-one", *PRUNE_EXTRA))
-    log = _sharded(PRUNE, _args(tiny_source, tiny_mds, root / "prune-fsdp", *PRUNE_EXTRA, *SHARDED))
+    icl = icl_recipe_args(root / "tokenizer")  # downstream tasks at every evaluation (eval_tasks)
+    _single(PRUNE, _args(tiny_source, tiny_mds, root / "prune-one", *PRUNE_EXTRA, *icl))
+    log = _sharded(PRUNE, _args(tiny_source, tiny_mds, root / "prune-fsdp", *PRUNE_EXTRA, *SHARDED, *icl))
     distil = [f"model.distillation.teacher={tiny_source}", "model.distillation.alpha=0.5"]
-    _single(CONTINUED, _args(tiny_source, tiny_mds, root / "cont-one", *CONTINUED_EXTRA, *distil))
+    _single(CONTINUED, _args(tiny_source, tiny_mds, root / "cont-one", *CONTINUED_EXTRA, *distil, *icl))
     distil_log = _sharded(
-        CONTINUED, _args(tiny_source, tiny_mds, root / "cont-fsdp", *CONTINUED_EXTRA, *distil, *FULL)
+        CONTINUED, _args(tiny_source, tiny_mds, root / "cont-fsdp", *CONTINUED_EXTRA, *distil, *FULL, *icl)
     )
     clean_stale_shared_memory()
     return {"root": root, "log": log, "distil_log": distil_log, "teacher": tiny_source}
@@ -108,8 +110,8 @@ def runs(tiny_source, tiny_mds, tmp_path_factory):
 def _assert_same_run(one: Path, fsdp: Path) -> None:
     a, b = _metrics(one), _metrics(fsdp)
     assert a.keys() == b.keys()
-    for key, value in a.items():  # losses, per-domain metrics, mix weights, L0 statistics
-        if key[1].startswith("distill/teacher_"):  # wall-clock time
+    for key, value in a.items():  # losses, per-domain metrics, mix weights, L0 statistics, downstream tasks
+        if key[1].startswith(("distill/teacher_", "wall_clock/")):  # wall-clock time
             continue
         assert b[key] == pytest.approx(value, abs=1e-5 * max(1.0, abs(value))), key  # relative above 1
     weights_a, weights_b = _model(one), _model(fsdp)
@@ -158,6 +160,24 @@ def test_fsdp2_continued_pretraining_matches_one_process(runs):
         -(-p.shape[0] // 2) * p[0].numel() for name, p in params.items() if name.startswith("layers.")
     )
     assert (local, total) == (whole + halves, sum(p.numel() for p in params.values()))
+
+
+@pytest.mark.slow
+def test_fsdp2_downstream_scores_match_one_process(runs):
+    """eval_tasks under FSDP2 (zero-shot documents shared between the ranks, the 2-shot task scored whole by
+    each): the values of one process at every evaluation, the masked model in pruning and the dense one in
+    continued pretraining (compared with the other metrics by _assert_same_run: relative 1e-5)."""
+    for one, fsdp in (("prune-one", "prune-fsdp"), ("cont-one", "cont-fsdp")):
+        a, b = _metrics(runs["root"] / one), _metrics(runs["root"] / fsdp)
+        scored = {key for key in a if key[1].startswith("icl/")}
+        assert {name for _, name in scored} == {
+            "icl/local_mc/acc", "icl/local_mc/acc_norm", "icl/cloze/acc", "icl/cloze/perplexity"
+        }  # fmt: skip
+        assert {step for step, _ in scored} == ({0, 4, 8, 12} if one == "prune-one" else {4, 8})
+        for key in scored:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    # and the training itself is untouched: the resumed run, which scores no tasks, ends bit-identical to
+    # prune-fsdp (test_sharded_run_resumes_bit_identically)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@
         - {label: cloze, dataset_uri: data/cloze.jsonl,                # llm-foundry's local JSONL
            icl_task_type: language_modeling, num_fewshot: 2, every: 2}
 
-A bare list stands for ``tasks``. ``dataset_uri`` files hold llm-foundry's rows: ``{"query", "choices",
+A bare list stands for ``tasks``, a bare name in it for ``{task: name}``. ``dataset_uri`` files hold llm-foundry's rows: ``{"query", "choices",
 "gold"}`` for ``multiple_choice`` and ``{"context", "continuation"}`` for ``language_modeling``; their
 few-shot examples are drawn from the same file, never the document being scored. This module checks
 the section's shape and paths (`parse_eval_tasks`); the task names, the files' rows and the few-shot
@@ -102,6 +102,8 @@ def _shots(key: str, value: Any) -> list[int]:
 
 def _entry(index: int, raw: Any, every: int, check_paths: bool) -> list[EvalTask]:
     key = f"{KEY}.tasks[{index}]"
+    if isinstance(raw, str):  # a bare name: that lm-eval task, 0-shot, every example
+        raw = {"task": raw}
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{key} must be a mapping (label, task or dataset_uri, num_fewshot, ...), got {raw!r}"

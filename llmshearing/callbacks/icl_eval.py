@@ -123,11 +123,12 @@ def _include_dir(path: str | None) -> list[str]:
 
 
 def _load(
-    spec: EvalTask, config: EvalTasksConfig, managers: dict[tuple[str, ...], tuple[Any, bool]], offline: bool
+    spec: EvalTask, config: EvalTasksConfig, managers: dict[tuple[str, ...], tuple[Any, bool]]
 ) -> LoadedTask:
     from llmshearing.harness import runner
 
     includes = tuple([*config.include_paths, *_include_dir(spec.include_path)])
+    offline = False
     if spec.dataset_uri is not None:
         check_rows(spec)
         target: Any = _lm_eval_config(spec)
@@ -140,7 +141,8 @@ def _load(
             runner.check_include_paths(includes)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"{spec.key}: {err}") from None
-        managers[includes] = (runner.task_manager(includes, [spec.task] if spec.task else []), False)
+        # the shipped and included tasks only, unless the name is none of them (a dataset_uri task needs none)
+        managers[includes] = (runner.task_manager(includes, [spec.task or runner.LOCAL_TASK]), False)
     manager, full = managers[includes]
     if spec.task is not None:
         if spec.task not in manager.task_index and not full:  # index lm-eval's own tasks too
@@ -151,9 +153,12 @@ def _load(
         except KeyError as err:
             raise ConfigError(f"{spec.key}.task: {err.args[0]}") from None
         try:
-            runner.check_local_data(manager, [runner.TaskRequest(spec.task)])
+            reads_hub = runner.check_local_data(manager, [runner.TaskRequest(spec.task)])
         except FileNotFoundError as err:
             raise ConfigError(f"{spec.key}.task: {err}") from None
+        offline = runner.offline_requested() or (reads_hub and not runner.hub_reachable())
+        if offline:
+            runner.go_offline()  # read the datasets cache only: no minutes of retries against the Hub
     try:
         loaded = manager.load([target])
     except Exception as err:  # datasets and lm-eval raise many types for a task they cannot build
@@ -218,13 +223,16 @@ def prepare_eval_tasks(values: dict[str, Any], config: EvalTasksConfig) -> Prepa
             f"{KEY}: the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but model.path has {vocab} token "
             f"embeddings; set {KEY}.tokenizer to the model's own tokenizer"
         )
-    offline = runner.offline_requested()
-    if not offline and any(t.task is not None for t in config.tasks) and not runner.hub_reachable():
-        offline = True
-    if offline:
-        runner.go_offline()
-    managers: dict[tuple[str, ...], tuple[Any, bool]] = {}
-    loaded = [_load(spec, config, managers, offline) for spec in config.tasks]
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a start-up error stays one line; the data is small and local
+    try:
+        managers: dict[tuple[str, ...], tuple[Any, bool]] = {}
+        loaded = [_load(spec, config, managers) for spec in config.tasks]
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     batch = config.batch_size or values["device_eval_batch_size"]
     return PreparedTasks(loaded, tokenizer_dir, batch)
 

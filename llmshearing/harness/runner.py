@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from llmshearing.harness.presets import PRESETS, Preset
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+LOCAL_TASK = "local_mc"  # a task of TASKS_DIR (task_manager indexes the local tasks alone when asked for it)
 # lm-eval's own defaults: python, numpy, torch and few-shot sampler seeds.
 DEFAULT_SEEDS = (0, 1234, 1234, 1234)
 # datasets builders that read local files named by ``dataset_kwargs.data_files``.
