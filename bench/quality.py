@@ -736,6 +736,8 @@ def run_arm(
             record["after_pruning"] = args.oneshot.after_pruning
     print(f"--- {arm}: final {args.report_split} loss", flush=True)
     record["losses"] = evaluate(model, inputs.mds, args.eval_samples, args.report_split)
+    if args.tasks:  # downstream accuracy on tasks built from the test split
+        record["downstream"] = args.downstream.score(model, args.tasks)
     if args.report_split != "eval":
         record["eval_losses"] = evaluate(model, inputs.mds, args.eval_samples, "eval")
     record["tokens"] = sum(s["tokens"] for s in record["stages"])
@@ -1082,6 +1084,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if misses:
         lines += ["", "**L0 sparsity check failed:** " + "; ".join(misses)]
     lines += _sparsity_table(rows)
+    if results.get("downstream_tasks"):  # bench/quality/downstream.py (the bench directory on sys.path)
+        from quality import downstream
+
+        lines += downstream.table(rows, results["downstream_tasks"])
     lines += _stage_table(rows)
     lines += _mix_table(results)
     lines += [
@@ -1352,6 +1358,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--results", default=str(RESULTS_DIR), help="where the JSON and markdown go")
     add("--keep-checkpoints", action="store_true", help="keep the Composer checkpoints of the runs")
     add("--no-progress", action="store_true", help="hide the training progress bars")
+    add("--no-downstream", action="store_true", help="skip the downstream tasks built from the test split")
     return parser
 
 
@@ -1403,6 +1410,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare_only:
         print(f"prepared: source {inputs.source}, data {inputs.mds}")
         return 0
+    from quality import downstream
+
+    args.downstream = downstream
+    args.tasks = (
+        None if args.study or args.no_downstream else downstream.build(inputs.mds, inputs.source, work)
+    )
     reference = source_losses(inputs, work, args.eval_samples, "eval", steps)  # drives the dynamic mix
     args.reference = {d: reference[d]["loss"] for d in inputs.domains}
     with open(inputs.source / "config.json", encoding="utf-8") as handle:
@@ -1424,6 +1437,8 @@ def main(argv: list[str] | None = None) -> int:
         records = run_study(args, budget, inputs, root, steps)
     else:
         source_row["losses"] = source_losses(inputs, work, args.eval_samples, "test", steps)
+        if args.tasks:
+            source_row["downstream"] = downstream.score(inputs.source, args.tasks)
         source_row["eval_losses"] = reference
         records = []
         for seed, arm in order:
@@ -1460,6 +1475,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": args.target,
         "target_desc": args.target_desc,
         "params": {"source": args.source_cfg.num_params(False), "target": args.target_cfg.num_params(False)},
+        "downstream_tasks": args.tasks,
     }
     if args.study:
         results["source"] = source_row

@@ -1,0 +1,83 @@
+"""Downstream tasks built from a held-out split: LAMBADA-format cloze and pick-the-true-continuation.
+
+A tiny test split of byte-tokenised English (two domains) goes in; lm-eval YAMLs over JSONL come out, and
+`llmshearing evaluate --tasks heldout_cloze,heldout_mc --include-path DIR` scores them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_tiny_source
+from test_harness import write_byte_tokenizer
+
+from llmshearing.cli import main as cli_main
+from llmshearing.data.layout import write_token_root
+from llmshearing.harness.heldout import CLOZE, MC, build_heldout_tasks, build_items, cloze_item, mc_parts
+
+SEQ = 400  # bytes (tokens) per sequence
+
+
+def byte_split(root: Path, tokenizer_dir: Path) -> Path:
+    """Two domains of 10 sequences of SEQ byte tokens each, cut from the standard library's help topics."""
+    from pydoc_data.topics import topics
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    text = " ".join(" ".join(t.split()) for _, t in sorted(topics.items()))
+    ids = tokenizer.encode(text[: 2 * 10 * SEQ + 2000], add_special_tokens=False)
+    rows = [np.array(ids[i * SEQ : (i + 1) * SEQ]) for i in range(20)]
+    samples = {"train": {"a": rows[:2], "b": rows[2:4]}, "eval": {"a": rows[:2], "b": rows[2:4]}}
+    samples["test"] = {"a": rows[:10], "b": rows[10:20]}
+    write_token_root(root, samples, vocab_size=260)
+    return root
+
+
+def test_items_have_the_formats_of_lambada_and_of_multiple_choice():
+    text = (
+        "The cat sat on the mat because it was warm, and then it slept for a long while near the fire. " * 8
+    )
+    item = cloze_item(text)
+    assert item is not None and 120 <= len(item["text"]) <= 600 and text.startswith(item["text"])
+    target = item["text"].split(" ")[-1]
+    assert target.isalpha() and len(target) >= 3  # the word LAMBADA's doc_to_target takes
+    context, continuation = mc_parts(text)
+    assert text.startswith(context + " " + continuation)
+    assert cloze_item("short text") is None and mc_parts("short text") is None
+    texts = [[f"{i} " + text.replace("cat", f"cat{i}") for i in range(5)], ["x"]]
+    items = build_items(texts, seed=0)
+    assert len(items[CLOZE]) == 5 and len(items[MC]) == 5
+    for row in items[MC]:
+        assert len(set(row["choices"])) == 4 and 0 <= row["label"] < 4
+    assert len({row["label"] for row in items[MC]}) > 1  # the answer is not always in one place
+
+
+def test_built_tasks_run_through_evaluate(tmp_path):
+    source = tmp_path / "source"
+    write_tiny_source(str(source), seed=3, vocab_size=260, max_seq_len=1024)
+    write_byte_tokenizer(source)
+    data = byte_split(tmp_path / "mds", source)
+    counts = build_heldout_tasks(str(data), str(source), str(tmp_path / "tasks"), fewshot=2)
+    assert counts == {CLOZE: 18, MC: 18}
+    for task in (CLOZE, MC):
+        rows = [
+            json.loads(line) for line in (tmp_path / "tasks" / f"{task}_test.jsonl").read_text().splitlines()
+        ]
+        assert len(rows) == 18
+    with pytest.raises(ValueError, match="fewer than the 30 few-shot ones"):
+        build_heldout_tasks(str(data), str(source), str(tmp_path / "none"), fewshot=30)
+    assert not (tmp_path / "none").exists()
+
+    out = tmp_path / "scores.json"
+    args = ["evaluate", str(source), "--tasks", f"{CLOZE},{MC}", "--include-path", str(tmp_path / "tasks")]
+    assert cli_main([*args, "--device", "cpu", "--limit", "4", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results[CLOZE]) >= {"acc,none", "perplexity,none"} and set(results[MC]) >= {
+        "acc,none",
+        "acc_norm,none",
+    }
+    assert json.loads(out.read_text())["n-shot"] == {CLOZE: 0, MC: 0}
