@@ -171,6 +171,27 @@ def test_head_masks_pick_top_heads_within_each_group():
     assert torch.equal(kept, la == la.max(-1, keepdim=True).values)
 
 
+def test_head_rows_are_the_kv_groups_the_fold_selects_within():
+    """Dropping whole groups' heads does not meet the head target: the fold keeps top heads per group."""
+    m = module(["kv_head", "head"], target={"n_heads": 2, "n_kv_heads": 2}, bounded_scores=True)
+    bound = m.l0_config.log_alpha_clamp
+    whole_groups = torch.tensor([bound, bound, bound, bound, -bound, -bound, -bound, -bound])
+    half_of_each = torch.tensor([bound, -bound] * 4)
+    with torch.no_grad():
+        m.multipliers["lambda_2_head"].fill_(1.0)
+    m.set_step(10**6)
+    penalties = {}
+    for name, row in (("whole", whole_groups), ("half", half_of_each)):
+        with torch.no_grad():
+            m.log_alpha["head"].copy_(row.expand(4, 8))
+        rows = m.row_sparsity(m.scores())["head"]
+        assert rows.shape == (4, 4)  # layers x KV groups
+        assert float(rows.mean()) == pytest.approx(0.5)  # the same share of heads either way
+        penalties[name] = float(m._penalty_and_stats()[0])
+    assert penalties["half"] == pytest.approx(0.0, abs=1e-6)
+    assert penalties["whole"] == pytest.approx(0.25, abs=1e-6)  # (+-0.5)**2 per group
+
+
 def test_multi_head_attention_source_prunes_whole_heads_with_the_head_family():
     mha = SOURCE.replace(n_kv_heads=8)
     m = L0Module(

@@ -178,8 +178,20 @@ class L0Module(nn.Module):
         return expected_num_params(self.model_config, self.scores())
 
     def row_sparsity(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Expected sparsity per row: per layer for head/kv_head/intermediate, one value for the others."""
-        return {f: 1.0 - (s.mean(-1) if s.dim() == 2 else s.mean()) for f, s in scores.items()}
+        """Expected sparsity per row, a row being the units among which the fold keeps its top ``keep``.
+
+        Per layer for kv_head and intermediate, per block of ``head_block`` query heads (a KV group, or
+        the layer) for head, one value for the others. Rows that match the fold's rows keep the masks
+        from meeting a target in a way the fold cannot realise: with per-layer rows, query heads could
+        meet their share by dropping whole KV groups (which the kv_head masks drop anyway) while keeping
+        every head of the kept groups.
+        """
+        rows = {}
+        for f, s in scores.items():
+            if f == "head":
+                s = s.reshape(s.shape[0], -1, self.plan.head_block)
+            rows[f] = 1.0 - (s.mean(-1) if s.dim() >= 2 else s.mean())
+        return rows
 
     def targets(self) -> tuple[dict[str, Tensor], Tensor]:
         """Current (warmed-up) target sparsity per family and overall (no host sync)."""
