@@ -59,6 +59,10 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     values = validate_config(cfg, world_size)
     fsdp = resolve_fsdp(values["fsdp_config"])
+    if fsdp is not None and values["model"]["init_device"] == "mixed" and world_size > 1:
+        from llmshearing.training.fsdp import with_rank0_loading
+
+        fsdp = with_rank0_loading(fsdp)  # rank 0 reads the source; FSDP broadcasts it into the shards
     if not values["callbacks"].get("data_loading"):
         raise ValueError(
             "callbacks.data_loading is required: at least set_names (the domains, i.e. the MDS sub-directories) "
@@ -110,6 +114,7 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     model, description = builders.build_model(values, data_loading.set_names, train_loader.dataloader.dataset)
     if dist.get_global_rank() == 0:
         print(f"llmshearing: {builders.precision_line(description['precision'])}", flush=True)
+        print(f"llmshearing: {description['loading']}", flush=True)
     # only once the recipe, the data and the model are known to be good
     run_folder.prepare(save_folder, description, values["autoresume"], values["save_overwrite"])
     if dist.get_global_rank() == 0:
@@ -159,7 +164,12 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     if fsdp is not None and model.teacher is not None:  # Composer wrapped the student; the teacher follows it
         from llmshearing.training.fsdp import shard_teacher
 
-        placed = shard_teacher(model.teacher, fsdp, next(trainer.state.model.parameters()).device)
+        placed = shard_teacher(
+            model.teacher,
+            fsdp,
+            next(trainer.state.model.parameters()).device,
+            from_rank0=not builders.loads_on_every_rank(values),
+        )
         if dist.get_global_rank() == 0:
             print(f"llmshearing: {placed}", flush=True)
     if values["autoresume"]:

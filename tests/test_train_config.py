@@ -135,6 +135,8 @@ def test_shipped_recipes_use_only_known_keys(path):
         (["loggers.file=3"], "loggers.file must be a mapping of settings"),
         (["model.l0_module.target_sparsity=1.5"], "model.l0_module.target_sparsity must be in (0, 1)"),
         (["model.attn_impl=flash2"], "model.attn_impl must be one of ['auto', 'sdpa', 'flash']"),
+        (["model.init_device=rank0"], "model.init_device must be one of ['cpu', 'mixed']"),
+        (["model.init_device=meta"], "model.init_device=meta is not available"),
     ],
 )
 def test_bad_recipe_values_name_the_key(recipe, overrides, message):
@@ -159,3 +161,13 @@ def test_scheduler_t_max_reaches_the_scheduler(recipe):
     assert build_scheduler(values).t_max == Time.from_timestring("5ba")
     default = validate_config(load_config(recipe, ["scheduler.t_warmup=0ba"]))
     assert build_scheduler(default).t_max == Time.from_timestring("1dur")
+
+
+def test_rank0_loading_needs_fsdp_with_several_ranks(recipe):
+    # model.init_device=mixed: rank 0 reads the source, FSDP broadcasts it; without FSDP it is refused
+    with pytest.raises(ConfigError, match=r"model.init_device=mixed needs FSDP \(set fsdp_config"):
+        validate_config(load_config(recipe, ["model.init_device=mixed"]), 2)
+    for overrides, world in ((["model.init_device=mixed"], 1), (["model.init_device=cpu"], 2)):
+        validate_config(load_config(recipe, overrides), world)
+    sharded = ["model.init_device=mixed", "fsdp_config.sharding_strategy=FULL_SHARD"]
+    assert validate_config(load_config(recipe, sharded), 2)["model"]["init_device"] == "mixed"

@@ -26,6 +26,9 @@ def from_pretrained(
     beside it or in the run folder, or given as ``config_path``). A pruning run's checkpoint is
     refused: its masks would be dropped and the unpruned model used in their place.
     ``dtype`` casts floating weights; ``attn_impl`` overrides the config's attention kernel choice.
+    ``device="meta"`` reads the config alone: the parameters stay on the meta device, without storage,
+    for a rank that receives its weights from rank 0 once FSDP has sharded the model (the RoPE
+    frequencies are real: they come from the config).
     """
     with open_checkpoint(path, config_path) as ckpt:
         if ckpt.has_l0_state():
@@ -37,6 +40,8 @@ def from_pretrained(
         config = ckpt.config if attn_impl is None else ckpt.config.replace(attn_impl=attn_impl)
         with parameters_on_meta():
             model = Decoder(config)
+        if torch.device(device).type == "meta":  # the shape alone: no tensor is read
+            return (model if dtype is None else model.to(dtype)).eval()
         state = {}
         for key in state_shapes(config):
             tensor = ckpt.tensors.get(key)
@@ -48,9 +53,14 @@ def from_pretrained(
     return model.eval()
 
 
-def load_teacher(path: str, dtype: torch.dtype, attn_impl: str) -> Teacher:
-    """The frozen teacher at ``path`` with ``dtype`` weights (the student's)."""
-    return Teacher(from_pretrained(path, dtype=dtype, attn_impl=attn_impl), path)
+def load_teacher(path: str, dtype: torch.dtype, attn_impl: str, on_meta: bool = False) -> Teacher:
+    """The frozen teacher at ``path`` with ``dtype`` weights (the student's).
+
+    ``on_meta``: build it on the meta device without reading its weights (``model.init_device: mixed`` on
+    ranks other than 0; :func:`llmshearing.training.fsdp.shard_teacher` broadcasts rank 0's weights).
+    """
+    device = "meta" if on_meta else "cpu"
+    return Teacher(from_pretrained(path, dtype=dtype, attn_impl=attn_impl, device=device), path)
 
 
 def checkpoint_vocab_size(path: str) -> int | None:

@@ -27,11 +27,11 @@ def build_model(
 
     Returns the model and the run description written to ``<save_folder>/config.json``.
     """
-    from llmshearing.convert.checkpoint import load_checkpoint
     from llmshearing.data.checks import check_vocab
 
     model_cfg = values["model"]
-    config, state_dict, hf_config = load_checkpoint(model_cfg["path"])
+    reads = reads_source_here(values)
+    config, state_dict, hf_config = read_source(model_cfg["path"], weights=reads)
     refuse_pruning_checkpoint(model_cfg["path"], state_dict)
     check_vocab(values["data_local"], config.vocab_size, model_cfg["path"])  # before any batch is read
     config = config.replace(
@@ -39,42 +39,104 @@ def build_model(
     )
     source = {"path": os.path.abspath(model_cfg["path"]), "dtype": stored_dtype(state_dict)}
     model = ComposerLlama(config, domains=domains, init_device="meta")  # no random init: weights come next
-    model.model.load_state_dict(master_weights(state_dict), strict=True, assign=True)
+    if reads:
+        model.model.load_state_dict(master_weights(state_dict), strict=True, assign=True)
+    del state_dict  # rank 0's tensors now live in the model only
     description = {
         "model": config.to_dict(),
         "hf_config": hf_config,
         "l0_module": None,
         "source": source,
         "precision": describe_precision(values["precision"], values["device"], source["dtype"]),
+        "loading": describe_loading(values),
         "train": values,
     }
     if model_cfg.get("l0_module"):
         from llmshearing.pruning import attach_l0_module
 
+        if not reads:  # the L0 module is built for real on every rank: it stays whole, never sharded
+            from llmshearing.pruning.l0_module import L0Module
+            from llmshearing.pruning.targets import L0Config
+
+            model.l0_module = L0Module(model.model.config, L0Config.from_dict(model_cfg["l0_module"]))
         l0 = attach_l0_module(model, model_cfg["l0_module"])
         description["l0_module"] = l0.l0_config.to_dict()
         if l0.l0_config.init_from is not None:  # log-alphas ranked by activation importance of the source
-            description["l0_init"] = initialize_masks(l0, model.model, values, train_dataset)
+            description["l0_init"] = initialize_masks(
+                l0, model.model, values, train_dataset, every_rank=loads_on_every_rank(values)
+            )
     if model_cfg.get("distillation"):  # validated (and its teacher path resolved) by validate_config
         from llmshearing.convert.loading import load_teacher
         from llmshearing.models.teacher import DistillationConfig
 
         distillation = DistillationConfig.from_dict(model_cfg["distillation"])
         dtype = teacher_dtype(values["precision"], values["device"])
-        model.attach_teacher(load_teacher(distillation.teacher, dtype, model_cfg["attn_impl"]), distillation)
+        teacher = load_teacher(distillation.teacher, dtype, model_cfg["attn_impl"], on_meta=not reads)
+        model.attach_teacher(teacher, distillation)
         description["distillation"] = distillation.to_dict()
     return model, description
+
+
+def loads_on_every_rank(values: dict[str, Any]) -> bool:
+    """Whether every rank reads the source and the teacher (``model.init_device: cpu``, or one process)."""
+    from composer.utils import dist
+
+    return values["model"].get("init_device", "cpu") != "mixed" or dist.get_world_size() == 1
+
+
+def reads_source_here(values: dict[str, Any]) -> bool:
+    """Whether this rank reads the source's (and the teacher's) weights: every rank, or rank 0 alone with
+    ``model.init_device: mixed`` (the others build on ``meta`` and FSDP broadcasts rank 0's weights)."""
+    from composer.utils import dist
+
+    return loads_on_every_rank(values) or dist.get_global_rank() == 0
+
+
+def describe_loading(values: dict[str, Any]) -> str:
+    """Which ranks read the source (and the teacher) into host memory; said at start-up, kept in config.json."""
+    from composer.utils import dist
+
+    world = dist.get_world_size()
+    what = "source and teacher" if values["model"].get("distillation") else "source"
+    if world == 1:
+        return f"{what} read in the one process"
+    if loads_on_every_rank(values):
+        return f"{what} read on every rank ({world} of {world} ranks, model.init_device=cpu)"
+    return (
+        f"{what} read on rank 0 (1 of {world} ranks, model.init_device=mixed), the other ranks built on meta; "
+        "broadcast to the shards once FSDP has wrapped the model"
+    )
+
+
+def read_source(path: str, weights: bool = True) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    """``(ModelConfig, tensors, hf_config)`` of the source checkpoint.
+
+    With ``weights=False`` nothing but the config and the tensors' metadata is read: the tensors' places
+    hold :class:`~llmshearing.convert.tensor_io.TensorMeta` (dtype and shape), enough for the checks and
+    the run description that every rank makes alike.
+    """
+    from llmshearing.convert.checkpoint import load_checkpoint, open_checkpoint
+
+    if weights:
+        return load_checkpoint(path)
+    with open_checkpoint(path) as ckpt:
+        return ckpt.config, {key: ckpt.tensors.meta(key) for key in ckpt.tensors.keys()}, ckpt.hf_config
 
 
 MASTER_DTYPE_NAME = "fp32"  # what the optimizer steps, whatever the source checkpoint stores
 
 
 def stored_dtype(state_dict: dict[str, Any]) -> str:
-    """The dtype the source checkpoint stores its floating weights in ("bf16", "fp32", ...; "a+b" if mixed)."""
+    """The dtype the source checkpoint stores its floating weights in ("bf16", "fp32", ...; "a+b" if mixed).
+
+    The values are tensors or anything else with a ``dtype`` (a ``TensorMeta`` on a rank that reads no weights).
+    """
     from llmshearing.convert.checkpoint import TORCH_DTYPES
 
     names = {dtype: name for name, dtype in TORCH_DTYPES.items()}
-    found = sorted({names.get(t.dtype, str(t.dtype)) for t in state_dict.values() if t.is_floating_point()})
+    found = sorted(
+        {names.get(t.dtype, str(t.dtype)) for t in state_dict.values() if t.dtype.is_floating_point}
+    )
     return "+".join(found) or MASTER_DTYPE_NAME
 
 
@@ -131,7 +193,9 @@ def teacher_dtype(precision: str, device: str | None) -> Any:
     return {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(precision, torch.float32)
 
 
-def initialize_masks(l0: Any, decoder: Any, values: dict[str, Any], dataset: Any = None) -> dict[str, Any]:
+def initialize_masks(
+    l0: Any, decoder: Any, values: dict[str, Any], dataset: Any = None, every_rank: bool = True
+) -> dict[str, Any]:
     """Rank the L0 module's log-alphas (``init_from``) before training; every rank must call this.
 
     ``init_from: importance`` calibrates on ``init_samples`` train samples read through the run's
@@ -142,7 +206,9 @@ def initialize_masks(l0: Any, decoder: Any, values: dict[str, Any], dataset: Any
     1 / world size of the time, and the ranking is the one a single process computes. Without a
     ``dataset`` (or for a scores file) rank 0 reads ``data_local`` (or the file) alone. Rank 0's
     log-alphas are then broadcast, so every rank starts bit-identical. The decoder goes back to the
-    CPU afterwards. Returns what it cost (logged and kept in config.json).
+    CPU afterwards. ``every_rank=False`` (``model.init_device: mixed``: the other ranks' decoders are on
+    ``meta``) has rank 0 calibrate alone on the first ``init_samples`` samples of ``dataset``. Returns
+    what it cost (logged and kept in config.json).
     """
     import time
 
@@ -156,7 +222,7 @@ def initialize_masks(l0: Any, decoder: Any, values: dict[str, Any], dataset: Any
     autocast_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(values["precision"])
     rank, world = dist.get_global_rank(), dist.get_world_size()
     source = l0.l0_config.init_from
-    shared = source == "importance" and dataset is not None  # every rank calibrates on its share
+    shared = source == "importance" and dataset is not None and every_rank  # every rank calibrates its share
     start = time.perf_counter()
     if rank == 0 and source == "importance":
         samples = l0.l0_config.init_samples
@@ -183,7 +249,7 @@ def initialize_masks(l0: Any, decoder: Any, values: dict[str, Any], dataset: Any
                     decoder,
                     values["data_local"],
                     values["device_eval_batch_size"],
-                    dataset=dataset if shared else None,
+                    dataset=dataset if shared or not every_rank else None,
                     rank=rank if shared else 0,
                     world_size=world if shared else 1,
                     progress=rank == 0,

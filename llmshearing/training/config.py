@@ -28,7 +28,7 @@ SCHEMA: dict[str, Any] = {
     "model": {
         "path": ANY,
         "allow_new_source": ANY,  # a resumed run may take another model.path / source dtype
-        "init_device": ANY,
+        "init_device": ANY,  # cpu (every rank reads the source) or mixed (rank 0 reads it; FSDP broadcasts)
         "attn_impl": ANY,
         "l0_module": ANY,  # validated by llmshearing.pruning
         "distillation": {  # validated by validate_distillation
@@ -237,9 +237,10 @@ def validate_config(cfg: DictConfig, world_size: int = 1, check_paths: bool = Tr
     from llmshearing.callbacks.eval_tasks import parse_eval_tasks
 
     parse_eval_tasks(values["eval_tasks"], check_paths)
-    from llmshearing.training.value_checks import check_l0_target, check_run_values
+    from llmshearing.training.value_checks import check_init_device, check_l0_target, check_run_values
 
     check_run_values(values)
+    check_init_device(values, world_size)
     check_l0_target(values["model"])
     return values
 

@@ -276,7 +276,42 @@ def ignored_fsdp2_keys(plan: FSDPPlan) -> list[str]:
 
 
 # --------------------------------------------------------------------------------- the teacher
-def shard_teacher(teacher: Teacher, plan: FSDPPlan, device: torch.device) -> str:
+def with_rank0_loading(plan: FSDPPlan) -> FSDPPlan:
+    """The plan for ``model.init_device: mixed`` (rank 0 holds the source, the other ranks build on meta).
+
+    FSDP1 is handed ``sync_module_states: true`` (Composer refuses meta ranks without it; FSDP1 then
+    broadcasts rank 0's weights into every shard). FSDP2 gets ``sync_module_states`` too: Composer's FSDP2
+    takes rank 0's full state dict, shards, materialises the meta ranks and broadcasts
+    (``set_model_state_dict(..., broadcast_from_rank0=True)``), buffers included.
+    """
+    if plan.version == 1:
+        return FSDPPlan(
+            1,
+            plan.settings,
+            {"fsdp": {**plan.parallelism["fsdp"], "sync_module_states": True}},
+            plan.mesh,
+            plan.note,
+        )
+    config = plan.parallelism["fsdp"]
+    config.sync_module_states = True
+    return plan
+
+
+def broadcast_from_rank0(module: nn.Module, full_state: dict[str, Tensor], device: torch.device) -> None:
+    """Give every rank rank 0's weights of ``module`` (sharded by ``fully_shard`` or whole); collective.
+
+    Rank 0 passes its full state dict (taken before sharding) and holds real tensors; the other ranks pass
+    ``{}`` and hold ``module`` on the meta device, which is materialised here and filled from rank 0.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        module.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(module, full_state, options=options)
+
+
+def shard_teacher(teacher: Teacher, plan: FSDPPlan, device: torch.device, from_rank0: bool = False) -> str:
     """Shard a distillation teacher's blocks over the ranks as the student is; returns a one-line summary.
 
     The teacher sits outside the student's module tree, so Composer does not wrap it. Its blocks are
@@ -285,14 +320,25 @@ def shard_teacher(teacher: Teacher, plan: FSDPPlan, device: torch.device) -> str
     ``NO_SHARD`` keeps the teacher whole. The embeddings, final norm and output head stay whole on
     every rank: the distillation loss applies the head to one chunk of positions at a time, outside
     the teacher's forward. Every rank must call this (it communicates).
+
+    ``from_rank0`` (``model.init_device: mixed``): rank 0 alone read the teacher, the other ranks hold it
+    on the meta device; once sharded, every rank's part is broadcast from rank 0.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    decoder = teacher.module().to(device)
+    decoder = teacher.module()
+    on_meta = any(p.is_meta for p in decoder.parameters())
+    if not on_meta:
+        decoder = decoder.to(device)
     total = sum(p.numel() for p in decoder.parameters())
     world = tdist.get_world_size() if tdist.is_initialized() else 1
+    from_rank0 = from_rank0 and world > 1
+    full_state = decoder.state_dict() if from_rank0 and tdist.get_rank() == 0 else {}
     if world == 1 or plan.sharding_strategy == "NO_SHARD":
+        if from_rank0:
+            broadcast_from_rank0(decoder, full_state, device)
+            teacher.set_module(decoder)
         return f"distillation teacher: whole on every rank ({total:,} parameters)"
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     hybrid = plan.sharding_strategy in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2") and world > local_world
@@ -315,6 +361,9 @@ def shard_teacher(teacher: Teacher, plan: FSDPPlan, device: torch.device) -> str
     fully_shard(
         decoder, mesh=mesh, reshard_after_forward=True, ignored_params=own
     )  # the root: blocks free after use
+    if from_rank0:
+        broadcast_from_rank0(decoder, full_state, device)
+        del full_state
     teacher.set_module(decoder)
     local = sum(_local_numel(p) for p in decoder.parameters())
     return (

@@ -172,6 +172,28 @@ def check_settings(section: str, entries: dict[str, Any], classes: dict[str, typ
                 )
 
 
+INIT_DEVICES = ("cpu", "mixed")
+
+
+def check_init_device(values: dict[str, Any], world_size: int = 1) -> None:
+    """``model.init_device``: ``cpu`` (every rank reads the source, the default) or ``mixed`` (llm-foundry's
+    name: rank 0 reads the source and the teacher, the other ranks build them on ``meta`` and receive their
+    shards from rank 0 once FSDP has wrapped the model). ``mixed`` needs FSDP when there are several ranks."""
+    value = values["model"].get("init_device")
+    if value == "meta":
+        raise ConfigError(
+            "model.init_device=meta is not available: the weights always come from model.path; use "
+            "model.init_device=mixed (rank 0 reads the source, the other ranks build on meta) or cpu (every rank reads it)"
+        )
+    check_choice("model.init_device", value, INIT_DEVICES)
+    if value == "mixed" and world_size > 1 and not values.get("fsdp_config"):
+        raise ConfigError(
+            "model.init_device=mixed needs FSDP (set fsdp_config, e.g. fsdp_config.sharding_strategy=FULL_SHARD): "
+            "rank 0's weights reach the other ranks through FSDP's broadcast; without sharding every rank holds "
+            "the whole model anyway, so use model.init_device=cpu"
+        )
+
+
 def check_l0_settings(model: dict[str, Any]) -> None:
     """``model.l0_module`` on its own (the target is checked against the source when it is loaded)."""
     if model.get("l0_module") is None:
