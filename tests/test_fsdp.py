@@ -48,6 +48,7 @@ PRUNE_EXTRA = [
     "model.l0_module.lagrangian_warmup_steps=0ba",
 ]
 CONTINUED_EXTRA = ["callbacks.sample_log={}", "max_duration=8ba", "callbacks.data_loading.loss_source=train"]
+RANK0 = "model.init_device=mixed"  # rank 0 reads the source (and the teacher); FSDP broadcasts to the shards
 LAUNCHER = os.path.join(os.path.dirname(sys.executable), "composer")
 PORTS = iter(range(29811, 29899))
 
@@ -103,8 +104,20 @@ def runs(tiny_source, tiny_mds, tmp_path_factory):
     distil_log = _sharded(
         CONTINUED, _args(tiny_source, tiny_mds, root / "cont-fsdp", *CONTINUED_EXTRA, *distil, *FULL, *icl)
     )
+    # the same run with the source and the teacher read on rank 0 alone (no downstream tasks: they do not
+    # touch the training, test_fsdp2_downstream_scores_match_one_process)
+    mixed_log = _sharded(
+        CONTINUED,
+        _args(tiny_source, tiny_mds, root / "cont-mixed", *CONTINUED_EXTRA, *distil, *FULL, RANK0),
+    )
     clean_stale_shared_memory()
-    return {"root": root, "log": log, "distil_log": distil_log, "teacher": tiny_source}
+    return {
+        "root": root,
+        "log": log,
+        "distil_log": distil_log,
+        "mixed_log": mixed_log,
+        "teacher": tiny_source,
+    }
 
 
 def _assert_same_run(one: Path, fsdp: Path) -> None:
@@ -180,22 +193,40 @@ def test_fsdp2_downstream_scores_match_one_process(runs):
     # prune-fsdp (test_sharded_run_resumes_bit_identically)
 
 
+def _assert_identical_training(every_rank: Path, rank0: Path) -> None:
+    """Losses, mix, L0 statistics and the saved model of two runs bit for bit (the metrics ``rank0`` logs)."""
+    a, b = _metrics(every_rank), _metrics(rank0)
+    compared = [k for k in b if not k[1].startswith(("distill/teacher_", "wall_clock/", "time/"))]
+    assert any(k[1].startswith("loss/train") for k in compared)
+    assert not [k for k in compared if a.get(k) != b[k]], [
+        (k, a.get(k), b[k]) for k in compared if a.get(k) != b[k]
+    ][:5]
+    weights_a, weights_b = _model(every_rank), _model(rank0)
+    assert weights_a.keys() == weights_b.keys()
+    for key, value in weights_a.items():
+        assert torch.equal(weights_b[key], value), key
+
+
 @pytest.mark.slow
 def test_sharded_run_resumes_bit_identically(runs, tiny_source, tiny_mds):
+    # the stopped-and-resumed run also reads the source on rank 0 alone (model.init_device=mixed), the
+    # straight one on every rank: the masks, losses and checkpoints must not tell them apart
     from streaming.base.util import clean_stale_shared_memory
 
     straight, resumed = runs["root"] / "prune-fsdp", runs["root"] / "prune-resumed"
-    args = _args(tiny_source, tiny_mds, resumed, *PRUNE_EXTRA, *SHARDED, "autoresume=true")
+    args = _args(tiny_source, tiny_mds, resumed, *PRUNE_EXTRA, *SHARDED, "autoresume=true", RANK0)
     clean_stale_shared_memory()
-    _sharded(PRUNE, args, script=["tests/scripts/train_until.py", "6"], expect=3)  # stops mid-interval
+    first = _sharded(
+        PRUNE, args, script=["tests/scripts/train_until.py", "6"], expect=3
+    )  # stops mid-interval
+    assert "source read on rank 0 (1 of 2 ranks, model.init_device=mixed)" in first, first[-3000:]
+    assert "calibrating on 8 train samples (on rank 0)" in first  # the other ranks hold no weights yet
+    assert "source read on every rank (2 of 2 ranks" in runs["log"]
     assert os.readlink(resumed / "checkpoints" / "latest-rank0.pt") == "ep1-ba6"
     _sharded(PRUNE, args)
     clean_stale_shared_memory()
-
-    a, b = _model(straight), _model(resumed)
-    assert any(k.startswith("l0_module.multipliers") for k in a)
-    for key, value in a.items():
-        assert torch.equal(value, b[key]), key
+    _assert_identical_training(straight, resumed)  # losses, L0 statistics, weights, log-alphas, multipliers
+    assert any(k.startswith("l0_module.multipliers") for k in _model(resumed))
     for name in ("ba4.pt", "ba8.pt", "ba12.pt"):
         masks_a = torch.load(straight / "masks" / name, weights_only=False)["masks"]
         masks_b = torch.load(resumed / "masks" / name, weights_only=False)["masks"]
@@ -207,6 +238,25 @@ def test_sharded_run_resumes_bit_identically(runs, tiny_source, tiny_mds):
         assert read_sample_log(str(straight / f"samples-rank{rank}.jsonl")) == read_sample_log(
             str(resumed / f"samples-rank{rank}.jsonl")
         )
+
+
+@pytest.mark.slow
+def test_rank0_loading_of_source_and_teacher_matches_every_rank_loading(runs):
+    """Continued pretraining with distillation (SHARD_GRAD_OP, full checkpoints, tied embeddings) with the
+    source and the teacher read on rank 0 alone: losses (the KD term included) and the saved checkpoint
+    bit-identical to the run where every rank reads both (pruning: test_sharded_run_resumes_bit_identically)."""
+    log = runs["mixed_log"]
+    assert (
+        "source and teacher read on rank 0 (1 of 2 ranks, model.init_device=mixed), the other ranks built on "
+        "meta; broadcast to the shards once FSDP has wrapped the model"
+    ) in log, log[-3000:]
+    assert "source and teacher read on every rank (2 of 2 ranks, model.init_device=cpu)" in runs["distil_log"]
+    assert "teacher: blocks sharded over 2 ranks" in log
+    every_rank, rank0 = runs["root"] / "cont-fsdp", runs["root"] / "cont-mixed"
+    assert any(name == "loss/train/kd" for _, name in _metrics(rank0))
+    _assert_identical_training(every_rank, rank0)
+    description = json.loads((rank0 / "config.json").read_text())
+    assert description["loading"].startswith("source and teacher read on rank 0")
 
 
 @pytest.mark.slow
@@ -285,6 +335,29 @@ def test_fsdp1_is_chosen_on_gpus_and_fsdp2_translates_the_strategy():
     assert resolve_fsdp(None, cuda=True, environ={}) is None
     with pytest.raises(FSDPConfigError, match="must be a mapping"):
         resolve_fsdp("FULL_SHARD", cuda=True, environ={})
+
+
+def test_rank0_loading_turns_on_sync_module_states_for_both_fsdp_versions():
+    from composer.utils.parallelism import FSDPConfig
+
+    from llmshearing.training.fsdp import with_rank0_loading
+
+    fsdp1 = with_rank0_loading(resolve_fsdp({"sharding_strategy": "FULL_SHARD"}, cuda=True, environ={}))
+    handed = FSDPConfig(**fsdp1.parallelism["fsdp"])  # Composer refuses meta ranks without it
+    assert handed.sync_module_states and not handed.activation_checkpointing_reentrant
+    fsdp2 = with_rank0_loading(
+        resolve_fsdp({"sharding_strategy": "FULL_SHARD"}, environ={"FSDP_VERSION": "2"})
+    )
+    assert fsdp2.parallelism["fsdp"].sync_module_states
+
+
+def test_a_teacher_on_meta_reads_no_weights(tiny_source):
+    from llmshearing.convert.loading import load_teacher
+
+    teacher = load_teacher(tiny_source, torch.float32, "sdpa", on_meta=True)
+    decoder = teacher.module()
+    assert all(p.is_meta and not p.requires_grad for p in decoder.parameters())
+    assert decoder.inv_freq.device.type == "cpu" and torch.isfinite(decoder.inv_freq).all()  # RoPE is real
 
 
 def test_a_teacher_stays_whole_in_one_process_and_with_no_shard(tiny_source):

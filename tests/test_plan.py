@@ -274,6 +274,18 @@ def test_plan_command_json(capsys):
     assert plan["tokens_per_step"] == 32 * 4096
 
 
+def test_plan_host_memory_with_rank0_loading(capsys):
+    # model.init_device=mixed: rank 0 alone reads the source, so node 0 holds one copy instead of eight
+    args = ["plan", PAPER_PRUNE, "--gpus", "8", "--source-config", LLAMA2_7B, "--json"]
+    assert main(args) == 0
+    every_rank = json.loads(capsys.readouterr().out)["host_bytes_per_node"]
+    assert main([*args[:2], "model.init_device=mixed", *args[2:]]) == 0
+    rank0 = json.loads(capsys.readouterr().out)["host_bytes_per_node"]
+    assert every_rank == 8 * rank0 and rank0 == 4 * 6_738_415_616
+    assert main([*args[:2], "model.init_device=mixed", *args[2:-1]]) == 0
+    assert "rank 0 alone reads the whole source" in capsys.readouterr().out
+
+
 def test_plan_that_does_not_fit_exits_1_naming_stage_shortfall_and_gpus(capsys):
     code = main(
         [

@@ -246,9 +246,10 @@ def plan_text(plan: Any, recipe: str, sources: dict[str, str]) -> str:
     stated = f" of {gib(hw.host_memory)} stated" if hw.host_memory else ""
     verdict = "" if plan.host_fits else " DOES NOT FIT"
     read = "the whole source and the whole teacher" if shape.teacher is not None else "the whole source"
+    who = "rank 0 alone reads" if shape.rank0_loading else "every rank reads"  # init_device: mixed or cpu
     lines.append(
-        f"host memory per node at start-up: {gib(plan.host_total)}{stated}{verdict} ({host}; today every rank "
-        f"reads {read} into host memory before FSDP shards them)"
+        f"host memory per node at start-up: {gib(plan.host_total)}{stated}{verdict} ({host}; {who} {read} into "
+        "host memory before FSDP shards them)"
     )
     speed = plan.speed
     lines.append(

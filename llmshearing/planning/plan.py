@@ -71,6 +71,7 @@ class RunShape:
     kd_chunk: int | None = None
     ranking: bool = False  # init_from: importance calibrates on one GPU before sharding
     source_dtype_bytes: int = 2
+    rank0_loading: bool = False  # model.init_device: mixed under FSDP: rank 0 alone reads source and teacher
 
 
 def run_shape(values: dict[str, Any], student: ModelConfig, teacher: ModelConfig | None) -> RunShape:
@@ -100,6 +101,7 @@ def run_shape(values: dict[str, Any], student: ModelConfig, teacher: ModelConfig
         mixed_precision=str(settings.get("mixed_precision", "DEFAULT")).upper(),
         checkpointing=bool(settings.get("activation_checkpointing", False)),
         flash=model.get("attn_impl", "auto") in ("auto", "flash"),
+        rank0_loading=fsdp is not None and model.get("init_device") == "mixed",
         l0_families=tuple(l0.get("pruning_modules") or ("layer", "head", "intermediate", "hidden"))
         if l0
         else (),
@@ -214,11 +216,14 @@ def stages(shape: RunShape, hardware: Hardware) -> list[StagePlan]:
 
 
 def host_memory(shape: RunShape, hardware: Hardware) -> dict[str, int]:
-    """Host memory per node at start-up: today every rank reads the whole source and upcasts it to
-    fp32 master weights, and reads the whole teacher in the compute precision, before FSDP shards them."""
+    """Host memory per node at start-up: every rank reads the whole source and upcasts it to fp32 master
+    weights, and reads the whole teacher in the compute precision, before FSDP shards them; with
+    ``model.init_device: mixed`` rank 0 alone does (the busiest node is node 0)."""
     per_rank = {"source as fp32 master weights": FP32 * shape.student.num_params()}
     if shape.teacher is not None:
         per_rank["teacher"] = step_dtypes(shape.precision, None).teacher * shape.teacher.num_params()
+    if shape.rank0_loading:
+        return {f"{name} on rank 0 alone": value for name, value in per_rank.items()}
     ranks = hardware.ranks_per_node
     where = f"on each of {ranks} ranks" if ranks > 1 else "on the one rank"
     return {f"{name} {where}": value * ranks for name, value in per_rank.items()}
