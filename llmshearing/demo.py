@@ -14,6 +14,11 @@ Steps (each one the command a user would run; finished steps are reused on a sec
   7. ``llmshearing convert composer-to-hf``, then load the export with plain transformers
   8. ``llmshearing report`` for the training runs and a summary
 
+Each model (source, pruned, continued) is scored on the test split twice: its per-domain loss, and its
+0-shot accuracy on two downstream tasks built from that split (`llmshearing.harness.heldout`:
+``heldout_cloze``, LAMBADA's last-word format, and ``heldout_mc``, the true continuation among four)
+through lm-eval, as ``llmshearing evaluate --tasks`` scores them.
+
 The default method is the quality benchmark's best configuration at CPU budgets (one-shot pruning +
 distillation + the floored dynamic mix: ``bench/results/README.md``); ``--method l0`` runs the L0 path.
 """
@@ -40,6 +45,7 @@ EVAL_SEQS = 16
 FILES_PER_DOMAIN = 4
 CODE_CHARS = 700_000
 PROMPT = "def read_config(path):\n"
+DOWNSTREAM_LIMIT = None  # items per downstream task (None: every item the test split gives)
 
 
 def smollm2_gguf() -> Path:
@@ -138,6 +144,42 @@ def _losses(
     return {r.domain: r.loss for r in results}
 
 
+def downstream_tasks(data: Path, tokenizer: Path, out: Path) -> dict[str, int]:
+    """Write ``heldout_cloze`` and ``heldout_mc`` from ``data``'s test split into ``out`` (every item is a test
+    item: they are scored 0-shot); returns each task's items."""
+    from llmshearing.harness.heldout import build_heldout_tasks
+
+    return build_heldout_tasks(
+        str(data), str(tokenizer), str(out), max_per_domain=None, fewshot=0, overwrite=True
+    )
+
+
+def _downstream(model_path: Path, tasks: Path, tokenizer: Path) -> dict[str, float]:
+    """0-shot accuracy of a model on the tasks in ``tasks`` (lm-eval prints its table)."""
+    from llmshearing.harness.heldout import score_heldout
+
+    print("downstream tasks (test split):", flush=True)
+    return score_heldout(str(model_path), str(tasks), limit=DOWNSTREAM_LIMIT, tokenizer=str(tokenizer))
+
+
+def downstream_lines(scores: dict[str, dict[str, float]], items: dict[str, int]) -> list[str]:
+    """The summary's table of downstream accuracy per stage (nothing when no stage was scored)."""
+    from llmshearing.harness.heldout import METRICS
+
+    if not scores:
+        return []
+    counts = {t: n if DOWNSTREAM_LIMIT is None else min(n, DOWNSTREAM_LIMIT) for t, n in items.items()}
+    stages = list(scores)
+    return [
+        "",
+        "downstream accuracy, 0-shot through lm-eval, on tasks built from the test split ("
+        + ", ".join(f"{task} {count} items" for task, count in counts.items())
+        + "; chance: cloze ~0, mc 0.25):",
+        f"{'metric':<12}" + "".join(f"{s:>22}" for s in stages),
+        *(f"{m:<12}" + "".join(f"{scores[s][m]:>22.3f}" for s in stages) for m in METRICS),
+    ]
+
+
 def _generate(hf_dir: Path) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,8 +227,17 @@ def continued_steps(method: str) -> int:
     return recipe_steps(CONTINUE_RECIPE) + extra
 
 
-def summary(out: Path, work: Path, losses: dict[str, dict[str, float]], sample: str, steps: Steps) -> str:
-    """The demo's report; ``work`` is the folder of one method's runs (``out/<method>``)."""
+def summary(
+    out: Path,
+    work: Path,
+    losses: dict[str, dict[str, float]],
+    sample: str,
+    steps: Steps,
+    downstream: dict[str, dict[str, float]] | None = None,
+    items: dict[str, int] | None = None,
+) -> str:
+    """The demo's report; ``work`` is the folder of one method's runs (``out/<method>``); ``downstream``:
+    each stage's accuracies on the ``items`` of the downstream tasks."""
     from llmshearing.models.config import ModelConfig
 
     source, pruned = (
@@ -211,6 +262,7 @@ def summary(out: Path, work: Path, losses: dict[str, dict[str, float]], sample: 
     ]
     for d in domains:
         lines.append(f"{d:<10}" + "".join(f"{losses[s][d]:>22.4f}" for s in stages))
+    lines += downstream_lines(downstream or {}, items or {})
     runs = [work / run for run in ("prune", "continued") if (work / run / "metrics.jsonl").is_file()]
     for run in runs:
         weights = _weights(run)
@@ -246,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    python, steps, losses = sys.executable, Steps(), {}
+    python, steps, losses, downstream = sys.executable, Steps(), {}, {}
     cli = [python, "-m", "llmshearing.cli"]
 
     raw, source, mds = out / "raw", out / "source", out / "mds"
@@ -283,6 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     losses["source"] = steps.run(
         "   evaluate the source model (test split)", func=lambda: _losses(source, mds)
     )
+    tasks = out / "tasks"
+    items = steps.run(
+        "   build downstream tasks from the test split", func=lambda: downstream_tasks(mds, source, tasks)
+    )
+    print(", ".join(f"{task}: {count} items" for task, count in items.items()) + f" in {tasks}")
+    downstream["source"] = steps.run(
+        "   downstream tasks: source model", func=lambda: _downstream(source, tasks, source)
+    )
 
     work = out / args.method  # the corpus, the source and the data are shared by both methods
     prune_run, pruned = work / "prune", work / "pruned"
@@ -307,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             + ["--samples", samples],
         )
     losses["pruned"] = steps.run("   evaluate the pruned model", func=lambda: _losses(pruned, mds))
+    downstream["pruned"] = steps.run(
+        "   downstream tasks: pruned model", func=lambda: _downstream(pruned, tasks, source)
+    )
 
     cont_run, hf = work / "continued", work / "hf"
     target_loss = "[" + ",".join(f"{reference[d]:.4f}" for d in sorted(reference)) + "]"
@@ -342,11 +405,14 @@ def main(argv: list[str] | None = None) -> int:
     losses["continued (HF export)"] = steps.run(
         "   evaluate the export with plain transformers", func=lambda: _losses(hf, mds, transformers=True)
     )
+    downstream["continued (HF export)"] = steps.run(
+        "   downstream tasks: the export", func=lambda: _downstream(hf, tasks, source)
+    )
     sample = steps.run("   generate with plain transformers", func=lambda: _generate(hf))
     if args.method == "l0":
         steps.run("8. report plots (pruning)", [*cli, "report", prune_run])
     steps.run("   report plots (continued)", [*cli, "report", cont_run])
-    print(summary(out, work, losses, sample, steps))
+    print(summary(out, work, losses, sample, steps, downstream, items))
     return 0
 
 

@@ -6,6 +6,8 @@ The whole demo runs in ``make demo`` (minutes); its reuse of finished runs is te
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -42,3 +44,43 @@ def test_method_flag(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--help"])
     assert "--method {oneshot,l0}" in capsys.readouterr().out
+
+
+def test_summary_shows_downstream_accuracy_of_each_stage(tmp_path, monkeypatch, capsys):
+    """The demo's downstream steps on a tiny model: tasks from a test split, scored through lm-eval, and the
+    summary's table beside the test losses (the real run is ``make demo``)."""
+    from conftest import write_tiny_source
+    from test_harness import write_byte_tokenizer
+    from test_heldout_tasks import byte_split
+
+    from llmshearing.harness.heldout import CLOZE, MC
+
+    out, work = tmp_path / "out", tmp_path / "out" / "oneshot"
+    source = out / "source"
+    write_tiny_source(str(source), seed=3, vocab_size=260, max_seq_len=1024)
+    write_byte_tokenizer(source)
+    work.mkdir()
+    shutil.copytree(source, work / "pruned")
+    items = demo.downstream_tasks(byte_split(tmp_path / "mds", source), source, out / "tasks")
+    assert items == {CLOZE: 20, MC: 20}  # every item is a test item (scored 0-shot)
+    monkeypatch.setattr(demo, "DOWNSTREAM_LIMIT", 3)
+    scores = demo._downstream(work / "pruned", out / "tasks", source)
+    assert set(scores) == {"cloze acc", "mc acc", "mc acc_norm"}
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
+    assert CLOZE in capsys.readouterr().out  # lm-eval's table of the step
+
+    losses = {stage: {"code": 3.0, "docs": 4.0} for stage in ("source", "pruned")}
+    downstream = {"source": {name: 0.5 for name in scores}, "pruned": scores}
+    text = demo.summary(out, work, losses, "sample", demo.Steps(), downstream, items)
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("downstream accuracy"))
+    assert f"{CLOZE} 3 items, {MC} 3 items" in lines[head]  # the limit is said
+    assert lines[head + 1].split() == ["metric", "source", "pruned"]
+    rows = {line[:12].strip(): line[12:].split() for line in lines[head + 2 : head + 5]}
+    assert rows == {name: ["0.500", f"{scores[name]:.3f}"] for name in ("cloze acc", "mc acc", "mc acc_norm")}
+    assert (
+        lines.index("per-domain test loss (held-out documents that neither training nor the data mix reads):")
+        < head
+    )
+    # no downstream scores: no table
+    assert "downstream accuracy" not in demo.summary(out, work, losses, "sample", demo.Steps())

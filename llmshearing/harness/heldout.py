@@ -158,10 +158,26 @@ def build_heldout_tasks(
     return {task: len(rows) - fewshot for task, rows in items.items()}
 
 
-def score_heldout(model: str, task_dir: str, batch_size: int = 8) -> dict[str, float]:
+def score_heldout(
+    model: str,
+    task_dir: str,
+    batch_size: int = 8,
+    limit: int | None = None,
+    tokenizer: str | None = None,
+    device: str | None = None,
+) -> dict[str, float]:
     """``{"cloze acc", "mc acc", "mc acc_norm"}`` of a checkpoint on the tasks in ``task_dir``: 0-shot, every
-    test item, through `llmshearing evaluate --tasks` (which prints its table)."""
+    test item (the first ``limit`` of each task when given), through `llmshearing evaluate --tasks` (which
+    prints its table); ``tokenizer`` and ``device`` as its ``--tokenizer`` and ``--device``."""
     from llmshearing.harness.runner import evaluate_tasks
 
-    results = evaluate_tasks(model, f"{CLOZE},{MC}", batch_size=str(batch_size), include_paths=[task_dir])
+    results = evaluate_tasks(
+        model,
+        f"{CLOZE},{MC}",
+        limit=limit,
+        batch_size=str(batch_size),
+        device=device,
+        include_paths=[task_dir],
+        tokenizer=tokenizer,
+    )
     return {name: float(results["results"][task][key]) for name, (task, key) in METRICS.items()}
