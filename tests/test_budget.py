@@ -15,13 +15,20 @@ from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.budget import (
     BudgetError,
     ShapeSpace,
+    budget_candidates,
     choose_shape,
     enumerate_shapes,
     forward_flops_per_token,
     parse_budget,
     scoring_candidates,
 )
-from llmshearing.pruning.targets import SHAPE_KEYS, L0Config, check_loadable_shape, target_config
+from llmshearing.pruning.targets import (
+    SHAPE_KEYS,
+    L0Config,
+    check_loadable_shape,
+    prunable_params,
+    target_config,
+)
 from llmshearing.recipe_file import ConfigError
 from llmshearing.training.config import load_config, validate_config
 
@@ -247,3 +254,109 @@ def test_a_pruning_run_says_which_shape_its_budget_resolved_to(
         "intermediate_size": 48,
     }
     assert line.endswith(l0["budget_choice"])
+
+
+# ------------------------------------------------------------------------------ learned budget shape
+LEARNED_FAMILIES = ["layer", "head", "kv_head", "intermediate", "hidden"]
+
+
+def learned_l0(budget: float, **extra) -> L0Config:
+    return L0Config(
+        pruning_modules=LEARNED_FAMILIES,
+        target_budget={"params": budget, "tolerance": 0.2},
+        budget_shape="learned",
+        bounded_scores=True,
+        **extra,
+    )
+
+
+def test_budget_shape_settings_are_checked() -> None:
+    with pytest.raises(
+        ValueError, match=r"model\.l0_module\.budget_shape must be one of \['proportional', 'learned'\]"
+    ):
+        L0Config(target_budget={"params": 1e6}, budget_shape="searched")
+    with pytest.raises(ValueError, match=r"budget_shape=learned needs model\.l0_module\.target_budget"):
+        L0Config(target_sparsity=0.5, budget_shape="learned")
+
+
+def test_a_learned_budget_trains_under_the_proportional_shapes_sparsity(
+    tiny_source: str, tiny_mds: str
+) -> None:
+    budget = TINY.replace(n_layers=2).num_params()
+    values = tiny_recipe(
+        tiny_source,
+        tiny_mds,
+        f"model.l0_module.target_budget={{params: {budget}}}",
+        "model.l0_module.budget_shape=learned",
+    )
+    l0 = values["model"]["l0_module"]
+    assert l0["target_model"] is None and l0["target_budget"] == {"params": budget}
+    assert f"budget params={budget:.4g}, shape learned" in l0["budget_choice"]
+    plan = L0Config.from_dict(l0).resolve(TINY)
+    best, _ = choose_shape(
+        TINY, parse_budget({"params": budget}, "b"), ShapeSpace(frozen=frozenset({"n_kv_heads"}))
+    )
+    assert plan.target is None and plan.keep == {}
+    assert plan.global_sparsity == pytest.approx(1.0 - prunable_params(best.config) / prunable_params(TINY))
+
+
+def test_learned_shape_rounds_the_expected_sizes_to_the_nearest_shape_within_budget() -> None:
+    import torch
+
+    from llmshearing.models.decoder import Decoder
+    from llmshearing.pruning.fold import prune_decoder
+    from llmshearing.pruning.l0_module import L0Module
+
+    budget = int(0.8 * TINY.num_params())
+    module = L0Module(TINY, learned_l0(budget))
+    labels = sorted(c.label() for c in budget_candidates(module.l0_config, TINY))
+    assert labels == ["2L/4H/2KV/32d/48I", "3L/1H/1KV/32d/48I"]
+    # every unit kept: the nearest shape within the budget is the one that keeps the most
+    assert module.learned_shape()[0] == {
+        "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_model": 32, "intermediate_size": 48,
+    }  # fmt: skip
+    bound = module.l0_config.log_alpha_clamp
+    with torch.no_grad():  # the masks keep every layer, one KV group per layer and one head per group
+        module.log_alpha["kv_head"].copy_(torch.tensor([bound, -bound]).expand(3, 2))
+        module.log_alpha["head"].copy_(torch.tensor([bound, -bound, bound, -bound]).expand(3, 4))
+    expected = module.expected_shape()
+    assert [expected[k] for k in SHAPE_KEYS] == pytest.approx([3.0, 1.0, 1.0, 32.0, 48.0], rel=1e-5)
+    shape, why = module.learned_shape()
+    assert shape == {"n_layers": 3, "n_heads": 1, "n_kv_heads": 1, "d_model": 32, "intermediate_size": 48}
+    assert why.startswith("learned shape 3L/1H/1KV/32d/48I: the masks expect 3.0/1.0/1.0/32.0/48.0")
+    assert "nearest of 2 valid shapes within the budget" in why
+    folded = prune_decoder(Decoder(TINY), module.deterministic_masks(at_target=True)).config
+    assert shape_of(folded) == (3, 1, 1, 32, 48)
+    assert 0.8 * budget <= folded.num_params() <= budget
+    with torch.no_grad():  # every head kept, one layer dropped
+        module.log_alpha["kv_head"].fill_(bound)
+        module.log_alpha["head"].fill_(bound)
+        module.log_alpha["layer"].copy_(torch.tensor([bound, -bound, bound]))
+    assert module.learned_shape()[0]["n_layers"] == 2
+    assert shape_of(prune_decoder(Decoder(TINY), module.deterministic_masks()).config) == (2, 4, 2, 32, 48)
+
+
+@pytest.mark.slow
+def test_a_learned_budget_run_folds_to_a_shape_within_the_budget_and_says_why(
+    tiny_source, tiny_mds, tmp_path, capsys
+) -> None:
+    from llmshearing import train
+
+    budget = TINY.replace(n_layers=2).num_params()
+    folder = tmp_path / "run"
+    overrides = [
+        f"model.path={tiny_source}", f"data_local={tiny_mds}", "model.l0_module.target_model=null",
+        f"model.l0_module.target_budget={{params: {budget}}}", "model.l0_module.budget_shape=learned",
+        "max_duration=2ba", "eval_interval=2ba", "scheduler.t_warmup=1ba", "save_interval=2ba",
+        f"save_folder={folder}",
+    ]  # fmt: skip
+    assert train.main([str(ROOT / "yamls" / "tiny" / "prune.yaml"), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert f"llmshearing: budget params={budget:.4g}, shape learned" in printed
+    out = tmp_path / "pruned"
+    assert cli.main(["prune-model", str(folder / "checkpoints" / "latest-rank0.pt"), str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "pruned to the shape the masks learned within the budget:" in summary
+    assert "learned shape " in summary and "within the budget" in summary
+    pruned = load_checkpoint(out)[0]
+    assert 0.95 * budget <= pruned.num_params() <= budget

@@ -287,6 +287,9 @@ class L0Pruning(Algorithm):
             "floored": floored_units(masks),  # kept units whose learned value is at the floor
         }
         log_floored(payload["floored"], f"masks at batch {batch}")
+        if at_target and module.learns_budget_shape:
+            payload["shape_choice"] = module.learned_shape()[1]
+            log.info("masks at batch %d: %s", batch, payload["shape_choice"])
         if module.plan.target is not None and not at_target:
             payload["target_masks"] = {
                 k: v.cpu() for k, v in module.deterministic_masks(at_target=True).items()

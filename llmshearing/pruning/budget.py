@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmshearing.models.config import ModelConfig
-from llmshearing.pruning.targets import SHAPE_KEYS
+from llmshearing.pruning.targets import SHAPE_KEYS, prunable_params
 
 KINDS = ("params", "non_embedding_params", "memory", "tokens_per_second")
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -424,8 +424,45 @@ def resolve_l0_budget(settings: Mapping[str, Any], source: ModelConfig) -> tuple
         best, why = choose_shape(source, budget, space)
     except BudgetError as err:
         raise BudgetError(f"{key}: {err}") from None
+    if l0.budget_shape == "learned":  # the budget stays: the masks learn the shape, the fold rounds it
+        sparsity = 1.0 - prunable_params(best.config) / prunable_params(source)
+        why = (
+            f"budget {budget.describe()}, shape learned: the masks learn where to cut under a global target "
+            f"sparsity of {sparsity:.4f} (the prunable parameters of {best.label()}, the budget's proportional "
+            "shape); the fold rounds their expected sizes to the nearest valid shape within the budget"
+        )
+        return {**dict(settings), "budget_choice": why}, why
     resolved = {**dict(settings), "target_budget": None, "target_model": best.shape, "budget_choice": why}
     return resolved, why
+
+
+def learned_budget_sparsity(l0: Any, source: ModelConfig) -> float:
+    """The global target sparsity under which masks learn a shape for ``l0.target_budget``: the share of
+    prunable parameters that the budget's proportional shape (:func:`choose_shape`) removes."""
+    from llmshearing.pruning.targets import PREFIX
+
+    budget = parse_budget(l0.target_budget, f"{PREFIX}.target_budget")
+    best, _ = choose_shape(source, budget, ShapeSpace(frozen=frozen_keys(l0.pruning_modules, source)))
+    return 1.0 - prunable_params(best.config) / prunable_params(source)
+
+
+def budget_candidates(l0: Any, source: ModelConfig) -> list[Candidate]:
+    """Every valid shape within ``l0.target_budget`` that ``l0.pruning_modules`` can reach."""
+    from llmshearing.pruning.targets import PREFIX
+
+    budget = parse_budget(l0.target_budget, f"{PREFIX}.target_budget")
+    return enumerate_shapes(source, budget, ShapeSpace(frozen=frozen_keys(l0.pruning_modules, source)))
+
+
+def nearest_shape(candidates: list[Candidate], expected: Mapping[str, float]) -> Candidate:
+    """The candidate closest to ``expected`` sizes (``SHAPE_KEYS`` -> fractional size) in log space; ties
+    to the larger cost. A size expected below one counts as one half."""
+    target = [math.log(max(float(expected[k]), 0.5)) for k in SHAPE_KEYS]
+
+    def distance(c: Candidate) -> tuple[float, float]:
+        return sum((math.log(size) - t) ** 2 for size, t in zip(c.sizes, target, strict=True)), -c.cost
+
+    return min(candidates, key=distance)
 
 
 SCORING_POOL = 50  # the most proportional depth-and-attention layouts the scored shapes are drawn from

@@ -23,7 +23,7 @@ from llmshearing.models.config import ModelConfig
 from llmshearing.models.schema import mask_shapes
 from llmshearing.pruning.hard_concrete import HardConcrete
 from llmshearing.pruning.lagrangian import family_penalty, warmed_target
-from llmshearing.pruning.targets import L0Config, TargetPlan, prunable_params
+from llmshearing.pruning.targets import SHAPE_KEYS, L0Config, TargetPlan, prunable_params
 
 
 def expected_num_params(config: ModelConfig, scores: Mapping[str, Tensor]) -> Tensor:
@@ -85,6 +85,7 @@ class L0Module(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
         self.prunable_size = prunable_params(model_config)
         self.noise_seed: int | None = None
+        self._budget_candidates: list[Any] | None = None  # valid shapes of a learned budget, found once
         self._step = 0  # host copy of ``step``: seeds the noise without a device sync
         self._register_load_state_dict_pre_hook(_scalar_multipliers_as_vectors)
 
@@ -240,6 +241,9 @@ class L0Module(nn.Module):
         """
         if at_target and self.plan.target is not None:
             return dict(self.plan.keep)
+        if at_target and self.learns_budget_shape:
+            shape, _ = self.learned_shape()
+            return dict(self._plan_for(shape).keep)
         scores = self.scores()
         counts = {}
         for f, s in scores.items():
@@ -249,6 +253,64 @@ class L0Module(nn.Module):
             both = torch.stack([scores["head_layer"], scores["mlp"]]).float()
             counts["head_layer"] = counts["mlp"] = int(torch.round(both.mean() * both.shape[-1]).item())
         return counts
+
+    @property
+    def learns_budget_shape(self) -> bool:
+        """The target is a budget whose shape the masks learn (``budget_shape: learned``)."""
+        return self.l0_config.target_budget is not None and self.l0_config.budget_shape == "learned"
+
+    @torch.no_grad()
+    def expected_shape(self) -> dict[str, float]:
+        """The model shape the masks currently expect (``SHAPE_KEYS`` -> fractional size): kept layers,
+        query heads, KV groups, hidden and intermediate sizes; families not pruned keep the source's."""
+        cfg = self.model_config
+        scores = {f: s.float() for f, s in self.scores().items()}
+        if "layer" in scores:
+            layers = float(scores["layer"].sum())
+        elif self.plan.blocks_tied:
+            layers = float(torch.stack([scores["head_layer"], scores["mlp"]]).mean(0).sum())
+        else:
+            layers = float(cfg.n_layers)
+        head_share = float(scores["head"].mean()) if "head" in scores else 1.0
+        if self.plan.head_block != cfg.heads_per_group:  # whole heads of a multi-head-attention source
+            n_heads = n_kv = head_share * cfg.n_heads
+        else:
+            n_kv = float(scores["kv_head"].mean()) * cfg.n_kv_heads if "kv_head" in scores else cfg.n_kv_heads
+            n_heads = n_kv * head_share * cfg.heads_per_group
+        d_model = float(scores["hidden"].sum()) if "hidden" in scores else float(cfg.d_model)
+        inter = (
+            float(scores["intermediate"].mean()) * cfg.intermediate_size if "intermediate" in scores else None
+        )
+        return {
+            "n_layers": layers,
+            "n_heads": n_heads,
+            "n_kv_heads": n_kv,
+            "d_model": d_model,
+            "intermediate_size": float(cfg.intermediate_size) if inter is None else inter,
+        }
+
+    def learned_shape(self) -> tuple[dict[str, int], str]:
+        """For a budget whose shape the masks learn: the valid shape within the budget nearest to the
+        expected shape (:func:`llmshearing.pruning.budget.nearest_shape`), and a line saying which and why."""
+        from llmshearing.pruning.budget import budget_candidates, nearest_shape, shape_label
+
+        if not self.learns_budget_shape:
+            raise ValueError("learned_shape needs model.l0_module.target_budget with budget_shape: learned")
+        if self._budget_candidates is None:
+            self._budget_candidates = budget_candidates(self.l0_config, self.model_config)
+        expected = self.expected_shape()
+        best = nearest_shape(self._budget_candidates, expected)
+        sizes = "/".join(f"{expected[k]:.1f}" for k in SHAPE_KEYS)
+        why = (
+            f"learned shape {best.label()}: the masks expect {sizes} ({'/'.join(SHAPE_KEYS)}), rounded to the "
+            f"nearest of {len(self._budget_candidates)} valid shapes within the budget (source "
+            f"{shape_label(self.model_config)})"
+        )
+        return best.shape, why
+
+    def _plan_for(self, shape: Mapping[str, int]) -> TargetPlan:
+        settings = {"pruning_modules": list(self.families), "target_model": dict(shape)}
+        return L0Config(**settings, allow_indivisible_d_model=True).resolve(self.model_config)
 
     @torch.no_grad()
     def deterministic_masks(self, at_target: bool = True) -> dict[str, Tensor]:

@@ -42,6 +42,7 @@ class PruneSummary:
     out: Path
     hf_out: Path | None
     floored: dict[str, int] | None = None  # kept units per family whose learned value is at the floor
+    shape_choice: str | None = None  # a learned budget shape: which shape the fold chose, and why
 
     def describe(self) -> str:
         rows = [f"{'':20s}{'source':>16s}{'pruned':>16s}"]
@@ -51,10 +52,17 @@ class PruneSummary:
         rows.append(
             f"{'prunable params':20s}{prunable_params(self.source):>16,d}{prunable_params(self.pruned):>16,d}"
         )
-        how = "the exact target shape" if self.at_target else "the current expected size (no target_model)"
+        if self.at_target:
+            how = "the exact target shape"
+        elif self.shape_choice is not None:
+            how = "the shape the masks learned within the budget"
+        else:
+            how = "the current expected size (no target_model)"
         floored = sum((self.floored or {}).values())
         rows.append(f"{'kept units at floor':20s}{'':>16s}{floored:>16,d}")
         lines = [f"pruned to {how}:", *rows]
+        if self.shape_choice is not None:
+            lines.append(self.shape_choice)
         warning = describe_floored(self.floored or {})
         if warning is not None:
             lines.append(f"warning: {warning}")
@@ -147,6 +155,7 @@ def prune_checkpoint(
     if at_target and not allowed:  # before the fold: refused at once
         check_loadable_shape(module.plan.target, where, opt_out, config)
     masks = module.deterministic_masks(at_target=True)
+    shape_choice = module.learned_shape()[1] if module.learns_budget_shape else None
     floored = floored_units(masks)
     pruned_state, pruned_config = prune_state_dict(weights, config, masks, progress=True)
     if at_target and pruned_config != module.plan.target:
@@ -160,7 +169,7 @@ def prune_checkpoint(
     if hf_out is not None:
         convert_project_to_hf(out, hf_out, dtype=hf_dtype, overwrite=overwrite, run_config=run_config)
     return PruneSummary(
-        config, pruned_config, at_target, Path(out), Path(hf_out) if hf_out else None, floored
+        config, pruned_config, at_target, Path(out), Path(hf_out) if hf_out else None, floored, shape_choice
     )
 
 

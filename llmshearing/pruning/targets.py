@@ -19,6 +19,7 @@ from llmshearing.models.config import ModelConfig
 FAMILIES = ("layer", "head_layer", "head", "kv_head", "mlp", "intermediate", "hidden")
 BLOCK_FAMILIES = ("head_layer", "mlp")  # per-layer attention and MLP masks: they must drop the same layers
 SHAPE_KEYS = ("n_layers", "n_heads", "n_kv_heads", "d_model", "intermediate_size")
+BUDGET_SHAPES = ("proportional", "learned")  # how model.l0_module.target_budget becomes a shape
 FIXED_SHAPE_KEYS = ("vocab_size", "head_dim")  # accepted in target_model only when equal to the source
 PREFIX = "model.l0_module"
 
@@ -58,6 +59,10 @@ class L0Config:
     target_budget: dict[str, Any] | None = None
     target_sparsity: float | None = None
     budget_choice: str | None = None  # written by the run: which shape the budget resolved to, and why
+    # how a target_budget becomes a shape: "proportional" resolves it to one shape before training (the
+    # valid shape closest to a proportional shrink); "learned" lets the masks learn the shape under a global
+    # target and rounds their expected sizes to the nearest valid shape within the budget at the fold
+    budget_shape: str = "proportional"
     start_sparsity: float = 0.0
     lagrangian_warmup_steps: int = 0
     eval_target_model: bool = True
@@ -94,6 +99,15 @@ class L0Config:
         if len(set(modules)) != len(modules):
             raise ValueError(f"{PREFIX}.pruning_modules lists a family twice: {modules}")
         self.pruning_modules = [m for m in FAMILIES if m in modules]  # canonical order
+        if self.budget_shape not in BUDGET_SHAPES:
+            raise ValueError(
+                f"{PREFIX}.budget_shape must be one of {list(BUDGET_SHAPES)}, got {self.budget_shape!r}"
+            )
+        if self.budget_shape != "proportional" and self.target_budget is None:
+            raise ValueError(
+                f"{PREFIX}.budget_shape={self.budget_shape} needs {PREFIX}.target_budget (e.g. {{params: 1.3e9}}); "
+                "set a budget or remove budget_shape"
+            )
         if self.target_budget is not None:
             from llmshearing.pruning.budget import parse_budget
 
@@ -229,6 +243,15 @@ class TargetPlan:
     def build(cls, config: L0Config, source: ModelConfig) -> TargetPlan:
         families = tuple(config.pruning_modules)
         head_block = source.n_heads if _heads_are_groups(families, source) else source.heads_per_group
+        if (
+            config.target_model is None
+            and config.target_budget is not None
+            and config.budget_shape == "learned"
+        ):
+            from llmshearing.pruning.budget import learned_budget_sparsity
+
+            _check_lone_block_family(families)
+            return cls(families, None, {}, {}, learned_budget_sparsity(config, source), head_block)
         if config.target_model is None and config.target_budget is not None:
             raise ValueError(
                 f"{PREFIX}.target_budget is resolved to a target_model against the source before the masks are "

@@ -230,6 +230,8 @@ def check_l0_target(model: dict[str, Any]) -> None:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         l0 = L0Config.from_dict(model["l0_module"])
+        if l0.target_model is None:  # a learned shape: every candidate the fold rounds to is valid
+            return
     try:
         target = target_config(l0.target_model, source)
         if not l0.allow_indivisible_d_model:
