@@ -163,3 +163,26 @@ def test_read_only_output_is_one_line(tiny_source, tmp_path):
         "writable disk"
     ), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and proc.stdout.split() == ["exit=2"]
+
+
+def test_a_sharded_checkpoint_missing_shard_files_names_them_in_one_line(tiny_source, tmp_path, capsys):
+    import torch
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    from llmshearing.convert.sharded import ShardedModelSource
+
+    folder = tmp_path / "ep0-ba2"
+    state = {"state.model.model.wte.weight": torch.ones(4, 3), "state.model.l0_module.x": torch.zeros(2)}
+    save(state, storage_writer=FileSystemWriter(str(folder)), no_dist=True)
+    assert sorted(ShardedModelSource(folder).keys()) == ["l0_module.x", "wte.weight"]
+    shards = sorted(p.name for p in folder.glob("*.distcp"))
+    assert shards
+    (folder / shards[0]).unlink()
+    with pytest.raises(ValueError, match=rf"is missing 1 of its {len(shards)} shard files \({shards[0]}\)"):
+        ShardedModelSource(folder)
+    capsys.readouterr()
+    config = str(Path(tiny_source) / "config.json")
+    assert main(["convert", "composer-to-hf", str(folder), str(tmp_path / "hf"), "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert f"is missing 1 of its {len(shards)} shard files ({shards[0]})" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()

@@ -26,6 +26,18 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / METADATA).is_file()
 
 
+def check_shard_files(path: Path, metadata: object) -> None:
+    """Refuse a sharded checkpoint whose index names data files the directory lacks, naming them all."""
+    storage = getattr(metadata, "storage_data", None) or {}
+    needed = sorted({info.relative_path for info in storage.values()})
+    missing = [name for name in needed if not (path / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"{path} is missing {len(missing)} of its {len(needed)} shard files ({', '.join(missing)}): copy them "
+            "from where the checkpoint was written, or use an earlier checkpoint"
+        )
+
+
 class ShardedModelSource(TensorSource):
     """The model tensors of a sharded Composer checkpoint, under ``ComposerLlama``'s state-dict names.
 
@@ -45,6 +57,7 @@ class ShardedModelSource(TensorSource):
                 f"{self.path} could not be read as a sharded checkpoint ({err}); the checkpoint is incomplete or "
                 "corrupt: use an earlier one"
             ) from err
+        check_shard_files(self.path, metadata)
         self.stored: dict[str, str] = {}
         self.metas: dict[str, TensorMeta] = {}
         for name, item in metadata.state_dict_metadata.items():
