@@ -509,6 +509,8 @@ def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
         f"model.l0_module.init_log_alpha={args.l0_clamp}",
         f"model.l0_module.mask_lr={args.mask_lr}",
         f"model.l0_module.multiplier_lr={args.multiplier_lr}",
+        f"model.l0_module.init_scale={args.l0_init_scale if scores and args.l0_init_scale else 'null'}",
+        f"model.l0_module.bounded_scores={str(bool(args.l0_bounded)).lower()}",
     ]
 
 
@@ -1315,6 +1317,13 @@ def build_parser() -> argparse.ArgumentParser:
         "target's expected sparsity (default: 16)",
     )
     add("--mask-lr", type=float, default=0.05, help="learning rate of the L0 masks (0.05)")
+    add(
+        "--l0-init-scale",
+        type=float,
+        default=None,
+        help="ranked masks start within +-this inside the bound, where they learn (default: at the bound)",
+    )
+    add("--l0-bounded", action="store_true", help="expected sizes count units at the bounds exactly")
     add("--multiplier-lr", type=float, default=0.5, help="learning rate of the Lagrange multipliers (0.5)")
     add("--mix-eta", type=float, default=1.0, help="dynamic mix: step size eta (1.0: the paper)")
     add("--mix-ema", type=float, default=0.0, help="dynamic mix: loss moving-average decay (0: off)")
@@ -1365,7 +1374,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the runs, as recorded with the results."""
     names = [
-        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "prune_lr", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "prune_lr", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
         "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip
