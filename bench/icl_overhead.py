@@ -68,8 +68,9 @@ def run(work: Path, source: Path, mds: Path, steps: int, tasks: bool, tag: str) 
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         icl += record.get("wall_clock/icl", 0.0)
-        train = record.get("wall_clock/train", train)
-        evaluation = record.get("wall_clock/val", evaluation)
+        # Composer's timers, in hours, logged at the end of each batch (the last evaluation is not in them)
+        train = 3600 * record.get("time/train", train / 3600)
+        evaluation = 3600 * record.get("time/val", evaluation / 3600)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # 1.6 GB each
     return {"wall": wall, "icl": icl, "train": train, "eval": evaluation}
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     source, mds = prepare(work)
+    load = os.getloadavg()
     rows: list[tuple[str, dict[str, float]]] = []
     for repeat in range(args.repeats):
         order = (False, True) if repeat % 2 == 0 else (True, False)
@@ -107,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         f"- recipe: `{PRUNE_RECIPE.relative_to(REPO)}` (SmolLM2-135M, L0 pruning with dynamic loading and "
         f"distillation), max_duration={args.steps}ba, eval_interval 8ba and eval_first (evaluations at 0, 8, 16)",
         f"- eval_tasks: `{TASKS}` (0-shot, 24 examples each), batch size = device_eval_batch_size (8)",
-        f"- machine: {os.cpu_count()} CPU cores (shared with other work while measured), fp32",
+        f"- machine: {os.cpu_count()} CPU cores (shared with other work while measured), fp32; load average "
+        f"(1, 5, 15 min) {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f} / {os.getloadavg()[2]:.2f} at the end",
         "",
-        "| run | wall s | Composer train s | Composer eval s | eval_tasks scoring s |",
+        "| run | wall s | Composer train s | Composer eval s (to the last batch) | eval_tasks scoring s |",
         "|---|---|---|---|---|",
     ]
     for name, r in rows:
