@@ -139,7 +139,7 @@ SIZES = {
 
 @dataclass
 class Settings:
-    steps: int = 400
+    steps: int = 600
     batch: int = 16
     seq_len: int = 32
     weight_lr: float = 1e-3
@@ -506,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         md.write_text(text, encoding="utf-8")
         md.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
         print(f"wrote {md} and {md.with_suffix('.json')}")
+    partial.unlink(missing_ok=True)  # the records are in the result files now
     return 0
 
 
