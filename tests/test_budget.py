@@ -226,22 +226,29 @@ def test_prune_oneshot_takes_a_budget(tiny_source: str, tiny_mds: str, tmp_path:
     )
 
 
+def budget_run(source: str, data: str, folder: Path, budget: int, *extra: str) -> int:
+    """A two-batch pruning run of the tiny recipe toward a parameter budget; its exit status."""
+    from llmshearing import train
+
+    overrides = [
+        f"model.path={source}", f"data_local={data}", "model.l0_module.target_model=null",
+        f"model.l0_module.target_budget={{params: {budget}}}", "max_duration=2ba", "eval_interval=2ba",
+        "scheduler.t_warmup=1ba", "save_interval=2ba", f"save_folder={folder}", *extra,
+    ]  # fmt: skip
+    return train.main([str(ROOT / "yamls" / "tiny" / "prune.yaml"), *overrides])
+
+
 @pytest.mark.slow
 def test_a_pruning_run_says_which_shape_its_budget_resolved_to(
     tiny_source, tiny_mds, tmp_path, capsys
 ) -> None:
     import json
 
-    from llmshearing import train
-
     budget = TINY.replace(n_layers=2).num_params()
     folder = tmp_path / "run"
-    overrides = [
-        f"model.path={tiny_source}", f"data_local={tiny_mds}", "model.l0_module.target_model=null",
-        f"model.l0_module.target_budget={{params: {budget}}}", "model.l0_module.lagrangian_warmup_steps=0ba", "max_duration=2ba", "eval_interval=2ba", "scheduler.t_warmup=1ba",
-        "save_interval=2ba", f"save_folder={folder}",
-    ]  # fmt: skip
-    assert train.main([str(ROOT / "yamls" / "tiny" / "prune.yaml"), *overrides]) == 0
+    assert (
+        budget_run(tiny_source, tiny_mds, folder, budget, "model.l0_module.lagrangian_warmup_steps=0ba") == 0
+    )
     line = next(line for line in capsys.readouterr().out.splitlines() if "resolves to" in line)
     assert line.startswith(f"llmshearing: budget params={budget:.4g} resolves to 2L/4H/2KV/32d/48I")
     recorded = json.loads((folder / "config.json").read_text())
@@ -340,17 +347,10 @@ def test_learned_shape_rounds_the_expected_sizes_to_the_nearest_shape_within_bud
 def test_a_learned_budget_run_folds_to_a_shape_within_the_budget_and_says_why(
     tiny_source, tiny_mds, tmp_path, capsys
 ) -> None:
-    from llmshearing import train
 
     budget = TINY.replace(n_layers=2).num_params()
     folder = tmp_path / "run"
-    overrides = [
-        f"model.path={tiny_source}", f"data_local={tiny_mds}", "model.l0_module.target_model=null",
-        f"model.l0_module.target_budget={{params: {budget}}}", "model.l0_module.budget_shape=learned",
-        "max_duration=2ba", "eval_interval=2ba", "scheduler.t_warmup=1ba", "save_interval=2ba",
-        f"save_folder={folder}",
-    ]  # fmt: skip
-    assert train.main([str(ROOT / "yamls" / "tiny" / "prune.yaml"), *overrides]) == 0
+    assert budget_run(tiny_source, tiny_mds, folder, budget, "model.l0_module.budget_shape=learned") == 0
     printed = capsys.readouterr().out
     assert f"llmshearing: budget params={budget:.4g}, shape learned" in printed
     out = tmp_path / "pruned"
