@@ -3,7 +3,10 @@
 A project checkpoint is a directory holding
 
 * ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``)
-  with the ``Decoder``'s state-dict keys,
+  with the ``Decoder``'s state-dict keys, or, written with ``sharded=True`` (``convert hf-to-composer
+  --sharded``), ``model.dcp/``: a ``torch.distributed.checkpoint`` directory (``.metadata`` and one
+  ``__0_<i>.distcp`` file per tensor) with the same tensors under ``state.model.model.<key>``, the layout
+  of Composer's sharded checkpoints (:mod:`llmshearing.convert.sharded`), read tensor by tensor,
 * ``config.json`` = ``{"format": "llmshearing", "model": ModelConfig.to_dict(), "hf_config": {...}}``
   (``hf_config`` is the source model's HF config, used on export),
 * the tokenizer files when the source had them.
@@ -30,7 +33,12 @@ from torch import Tensor
 from llmshearing.convert.checkpoint_files import checkpoint_file_problem
 from llmshearing.convert.hf_config import DTYPE_NAMES, model_config_from_hf, read_config_json
 from llmshearing.convert.keymaps import KeyMap, check_keys, is_ignored_hf_key
-from llmshearing.convert.sharded import ShardedModelSource, is_sharded_checkpoint
+from llmshearing.convert.sharded import (
+    ShardedModelSource,
+    is_sharded_checkpoint,
+    sharded_weights_dir,
+    write_sharded_weights,
+)
 from llmshearing.convert.tensor_io import (
     DEFAULT_MAX_SHARD_BYTES,
     StateDictSource,
@@ -234,7 +242,7 @@ def open_checkpoint(path: str | Path, config_path: str | Path | None = None) -> 
     data = read_config_json(cfg_path)
     if _is_project_config(data):
         config, hf_config = _project_config(data, cfg_path)
-        tensors = open_weights(path)
+        tensors = open_project_weights(path)
         kind = "project"
     else:
         config, hf_config = model_config_from_hf(data, str(cfg_path)), data
@@ -246,6 +254,17 @@ def open_checkpoint(path: str | Path, config_path: str | Path | None = None) -> 
         tensors.close()
         raise
     return OpenCheckpoint(path, kind, config, hf_config, finite(tensors, str(path)), path)
+
+
+def open_project_weights(path: Path) -> TensorSource:
+    """A project checkpoint's weights: its ``model.dcp/`` sharded weights if it has them, else safetensors."""
+    sharded = sharded_weights_dir(path)
+    return ShardedModelSource(sharded) if sharded is not None else open_weights(path)
+
+
+def is_sharded_source(path: str | Path) -> bool:
+    """Whether ``path`` is a project checkpoint whose weights are sharded (``model.dcp/``)."""
+    return Path(path).is_dir() and sharded_weights_dir(path) is not None
 
 
 def load_checkpoint(
@@ -342,11 +361,14 @@ def write_project_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     extra: Callable[[Path], None] | None = None,
     progress: bool = True,
+    sharded: bool = False,
 ) -> Path:
     """Write ``tensors`` (project keys, strictly checked) as a project checkpoint at ``out``.
 
     ``dtype`` ("fp32" | "bf16" | "fp16") casts floating tensors; None keeps them. ``extra`` may add
-    files to the staging directory before it is renamed.
+    files to the staging directory before it is renamed. ``sharded`` writes the weights as ``model.dcp/``
+    (``torch.distributed.checkpoint``) instead of safetensors. Either way one tensor is read, cast and
+    written at a time: the peak is the largest tensor in the source's dtype plus its cast copy.
     """
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
@@ -367,7 +389,10 @@ def write_project_checkpoint(
     with staged_dir(out, overwrite) as staging:
         tick, close = tensor_progress(len(metas), f"writing {Path(out).name}", progress)
         try:
-            write_safetensors(staging, metas, produce, max_shard_bytes, tick)
+            if sharded:
+                write_sharded_weights(staging, metas, produce, tick)
+            else:
+                write_safetensors(staging, metas, produce, max_shard_bytes, tick)
         finally:
             close()
         document = {"format": FORMAT, "model": config.to_dict(), "hf_config": hf_config}

@@ -32,6 +32,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="stored precision (default: the source's; fp32 for GGUF)",
     )
+    to_project.add_argument(
+        "--sharded",
+        action="store_true",
+        help="write the weights as a torch.distributed.checkpoint directory (OUT/model.dcp, one file per "
+        "tensor) instead of safetensors",
+    )
     to_project.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     to_project.set_defaults(func=run_hf_to_composer)
 
@@ -60,7 +66,7 @@ def run_hf_to_composer(args: argparse.Namespace) -> int:
     from llmshearing.convert.hf_to_project import convert_hf_to_project
 
     out = convert_hf_to_project(
-        args.src, args.out, gguf=args.gguf, dtype=args.dtype, overwrite=args.overwrite
+        args.src, args.out, gguf=args.gguf, dtype=args.dtype, overwrite=args.overwrite, sharded=args.sharded
     )
     print(f"wrote {out}")
     return 0

@@ -143,15 +143,20 @@ def convert_hf_to_project(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
+    sharded: bool = False,
 ) -> Path:
     """Convert an HF model to a project checkpoint at ``out`` (written to a temp dir, then renamed).
 
     Safetensors weights are streamed tensor by tensor; ``dtype`` ("fp32" | "bf16" | "fp16") sets the
-    stored precision, None keeps the source's (GGUF weights are dequantised to fp32).
+    stored precision, None keeps the source's (GGUF weights are dequantised to fp32). ``sharded`` writes
+    the weights as a ``torch.distributed.checkpoint`` directory (``model.dcp/``, one file per tensor)
+    instead of safetensors; ``config.json`` and the tokenizer files are the same either way. From
+    safetensors the peak is one tensor in the source's dtype plus its cast; a ``pytorch_model*.bin``
+    source is memory-mapped where its format allows, a GGUF file is dequantised whole first.
     """
     directory, gguf_file = resolve_source(src, gguf)
     if gguf_file is not None:
-        return _convert_gguf(gguf_file, out, dtype, overwrite, max_shard_bytes, progress)
+        return _convert_gguf(gguf_file, out, dtype, overwrite, max_shard_bytes, progress, sharded)
     config_path = directory / CONFIG_NAME
     hf_config = read_config_json(config_path)
     config = model_config_from_hf(hf_config, str(config_path))
@@ -168,6 +173,7 @@ def convert_hf_to_project(
             overwrite=overwrite,
             max_shard_bytes=max_shard_bytes,
             progress=progress,
+            sharded=sharded,
         )
 
 
@@ -195,7 +201,13 @@ def _apply_gguf_special_tokens(tokenizer: Any, gguf_file: Path) -> None:
 
 
 def _convert_gguf(
-    gguf_file: Path, out: str | Path, dtype: str | None, overwrite: bool, max_shard_bytes: int, progress: bool
+    gguf_file: Path,
+    out: str | Path,
+    dtype: str | None,
+    overwrite: bool,
+    max_shard_bytes: int,
+    progress: bool,
+    sharded: bool = False,
 ) -> Path:
     """GGUF via transformers' GGUF support (dequantised to fp32), tokenizer included."""
     import torch
@@ -236,4 +248,5 @@ def _convert_gguf(
             max_shard_bytes=max_shard_bytes,
             extra=save_tokenizer,
             progress=progress,
+            sharded=sharded,
         )

@@ -1,15 +1,23 @@
-"""Reading Composer's sharded (``torch.distributed.checkpoint``) checkpoints on one machine, no GPU.
+"""Sharded (``torch.distributed.checkpoint``) weights: Composer's sharded checkpoints and sharded sources.
 
-A sharded checkpoint is a directory (``ep{E}-ba{B}/``, which ``latest-rank0.pt`` links to) holding a
-``.metadata`` index and one ``__{rank}_0.distcp`` file per rank. The model's tensors are stored under
-``state.model.<ComposerLlama key>``; :class:`ShardedModelSource` lists them from the index and loads
-one whole tensor at a time, so reading a model never holds more than the tensors asked for.
+A Composer sharded checkpoint is a directory (``ep{E}-ba{B}/``, which ``latest-rank0.pt`` links to)
+holding a ``.metadata`` index and one ``__{rank}_0.distcp`` file per rank. The model's tensors are
+stored under ``state.model.<ComposerLlama key>``; :class:`ShardedModelSource` lists them from the
+index and loads one whole tensor at a time, so reading a model never holds more than the tensors
+asked for.
+
+A sharded project checkpoint (``convert hf-to-composer --sharded``) keeps its weights in the same
+layout in a ``model.dcp/`` sub-directory, under the same names (``state.model.model.<Decoder key>``),
+one ``__0_<i>.distcp`` file per tensor; :func:`write_sharded_weights` writes it one tensor at a
+time, and the one reader serves both kinds.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,6 +26,7 @@ from llmshearing.convert.tensor_io import TensorMeta, TensorSource
 
 METADATA = ".metadata"
 MODEL_PREFIX = "state.model."
+SHARDED_WEIGHTS = "model.dcp"  # a project checkpoint's sharded weights directory
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -74,7 +83,9 @@ class ShardedModelSource(TensorSource):
             self.stored[key] = name
             self.metas[key] = TensorMeta(item.properties.dtype, tuple(item.size))
         if not self.stored:
-            raise ValueError(f"{self.path} holds no model tensors: it is not a Composer training checkpoint")
+            raise ValueError(
+                f"{self.path} holds no model tensors: it is neither a Composer training checkpoint nor sharded weights"
+            )
 
     def keys(self) -> list[str]:
         return list(self.stored)
@@ -94,3 +105,60 @@ class ShardedModelSource(TensorSource):
 
     def close(self) -> None:
         pass
+
+
+def sharded_weights_dir(directory: str | Path) -> Path | None:
+    """The ``model.dcp/`` weights directory of a project checkpoint written with ``--sharded``, if it has one."""
+    weights = Path(directory) / SHARDED_WEIGHTS
+    return weights if weights.is_dir() else None
+
+
+def stored_name(key: str) -> str:
+    """Where a ``Decoder`` key is stored in sharded weights (Composer's name for it)."""
+    return f"{MODEL_PREFIX}{key}" if key.startswith("l0_module.") else f"{MODEL_PREFIX}model.{key}"
+
+
+def _producing_planner(
+    names: Mapping[str, str], produce: Callable[[str], Tensor], tick: Callable[[], None]
+) -> Any:
+    """A save planner that makes each tensor only when the writer asks for it (``names``: stored -> key)."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+
+    class ProducingPlanner(DefaultSavePlanner):
+        def resolve_data(self, write_item: WriteItem) -> Any:
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            tensor = produce(names[write_item.index.fqn]).detach().cpu().contiguous()
+            tick()
+            return tensor
+
+    return ProducingPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+
+def write_sharded_weights(
+    directory: Path,
+    metas: Mapping[str, TensorMeta],
+    produce: Callable[[str], Tensor],
+    progress: Callable[[], None] | None = None,
+) -> Path:
+    """Write the tensors named in ``metas`` as ``directory/model.dcp`` (``torch.distributed.checkpoint``).
+
+    The plan is made from ``meta``-device placeholders; each tensor is produced when the writer reaches
+    it, written to a file of its own (``__0_<i>.distcp``) and dropped, so the peak is one tensor as
+    ``produce`` returns it (plus what ``produce`` holds while making it). ``.metadata`` is written last.
+    """
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    target = directory / SHARDED_WEIGHTS
+    names = {stored_name(key): key for key in metas}
+    placeholders = {
+        name: torch.empty(metas[key].shape, dtype=metas[key].dtype, device="meta")
+        for name, key in names.items()
+    }
+    writer = FileSystemWriter(str(target), single_file_per_rank=False, thread_count=1, overwrite=False)
+    planner = _producing_planner(names, produce, progress or (lambda: None))
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        save(placeholders, storage_writer=writer, planner=planner, no_dist=True)
+    return target

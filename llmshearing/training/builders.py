@@ -99,12 +99,30 @@ def describe_loading(values: dict[str, Any]) -> str:
     world = dist.get_world_size()
     what = "source and teacher" if values["model"].get("distillation") else "source"
     if world == 1:
-        return f"{what} read in the one process"
-    if loads_on_every_rank(values):
-        return f"{what} read on every rank ({world} of {world} ranks, model.init_device=cpu)"
+        where = f"{what} read in the one process"
+    elif loads_on_every_rank(values):
+        where = f"{what} read on every rank ({world} of {world} ranks, model.init_device=cpu)"
+    else:
+        where = (
+            f"{what} read on rank 0 (1 of {world} ranks, model.init_device=mixed), the other ranks built on "
+            "meta; broadcast to the shards once FSDP has wrapped the model"
+        )
+    return where + sharded_source_note(values["model"]["path"])
+
+
+def sharded_source_note(path: str) -> str:
+    """What the start-up line adds for a source with sharded weights (``model.dcp/``): how they are read.
+
+    Each reading rank assembles the whole model from the shard files one tensor at a time (the peak is the
+    fp32 model plus one stored tensor); no rank reads only its own slice of each tensor yet.
+    """
+    from llmshearing.convert.checkpoint import is_sharded_source
+
+    if not is_sharded_source(path):
+        return ""
     return (
-        f"{what} read on rank 0 (1 of {world} ranks, model.init_device=mixed), the other ranks built on meta; "
-        "broadcast to the shards once FSDP has wrapped the model"
+        "; the source's sharded weights (model.dcp/) are read one tensor at a time into each reading rank's "
+        "whole model (no rank reads only its own slice)"
     )
 
 

@@ -1,0 +1,214 @@
+"""Sources with sharded weights (``convert hf-to-composer --sharded``: ``model.dcp/``, a
+``torch.distributed.checkpoint`` directory): written one tensor at a time, read by everything that reads
+a project checkpoint, trained bit-identically to the safetensors source, and refused in one line when
+their shard files or index are missing or damaged."""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from test_convert import _hf_config, _write_tokenizer
+from test_fsdp import PRUNE, RANK0, SHARDED, _args, _metrics, _model, _sharded
+
+from llmshearing.cli import main as cli_main
+from llmshearing.convert.checkpoint import open_checkpoint, write_project_checkpoint
+from llmshearing.convert.sharded import SHARDED_WEIGHTS, write_sharded_weights
+from llmshearing.convert.tensor_io import TensorMeta
+from llmshearing.train import build_trainer, run
+
+SHORT = ["max_duration=4ba", "eval_interval=2ba", "save_interval=4ba"]
+
+
+def shard_copy(source: str | Path, out: Path) -> Path:
+    """``source`` (a project checkpoint) written again with sharded weights."""
+    with open_checkpoint(source) as ckpt:
+        return write_project_checkpoint(
+            out,
+            ckpt.config,
+            ckpt.tensors,
+            ckpt.hf_config,
+            tokenizer_dir=ckpt.tokenizer_dir,
+            progress=False,
+            sharded=True,
+        )
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    directory = tmp_path_factory.mktemp("hf") / "llama"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_hf_config("llama_gqa_llama3")).save_pretrained(directory)
+    _write_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sharded_tiny(tiny_source, tmp_path_factory) -> Path:
+    return shard_copy(tiny_source, tmp_path_factory.mktemp("sharded") / "source")
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ckpt:
+        return {key: ckpt.tensors.get(key) for key in ckpt.tensors.keys()}
+
+
+@pytest.mark.parametrize("dtype", [[], ["--dtype", "bf16"]])
+def test_cli_writes_sharded_weights_equal_to_the_safetensors_ones(hf_model, tmp_path, capsys, dtype):
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    assert cli_main(["convert", "hf-to-composer", str(hf_model), str(plain), *dtype]) == 0
+    assert cli_main(["convert", "hf-to-composer", str(hf_model), str(sharded), "--sharded", *dtype]) == 0
+    names = sorted(p.name for p in sharded.iterdir())
+    assert sorted(p.name for p in plain.iterdir()) == sorted(
+        "model.safetensors" if n == SHARDED_WEIGHTS else n for n in names
+    )
+    for name in names:  # config.json and the tokenizer files, byte for byte
+        if name != SHARDED_WEIGHTS:
+            assert (plain / name).read_bytes() == (sharded / name).read_bytes(), name
+    weights = sharded / SHARDED_WEIGHTS
+    assert (weights / ".metadata").is_file() and len(list(weights.glob("__0_*.distcp"))) > 10
+    a, b = _tensors(plain), _tensors(sharded)
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert all(t.dtype == (torch.bfloat16 if dtype else torch.float32) for t in b.values())
+    hf_a, hf_b = tmp_path / "hf-a", tmp_path / "hf-b"  # the export reads both alike
+    assert cli_main(["convert", "composer-to-hf", str(plain), str(hf_a)]) == 0
+    assert cli_main(["convert", "composer-to-hf", str(sharded), str(hf_b)]) == 0
+    assert (hf_a / "model.safetensors").read_bytes() == (hf_b / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert cli_main(["convert", "hf-to-composer", str(hf_model), str(sharded), "--sharded"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (
+        cli_main(["convert", "hf-to-composer", str(hf_model), str(sharded), "--sharded", "--overwrite"]) == 0
+    )
+
+
+def test_the_writer_holds_at_most_two_tensors(tmp_path):
+    """Each tensor is made when the writer reaches it; all but the last one are gone by then."""
+    metas = {f"layers.{i}.w": TensorMeta(torch.float32, (64, 32)) for i in range(6)}
+    made: list[weakref.ref] = []
+    alive_at_each_call: list[int] = []
+
+    def produce(key: str) -> torch.Tensor:
+        alive_at_each_call.append(sum(ref() is not None for ref in made))
+        tensor = torch.full((64, 32), float(len(made)))
+        made.append(weakref.ref(tensor))
+        return tensor
+
+    target = write_sharded_weights(tmp_path, metas, produce)
+    assert len(made) == 6 and max(alive_at_each_call) <= 1, alive_at_each_call
+    assert len(list(target.glob("*.distcp"))) == 6
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_source, tiny_mds, tmp_path_factory) -> Path:
+    """A short one-process pruning run from the safetensors source."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    folder = tmp_path_factory.mktemp("runs") / "plain"
+    clean_stale_shared_memory()
+    trainer, values = build_trainer(PRUNE, _args(tiny_source, tiny_mds, folder, *SHORT))
+    run(trainer, values)
+    clean_stale_shared_memory()
+    return folder
+
+
+def test_a_pruning_run_from_sharded_weights_matches_the_safetensors_source(
+    plain_run, sharded_tiny, tiny_mds, tmp_path, clean_shm, capsys
+):
+    folder = tmp_path / "sharded"
+    trainer, values = build_trainer(PRUNE, _args(str(sharded_tiny), tiny_mds, folder, *SHORT))
+    run(trainer, values)
+    out = capsys.readouterr().out
+    assert "the source's sharded weights (model.dcp/) are read one tensor at a time" in out, out[-3000:]
+    assert "does not fit" not in out  # the tiny run fits this machine: no planner warning
+    a, b = _metrics(plain_run), _metrics(folder)
+    losses = [k for k in a if k[1].startswith("loss/train")]
+    assert losses and a.keys() == b.keys()
+    assert all(a[k] == b[k] for k in a if not k[1].startswith(("time/", "wall_clock/"))), [
+        (k, a[k], b[k]) for k in a if a[k] != b.get(k)
+    ][:5]
+    weights_a, weights_b = _model(plain_run), _model(folder)
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_oneshot_evaluate_and_the_loader_read_sharded_weights(
+    tiny_source, sharded_tiny, tiny_mds, tmp_path, capsys
+):
+    from llmshearing.convert.loading import from_pretrained
+
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(str(sharded_tiny))(ids), from_pretrained(tiny_source)(ids))
+    target = ["--target", "n_layers=2,n_heads=2,n_kv_heads=1,d_model=16,intermediate_size=24"]
+    common = ["--data", tiny_mds, "--samples", "4", "--split", "eval", *target]
+    for name, source in (("plain", tiny_source), ("sharded", sharded_tiny)):
+        assert cli_main(["prune-oneshot", str(source), str(tmp_path / name), *common]) == 0
+    assert _tensors(tmp_path / "plain").keys() == _tensors(tmp_path / "sharded").keys()
+    assert all(
+        torch.equal(t, _tensors(tmp_path / "sharded")[k]) for k, t in _tensors(tmp_path / "plain").items()
+    )
+    capsys.readouterr()
+    reports = []
+    for source in (tiny_source, sharded_tiny):
+        assert cli_main(["evaluate", str(source), tiny_mds, "--json", str(tmp_path / "eval.json")]) == 0
+        reports.append(json.loads((tmp_path / "eval.json").read_text()))
+    assert reports[0] == reports[1] and all(r["loss"] > 0 for r in reports[0].values())
+
+
+@pytest.mark.parametrize("damage", ["missing shard", "damaged index", "missing index"])
+def test_damaged_sharded_weights_are_one_line_naming_the_file(sharded_tiny, tmp_path, capsys, damage):
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(sharded_tiny, source)
+    weights = source / SHARDED_WEIGHTS
+    shard = sorted(p.name for p in weights.glob("*.distcp"))[3]
+    if damage == "missing shard":
+        (weights / shard).unlink()
+        expected, named = "is missing 1 of its", shard
+    elif damage == "damaged index":
+        (weights / ".metadata").write_bytes((weights / ".metadata").read_bytes()[:40])
+        expected, named = "could not be read as a sharded checkpoint", str(weights)
+    else:
+        (weights / ".metadata").unlink()
+        expected, named = "could not be read as a sharded checkpoint", str(weights / ".metadata")
+    capsys.readouterr()
+    assert cli_main(["convert", "composer-to-hf", str(source), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and named in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_rank0_loading_from_sharded_weights_matches_one_process(
+    plain_run, sharded_tiny, tiny_mds, tmp_path
+):
+    """``composer -n 2`` under FSDP2 with ``model.init_device=mixed`` from the sharded source: the losses and
+    weights of the one-process run from the safetensors source (to the FSDP tests' 1e-5)."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    folder = tmp_path / "fsdp"
+    clean_stale_shared_memory()
+    log = _sharded(PRUNE, _args(str(sharded_tiny), tiny_mds, folder, *SHORT, *SHARDED, RANK0))
+    clean_stale_shared_memory()
+    assert (
+        "source read on rank 0 (1 of 2 ranks" in log and "(model.dcp/) are read one tensor at a time" in log
+    )
+    a, b = _metrics(plain_run), _metrics(folder)
+    compared = [k for k in a if not k[1].startswith(("time/", "wall_clock/"))]
+    assert any(k[1].startswith("loss/train") for k in compared) and a.keys() == b.keys()
+    for key in compared:
+        assert b[key] == pytest.approx(a[key], abs=1e-5 * max(1.0, abs(a[key]))), key
+    weights_a, weights_b = _model(plain_run), _model(folder)
+    assert weights_a.keys() == weights_b.keys()
+    for key, value in weights_a.items():
+        torch.testing.assert_close(weights_b[key], value, rtol=0, atol=1e-5, msg=key)
+    assert json.loads((folder / "config.json").read_text())["source"]["path"] == os.path.abspath(sharded_tiny)
