@@ -63,6 +63,10 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         from llmshearing.training.fsdp import with_rank0_loading
 
         fsdp = with_rank0_loading(fsdp)  # rank 0 reads the source; FSDP broadcasts it into the shards
+    if int(os.environ.get("RANK", "0")) == 0:  # before anything is loaded: the plan against the devices found
+        from llmshearing.planning.preflight import warn_if_plan_does_not_fit
+
+        warn_if_plan_does_not_fit(values, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if not values["callbacks"].get("data_loading"):
         raise ValueError(
             "callbacks.data_loading is required: at least set_names (the domains, i.e. the MDS sub-directories) "
