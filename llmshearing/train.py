@@ -59,7 +59,8 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     values = validate_config(cfg, world_size)
     fsdp = resolve_fsdp(values["fsdp_config"])
-    if fsdp is not None and values["model"]["init_device"] == "mixed" and world_size > 1:
+    slices = builders.reads_own_slices(values)  # FSDP2 from sharded weights: each rank reads its own shards
+    if fsdp is not None and values["model"]["init_device"] == "mixed" and world_size > 1 and not slices:
         from llmshearing.training.fsdp import with_rank0_loading
 
         fsdp = with_rank0_loading(fsdp)  # rank 0 reads the source; FSDP broadcasts it into the shards
@@ -124,6 +125,10 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     if dist.get_global_rank() == 0:
         builders.write_run_description(save_folder, description)
     callbacks = [*builders.build_callbacks(values, save_folder), run_folder.RunRecord(description)]
+    if slices:
+        from llmshearing.convert.checkpoint import sharded_weights_dir
+
+        callbacks.append(builders.ShardedSourceFill(str(sharded_weights_dir(values["model"]["path"]))))
     if eval_tasks is not None:
         callbacks.append(builders.build_icl_eval(values, eval_tasks, model, description))
     mixing = DynamicLoadingCallback.from_config(data_loading)

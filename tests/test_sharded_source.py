@@ -188,20 +188,25 @@ def test_damaged_sharded_weights_are_one_line_naming_the_file(sharded_tiny, tmp_
 
 
 @pytest.mark.slow
-def test_fsdp2_rank0_loading_from_sharded_weights_matches_one_process(
-    plain_run, sharded_tiny, tiny_mds, tmp_path
+def test_fsdp2_ranks_read_their_own_slices_of_sharded_weights(
+    plain_run, tiny_source, sharded_tiny, tiny_mds, tmp_path
 ):
-    """``composer -n 2`` under FSDP2 with ``model.init_device=mixed`` from the sharded source: the losses and
-    weights of the one-process run from the safetensors source (to the FSDP tests' 1e-5)."""
+    """``composer -n 2`` under FSDP2 from the sharded source: each rank fills its shards (no rank reads the whole
+    model); the model as the run starts is the source's, bit for bit, and training follows the one-process run
+    from the safetensors source (to the FSDP tests' 1e-5)."""
     from streaming.base.util import clean_stale_shared_memory
 
-    folder = tmp_path / "fsdp"
+    folder, initial = tmp_path / "fsdp", tmp_path / "initial.pt"
     clean_stale_shared_memory()
-    log = _sharded(PRUNE, _args(str(sharded_tiny), tiny_mds, folder, *SHORT, *SHARDED, RANK0))
+    script = ["tests/scripts/initial_model.py", str(initial)]
+    log = _sharded(PRUNE, _args(str(sharded_tiny), tiny_mds, folder, *SHORT, *SHARDED, RANK0), script=script)
     clean_stale_shared_memory()
-    assert (
-        "source read on rank 0 (1 of 2 ranks" in log and "(model.dcp/) are read one tensor at a time" in log
-    )
+    assert "source read in slices: each of the 2 ranks reads its own shards" in log, log[-3000:]
+    started = torch.load(initial, weights_only=True)
+    with open_checkpoint(tiny_source) as source:
+        assert set(source.tensors.keys()) <= set(started)
+        for key in source.tensors.keys():
+            assert torch.equal(started[key], source.tensors.get(key).to(torch.float32)), key
     a, b = _metrics(plain_run), _metrics(folder)
     compared = [k for k in a if not k[1].startswith(("time/", "wall_clock/"))]
     assert any(k[1].startswith("loss/train") for k in compared) and a.keys() == b.keys()

@@ -162,3 +162,30 @@ def write_sharded_weights(
         warnings.simplefilter("ignore", UserWarning)
         save(placeholders, storage_writer=writer, planner=planner, no_dist=True)
     return target
+
+
+def fill_from_sharded_weights(module: torch.nn.Module, weights: str | Path) -> int:
+    """Fill ``module``'s (a ``Decoder``'s) tensors in place from sharded weights, each rank its own part.
+
+    ``module`` may be sharded by FSDP2 (DTensor parameters): ``torch.distributed.checkpoint.load`` then
+    gives each rank the slices its shards hold. The stored tensors are whole (one file each): a rank reads
+    each file once, one tensor at a time, and keeps its slice (floating tensors cast as ``copy_`` casts,
+    e.g. bf16 to the fp32 master weights). Collective when a process group is up; returns the tensors filled.
+    """
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    reader = FileSystemReader(str(weights))
+    try:
+        stored = reader.read_metadata().state_dict_metadata
+    except Exception as err:  # a missing or damaged index
+        raise ValueError(
+            f"{weights} could not be read as sharded weights ({err}); convert the source again"
+        ) from err
+    own = module.state_dict()
+    # a tied head shares the embedding's storage and is not stored
+    targets = {stored_name(key): tensor for key, tensor in own.items() if stored_name(key) in stored}
+    missing = sorted(key for key in own if stored_name(key) not in stored and not key.startswith("output."))
+    if missing:
+        raise KeyError(f"{weights} lacks {len(missing)} of the model's tensors: {missing[:8]}")
+    load(targets, storage_reader=reader)
+    return len(targets)

@@ -30,7 +30,8 @@ def build_model(
     from llmshearing.data.checks import check_vocab
 
     model_cfg = values["model"]
-    reads = reads_source_here(values)
+    slices = reads_own_slices(values)
+    reads = reads_source_here(values) and not slices
     config, state_dict, hf_config = read_source(model_cfg["path"], weights=reads)
     refuse_pruning_checkpoint(model_cfg["path"], state_dict)
     check_vocab(values["data_local"], config.vocab_size, model_cfg["path"])  # before any batch is read
@@ -41,6 +42,8 @@ def build_model(
     model = ComposerLlama(config, domains=domains, init_device="meta")  # no random init: weights come next
     if reads:
         model.model.load_state_dict(master_weights(state_dict), strict=True, assign=True)
+    elif slices:  # storage reserved but untouched; each rank fills its shards at Event.BEFORE_LOAD
+        model.model.to_empty(device="cpu")
     del state_dict  # rank 0's tensors now live in the model only
     description = {
         "model": config.to_dict(),
@@ -71,7 +74,8 @@ def build_model(
 
         distillation = DistillationConfig.from_dict(model_cfg["distillation"])
         dtype = teacher_dtype(values["precision"], values["device"])
-        teacher = load_teacher(distillation.teacher, dtype, model_cfg["attn_impl"], on_meta=not reads)
+        on_meta = not reads_source_here(values)  # the teacher is read whole (rank 0 or every rank)
+        teacher = load_teacher(distillation.teacher, dtype, model_cfg["attn_impl"], on_meta=on_meta)
         model.attach_teacher(teacher, distillation)
         description["distillation"] = distillation.to_dict()
     return model, description
@@ -92,12 +96,54 @@ def reads_source_here(values: dict[str, Any]) -> bool:
     return loads_on_every_rank(values) or dist.get_global_rank() == 0
 
 
+def reads_own_slices(values: dict[str, Any]) -> bool:
+    """Whether each rank reads only its own shards of the source: an FSDP2 run on several ranks from sharded
+    weights (``model.dcp/``), unless ``init_from: importance`` needs the whole model before sharding."""
+    from composer.utils import dist
+
+    from llmshearing.convert.checkpoint import is_sharded_source
+    from llmshearing.training.fsdp import fsdp_version
+
+    l0 = values["model"].get("l0_module") or {}
+    return (
+        values.get("fsdp_config") is not None
+        and fsdp_version() == 2
+        and dist.get_world_size() > 1
+        and is_sharded_source(values["model"]["path"])
+        and l0.get("init_from") != "importance"
+    )
+
+
+class ShardedSourceFill(Callback):
+    """Fill the FSDP2-sharded student from the sharded source, each rank its own slices, at
+    ``Event.BEFORE_LOAD`` (after Composer has sharded the model, before a checkpoint is resumed)."""
+
+    def __init__(self, weights: str) -> None:
+        self.weights = weights
+
+    def before_load(self, state: Any, logger: Any) -> None:
+        del logger
+        from llmshearing.convert.sharded import fill_from_sharded_weights
+
+        fill_from_sharded_weights(state.model.model, self.weights)
+
+
 def describe_loading(values: dict[str, Any]) -> str:
     """Which ranks read the source (and the teacher) into host memory; said at start-up, kept in config.json."""
     from composer.utils import dist
 
     world = dist.get_world_size()
     what = "source and teacher" if values["model"].get("distillation") else "source"
+    if reads_own_slices(values):
+        teacher = ""
+        if values["model"].get("distillation"):
+            rank0 = not loads_on_every_rank(values)
+            teacher = f"; the teacher read whole {'on rank 0' if rank0 else 'on every rank'}"
+        return (
+            f"source read in slices: each of the {world} ranks reads its own shards of the sharded weights "
+            "(model.dcp/) once FSDP2 has sharded the model, one stored tensor at a time (each file passes "
+            f"through every rank, no rank holds the whole model){teacher}"
+        )
     if world == 1:
         where = f"{what} read in the one process"
     elif loads_on_every_rank(values):
@@ -114,7 +160,7 @@ def sharded_source_note(path: str) -> str:
     """What the start-up line adds for a source with sharded weights (``model.dcp/``): how they are read.
 
     Each reading rank assembles the whole model from the shard files one tensor at a time (the peak is the
-    fp32 model plus one stored tensor); no rank reads only its own slice of each tensor yet.
+    fp32 model plus one stored tensor); :func:`reads_own_slices` runs read slices instead.
     """
     from llmshearing.convert.checkpoint import is_sharded_source
 
@@ -122,7 +168,8 @@ def sharded_source_note(path: str) -> str:
         return ""
     return (
         "; the source's sharded weights (model.dcp/) are read one tensor at a time into each reading rank's "
-        "whole model (no rank reads only its own slice)"
+        "whole model (each rank reads only its own slices under FSDP2 on several ranks without "
+        "init_from: importance)"
     )
 
 
