@@ -217,3 +217,19 @@ def test_fsdp2_ranks_read_their_own_slices_of_sharded_weights(
     for key, value in weights_a.items():
         torch.testing.assert_close(weights_b[key], value, rtol=0, atol=1e-5, msg=key)
     assert json.loads((folder / "config.json").read_text())["source"]["path"] == os.path.abspath(sharded_tiny)
+
+
+def test_the_plan_counts_only_each_ranks_shards_of_a_sharded_source(
+    tiny_source, sharded_tiny, capsys, monkeypatch
+):
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    fsdp = ["fsdp_config.sharding_strategy=FULL_SHARD", "--gpus", "2", "--gpus-per-node", "2", "--json"]
+    host = {}
+    for name, source in (("plain", tiny_source), ("sharded", sharded_tiny)):
+        assert cli_main(["plan", PRUNE, f"model.path={source}", *fsdp]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        host[name] = plan["host_bytes_per_node"]
+        assert plan["settings"]["sliced_source"] == (name == "sharded")
+    with open_checkpoint(tiny_source) as ckpt:
+        params = ckpt.config.num_params()
+    assert host["plain"] == 2 * 4 * params and host["sharded"] == 4 * params  # two fp32 copies, then one

@@ -1,4 +1,8 @@
-"""``llmshearing convert hf-to-composer`` and ``llmshearing convert composer-to-hf``."""
+"""``llmshearing convert hf-to-composer`` and ``llmshearing convert composer-to-hf``.
+
+``hf-to-composer --sharded`` writes the weights as a ``torch.distributed.checkpoint`` directory
+(``OUT/model.dcp/``, see :mod:`llmshearing.convert.sharded`) instead of safetensors.
+"""
 
 from __future__ import annotations
 

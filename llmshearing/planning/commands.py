@@ -247,10 +247,10 @@ def plan_text(plan: Any, recipe: str, sources: dict[str, str]) -> str:
     verdict = "" if plan.host_fits else " DOES NOT FIT"
     read = "the whole source and the whole teacher" if shape.teacher is not None else "the whole source"
     who = "rank 0 alone reads" if shape.rank0_loading else "every rank reads"  # init_device: mixed or cpu
-    lines.append(
-        f"host memory per node at start-up: {gib(plan.host_total)}{stated}{verdict} ({host}; {who} {read} into "
-        "host memory before FSDP shards them)"
-    )
+    how = f"{who} {read} into host memory before FSDP shards them"
+    if shape.sliced_source and hw.gpus > 1:
+        how = "each rank reads its own shards of the sharded source once FSDP2 has sharded the model"
+    lines.append(f"host memory per node at start-up: {gib(plan.host_total)}{stated}{verdict} ({host}; {how})")
     speed = plan.speed
     lines.append(
         f"compute: {speed.flops_per_token:.3g} FLOPs per token, {speed.flops_per_step:.3g} per step of "

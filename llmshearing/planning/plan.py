@@ -72,6 +72,7 @@ class RunShape:
     ranking: bool = False  # init_from: importance calibrates on one GPU before sharding
     source_dtype_bytes: int = 2
     rank0_loading: bool = False  # model.init_device: mixed under FSDP: rank 0 alone reads source and teacher
+    sliced_source: bool = False  # FSDP2 from sharded weights (model.dcp/): each rank reads its own shards
 
 
 def run_shape(values: dict[str, Any], student: ModelConfig, teacher: ModelConfig | None) -> RunShape:
@@ -102,12 +103,27 @@ def run_shape(values: dict[str, Any], student: ModelConfig, teacher: ModelConfig
         checkpointing=bool(settings.get("activation_checkpointing", False)),
         flash=model.get("attn_impl", "auto") in ("auto", "flash"),
         rank0_loading=fsdp is not None and model.get("init_device") == "mixed",
+        sliced_source=fsdp is not None and reads_sliced_source(values),
         l0_families=tuple(l0.get("pruning_modules") or ("layer", "head", "intermediate", "hidden"))
         if l0
         else (),
         kd_chunk=int(distillation.get("chunk_size") or 1024) if distillation else None,
         ranking=bool(l0 and l0.get("init_from") == "importance"),
     )
+
+
+def reads_sliced_source(values: dict[str, Any]) -> bool:
+    """Whether FSDP2 (``FSDP_VERSION=2`` in the environment) would fill each rank's shards from the source's
+    sharded weights (``model.dcp/``): not with ``init_from: importance``, which needs the whole model first."""
+    from llmshearing.convert.checkpoint import is_sharded_source
+    from llmshearing.training.fsdp import FSDPConfigError, fsdp_version
+
+    try:
+        version = fsdp_version()
+    except FSDPConfigError:
+        return False
+    l0 = values["model"].get("l0_module") or {}
+    return version == 2 and is_sharded_source(values["model"]["path"]) and l0.get("init_from") != "importance"
 
 
 def shards(shape: RunShape, gpus: int, gpus_per_node: int) -> int:
@@ -218,15 +234,26 @@ def stages(shape: RunShape, hardware: Hardware) -> list[StagePlan]:
 def host_memory(shape: RunShape, hardware: Hardware) -> dict[str, int]:
     """Host memory per node at start-up: every rank reads the whole source and upcasts it to fp32 master
     weights, and reads the whole teacher in the compute precision, before FSDP shards them; with
-    ``model.init_device: mixed`` rank 0 alone does (the busiest node is node 0)."""
-    per_rank = {"source as fp32 master weights": FP32 * shape.student.num_params()}
-    if shape.teacher is not None:
-        per_rank["teacher"] = step_dtypes(shape.precision, None).teacher * shape.teacher.num_params()
-    if shape.rank0_loading:
-        return {f"{name} on rank 0 alone": value for name, value in per_rank.items()}
+    ``model.init_device: mixed`` rank 0 alone does (the busiest node is node 0); from sharded weights under
+    FSDP2 on several ranks each rank reads only its own shards of the source (the teacher as before)."""
     ranks = hardware.ranks_per_node
     where = f"on each of {ranks} ranks" if ranks > 1 else "on the one rank"
-    return {f"{name} {where}": value * ranks for name, value in per_rank.items()}
+    source = FP32 * shape.student.num_params()
+    found: dict[str, int] = {}
+    if shape.sliced_source and hardware.gpus > 1:
+        own = source // shards(shape, hardware.gpus, hardware.gpus_per_node)
+        found[f"source's own shards as fp32 master weights {where}"] = own * ranks
+    elif shape.rank0_loading:
+        found["source as fp32 master weights on rank 0 alone"] = source
+    else:
+        found[f"source as fp32 master weights {where}"] = source * ranks
+    if shape.teacher is not None:
+        teacher = step_dtypes(shape.precision, None).teacher * shape.teacher.num_params()
+        if shape.rank0_loading:
+            found["teacher on rank 0 alone"] = teacher
+        else:
+            found[f"teacher {where}"] = teacher * ranks
+    return found
 
 
 @dataclass(frozen=True)
