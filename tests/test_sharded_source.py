@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import weakref
 from pathlib import Path
 
@@ -163,7 +164,9 @@ def test_oneshot_evaluate_and_the_loader_read_sharded_weights(
     assert reports[0] == reports[1] and all(r["loss"] > 0 for r in reports[0].values())
 
 
-@pytest.mark.parametrize("damage", ["missing shard", "damaged index", "missing index"])
+@pytest.mark.parametrize(
+    "damage", ["missing shard", "damaged index", "missing index", "cut short", "corrupt"]
+)
 def test_damaged_sharded_weights_are_one_line_naming_the_file(sharded_tiny, tmp_path, capsys, damage):
     import shutil
 
@@ -177,14 +180,23 @@ def test_damaged_sharded_weights_are_one_line_naming_the_file(sharded_tiny, tmp_
     elif damage == "damaged index":
         (weights / ".metadata").write_bytes((weights / ".metadata").read_bytes()[:40])
         expected, named = "could not be read as a sharded checkpoint", str(weights)
-    else:
+    elif damage == "missing index":
         (weights / ".metadata").unlink()
         expected, named = "could not be read as a sharded checkpoint", str(weights / ".metadata")
+    elif damage == "cut short":
+        (weights / shard).write_bytes((weights / shard).read_bytes()[:50])
+        expected, named = "1 of its", f"{shard} (50 of"
+    else:  # the right length, wrong bytes
+        (weights / shard).write_bytes(bytes((weights / shard).stat().st_size))
+        expected, named = "could not be read from", shard
     capsys.readouterr()
     assert cli_main(["convert", "composer-to-hf", str(source), str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert expected in err and named in err, err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
+    errors = [
+        line for line in err.splitlines() if "error:" in line
+    ]  # a damaged file shows after the progress bar
+    assert len(errors) == 1 and "Traceback" not in err and not (tmp_path / "hf").exists()
 
 
 @pytest.mark.slow
@@ -233,3 +245,29 @@ def test_the_plan_counts_only_each_ranks_shards_of_a_sharded_source(
     with open_checkpoint(tiny_source) as ckpt:
         params = ckpt.config.num_params()
     assert host["plain"] == 2 * 4 * params and host["sharded"] == 4 * params  # two fp32 copies, then one
+
+
+def test_filling_a_model_from_sharded_weights_casts_like_the_safetensors_path_and_refuses_nan(
+    tiny_source, tmp_path
+):
+    from llmshearing.convert.sharded import fill_from_sharded_weights, sharded_weights_dir
+    from llmshearing.models.decoder import Decoder
+
+    with open_checkpoint(tiny_source) as ckpt:
+        config, state = ckpt.config, {k: ckpt.tensors.get(k) for k in ckpt.tensors.keys()}
+    bf16 = {k: t.to(torch.bfloat16) for k, t in state.items()}
+    metas = {k: TensorMeta(t.dtype, tuple(t.shape)) for k, t in bf16.items()}
+    write_sharded_weights(tmp_path, metas, bf16.__getitem__)
+    decoder = Decoder(config)
+    assert fill_from_sharded_weights(decoder, sharded_weights_dir(tmp_path)) == len(state)
+    filled = decoder.state_dict()
+    assert all(
+        torch.equal(filled[k], t.to(torch.float32)) and filled[k].dtype == torch.float32
+        for k, t in bf16.items()
+    )
+    key = next(k for k in bf16 if k.endswith("wq.weight"))
+    bf16[key] = bf16[key].clone()
+    bf16[key][0, 0] = float("nan")
+    write_sharded_weights(tmp_path / "nan", metas, bf16.__getitem__)
+    with pytest.raises(ValueError, match=rf"NaN or Inf in {re.escape(key)}; the source is damaged"):
+        fill_from_sharded_weights(Decoder(config), sharded_weights_dir(tmp_path / "nan"))

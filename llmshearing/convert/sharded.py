@@ -36,14 +36,28 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 
 def check_shard_files(path: Path, metadata: object) -> None:
-    """Refuse a sharded checkpoint whose index names data files the directory lacks, naming them all."""
+    """Refuse a sharded checkpoint whose index names data files the directory lacks, or files shorter than the
+    bytes the index places in them (cut off while copied or written), naming them all."""
     storage = getattr(metadata, "storage_data", None) or {}
-    needed = sorted({info.relative_path for info in storage.values()})
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    needed = sorted(ends)
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         raise ValueError(
             f"{path} is missing {len(missing)} of its {len(needed)} shard files ({', '.join(missing)}): copy them "
             "from where the checkpoint was written, or use an earlier checkpoint"
+        )
+    short = [
+        f"{name} ({size:,} of {ends[name]:,} bytes)"
+        for name in needed
+        if (size := (path / name).stat().st_size) < ends[name]
+    ]
+    if short:
+        raise ValueError(
+            f"{path}: {len(short)} of its {len(needed)} shard files are cut short ({', '.join(short)}): copy them "
+            "again from where the checkpoint was written, or use an earlier checkpoint"
         )
 
 
@@ -67,6 +81,9 @@ class ShardedModelSource(TensorSource):
                 "corrupt: use an earlier one"
             ) from err
         check_shard_files(self.path, metadata)
+        self.files: dict[str, set[str]] = {}  # stored name -> the shard files holding it
+        for index, info in (metadata.storage_data or {}).items():
+            self.files.setdefault(index.fqn, set()).add(info.relative_path)
         self.stored: dict[str, str] = {}
         self.metas: dict[str, TensorMeta] = {}
         for name, item in metadata.state_dict_metadata.items():
@@ -95,12 +112,20 @@ class ShardedModelSource(TensorSource):
 
     def get(self, key: str) -> Tensor:
         from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.api import CheckpointException
 
         meta = self.metas[key]
         holder = {self.stored[key]: torch.empty(meta.shape, dtype=meta.dtype)}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            load(holder, storage_reader=self.reader, no_dist=True)
+            try:
+                load(holder, storage_reader=self.reader, no_dist=True)
+            except (Exception, CheckpointException) as err:  # many types; DCP's is a BaseException
+                files = ", ".join(sorted(self.files.get(self.stored[key], ())))
+                raise ValueError(
+                    f"{self.path}: tensor {key!r} could not be read from {files} ({type(err).__name__}); the "
+                    "file is damaged: copy it again, or use an earlier checkpoint"
+                ) from None
         return holder[self.stored[key]]
 
     def close(self) -> None:
@@ -172,9 +197,28 @@ def fill_from_sharded_weights(module: torch.nn.Module, weights: str | Path) -> i
     each file once, one tensor at a time, and keeps its slice (floating tensors cast as ``copy_`` casts,
     e.g. bf16 to the fp32 master weights). Collective when a process group is up; returns the tensors filled.
     """
+    import torch.distributed as tdist
     from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
 
     reader = FileSystemReader(str(weights))
+    filled = _fill_targets(module, weights, reader)
+    alone = not (tdist.is_available() and tdist.is_initialized())
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": alone, it is
+            warnings.simplefilter("ignore" if alone else "default", UserWarning)
+            load({stored_name(k): t for k, t in filled.items()}, storage_reader=reader, no_dist=alone)
+    except (Exception, CheckpointException) as err:  # many types; DCP's is a BaseException
+        raise ValueError(
+            f"{weights}: a shard file could not be read ({type(err).__name__}); it is damaged: convert the "
+            "source again"
+        ) from None
+    check_filled_finite(filled, weights)
+    return len(filled)
+
+
+def _fill_targets(module: torch.nn.Module, weights: str | Path, reader: Any) -> dict[str, Tensor]:
+    """``module``'s state-dict tensors that the weights store, by ``Decoder`` key; every one but a tied head."""
     try:
         stored = reader.read_metadata().state_dict_metadata
     except Exception as err:  # a missing or damaged index
@@ -182,10 +226,31 @@ def fill_from_sharded_weights(module: torch.nn.Module, weights: str | Path) -> i
             f"{weights} could not be read as sharded weights ({err}); convert the source again"
         ) from err
     own = module.state_dict()
-    # a tied head shares the embedding's storage and is not stored
-    targets = {stored_name(key): tensor for key, tensor in own.items() if stored_name(key) in stored}
-    missing = sorted(key for key in own if stored_name(key) not in stored and not key.startswith("output."))
+    filled = {key: tensor for key, tensor in own.items() if stored_name(key) in stored}
+    config = getattr(module, "config", None)
+    tied = {"output.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(own) - set(filled) - tied)
     if missing:
         raise KeyError(f"{weights} lacks {len(missing)} of the model's tensors: {missing[:8]}")
-    load(targets, storage_reader=reader)
-    return len(targets)
+    return filled
+
+
+def check_filled_finite(tensors: Mapping[str, Tensor], weights: str | Path) -> None:
+    """Raise on every rank when any rank's part of a floating tensor (``tensors``: by ``Decoder`` key) holds NaN
+    or Inf (collective under a process group), naming the tensors this rank found."""
+    import torch.distributed as tdist
+    from torch.distributed.tensor import DTensor
+
+    bad = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point()
+        and not bool(torch.isfinite(tensor.to_local() if isinstance(tensor, DTensor) else tensor).all())
+    ]
+    device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+    count = torch.tensor([len(bad)], device=device)
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.all_reduce(count)
+    if int(count.item()):
+        found = ", ".join(bad[:4]) if bad else "tensors of another rank"
+        raise ValueError(f"{weights}: NaN or Inf in {found}; the source is damaged: convert it again")
