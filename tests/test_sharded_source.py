@@ -22,7 +22,13 @@ from llmshearing.convert.sharded import SHARDED_WEIGHTS, write_sharded_weights
 from llmshearing.convert.tensor_io import TensorMeta
 from llmshearing.train import build_trainer, run
 
-SHORT = ["max_duration=4ba", "eval_interval=2ba", "save_interval=4ba"]
+TIMINGS = ("time/", "wall_clock/", "distill/teacher_")  # wall-clock measurements differ between runs
+SHORT = ["max_duration=4ba", "eval_interval=2ba", "save_interval=4ba", "model.distillation.alpha=0.5"]
+
+
+def _teacher(source: str | Path) -> str:
+    """The pruning runs distil from their own source (the teacher is read whole, sharded weights or not)."""
+    return f"model.distillation.teacher={source}"
 
 
 def shard_copy(source: str | Path, out: Path) -> Path:
@@ -114,7 +120,9 @@ def plain_run(tiny_source, tiny_mds, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("runs") / "plain"
     clean_stale_shared_memory()
-    trainer, values = build_trainer(PRUNE, _args(tiny_source, tiny_mds, folder, *SHORT))
+    trainer, values = build_trainer(
+        PRUNE, _args(tiny_source, tiny_mds, folder, *SHORT, _teacher(tiny_source))
+    )
     run(trainer, values)
     clean_stale_shared_memory()
     return folder
@@ -124,15 +132,16 @@ def test_a_pruning_run_from_sharded_weights_matches_the_safetensors_source(
     plain_run, sharded_tiny, tiny_mds, tmp_path, clean_shm, capsys
 ):
     folder = tmp_path / "sharded"
-    trainer, values = build_trainer(PRUNE, _args(str(sharded_tiny), tiny_mds, folder, *SHORT))
+    args = _args(str(sharded_tiny), tiny_mds, folder, *SHORT, _teacher(sharded_tiny))
+    trainer, values = build_trainer(PRUNE, args)
     run(trainer, values)
     captured = capsys.readouterr()
     assert "the source's sharded weights (model.dcp/) are read one tensor at a time" in captured.out
     assert "does not fit" not in captured.err  # the tiny run fits this machine: no planner warning
     a, b = _metrics(plain_run), _metrics(folder)
     losses = [k for k in a if k[1].startswith("loss/train")]
-    assert losses and a.keys() == b.keys()
-    assert all(a[k] == b[k] for k in a if not k[1].startswith(("time/", "wall_clock/"))), [
+    assert losses and a.keys() == b.keys() and any(k[1] == "loss/train/kd" for k in losses)
+    assert all(a[k] == b[k] for k in a if not k[1].startswith(TIMINGS)), [
         (k, a[k], b[k]) for k in a if a[k] != b.get(k)
     ][:5]
     weights_a, weights_b = _model(plain_run), _model(folder)
@@ -211,16 +220,18 @@ def test_fsdp2_ranks_read_their_own_slices_of_sharded_weights(
     folder, initial = tmp_path / "fsdp", tmp_path / "initial.pt"
     clean_stale_shared_memory()
     script = ["tests/scripts/initial_model.py", str(initial)]
-    log = _sharded(PRUNE, _args(str(sharded_tiny), tiny_mds, folder, *SHORT, *SHARDED, RANK0), script=script)
+    args = _args(str(sharded_tiny), tiny_mds, folder, *SHORT, _teacher(sharded_tiny), *SHARDED, RANK0)
+    log = _sharded(PRUNE, args, script=script)
     clean_stale_shared_memory()
     assert "source read in slices: each of the 2 ranks reads its own shards" in log, log[-3000:]
+    assert "the teacher read whole on rank 0" in log and "teacher: blocks sharded over 2 ranks" in log
     started = torch.load(initial, weights_only=True)
     with open_checkpoint(tiny_source) as source:
         assert set(source.tensors.keys()) <= set(started)
         for key in source.tensors.keys():
             assert torch.equal(started[key], source.tensors.get(key).to(torch.float32)), key
     a, b = _metrics(plain_run), _metrics(folder)
-    compared = [k for k in a if not k[1].startswith(("time/", "wall_clock/"))]
+    compared = [k for k in a if not k[1].startswith(TIMINGS)]
     assert any(k[1].startswith("loss/train") for k in compared) and a.keys() == b.keys()
     for key in compared:
         assert b[key] == pytest.approx(a[key], abs=1e-5 * max(1.0, abs(a[key]))), key
