@@ -8,6 +8,11 @@ turns on pruning (the ``L0Pruning`` algorithm); ``callbacks.data_loading.dynamic
 dynamic batch loading. The run folder (``save_folder``) receives ``config.json`` (what
 ``prune-model`` and the exporters read), Composer checkpoints, ``metrics.jsonl`` and the masks.
 
+Before anything is loaded, rank 0 sets the run's plan against the devices it finds and warns in one line when
+it does not fit (:mod:`llmshearing.planning.preflight`; never an error). A source with sharded weights
+(``model.dcp/``) under FSDP2 on several ranks is filled shard by shard, each rank reading its own slices
+(:class:`llmshearing.training.builders.ShardedSourceFill`).
+
 A folder that already holds a run is continued only with ``autoresume=true`` (a finished run then
 trains nothing) and replaced only with ``save_overwrite=true``; a start that fails leaves it as it
 was (see ``llmshearing.training.run_folder``).
