@@ -7,6 +7,7 @@ A tiny test split of byte-tokenised English (two domains) goes in; lm-eval YAMLs
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def test_items_have_the_formats_of_lambada_and_of_multiple_choice():
     assert len({row["label"] for row in items[MC]}) > 1  # the answer is not always in one place
 
 
-def test_built_tasks_run_through_evaluate(tmp_path):
+def test_built_tasks_run_through_evaluate(tmp_path, monkeypatch):
     source = tmp_path / "source"
     write_tiny_source(str(source), seed=3, vocab_size=260, max_seq_len=1024)
     write_byte_tokenizer(source)
@@ -74,7 +75,14 @@ def test_built_tasks_run_through_evaluate(tmp_path):
 
     out = tmp_path / "scores.json"
     args = ["evaluate", str(source), "--tasks", f"{CLOZE},{MC}", "--include-path", str(tmp_path / "tasks")]
+    started: list[
+        object
+    ] = []  # no subprocess (lm-eval's environment dump runs pip, lscpu, nvidia-smi, git...)
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a[0]) or real_popen(*a, **k))
     assert cli_main([*args, "--device", "cpu", "--limit", "4", "--output", str(out)]) == 0
+    monkeypatch.undo()
+    assert started == []
     results = json.loads(out.read_text())["results"]
     assert set(results[CLOZE]) >= {"acc,none", "perplexity,none"} and set(results[MC]) >= {
         "acc,none",

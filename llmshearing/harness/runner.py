@@ -330,6 +330,32 @@ def quiet_lm_eval() -> None:
         task_logger.addFilter(_DropNotes())
 
 
+def environment_info(storage: dict[str, Any]) -> None:
+    """What lm-eval records of the environment with its results, read in-process.
+
+    lm-eval's own ``add_env_info`` calls torch's ``collect_env``, which runs pip, lscpu, gcc, nvcc,
+    nvidia-smi, ldconfig and more as subprocesses with no timeout: about 5 s of every evaluation (every
+    in-training one too), and a stalled evaluation where one of them blocks.
+    """
+    import platform
+    from importlib.metadata import version
+
+    import torch
+    import transformers
+
+    storage.update(
+        {
+            "pretty_env_info": (
+                f"PyTorch {torch.__version__}; Python {platform.python_version()}; {platform.platform()}; "
+                f"CUDA available: {torch.cuda.is_available()}"
+            ),
+            "transformers_version": transformers.__version__,
+            "lm_eval_version": version("lm_eval"),
+            "upper_git_hash": None,
+        }
+    )
+
+
 def run_groups(
     lm: Any,
     manager: Any,
@@ -340,8 +366,13 @@ def run_groups(
     seeds: tuple[int, int, int, int],
 ) -> dict[str, Any]:
     """``simple_evaluate`` over the loaded tasks (preset members keep their few-shot counts); merged results."""
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
 
+    # no subprocesses: the environment is read in-process, and the git hash of the working directory (which
+    # lm-eval reads with `git describe`) is not part of the results this project writes
+    lm_eval.evaluator.add_env_info = environment_info
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     batches: list[tuple[list[Any], int | None]] = []
     preset_objs = [loaded[r.name] for r in requests if r.num_fewshot is not None]
     plain_objs = [loaded[r.name] for r in requests if r.num_fewshot is None]
