@@ -73,3 +73,12 @@ def test_host_memory_falls_back_to_sysconf(tmp_path, text):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(text)
     assert host_memory_bytes(meminfo) == host_memory_bytes(tmp_path / "absent") > GIB
+
+
+def test_a_bad_memory_setting_is_a_warning_not_an_error(tiny_source, tiny_mds, tmp_path, monkeypatch, capsys):
+    from llmshearing.planning.preflight import warn_if_plan_does_not_fit
+
+    monkeypatch.setenv(MEMORY_ENV, "lots")
+    line = warn_if_plan_does_not_fit(_values(tiny_source, tiny_mds, tmp_path / "run"), 1, 1)
+    assert line is not None and "the run's plan was not checked" in line and MEMORY_ENV in line
+    assert capsys.readouterr().err.strip() == f"llmshearing: {line}"

@@ -57,7 +57,8 @@ def detected_hardware(
         if memory is None:
             memory = torch.cuda.get_device_properties(int(environ.get("LOCAL_RANK", "0"))).total_memory
         name = f"{world} x {gib(memory)} GPU{'s' if world > 1 else ''}{stated}"
-        return Hardware(gpus=world, gpu_memory=memory, gpus_per_node=local_world), name
+        host = host_memory_bytes()  # the start-up reads are checked against the node's host memory
+        return Hardware(gpus=world, gpu_memory=memory, gpus_per_node=local_world, host_memory=host), name
     host = host_memory_bytes() if memory is None else memory
     share = f", {gib(host // local_world)} per rank" if local_world > 1 else ""
     name = f"{gib(host)} of host memory{stated} for {local_world} CPU rank{'s' if local_world > 1 else ''}{share}"
@@ -149,14 +150,12 @@ def fit_warning(
 
 def warn_if_plan_does_not_fit(values: dict[str, Any], world: int, local_world: int) -> str | None:
     """Print :func:`fit_warning`'s line (stderr) when there is one; never raises (the plan is an estimate)."""
-    import logging
     import sys
 
     try:
         line = fit_warning(values, world, local_world)
-    except Exception as err:  # an estimate must never stop a run
-        logging.getLogger("llmshearing.train").info("the run's plan was not checked: %s", err)
-        return None
+    except Exception as err:  # an estimate must never stop a run (a bad LLMSHEARING_DEVICE_MEMORY included)
+        line = f"warning: the run's plan was not checked against the devices ({err})"
     if line is not None:
         print(f"llmshearing: {line}", file=sys.stderr, flush=True)
     return line

@@ -106,7 +106,7 @@ def reads_own_slices(values: dict[str, Any]) -> bool:
 
     l0 = values["model"].get("l0_module") or {}
     return (
-        values.get("fsdp_config") is not None
+        values.get("fsdp_config") not in (None, False)  # resolve_fsdp's test for FSDP
         and fsdp_version() == 2
         and dist.get_world_size() > 1
         and is_sharded_source(values["model"]["path"])
