@@ -368,7 +368,8 @@ def write_project_checkpoint(
     ``dtype`` ("fp32" | "bf16" | "fp16") casts floating tensors; None keeps them. ``extra`` may add
     files to the staging directory before it is renamed. ``sharded`` writes the weights as ``model.dcp/``
     (``torch.distributed.checkpoint``) instead of safetensors. Either way one tensor is read, cast and
-    written at a time: the peak is the largest tensor in the source's dtype plus its cast copy.
+    written at a time: the peak is the largest tensor in the source's dtype plus its cast copy (sharded: plus
+    the previous tensor's cast copy, which torch's writer still holds).
     """
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")

@@ -151,7 +151,8 @@ def convert_hf_to_project(
     stored precision, None keeps the source's (GGUF weights are dequantised to fp32). ``sharded`` writes
     the weights as a ``torch.distributed.checkpoint`` directory (``model.dcp/``, one file per tensor)
     instead of safetensors; ``config.json`` and the tokenizer files are the same either way. From
-    safetensors the peak is one tensor in the source's dtype plus its cast; a ``pytorch_model*.bin``
+    safetensors the peak is about one tensor in the source's dtype plus its cast (two casts when sharded, see
+    :func:`~llmshearing.convert.sharded.write_sharded_weights`); a ``pytorch_model*.bin``
     source is memory-mapped where its format allows, a GGUF file is dequantised whole first.
     """
     directory, gguf_file = resolve_source(src, gguf)

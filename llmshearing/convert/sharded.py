@@ -170,8 +170,9 @@ def write_sharded_weights(
     """Write the tensors named in ``metas`` as ``directory/model.dcp`` (``torch.distributed.checkpoint``).
 
     The plan is made from ``meta``-device placeholders; each tensor is produced when the writer reaches
-    it, written to a file of its own (``__0_<i>.distcp``) and dropped, so the peak is one tensor as
-    ``produce`` returns it (plus what ``produce`` holds while making it). ``.metadata`` is written last.
+    it and written to a file of its own (``__0_<i>.distcp``); torch's writer loop still references the
+    previous tensor while it asks for the next, so the peak is two tensors as ``produce`` returns them (plus
+    what ``produce`` holds while making one). ``.metadata`` is written last.
     """
     from torch.distributed.checkpoint import FileSystemWriter, save
 
