@@ -12,8 +12,11 @@ budget T after the source model:
   4 oneshot          one-shot importance pruning (``llmshearing prune-oneshot``) + continued for T (LM loss)
   5 oneshot-distill  one-shot importance pruning + continued for T with distillation (Minitron's recipe)
   6 scratch          the target shape from random initialisation, trained for T
+  7 l0-default       arm 3 with the masks learning from the library's default start (no ranking: log-alpha
+                     log 100, mask and multiplier lr 1.0, the target warmed up over the first 20% of pruning)
 
-The one-shot scores (calibrated on the train split) also initialise the L0 masks (``--l0-init``). The
+The one-shot scores (calibrated on the train split) also initialise the L0 masks of arms 1-3
+(``--l0-init``); arm 7 never reads them. The
 one-shot and scratch arms use dynamic loading too (``--baseline-mix``). Dynamic stages update the mix 4
 times per stage (once with ``--quick``) from evaluations on the eval split; a continued stage starts from
 the previous stage's final mix. Every arm is reported on the test split, which no run reads: per-domain
@@ -57,10 +60,12 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
 from llmshearing.demo import CONTINUE_RECIPE, PRUNE_RECIPE, REPO, Steps, build_corpus, smollm2_gguf
+from llmshearing.pruning.targets import L0Config
 from llmshearing.staging import write_text_atomic
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -77,10 +82,10 @@ REDPAJAMA_MIX = {
 }
 TARGET = {"n_layers": 22, "n_heads": 6, "n_kv_heads": 3, "d_model": 480, "intermediate_size": 1024}
 TARGET_DESC = "22L / 6 heads over 3 KV groups / 480d / 1024I"
-ARMS = ("l0-dynamic", "l0-constant", "l0-distill", "oneshot", "oneshot-distill", "scratch")
+ARMS = ("l0-dynamic", "l0-constant", "l0-distill", "oneshot", "oneshot-distill", "scratch", "l0-default")
 ARM_NUMBER = {arm: i + 1 for i, arm in enumerate(ARMS)}
 # the arms the targets compare (3 vs 5, 1 vs 2): repeated for every seed after the first
-DECIDING_ARMS = ("l0-distill", "oneshot-distill", "l0-dynamic", "l0-constant")
+DECIDING_ARMS = ("l0-distill", "oneshot-distill", "l0-dynamic", "l0-constant", "l0-default")
 ARM_TITLES = {
     "source": "source model (reference)",
     "l0-dynamic": "L0 pruning + continued, dynamic mix",
@@ -89,11 +94,13 @@ ARM_TITLES = {
     "oneshot": "one-shot importance pruning + continued",
     "oneshot-distill": "one-shot importance pruning + distillation",
     "scratch": "target shape from random init",
+    "l0-default": "L0 pruning from the default mask start + continued with distillation, dynamic mix",
 }
 CHECKPOINT = Path("checkpoints") / "latest-rank0.pt"
 SPARSITY_TOLERANCE = 0.02  # an L0 stage must end with |expected - target| sparsity within this
 MIN_DOCUMENTS = 3  # a domain needs one document for each of train, eval and test
 DEFAULT_SEEDS = (17, 18)
+L0_DEFAULTS = {field.name: field.default for field in dataclass_fields(L0Config)}
 
 
 # ------------------------------------------------------------------------------------------ budget
@@ -173,6 +180,7 @@ def plan_arms(budget: Budget, kd_prune: bool = True) -> dict[str, list[Stage]]:
             Stage("continued", "train", budget.steps, True),
         ],
         "scratch": [Stage("init", "init", 0), Stage("train", "train", budget.steps)],
+        "l0-default": l0(True, kd_prune),
     }
     check_equal_budget(arms, budget)
     return arms
@@ -514,6 +522,20 @@ def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
     ]
 
 
+def default_l0_overrides(steps: int) -> list[str]:
+    """Arm 7's masks: the library's defaults (no ranked start), the target warmed up over 20% of the stage."""
+    return [
+        "model.l0_module.init_from=null",
+        f"model.l0_module.lagrangian_warmup_steps={max(1, round(steps * 0.2))}ba",
+        *(
+            f"model.l0_module.{key}={L0_DEFAULTS[key]}"
+            for key in ("log_alpha_clamp", "init_log_alpha", "mask_lr", "multiplier_lr")
+        ),
+        "model.l0_module.init_scale=null",
+        "model.l0_module.bounded_scores=false",
+    ]
+
+
 def warmup_batches(steps: int, share: float) -> int:
     """Learning-rate warm-up of a ``steps``-batch stage: ``share`` of it, at least one batch, and always
     shorter than the stage (a one-batch stage has none)."""
@@ -628,7 +650,7 @@ class StageResult:
 
 def is_dynamic(arm: str, baseline_mix: str) -> bool:
     """Whether an arm's mix is dynamic: the L0 arms by design, the baselines by ``--baseline-mix``."""
-    if arm in ("l0-dynamic", "l0-distill"):
+    if arm in ("l0-dynamic", "l0-distill", "l0-default"):
         return True
     return arm in ("oneshot", "oneshot-distill", "scratch") and baseline_mix == "dynamic"
 
@@ -677,9 +699,13 @@ def run_arm(
             detail = "distillation from the source" if stage.distill else ""
             if stage.kind == "l0":
                 overrides.append(f"optimizer.lr={args.prune_lr}")
-                ranked = args.oneshot is not None and args.l0_init == "importance"
+                ranked = args.oneshot is not None and args.l0_init == "importance" and arm != "l0-default"
                 scores = args.oneshot.scores if ranked else None
-                overrides += l0_overrides(args, scores, stage.steps)
+                overrides += (
+                    default_l0_overrides(stage.steps)
+                    if arm == "l0-default"
+                    else l0_overrides(args, scores, stage.steps)
+                )
                 overrides += [f"model.l0_module.target_model.{k}={v}" for k, v in args.target.items()]
                 start = (
                     "masks start from the one-shot importance scores" if scores else "masks start untrained"
@@ -865,6 +891,8 @@ def target_lines(rows: Mapping[str, Any]) -> list[str]:
                 f"- arm 3 has the lowest average test loss of all arms: **missed** (lowest: arm "
                 f"{ARM_NUMBER[best]} {best} {arm_loss(rows[best]):.3f}, arm 3 {arm_loss(rows['l0-distill']):.3f})"
             )
+    if "l0-default" in rows and "oneshot-distill" in rows:  # learned masks without the ranked start
+        lines.append(_explain(rows, "l0-default", "oneshot-distill", strict=True))
     return lines
 
 

@@ -39,8 +39,9 @@ def test_every_arm_trains_exactly_the_budget(quality, quick, scale, steps, share
         assert all(stage.steps >= 1 for stage in stages if stage.kind in ("l0", "train")), name
     prune = arms["l0-dynamic"][0].steps
     assert prune == min(budget.steps - 1, max(1, round(budget.steps * share)))
-    for arm in ("l0-constant", "l0-distill"):
+    for arm in ("l0-constant", "l0-distill", "l0-default"):
         assert [s.steps for s in arms[arm]] == [s.steps for s in arms["l0-dynamic"]]
+    assert [s.distill for s in arms["l0-default"]] == [s.distill for s in arms["l0-distill"]]
 
 
 def test_distillation_stages(quality):
@@ -55,6 +56,7 @@ def test_distillation_stages(quality):
         "oneshot": [],
         "oneshot-distill": ["continued"],
         "scratch": [],
+        "l0-default": ["prune", "continued"],
     }
     without = quality.plan_arms(budget, kd_prune=False)
     assert [s.name for s in without["l0-distill"] if s.distill] == ["continued"]
@@ -94,8 +96,14 @@ def test_bad_budget_arguments(quality, kwargs, message):
 
 def test_seeds_repeat_the_deciding_arms(quality):
     runs = quality.runs_per_seed(quality.ARMS, [17, 18])
-    assert runs[:6] == [(17, arm) for arm in quality.ARMS]
-    assert runs[6:] == [(18, "l0-dynamic"), (18, "l0-constant"), (18, "l0-distill"), (18, "oneshot-distill")]
+    assert runs[:7] == [(17, arm) for arm in quality.ARMS]
+    assert runs[7:] == [
+        (18, "l0-dynamic"),
+        (18, "l0-constant"),
+        (18, "l0-distill"),
+        (18, "oneshot-distill"),
+        (18, "l0-default"),
+    ]
     assert quality.runs_per_seed(["oneshot", "scratch"], [1, 2]) == [(1, "oneshot"), (1, "scratch")]
     with pytest.raises(ValueError, match="distinct"):
         quality.runs_per_seed(quality.ARMS, [5, 5])
@@ -357,6 +365,7 @@ ARM_LOSSES = {  # (a, b) test losses of the first seed
     "oneshot": (3.5, 4.5),
     "oneshot-distill": (3.0, 3.9),
     "scratch": (6.0, 7.0),
+    "l0-default": (3.1, 4.1),
 }
 
 
@@ -449,7 +458,7 @@ def test_markdown_table(quality):
     assert "| 1 l0-dynamic | train | 8 | 4,096 | 2.00 | 12.5 | 9.2 | - | 3.250 / 0.500, 25% |  |" in text
     assert "| 6 scratch | fold | 0 | 0 | 0.00 | 2.0 | - | - | - | note |" in text
     weights = next(line for line in text.splitlines() if line.startswith("| b | "))
-    assert weights.count("0.750") == 5 and "0.500" in weights  # five dynamic arms' final mixes, initial mix
+    assert weights.count("0.750") == 6 and "0.500" in weights  # six dynamic arms' final mixes, initial mix
     assert "| 3 l0-distill | 18 | 0.500 | 0.600 | 0.610 | -0.010 | yes |" in text
     assert "left out: book (2 documents" in text and "test split" in text
     assert "`python bench/quality.py --quick`" in text and "Test CPU" in text and "abc123" in text
