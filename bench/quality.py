@@ -766,6 +766,8 @@ def run_arm(
     record["losses"] = evaluate(model, inputs.mds, args.eval_samples, args.report_split)
     if args.tasks:  # downstream accuracy on tasks built from the test split
         record["downstream"] = args.downstream.score(model, args.tasks)
+    if args.lm_eval_tasks:
+        record["lm_eval"] = args.downstream.score_lm_eval(model, args.lm_eval_tasks, args.lm_eval_limit)
     if args.report_split != "eval":
         record["eval_losses"] = evaluate(model, inputs.mds, args.eval_samples, "eval")
     record["tokens"] = sum(s["tokens"] for s in record["stages"])
@@ -1118,6 +1120,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         from quality import downstream
 
         lines += downstream.table(rows, results["downstream_tasks"])
+    if results.get("lm_eval_tasks"):
+        from quality import downstream
+
+        spec = results["lm_eval_tasks"]
+        lines += downstream.lm_eval_table(rows, spec["tasks"], spec["limit"])
     lines += _stage_table(rows)
     lines += _mix_table(results)
     lines += [
@@ -1396,6 +1403,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--keep-checkpoints", action="store_true", help="keep the Composer checkpoints of the runs")
     add("--no-progress", action="store_true", help="hide the training progress bars")
     add("--no-downstream", action="store_true", help="skip the downstream tasks built from the test split")
+    add(
+        "--lm-eval-tasks",
+        default=None,
+        help="also score every model on these lm-eval tasks or preset (e.g. sheared-llama; their data must be "
+        "readable: checked before any arm runs); default: sheared-llama with --scale > 1, else none",
+    )
+    add("--lm-eval-limit", type=int, default=200, help="items per lm-eval task (default: 200; 0: all)")
     return parser
 
 
@@ -1438,6 +1452,21 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+    if args.lm_eval_tasks is None:
+        args.lm_eval_tasks = "sheared-llama" if args.scale > 1 else "none"
+    skip = args.study or args.prepare_only or args.lm_eval_tasks == "none"
+    args.lm_eval_tasks, args.lm_eval_limit = (
+        (None if skip else args.lm_eval_tasks),
+        (args.lm_eval_limit or None),
+    )
+    if args.lm_eval_tasks:  # unreadable task data fails now, not after the arms
+        from quality import downstream as tasks_check
+
+        try:
+            tasks_check.check_lm_eval(args.lm_eval_tasks)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: --lm-eval-tasks {args.lm_eval_tasks}: {err}", file=sys.stderr)
+            return 2
     held_out = max(64, args.eval_samples)
     inputs = prepare_inputs(work, budget.seq_len, held_out, args.initial_mix == "uniform", steps)
     args.target, args.target_desc, args.miniature = dict(TARGET), TARGET_DESC, None
@@ -1476,6 +1505,10 @@ def main(argv: list[str] | None = None) -> int:
         source_row["losses"] = source_losses(inputs, work, args.eval_samples, "test", steps)
         if args.tasks:
             source_row["downstream"] = downstream.score(inputs.source, args.tasks)
+        if args.lm_eval_tasks:
+            source_row["lm_eval"] = downstream.score_lm_eval(
+                inputs.source, args.lm_eval_tasks, args.lm_eval_limit
+            )
         source_row["eval_losses"] = reference
         records = []
         for seed, arm in order:
@@ -1513,6 +1546,9 @@ def main(argv: list[str] | None = None) -> int:
         "target_desc": args.target_desc,
         "params": {"source": args.source_cfg.num_params(False), "target": args.target_cfg.num_params(False)},
         "downstream_tasks": args.tasks,
+        "lm_eval_tasks": {"tasks": args.lm_eval_tasks, "limit": args.lm_eval_limit}
+        if args.lm_eval_tasks
+        else None,
     }
     if args.study:
         results["source"] = source_row

@@ -495,6 +495,32 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
 
 
+def read_task_data(
+    manager: Any, requests: Sequence[TaskRequest], reads_hub: bool, num_fewshot: int | None
+) -> dict[str, Any]:
+    """Build the requested tasks (reading their data; offline when the Hub cannot be reached) and check
+    their few-shot pools."""
+    offline = offline_requested()
+    if reads_hub and not offline and not hub_reachable():
+        offline = True
+    if offline:
+        go_offline()
+    loaded = load_tasks(manager, requests, offline)
+    check_fewshot_pools(loaded, requests, num_fewshot)
+    return loaded
+
+
+def check_tasks(tasks: str, include_paths: Sequence[str] = (), num_fewshot: int | None = None) -> None:
+    """Everything ``evaluate_tasks`` checks of ``tasks`` before a model loads (names, YAMLs, data files, the
+    data itself, few-shot pools), with no model: for a long job that scores models later."""
+    requests, _ = parse_task_spec(tasks)
+    check_include_paths(include_paths)
+    quiet_lm_eval()
+    manager = task_manager(include_paths, [request.name for request in requests])
+    check_names(manager, requests)
+    read_task_data(manager, requests, check_local_data(manager, requests), num_fewshot)
+
+
 def evaluate_tasks(
     model: str,
     tasks: str,
@@ -528,13 +554,7 @@ def evaluate_tasks(
         tok_dir = hf_model.tokenizer_dir(ckpt, tokenizer)
         tok = hf_model.load_tokenizer(tok_dir)
         hf_model.check_vocabulary(tok, ckpt, tok_dir)
-        offline = offline_requested()
-        if reads_hub and not offline and not hub_reachable():
-            offline = True
-        if offline:
-            go_offline()
-        loaded = load_tasks(manager, requests, offline)
-        check_fewshot_pools(loaded, requests, num_fewshot)
+        loaded = read_task_data(manager, requests, reads_hub, num_fewshot)
         chosen = hf_model.stored_dtype(ckpt) if dtype == "auto" else dtype
         model_obj = hf_model.build_hf_model(ckpt, chosen, device)
     from lm_eval.models.huggingface import HFLM
