@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "llmshearing.convert.commands",
     "llmshearing.pruning.commands",
     "llmshearing.data.commands",
+    "llmshearing.dynamic_loading.commands",
     "llmshearing.evaluate",
     "llmshearing.report",
     "llmshearing.planning.commands",

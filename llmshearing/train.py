@@ -54,8 +54,10 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     from composer.core import Evaluator
     from composer.utils import dist, get_device, reproducibility
 
-    from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
-    from llmshearing.data.loaders import DataLoadingConfig, build_eval_dataloader, build_train_dataloader
+    from llmshearing.data.loaders import build_eval_dataloader
+    from llmshearing.dynamic_loading.callback import DynamicLoadingCallback
+    from llmshearing.dynamic_loading.config import KEY, DataLoadingConfig
+    from llmshearing.dynamic_loading.loader import build_train_dataloader
     from llmshearing.training import builders, run_folder
     from llmshearing.training.config import load_config, validate_config
     from llmshearing.training.fsdp import resolve_fsdp
@@ -73,12 +75,7 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         from llmshearing.planning.preflight import warn_if_plan_does_not_fit
 
         warn_if_plan_does_not_fit(values, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-    if not values["callbacks"].get("data_loading"):
-        raise ValueError(
-            "callbacks.data_loading is required: at least set_names (the domains, i.e. the MDS sub-directories) "
-            "and proportion (their mix)"
-        )
-    data_loading = DataLoadingConfig.from_dict(values["callbacks"]["data_loading"])
+    data_loading = DataLoadingConfig.from_callbacks(values["callbacks"])
     for section in ("train_loader", "eval_loader"):  # the loaders read the data root from the top level
         dataset = values.setdefault(section, {}).setdefault("dataset", {})
         dataset.setdefault("local", values["data_local"])
@@ -114,6 +111,7 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         data_loading.set_names,
         device_batch_size=values["device_eval_batch_size"],
         subset_num_batches=values["eval_subset_num_batches"],
+        names_key=f"{KEY}.set_names",
     )
     reproducibility.seed_all(values["seed"])
     if dist.get_global_rank() == 0:

@@ -14,8 +14,10 @@ import pytest
 import torch
 from streaming.base.util import clean_stale_shared_memory
 
-from llmshearing.data.loaders import DataLoadingConfig, build_eval_dataloader, build_train_dataloader
-from llmshearing.data.mixing import largest_remainder_counts
+from llmshearing.data.loaders import build_eval_dataloader
+from llmshearing.data.proportions import largest_remainder_counts
+from llmshearing.dynamic_loading.config import DataLoadingConfig
+from llmshearing.dynamic_loading.loader import build_train_dataloader
 
 _spec = importlib.util.spec_from_file_location(
     "mix_training", os.path.join(os.path.dirname(__file__), "scripts", "mix_training.py")

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from streaming.base.util import clean_stale_shared_memory
 
-from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
-from llmshearing.data.loaders import DataLoadingConfig
-from llmshearing.data.mixing import doremi_update, largest_remainder_counts
-from llmshearing.data.reference_loss import PRESETS
+from llmshearing.data.proportions import largest_remainder_counts
+from llmshearing.dynamic_loading.callback import DynamicLoadingCallback
+from llmshearing.dynamic_loading.config import DataLoadingConfig
+from llmshearing.dynamic_loading.mixing import doremi_update
+from llmshearing.dynamic_loading.reference_loss import PRESETS
 from llmshearing.models.loss import domain_token_losses
 
 _spec = importlib.util.spec_from_file_location(
@@ -160,7 +161,7 @@ def test_reference_from_source_needs_an_eval_before_fit(data_root, fresh):
 def test_subset_of_train_batches_is_rejected(data_root, fresh):
     from composer import Trainer
 
-    from llmshearing.data.loaders import build_train_dataloader
+    from llmshearing.dynamic_loading.loader import build_train_dataloader
 
     dl = {"dynamic": True, "set_names": NAMES, "proportion": [0.5, 0.3, 0.2], "target_loss": [1, 1, 1]}
     train = build_train_dataloader(
@@ -206,7 +207,7 @@ def dynamic_callback(set_names: list[str], proportion: list[float], **keys) -> D
 def test_reference_options_and_validation():
     cb = dynamic_callback(["wiki", "cc"], [0.5, 0.5], reference="sheared-1.3b")
     assert cb.reference.tolist() == [PRESETS["sheared-1.3b"]["wiki"], PRESETS["sheared-1.3b"]["cc"]]
-    from llmshearing.data.reference_loss import LLAMA2_LOSSES, LLAMA2_SIZES
+    from llmshearing.dynamic_loading.reference_loss import LLAMA2_LOSSES, LLAMA2_SIZES
 
     fit = {"sizes": list(LLAMA2_SIZES), "losses": LLAMA2_LOSSES, "target_size": "2701560320"}
     cb = dynamic_callback(["github", "arxiv"], [0.5, 0.5], reference=fit)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llmshearing.data.loaders import DataLoadingConfig
+from llmshearing.dynamic_loading.config import DataLoadingConfig
 
-README = Path(__file__).resolve().parents[1] / "llmshearing" / "callbacks" / "dynamic_loading" / "README.md"
+README = Path(__file__).resolve().parents[1] / "llmshearing" / "dynamic_loading" / "README.md"
 
 
 def key_rows() -> dict[str, str]:

@@ -10,6 +10,8 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 PACKAGE = "llmshearing"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
@@ -92,10 +94,31 @@ def test_no_two_parts_import_each_other() -> None:
     assert not pairs, "parts that import each other:\n" + describe(edges, pairs)
 
 
-def test_pruning_readme_lists_every_module() -> None:
-    readme = (ROOT / "pruning" / "README.md").read_text(encoding="utf-8")
+def test_data_sits_below_dynamic_loading() -> None:
+    """``data/`` reads plain values (domain names, proportions, an interval), never the mixing config."""
+    edges = import_edges()
+    assert ("dynamic_loading", "data") in edges  # the callback drives the dataset
+    assert ("data", "dynamic_loading") not in edges, describe(edges, [("data", "dynamic_loading")])
+
+
+def test_the_data_loading_key_is_defined_once() -> None:
+    """Only ``dynamic_loading/config.py`` assigns the string ``callbacks.data_loading`` to a name."""
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            value = getattr(node, "value", None)
+            if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(value, ast.Constant):
+                if value.value == "callbacks.data_loading":
+                    found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
+    assert len(found) == 1 and found[0].startswith(f"{PACKAGE}/dynamic_loading/config.py:"), found
+
+
+@pytest.mark.parametrize("folder", ["pruning", "dynamic_loading"])
+def test_readme_lists_every_module(folder: str) -> None:
+    readme = (ROOT / folder / "README.md").read_text(encoding="utf-8")
     listed = {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `") and ".py`" in line}
-    modules = {path.name for path in (ROOT / "pruning").glob("*.py") if path.name != "__init__.py"}
+    modules = {path.name for path in (ROOT / folder).glob("*.py") if path.name != "__init__.py"}
     assert listed == modules, (
         f"missing from the table: {sorted(modules - listed)}; gone: {sorted(listed - modules)}"
     )

@@ -7,14 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from llmshearing.data.mixing import (
+from llmshearing.data.proportions import largest_remainder_counts, validate_proportions
+from llmshearing.dynamic_loading.mixing import (
     apply_floors,
     doremi_update,
     ema_losses,
     excess_loss,
-    largest_remainder_counts,
     update_weights,
-    validate_proportions,
 )
 
 NAMES = ["a", "b", "c"]

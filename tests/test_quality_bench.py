@@ -293,7 +293,7 @@ TINY_TARGET = [
 
 def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_source, tiny_mds):
     """Every stage's overrides of the demo recipes load and validate with the project's own config code."""
-    from llmshearing.data.loaders import DataLoadingConfig
+    from llmshearing.dynamic_loading.config import DataLoadingConfig
     from llmshearing.training.config import load_config, validate_config
 
     budget = quality.make_budget(
@@ -568,7 +568,7 @@ def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
                 len(changed) == 1 or name in ("paper rule", "all four")
             )
     # the arms run the library's default mix unless told otherwise
-    from llmshearing.data.loaders import DataLoadingConfig
+    from llmshearing.dynamic_loading.config import DataLoadingConfig
 
     defaults = quality.build_parser().parse_args([])
     library = DataLoadingConfig(["a"], [1.0])

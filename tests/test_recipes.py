@@ -16,7 +16,7 @@ from conftest import TINY_MODEL
 from omegaconf import OmegaConf
 
 from llmshearing.convert.hf_config import model_config_from_hf
-from llmshearing.data.loaders import DataLoadingConfig
+from llmshearing.dynamic_loading.config import DataLoadingConfig
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning import attach_l0_module

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llmshearing.cli import main as cli_main
-from llmshearing.data.reference_loss import (
+from llmshearing.dynamic_loading.reference_loss import (
     LLAMA2_LOSSES,
     LLAMA2_SIZES,
     PAPER_DOMAINS,

@@ -1,21 +1,7 @@
-"""Composer callbacks of the project.
+"""Composer callbacks of the project: per-domain train metrics (``domain_metrics``), the sample log
+(``sample_log``), the distillation teacher's time (``distillation``) and downstream tasks at evaluation
+intervals (``eval_tasks``, ``icl_eval``).
 
-Exports are resolved lazily so that importing the package does not import Composer.
+Dynamic batch loading has its own package, ``llmshearing.dynamic_loading``. Importing this package
+imports nothing; each module is imported where it is used.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "DynamicLoadingCallback": "llmshearing.callbacks.dynamic_loading",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'llmshearing.callbacks' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -35,7 +35,7 @@ from streaming.base.world import World
 from torch.utils.data import DataLoader
 
 from llmshearing.data.layout import TOKENS_COLUMN
-from llmshearing.data.mixing import largest_remainder_counts, validate_proportions
+from llmshearing.data.proportions import largest_remainder_counts, validate_proportions
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ class DynamicStreamingDataset(StreamingDataset):
         if list(mix["set_names"]) != list(self.set_names):
             raise ValueError(
                 f"the checkpoint was trained on domains {mix['set_names']}, not {list(self.set_names)}: "
-                "use the same callbacks.data_loading.set_names to resume"
+                "resume with the same domains (set_names)"
             )
         if int(mix["epoch_size"]) != int(self.epoch_size):
             raise ValueError(

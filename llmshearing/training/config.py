@@ -46,7 +46,7 @@ SCHEMA: dict[str, Any] = {
     "scheduler": {"name": ANY, "t_warmup": ANY, "alpha_f": ANY, "t_max": ANY},
     "algorithms": {"gradient_clipping": {"clipping_type": ANY, "clipping_threshold": ANY}},
     "callbacks": {
-        "data_loading": ANY,  # validated by llmshearing.data
+        "data_loading": ANY,  # validated by llmshearing.dynamic_loading.config
         "speed_monitor": ANY,
         "lr_monitor": ANY,
         "memory_monitor": ANY,

@@ -11,6 +11,7 @@ import math
 import re
 from typing import Any
 
+from llmshearing.dynamic_loading.config import KEY as _DL
 from llmshearing.training.config import ConfigError
 
 OPTIMIZERS = ("decoupled_adamw",)
@@ -30,7 +31,6 @@ BOOLEANS = (
 )
 _BATCHES = re.compile(r"(\d+)ba")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)dur")
-_DL = "callbacks.data_loading"
 
 
 def is_number(value: Any) -> bool:

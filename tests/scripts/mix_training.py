@@ -127,8 +127,9 @@ def run_training(
     from composer.core import Evaluator
     from composer.optim import DecoupledAdamW
 
-    from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
-    from llmshearing.data.loaders import build_eval_dataloader, build_train_dataloader
+    from llmshearing.data.loaders import build_eval_dataloader
+    from llmshearing.dynamic_loading.callback import DynamicLoadingCallback
+    from llmshearing.dynamic_loading.loader import build_train_dataloader
 
     dl_cfg = {
         "dynamic": True,

@@ -1,4 +1,4 @@
-"""Pure domain-mixing rules: proportion validation, integer per-interval counts, weight updates.
+"""The update rule of dynamic batch loading and its stabilisers, as pure functions.
 
 Dynamic batch loading (Sheared LLaMA, Alg. 1) re-weights domains from their excess loss over a
 reference loss::
@@ -15,7 +15,8 @@ Options that keep the mix stable (each off by default, leaving the rule above un
 * an exponential moving average of the losses (:func:`ema_losses`) feeds the rule instead of the
   raw losses of one interval.
 
-Everything here is numpy on float64 and has no side effects.
+The mix itself is plain values: its validation and the exact integer counts it gives per interval
+are in ``llmshearing.data.proportions``. Everything here is numpy on float64 and has no side effects.
 """
 
 from __future__ import annotations
@@ -26,51 +27,6 @@ import numpy as np
 
 UPDATE_TYPES = ("doremi", "constant")
 EXCESS_TYPES = ("absolute", "relative")
-SUM_TOLERANCE = 1e-3
-_SNAP = 1e-12
-
-
-def validate_proportions(
-    proportion: Sequence[float], set_names: Sequence[str], key: str = "callbacks.data_loading.proportion"
-) -> np.ndarray:
-    """Check one weight per domain, non-negative, summing to 1; return them renormalised as float64."""
-    values = np.asarray(list(proportion), dtype=np.float64)
-    if values.ndim != 1 or len(values) != len(set_names):
-        raise ValueError(
-            f"{key} has {values.size} values but there are {len(set_names)} domains {list(set_names)}: "
-            "give exactly one proportion per domain, in the order of set_names"
-        )
-    if not np.all(np.isfinite(values)) or np.any(values < 0):
-        raise ValueError(f"{key} must hold finite non-negative numbers, got {values.tolist()}")
-    total = float(values.sum())
-    if abs(total - 1.0) > SUM_TOLERANCE:
-        raise ValueError(
-            f"{key} sums to {total:.6g}, not 1 (tolerance {SUM_TOLERANCE}): "
-            "rescale the proportions so that they sum to 1"
-        )
-    return values / total
-
-
-def largest_remainder_counts(proportion: Sequence[float], total: int) -> np.ndarray:
-    """Integer counts summing to ``total`` closest to ``proportion * total``.
-
-    Each domain gets the floor of its quota; the samples left over go one each to the domains with
-    the largest fractional parts, ties broken by the lower domain index.
-    """
-    if total < 0:
-        raise ValueError(f"total must be non-negative, got {total}")
-    weights = np.asarray(list(proportion), dtype=np.float64)
-    weights = weights / weights.sum()
-    quotas = weights * total
-    # Decimal proportions rarely multiply exactly (0.045 * 32 = 1.4399999999999997): snap quotas
-    # to integers and remainders to 1e-9 so that nominally equal remainders tie.
-    nearest = np.round(quotas)
-    quotas = np.where(np.abs(quotas - nearest) <= _SNAP * max(total, 1), nearest, quotas)
-    counts = np.floor(quotas).astype(np.int64)
-    left = int(total - counts.sum())  # 0 <= left < number of domains
-    order = np.argsort(-np.round(quotas - counts, 9), kind="stable")
-    counts[order[:left]] += 1
-    return counts
 
 
 def excess_loss(

@@ -1,7 +1,7 @@
 """Dynamic batch loading: re-weight the training domains from their losses at every update interval.
 
 At the end of each interval (one epoch of ``DynamicStreamingDataset``) the callback reads every
-domain's loss, updates the domain weights with ``llmshearing.data.mixing.update_weights`` and pushes
+domain's loss, updates the domain weights with ``llmshearing.dynamic_loading.mixing.update_weights`` and pushes
 them into the train dataset for the next interval. The losses come from the evaluation that ends the
 interval (``loss_source: eval``, reading ``state.eval_metrics[eval_label][f"{domain}_LanguageCrossEntropy"]``)
 or from the training batches of the interval (``loss_source: train``, token-weighted, all-reduced).
@@ -22,7 +22,7 @@ When the update happens (Composer's event order):
 Stabilisers (``DataLoadingConfig``): with ``loss_ema`` the rule reads an exponential moving average
 of each domain's losses, fed once per interval boundary; with ``update_warmup: W`` the boundaries
 before batch ``W`` feed the average but keep the mix (the first update is at the first boundary at
-or after ``W``); ``min_proportion`` and ``excess`` act inside :func:`llmshearing.data.mixing.update_weights`.
+or after ``W``); ``min_proportion`` and ``excess`` act inside :func:`llmshearing.dynamic_loading.mixing.update_weights`.
 The average, like the weights, is part of the callback's checkpoint state.
 """
 
@@ -40,31 +40,28 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshearing.data.dynamic_dataset import DynamicStreamingDataset
-from llmshearing.data.loaders import DataLoadingConfig
-from llmshearing.data.mixing import ema_losses, update_weights
-from llmshearing.data.reference_loss import resolve_reference
+from llmshearing.dynamic_loading.config import KEY, DataLoadingConfig
+from llmshearing.dynamic_loading.mixing import ema_losses, update_weights
+from llmshearing.dynamic_loading.reference_loss import resolve_reference
 from llmshearing.models.loss import domain_token_losses
 
 log = logging.getLogger(__name__)
-
-_DL = "callbacks.data_loading"
 
 
 class DynamicLoadingCallback(Callback):
     """Update the train dataset's domain weights from per-domain losses once per interval.
 
     Args:
-        config: the validated ``callbacks.data_loading`` section (:class:`DataLoadingConfig`) with
-            ``dynamic: true``; every key is described in this folder's README.
+        config: the ``callbacks.data_loading`` section (:class:`DataLoadingConfig`, validated when it was
+            made) with ``dynamic: true``; every key is described in this folder's README.
     """
 
     def __init__(self, config: DataLoadingConfig) -> None:
         if not config.dynamic:
             raise ValueError(
-                f"{_DL}.dynamic is false: the mix is fixed, no callback is needed "
+                f"{KEY}.dynamic is false: the mix is fixed, no callback is needed "
                 "(DynamicLoadingCallback.from_config returns None for it)"
             )
-        config.validate()
         self.cfg = config
         self.set_names = tuple(config.set_names)
         self.from_source = config.reference == "source"
@@ -91,7 +88,7 @@ class DynamicLoadingCallback(Callback):
     def _check_reference(self, reference: np.ndarray | None) -> None:
         if self.cfg.excess == "relative" and reference is not None and np.any(reference <= 0):
             raise ValueError(
-                f"{_DL}.excess: relative divides by the reference losses, which must be positive; got "
+                f"{KEY}.excess: relative divides by the reference losses, which must be positive; got "
                 f"{dict(zip(self.set_names, reference.tolist(), strict=True))}: fix them or use excess: absolute"
             )
 
@@ -106,12 +103,12 @@ class DynamicLoadingCallback(Callback):
         dataset = getattr(state.train_dataloader, "dataset", None)
         if not isinstance(dataset, DynamicStreamingDataset):
             raise ValueError(
-                "DynamicLoadingCallback needs the train dataloader of llmshearing.data.loaders."
+                "DynamicLoadingCallback needs the train dataloader of llmshearing.dynamic_loading.loader."
                 f"build_train_dataloader (a DynamicStreamingDataset), got {type(dataset).__name__}"
             )
         if tuple(dataset.set_names) != self.set_names:
             raise ValueError(
-                f"{_DL}.set_names {list(self.set_names)} differ from the train dataset's domains "
+                f"{KEY}.set_names {list(self.set_names)} differ from the train dataset's domains "
                 f"{list(dataset.set_names)}: build both from the same config"
             )
         return dataset
@@ -162,7 +159,7 @@ class DynamicLoadingCallback(Callback):
         dataset = self._dataset(state)
         if self.cfg.update_type == "doremi" and self.reference is None:
             raise RuntimeError(
-                f"{_DL}.reference is 'source' but no evaluation ran before training: "
+                f"{KEY}.reference is 'source' but no evaluation ran before training: "
                 "run trainer.eval() before trainer.fit() so the source model's losses become the reference"
             )
         if not present.all():
@@ -303,7 +300,7 @@ class DynamicLoadingCallback(Callback):
         if list(state["set_names"]) != list(self.set_names):
             raise ValueError(
                 f"the checkpoint's data mix is over domains {state['set_names']}, not {list(self.set_names)}: "
-                f"resume with the same {_DL}.set_names"
+                f"resume with the same {KEY}.set_names"
             )
         self.weights = np.asarray(state["weights"], dtype=np.float64)
         if state["reference"] is not None:

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-_DL = "callbacks.data_loading"
+from llmshearing.dynamic_loading.config import KEY
+
 PAPER_DOMAINS = ("cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4-rp")
 
 LLAMA2_SIZES = (6_738_415_616, 13_015_864_320, 68_976_648_192)
@@ -166,7 +167,7 @@ def reference_for_domains(values: Mapping[str, float], set_names: Sequence[str],
     if missing:
         raise ValueError(
             f"{source} has no reference loss for domains {missing} (it covers {sorted(values)}): "
-            f"use matching {_DL}.set_names or give target_loss explicitly"
+            f"use matching {KEY}.set_names or give target_loss explicitly"
         )
     return np.array([float(values[d]) for d in set_names], dtype=np.float64)
 
@@ -207,18 +208,18 @@ def resolve_reference(
         known = {"sizes", "losses", "target_size"}
         if set(reference) != known:
             raise ValueError(
-                f"{_DL}.reference as a scaling-law fit needs exactly the keys {sorted(known)}, "
+                f"{KEY}.reference as a scaling-law fit needs exactly the keys {sorted(known)}, "
                 f"got {sorted(reference)}"
             )
         losses = reference["losses"]
         if not isinstance(losses, Mapping):
-            raise ValueError(f"{_DL}.reference.losses must map each domain to one loss per size")
+            raise ValueError(f"{KEY}.reference.losses must map each domain to one loss per size")
         fitted = fit_reference_losses(
             [parse_size(s) for s in reference["sizes"]],
             {d: losses[d] for d in set_names if d in losses},
             parse_size(reference["target_size"]),
         )
-        return reference_for_domains(fitted, set_names, f"{_DL}.reference.losses")
+        return reference_for_domains(fitted, set_names, f"{KEY}.reference.losses")
     raise ValueError(
-        f"{_DL}.reference must be 'source', a preset name or {{sizes, losses, target_size}}, got {reference!r}"
+        f"{KEY}.reference must be 'source', a preset name or {{sizes, losses, target_size}}, got {reference!r}"
     )
