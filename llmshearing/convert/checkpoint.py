@@ -185,6 +185,18 @@ def find_run_config(ckpt: Path, config_path: Path | None) -> Path:
     )
 
 
+def model_config_if_readable(path: str | Path) -> ModelConfig | None:
+    """The ``ModelConfig`` of the checkpoint at ``path`` from its ``config.json`` alone, no weights read; None
+    when it cannot be read (the load itself then refuses the checkpoint with its own message)."""
+    where = Path(path)
+    try:
+        sharded_or_file = where.is_file() or is_sharded_checkpoint(where)
+        found = find_run_config(where, None) if sharded_or_file else where / CONFIG_NAME
+        return read_any_config(found)[0]
+    except Exception:  # any unreadable checkpoint: the load names the problem
+        return None
+
+
 def _load_composer_state(ckpt: Path) -> dict[str, Tensor]:
     try:
         try:

@@ -70,19 +70,9 @@ def detected_hardware(
 
 def _config_of(path: str) -> Any:
     """The ``ModelConfig`` of a checkpoint from its ``config.json`` alone (None if unreadable: the load says why)."""
-    from llmshearing.convert.checkpoint import CONFIG_NAME, find_run_config, read_any_config
-    from llmshearing.convert.sharded import is_sharded_checkpoint
+    from llmshearing.convert.checkpoint import model_config_if_readable
 
-    where = Path(path)
-    try:
-        found = (
-            find_run_config(where, None)
-            if where.is_file() or is_sharded_checkpoint(where)
-            else where / CONFIG_NAME
-        )
-        return read_any_config(found)[0]
-    except Exception:  # a checkpoint the load itself will refuse, with its own message
-        return None
+    return model_config_if_readable(path)
 
 
 def run_plan(values: dict[str, Any], hardware: Hardware) -> Plan | None:

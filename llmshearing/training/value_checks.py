@@ -244,21 +244,9 @@ def check_l0_target(model: dict[str, Any]) -> None:
 
 def _source_config(path: str) -> Any:
     """The ``ModelConfig`` of the checkpoint at ``path`` from its config.json alone (None if unreadable)."""
-    from pathlib import Path
+    from llmshearing.convert.checkpoint import model_config_if_readable
 
-    from llmshearing.convert.checkpoint import CONFIG_NAME, find_run_config, read_any_config
-    from llmshearing.convert.sharded import is_sharded_checkpoint
-
-    try:
-        where = Path(path)
-        config_path = (
-            find_run_config(where, None)
-            if where.is_file() or is_sharded_checkpoint(where)
-            else where / CONFIG_NAME
-        )
-        return read_any_config(config_path)[0]
-    except Exception:  # a checkpoint the load itself will refuse, with its own message
-        return None
+    return model_config_if_readable(path)
 
 
 def check_run_values(values: dict[str, Any]) -> None:
