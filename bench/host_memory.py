@@ -1,15 +1,21 @@
 """Peak host memory per rank at start-up and training under FSDP2 on CPU: every rank reads the source
-(``model.init_device=cpu``) against rank 0 alone (``model.init_device=mixed``).
+(``model.init_device=cpu``) against rank 0 alone (``model.init_device=mixed``) and against each rank reading
+only its own slices of a sharded source (``sharded``: the source written as ``convert hf-to-composer --sharded``
+writes it, ``model.dcp/``, with ``model.init_device=mixed``).
 
 A random decoder (default d_model 1024, 8 layers: ~100 M parameters, ~0.4 GB fp32) is saved as a project
 checkpoint beside a small token dataset; the tiny continued-pretraining recipe then runs a few batches under
 ``FSDP_VERSION=2 composer -n N`` (FULL_SHARD, gloo), distilling from the same checkpoint so the teacher is
-read too. Each rank records its own peak RSS (``ru_maxrss``) when it ends; the table gives every rank's peak,
-their sum (what one node holds at worst) and the model's fp32 bytes. Writes
-``bench/results/host-memory-<date>-cpu.md``.
+read too (in the ``sharded`` setting the teacher is the sharded checkpoint as well, read whole on rank 0: only
+the student is read in slices). Each rank records its own peak RSS (``VmHWM``) when it ends, and its RSS
+after the imported stack (torch, Composer, streaming, this package: imported by the probe before the trainer
+is built, so before any weight is read); the table gives every rank's peak, the peak above that stack, their
+sums (what one node holds at worst), each sum over the 1-rank run's (the issue's target: at most 1.3x) and the
+model's fp32 bytes. Writes ``bench/results/host-memory-<date>-cpu.md`` (``--out`` to choose).
 
-    python bench/host_memory.py                   # 1 and 2 ranks
+    python bench/host_memory.py                   # 1 and 2 ranks, every setting
     python bench/host_memory.py --ranks 1 2 4     # 4 ranks too (slow on 2 cores)
+    python bench/host_memory.py --settings sharded --ranks 1 2   # one setting
     python bench/host_memory.py --quick           # d_model 512, 4 layers
 """
 
@@ -29,7 +35,36 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RECIPE = "yamls/tiny/continued.yaml"
-MODES = ("cpu", "mixed")
+SETTINGS = {  # setting: (model.init_device, the source written sharded)
+    "cpu": ("cpu", False),
+    "mixed": ("mixed", False),
+    "sharded": ("mixed", True),
+}
+TARGET = 1.3  # the issue's bound on the sum over ranks against one process
+
+
+def current_rss() -> int:
+    """This process's resident set now, in bytes (Linux ``VmRSS``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def import_stack() -> None:
+    """Import what building the trainer imports (torch, Composer's trainer, streaming, FSDP, this package's
+    training and loading code) so that the RSS measured next is the stack's, before any weight is read."""
+    import composer.trainer  # noqa: F401
+    import streaming  # noqa: F401
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
+    import llmshearing.convert.checkpoint  # noqa: F401
+    import llmshearing.convert.loading  # noqa: F401
+    import llmshearing.convert.sharded  # noqa: F401
+    import llmshearing.data.loaders  # noqa: F401
+    import llmshearing.dynamic_loading.loader  # noqa: F401
+    import llmshearing.training.builders  # noqa: F401
 
 
 def peak_rss() -> int:
@@ -47,26 +82,31 @@ def reset_peak() -> None:
 
 def probe(out_dir: str, argv: list[str]) -> int:
     """Build the trainer and train as ``llmshearing/train.py`` does (launched once per rank); write this
-    rank's peak RSS at start-up (imports, reading, wrapping, broadcast) and over the training that follows."""
+    rank's peak RSS at start-up (imports, reading, wrapping, broadcast) and over the training that follows,
+    and its RSS once the stack is imported, before the trainer is built (nothing read yet)."""
+    import_stack()
     from llmshearing.train import build_trainer, run
 
+    stack = current_rss()
     trainer, values = build_trainer(argv[0], argv[1:])
     startup = peak_rss()
     reset_peak()
     run(trainer, values)
     training = peak_rss()
     rank = int(os.environ.get("RANK", "0"))
-    record = {"rank": rank, "startup": startup, "training": training}
+    record = {"rank": rank, "startup": startup, "training": training, "stack": stack}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
     return 0
 
 
-def write_inputs(root: Path, d_model: int, n_layers: int) -> tuple[Path, Path, int]:
-    """A random source checkpoint and a two-domain token dataset; returns (source, data, model bytes)."""
+def write_inputs(root: Path, d_model: int, n_layers: int) -> tuple[Path, Path, Path, int]:
+    """A random source checkpoint, the same weights as a sharded source (``model.dcp/``, the writer of
+    ``convert hf-to-composer --sharded``) and a two-domain token dataset; returns (source, sharded source,
+    data, model bytes)."""
     import numpy as np
     import torch
 
-    from llmshearing.convert.checkpoint import save_checkpoint
+    from llmshearing.convert.checkpoint import StateDictSource, save_checkpoint, write_project_checkpoint
     from llmshearing.data.layout import write_token_root
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.decoder import Decoder
@@ -88,6 +128,10 @@ def write_inputs(root: Path, d_model: int, n_layers: int) -> tuple[Path, Path, i
     decoder.init_weights()
     source = root / "source"
     save_checkpoint(str(source), config, decoder.state_dict(), progress=False)
+    sharded = root / "source-sharded"
+    write_project_checkpoint(
+        sharded, config, StateDictSource(decoder.state_dict()), progress=False, sharded=True
+    )
     nbytes = sum(p.numel() * 4 for p in decoder.parameters())
     del decoder
     rng = np.random.default_rng(0)
@@ -100,20 +144,22 @@ def write_inputs(root: Path, d_model: int, n_layers: int) -> tuple[Path, Path, i
     }
     data = root / "mds"
     write_token_root(str(data), samples, vocab_size=97)
-    return source, data, nbytes
+    return source, sharded, data, nbytes
 
 
 def launch(
-    ranks: int, mode: str, source: Path, data: Path, root: Path, port: int
+    ranks: int, setting: str, source: Path, data: Path, root: Path, port: int
 ) -> tuple[list[dict[str, int]], str]:
-    """One run; returns every rank's peak RSS (bytes) at start-up and in training, and the command."""
-    out = root / f"peaks-{ranks}-{mode}"
+    """One run; returns every rank's peak RSS (bytes) at start-up and in training, its RSS after the
+    imported stack, and the command."""
+    mode = SETTINGS[setting][0]
+    out = root / f"peaks-{ranks}-{setting}"
     out.mkdir()
     launcher = os.path.join(os.path.dirname(sys.executable), "composer")
     overrides = [
         f"model.path={source}",
         f"data_local={data}",
-        f"save_folder={root / f'run-{ranks}-{mode}'}",
+        f"save_folder={root / f'run-{ranks}-{setting}'}",
         f"model.init_device={mode}",
         f"model.distillation.teacher={source}",
         "model.distillation.alpha=0.5",
@@ -141,10 +187,30 @@ def _mib(values: list[int]) -> str:
     return ", ".join(f"{v / (1 << 20):.0f}" for v in values)
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per row: the start-up peak above the stack per rank, the sums, and each sum over one process's (the
+    1-rank run of the same setting, else of any setting) for the total and the above-the-stack figures."""
+    single = {r["setting"]: r for r in rows if r["ranks"] == 1}
+    fallback = next(iter(single.values()), None)
+    for row in rows:
+        row["above"] = [max(0, s - b) for s, b in zip(row["startup"], row["stack"], strict=True)]
+        one = single.get(row["setting"], fallback)
+        for key in ("startup", "above", "training"):
+            base = sum(one[key]) if one is not None and key in one else 0
+            row[f"{key}_ratio"] = sum(row[key]) / base if base else None
+    return rows
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--quick", action="store_true", help="d_model 512, 4 layers")
+    parser.add_argument("--out", type=Path, default=None, help="the record (default bench/results/...)")
     parser.add_argument("--probe", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -154,50 +220,73 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        source, data, nbytes = write_inputs(root, d_model, n_layers)
+        source, sharded, data, nbytes = write_inputs(root, d_model, n_layers)
         print(f"model: d_model {d_model}, {n_layers} layers, {nbytes / mib:.0f} MiB fp32", flush=True)
         port = 29620
         example = ""
         for ranks in args.ranks:
-            for mode in MODES:
+            for setting in args.settings:
                 port += 1
-                peaks, command = launch(ranks, mode, source, data, root, port)
+                where = sharded if SETTINGS[setting][1] else source
+                peaks, command = launch(ranks, setting, where, data, root, port)
                 example = example or command
-                startup = [p["startup"] for p in peaks]
-                training = [p["training"] for p in peaks]
+                row = {
+                    "ranks": ranks,
+                    "setting": setting,
+                    **{key: [p[key] for p in peaks] for key in ("startup", "training", "stack")},
+                }
+                rows.append(row)
+                above = [max(0, s - b) for s, b in zip(row["startup"], row["stack"], strict=True)]
                 print(
-                    f"{ranks} rank(s), init_device={mode}: start-up peak per rank {_mib(startup)} MiB "
-                    f"(sum {sum(startup) / mib:.0f}), training peak per rank {_mib(training)} MiB "
-                    f"(sum {sum(training) / mib:.0f})",
+                    f"{ranks} rank(s), {setting}: start-up peak per rank {_mib(row['startup'])} MiB "
+                    f"(sum {sum(row['startup']) / mib:.0f}), above the stack {_mib(above)} "
+                    f"(sum {sum(above) / mib:.0f}), training peak per rank {_mib(row['training'])} MiB "
+                    f"(sum {sum(row['training']) / mib:.0f})",
                     flush=True,
                 )
-                rows.append((ranks, mode, startup, training))
+    summarise(rows)
     today = datetime.date.today().isoformat()
     quick = " --quick" if args.quick else ""
+    settings = "" if args.settings == list(SETTINGS) else " --settings " + " ".join(args.settings)
+    if args.out is not None:
+        settings += f" --out {args.out}"
     lines = [
-        f"# `bench/host_memory.py`: peak host RSS per rank, every-rank vs rank-0 loading ({today})",
+        f"# `bench/host_memory.py`: peak host RSS per rank, every-rank vs rank-0 loading vs sharded source ({today})",
         "",
-        f"Command: `.venv/bin/python bench/host_memory.py --ranks {' '.join(map(str, args.ranks))}{quick}`, "
+        f"Command: `.venv/bin/python bench/host_memory.py --ranks {' '.join(map(str, args.ranks))}{settings}{quick}`, "
         "on the 2-core development machine (shared), torch 2.7.0, Composer 0.32.1, FSDP2 on CPU (gloo).",
-        f"Each run: `{example}` (with N ranks and each `model.init_device`): the tiny continued recipe on a "
+        f"Each run: `{example}` (with N ranks and each setting): the tiny continued recipe on a "
         f"random source of d_model {d_model}, {n_layers} layers ({nbytes / mib:.0f} MiB fp32), distilling from "
         "the same checkpoint (so the teacher is read too), FULL_SHARD, 2 batches, one sharded checkpoint. "
+        "Settings: `cpu` = `model.init_device=cpu` (every rank reads source and teacher); `mixed` = "
+        "`model.init_device=mixed` (rank 0 reads them, FSDP broadcasts); `sharded` = the same weights written "
+        "as `convert hf-to-composer --sharded` writes them (`model.dcp/`) for `model.path` and the teacher, "
+        "`model.init_device=mixed`: on several ranks each rank reads only its own slices of the student, the "
+        "teacher is read whole on rank 0 (with one rank the one process reads the whole `model.dcp/`). "
         "Peak RSS (`VmHWM`) of each rank's process: at start-up (imports, reading the source and teacher, "
         "FSDP wrapping, the broadcast; the trainer built) and, with the peak reset, over the training that "
         "follows (on CPU the optimizer state, gradients and gathered blocks live in host memory too; on GPUs "
-        "they do not, and the start-up figure is the host's).",
+        "they do not, and the start-up figure is the host's). 'Above the stack': each rank's start-up peak "
+        "minus its RSS (`VmRSS`) measured inside the probe after importing torch, Composer, streaming and this "
+        "package's training and loading modules and before the trainer is built (no weight read, no process "
+        "group yet). 'x one' is the sum over ranks divided by the same setting's 1-rank figure (target: "
+        f"<= {TARGET}x).",
         "",
-        "| ranks | model.init_device | start-up peak per rank (MiB) | sum | training peak per rank (MiB) | sum |",
-        "|---|---|---|---|---|---|",
+        "| ranks | setting | stack RSS per rank (MiB) | start-up peak per rank (MiB) | sum | x one | "
+        "above the stack per rank (MiB) | sum | x one | training peak per rank (MiB) | sum | x one |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for ranks, mode, startup, training in rows:
+    for row in rows:
         lines.append(
-            f"| {ranks} | {mode} | {_mib(startup)} | {sum(startup) / mib:.0f} | {_mib(training)} | "
-            f"{sum(training) / mib:.0f} |"
+            f"| {row['ranks']} | {row['setting']} | {_mib(row['stack'])} | {_mib(row['startup'])} | "
+            f"{sum(row['startup']) / mib:.0f} | {_ratio(row['startup_ratio'])} | {_mib(row['above'])} | "
+            f"{sum(row['above']) / mib:.0f} | {_ratio(row['above_ratio'])} | {_mib(row['training'])} | "
+            f"{sum(row['training']) / mib:.0f} | {_ratio(row['training_ratio'])} |"
         )
-    out = REPO / "bench" / "results" / f"host-memory-{today}-cpu.md"
+    out = args.out or REPO / "bench" / "results" / f"host-memory-{today}-cpu.md"
     out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    out.with_suffix(".json").write_text(json.dumps({"command": example, "rows": rows}, indent=1))
+    print(f"wrote {out}")
     return 0
 
 
