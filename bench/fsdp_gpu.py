@@ -1,14 +1,17 @@
-"""The GPU path on one GPU: pruning recipes through the Composer Trainer under FSDP1, end to end.
+"""The GPU path on one GPU: pruning recipes through the Composer Trainer under FSDP1 and FSDP2, end to end,
+with rank-0 loading, against the planner's memory estimate.
 
 For the tiny test recipe (``yamls/tiny/prune.yaml`` on a 4-layer 256d source) and the SmolLM2 demo
 recipe (``yamls/pruning/smollm2-135m-demo.yaml`` on a random source of SmolLM2-135M's shape) it
 writes a random source checkpoint and synthetic two-domain MDS data, then runs, each time with
-``python -m composer.cli.launcher -n 1 llmshearing/train.py`` under FSDP1 (Composer's default on
-GPUs) with ``FULL_SHARD``, DEFAULT mixed precision (bf16 autocast), non-reentrant activation
-checkpointing per block and sharded checkpoints:
+``FSDP_VERSION=<v> python -m composer.cli.launcher -n 1 llmshearing/train.py`` with
+``model.init_device=mixed`` (rank-0 loading: rank 0 reads the source; with one rank that is the one
+process), ``FULL_SHARD``, DEFAULT mixed precision (bf16 autocast), non-reentrant activation
+checkpointing per block and sharded checkpoints; ``--fsdp-versions`` (default ``1 2``) names the FSDP
+versions: every step runs under the first, step 1 again under each other:
 
 1. a few steps with ``attn_impl=auto`` (flash-attn where it imports), a sharded checkpoint halfway
-   and at the end: tokens/s, MFU, peak memory and the start-up lines;
+   and at the end: tokens/s, MFU, peak memory and the start-up lines; again as ``fsdp2`` under FSDP2;
 2. the same with ``attn_impl=sdpa`` (flash-attn off), when flash-attn imports;
 3. the same run interrupted one step after its halfway checkpoint, then resumed with
    ``autoresume=true``: its final weights against run 1's (bit-identical or the largest difference);
@@ -17,12 +20,23 @@ checkpointing per block and sharded checkpoints:
 6. ``bench/mfu.py``'s training step with torch alone on the same shape, batch and masks, with and
    without the same activation checkpointing: Trainer tokens/s over torch-alone tokens/s.
 
-The result goes to ``bench/results/fsdp-gpu-<date>-<gpu>.md`` (and ``.json``); the last line is
-``RESULT fsdp_gpu ratio=<lowest Trainer / torch-alone ratio> target=>=0.90``.
+Every run that finishes is also planned: ``llmshearing plan RECIPE <the run's overrides> --gpus 1 --json``
+(the planner's Python API, :func:`planned`, under the run's ``FSDP_VERSION``, for the GPU's memory); its
+largest per-rank stage (training step or evaluation) stands beside the run's measured peak (Composer's
+``memory/peak_allocated_mem``) with the relative error (plan - measured) / measured.
 
-    python bench/fsdp_gpu.py                      # both recipes (needs a CUDA GPU)
+The result goes to ``bench/results/fsdp-gpu-<date>-<gpu>.md`` (and ``.json``; per run: ``fsdp_version``,
+``peak_gb``, ``plan_gb``, ``plan_stages_gb``, ``plan_error``); the last line is
+``RESULT fsdp_gpu ratio=<lowest Trainer / torch-alone ratio> target=>=0.90 plan_error=<largest in size>``.
+
+    python bench/fsdp_gpu.py                      # both recipes, FSDP1 and FSDP2 (needs a CUDA GPU)
     python bench/fsdp_gpu.py --recipes tiny       # the tiny recipe only
+    python bench/fsdp_gpu.py --fsdp-versions 2    # FSDP2 only
     python bench/fsdp_gpu.py --cpu-check          # steps 1, 3 and 4 of the tiny recipe under FSDP2 on CPU
+
+``--cpu-check`` runs the version loop with FSDP2 alone (Composer's FSDP1 needs GPUs) and plans every run
+for the host's memory, but a CPU run has no GPU peak to compare: its table shows the plan and ``n/a`` as
+the error (the planner's CPU figures are validated against measured steps in ``tests/test_plan*.py``).
 
 Without a CUDA device (and without ``--cpu-check``) it says so and prints ``RESULT fsdp_gpu
 skipped=no GPU``. Not measurable on one GPU: sharding across ranks, HYBRID_SHARD, inter-node traffic.
@@ -135,6 +149,7 @@ def overrides(
         "device_eval_batch_size=2",
         f"precision={'fp32' if args.cpu_check else 'amp_bf16'}",
         f"model.attn_impl={extra.get('attn_impl', 'auto')}",
+        "model.init_device=mixed",  # rank-0 loading: rank 0 reads the source, the others build on meta
         f"fsdp_config={json.dumps(FSDP)}",
         "callbacks.speed_monitor={window_size: 2}",
         *([] if args.cpu_check else ["callbacks.memory_monitor={}"]),
@@ -150,8 +165,11 @@ def overrides(
 
 
 # ------------------------------------------------------------------------------------------ runs
-def launch(args: argparse.Namespace, recipe: str, run_args: list[str], stop_at: int | None = None) -> str:
-    """One run through ``composer -n 1``; its output (the run must exit 0, or 3 when ``stop_at`` stops it)."""
+def launch(
+    args: argparse.Namespace, recipe: str, run_args: list[str], stop_at: int | None = None, version: int = 1
+) -> str:
+    """One run through ``FSDP_VERSION=<version> composer -n 1``; its output (the run must exit 0, or 3 when
+    ``stop_at`` stops it)."""
     script = (
         [str(Path(__file__).resolve()), "--train-until", str(stop_at)]
         if stop_at
@@ -168,7 +186,7 @@ def launch(args: argparse.Namespace, recipe: str, run_args: list[str], stop_at: 
         str(args.port),
         *script,
     ]
-    env = {**os.environ, "FSDP_VERSION": "2" if args.cpu_check else "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "FSDP_VERSION": str(version), "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     proc = subprocess.run(
         [*command, str(REPO / recipe), *run_args], capture_output=True, text=True, env=env, cwd=REPO
@@ -202,6 +220,37 @@ def metrics(run: Path, flops_per_token: int, seq_len: int, peak: float | None) -
 
 def announced(output: str) -> list[str]:
     return [line.strip() for line in output.splitlines() if line.strip().startswith("llmshearing:")]
+
+
+def planned(recipe: str, run_args: list[str], version: int, device_memory: int) -> dict[str, Any]:
+    """``llmshearing plan RECIPE run_args --gpus 1 --gpus-per-node 1 --json`` for one run (the planner's
+    Python API as the command calls it, under the run's ``FSDP_VERSION``): the per-rank estimate of every
+    stage (bytes) and the largest, which a run's peak is compared with."""
+    from llmshearing.planning.commands import plan_json, read_run
+    from llmshearing.planning.plan import Hardware, make_plan
+
+    before = os.environ.get("FSDP_VERSION")
+    os.environ["FSDP_VERSION"] = str(version)
+    try:
+        shape, sources = read_run(str(REPO / recipe), run_args, 1, None, None)
+    finally:
+        if before is None:
+            os.environ.pop("FSDP_VERSION", None)
+        else:
+            os.environ["FSDP_VERSION"] = before
+    plan = plan_json(
+        make_plan(shape, Hardware(gpus=1, gpu_memory=device_memory, gpus_per_node=1)), recipe, sources
+    )
+    stages = {stage["name"]: stage["bytes"] for stage in plan["stages"]}
+    return {"stages": stages, "bytes": max(stages.values()), "fits": plan["fits"]}
+
+
+def plan_error(measured_gb: float | None, plan_bytes: int | None) -> float | None:
+    """The planner's relative error against a measured peak (Composer's ``peak_allocated_mem``, in GB of
+    1e9 bytes): (plan - measured) / measured, positive when the plan is above; None without a measurement."""
+    if not measured_gb or plan_bytes is None:
+        return None
+    return (plan_bytes - measured_gb * 1e9) / (measured_gb * 1e9)
 
 
 def compare_weights(a: Path, b: Path) -> dict[str, Any]:
@@ -268,7 +317,7 @@ def torch_alone(config: Any, spec: dict[str, Any], args: argparse.Namespace, che
 
 
 def check_recipe(
-    name: str, args: argparse.Namespace, root: Path, peak: float | None, flash: bool
+    name: str, args: argparse.Namespace, root: Path, peak: float | None, flash: bool, memory: int
 ) -> dict[str, Any]:
     spec = RECIPES[name]
     config, checkpoint, data = write_inputs(
@@ -284,18 +333,32 @@ def check_recipe(
     flops = config.train_flops_per_token(args.seq_len)  # pruning is charged the source's FLOPs
     result: dict[str, Any] = {"recipe": spec["yaml"], "source": spec["source"], "target": target, "runs": {}}
 
-    def train(label: str, stop_at: int | None = None, **extra) -> Path:
+    first, *others = args.fsdp_versions
+
+    def train(label: str, stop_at: int | None = None, version: int = first, **extra) -> Path:
         run = root / label
-        output = launch(args, spec["yaml"], overrides(spec, args, checkpoint, data, run, **extra), stop_at)
+        run_args = overrides(spec, args, checkpoint, data, run, **extra)
+        output = launch(args, spec["yaml"], run_args, stop_at, version)
         if stop_at is None:
             cost = flops + (
                 config.train_flops_per_token(args.seq_len) // 3 if extra.get("distillation") else 0
             )
-            result["runs"][label] = {**metrics(run, cost, args.seq_len, peak), "announced": announced(output)}
+            measured = metrics(run, cost, args.seq_len, peak)
+            plan = planned(spec["yaml"], run_args, version, memory)
+            result["runs"][label] = {
+                **measured,
+                "fsdp_version": version,
+                "plan_gb": plan["bytes"] / 1e9,
+                "plan_stages_gb": {k: v / 1e9 for k, v in plan["stages"].items()},
+                "plan_error": plan_error(measured["peak_gb"], plan["bytes"]),
+                "announced": announced(output),
+            }
         print(f"{name} {label}: done", flush=True)
         return run
 
     straight = train("auto")
+    for version in others:  # the same run under each other FSDP version
+        train(f"fsdp{version}", version=version)
     if flash:
         train("sdpa", attn_impl="sdpa")
     interrupted = train("resumed", stop_at=args.steps // 2 + 1, autoresume=True)
@@ -327,9 +390,19 @@ def report(env: dict[str, Any], results: dict[str, Any]) -> str:
         "",
         f"- machine: {env['device']}; torch {env['torch']}, Composer {env['composer']}, Python {env['python']}",
         f"- flash-attn: {env['flash_attn']}",
-        f"- every run: `composer -n 1`, FSDP{env['fsdp_version']} {json.dumps(FSDP)}, precision {env['precision']}, "
-        f"batch {env['batch_size']} x {env['seq_len']}, {env['steps']} steps, a sharded checkpoint every {env['steps'] // 2}",
+        f"- every run: `composer -n 1`, `model.init_device=mixed` (rank-0 loading), {json.dumps(FSDP)}, "
+        f"precision {env['precision']}, batch {env['batch_size']} x {env['seq_len']}, {env['steps']} steps, "
+        f"a sharded checkpoint every {env['steps'] // 2}; every step under FSDP{env['fsdp_versions'][0]}"
+        + "".join(f", run 1 again under FSDP{v} (`fsdp{v}`)" for v in env["fsdp_versions"][1:]),
         f"- MFU: source-model FLOPs (`ModelConfig.train_flops_per_token`) over a peak of {_fmt(env['peak_tflops'], '.0f')} TFLOP/s",
+        "- plan: `llmshearing plan RECIPE <the run's overrides> --gpus 1 --json`'s largest per-rank stage "
+        f"(training step or evaluation) for {env['plan_memory_gb']:.0f} GB; error = (plan - measured peak) / "
+        "measured peak, the peak being Composer's `memory/peak_allocated_mem`"
+        + (
+            ""
+            if env["device"] != "CPU"
+            else " (n/a on CPU: no GPU peak is measured, the plan is shown alone)"
+        ),
         "",
     ]
     for name, result in results.items():
@@ -337,11 +410,16 @@ def report(env: dict[str, Any], results: dict[str, Any]) -> str:
         if "error" in result:
             lines += ["FAILED:", "", "```", result["error"][-3000:], "```", ""]
             continue
-        lines += ["| run | tokens/s | MFU | peak GB | teacher time share |", "|---|---|---|---|---|"]
+        lines += [
+            "| run | FSDP | tokens/s | MFU | peak GB | plan GB | plan error | teacher time share |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for label, run in result["runs"].items():
+            error = run.get("plan_error")
             lines.append(
-                f"| {label} | {_fmt(run['tokens_per_sec'], ',.0f')} | {_fmt(run['mfu'], '.1%')} | "
-                f"{_fmt(run['peak_gb'], '.1f')} | {_fmt(run['teacher_time_share'], '.2f')} |"
+                f"| {label} | {run.get('fsdp_version', '-')} | {_fmt(run['tokens_per_sec'], ',.0f')} | "
+                f"{_fmt(run['mfu'], '.1%')} | {_fmt(run['peak_gb'], '.2f')} | {_fmt(run.get('plan_gb'), '.2f')} | "
+                f"{'n/a' if error is None else format(error, '+.0%')} | {_fmt(run['teacher_time_share'], '.2f')} |"
             )
         resume, fold = result["resume"], result["prune_model"]
         lines += [
@@ -423,9 +501,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cpu-check", action="store_true", help="the tiny recipe under FSDP2 on CPU, fp32, no timings"
     )
+    parser.add_argument(
+        "--fsdp-versions",
+        type=int,
+        nargs="+",
+        choices=(1, 2),
+        default=None,
+        help="FSDP_VERSION of the runs: every step under the first, run 1 again under each other "
+        "(default 1 2 on a GPU; 2 with --cpu-check, where Composer has no FSDP1)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 4 or args.steps % 2:
         parser.error("--steps must be even and at least 4 (a checkpoint halfway, an interruption after it)")
+    if args.fsdp_versions is None:
+        args.fsdp_versions = [2] if args.cpu_check else [1, 2]
+    args.fsdp_versions = list(dict.fromkeys(args.fsdp_versions))
+    if args.cpu_check and args.fsdp_versions != [2]:
+        parser.error("--cpu-check runs FSDP2 only (Composer's FSDP1 needs GPUs): --fsdp-versions 2")
 
     import torch
 
@@ -449,6 +541,12 @@ def main(argv: list[str] | None = None) -> int:
     flash = kernel is not None and not args.cpu_check
     device = "CPU" if args.cpu_check else torch.cuda.get_device_name()
     peak = None if args.cpu_check else peak_flops(device)
+    if args.cpu_check:  # the plan of a CPU rank: the host's memory stands for the device's
+        from llmshearing.planning.preflight import host_memory_bytes
+
+        memory = host_memory_bytes()
+    else:
+        memory = torch.cuda.get_device_properties(0).total_memory
     env = {
         "date": time.strftime("%Y-%m-%d"),
         "device": device,
@@ -457,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "flash_attn": "imports (runs auto = flash and sdpa)" if flash else f"not used ({why or 'CPU check'})",
         "peak_tflops": peak / 1e12 if peak else None,
-        "fsdp_version": 2 if args.cpu_check else 1,
+        "fsdp_versions": args.fsdp_versions,
+        "plan_memory_gb": memory / 1e9,
         "precision": "fp32" if args.cpu_check else "amp_bf16",
         **{key: getattr(args, key) for key in ("seq_len", "batch_size", "steps")},
     }
@@ -466,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.recipes:
             try:
-                results[name] = check_recipe(name, args, Path(tmp) / name, peak, flash)
+                results[name] = check_recipe(name, args, Path(tmp) / name, peak, flash, memory)
             except GPUCheckError as err:
                 results[name] = {"recipe": RECIPES[name]["yaml"], "error": str(err)}
                 print(f"{name}: FAILED {err}", flush=True)
@@ -493,7 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     if not ok or not ratios:
         print("RESULT fsdp_gpu skipped=a step failed (see the result file)")
         return 1
-    print(f"RESULT fsdp_gpu ratio={min(ratios):.2f} target=>={TARGET_RATIO:.2f}")
+    errors = [
+        run["plan_error"]
+        for r in results.values()
+        for run in r["runs"].values()
+        if run.get("plan_error") is not None
+    ]
+    worst = f" plan_error={max(errors, key=abs):+.0%}" if errors else ""
+    print(f"RESULT fsdp_gpu ratio={min(ratios):.2f} target=>={TARGET_RATIO:.2f}{worst}")
     return 0
 
 
