@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         args.recipes, args.seq_len, args.batch_size, args.steps = ["tiny"], 64, 2, 8
     elif not torch.cuda.is_available():
         print(
-            "fsdp_gpu: no CUDA device here; this check runs FSDP1 through the Composer Trainer on one GPU "
+            "fsdp_gpu: no CUDA device here; this check runs FSDP1 and FSDP2 through the Composer Trainer on one GPU "
             "(run it on a GPU machine; --cpu-check runs its pipeline under FSDP2 on this CPU)"
         )
         print("RESULT fsdp_gpu skipped=no GPU")
