@@ -707,6 +707,10 @@ def run_arm(
                     else l0_overrides(args, scores, stage.steps)
                 )
                 overrides += [f"model.l0_module.target_model.{k}={v}" for k, v in args.target.items()]
+                if args.target["n_kv_heads"] != args.source_cfg.n_kv_heads:  # the miniature drops a KV group
+                    overrides.append(
+                        "model.l0_module.pruning_modules=[layer,head,kv_head,intermediate,hidden]"
+                    )
                 start = (
                     "masks start from the one-shot importance scores" if scores else "masks start untrained"
                 )
