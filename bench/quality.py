@@ -113,6 +113,7 @@ class Budget:
     seq_len: int
     prune_share: float
     updates_per_stage: int
+    prune_batch: int | None = None  # L0 stages run at this batch (same tokens, more steps); None: ``batch``
 
     @property
     def tokens(self) -> int:
@@ -128,9 +129,13 @@ class Stage:
     kind: str  # "l0" | "fold" | "oneshot" | "init" | "train"
     steps: int
     distill: bool = False
+    batch: int | None = None  # global batch of this stage (None: the budget's)
+
+    def batch_size(self, budget: Budget) -> int:
+        return self.batch or budget.batch
 
     def tokens(self, budget: Budget) -> int:
-        return self.steps * budget.batch * budget.seq_len
+        return self.steps * self.batch_size(budget) * budget.seq_len
 
     def update_interval(self, budget: Budget) -> int:
         """Batches between data-mix updates (and evaluations) in this stage."""
@@ -138,13 +143,22 @@ class Stage:
 
 
 def make_budget(
-    quick: bool, scale: int, batch: int, seq_len: int, prune_share: float, steps: int | None = None
+    quick: bool,
+    scale: int,
+    batch: int,
+    seq_len: int,
+    prune_share: float,
+    steps: int | None = None,
+    prune_batch: int | None = None,
 ) -> Budget:
-    """The default budget (``quick``: a few steps per stage), its steps multiplied by ``scale``."""
+    """The default budget (``quick``: a few steps per stage), its steps multiplied by ``scale``;
+    ``prune_batch`` (a divisor of ``batch``) runs the L0 stages in more, smaller steps of the same tokens."""
     if scale < 1:
         raise ValueError(f"--scale must be a positive integer, got {scale}")
     if not 0.0 < prune_share < 1.0:
         raise ValueError(f"--prune-share must be in (0, 1), got {prune_share}")
+    if prune_batch is not None and (prune_batch < 1 or batch % prune_batch):
+        raise ValueError(f"--prune-batch must divide the batch {batch}, got {prune_batch}")
     base = steps if steps is not None else (4 if quick else 96)
     if base < 2:
         raise ValueError(f"--steps must be at least 2 (one pruning and one continued step), got {base}")
@@ -154,6 +168,7 @@ def make_budget(
         seq_len=seq_len,
         prune_share=prune_share,
         updates_per_stage=1 if quick else 4,
+        prune_batch=None if prune_batch in (None, batch) else prune_batch,
     )
 
 
@@ -162,10 +177,11 @@ def plan_arms(budget: Budget, kd_prune: bool = True) -> dict[str, list[Stage]]:
     ``kd_prune``: arm 3 distills during pruning too (it always does in continued pretraining)."""
     prune = min(budget.steps - 1, max(1, round(budget.steps * budget.prune_share)))
     rest = budget.steps - prune
+    split = budget.batch // (budget.prune_batch or budget.batch)  # smaller pruning steps, same tokens
 
     def l0(distill: bool, distill_prune: bool) -> list[Stage]:
         return [
-            Stage("prune", "l0", prune, distill_prune),
+            Stage("prune", "l0", prune * split, distill_prune, budget.prune_batch),
             Stage("fold", "fold", 0),
             Stage("continued", "train", rest, distill),
         ]
@@ -353,7 +369,9 @@ def use_miniature(inputs: Inputs, work: Path, args: Any, steps: Steps) -> tuple[
         total, share = miniature.paper_regime_steps(built.record["params"]["total"], args.batch, seq_len)
     else:
         total, share = args.steps, args.prune_share
-    budget = make_budget(args.quick, args.scale, args.batch, seq_len, share, 4 if args.quick else total)
+    budget = make_budget(
+        args.quick, args.scale, args.batch, seq_len, share, 4 if args.quick else total, args.prune_batch
+    )
     print(f"miniature: T = {budget.tokens:,} tokens per arm, pruning share {share:.4f}", flush=True)
     return replace(inputs, source=built.source, mds=built.mds), budget
 
@@ -564,8 +582,8 @@ def train_overrides(
         f"max_duration={stage.steps}ba",
         f"eval_interval={interval}ba",
         f"save_interval={stage.steps}ba",
-        f"global_train_batch_size={budget.batch}",
-        f"device_train_microbatch_size={args.microbatch or budget.batch}",
+        f"global_train_batch_size={stage.batch_size(budget)}",
+        f"device_train_microbatch_size={min(args.microbatch or budget.batch, stage.batch_size(budget))}",
         f"device_eval_batch_size={args.eval_batch}",
         f"eval_loader.dataset.samples_per_domain={args.train_eval_samples}",
         f"scheduler.t_warmup={warmup_batches(stage.steps, warmup_share)}ba",
@@ -973,7 +991,12 @@ def _header(results: Mapping[str, Any], title: str) -> list[str]:
         lines.append("- left out: " + "; ".join(f"{d} ({why})" for d, why in excluded.items()))
     lines += [
         f"- token budget T per arm: {budget['tokens']:,} tokens = {budget['steps']} steps x "
-        f"{budget['batch']} sequences x {budget['seq_len']} tokens (pruning share {budget['prune_share']:.0%})",
+        f"{budget['batch']} sequences x {budget['seq_len']} tokens (pruning share {budget['prune_share']:.0%}"
+        + (
+            f"; L0 pruning at batch {budget['prune_batch']}, {budget['batch'] // budget['prune_batch']}x the steps)"
+            if budget.get("prune_batch")
+            else ")"
+        ),
         f"- parameters: source {results['params']['source']:,} non-embedding; target "
         f"{results['params']['target']:,} ({results['params']['target'] / results['params']['source']:.1%})",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in results.get("settings", {}).items()),
@@ -1314,6 +1337,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--scale", type=int, default=1, help="multiply the steps of every stage (GPUs)")
     add("--steps", type=int, default=None, help="T in steps before --scale (96; quick: 4)")
     add("--batch", type=int, default=None, help="global batch in sequences (default: 4; miniature: 32)")
+    add(
+        "--prune-batch",
+        type=int,
+        default=None,
+        help="global batch of the L0 pruning stages, a divisor of --batch: the same tokens in more steps, "
+        "so the masks get more updates (default: --batch)",
+    )
     add("--microbatch", type=int, default=None, help="device microbatch (default: --batch)")
     add("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     add("--prune-share", type=float, default=0.25, help="share of T for L0 pruning (0.25)")
@@ -1420,7 +1450,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the runs, as recorded with the results."""
     names = [
-        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "prune_lr", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
         "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip
@@ -1435,7 +1465,9 @@ def main(argv: list[str] | None = None) -> int:
 
     mode = "quick" if args.quick else "full"
     args.batch = args.batch or (32 if args.source == "miniature" else 4)
-    budget = make_budget(args.quick, args.scale, args.batch, args.seq_len, args.prune_share, args.steps)
+    budget = make_budget(
+        args.quick, args.scale, args.batch, args.seq_len, args.prune_share, args.steps, args.prune_batch
+    )
     plan = plan_arms(budget, args.kd_prune)
     order = runs_per_seed([a for a in ARMS if a in args.arms], args.seeds)
     args.eval_samples = args.eval_samples or (4 if args.quick else 32)

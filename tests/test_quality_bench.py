@@ -71,6 +71,18 @@ def test_default_budgets(quality):
     assert quality.plan_arms(scaled)["l0-dynamic"][0].update_interval(scaled) == 60  # updates per stage kept
 
 
+def test_prune_batch_runs_pruning_in_more_smaller_steps_of_the_same_tokens(quality) -> None:
+    budget = quality.make_budget(False, 1, batch=32, seq_len=128, prune_share=0.25, steps=8, prune_batch=4)
+    prune, fold, continued = quality.plan_arms(budget)["l0-distill"]
+    assert (prune.steps, prune.batch_size(budget)) == (16, 4)  # 2 steps of 32 -> 16 of 4
+    assert (continued.steps, continued.batch_size(budget)) == (6, 32)
+    assert prune.tokens(budget) + continued.tokens(budget) == budget.tokens  # equal budgets still checked
+    oneshot = quality.plan_arms(budget)["oneshot"][1]
+    assert (oneshot.steps, oneshot.batch_size(budget)) == (8, 32)
+    with pytest.raises(ValueError, match="--prune-batch must divide the batch 32"):
+        quality.make_budget(False, 1, batch=32, seq_len=128, prune_share=0.25, prune_batch=5)
+
+
 def test_warmup_is_shorter_than_the_stage(quality):
     assert [quality.warmup_batches(steps, 0.1) for steps in (1, 2, 3, 24, 72)] == [0, 1, 1, 2, 7]
     assert quality.warmup_batches(4, 0.9) == 3
