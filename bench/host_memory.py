@@ -6,8 +6,8 @@ writes it, ``model.dcp/``, with ``model.init_device=mixed``).
 A random decoder (default d_model 1024, 8 layers: ~100 M parameters, ~0.4 GB fp32) is saved as a project
 checkpoint beside a small token dataset; the tiny continued-pretraining recipe then runs a few batches under
 ``FSDP_VERSION=2 composer -n N`` (FULL_SHARD, gloo), distilling from the same checkpoint so the teacher is
-read too (in the ``sharded`` setting the teacher is the sharded checkpoint as well, read whole on rank 0: only
-the student is read in slices). Each rank records its own peak RSS (``VmHWM``) when it ends, and its RSS
+read too (in the ``sharded`` setting the teacher is the sharded checkpoint as well, and on several ranks each
+rank reads its own slices of the teacher as of the student). Each rank records its own peak RSS (``VmHWM``) when it ends, and its RSS
 after the imported stack (torch, Composer, streaming, this package: imported by the probe before the trainer
 is built, so before any weight is read); the table gives every rank's peak, the peak above that stack, their
 sums (what one node holds at worst), each sum over the 1-rank run's (the issue's target: at most 1.3x) and the
@@ -261,8 +261,9 @@ def main() -> int:
         "Settings: `cpu` = `model.init_device=cpu` (every rank reads source and teacher); `mixed` = "
         "`model.init_device=mixed` (rank 0 reads them, FSDP broadcasts); `sharded` = the same weights written "
         "as `convert hf-to-composer --sharded` writes them (`model.dcp/`) for `model.path` and the teacher, "
-        "`model.init_device=mixed`: on several ranks each rank reads only its own slices of the student, the "
-        "teacher is read whole on rank 0 (with one rank the one process reads the whole `model.dcp/`). "
+        "`model.init_device=mixed`: on several ranks each rank reads only its own slices of the student and "
+        "of the teacher's blocks (the teacher's embeddings, norm and head whole; with one rank the one process "
+        "reads the whole `model.dcp/`). "
         "Peak RSS (`VmHWM`) of each rank's process: at start-up (imports, reading the source and teacher, "
         "FSDP wrapping, the broadcast; the trainer built) and, with the peak reset, over the training that "
         "follows (on CPU the optimizer state, gradients and gathered blocks live in host memory too; on GPUs "

@@ -11,7 +11,8 @@ dynamic batch loading. The run folder (``save_folder``) receives ``config.json``
 Before anything is loaded, rank 0 sets the run's plan against the devices it finds and warns in one line when
 it does not fit (:mod:`llmshearing.planning.preflight`; never an error). A source with sharded weights
 (``model.dcp/``) under FSDP2 on several ranks is filled shard by shard, each rank reading its own slices
-(:class:`llmshearing.training.builders.ShardedSourceFill`).
+(:class:`llmshearing.training.builders.ShardedSourceFill`); so is a distillation teacher with sharded weights
+(:func:`llmshearing.training.fsdp.shard_teacher`).
 
 A folder that already holds a run is continued only with ``autoresume=true`` (a finished run then
 trains nothing) and replaced only with ``save_overwrite=true``; a start that fails leaves it as it
@@ -176,11 +177,13 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     if fsdp is not None and model.teacher is not None:  # Composer wrapped the student; the teacher follows it
         from llmshearing.training.fsdp import shard_teacher
 
+        weights = builders.teacher_weights(values)  # sharded weights: each rank fills its own slices
         placed = shard_teacher(
             model.teacher,
             fsdp,
             next(trainer.state.model.parameters()).device,
-            from_rank0=not builders.loads_on_every_rank(values),
+            from_rank0=weights is None and not builders.loads_on_every_rank(values),
+            weights=weights,
         )
         if dist.get_global_rank() == 0:
             print(f"llmshearing: {placed}", flush=True)

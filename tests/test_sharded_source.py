@@ -27,7 +27,8 @@ SHORT = ["max_duration=4ba", "eval_interval=2ba", "save_interval=4ba", "model.di
 
 
 def _teacher(source: str | Path) -> str:
-    """The pruning runs distil from their own source (the teacher is read whole, sharded weights or not)."""
+    """The pruning runs distil from their own source (under FSDP2 on several ranks a teacher with sharded
+    weights is read in slices, as the source is)."""
     return f"model.distillation.teacher={source}"
 
 
@@ -208,28 +209,52 @@ def test_damaged_sharded_weights_are_one_line_naming_the_file(sharded_tiny, tmp_
     assert len(errors) == 1 and "Traceback" not in err and not (tmp_path / "hf").exists()
 
 
-@pytest.mark.slow
-def test_fsdp2_ranks_read_their_own_slices_of_sharded_weights(
-    plain_run, tiny_source, sharded_tiny, tiny_mds, tmp_path
-):
-    """``composer -n 2`` under FSDP2 from the sharded source: each rank fills its shards (no rank reads the whole
-    model); the model as the run starts is the source's, bit for bit, and training follows the one-process run
-    from the safetensors source (to the FSDP tests' 1e-5)."""
+def _fsdp_run(
+    source: str | Path, teacher: str | Path, data: str, folder: Path, *extra: str
+) -> tuple[str, Path]:
+    """A ``composer -n 2`` FSDP2 pruning run that saves the model (and teacher) as it starts: (log, saved)."""
     from streaming.base.util import clean_stale_shared_memory
 
-    folder, initial = tmp_path / "fsdp", tmp_path / "initial.pt"
+    initial = folder.parent / f"{folder.name}-initial.pt"
     clean_stale_shared_memory()
     script = ["tests/scripts/initial_model.py", str(initial)]
-    args = _args(str(sharded_tiny), tiny_mds, folder, *SHORT, _teacher(sharded_tiny), *SHARDED, RANK0)
-    log = _sharded(PRUNE, args, script=script)
+    log = _sharded(
+        PRUNE, _args(str(source), data, folder, *SHORT, _teacher(teacher), *SHARDED, *extra), script=script
+    )
     clean_stale_shared_memory()
+    return log, initial
+
+
+@pytest.fixture(scope="module")
+def sliced_run(sharded_tiny, tiny_mds, tmp_path_factory) -> tuple[Path, str, Path]:
+    """FSDP2 on 2 ranks from the sharded source, distilling from it: student and teacher read in slices."""
+    folder = tmp_path_factory.mktemp("sliced") / "fsdp"
+    log, initial = _fsdp_run(sharded_tiny, sharded_tiny, tiny_mds, folder, RANK0)
+    return folder, log, initial
+
+
+def _assert_saved_equal_the_source(saved: Path, source: str | Path) -> None:
+    started = torch.load(saved, weights_only=True)
+    with open_checkpoint(source) as ckpt:
+        assert set(ckpt.tensors.keys()) <= set(started)
+        for key in ckpt.tensors.keys():
+            assert torch.equal(started[key], ckpt.tensors.get(key).to(torch.float32)), key
+
+
+@pytest.mark.slow
+def test_fsdp2_ranks_read_their_own_slices_of_sharded_weights(
+    plain_run, tiny_source, sharded_tiny, sliced_run
+):
+    """``composer -n 2`` under FSDP2 from the sharded source: each rank fills its shards of the student and of
+    the teacher (no rank reads either whole); both as the run starts are the source's, bit for bit, and training
+    follows the one-process run from the safetensors source (to the FSDP tests' 1e-5)."""
+    folder, log, initial = sliced_run
     assert "source read in slices: each of the 2 ranks reads its own shards" in log, log[-3000:]
-    assert "the teacher read whole on rank 0" in log and "teacher: blocks sharded over 2 ranks" in log
-    started = torch.load(initial, weights_only=True)
-    with open_checkpoint(tiny_source) as source:
-        assert set(source.tensors.keys()) <= set(started)
-        for key in source.tensors.keys():
-            assert torch.equal(started[key], source.tensors.get(key).to(torch.float32)), key
+    assert "teacher read in slices: each of the 2 ranks builds it on meta and reads its own shards" in log
+    assert "the teacher read whole" not in log
+    assert "teacher: blocks sharded over 2 ranks" in log and "each rank filled its own slices" in log
+    _assert_saved_equal_the_source(initial, tiny_source)
+    _assert_saved_equal_the_source(Path(f"{initial}.teacher"), tiny_source)
     a, b = _metrics(plain_run), _metrics(folder)
     compared = [k for k in a if not k[1].startswith(TIMINGS)]
     assert any(k[1].startswith("loss/train") for k in compared) and a.keys() == b.keys()
@@ -240,6 +265,28 @@ def test_fsdp2_ranks_read_their_own_slices_of_sharded_weights(
     for key, value in weights_a.items():
         torch.testing.assert_close(weights_b[key], value, rtol=0, atol=1e-5, msg=key)
     assert json.loads((folder / "config.json").read_text())["source"]["path"] == os.path.abspath(sharded_tiny)
+
+
+@pytest.mark.slow
+def test_a_teacher_read_in_slices_trains_as_the_teacher_read_whole(
+    tiny_source, sharded_tiny, tiny_mds, sliced_run, tmp_path
+):
+    """The same 2-rank FSDP2 run with the teacher read whole on rank 0 (its safetensors copy) and broadcast:
+    every logged value, the KD term included, and the saved model are bit-identical to the run whose ranks
+    read their own slices of the teacher."""
+    sliced, _, _ = sliced_run
+    folder = tmp_path / "whole"
+    log, initial = _fsdp_run(sharded_tiny, tiny_source, tiny_mds, folder, RANK0)
+    assert "source read in slices" in log and "the teacher read whole on rank 0" in log, log[-3000:]
+    assert "each rank filled its own slices" not in log
+    _assert_saved_equal_the_source(Path(f"{initial}.teacher"), tiny_source)
+    a, b = _metrics(folder), _metrics(sliced)
+    compared = [k for k in a if not k[1].startswith(TIMINGS)]
+    assert any(k[1] == "loss/train/kd" for k in compared) and a.keys() == b.keys()
+    assert all(a[k] == b[k] for k in compared), [(k, a[k], b[k]) for k in compared if a[k] != b[k]][:5]
+    weights_a, weights_b = _model(folder), _model(sliced)
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
 def test_the_plan_counts_only_each_ranks_shards_of_a_sharded_source(
@@ -282,3 +329,47 @@ def test_filling_a_model_from_sharded_weights_casts_like_the_safetensors_path_an
     write_sharded_weights(tmp_path / "nan", metas, bf16.__getitem__)
     with pytest.raises(ValueError, match=rf"NaN or Inf in {re.escape(key)}; the source is damaged"):
         fill_from_sharded_weights(Decoder(config), sharded_weights_dir(tmp_path / "nan"))
+
+
+def test_a_teacher_on_meta_is_filled_from_sharded_weights_as_read_whole(tiny_source, sharded_tiny):
+    """``shard_teacher`` with the teacher's sharded weights (one process: the teacher stays whole) fills the
+    meta teacher with the values the whole read gives, in the teacher's dtype."""
+    from llmshearing.convert.loading import load_teacher
+    from llmshearing.convert.sharded import sharded_weights_dir
+    from llmshearing.training.fsdp import resolve_fsdp, shard_teacher
+
+    plan = resolve_fsdp({"sharding_strategy": "FULL_SHARD"}, environ={"FSDP_VERSION": "2"})
+    for dtype in (torch.float32, torch.bfloat16):
+        whole = load_teacher(tiny_source, dtype, "sdpa").module().state_dict()
+        teacher = load_teacher(str(sharded_tiny), dtype, "sdpa", on_meta=True)
+        weights = str(sharded_weights_dir(sharded_tiny))
+        assert "whole on every rank" in shard_teacher(teacher, plan, torch.device("cpu"), weights=weights)
+        filled = teacher.module().state_dict()
+        assert filled.keys() == whole.keys()
+        assert all(torch.equal(filled[k], t) and filled[k].dtype == dtype for k, t in whole.items())
+        assert not any(p.requires_grad for p in teacher.module().parameters())
+
+
+def test_the_plan_counts_only_each_ranks_shards_of_a_sharded_teacher(
+    tiny_source, sharded_tiny, capsys, monkeypatch
+):
+    import math
+
+    from llmshearing.models.schema import state_shapes
+
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    fsdp = ["fsdp_config.sharding_strategy=FULL_SHARD", "--gpus", "2", "--gpus-per-node", "2", "--json"]
+    plans = {}
+    for name, teacher in (("plain", tiny_source), ("sharded", sharded_tiny)):
+        args = [f"model.path={tiny_source}", f"model.distillation.teacher={teacher}"]
+        assert cli_main(["plan", PRUNE, *args, *fsdp]) == 0
+        plans[name] = json.loads(capsys.readouterr().out)
+        assert plans[name]["settings"]["sliced_teacher"] == (name == "sharded")
+        assert not plans[name]["settings"]["sliced_source"]
+    with open_checkpoint(tiny_source) as ckpt:
+        config = ckpt.config
+    shapes = state_shapes(config)
+    outside = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("layers."))
+    blocks = sum(math.prod(s) for k, s in shapes.items() if k.startswith("layers."))
+    saved = 2 * 4 * (config.num_params() - (blocks // 2 + outside))  # fp32 on CPU, on each of 2 ranks
+    assert plans["plain"]["host_bytes_per_node"] - plans["sharded"]["host_bytes_per_node"] == saved

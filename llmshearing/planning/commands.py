@@ -245,11 +245,15 @@ def plan_text(plan: Any, recipe: str, sources: dict[str, str]) -> str:
     host = " + ".join(f"{gib(v)} {k}" for k, v in plan.host.items())
     stated = f" of {gib(hw.host_memory)} stated" if hw.host_memory else ""
     verdict = "" if plan.host_fits else " DOES NOT FIT"
-    read = "the whole source and the whole teacher" if shape.teacher is not None else "the whole source"
+    sliced_teacher = shape.teacher is not None and shape.sliced_teacher and hw.gpus > 1
+    whole_teacher = shape.teacher is not None and not sliced_teacher
+    read = "the whole source and the whole teacher" if whole_teacher else "the whole source"
     who = "rank 0 alone reads" if shape.rank0_loading else "every rank reads"  # init_device: mixed or cpu
     how = f"{who} {read} into host memory before FSDP shards them"
     if shape.sliced_source and hw.gpus > 1:
         how = "each rank reads its own shards of the sharded source once FSDP2 has sharded the model"
+    if sliced_teacher:
+        how += "; each rank reads its own shards of the teacher's sharded weights once its blocks are sharded"
     lines.append(f"host memory per node at start-up: {gib(plan.host_total)}{stated}{verdict} ({host}; {how})")
     speed = plan.speed
     lines.append(

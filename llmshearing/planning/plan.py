@@ -73,14 +73,17 @@ class RunShape:
     source_dtype_bytes: int = 2
     rank0_loading: bool = False  # model.init_device: mixed under FSDP: rank 0 alone reads source and teacher
     sliced_source: bool = False  # FSDP2 from sharded weights (model.dcp/): each rank reads its own shards
+    sliced_teacher: bool = False  # FSDP2 with a teacher with sharded weights: each rank reads its own shards
 
 
 def run_shape(values: dict[str, Any], student: ModelConfig, teacher: ModelConfig | None) -> RunShape:
     """The plan's view of a validated recipe; ``student`` is the source's shape (pruning trains the
     whole source under its masks) and ``teacher`` the distillation teacher's, if any."""
+    from llmshearing.training.fsdp import fsdp_enabled
+
     model = values["model"]
     l0 = model.get("l0_module")
-    fsdp = values.get("fsdp_config") or None
+    fsdp = values.get("fsdp_config") if fsdp_enabled(values.get("fsdp_config")) else None
     settings = dict(fsdp or {})
     strategy = str(settings.get("sharding_strategy", "FULL_SHARD")).upper()
     if strategy not in STRATEGIES:
@@ -104,6 +107,7 @@ def run_shape(values: dict[str, Any], student: ModelConfig, teacher: ModelConfig
         flash=model.get("attn_impl", "auto") in ("auto", "flash"),
         rank0_loading=fsdp is not None and model.get("init_device") == "mixed",
         sliced_source=fsdp is not None and reads_sliced_source(values),
+        sliced_teacher=fsdp is not None and distillation is not None and reads_sliced_teacher(values),
         l0_families=tuple(l0.get("pruning_modules") or ("layer", "head", "intermediate", "hidden"))
         if l0
         else (),
@@ -115,15 +119,21 @@ def run_shape(values: dict[str, Any], student: ModelConfig, teacher: ModelConfig
 def reads_sliced_source(values: dict[str, Any]) -> bool:
     """Whether FSDP2 (``FSDP_VERSION=2`` in the environment) would fill each rank's shards from the source's
     sharded weights (``model.dcp/``): not with ``init_from: importance``, which needs the whole model first."""
-    from llmshearing.convert.checkpoint import is_sharded_source
-    from llmshearing.training.fsdp import FSDPConfigError, fsdp_version
+    from llmshearing.training.fsdp import slices_sharded_weights
 
-    try:
-        version = fsdp_version()
-    except FSDPConfigError:
-        return False
     l0 = values["model"].get("l0_module") or {}
-    return version == 2 and is_sharded_source(values["model"]["path"]) and l0.get("init_from") != "importance"
+    return (
+        slices_sharded_weights(values.get("fsdp_config"), values["model"]["path"])
+        and l0.get("init_from") != "importance"
+    )
+
+
+def reads_sliced_teacher(values: dict[str, Any]) -> bool:
+    """Whether FSDP2 would fill each rank's shards of the distillation teacher from its sharded weights."""
+    from llmshearing.training.fsdp import slices_sharded_weights
+
+    teacher = (values["model"].get("distillation") or {}).get("teacher")
+    return isinstance(teacher, str) and slices_sharded_weights(values.get("fsdp_config"), teacher)
 
 
 def shards(shape: RunShape, gpus: int, gpus_per_node: int) -> int:
@@ -235,7 +245,8 @@ def host_memory(shape: RunShape, hardware: Hardware) -> dict[str, int]:
     """Host memory per node at start-up: every rank reads the whole source and upcasts it to fp32 master
     weights, and reads the whole teacher in the compute precision, before FSDP shards them; with
     ``model.init_device: mixed`` rank 0 alone does (the busiest node is node 0); from sharded weights under
-    FSDP2 on several ranks each rank reads only its own shards of the source (the teacher as before)."""
+    FSDP2 on several ranks each rank reads only its own shards of the source, and of a teacher with sharded
+    weights its own shards of the blocks and the embeddings, final norm and head whole."""
     ranks = hardware.ranks_per_node
     where = f"on each of {ranks} ranks" if ranks > 1 else "on the one rank"
     source = FP32 * shape.student.num_params()
@@ -249,7 +260,12 @@ def host_memory(shape: RunShape, hardware: Hardware) -> dict[str, int]:
         found[f"source as fp32 master weights {where}"] = source * ranks
     if shape.teacher is not None:
         teacher = step_dtypes(shape.precision, None).teacher * shape.teacher.num_params()
-        if shape.rank0_loading:
+        if shape.sliced_teacher and hardware.gpus > 1:
+            blocks = shape.teacher.n_layers * mem.block_params(shape.teacher)
+            own = blocks // shards(shape, hardware.gpus, hardware.gpus_per_node)
+            own += mem.embedding_params(shape.teacher)
+            found[f"teacher's own shards {where}"] = step_dtypes(shape.precision, None).teacher * own * ranks
+        elif shape.rank0_loading:
             found["teacher on rank 0 alone"] = teacher
         else:
             found[f"teacher {where}"] = teacher * ranks

@@ -74,7 +74,8 @@ def build_model(
 
         distillation = DistillationConfig.from_dict(model_cfg["distillation"])
         dtype = teacher_dtype(values["precision"], values["device"])
-        on_meta = not reads_source_here(values)  # the teacher is read whole (rank 0 or every rank)
+        # read whole (rank 0 or every rank), or built on meta everywhere and filled in slices once sharded
+        on_meta = not reads_source_here(values) or teacher_reads_own_slices(values)
         teacher = load_teacher(distillation.teacher, dtype, model_cfg["attn_impl"], on_meta=on_meta)
         model.attach_teacher(teacher, distillation)
         description["distillation"] = distillation.to_dict()
@@ -101,17 +102,40 @@ def reads_own_slices(values: dict[str, Any]) -> bool:
     weights (``model.dcp/``), unless ``init_from: importance`` needs the whole model before sharding."""
     from composer.utils import dist
 
-    from llmshearing.convert.checkpoint import is_sharded_source
-    from llmshearing.training.fsdp import fsdp_version
+    from llmshearing.training.fsdp import slices_sharded_weights
 
     l0 = values["model"].get("l0_module") or {}
     return (
-        values.get("fsdp_config") not in (None, False)  # resolve_fsdp's test for FSDP
-        and fsdp_version() == 2
-        and dist.get_world_size() > 1
-        and is_sharded_source(values["model"]["path"])
+        dist.get_world_size() > 1
+        and slices_sharded_weights(values.get("fsdp_config"), values["model"]["path"])
         and l0.get("init_from") != "importance"
     )
+
+
+def teacher_reads_own_slices(values: dict[str, Any]) -> bool:
+    """Whether each rank reads only its own shards of the distillation teacher: an FSDP2 run on several ranks
+    whose teacher has sharded weights (``model.dcp/``), whatever the source is. Every rank builds the teacher
+    on ``meta``; :func:`llmshearing.training.fsdp.shard_teacher` shards its blocks and fills each rank's slices
+    (the embeddings, final norm and head, whole on every rank, are read whole by every rank)."""
+    from composer.utils import dist
+
+    from llmshearing.training.fsdp import slices_sharded_weights
+
+    teacher = (values["model"].get("distillation") or {}).get("teacher")
+    return (
+        isinstance(teacher, str)
+        and dist.get_world_size() > 1
+        and slices_sharded_weights(values.get("fsdp_config"), teacher)
+    )
+
+
+def teacher_weights(values: dict[str, Any]) -> str | None:
+    """The sharded weights directory each rank fills its teacher shards from (``None``: read whole)."""
+    from llmshearing.convert.checkpoint import sharded_weights_dir
+
+    if not teacher_reads_own_slices(values):
+        return None
+    return str(sharded_weights_dir(values["model"]["distillation"]["teacher"]))
 
 
 class ShardedSourceFill(Callback):
@@ -133,10 +157,17 @@ def describe_loading(values: dict[str, Any]) -> str:
     from composer.utils import dist
 
     world = dist.get_world_size()
-    what = "source and teacher" if values["model"].get("distillation") else "source"
+    distilling = bool(values["model"].get("distillation"))
+    sliced_teacher = distilling and teacher_reads_own_slices(values)
+    teacher = (
+        f"; teacher read in slices: each of the {world} ranks builds it on meta and reads its own shards of "
+        "the teacher's sharded weights (model.dcp/) once its blocks are sharded, one stored tensor at a time "
+        "(the embeddings, final norm and head whole on every rank; no rank holds the whole teacher)"
+        if sliced_teacher
+        else ""
+    )
     if reads_own_slices(values):
-        teacher = ""
-        if values["model"].get("distillation"):
+        if distilling and not sliced_teacher:
             rank0 = not loads_on_every_rank(values)
             teacher = f"; the teacher read whole {'on rank 0' if rank0 else 'on every rank'}"
         return (
@@ -144,6 +175,7 @@ def describe_loading(values: dict[str, Any]) -> str:
             "(model.dcp/) once FSDP2 has sharded the model, one stored tensor at a time (each file passes "
             f"through every rank, no rank holds the whole model){teacher}"
         )
+    what = "source and teacher" if distilling and not sliced_teacher else "source"
     if world == 1:
         where = f"{what} read in the one process"
     elif loads_on_every_rank(values):
@@ -153,7 +185,7 @@ def describe_loading(values: dict[str, Any]) -> str:
             f"{what} read on rank 0 (1 of {world} ranks, model.init_device=mixed), the other ranks built on "
             "meta; broadcast to the shards once FSDP has wrapped the model"
         )
-    return where + sharded_source_note(values["model"]["path"])
+    return where + sharded_source_note(values["model"]["path"]) + teacher
 
 
 def sharded_source_note(path: str) -> str:

@@ -112,6 +112,28 @@ def fsdp_version(environ: Mapping[str, str] | None = None) -> int:
     return int(value)
 
 
+def fsdp_enabled(fsdp_config: Any) -> bool:
+    """Whether ``fsdp_config`` turns FSDP on: any value but null or false (``{}`` is FSDP with its defaults;
+    a value that is not a mapping is on too, and :func:`resolve_fsdp` refuses it). Never raises."""
+    return fsdp_config is not None and fsdp_config is not False
+
+
+def slices_sharded_weights(fsdp_config: Any, path: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether FSDP2 fills each rank's own slices of the checkpoint at ``path`` from its sharded weights
+    (``model.dcp/``, ``convert hf-to-composer --sharded``): FSDP on, ``FSDP_VERSION=2``, and ``path`` has sharded
+    weights. The ranks are the caller's to count (a single rank reads everything). Never raises: an
+    ``FSDP_VERSION`` that :func:`resolve_fsdp` refuses reads as no, and a missing path has no sharded weights."""
+    from llmshearing.convert.checkpoint import is_sharded_source
+
+    if not fsdp_enabled(fsdp_config):
+        return False
+    try:
+        version = fsdp_version(environ)
+    except FSDPConfigError:
+        return False
+    return version == 2 and is_sharded_source(path)
+
+
 def resolve_fsdp(
     fsdp_config: Mapping[str, Any] | None,
     cuda: bool | None = None,
@@ -125,7 +147,7 @@ def resolve_fsdp(
     here, reentrant activation checkpointing, ``use_orig_params: false``, a hybrid mesh the ranks do
     not fill.
     """
-    if fsdp_config is None or fsdp_config is False:
+    if not fsdp_enabled(fsdp_config):
         return None
     if not isinstance(fsdp_config, Mapping):
         raise FSDPConfigError(
@@ -311,7 +333,13 @@ def broadcast_from_rank0(module: nn.Module, full_state: dict[str, Tensor], devic
     set_model_state_dict(module, full_state, options=options)
 
 
-def shard_teacher(teacher: Teacher, plan: FSDPPlan, device: torch.device, from_rank0: bool = False) -> str:
+def shard_teacher(
+    teacher: Teacher,
+    plan: FSDPPlan,
+    device: torch.device,
+    from_rank0: bool = False,
+    weights: str | None = None,
+) -> str:
     """Shard a distillation teacher's blocks over the ranks as the student is; returns a one-line summary.
 
     The teacher sits outside the student's module tree, so Composer does not wrap it. Its blocks are
@@ -323,6 +351,10 @@ def shard_teacher(teacher: Teacher, plan: FSDPPlan, device: torch.device, from_r
 
     ``from_rank0`` (``model.init_device: mixed``): rank 0 alone read the teacher, the other ranks hold it
     on the meta device; once sharded, every rank's part is broadcast from rank 0.
+
+    ``weights`` (the teacher's sharded weights, ``model.dcp/``): every rank holds the teacher on the meta
+    device; once sharded, each rank fills its own slices from the shard files (and the parts kept whole in
+    full), one stored tensor at a time, as the source's sharded weights fill the student.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -333,11 +365,14 @@ def shard_teacher(teacher: Teacher, plan: FSDPPlan, device: torch.device, from_r
         decoder = decoder.to(device)
     total = sum(p.numel() for p in decoder.parameters())
     world = tdist.get_world_size() if tdist.is_initialized() else 1
-    from_rank0 = from_rank0 and world > 1
+    from_rank0 = from_rank0 and world > 1 and weights is None
     full_state = decoder.state_dict() if from_rank0 and tdist.get_rank() == 0 else {}
     if world == 1 or plan.sharding_strategy == "NO_SHARD":
         if from_rank0:
             broadcast_from_rank0(decoder, full_state, device)
+            teacher.set_module(decoder)
+        elif weights is not None:
+            _fill_teacher(decoder, weights, device)
             teacher.set_module(decoder)
         return f"distillation teacher: whole on every rank ({total:,} parameters)"
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -364,12 +399,24 @@ def shard_teacher(teacher: Teacher, plan: FSDPPlan, device: torch.device, from_r
     if from_rank0:
         broadcast_from_rank0(decoder, full_state, device)
         del full_state
+    elif weights is not None:
+        _fill_teacher(decoder, weights, device)
     teacher.set_module(decoder)
     local = sum(_local_numel(p) for p in decoder.parameters())
+    filled = "; each rank filled its own slices from the sharded weights" if weights is not None else ""
     return (
         f"distillation teacher: blocks sharded {where}; embeddings, final norm and head whole; "
-        f"{local:,} of {total:,} parameters on this rank"
+        f"{local:,} of {total:,} parameters on this rank{filled}"
     )
+
+
+def _fill_teacher(decoder: nn.Module, weights: str, device: torch.device) -> None:
+    """Give the teacher (sharded or whole, on the meta device) storage on ``device`` and fill each rank's part
+    from ``weights`` (collective under a process group)."""
+    from llmshearing.convert.sharded import fill_from_sharded_weights
+
+    decoder.to_empty(device=device)
+    fill_from_sharded_weights(decoder, weights)
 
 
 def _local_numel(param: Tensor) -> int:

@@ -186,7 +186,9 @@ def check_init_device(values: dict[str, Any], world_size: int = 1) -> None:
             "model.init_device=mixed (rank 0 reads the source, the other ranks build on meta) or cpu (every rank reads it)"
         )
     check_choice("model.init_device", value, INIT_DEVICES)
-    if value == "mixed" and world_size > 1 and not values.get("fsdp_config"):
+    from llmshearing.training.fsdp import fsdp_enabled
+
+    if value == "mixed" and world_size > 1 and not fsdp_enabled(values.get("fsdp_config")):
         raise ConfigError(
             "model.init_device=mixed needs FSDP (set fsdp_config, e.g. fsdp_config.sharding_strategy=FULL_SHARD): "
             "rank 0's weights reach the other ranks through FSDP's broadcast; without sharding every rank holds "

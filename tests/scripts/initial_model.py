@@ -2,8 +2,9 @@
 
     composer -n 2 tests/scripts/initial_model.py OUT.pt RECIPE key=value ...
 
-Rank 0 writes the full state dict of the student's decoder (gathered from the shards) to ``OUT.pt``, then
-the run trains as ``llmshearing/train.py`` would; ``tests/test_sharded_source.py`` compares it with the source.
+Rank 0 writes the full state dict of the student's decoder (gathered from the shards) to ``OUT.pt`` and, when
+the run distils, the teacher's to ``OUT.pt.teacher``, then the run trains as ``llmshearing/train.py`` would;
+``tests/test_sharded_source.py`` compares them with the source.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def main(argv: list[str]) -> int:
     state = get_model_state_dict(trainer.state.model.model, options=options)  # collective
     if torch.distributed.get_rank() == 0:
         torch.save(state, out)
+    teacher = trainer.state.model.teacher
+    if teacher is not None:
+        state = get_model_state_dict(teacher.module(), options=options)  # collective
+        if torch.distributed.get_rank() == 0:
+            torch.save(state, f"{out}.teacher")
     run(trainer, values)
     return 0
 
