@@ -381,8 +381,13 @@ def test_expected_sparsity_reaches_target_by_gradient_play():
         ({"target_sparsity": 0.5, "start_sparsity": 1.0}, r"start_sparsity must be in \[0, 1\)"),
         ({"target_sparsity": 0.9, "pruning_modules": ["head"]}, "cannot be reached"),
         (
-            {"target_sparsity": 0.5, "init_from": "importance", "lagrangian_warmup_steps": "10ba"},
-            r"lagrangian_warmup_steps must be 0ba with model\.l0_module\.init_from",
+            {
+                "target_sparsity": 0.5,
+                "init_from": "importance",
+                "lagrangian_warmup_steps": "10ba",
+                "start_sparsity": 0.2,
+            },
+            r"start_sparsity is set by the ranked start with model\.l0_module\.init_from",
         ),
     ],
 )
@@ -509,3 +514,42 @@ def test_init_scale_places_a_ranked_start_inside_the_bound():
         L0Config(target_sparsity=0.5, init_scale=5.0)
     with pytest.raises(ValueError, match="init_scale must be > 0"):
         L0Config(target_sparsity=0.5, init_scale=0.0)
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_a_ranked_start_warms_its_target_up_from_where_its_masks_begin(bounded):
+    """With ``init_from`` and a warm-up, the target starts at the ranked masks' own expected sparsity (per
+    family and overall) whatever the ranking, and reaches the target when the warm-up ends."""
+    from llmshearing.pruning.ranking import importance_log_alpha
+
+    extra = {"init_from": "importance", "init_scale": 1.0, "bounded_scores": bounded, "log_alpha_clamp": 4.6}
+    m = module(lagrangian_warmup_steps="10ba", **extra)
+    shapes = mask_shapes(SOURCE)
+    for seed in (0, 1):  # two different rankings begin at the same expected sizes
+        g = torch.Generator().manual_seed(seed)
+        scores = {f: torch.rand(shapes[f], generator=g) for f in FAMILIES}
+        with torch.no_grad():
+            for f, v in importance_log_alpha(scores, SOURCE, m.l0_config).items():
+                m.log_alpha[f].copy_(v)
+        m.set_step(0)
+        stats = m().stats
+        for f in m.plan.family_sparsity:
+            assert stats[f"target_sparsity/{f}"].item() == pytest.approx(
+                stats[f"expected_sparsity/{f}"].item(), abs=1e-6
+            ), f
+        # overall: up to how the rankings of layer and head_layer / mlp pair within a layer
+        assert stats["target_sparsity"].item() == pytest.approx(stats["expected_sparsity"].item(), abs=1e-3)
+    assert 0.0 < stats["target_sparsity"].item() < m.plan.global_sparsity  # a ranked start in the interior
+    m.set_step(5)
+    half = m().stats
+    for f, t in m.plan.family_sparsity.items():
+        assert half[f"target_sparsity/{f}"].item() == pytest.approx(
+            (m.warmup_start[0][f] + t) / 2, abs=1e-6
+        ), f
+    m.set_step(10)
+    end = m().stats
+    for f, t in m.plan.family_sparsity.items():
+        assert end[f"target_sparsity/{f}"].item() == pytest.approx(t), f
+    held = module(lagrangian_warmup_steps="0ba", **extra)  # no warm-up: the target from the first step
+    held.set_step(0)
+    assert held().stats["target_sparsity"].item() == pytest.approx(held.plan.global_sparsity)

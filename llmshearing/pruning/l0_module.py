@@ -88,6 +88,7 @@ class L0Module(nn.Module):
         self._budget_candidates: list[Any] | None = None  # valid shapes of a learned budget, found once
         self._step = 0  # host copy of ``step``: seeds the noise without a device sync
         self._register_load_state_dict_pre_hook(_scalar_multipliers_as_vectors)
+        self.warmup_start = self._warmup_start()
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -167,7 +168,10 @@ class L0Module(nn.Module):
         the deterministic masks remove it) while its samples still leave 0 now and then, so the loss can
         bring it back.
         """
-        scores = {f: self.distribution.prob_nonzero(la) for f, la in self.clamped_log_alpha().items()}
+        return self._scores_of(self.clamped_log_alpha())
+
+    def _scores_of(self, log_alpha: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        scores = {f: self.distribution.prob_nonzero(la) for f, la in log_alpha.items()}
         bound = self.l0_config.log_alpha_clamp
         if not self.l0_config.bounded_scores or bound is None:
             return scores
@@ -194,11 +198,37 @@ class L0Module(nn.Module):
             rows[f] = 1.0 - (s.mean(-1) if s.dim() >= 2 else s.mean())
         return rows
 
+    @torch.no_grad()
+    def _warmup_start(self) -> tuple[dict[str, float], float]:
+        """Where the target warm-up starts, per family and overall: ``start_sparsity``, or for a ranked start
+        (``init_from``) the expected sparsity its masks begin at, so the target moves on from where they are.
+
+        The ranked start's values are known from the config alone (:func:`ranked_start_log_alpha`), so a
+        resumed run warms up exactly as the uninterrupted one did."""
+        cfg = self.l0_config
+        if cfg.init_from is None or cfg.lagrangian_warmup_steps <= 0:
+            return {f: float(cfg.start_sparsity) for f in self.plan.family_sparsity}, float(
+                cfg.start_sparsity
+            )
+        from llmshearing.pruning.ranking import ranked_start_log_alpha
+
+        bound = cfg.log_alpha_clamp
+        with torch.device("cpu"):  # real values even where the model is built on meta
+            values = ranked_start_log_alpha(self.model_config, cfg)
+            if bound is not None:
+                values = {f: v.clamp(-bound, bound) for f, v in values.items()}
+            scores = self._scores_of(values)
+            rows = self.row_sparsity(scores)
+            overall = 1.0 - expected_num_params(self.model_config, scores) / self.prunable_size
+        return {f: float(rows[f].mean()) for f in self.plan.family_sparsity}, float(overall)
+
     def targets(self) -> tuple[dict[str, Tensor], Tensor]:
         """Current (warmed-up) target sparsity per family and overall (no host sync)."""
-        cfg, step = self.l0_config, self.step
-        start, warmup = cfg.start_sparsity, cfg.lagrangian_warmup_steps
-        per_family = {f: warmed_target(start, t, step, warmup) for f, t in self.plan.family_sparsity.items()}
+        step, warmup = self.step, self.l0_config.lagrangian_warmup_steps
+        starts, start = self.warmup_start
+        per_family = {
+            f: warmed_target(starts[f], t, step, warmup) for f, t in self.plan.family_sparsity.items()
+        }
         return per_family, warmed_target(start, self.plan.global_sparsity, step, warmup)
 
     def _penalty_and_stats(self) -> tuple[Tensor, dict[str, Tensor]]:

@@ -120,8 +120,19 @@ def importance_log_alpha(
     """
     l0 = L0Config.from_dict(l0_config)
     plan = l0.resolve(model_config)
+    values = {}
+    for family, score in ranking_scores(scores, model_config, plan).items():
+        rows = _rows(family, score, model_config, plan)
+        table = ranked_start_table(rows.shape[-1], plan.keep.get(family, rows.shape[-1]), l0, margin)
+        values[family] = table[_ranks(rows)].reshape(score.shape)
+    return values
+
+
+def ranked_start_table(count: int, keep: int, l0_config: L0Config, margin: float = DEFAULT_MARGIN) -> Tensor:
+    """The log-alphas of one row of a ranked start, best unit first (see :func:`importance_log_alpha`)."""
     if not 0.0 < margin < 1.0:
         raise ValueError(f"margin must be in (0, 1), got {margin}")
+    l0 = l0_config
     bound = float(l0.log_alpha_clamp if l0.log_alpha_clamp is not None else l0.init_log_alpha)
     if l0.init_scale is not None:  # a ranked start inside the bound (the interior, where samples move)
         bound = float(l0.init_scale)
@@ -130,13 +141,25 @@ def importance_log_alpha(
             f"{PREFIX}.init_log_alpha must be > 0 to place kept units above the cut-off, got {bound}"
         )
     inner = (1.0 - margin) * bound
+    return torch.cat([_spread(bound, inner, keep), _spread(-inner, -bound, count - keep)])
+
+
+def ranked_start_log_alpha(model_config: ModelConfig, l0_config: L0Config) -> dict[str, Tensor]:
+    """The log-alphas every ranked start of ``l0_config`` holds, with the units of each row in rank order.
+
+    Any ranking permutes these values within rows, and every expected size per row and per family is the
+    same under such permutations, so this gives the expected sparsity a ranked start begins at without the
+    scores (the L0 module warms its target up from there). The expected parameter count is too, except
+    where ``layer`` is pruned with ``head_layer`` / ``mlp``: it pairs their values per layer, which the
+    rankings decide (a difference of about 1e-4 in sparsity).
+    """
+    plan = l0_config.resolve(model_config)
+    shapes = mask_shapes(model_config)
     values = {}
-    for family, score in ranking_scores(scores, model_config, plan).items():
-        rows = _rows(family, score, model_config, plan)
-        n = rows.shape[-1]
-        keep = plan.keep.get(family, n)
-        table = torch.cat([_spread(bound, inner, keep), _spread(-inner, -bound, n - keep)])
-        values[family] = table[_ranks(rows)].reshape(score.shape)
+    for family in plan.families:
+        rows = _rows(family, torch.zeros(shapes[family]), model_config, plan)
+        table = ranked_start_table(rows.shape[-1], plan.keep.get(family, rows.shape[-1]), l0_config)
+        values[family] = table.expand(rows.shape).reshape(shapes[family]).clone()
     return values
 
 

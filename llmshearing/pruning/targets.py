@@ -163,11 +163,15 @@ class L0Config:
                 f"{PREFIX}.init_from must be null, 'importance' (scores measured on the data's train split "
                 f"before training) or a scores file from `prune-oneshot --scores-out`, got {self.init_from!r}"
             )
-        if self.init_from is not None and self.lagrangian_warmup_steps > 0:
+        if (
+            self.init_from is not None
+            and self.lagrangian_warmup_steps > 0
+            and float(self.start_sparsity) != 0.0
+        ):
             raise ValueError(
-                f"{PREFIX}.lagrangian_warmup_steps must be 0ba with {PREFIX}.init_from: the masks start at "
-                "the target shape, and a target warmed up from sparsity 0 would first pull them back toward "
-                f"the dense model; set {PREFIX}.lagrangian_warmup_steps=0ba"
+                f"{PREFIX}.start_sparsity is set by the ranked start with {PREFIX}.init_from: its warm-up starts "
+                f"from the expected sparsity the ranked masks begin at; remove {PREFIX}.start_sparsity (or set "
+                f"{PREFIX}.lagrangian_warmup_steps=0ba to hold the target from the first step)"
             )
         if self.init_scale is not None:
             if isinstance(self.init_scale, bool) or not float(self.init_scale) > 0:
