@@ -525,9 +525,10 @@ def distill_overrides(args: Any, teacher: Path) -> list[str]:
 def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
     """``model.l0_module`` settings of a pruning stage: mask initialisation and learning rates.
 
-    Ranked masks (``scores``) start at the target shape, so the target is not warmed up; untrained
-    ones warm it up over the first 20% of the stage."""
-    warmup_steps = 0 if scores else max(1, round(steps * 0.2))
+    Untrained masks warm the target up over the first 20% of the stage; ranked ones (``scores``) over
+    ``--l0-warmup`` of it (default none: the target from the first step), from where their masks begin."""
+    share = (args.l0_warmup or 0.0) if scores else 0.2
+    warmup_steps = max(1, round(steps * share)) if share else 0
     return [
         f"model.l0_module.init_from={scores if scores else 'null'}",
         f"model.l0_module.lagrangian_warmup_steps={warmup_steps}ba",
@@ -537,6 +538,7 @@ def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
         f"model.l0_module.multiplier_lr={args.multiplier_lr}",
         f"model.l0_module.init_scale={args.l0_init_scale if scores and args.l0_init_scale else 'null'}",
         f"model.l0_module.bounded_scores={str(bool(args.l0_bounded)).lower()}",
+        f"model.l0_module.schedule_l0_lr={str(bool(args.l0_schedule_lr)).lower()}",
     ]
 
 
@@ -1393,6 +1395,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranked masks start within +-this inside the bound, where they learn (default: at the bound)",
     )
     add("--l0-bounded", action="store_true", help="expected sizes count units at the bounds exactly")
+    add(
+        "--l0-warmup",
+        type=float,
+        default=None,
+        help="share of a ranked L0 stage over which the target warms up from the ranked masks' own expected "
+        "sparsity (default: none, the target from the first step)",
+    )
+    add(
+        "--l0-schedule-lr",
+        action="store_true",
+        help="the learning-rate schedule (warm-up, cosine decay) also scales the mask and multiplier lrs",
+    )
     add("--multiplier-lr", type=float, default=0.5, help="learning rate of the Lagrange multipliers (0.5)")
     add("--mix-eta", type=float, default=1.0, help="dynamic mix: step size eta (1.0: the paper)")
     add("--mix-ema", type=float, default=0.0, help="dynamic mix: loss moving-average decay (0: off)")
@@ -1450,7 +1464,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the runs, as recorded with the results."""
     names = [
-        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
         "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip
