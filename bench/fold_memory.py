@@ -27,7 +27,7 @@ import resource, sys
 {body}
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
-IMPORTS = "import torch, llmshearing.cli, llmshearing.pruning.commands, llmshearing.pruning.prune_model, llmshearing.pruning.fold, llmshearing.convert.checkpoint"
+IMPORTS = "import torch, llmshearing.cli, llmshearing.pruning.commands, llmshearing.pruning.prune_model, llmshearing.pruning.fold, llmshearing.checkpoint.reading"
 
 
 def write_run(root: Path, quick: bool) -> tuple[Path, Path, int]:

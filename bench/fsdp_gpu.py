@@ -112,7 +112,7 @@ def write_inputs(root: Path, source: dict[str, Any], domains: list[str], seq_len
     import numpy as np
     import torch
 
-    from llmshearing.convert.checkpoint import save_checkpoint
+    from llmshearing.checkpoint.format import save_checkpoint
     from llmshearing.data.layout import write_token_root
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.decoder import Decoder
@@ -257,7 +257,7 @@ def compare_weights(a: Path, b: Path) -> dict[str, Any]:
     """Every tensor of two runs' final checkpoints: identical, or the largest absolute difference."""
     import torch
 
-    from llmshearing.convert.checkpoint import open_checkpoint
+    from llmshearing.checkpoint.reading import open_checkpoint
 
     with (
         open_checkpoint(a / "checkpoints" / "latest-rank0.pt") as x,
@@ -276,9 +276,9 @@ def compare_weights(a: Path, b: Path) -> dict[str, Any]:
 
 def prune_model(run: Path, out: Path, target: dict[str, int]) -> dict[str, Any]:
     """``llmshearing prune-model`` on the run's sharded checkpoint; the folded shape against the target."""
+    from llmshearing.checkpoint.reading import open_checkpoint
+    from llmshearing.checkpoint.sharded import is_sharded_checkpoint
     from llmshearing.cli import main as cli_main
-    from llmshearing.convert.checkpoint import open_checkpoint
-    from llmshearing.convert.sharded import is_sharded_checkpoint
 
     checkpoint = run / "checkpoints" / "latest-rank0.pt"
     sharded = is_sharded_checkpoint(checkpoint.resolve())

@@ -59,9 +59,9 @@ def import_stack() -> None:
     import torch.distributed.checkpoint  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
 
-    import llmshearing.convert.checkpoint  # noqa: F401
-    import llmshearing.convert.loading  # noqa: F401
-    import llmshearing.convert.sharded  # noqa: F401
+    import llmshearing.checkpoint.loading  # noqa: F401
+    import llmshearing.checkpoint.reading  # noqa: F401
+    import llmshearing.checkpoint.sharded  # noqa: F401
     import llmshearing.data.loaders  # noqa: F401
     import llmshearing.dynamic_loading.loader  # noqa: F401
     import llmshearing.training.builders  # noqa: F401
@@ -106,7 +106,8 @@ def write_inputs(root: Path, d_model: int, n_layers: int) -> tuple[Path, Path, P
     import numpy as np
     import torch
 
-    from llmshearing.convert.checkpoint import StateDictSource, save_checkpoint, write_project_checkpoint
+    from llmshearing.checkpoint.format import save_checkpoint, write_project_checkpoint
+    from llmshearing.checkpoint.tensor_io import StateDictSource
     from llmshearing.data.layout import write_token_root
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.decoder import Decoder

@@ -36,7 +36,7 @@ def source_model(random_source: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmshearing.convert.checkpoint import read_any_config
+    from llmshearing.checkpoint.reading import read_any_config
 
     config = read_any_config(REPO / "yamls" / "sources" / "smollm2-135m.json")[0]
     if random_source:

@@ -30,9 +30,9 @@ TARGET = 1.0
 def build_models(layers: int, seq: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmshearing.convert.checkpoint import hf_source_to_project
-    from llmshearing.convert.hf_config import model_config_from_hf
-    from llmshearing.convert.tensor_io import StateDictSource
+    from llmshearing.checkpoint.reading import hf_source_to_project
+    from llmshearing.checkpoint.tensor_io import StateDictSource
+    from llmshearing.hf.config import model_config_from_hf
     from llmshearing.models.decoder import Decoder
 
     hf_config = LlamaConfig(

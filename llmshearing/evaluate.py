@@ -57,13 +57,13 @@ def load_model_fn(path: str, use_transformers: bool = False) -> ModelFn:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"cannot load {path} with transformers: {reason}") from err
         model.eval()
-        from llmshearing.convert.tensor_io import check_finite
+        from llmshearing.checkpoint.tensor_io import check_finite
 
         for name, tensor in model.state_dict().items():  # NaN weights would print nan losses, exit 0
             check_finite(tensor, name, path)
         vocab = model.get_input_embeddings().weight.shape[0]
         return ModelFn(lambda ids: model(ids).logits, int(vocab))
-    from llmshearing.convert.loading import from_pretrained
+    from llmshearing.checkpoint.loading import from_pretrained
 
     decoder = from_pretrained(path).float().eval()
     return ModelFn(decoder, int(decoder.config.vocab_size))
@@ -83,7 +83,7 @@ def _config_vocab_size(path: str, use_transformers: bool) -> int | None:
             return None  # loading the model reports what is wrong
     from pathlib import Path
 
-    from llmshearing.convert.checkpoint import read_any_config
+    from llmshearing.checkpoint.reading import read_any_config
 
     return int(read_any_config(Path(config))[0].vocab_size)
 

@@ -127,10 +127,12 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     # only once the recipe, the data and the model are known to be good
     run_folder.prepare(save_folder, description, values["autoresume"], values["save_overwrite"])
     if dist.get_global_rank() == 0:
-        builders.write_run_description(save_folder, description)
+        from llmshearing.checkpoint.run_config import write_run_description
+
+        write_run_description(save_folder, description)
     callbacks = [*builders.build_callbacks(values, save_folder), run_folder.RunRecord(description)]
     if slices:
-        from llmshearing.convert.checkpoint import sharded_weights_dir
+        from llmshearing.checkpoint.sharded import sharded_weights_dir
 
         callbacks.append(builders.ShardedSourceFill(str(sharded_weights_dir(values["model"]["path"]))))
     if eval_tasks is not None:
@@ -300,7 +302,7 @@ def _run_folder(argv: Sequence[str]) -> str | None:
 def _set_aside(folder: str | None, err: BaseException | None, message: str) -> str:
     """Set aside a checkpoint that a full disk (``err``) or Ctrl-C cut off; the message says where and
     how the run continues."""
-    from llmshearing.convert.checkpoint_files import set_aside_incomplete
+    from llmshearing.checkpoint.composer_files import set_aside_incomplete
     from llmshearing.disk_full import disk_full_message
 
     if folder is None:

@@ -43,7 +43,7 @@ def write_tiny_source(path: str, seed: int = 0, **overrides) -> str:
     """A random tiny decoder saved as a project checkpoint (what `convert hf-to-composer` writes)."""
     import torch
 
-    from llmshearing.convert.checkpoint import save_checkpoint
+    from llmshearing.checkpoint.format import save_checkpoint
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.decoder import Decoder
 

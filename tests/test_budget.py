@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmshearing import cli
-from llmshearing.convert.checkpoint import load_checkpoint, read_any_config
+from llmshearing.checkpoint.reading import load_checkpoint, read_any_config
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.budget import (
     BudgetError,

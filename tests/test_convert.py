@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmshearing import cli
-from llmshearing.convert.checkpoint import load_checkpoint, open_checkpoint, save_checkpoint
-from llmshearing.convert.hf_config import hf_config_from_model, model_config_from_hf
+from llmshearing.checkpoint.format import save_checkpoint
+from llmshearing.checkpoint.loading import from_pretrained
+from llmshearing.checkpoint.reading import load_checkpoint, open_checkpoint
 from llmshearing.convert.hf_to_project import convert_hf_to_project
-from llmshearing.convert.keymaps import KEY_MAPS, KeyMap
-from llmshearing.convert.loading import from_pretrained
 from llmshearing.convert.project_to_hf import convert_project_to_hf
+from llmshearing.hf.config import hf_config_from_model, model_config_from_hf
+from llmshearing.hf.keymaps import KEY_MAPS, KeyMap
 
 VOCAB = 96
 LOGIT_ATOL = 1e-4  # fp32 on CPU, project Decoder vs transformers

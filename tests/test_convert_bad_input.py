@@ -169,7 +169,7 @@ def test_a_sharded_checkpoint_missing_shard_files_names_them_in_one_line(tiny_so
     import torch
     from torch.distributed.checkpoint import FileSystemWriter, save
 
-    from llmshearing.convert.sharded import ShardedModelSource
+    from llmshearing.checkpoint.sharded import ShardedModelSource
 
     folder = tmp_path / "ep0-ba2"
     state = {"state.model.model.wte.weight": torch.ones(4, 3), "state.model.l0_module.x": torch.zeros(2)}

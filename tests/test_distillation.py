@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CrashAt, Interrupted, write_tiny_source
 
-from llmshearing.convert.loading import from_pretrained
+from llmshearing.checkpoint.loading import from_pretrained
 from llmshearing.models.distill import distillation_loss, kd_per_position
 from llmshearing.models.loss import IGNORE_INDEX, lm_loss
 from llmshearing.train import build_trainer, main, run

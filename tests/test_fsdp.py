@@ -22,10 +22,10 @@ import torch
 from test_icl_eval import icl_recipe_args
 
 from llmshearing.callbacks.sample_log import read_sample_log
+from llmshearing.checkpoint.loading import from_pretrained
+from llmshearing.checkpoint.reading import open_checkpoint
+from llmshearing.checkpoint.sharded import is_sharded_checkpoint
 from llmshearing.cli import main as cli_main
-from llmshearing.convert.checkpoint import open_checkpoint
-from llmshearing.convert.loading import from_pretrained
-from llmshearing.convert.sharded import is_sharded_checkpoint
 from llmshearing.train import main as train_main
 from llmshearing.training.config import load_config
 from llmshearing.training.fsdp import FSDPConfigError, resolve_fsdp, shard_teacher
@@ -352,7 +352,7 @@ def test_rank0_loading_turns_on_sync_module_states_for_both_fsdp_versions():
 
 
 def test_a_teacher_on_meta_reads_no_weights(tiny_source):
-    from llmshearing.convert.loading import load_teacher
+    from llmshearing.checkpoint.loading import load_teacher
 
     teacher = load_teacher(tiny_source, torch.float32, "sdpa", on_meta=True)
     decoder = teacher.module()
@@ -363,7 +363,7 @@ def test_a_teacher_on_meta_reads_no_weights(tiny_source):
 def test_a_teacher_stays_whole_in_one_process_and_with_no_shard(tiny_source):
     from torch.distributed.tensor import DTensor
 
-    from llmshearing.convert.loading import load_teacher
+    from llmshearing.checkpoint.loading import load_teacher
 
     teacher = load_teacher(tiny_source, torch.float32, "sdpa")
     total = sum(p.numel() for p in teacher.module().parameters())
@@ -379,7 +379,7 @@ def test_sharded_checkpoint_cut_off_while_written_is_set_aside(tmp_path):
     # cut off, and autoresume must fall back to the newest complete one
     from torch.distributed.checkpoint import FileSystemWriter, save
 
-    from llmshearing.convert.checkpoint_files import repair_checkpoint_folder
+    from llmshearing.checkpoint.composer_files import repair_checkpoint_folder
 
     folder = tmp_path / "checkpoints"
     save(

@@ -170,7 +170,7 @@ def test_a_composer_checkpoint_scores_as_its_weights(byte_model, tmp_path, capsy
     """A Composer checkpoint of a (zero learning rate) run scores exactly as the checkpoint it started from."""
     from composer import Trainer
 
-    from llmshearing.convert.checkpoint import load_checkpoint
+    from llmshearing.checkpoint.reading import load_checkpoint
     from llmshearing.models.composer_model import ComposerLlama
 
     config, state, hf_config = load_checkpoint(byte_model)

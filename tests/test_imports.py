@@ -122,3 +122,51 @@ def test_readme_lists_every_module(folder: str) -> None:
     assert listed == modules, (
         f"missing from the table: {sorted(modules - listed)}; gone: {sorted(listed - modules)}"
     )
+
+
+def test_the_checkpoint_layer_sits_below_the_conversions() -> None:
+    """``hf/`` (key maps, config mapping) imports only ``models/``; ``checkpoint/`` reads and writes checkpoints
+    with ``hf/`` and ``models/`` and imports nothing that converts, trains, prunes or evaluates; ``convert/``
+    (the HF import and export) stands on both, and neither imports it."""
+    edges = import_edges()
+    assert ("checkpoint", "hf") in edges and ("convert", "checkpoint") in edges and ("convert", "hf") in edges
+    hf = sorted(pair for pair in edges if pair[0] == "hf" and pair[1] != "models")
+    assert not hf, "hf/ must import only models/:\n" + describe(edges, hf)
+    below = {"hf", "models", "staging", "recipe_file"}
+    found = sorted(pair for pair in edges if pair[0] == "checkpoint" and pair[1] not in below)
+    assert not found, f"checkpoint/ may import only {sorted(below)}:\n" + describe(edges, found)
+
+
+def test_pruning_checkpoints_are_refused_in_one_place() -> None:
+    """Only ``checkpoint/format.py`` raises when any tensor name has the ``l0_module.`` prefix; every reader
+    that would use the weights alone refuses a pruning checkpoint through its ``refuse_pruning_checkpoint``."""
+    callers = set()
+    for path in sorted(ROOT.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "refuse_pruning_checkpoint":
+                callers.add(str(path.relative_to(ROOT.parent)))
+            refuses = isinstance(node, ast.If) and any(isinstance(n, ast.Raise) for n in node.body)
+            test = ast.unparse(node.test) if refuses else ""
+            if "any(" in test and any(name in test for name in ("'l0_module.'", "L0_PREFIX")):
+                assert path.relative_to(ROOT) == Path("checkpoint/format.py"), (
+                    f"{path}:{node.lineno} refuses a pruning checkpoint itself"
+                )
+    expected = {
+        "llmshearing/checkpoint/loading.py",
+        "llmshearing/convert/project_to_hf.py",
+        "llmshearing/harness/model.py",
+        "llmshearing/pruning/oneshot.py",
+        "llmshearing/shape_search/search.py",
+        "llmshearing/training/builders.py",
+    }
+    assert callers == expected, sorted(callers ^ expected)
+
+
+@pytest.mark.parametrize("folder", ["checkpoint", "hf", "convert"])
+def test_package_docstring_names_every_module(folder: str) -> None:
+    """The checkpoint, HF and conversion packages say in ``__init__.py`` what each of their modules holds."""
+    doc = ast.get_docstring(ast.parse((ROOT / folder / "__init__.py").read_text(encoding="utf-8"))) or ""
+    modules = {path.stem for path in (ROOT / folder).glob("*.py") if path.name != "__init__.py"}
+    missing = sorted(name for name in modules if f"``{name}``" not in doc)
+    assert not missing, f"{folder}/__init__.py does not name {missing}"

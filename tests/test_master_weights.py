@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import write_tiny_source
 
-from llmshearing.convert.checkpoint import load_checkpoint, save_checkpoint
+from llmshearing.checkpoint.format import save_checkpoint
+from llmshearing.checkpoint.reading import load_checkpoint
 from llmshearing.train import main
 
 PRUNE = "yamls/tiny/prune.yaml"

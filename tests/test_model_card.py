@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from conftest import write_tiny_source
 
+from llmshearing.checkpoint.reading import load_checkpoint
 from llmshearing.cli import main as cli_main
-from llmshearing.convert.checkpoint import load_checkpoint
 
 
 def _header(text: str) -> list[str]:

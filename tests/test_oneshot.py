@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from llmshearing import cli
-from llmshearing.convert.checkpoint import load_checkpoint, save_checkpoint
+from llmshearing.checkpoint.format import save_checkpoint
+from llmshearing.checkpoint.reading import load_checkpoint
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.decoder import Decoder
 from llmshearing.pruning.commands import parse_target

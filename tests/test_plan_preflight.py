@@ -25,7 +25,7 @@ def _values(source: str, data: str, folder: Path, *extra: str) -> dict:
 
 
 def test_a_step_that_does_not_fit_names_the_stage_the_shortfall_and_the_key(tiny_source, tiny_mds, tmp_path):
-    from llmshearing.convert.checkpoint import read_any_config
+    from llmshearing.checkpoint.reading import read_any_config
 
     values = _values(tiny_source, tiny_mds, tmp_path / "run", *BIG_BATCH)
     shape = run_shape(values, read_any_config(Path(tiny_source) / "config.json")[0], None)

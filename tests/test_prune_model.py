@@ -12,8 +12,8 @@ from composer.optim import DecoupledAdamW
 from conftest import PRUNABLE_MODEL, PRUNABLE_TARGET
 from torch.utils.data import DataLoader, Dataset
 
+from llmshearing.checkpoint.reading import load_checkpoint
 from llmshearing.cli import main
-from llmshearing.convert.checkpoint import load_checkpoint
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.decoder import Decoder
@@ -50,7 +50,7 @@ def pruning_run(
 ) -> tuple[Path, ComposerLlama]:
     """Train a few batches, save a Composer checkpoint under ``run/checkpoints`` and the run's config.json
     (the checkpoint records the run's identity, as the training entry point's checkpoints do)."""
-    from llmshearing.training.builders import write_run_description
+    from llmshearing.checkpoint.run_config import write_run_description
     from llmshearing.training.run_folder import RunRecord
 
     torch.manual_seed(0)

@@ -129,7 +129,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(run, tmp_path):
 def test_a_pruning_checkpoint_is_never_loaded_as_a_dense_model(run, tiny_mds, tmp_path, capsys):
     # one-shot pruning, evaluation and a distillation teacher all load a dense model: the masks of a
     # pruning checkpoint would be dropped, so each refuses it and points to prune-model
-    from llmshearing.convert.loading import from_pretrained, load_teacher
+    from llmshearing.checkpoint.loading import from_pretrained, load_teacher
 
     checkpoint = str(run / "checkpoints" / "latest-rank0.pt")
     for load in (

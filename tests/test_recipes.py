@@ -15,8 +15,8 @@ import torch
 from conftest import TINY_MODEL
 from omegaconf import OmegaConf
 
-from llmshearing.convert.hf_config import model_config_from_hf
 from llmshearing.dynamic_loading.config import DataLoadingConfig
+from llmshearing.hf.config import model_config_from_hf
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning import attach_l0_module

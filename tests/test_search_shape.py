@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmshearing import cli
-from llmshearing.convert.checkpoint import load_checkpoint
+from llmshearing.checkpoint.reading import load_checkpoint
 from llmshearing.pruning.targets import SHAPE_KEYS
 from llmshearing.recipe_file import read_recipe
 

@@ -16,10 +16,11 @@ import torch
 from test_convert import _hf_config, _write_tokenizer
 from test_fsdp import PRUNE, RANK0, SHARDED, _args, _metrics, _model, _sharded
 
+from llmshearing.checkpoint.format import write_project_checkpoint
+from llmshearing.checkpoint.reading import open_checkpoint
+from llmshearing.checkpoint.sharded import SHARDED_WEIGHTS, write_sharded_weights
+from llmshearing.checkpoint.tensor_io import TensorMeta
 from llmshearing.cli import main as cli_main
-from llmshearing.convert.checkpoint import open_checkpoint, write_project_checkpoint
-from llmshearing.convert.sharded import SHARDED_WEIGHTS, write_sharded_weights
-from llmshearing.convert.tensor_io import TensorMeta
 from llmshearing.train import build_trainer, run
 
 TIMINGS = ("time/", "wall_clock/", "distill/teacher_")  # wall-clock measurements differ between runs
@@ -153,7 +154,7 @@ def test_a_pruning_run_from_sharded_weights_matches_the_safetensors_source(
 def test_oneshot_evaluate_and_the_loader_read_sharded_weights(
     tiny_source, sharded_tiny, tiny_mds, tmp_path, capsys
 ):
-    from llmshearing.convert.loading import from_pretrained
+    from llmshearing.checkpoint.loading import from_pretrained
 
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
@@ -308,7 +309,7 @@ def test_the_plan_counts_only_each_ranks_shards_of_a_sharded_source(
 def test_filling_a_model_from_sharded_weights_casts_like_the_safetensors_path_and_refuses_nan(
     tiny_source, tmp_path
 ):
-    from llmshearing.convert.sharded import fill_from_sharded_weights, sharded_weights_dir
+    from llmshearing.checkpoint.sharded import fill_from_sharded_weights, sharded_weights_dir
     from llmshearing.models.decoder import Decoder
 
     with open_checkpoint(tiny_source) as ckpt:
@@ -334,8 +335,8 @@ def test_filling_a_model_from_sharded_weights_casts_like_the_safetensors_path_an
 def test_a_teacher_on_meta_is_filled_from_sharded_weights_as_read_whole(tiny_source, sharded_tiny):
     """``shard_teacher`` with the teacher's sharded weights (one process: the teacher stays whole) fills the
     meta teacher with the values the whole read gives, in the teacher's dtype."""
-    from llmshearing.convert.loading import load_teacher
-    from llmshearing.convert.sharded import sharded_weights_dir
+    from llmshearing.checkpoint.loading import load_teacher
+    from llmshearing.checkpoint.sharded import sharded_weights_dir
     from llmshearing.training.fsdp import resolve_fsdp, shard_teacher
 
     plan = resolve_fsdp({"sharding_strategy": "FULL_SHARD"}, environ={"FSDP_VERSION": "2"})

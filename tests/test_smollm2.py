@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import llmshearing.convert as convert_package
+from llmshearing.checkpoint.loading import from_pretrained
 from llmshearing.convert.hf_to_project import convert_hf_to_project
-from llmshearing.convert.loading import from_pretrained
 from llmshearing.convert.project_to_hf import convert_project_to_hf
 from llmshearing.staging import staged_dir
 

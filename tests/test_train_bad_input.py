@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import needs_tmpfs
 
-from llmshearing.convert.checkpoint_files import (
+from llmshearing.checkpoint.composer_files import (
     LATEST_NAME,
     is_complete_torch_file,
     repair_checkpoint_folder,

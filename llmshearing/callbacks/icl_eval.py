@@ -205,7 +205,7 @@ def find_tokenizer(model_path: str, override: str | None) -> str:
 
 def prepare_eval_tasks(values: dict[str, Any], config: EvalTasksConfig) -> PreparedTasks:
     """Load every task of ``eval_tasks`` and the tokenizer, checking what the recipe cannot show."""
-    from llmshearing.convert.loading import checkpoint_vocab_size
+    from llmshearing.checkpoint.loading import checkpoint_vocab_size
     from llmshearing.harness import runner
     from llmshearing.harness.model import load_tokenizer
 

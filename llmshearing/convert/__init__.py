@@ -1,9 +1,11 @@
-"""Conversion between Hugging Face checkpoints and the project checkpoint format.
+"""Conversion between Hugging Face models and project checkpoints: the ``llmshearing convert`` commands.
 
-Key maps are declarative per model family (``keymaps``); configs translate in ``hf_config``;
-``checkpoint`` defines the project checkpoint format and reads every checkpoint kind;
-``hf_to_project`` and ``project_to_hf`` are the two converters behind ``llmshearing convert``.
-``tensor_io`` reads and writes safetensors tensor by tensor; ``sharded`` reads Composer's sharded
-checkpoints and writes and reads a source's sharded weights (``hf-to-composer --sharded``: ``model.dcp/``).
-``loading`` turns a checkpoint into a ready ``Decoder`` (``from_pretrained``) or a distillation teacher.
+``hf_to_project`` imports an HF model (a directory, a hub name or a GGUF file) as a project checkpoint;
+``project_to_hf`` exports any checkpoint as an HF directory that ``from_pretrained`` loads with no custom code,
+with the model card ``model_card`` writes; ``commands`` adds both to the command line. They stand on
+:mod:`llmshearing.checkpoint` (reading and writing checkpoints) and :mod:`llmshearing.hf` (key maps and config
+mapping).
+
+``checkpoint``, ``loading`` and ``hf_config`` here are the former import paths of a few readers, writers and
+the config mapping, kept for code written against them.
 """

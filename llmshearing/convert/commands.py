@@ -1,7 +1,7 @@
 """``llmshearing convert hf-to-composer`` and ``llmshearing convert composer-to-hf``.
 
 ``hf-to-composer --sharded`` writes the weights as a ``torch.distributed.checkpoint`` directory
-(``OUT/model.dcp/``, see :mod:`llmshearing.convert.sharded`) instead of safetensors.
+(``OUT/model.dcp/``, see :mod:`llmshearing.checkpoint.sharded`) instead of safetensors.
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ def _warn_if_transformers5_refuses(out: Path) -> None:
     ``allow_indivisible_d_model``): transformers >= 5 refuses such a config, 4.x loads it."""
     import json
 
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    from llmshearing.checkpoint.format import CONFIG_NAME
+
+    config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
     if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads:
         print(

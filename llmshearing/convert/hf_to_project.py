@@ -6,16 +6,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llmshearing.convert.checkpoint import (
-    CONFIG_NAME,
-    TOKENIZER_FILES,
-    check_gguf_file,
-    hf_source_to_project,
-    is_gguf_file,
-    write_project_checkpoint,
-)
-from llmshearing.convert.hf_config import model_config_from_hf, read_config_json
-from llmshearing.convert.tensor_io import DEFAULT_MAX_SHARD_BYTES, StateDictSource, finite, open_weights
+from llmshearing.checkpoint.format import CONFIG_NAME, TOKENIZER_FILES, write_project_checkpoint
+from llmshearing.checkpoint.reading import hf_source_to_project
+from llmshearing.checkpoint.tensor_io import DEFAULT_MAX_SHARD_BYTES, StateDictSource, finite, open_weights
+from llmshearing.hf.config import model_config_from_hf, read_config_json
+from llmshearing.hf.gguf import check_gguf_file, is_gguf_file
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -152,7 +147,7 @@ def convert_hf_to_project(
     the weights as a ``torch.distributed.checkpoint`` directory (``model.dcp/``, one file per tensor)
     instead of safetensors; ``config.json`` and the tokenizer files are the same either way. From
     safetensors the peak is about one tensor in the source's dtype plus its cast (two casts when sharded, see
-    :func:`~llmshearing.convert.sharded.write_sharded_weights`); a ``pytorch_model*.bin``
+    :func:`~llmshearing.checkpoint.sharded.write_sharded_weights`); a ``pytorch_model*.bin``
     source is memory-mapped where its format allows, a GGUF file is dequantised whole first.
     """
     directory, gguf_file = resolve_source(src, gguf)

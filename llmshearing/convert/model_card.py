@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmshearing.convert.checkpoint import OpenCheckpoint, find_run_config
+from llmshearing.checkpoint.reading import OpenCheckpoint
+from llmshearing.checkpoint.run_config import find_run_config, parse_run_config
 
 
 def _run_folder(ckpt: OpenCheckpoint, run_config: Path | None) -> tuple[Path, dict[str, Any]] | None:
@@ -22,7 +23,7 @@ def _run_folder(ckpt: OpenCheckpoint, run_config: Path | None) -> tuple[Path, di
         return None
     try:
         config_path = run_config or find_run_config(ckpt.path, None)
-        description = json.loads(config_path.read_text(encoding="utf-8"))
+        description = parse_run_config(config_path)
     except (OSError, ValueError):
         return None
     if not isinstance(description, dict) or not ("train" in description or "l0_module" in description):

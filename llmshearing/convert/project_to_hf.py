@@ -8,17 +8,18 @@ from pathlib import Path
 
 from torch import Tensor
 
-from llmshearing.convert.checkpoint import (
+from llmshearing.checkpoint.format import (
     CONFIG_NAME,
     TORCH_DTYPES,
     copy_tokenizer,
-    open_checkpoint,
+    refuse_pruning_checkpoint,
     tensor_progress,
 )
-from llmshearing.convert.hf_config import DTYPE_NAMES, hf_config_from_model
-from llmshearing.convert.keymaps import KeyMap
+from llmshearing.checkpoint.reading import open_checkpoint
+from llmshearing.checkpoint.tensor_io import DEFAULT_MAX_SHARD_BYTES, TensorMeta, write_safetensors
 from llmshearing.convert.model_card import model_card
-from llmshearing.convert.tensor_io import DEFAULT_MAX_SHARD_BYTES, TensorMeta, write_safetensors
+from llmshearing.hf.config import DTYPE_NAMES, hf_config_from_model
+from llmshearing.hf.keymaps import KeyMap
 from llmshearing.models.schema import state_shapes
 from llmshearing.staging import staged_dir
 
@@ -47,11 +48,13 @@ def convert_project_to_hf(
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"--tokenizer {tokenizer_dir} is not a directory holding tokenizer files")
     with open_checkpoint(ckpt, config_path) as source:
-        if source.has_l0_state():
-            raise ValueError(
+        refuse_pruning_checkpoint(
+            source.tensors.keys(),
+            (
                 f"{ckpt} holds L0 pruning state (l0_module.*): it is the unpruned model with masks. "
                 f"Run `llmshearing prune-model {ckpt}` first and export the pruned checkpoint it writes"
-            )
+            ),
+        )
         config = source.config
         hf_config = hf_config_from_model(config, source.hf_config, dtype)
         keymap = KeyMap(config.family)

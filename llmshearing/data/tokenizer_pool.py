@@ -51,7 +51,7 @@ def load_tokenizer(name: str, text_field: str = "text") -> TokenizerSpec:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {name} does not exist")
-        from llmshearing.convert.checkpoint import check_gguf_file
+        from llmshearing.hf.gguf import check_gguf_file
 
         check_gguf_file(path)
         source, kwargs = str(path.parent), {"gguf_file": path.name}

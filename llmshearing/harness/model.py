@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmshearing.convert.checkpoint import TORCH_DTYPES, OpenCheckpoint
+from llmshearing.checkpoint.format import TORCH_DTYPES, refuse_pruning_checkpoint
+from llmshearing.checkpoint.reading import OpenCheckpoint
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
@@ -29,17 +30,19 @@ def stored_dtype(ckpt: OpenCheckpoint) -> str:
 
 def check_loadable(ckpt: OpenCheckpoint) -> None:
     """Raise ``ValueError`` for a pruning checkpoint (its masks would be dropped)."""
-    if ckpt.has_l0_state():
-        raise ValueError(
+    refuse_pruning_checkpoint(
+        ckpt.tensors.keys(),
+        (
             f"{ckpt.path} is a pruning checkpoint (it holds l0_module.* masks): evaluating it would drop the "
             f"masks and score the unpruned model; fold it first with `llmshearing prune-model {ckpt.path} OUT` "
             "and evaluate OUT"
-        )
+        ),
+    )
 
 
 def hf_config_dict(ckpt: OpenCheckpoint, dtype: str) -> dict[str, Any]:
     """The ``config.json`` `convert composer-to-hf --dtype DTYPE` would write for this checkpoint."""
-    from llmshearing.convert.hf_config import hf_config_from_model
+    from llmshearing.hf.config import hf_config_from_model
 
     return hf_config_from_model(ckpt.config, ckpt.hf_config, dtype)
 
@@ -49,7 +52,7 @@ def build_hf_model(ckpt: OpenCheckpoint, dtype: str, device: str) -> Any:
     import transformers
     from transformers import CONFIG_MAPPING
 
-    from llmshearing.convert.keymaps import KeyMap
+    from llmshearing.hf.keymaps import KeyMap
     from llmshearing.models.schema import state_shapes
 
     check_loadable(ckpt)

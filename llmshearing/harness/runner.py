@@ -535,7 +535,7 @@ def evaluate_tasks(
     tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """Run lm-eval's tasks on the model at ``model``; print the table and write ``output``; return the results."""
-    from llmshearing.convert.checkpoint import open_checkpoint
+    from llmshearing.checkpoint.reading import open_checkpoint
     from llmshearing.harness import model as hf_model
 
     check_options(limit, num_fewshot, batch_size, seed, output)

@@ -1,6 +1,6 @@
 """LLaMA-family decoder with pruning masks, its schema, its Composer model and metrics.
 
-Checkpoint I/O (``from_pretrained``) lives in :mod:`llmshearing.convert.loading`: ``models/`` imports
+Checkpoint I/O (``from_pretrained``) lives in :mod:`llmshearing.checkpoint.loading`: ``models/`` imports
 no other part of the package.
 
 Exports are resolved lazily so that importing ``llmshearing.models.config`` does not import

@@ -1,7 +1,7 @@
 """Distillation from a frozen teacher: the ``model.distillation`` settings and the ``Teacher`` holder.
 
 The teacher is a ``Decoder`` loaded from a checkpoint directory (what ``llmshearing convert
-hf-to-composer`` or ``prune-model`` writes) by :func:`llmshearing.convert.loading.load_teacher`.
+hf-to-composer`` or ``prune-model`` writes) by :func:`llmshearing.checkpoint.loading.load_teacher`.
 It is held outside the student's module tree, so Composer neither checkpoints it nor wraps it: a
 resumed run reloads it from its path, and under FSDP ``llmshearing.training.fsdp.shard_teacher``
 shards its blocks.

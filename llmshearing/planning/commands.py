@@ -160,7 +160,9 @@ def read_run(
 
 def _source_config(path: str, given: str | None, flag: str, key: str) -> tuple[Any, str]:
     """The ModelConfig of ``given`` (a config.json) or of the checkpoint at ``path``, and where it came from."""
-    from llmshearing.convert.checkpoint import find_run_config, read_any_config
+    from llmshearing.checkpoint.format import CONFIG_NAME
+    from llmshearing.checkpoint.reading import read_any_config
+    from llmshearing.checkpoint.run_config import find_run_config
     from llmshearing.training.config import ConfigError
 
     if given is not None:
@@ -171,7 +173,7 @@ def _source_config(path: str, given: str | None, flag: str, key: str) -> tuple[A
         return read_any_config(Path(given))[0], given
     checkpoint = Path(path)
     if checkpoint.is_dir():
-        return read_any_config(checkpoint / "config.json")[0], str(checkpoint / "config.json")
+        return read_any_config(checkpoint / CONFIG_NAME)[0], str(checkpoint / CONFIG_NAME)
     if checkpoint.is_file():
         found = find_run_config(checkpoint, None)
         return read_any_config(found)[0], str(found)

@@ -70,7 +70,7 @@ def detected_hardware(
 
 def _config_of(path: str) -> Any:
     """The ``ModelConfig`` of a checkpoint from its ``config.json`` alone (None if unreadable: the load says why)."""
-    from llmshearing.convert.checkpoint import model_config_if_readable
+    from llmshearing.checkpoint.reading import model_config_if_readable
 
     return model_config_if_readable(path)
 

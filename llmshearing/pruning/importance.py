@@ -50,7 +50,7 @@ class ImportanceScores:
 
     def save(self, path: str | Path) -> Path:
         """Write the scores as safetensors (sample and token counts in the metadata), via a temporary file and rename."""
-        from llmshearing.convert.tensor_io import save_tensors
+        from llmshearing.checkpoint.tensor_io import save_tensors
 
         tensors = {key: value.float() for key, value in self.as_dict().items()}
         return save_tensors(path, tensors, {"samples": str(self.samples), "tokens": str(self.tokens)})

@@ -116,10 +116,11 @@ def prune_oneshot(
     (:func:`llmshearing.pruning.budget.choose_shape`). ``scores`` (:class:`ImportanceScores` of ``src``)
     skips the calibration.
     """
-    from llmshearing.convert.checkpoint import open_checkpoint, write_project_checkpoint
-    from llmshearing.convert.hf_config import DTYPE_NAMES
-    from llmshearing.convert.loading import from_pretrained
-    from llmshearing.convert.tensor_io import StateDictSource
+    from llmshearing.checkpoint.format import refuse_pruning_checkpoint, write_project_checkpoint
+    from llmshearing.checkpoint.loading import from_pretrained
+    from llmshearing.checkpoint.reading import open_checkpoint
+    from llmshearing.checkpoint.tensor_io import StateDictSource
+    from llmshearing.hf.config import DTYPE_NAMES
     from llmshearing.pruning.fold import prune_decoder
     from llmshearing.pruning.importance import calibration_batches, calibration_domains, compute_importance
 
@@ -134,11 +135,13 @@ def prune_oneshot(
     if samples <= 0 or batch_size <= 0:
         raise ValueError(f"--samples ({samples}) and --batch-size ({batch_size}) must be positive")
     with open_checkpoint(src) as ckpt:
-        if ckpt.has_l0_state():
-            raise ValueError(
+        refuse_pruning_checkpoint(
+            ckpt.tensors.keys(),
+            (
                 f"{src} is a pruning run's checkpoint: one-shot pruning it would use the unpruned model and drop "
                 "its masks; fold it with `llmshearing prune-model CKPT OUT` (or prune the source model)"
-            )
+            ),
+        )
         source, hf_config, tokenizer_dir = ckpt.config, ckpt.hf_config, ckpt.tokenizer_dir
         stored = ckpt.tensors.meta("tok_embeddings.weight").dtype
     choice = None
@@ -185,7 +188,7 @@ def prune_oneshot(
     }
 
     def extra(staging: Path) -> None:
-        from llmshearing.convert.tensor_io import save_tensors
+        from llmshearing.checkpoint.tensor_io import save_tensors
 
         save_tensors(staging / MASKS_NAME, masks)
         (staging / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -1,6 +1,6 @@
 """Fold a pruning checkpoint into a dense model of exactly the target shape (``llmshearing prune-model``).
 
-The run's ``config.json`` (found as :func:`llmshearing.convert.checkpoint.find_run_config` finds it)
+The run's ``config.json`` (found as :func:`llmshearing.checkpoint.run_config.find_run_config` finds it)
 gives the ``l0_module`` settings; the checkpoint must be the one that description was written for. The
 L0 module's deterministic masks at the target are folded into the weights (:mod:`llmshearing.pruning.fold`)
 and the result is written, staged and renamed, as a project checkpoint (and optionally an HF directory).
@@ -13,22 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmshearing.convert.checkpoint import (
-    L0_PREFIX,
-    StateDictSource,
-    find_run_config,
-    open_checkpoint,
-    write_project_checkpoint,
-)
-from llmshearing.convert.checkpoint_files import checkpoint_file_problem, read_recorded_identity
+from llmshearing.checkpoint.composer_files import checkpoint_file_problem, read_recorded_identity
+from llmshearing.checkpoint.format import L0_PREFIX, write_project_checkpoint
+from llmshearing.checkpoint.reading import open_checkpoint
+from llmshearing.checkpoint.run_config import differences, find_run_config, parse_run_config
+from llmshearing.checkpoint.sharded import is_sharded_checkpoint
+from llmshearing.checkpoint.tensor_io import StateDictSource
 from llmshearing.convert.project_to_hf import convert_project_to_hf
-from llmshearing.convert.sharded import is_sharded_checkpoint
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.fold import prune_state_dict
 from llmshearing.pruning.hard_concrete import describe_floored, floored_units
 from llmshearing.pruning.l0_module import L0Module
 from llmshearing.pruning.targets import SHAPE_KEYS, L0Config, check_loadable_shape, prunable_params
-from llmshearing.run_identity import differences
 from llmshearing.staging import check_distinct_outputs
 
 
@@ -75,7 +71,7 @@ class PruneSummary:
 def read_l0_settings(config_file: Path) -> dict[str, Any]:
     """The ``l0_module`` settings recorded in a run's ``config.json``."""
     try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
+        data = parse_run_config(config_file)
     except json.JSONDecodeError as err:
         raise ValueError(
             f"{config_file} is not valid JSON ({err}); pass the run's config.json with --config"
@@ -179,7 +175,7 @@ def check_description_matches(ckpt: Path, run_config: Path, l0_settings: dict[st
     recorded = read_recorded_identity(ckpt)
     if recorded is None or recorded.get("l0_module") is None:  # no record, or not a pruning run (told later)
         return
-    model = json.loads(run_config.read_text(encoding="utf-8")).get("model")
+    model = parse_run_config(run_config).get("model")
     changed = differences({"model": model, "l0_module": l0_settings}, recorded)
     if changed:
         raise ValueError(

@@ -150,7 +150,8 @@ def search_shape(
     progress: bool = True,
 ) -> SearchResult:
     """Run (or continue) the search; every input is checked before any model loads."""
-    from llmshearing.convert.checkpoint import open_checkpoint
+    from llmshearing.checkpoint.format import refuse_pruning_checkpoint
+    from llmshearing.checkpoint.reading import open_checkpoint
     from llmshearing.data.layout import split_domains
 
     settings.check()
@@ -159,11 +160,11 @@ def search_shape(
     work = Path(work_dir) if work_dir is not None else default_work_dir(out)
     budget = parse_budget(settings.budget, "--budget")
     with open_checkpoint(settings.src) as ckpt:
-        if ckpt.has_l0_state():
-            raise ValueError(
-                f"{settings.src} is a pruning run's checkpoint; search from the source model (or fold it "
-                "with `llmshearing prune-model` first)"
-            )
+        refuse_pruning_checkpoint(
+            ckpt.tensors.keys(),
+            f"{settings.src} is a pruning run's checkpoint; search from the source model (or fold it "
+            "with `llmshearing prune-model` first)",
+        )
         source = ckpt.config
     domains = split_domains(settings.data, "train", label=f"--data {settings.data}: ")
     eval_domains = split_domains(settings.data, "eval", label=f"--data {settings.data}: ")
@@ -250,7 +251,7 @@ def _importance(work: Path, settings: SearchSettings, progress: bool) -> Any:
         return ImportanceScores.load(path)
     import torch
 
-    from llmshearing.convert.loading import from_pretrained
+    from llmshearing.checkpoint.loading import from_pretrained
     from llmshearing.pruning.importance import calibration_batches, compute_importance
 
     decoder = from_pretrained(settings.src, dtype=torch.float32)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from typing import Any
@@ -11,8 +10,12 @@ from typing import Any
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 
+from llmshearing.checkpoint.format import refuse_pruning_checkpoint
+from llmshearing.checkpoint.run_config import (
+    write_run_description as write_run_description,  # its former home
+)
 from llmshearing.models.composer_model import ComposerLlama
-from llmshearing.staging import write_text_atomic
+from llmshearing.recipe_file import ConfigError
 from llmshearing.training.value_checks import SCHEDULERS
 
 log = logging.getLogger("llmshearing.train")
@@ -33,7 +36,7 @@ def build_model(
     slices = reads_own_slices(values)
     reads = reads_source_here(values) and not slices
     config, state_dict, hf_config = read_source(model_cfg["path"], weights=reads)
-    refuse_pruning_checkpoint(model_cfg["path"], state_dict)
+    refuse_pruning_checkpoint(state_dict, pruning_checkpoint_message(model_cfg["path"]), ConfigError)
     check_vocab(values["data_local"], config.vocab_size, model_cfg["path"])  # before any batch is read
     config = config.replace(
         attn_impl=model_cfg["attn_impl"], max_seq_len=max(config.max_seq_len, values["max_seq_len"])
@@ -69,7 +72,7 @@ def build_model(
                 l0, model.model, values, train_dataset, every_rank=loads_on_every_rank(values)
             )
     if model_cfg.get("distillation"):  # validated (and its teacher path resolved) by validate_config
-        from llmshearing.convert.loading import load_teacher
+        from llmshearing.checkpoint.loading import load_teacher
         from llmshearing.models.teacher import DistillationConfig
 
         distillation = DistillationConfig.from_dict(model_cfg["distillation"])
@@ -131,7 +134,7 @@ def teacher_reads_own_slices(values: dict[str, Any]) -> bool:
 
 def teacher_weights(values: dict[str, Any]) -> str | None:
     """The sharded weights directory each rank fills its teacher shards from (``None``: read whole)."""
-    from llmshearing.convert.checkpoint import sharded_weights_dir
+    from llmshearing.checkpoint.sharded import sharded_weights_dir
 
     if not teacher_reads_own_slices(values):
         return None
@@ -147,7 +150,7 @@ class ShardedSourceFill(Callback):
 
     def before_load(self, state: Any, logger: Any) -> None:
         del logger
-        from llmshearing.convert.sharded import fill_from_sharded_weights
+        from llmshearing.checkpoint.sharded import fill_from_sharded_weights
 
         fill_from_sharded_weights(state.model.model, self.weights)
 
@@ -194,7 +197,7 @@ def sharded_source_note(path: str) -> str:
     Each reading rank assembles the whole model from the shard files one tensor at a time (the peak is the
     fp32 model plus one stored tensor); :func:`reads_own_slices` runs read slices instead.
     """
-    from llmshearing.convert.checkpoint import is_sharded_source
+    from llmshearing.checkpoint.reading import is_sharded_source
 
     if not is_sharded_source(path):
         return ""
@@ -209,10 +212,10 @@ def read_source(path: str, weights: bool = True) -> tuple[Any, dict[str, Any], d
     """``(ModelConfig, tensors, hf_config)`` of the source checkpoint.
 
     With ``weights=False`` nothing but the config and the tensors' metadata is read: the tensors' places
-    hold :class:`~llmshearing.convert.tensor_io.TensorMeta` (dtype and shape), enough for the checks and
+    hold :class:`~llmshearing.checkpoint.tensor_io.TensorMeta` (dtype and shape), enough for the checks and
     the run description that every rank makes alike.
     """
-    from llmshearing.convert.checkpoint import load_checkpoint, open_checkpoint
+    from llmshearing.checkpoint.reading import load_checkpoint, open_checkpoint
 
     if weights:
         return load_checkpoint(path)
@@ -228,7 +231,7 @@ def stored_dtype(state_dict: dict[str, Any]) -> str:
 
     The values are tensors or anything else with a ``dtype`` (a ``TensorMeta`` on a rank that reads no weights).
     """
-    from llmshearing.convert.checkpoint import TORCH_DTYPES
+    from llmshearing.checkpoint.format import TORCH_DTYPES
 
     names = {dtype: name for name, dtype in TORCH_DTYPES.items()}
     found = sorted(
@@ -372,25 +375,14 @@ def initialize_masks(
     return cost
 
 
-def refuse_pruning_checkpoint(path: str, state_dict: dict[str, Any]) -> None:
-    """``model.path`` must be a dense model: a pruning checkpoint's masks would silently be dropped."""
-    from llmshearing.convert.checkpoint import L0_PREFIX
-    from llmshearing.training.config import ConfigError
-
-    if any(key.startswith(L0_PREFIX) for key in state_dict):
-        raise ConfigError(
-            f"model.path {path} is a pruning run's checkpoint (it holds l0_module.* masks), and training it "
-            f"would drop the masks and train the unpruned model; fold it first with `llmshearing prune-model "
-            f"{path} OUT` and set model.path=OUT (to continue the pruning run itself, train into its "
-            "save_folder with autoresume=true)"
-        )
-
-
-def write_run_description(save_folder: str, description: dict[str, Any]) -> str:
-    """Write ``config.json`` into the run folder (temp file + rename); prune-model and export read it."""
-    path = os.path.join(save_folder, "config.json")
-    write_text_atomic(path, json.dumps(description, indent=2, default=str))
-    return path
+def pruning_checkpoint_message(path: str) -> str:
+    """Why ``model.path`` must be a dense model: a pruning checkpoint's masks would silently be dropped."""
+    return (
+        f"model.path {path} is a pruning run's checkpoint (it holds l0_module.* masks), and training it "
+        f"would drop the masks and train the unpruned model; fold it first with `llmshearing prune-model "
+        f"{path} OUT` and set model.path=OUT (to continue the pruning run itself, train into its "
+        "save_folder with autoresume=true)"
+    )
 
 
 def build_optimizer(values: dict[str, Any], model: ComposerLlama):
@@ -547,7 +539,7 @@ def build_icl_eval(
 ) -> Callback:
     """The callback that scores the prepared ``eval_tasks`` on ``model`` at the run's evaluations."""
     from llmshearing.callbacks.icl_eval import InContextEval
-    from llmshearing.convert.hf_config import hf_config_from_model
+    from llmshearing.hf.config import hf_config_from_model
     from llmshearing.training.value_checks import batches
 
     hf_config = hf_config_from_model(model.config, description.get("hf_config"), "fp32")

@@ -256,7 +256,7 @@ def validate_distillation(model: dict[str, Any], check_paths: bool = True) -> No
             f"model.distillation must be a mapping (teacher, alpha, temperature, kind, top_k, chunk_size) "
             f"or null to train without a teacher, got {section!r}"
         )
-    from llmshearing.convert.loading import checkpoint_vocab_size
+    from llmshearing.checkpoint.loading import checkpoint_vocab_size
     from llmshearing.models.teacher import DistillationConfig
 
     teacher = section.get("teacher") or (model["path"] if model.get("l0_module") else None)

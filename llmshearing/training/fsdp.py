@@ -123,7 +123,7 @@ def slices_sharded_weights(fsdp_config: Any, path: str, environ: Mapping[str, st
     (``model.dcp/``, ``convert hf-to-composer --sharded``): FSDP on, ``FSDP_VERSION=2``, and ``path`` has sharded
     weights. The ranks are the caller's to count (a single rank reads everything). Never raises: an
     ``FSDP_VERSION`` that :func:`resolve_fsdp` refuses reads as no, and a missing path has no sharded weights."""
-    from llmshearing.convert.checkpoint import is_sharded_source
+    from llmshearing.checkpoint.reading import is_sharded_source
 
     if not fsdp_enabled(fsdp_config):
         return False
@@ -413,7 +413,7 @@ def shard_teacher(
 def _fill_teacher(decoder: nn.Module, weights: str, device: torch.device) -> None:
     """Give the teacher (sharded or whole, on the meta device) storage on ``device`` and fill each rank's part
     from ``weights`` (collective under a process group)."""
-    from llmshearing.convert.sharded import fill_from_sharded_weights
+    from llmshearing.checkpoint.sharded import fill_from_sharded_weights
 
     decoder.to_empty(device=device)
     fill_from_sharded_weights(decoder, weights)
@@ -563,11 +563,13 @@ def _undo_summed_fsdp2_gradients(model: nn.Module) -> None:
 def run_folder_view(save_folder: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What this process sees of a run folder's resumable state: ``config.json``, the checkpoint
     ``checkpoints/latest-rank0.pt`` points to, and any of that checkpoint's files that are not here."""
+    from llmshearing.checkpoint.run_config import run_config_path
+
     environ = os.environ if environ is None else environ
     latest = os.path.join(save_folder, "checkpoints", "latest-rank0.pt")
     view: dict[str, Any] = {
         "node": environ.get("NODE_RANK", "0"),
-        "config": os.path.isfile(os.path.join(save_folder, "config.json")),
+        "config": run_config_path(save_folder).is_file(),
         "latest": None,
         "missing": None,
     }

@@ -7,13 +7,12 @@ from being damaged by the next start.
   settings that decide the masks and the target) agree with the folder's ``config.json``.
 * A start that fails leaves the folder as it found it (no stub ``config.json``).
 * Every checkpoint carries the run's identity (the ``RunRecord`` callback; the identity itself is
-  :mod:`llmshearing.run_identity`), so ``prune-model`` can tell whether ``config.json`` describes the
+  :mod:`llmshearing.checkpoint.run_config`), so ``prune-model`` can tell whether ``config.json`` describes the
   checkpoint it folds.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -21,14 +20,19 @@ from typing import Any
 
 from composer.core import Callback
 
-from llmshearing.run_identity import differences, identity, source_hint
+from llmshearing.checkpoint.run_config import (
+    RUN_CONFIG_NAME,
+    differences,
+    identity,
+    read_run_description,
+    source_hint,
+)
 from llmshearing.training.config import ConfigError
 
 log = logging.getLogger("llmshearing.train")
 
-DESCRIPTION_NAME = "config.json"
 # what a training run writes into its folder (the report and user files are not part of it)
-RUN_ENTRIES = ("config.json", "metrics.jsonl", "checkpoints", "masks", "logs.txt")
+RUN_ENTRIES = (RUN_CONFIG_NAME, "metrics.jsonl", "checkpoints", "masks", "logs.txt")
 RUN_ENTRY_PREFIXES = ("samples-rank",)
 DERIVED_ENTRIES = ("report",)  # made from a run by `llmshearing report`; replaced with the run
 
@@ -60,31 +64,16 @@ def check_start(folder: str | Path, autoresume: bool, overwrite: bool) -> None:
         )
 
 
-def read_description(folder: str | Path) -> dict[str, Any] | None:
-    """The folder's ``config.json`` as a dict, None when there is none."""
-    path = Path(folder) / DESCRIPTION_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(
-            f"{path} is not valid JSON ({err}); it is the run's description: restore it, or set "
-            "save_overwrite=true (and autoresume=false) to replace the run"
-        ) from None
-    return data if isinstance(data, dict) else None
-
-
 def check_same_run(folder: str | Path, description: dict[str, Any]) -> None:
     """A resumed run must be the run the folder holds (same model shape and mask settings)."""
-    previous = read_description(folder)
+    previous = read_run_description(folder)
     if previous is None:
         return
     changed = differences(description, previous)
     if changed:
         raise ConfigError(
             f"save_folder {folder} holds a different run: {'; '.join(changed[:6])} (this recipe vs the "
-            f"folder's {DESCRIPTION_NAME}){source_hint(changed)}; resume with the run's own settings, or choose "
+            f"folder's {RUN_CONFIG_NAME}){source_hint(changed)}; resume with the run's own settings, or choose "
             "another save_folder (save_overwrite=true with autoresume=false replaces the run)"
         )
 
@@ -115,7 +104,7 @@ def prepare(folder: str | Path, description: dict[str, Any], autoresume: bool, o
     """
     from composer.utils import dist
 
-    from llmshearing.convert.checkpoint_files import repair_checkpoint_folder
+    from llmshearing.checkpoint.composer_files import repair_checkpoint_folder
 
     if autoresume:
         check_same_run(folder, description)
@@ -192,7 +181,7 @@ def trained_batches(folder: str | Path) -> int | None:
     """Batches trained by the run in ``folder`` at its latest complete checkpoint; None without one."""
     import torch
 
-    from llmshearing.convert.checkpoint_files import LATEST_NAME, is_complete_torch_file
+    from llmshearing.checkpoint.composer_files import LATEST_NAME, is_complete_torch_file
 
     latest = Path(folder) / "checkpoints" / LATEST_NAME.format(rank=0)
     if not latest.exists() or not is_complete_torch_file(latest):
@@ -203,7 +192,7 @@ def trained_batches(folder: str | Path) -> int | None:
 
 def is_finished(folder: str | Path) -> bool:
     """True when the run in ``folder`` has trained all of its ``max_duration`` (as its config.json says)."""
-    description = read_description(folder)
+    description = read_run_description(folder)
     done = trained_batches(folder)
     if description is None or done is None:
         return False

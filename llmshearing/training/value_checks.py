@@ -246,7 +246,7 @@ def check_l0_target(model: dict[str, Any]) -> None:
 
 def _source_config(path: str) -> Any:
     """The ``ModelConfig`` of the checkpoint at ``path`` from its config.json alone (None if unreadable)."""
-    from llmshearing.convert.checkpoint import model_config_if_readable
+    from llmshearing.checkpoint.reading import model_config_if_readable
 
     return model_config_if_readable(path)
 

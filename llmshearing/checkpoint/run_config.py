@@ -1,13 +1,82 @@
-"""The identity of a training run: the model shape and mask settings that must not change within one run.
+"""A training run's ``config.json``: where it is, writing and reading it, and the run's identity in it.
 
-A run records its identity in every checkpoint (the ``RunRecord`` callback of
-:mod:`llmshearing.training.run_folder`); a resumed run and ``prune-model`` compare it with a run
-description (``config.json``) to tell whether the two belong together.
+Rank 0 writes the run description (the model and its source, the mask settings, the whole validated recipe) to
+``<save_folder>/config.json`` before training (:func:`write_run_description`); a resumed run, ``prune-model``, the
+exporters and the model card read it back (:func:`read_run_description`, :func:`parse_run_config`,
+:func:`find_run_config` for a checkpoint's own run). A run also records its identity (the model shape and mask
+settings that must not change within one run) in every checkpoint (the ``RunRecord`` callback of
+:mod:`llmshearing.training.run_folder`); a resumed run and ``prune-model`` compare it with the description to
+tell whether the two belong together (:func:`identity`, :func:`differences`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
+
+from llmshearing.recipe_file import ConfigError
+from llmshearing.staging import write_text_atomic
+
+RUN_CONFIG_NAME = "config.json"  # the run description in a run folder (save_folder)
+
+
+def run_config_path(folder: str | Path) -> Path:
+    """Where a run folder keeps its description."""
+    return Path(folder) / RUN_CONFIG_NAME
+
+
+def write_run_description(folder: str, description: dict[str, Any]) -> str:
+    """Write ``config.json`` into the run folder (temp file + rename); prune-model and export read it."""
+    path = os.path.join(folder, RUN_CONFIG_NAME)
+    write_text_atomic(path, json.dumps(description, indent=2, default=str))
+    return path
+
+
+def parse_run_config(path: str | Path) -> Any:
+    """The JSON document at ``path`` (a run's ``config.json``); raises ``ValueError`` when it is not JSON."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_run_description(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's ``config.json`` as a dict, None when there is none."""
+    path = run_config_path(folder)
+    if not path.is_file():
+        return None
+    try:
+        data = parse_run_config(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path} is not valid JSON ({err}); it is the run's description: restore it, or set "
+            "save_overwrite=true (and autoresume=false) to replace the run"
+        ) from None
+    return data if isinstance(data, dict) else None
+
+
+def find_run_config(ckpt: Path, config_path: Path | None) -> Path:
+    """The ``config.json`` of a Composer checkpoint: ``config_path``, else beside it, else in its run folder."""
+    if config_path is not None:
+        if not config_path.is_file():
+            raise FileNotFoundError(f"--config {config_path} not found")
+        return config_path
+    for candidate in (ckpt.parent / RUN_CONFIG_NAME, ckpt.parent.parent / RUN_CONFIG_NAME):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no {RUN_CONFIG_NAME} beside {ckpt} or in its run folder ({ckpt.parent.parent}); "
+        "pass --config PATH (the run's config.json or the source checkpoint's config.json)"
+    )
+
+
+def run_source_dir(run_config: Path) -> Path | None:
+    """The source checkpoint a training run started from (``train.model.path`` of its config.json)."""
+    try:
+        source = parse_run_config(run_config)["train"]["model"]["path"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return Path(source) if isinstance(source, str) and Path(source).is_dir() else None
+
 
 # the callback whose checkpoint state holds the identity (Composer keys callback state by class name)
 RECORD_CALLBACK = "RunRecord"

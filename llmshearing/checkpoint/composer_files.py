@@ -96,7 +96,7 @@ def _batch_of(name: str) -> int:
 def is_complete_checkpoint(path: str | Path) -> bool:
     """A whole ``.pt`` file, or a sharded checkpoint directory whose ``.metadata`` index (written last,
     once every rank has written its shard) exists."""
-    from llmshearing.convert.sharded import is_sharded_checkpoint
+    from llmshearing.checkpoint.sharded import is_sharded_checkpoint
 
     path = Path(path)
     return is_sharded_checkpoint(path) if path.is_dir() else is_complete_torch_file(path)
@@ -170,7 +170,7 @@ def read_recorded_identity(path: str | Path) -> dict | None:
     """The run identity (model shape, mask settings) a training checkpoint recorded, if any."""
     import torch
 
-    from llmshearing.run_identity import recorded_identity
+    from llmshearing.checkpoint.run_config import recorded_identity
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)

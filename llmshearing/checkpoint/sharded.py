@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmshearing.convert.tensor_io import TensorMeta, TensorSource
+from llmshearing.checkpoint.tensor_io import TensorMeta, TensorSource
 
 METADATA = ".metadata"
 MODEL_PREFIX = "state.model."
