@@ -1220,12 +1220,24 @@ STUDY_PRUNE = {
     "share 0.125, lr 2e-4": {"prune_share": 0.125, "prune_lr": PRUNE_LR},
     "share 0.25, lr 3e-4": {"prune_share": 0.25, "prune_lr": 3e-4},
 }
-# whether arm 3's masks should learn: at bound 16 and mask lr 0.05 they keep the importance ranking they start
-# from; at the library's default bound (log 100) and mask lr 0.5 they can move within the pruning stage
+# how arm 3's masks start and learn: held at the one-shot cut (bound 16, mask lr 0.05), or learning from a ranked
+# start inside the bound (+-1 of log 100, units at the bounds counted exactly) with the target held from the first
+# step or warmed up from where the ranked masks begin, with the lrs on the schedule
+INTERIOR = {"l0_clamp": round(math.log(100), 4), "l0_init_scale": 1.0, "l0_bounded": True}
 STUDY_MASKS = {
-    "ranked, held (bound 16, mask lr 0.05)": {"l0_clamp": 16.0, "mask_lr": 0.05},
-    "ranked, learning (bound log 100, mask lr 0.5)": {"l0_clamp": round(math.log(100), 4), "mask_lr": 0.5},
-}
+    "ranked, held (bound 16, mask lr 0.05)": {
+        "l0_clamp": 16.0, "l0_init_scale": None, "l0_bounded": False, "mask_lr": 0.05, "l0_warmup": None,
+    },
+    "ranked interior, target from the start (mask lr 0.1, multiplier lr 0.05)": {
+        **INTERIOR, "mask_lr": 0.1, "multiplier_lr": 0.05, "l0_warmup": None, "l0_schedule_lr": False,
+    },
+    "ranked interior, warm-up 75%, scheduled lrs (0.1 / 0.05)": {
+        **INTERIOR, "mask_lr": 0.1, "multiplier_lr": 0.05, "l0_warmup": 0.75, "l0_schedule_lr": True,
+    },
+    "ranked interior, warm-up 50%, scheduled lrs (0.2 / 0.05)": {
+        **INTERIOR, "mask_lr": 0.2, "multiplier_lr": 0.05, "l0_warmup": 0.5, "l0_schedule_lr": True,
+    },
+}  # fmt: skip
 STUDY_TABLES = {"mix": STUDY_MIX, "distillation": STUDY_KD, "pruning": STUDY_PRUNE, "masks": STUDY_MASKS}
 STUDY_ARMS = {
     "mix": "oneshot",
@@ -1245,7 +1257,14 @@ def study_variants(groups: Sequence[str]) -> list[tuple[str, str, dict[str, Any]
 
 def as_flags(values: Mapping[str, Any]) -> str:
     """Option values as the command-line flags that select them (``mix_eta`` -> ``--mix-eta``)."""
-    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in values.items()) or "(defaults)"
+    flags = []
+    for key, value in values.items():
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            flags += [flag] if value else []
+        elif value is not None:
+            flags.append(f"{flag} {value}")
+    return " ".join(flags) or "(defaults)"
 
 
 def best_variants(records: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
@@ -1309,7 +1328,8 @@ def run_study(
         for key, value in values.items():
             setattr(variant, key, value)
         arm = STUDY_ARMS[group]
-        variant_budget = replace(budget, prune_share=variant.prune_share)  # the pruning group varies it
+        # the pruning group varies the share; the others keep the budget's (the miniature's is its own)
+        variant_budget = replace(budget, prune_share=values.get("prune_share", budget.prune_share))
         stages = plan_arms(variant_budget, variant.kd_prune)[arm]
         print(f"\n##### study {group}: {name} ({as_flags(values)})", flush=True)
         record = run_arm(arm, stages, variant_budget, inputs, root / f"variant{index}", variant, steps)

@@ -603,14 +603,20 @@ def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
     assert defaults.prune_lr == OmegaConf.load(quality.PRUNE_RECIPE).optimizer.lr
     masks = quality.study_variants(["masks"])
     assert {quality.STUDY_ARMS[group] for group, _, _ in masks} == {"l0-distill"}
-    # the held ranking is the bench's default; the learning one uses the library's default bound
+    # the held ranking is the bench's default; the learning ones start inside the library's default bound
     from llmshearing.pruning.targets import L0Config
 
-    held, learning = (values for *_, values in masks)
-    assert held == {"l0_clamp": defaults.l0_clamp, "mask_lr": defaults.mask_lr}
-    assert learning["l0_clamp"] == pytest.approx(
-        L0Config.__dataclass_fields__["log_alpha_clamp"].default, abs=1e-4
+    held, *learning = (values for *_, values in masks)
+    assert (held["l0_clamp"], held["mask_lr"], held["l0_init_scale"]) == (
+        defaults.l0_clamp,
+        defaults.mask_lr,
+        None,
     )
+    for values in learning:
+        assert values["l0_clamp"] == pytest.approx(
+            L0Config.__dataclass_fields__["log_alpha_clamp"].default, abs=1e-4
+        )
+        assert values["l0_init_scale"] < values["l0_clamp"] and values["l0_bounded"]
     for _, _, values in [*variants, *pruning, *masks]:  # every variant's flags are options of the command
         flags = quality.as_flags(values).split() if values else []
         args = parser.parse_args(flags)
