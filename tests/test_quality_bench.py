@@ -539,8 +539,9 @@ def test_git_commit_ignores_earlier_results_but_not_other_changes(quality, tmp_p
     (tmp_path / "bench" / "quality.py").write_text("x = 1\n")
     git("add", ".")
     git("commit", "-q", "-m", "one")
-    monkeypatch.setattr(quality, "REPO", tmp_path)
-    monkeypatch.setattr(quality, "RESULTS_DIR", tmp_path / "bench" / "results")
+    report = sys.modules[quality.git_commit.__module__]  # the module whose paths git_commit reads
+    monkeypatch.setattr(report, "REPO", tmp_path)
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path / "bench" / "results")
     clean = quality.git_commit()
     assert len(clean) == 40 and not clean.endswith("+dirty")
     (tmp_path / "bench" / "results" / "quality-2030-01-02-full.md").write_text("an earlier run\n")

@@ -1,0 +1,280 @@
+"""What the quality benchmark reads and measures: the source model and its data (the RedPajama sample or
+the demo corpus, converted and prepared once; ``Inputs``), the switch to the miniature source, and the
+evaluation helpers: per-domain losses of a checkpoint, the source's cached losses, and what a run's
+``metrics.jsonl`` and mask snapshots say it did (totals, final mix, L0 sparsity, structure, distillation)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from llmshearing.demo import CONTINUE_RECIPE, REPO, Steps, build_corpus, smollm2_gguf
+from llmshearing.staging import write_text_atomic
+
+from .budget import SPARSITY_TOLERANCE, Budget, make_budget
+
+REDPAJAMA = REPO.parent / "shared" / "data" / "redpajama-sample"
+# RedPajama's sampling rates (the initial mix of Sheared-LLaMA's pruning run)
+REDPAJAMA_MIX = {
+    "arxiv": 0.025,
+    "book": 0.045,
+    "c4-rp": 0.15,
+    "cc": 0.67,
+    "github": 0.045,
+    "stackexchange": 0.02,
+    "wiki": 0.045,
+}
+TARGET = {"n_layers": 22, "n_heads": 6, "n_kv_heads": 3, "d_model": 480, "intermediate_size": 1024}
+TARGET_DESC = "22L / 6 heads over 3 KV groups / 480d / 1024I"
+MIN_DOCUMENTS = 3  # a domain needs one document for each of train, eval and test
+
+
+# -------------------------------------------------------------------------------------------- data
+@dataclass
+class Inputs:
+    source: Path
+    mds: Path
+    corpus: str
+    domains: list[str]
+    proportion: list[float]
+    excluded: dict[str, str]
+
+
+def initial_mix(domains: Sequence[str], uniform: bool = False) -> list[float]:
+    """RedPajama's sampling rates when the domains are RedPajama's (renormalised), else uniform."""
+    if not uniform and domains and all(d in REDPAJAMA_MIX for d in domains):
+        rates = [REDPAJAMA_MIX[d] for d in domains]
+        return [r / sum(rates) for r in rates]
+    return [1.0 / len(domains)] * len(domains)
+
+
+def has_jsonl_domains(root: Path) -> bool:
+    return root.is_dir() and any(any(d.glob("*.jsonl*")) for d in root.iterdir() if d.is_dir())
+
+
+def count_documents(domain: Path) -> int:
+    """Non-blank lines of a domain's ``*.jsonl`` / ``*.jsonl.gz`` files (compressed otherwise: not counted)."""
+    total = 0
+    for path in sorted(domain.glob("*.jsonl*")):
+        if path.name.endswith(".jsonl"):
+            opener: Any = open
+        elif path.name.endswith(".jsonl.gz"):
+            opener = gzip.open
+        else:
+            return MIN_DOCUMENTS  # another compression: prepare_mds checks the splits itself
+        with opener(path, "rt", encoding="utf-8") as handle:
+            total += sum(1 for line in handle if line.strip())
+    return total
+
+
+def usable_domains(raw: Path) -> tuple[list[str], dict[str, str]]:
+    """Domains of ``raw`` with enough documents for disjoint train / eval / test, and why the others
+    are left out."""
+    kept, excluded = [], {}
+    for domain in sorted(d for d in raw.iterdir() if d.is_dir() and any(d.glob("*.jsonl*"))):
+        documents = count_documents(domain)
+        if documents < MIN_DOCUMENTS:
+            excluded[domain.name] = (
+                f"{documents} documents: train, eval and test need {MIN_DOCUMENTS} disjoint ones"
+            )
+        else:
+            kept.append(domain.name)
+    return kept, excluded
+
+
+def domain_view(raw: Path, domains: Sequence[str], view: Path) -> Path:
+    """A directory of links to ``domains`` of ``raw`` (what ``prepare_mds.py`` reads)."""
+    if view.is_dir() and sorted(p.name for p in view.iterdir()) == sorted(domains):
+        return view
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for domain in domains:
+        (view / domain).symlink_to((raw / domain).resolve(), target_is_directory=True)
+    return view
+
+
+def prepare_inputs(work: Path, seq_len: int, held_out: int, uniform: bool, steps: Steps) -> Inputs:
+    """Convert the source and prepare the MDS data (train, eval, test) once; later runs reuse both."""
+    from llmshearing.data.layout import split_domains
+
+    python = sys.executable
+    excluded: dict[str, str] = {}
+    if has_jsonl_domains(REDPAJAMA):
+        raw, corpus = REDPAJAMA, "redpajama-sample"
+        kept, excluded = usable_domains(raw)
+        if excluded:
+            raw = domain_view(raw, kept, work / "raw-redpajama-sample")
+    else:
+        raw, corpus = work / "raw-demo", "demo-corpus"
+        if not raw.is_dir():
+            steps.run("build the demo corpus", func=lambda: print(build_corpus(raw)))
+    source = work / "source"
+    if not (source / "config.json").is_file():
+        command = [python, "-m", "llmshearing.cli", "convert", "hf-to-composer", smollm2_gguf(), source]
+        steps.run("convert SmolLM2-135M from GGUF", command)
+    mds = work / f"mds-{corpus}-seq{seq_len}-eval{held_out}-test{held_out}"
+    if not (mds / "manifest.json").is_file():
+        shutil.rmtree(mds, ignore_errors=True)  # a run killed mid-way; prepare_mds stages its own output
+        command = [python, REPO / "data_prep" / "prepare_mds.py", "--input", raw, "--output", mds]
+        command += ["--tokenizer", source, "--seq-len", seq_len, "--eval-seqs", held_out]
+        command += ["--test-seqs", held_out, "--workers", 2]
+        steps.run(f"prepare MDS data ({corpus})", command)
+    domains = split_domains(str(mds), "eval")
+    return Inputs(source, mds, corpus, domains, initial_mix(domains, uniform), excluded)
+
+
+def use_miniature(inputs: Inputs, work: Path, args: Any, steps: Steps) -> tuple[Inputs, Budget]:
+    """Switch the benchmark to the miniature source (built and cached on first use): its data, its
+    target shape and a budget in the paper's regime (unless ``--steps`` sets T)."""
+    from . import miniature
+
+    built = steps.run(
+        "miniature source: tokenizer, data, pretraining to a plateau (cached)",
+        func=lambda: miniature.build_miniature(
+            work, inputs.mds, inputs.source, CONTINUE_RECIPE, lambda command: steps.run("pretrain", command)
+        ),
+    )
+    args.target, args.target_desc, args.miniature = (
+        dict(miniature.TARGET),
+        miniature.TARGET_DESC,
+        built.record,
+    )
+    seq_len = built.record["spec"]["seq_len"]
+    if args.steps is None:
+        total, share = miniature.paper_regime_steps(built.record["params"]["total"], args.batch, seq_len)
+    else:
+        total, share = args.steps, args.prune_share
+    budget = make_budget(
+        args.quick, args.scale, args.batch, seq_len, share, 4 if args.quick else total, args.prune_batch
+    )
+    print(f"miniature: T = {budget.tokens:,} tokens per arm, pruning share {share:.4f}", flush=True)
+    return replace(inputs, source=built.source, mds=built.mds), budget
+
+
+# -------------------------------------------------------------------------------------- evaluation
+def evaluate(model: Path, mds: Path, max_samples: int, split: str) -> dict[str, dict[str, float]]:
+    """Per-domain token-weighted loss of a checkpoint (directory or Composer ``.pt``) on ``split``."""
+    from llmshearing.evaluate import domain_losses, format_table, load_model_fn
+
+    results = domain_losses(load_model_fn(str(model)), str(mds), split=split, max_samples=max_samples)
+    print(f"({split} split)\n" + format_table(results), flush=True)
+    return {r.domain: {"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens} for r in results}
+
+
+def average_loss(losses: Mapping[str, Mapping[str, float]]) -> float:
+    """Unweighted mean of the per-domain losses (every domain counts the same)."""
+    return sum(v["loss"] for v in losses.values()) / len(losses)
+
+
+def source_losses(
+    inputs: Inputs, work: Path, max_samples: int, split: str, steps: Steps
+) -> dict[str, dict[str, float]]:
+    """The source model's losses on ``split``, cached beside the data they were measured on."""
+    cache = work / f"source-{split}-{inputs.mds.name}-n{max_samples}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text(encoding="utf-8"))
+    losses = steps.run(
+        f"evaluate the source model ({split} split)",
+        func=lambda: evaluate(inputs.source, inputs.mds, max_samples, split),
+    )
+    write_text_atomic(cache, json.dumps(losses, indent=2))
+    return losses
+
+
+def final_weights(run: Path) -> dict[str, float]:
+    """The last domain weights a run logged (``data/weight/<domain>`` in its ``metrics.jsonl``)."""
+    from llmshearing.training.metrics_log import read_metrics
+
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    metrics = read_metrics(str(path))
+    return {k.split("/", 2)[2]: v[-1][1] for k, v in metrics.items() if k.startswith("data/weight/") and v}
+
+
+def run_totals(run: Path) -> dict[str, float]:
+    """What a run's ``metrics.jsonl`` says it did: batches, tokens (Composer's ``time/token``) and
+    seconds spent training and evaluating (``time/train``, ``time/val``; the recipe logs seconds)."""
+    from llmshearing.training.metrics_log import read_metrics
+
+    metrics = read_metrics(str(run / "metrics.jsonl"))
+
+    def last(name: str) -> float:
+        return metrics[name][-1][1] if metrics.get(name) else 0.0
+
+    return {
+        "steps": max((step for series in metrics.values() for step, _ in series), default=0),
+        "tokens": last("time/token"),
+        "train_seconds": last("time/train"),
+        "eval_seconds": last("time/val"),
+    }
+
+
+def l0_sparsity(run: Path) -> dict[str, Any]:
+    """The expected and target sparsity an L0 run logged last (``l0/expected_sparsity``,
+    ``l0/target_sparsity``), their gap, and whether it is within :data:`SPARSITY_TOLERANCE`."""
+    from llmshearing.training.metrics_log import read_metrics
+
+    metrics = read_metrics(str(run / "metrics.jsonl"))
+    series = [metrics.get(f"l0/{name}_sparsity") for name in ("expected", "target")]
+    if not all(series):
+        raise RuntimeError(f"{run}/metrics.jsonl has no l0/expected_sparsity and l0/target_sparsity")
+    first, expected, target = series[0][0][1], series[0][-1][1], series[1][-1][1]
+    gap = expected - target
+    return {
+        "initial": first,
+        "expected": expected,
+        "target": target,
+        "gap": gap,
+        "ok": abs(gap) <= SPARSITY_TOLERANCE,
+    }
+
+
+def structure_change(run: Path, oneshot: Path) -> dict[str, Any]:
+    """How the structure an L0 run folds differs from the one-shot cut (the masks ``prune-oneshot``
+    saved beside the model it wrote to ``oneshot``).
+
+    Reads the run's last mask snapshot (``masks/ba<N>.pt``: the deterministic masks at the target, what
+    ``prune-model`` folds) and counts, per mask family, the units one keeps and the other drops.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from llmshearing.pruning.algorithm import latest_mask_snapshot
+    from llmshearing.pruning.oneshot import MASKS_NAME
+
+    cut = oneshot / MASKS_NAME
+    latest = latest_mask_snapshot(run)
+    if latest is None:
+        raise RuntimeError(f"{run}/masks has no ba<N>.pt mask snapshots to compare with the one-shot cut")
+    payload = torch.load(latest, map_location="cpu", weights_only=True)
+    masks, reference = payload.get("target_masks", payload["masks"]), load_file(str(cut))
+    changed, units = {}, {}
+    for family in sorted(set(masks) & set(reference)):
+        mine, theirs = masks[family], reference[family]
+        if mine.shape != theirs.shape:
+            raise RuntimeError(
+                f"{latest}: mask {family!r} has shape {tuple(mine.shape)}, the one-shot cut "
+                f"{tuple(theirs.shape)} ({cut}); they do not describe the same source"
+            )
+        changed[family] = int(((mine > 0) != (theirs > 0)).sum())
+        units[family] = theirs.numel()
+    return {"batch": int(payload["batch"]), "changed": changed, "units": units}
+
+
+def distill_summary(run: Path) -> dict[str, float]:
+    """Mean LM and KD losses over a distillation run and the teacher's mean share of step time."""
+    from llmshearing.training.metrics_log import read_metrics
+
+    metrics = read_metrics(str(run / "metrics.jsonl"))
+    names = {"lm": "loss/train/ce", "kd": "loss/train/kd", "teacher_time_share": "distill/teacher_time_share"}
+    return {
+        key: statistics.fmean(v for _, v in metrics[name]) for key, name in names.items() if metrics.get(name)
+    }
