@@ -33,7 +33,7 @@ CACHE = REPO / ".cache" / "bench-harness"
 def smollm2_hf_dir() -> Path:
     """SmolLM2-135M (the demo's GGUF) converted once and exported as an fp32 HF directory under .cache/."""
     from llmshearing.cli import main as cli_main
-    from llmshearing.demo import smollm2_gguf
+    from llmshearing.hf.gguf import smollm2_gguf
 
     source, hf = CACHE / "smollm2-source", CACHE / "smollm2-hf-fp32"
     if not (source / "config.json").is_file():

@@ -25,8 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from llmshearing.demo import EVAL_SEQS, PRUNE_RECIPE, REPO, SEQ_LEN, build_corpus, smollm2_gguf
-from llmshearing.staging import write_text_atomic
+from llmshearing.data.stdlib_corpus import build_corpus
+from llmshearing.hf.gguf import smollm2_gguf
+from llmshearing.io.staging import write_text_atomic
+from llmshearing.training.recipes import EVAL_SEQS, PRUNE_RECIPE, REPO, SEQ_LEN
 
 TASKS = "[{task: local_mc}, {task: local_cloze}]"
 

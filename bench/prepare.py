@@ -64,7 +64,7 @@ def _smollm2_tokenizer() -> Path | None:
 
     print(f"converting the tokenizer of {ggufs[0].name} (once, ~10 s)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=ggufs[0].name)
-    from llmshearing.staging import staged_dir
+    from llmshearing.io.staging import staged_dir
 
     with staged_dir(target, overwrite=True) as tmp:
         tokenizer.save_pretrained(tmp)

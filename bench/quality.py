@@ -151,7 +151,7 @@ from quality.study import (  # noqa: E402, F401
     study_variants,
 )
 
-from llmshearing.demo import CONTINUE_RECIPE, PRUNE_RECIPE, REPO, Steps  # noqa: E402, F401
+from llmshearing.training.recipes import CONTINUE_RECIPE, PRUNE_RECIPE, REPO, Steps  # noqa: E402, F401
 
 
 # -------------------------------------------------------------------------------------------- main

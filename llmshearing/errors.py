@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from llmshearing.disk_full import disk_full_message, is_disk_full
-from llmshearing.staging import output_of_staged
+from llmshearing.io.disk_full import disk_full_message, is_disk_full
+from llmshearing.io.staging import output_of_staged
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

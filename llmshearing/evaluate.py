@@ -243,7 +243,7 @@ def _run_loss(args: argparse.Namespace) -> int:
     results = domain_losses(model_fn, args.data, args.split, args.batch_size, args.max_samples, domains)
     print(format_table(results))
     if args.json:
-        from llmshearing.staging import write_text_atomic
+        from llmshearing.io.staging import write_text_atomic
 
         data = {r.domain: {"tokens": r.tokens, "loss": r.loss, "perplexity": r.perplexity} for r in results}
         write_text_atomic(args.json, json.dumps(data, indent=2) + "\n")

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from llmshearing.staging import staged_dir
+from llmshearing.io.staging import staged_dir
 
 Series = list[tuple[int, float]]
 

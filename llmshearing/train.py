@@ -303,7 +303,7 @@ def _set_aside(folder: str | None, err: BaseException | None, message: str) -> s
     """Set aside a checkpoint that a full disk (``err``) or Ctrl-C cut off; the message says where and
     how the run continues."""
     from llmshearing.checkpoint.composer_files import set_aside_incomplete
-    from llmshearing.disk_full import disk_full_message
+    from llmshearing.io.disk_full import disk_full_message
 
     if folder is None:
         return message

@@ -129,7 +129,7 @@ def test_nan_weights_are_refused_naming_the_first_tensor_and_nothing_is_written(
 
 
 def test_truncated_gguf_is_named_truncated(tmp_path, capsys):
-    from llmshearing.demo import smollm2_gguf
+    from llmshearing.hf.gguf import smollm2_gguf
 
     whole = smollm2_gguf().read_bytes()
     cut = tmp_path / "cut.gguf"

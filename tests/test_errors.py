@@ -18,7 +18,7 @@ from llmshearing.errors import (
     run_reported,
     user_message,
 )
-from llmshearing.staging import output_of_staged, staging_path
+from llmshearing.io.staging import output_of_staged, staging_path
 
 REPO = Path(__file__).resolve().parents[1]
 

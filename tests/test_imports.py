@@ -132,7 +132,7 @@ def test_the_checkpoint_layer_sits_below_the_conversions() -> None:
     assert ("checkpoint", "hf") in edges and ("convert", "checkpoint") in edges and ("convert", "hf") in edges
     hf = sorted(pair for pair in edges if pair[0] == "hf" and pair[1] != "models")
     assert not hf, "hf/ must import only models/:\n" + describe(edges, hf)
-    below = {"hf", "models", "staging", "recipe_file"}
+    below = {"hf", "models", "io", "recipe_file"}
     found = sorted(pair for pair in edges if pair[0] == "checkpoint" and pair[1] not in below)
     assert not found, f"checkpoint/ may import only {sorted(below)}:\n" + describe(edges, found)
 
@@ -170,3 +170,43 @@ def test_package_docstring_names_every_module(folder: str) -> None:
     modules = {path.stem for path in (ROOT / folder).glob("*.py") if path.name != "__init__.py"}
     missing = sorted(name for name in modules if f"``{name}``" not in doc)
     assert not missing, f"{folder}/__init__.py does not name {missing}"
+
+
+# What the package root holds: its entry points, and the little every entry point shares. Every other
+# module belongs to a part (a folder), as the layout in the README says.
+ROOT_MODULES = {
+    "__init__.py": "the package",
+    "cli.py": "the `llmshearing` command",
+    "train.py": "`composer llmshearing/train.py <recipe>` and `python -m llmshearing.train`",
+    "demo.py": "`make demo` (`python -m llmshearing.demo`)",
+    "evaluate.py": "the `llmshearing evaluate` command",
+    "report.py": "the `llmshearing report` command",
+    "errors.py": "how every entry point tells a fault and the exit status it ends with",
+    "recipe_file.py": "reading a recipe YAML into keys or a ConfigError: the bottom layer that training/, "
+    "checkpoint/, callbacks/ and the commands share (inside training/ it would make checkpoint/ and training/ "
+    "import each other)",
+    "staging.py": "forwards to io/staging.py for the modules that still import the staging helpers from here",
+}
+
+
+def test_the_package_root_holds_entry_points_only() -> None:
+    found = {path.name for path in ROOT.glob("*.py")}
+    assert found == set(ROOT_MODULES), (
+        f"not entry points (move them into a part): {sorted(found - set(ROOT_MODULES))}; "
+        f"gone: {sorted(set(ROOT_MODULES) - found)}"
+    )
+
+
+def test_the_benchmarks_do_not_import_the_demo() -> None:
+    """What the benchmarks share with ``make demo`` (the recipes, the corpus, the SmolLM2 GGUF) lives in the
+    part that owns it; nothing under ``bench/`` imports ``llmshearing.demo``, at the top or inside a function."""
+    bench = ROOT.parent / "bench"
+    found = []
+    for path in sorted(bench.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [] if getattr(node, "level", 0) else imported_modules(node, "", False)
+                if f"{PACKAGE}.demo" in names or any(n.startswith(f"{PACKAGE}.demo.") for n in names):
+                    found.append(f"{path.relative_to(bench.parent)}:{node.lineno}: {ast.unparse(node)}")
+    assert bench.is_dir() and not found, "\n".join(found)

@@ -130,7 +130,7 @@ def test_tokenizer_hub_name_without_network_fails_at_once(tmp_path):
 
 
 def test_truncated_gguf_tokenizer_is_named_truncated(tmp_path, capsys):
-    from llmshearing.demo import smollm2_gguf
+    from llmshearing.hf.gguf import smollm2_gguf
 
     raw = write_corpus(tmp_path / "raw")
     cut = tmp_path / "tokenizer.gguf"

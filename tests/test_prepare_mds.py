@@ -703,7 +703,7 @@ def test_output_with_data_is_refused_unless_overwrite(tmp_path: Path, tokenizer_
 
 
 def test_staging_left_by_a_killed_run_is_removed(tmp_path: Path, tokenizer_dir: Path) -> None:
-    from llmshearing.staging import staging_path
+    from llmshearing.io.staging import staging_path
 
     root = write_corpus(tmp_path / "raw", {"beta": CORPUS["beta"]})
     out = tmp_path / "mds"

@@ -127,7 +127,7 @@ def test_flops_count_the_teacher_and_match_the_model(quality, tiny_source):
     """The bench's FLOPs equal what the model's own ``flops_per_batch`` reports, teacher included."""
     import torch
 
-    from llmshearing.convert.loading import from_pretrained, load_teacher
+    from llmshearing.checkpoint.loading import from_pretrained, load_teacher
     from llmshearing.models.composer_model import ComposerLlama
     from llmshearing.models.teacher import DistillationConfig
 
@@ -663,7 +663,7 @@ def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
 
 
 def test_scratch_model_has_the_target_shape(quality, tiny_source, tmp_path):
-    from llmshearing.convert.loading import from_pretrained
+    from llmshearing.checkpoint.loading import from_pretrained
 
     target = {"n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_model": 24, "intermediate_size": 16}
     config = quality.build_scratch(Path(tiny_source), tmp_path / "init", seed=3, target=target)

@@ -20,7 +20,7 @@ import llmshearing.convert as convert_package
 from llmshearing.checkpoint.loading import from_pretrained
 from llmshearing.convert.hf_to_project import convert_hf_to_project
 from llmshearing.convert.project_to_hf import convert_project_to_hf
-from llmshearing.staging import staged_dir
+from llmshearing.io.staging import staged_dir
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llmshearing.staging import remove_stale, staged_dir, staged_file, staging_path, write_text_atomic
+from llmshearing.io.staging import remove_stale, staged_dir, staged_file, staging_path, write_text_atomic
 
 
 def _dead_pid() -> int:

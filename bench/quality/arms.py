@@ -13,8 +13,8 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from llmshearing.demo import CONTINUE_RECIPE, PRUNE_RECIPE, Steps
 from llmshearing.pruning.targets import L0Config
+from llmshearing.training.recipes import CONTINUE_RECIPE, PRUNE_RECIPE, Steps
 
 from .budget import Budget, Stage, arm_flops, stage_flops
 from .sources import (
@@ -161,8 +161,9 @@ def build_scratch(source: Path, out: Path, seed: int, target: Mapping[str, int] 
     """A randomly initialised ``Decoder`` of the ``target`` shape, saved as a project checkpoint."""
     import torch
 
-    from llmshearing.convert.checkpoint import open_checkpoint, save_checkpoint
-    from llmshearing.convert.hf_config import hf_config_from_model
+    from llmshearing.checkpoint.format import save_checkpoint
+    from llmshearing.checkpoint.reading import open_checkpoint
+    from llmshearing.hf.config import hf_config_from_model
     from llmshearing.models.decoder import Decoder
 
     with open_checkpoint(source) as ckpt:

@@ -137,7 +137,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from llmshearing.staging import staged_dir
+    from llmshearing.io.staging import staged_dir
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -169,7 +169,7 @@ def build_data(smol_mds: Path, smol_tokenizer: Path, spec: MiniatureSpec, home: 
     from transformers import AutoTokenizer
 
     from llmshearing.data.layout import read_manifest, split_domains, write_token_root
-    from llmshearing.staging import staged_dir
+    from llmshearing.io.staging import staged_dir
 
     tokenizer_dir, mds = home / "tokenizer", home / f"mds-miniature-{spec.key()}"
     if (mds / "manifest.json").is_file() and (tokenizer_dir / "tokenizer.json").is_file():
@@ -205,7 +205,7 @@ def write_init(spec: MiniatureSpec, tokenizer_dir: Path, out: Path) -> Path:
     """The randomly initialised decoder of ``spec`` as a project checkpoint (cached)."""
     import torch
 
-    from llmshearing.convert.checkpoint import save_checkpoint
+    from llmshearing.checkpoint.format import save_checkpoint
     from llmshearing.models.decoder import Decoder
 
     if (out / "config.json").is_file():
@@ -299,8 +299,8 @@ def pretrain(
 
 def export_source(run: Path, tokenizer_dir: Path, out: Path) -> Path:
     """The pretraining run's final weights as a project checkpoint with the tokenizer (the source)."""
-    from llmshearing.convert.checkpoint import save_checkpoint
-    from llmshearing.convert.loading import from_pretrained
+    from llmshearing.checkpoint.format import save_checkpoint
+    from llmshearing.checkpoint.loading import from_pretrained
 
     checkpoint = run / "checkpoints" / "latest-rank0.pt"
     decoder = from_pretrained(checkpoint)
@@ -341,7 +341,7 @@ def build_miniature(
         "plateau": reached_plateau(curve, spec.plateau),
         "seconds_this_call": round(time.perf_counter() - start, 1),
     }
-    from llmshearing.staging import write_text_atomic
+    from llmshearing.io.staging import write_text_atomic
 
     write_text_atomic(record_path, json.dumps(record, indent=2))
     return Miniature(source, mds, record)

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llmshearing.demo import REPO
-from llmshearing.staging import write_text_atomic
+from llmshearing.io.staging import write_text_atomic
+from llmshearing.training.recipes import REPO
 
 from .budget import ARM_NUMBER, ARMS, SPARSITY_TOLERANCE
 from .sources import average_loss

@@ -15,8 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llmshearing.demo import CONTINUE_RECIPE, REPO, Steps, build_corpus, smollm2_gguf
-from llmshearing.staging import write_text_atomic
+from llmshearing.data.stdlib_corpus import build_corpus
+from llmshearing.hf.gguf import smollm2_gguf
+from llmshearing.io.staging import write_text_atomic
+from llmshearing.training.recipes import CONTINUE_RECIPE, REPO, Steps
 
 from .budget import SPARSITY_TOLERANCE, Budget, make_budget
 

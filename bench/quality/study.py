@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llmshearing.demo import Steps
+from llmshearing.training.recipes import Steps
 
 from .arms import run_arm
 from .budget import SPARSITY_TOLERANCE, Budget, plan_arms

@@ -20,7 +20,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from llmshearing.staging import staging_path
+from llmshearing.io.staging import staging_path
 
 log = logging.getLogger("llmshearing.train")
 

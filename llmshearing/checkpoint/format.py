@@ -14,7 +14,7 @@ A project checkpoint is a directory holding
 A pruning run's training checkpoint also holds the masks (``l0_module.*``); every reader that would use the
 weights alone refuses it through :func:`refuse_pruning_checkpoint`. :mod:`llmshearing.checkpoint.reading`
 reads this format and every other kind of checkpoint. Writers build the directory under a hidden staging
-sibling and rename it when complete (:mod:`llmshearing.staging`).
+sibling and rename it when complete (:mod:`llmshearing.io.staging`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from llmshearing.checkpoint.tensor_io import (
 from llmshearing.hf.config import DTYPE_NAMES
 from llmshearing.hf.gguf import is_gguf_file
 from llmshearing.hf.keymaps import check_keys
+from llmshearing.io.staging import staged_dir
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.schema import state_shapes
-from llmshearing.staging import staged_dir
 
 FORMAT = "llmshearing"
 CONFIG_NAME = "config.json"

@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llmshearing.io.staging import write_text_atomic
 from llmshearing.recipe_file import ConfigError
-from llmshearing.staging import write_text_atomic
 
 RUN_CONFIG_NAME = "config.json"  # the run description in a run folder (save_folder)
 

@@ -305,7 +305,7 @@ def save_tensors(
 ) -> Path:
     """Write a small dict of tensors as one safetensors file (string ``metadata`` in its header), staged and
     renamed into place."""
-    from llmshearing.staging import staged_file
+    from llmshearing.io.staging import staged_file
 
     source = StateDictSource({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     metas = {name: source.meta(name) for name in source.keys()}

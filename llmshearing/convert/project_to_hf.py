@@ -20,8 +20,8 @@ from llmshearing.checkpoint.tensor_io import DEFAULT_MAX_SHARD_BYTES, TensorMeta
 from llmshearing.convert.model_card import model_card
 from llmshearing.hf.config import DTYPE_NAMES, hf_config_from_model
 from llmshearing.hf.keymaps import KeyMap
+from llmshearing.io.staging import staged_dir
 from llmshearing.models.schema import state_shapes
-from llmshearing.staging import staged_dir
 
 
 def convert_project_to_hf(

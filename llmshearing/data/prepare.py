@@ -33,7 +33,7 @@ packer, and ``samples`` written; ``tokens - samples * seq_len`` is the dropped r
 :func:`llmshearing.data.checks.check_vocab` checks against a model.
 
 Everything is written to a staging directory beside the output and renamed on success
-(:mod:`llmshearing.staging`); what a killed run left there is removed by the next run.
+(:mod:`llmshearing.io.staging`); what a killed run left there is removed by the next run.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from llmshearing.data.tokenizer_pool import (
     TokenizerSpec,
     load_tokenizer,
 )
-from llmshearing.staging import staged_dir
+from llmshearing.io.staging import staged_dir
 
 logger = logging.getLogger(__name__)
 

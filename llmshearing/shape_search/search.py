@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmshearing.io.staging import write_text_atomic
 from llmshearing.pruning.budget import (
     Budget,
     Candidate,
@@ -35,7 +36,6 @@ from llmshearing.pruning.budget import (
     shape_label,
 )
 from llmshearing.pruning.targets import SHAPE_KEYS
-from llmshearing.staging import write_text_atomic
 
 STATE_NAME = "state.json"
 SCORES_NAME = "importance.safetensors"

@@ -1,1 +1,1 @@
-"""Training entry point support: configuration, builders and the metrics log."""
+"""Training entry point support: configuration, builders, the metrics log and the shipped demo recipes."""

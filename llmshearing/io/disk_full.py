@@ -10,7 +10,7 @@ import errno
 import os
 from pathlib import Path
 
-from llmshearing.staging import output_of_staged
+from llmshearing.io.staging import output_of_staged
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "file write failed")
