@@ -6,6 +6,6 @@ with the model card ``model_card`` writes; ``commands`` adds both to the command
 :mod:`llmshearing.checkpoint` (reading and writing checkpoints) and :mod:`llmshearing.hf` (key maps and config
 mapping).
 
-``checkpoint``, ``loading`` and ``hf_config`` here are the former import paths of a few readers, writers and
-the config mapping, kept for code written against them.
+``checkpoint`` here is the former import path of the checkpoint readers and writer, kept for code written
+against it.
 """
