@@ -185,7 +185,6 @@ ROOT_MODULES = {
     "recipe_file.py": "reading a recipe YAML into keys or a ConfigError: the bottom layer that training/, "
     "checkpoint/, callbacks/ and the commands share (inside training/ it would make checkpoint/ and training/ "
     "import each other)",
-    "staging.py": "forwards to io/staging.py for the modules that still import the staging helpers from here",
 }
 
 

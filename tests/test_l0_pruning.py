@@ -88,8 +88,8 @@ def l0_state(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def test_short_run_reaches_target_expected_sparsity_and_prunes_to_target_shape(tmp_path):
+    from llmshearing.checkpoint.reading import load_checkpoint
     from llmshearing.cli import main
-    from llmshearing.convert.checkpoint import load_checkpoint
     from llmshearing.training.builders import write_run_description
 
     l0 = l0_settings()

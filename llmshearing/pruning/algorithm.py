@@ -24,10 +24,10 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
+from llmshearing.io.staging import staged_file
 from llmshearing.pruning.hard_concrete import floored_units, log_floored
 from llmshearing.pruning.l0_module import L0Module
 from llmshearing.pruning.targets import L0Config
-from llmshearing.staging import staged_file
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from llmshearing.io.staging import check_distinct_outputs
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.ranking import oneshot_masks
 from llmshearing.pruning.targets import PREFIX, SHAPE_KEYS, L0Config, TargetPlan, check_loadable_shape
-from llmshearing.staging import check_distinct_outputs
 
 # Every family a target shape can shrink; families whose size does not change keep all their units.
 ONESHOT_FAMILIES = ("layer", "head", "kv_head", "intermediate", "hidden")

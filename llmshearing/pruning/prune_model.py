@@ -20,12 +20,12 @@ from llmshearing.checkpoint.run_config import differences, find_run_config, pars
 from llmshearing.checkpoint.sharded import is_sharded_checkpoint
 from llmshearing.checkpoint.tensor_io import StateDictSource
 from llmshearing.convert.project_to_hf import convert_project_to_hf
+from llmshearing.io.staging import check_distinct_outputs
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.fold import prune_state_dict
 from llmshearing.pruning.hard_concrete import describe_floored, floored_units
 from llmshearing.pruning.l0_module import L0Module
 from llmshearing.pruning.targets import SHAPE_KEYS, L0Config, check_loadable_shape, prunable_params
-from llmshearing.staging import check_distinct_outputs
 
 
 @dataclass
