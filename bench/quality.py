@@ -128,7 +128,9 @@ from quality.sources import (  # noqa: E402, F401
     initial_mix,
     l0_sparsity,
     prepare_inputs,
+    read_target,
     run_totals,
+    shape_desc,
     source_losses,
     structure_change,
     usable_domains,
@@ -233,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--l0-bounded", action="store_true", help="expected sizes count units at the bounds exactly")
     add(
+        "--target",
+        dest="target_shape",
+        default=None,
+        help="the target shape instead of the source's default: n_layers=..,n_heads=..,n_kv_heads=..,d_model=..,"
+        "intermediate_size=.. or a target_model YAML (what `llmshearing search-shape --out` writes)",
+    )
+    add(
+        "--l0-learned-shape",
+        type=int,
+        default=None,
+        metavar="MULTIPLE",
+        help="L0 stages learn the shape under a budget of the target's non-embedding parameters instead of the "
+        "target shape; the fold rounds it to a valid shape (d_model and intermediate_size in multiples of this)",
+    )
+    add(
         "--l0-warmup",
         type=float,
         default=None,
@@ -301,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the runs, as recorded with the results."""
     names = [
-        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_learned_shape", "target_shape", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
         "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip
@@ -360,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.source == "miniature":
         inputs, budget = use_miniature(inputs, work, args, steps)
         plan = plan_arms(budget, args.kd_prune)
+    if args.target_shape:
+        try:
+            args.target = read_target(args.target_shape)
+        except (OSError, ValueError) as err:
+            print(f"error: --target {args.target_shape}: {err}", file=sys.stderr)
+            return 2
+        args.target_desc = shape_desc(args.target)
     if args.prepare_only:
         print(f"prepared: source {inputs.source}, data {inputs.mds}")
         return 0

@@ -5,6 +5,7 @@ and records its stages, losses, mixes, FLOPs and sparsity."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -189,6 +190,31 @@ class OneShot:
     after_pruning: dict[str, dict[str, float]] | None = None  # its losses, once measured
 
 
+def target_overrides(args: Any) -> list[str]:
+    """``model.l0_module`` target of an L0 stage: the target shape, or (``--l0-learned-shape M``) a budget of
+    the target's non-embedding parameters whose shape the masks learn, rounded at the fold to multiples of M."""
+    families = ["layer", "head", "intermediate", "hidden"]
+    if args.l0_learned_shape or args.target["n_kv_heads"] != args.source_cfg.n_kv_heads:
+        families.insert(2, "kv_head")  # a target that drops KV groups, or a shape left to the masks
+    overrides = [f"model.l0_module.pruning_modules=[{','.join(families)}]"]
+    if args.l0_learned_shape:
+        return overrides + [
+            "model.l0_module.target_model=null",
+            f"model.l0_module.target_budget.non_embedding_params={args.target_cfg.num_params(False)}",
+            f"model.l0_module.target_budget.multiple={args.l0_learned_shape}",
+            "model.l0_module.budget_shape=learned",
+        ]
+    return overrides + [f"model.l0_module.target_model.{k}={v}" for k, v in args.target.items()]
+
+
+def final_shape(model: Path) -> dict[str, int]:
+    """The shape of a checkpoint (a project checkpoint folder or a run's Composer checkpoint beside its config)."""
+    config = model / "config.json" if model.is_dir() else model.parent.parent / "config.json"
+    with open(config, encoding="utf-8") as handle:
+        values = json.load(handle)["model"]
+    return {key: int(values[key]) for key in TARGET}
+
+
 def run_oneshot(inputs: Inputs, root: Path, args: Any, steps: Steps) -> OneShot:
     """``prune-oneshot`` of the source, calibrated on the train split; also saves the importance scores."""
     folder = root / "oneshot"
@@ -271,11 +297,7 @@ def run_arm(
                     if arm == "l0-default"
                     else l0_overrides(args, scores, stage.steps)
                 )
-                overrides += [f"model.l0_module.target_model.{k}={v}" for k, v in args.target.items()]
-                if args.target["n_kv_heads"] != args.source_cfg.n_kv_heads:  # the miniature drops a KV group
-                    overrides.append(
-                        "model.l0_module.pruning_modules=[layer,head,kv_head,intermediate,hidden]"
-                    )
+                overrides += target_overrides(args)
                 start = (
                     "masks start from the one-shot importance scores" if scores else "masks start untrained"
                 )
@@ -331,6 +353,7 @@ def run_arm(
                 print(f"--- {args.report_split} loss of the one-shot pruned model", flush=True)
                 args.oneshot.after_pruning = evaluate(model, inputs.mds, args.eval_samples, args.report_split)
             record["after_pruning"] = args.oneshot.after_pruning
+    record["shape"] = final_shape(model)
     print(f"--- {arm}: final {args.report_split} loss", flush=True)
     record["losses"] = evaluate(model, inputs.mds, args.eval_samples, args.report_split)
     if args.tasks:  # downstream accuracy on tasks built from the test split

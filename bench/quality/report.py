@@ -195,12 +195,23 @@ def _label(name: str) -> str:
     return f"{ARM_NUMBER[name]} {name}" if name in ARM_NUMBER else name
 
 
+SOURCE_NAMES = {"smollm2": "SmolLM2-135M", "miniature": "the miniature Llama"}
+
+
+def source_name(results: Mapping[str, Any]) -> str:
+    """The pruned source's name (a study's ``source`` is its loss row; it names the miniature in ``miniature``)."""
+    if results.get("miniature"):
+        return SOURCE_NAMES["miniature"]
+    source = results.get("source")
+    return SOURCE_NAMES.get(source, "SmolLM2-135M") if isinstance(source, str) else "SmolLM2-135M"
+
+
 def _header(results: Mapping[str, Any], title: str) -> list[str]:
     meta, budget = results["meta"], results["budget"]
     domains = list(results["domains"])
     excluded = results.get("excluded_domains") or {}
     lines = [
-        f"# {title}: SmolLM2-135M -> {results['target_desc']} ({meta['mode']})",
+        f"# {title}: {source_name(results)} -> {results['target_desc']} ({meta['mode']})",
         "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; git commit: {meta['commit']}; total wall time: {meta['total_seconds']:.0f} s",

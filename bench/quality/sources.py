@@ -34,6 +34,7 @@ REDPAJAMA_MIX = {
     "wiki": 0.045,
 }
 TARGET = {"n_layers": 22, "n_heads": 6, "n_kv_heads": 3, "d_model": 480, "intermediate_size": 1024}
+SHAPE_KEYS = tuple(TARGET)
 TARGET_DESC = "22L / 6 heads over 3 KV groups / 480d / 1024I"
 MIN_DOCUMENTS = 3  # a domain needs one document for each of train, eval and test
 
@@ -280,3 +281,41 @@ def distill_summary(run: Path) -> dict[str, float]:
     return {
         key: statistics.fmean(v for _, v in metrics[name]) for key, name in names.items() if metrics.get(name)
     }
+
+
+def read_target(spec: str) -> dict[str, int]:
+    """A target shape from ``--target``: ``key=value`` pairs of every shape key, or a YAML file holding a
+    ``target_model`` mapping (as ``llmshearing search-shape --out`` writes) or the mapping itself."""
+    path = Path(spec)
+    if path.is_file():
+        import yaml
+
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        shape = loaded.get("target_model", loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(shape, dict):
+            raise ValueError(f"{path} holds no target_model mapping")
+    else:
+        shape = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected key=value pairs or a YAML file, got {item!r}")
+            shape[key.strip()] = value.strip()
+    if sorted(shape) != sorted(SHAPE_KEYS):
+        raise ValueError(f"a target names exactly {list(SHAPE_KEYS)}, got {sorted(shape)}")
+    try:
+        values = {key: int(shape[key]) for key in SHAPE_KEYS}
+    except (TypeError, ValueError):
+        raise ValueError(f"every size must be an integer, got {shape}") from None
+    if min(values.values()) < 1:
+        raise ValueError(f"every size must be positive, got {values}")
+    return values
+
+
+def shape_desc(shape: Mapping[str, int]) -> str:
+    """``22L / 6 heads over 3 KV groups / 480d / 1024I``."""
+    groups = shape["n_kv_heads"]
+    return (
+        f"{shape['n_layers']}L / {shape['n_heads']} heads over {groups} KV group{'s' if groups != 1 else ''} / "
+        f"{shape['d_model']}d / {shape['intermediate_size']}I"
+    )

@@ -409,6 +409,29 @@ def frozen_keys(families: tuple[str, ...] | list[str], source: ModelConfig) -> f
     return frozenset(frozen)
 
 
+def recipe_budget(spec: Mapping[str, Any], key: str) -> tuple[Budget, int]:
+    """A recipe's ``target_budget`` mapping: its budget and the grid multiple of the shapes it may become
+    (``multiple``: ``d_model`` and ``intermediate_size`` in multiples of it, default 64; small sources
+    want a finer grid)."""
+    values = dict(spec) if isinstance(spec, Mapping) else spec
+    multiple = DEFAULT_MULTIPLE
+    if isinstance(values, dict):
+        multiple = values.pop("multiple", DEFAULT_MULTIPLE)
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple <= 0:
+            raise ValueError(
+                f"{key}.multiple must be a positive integer (the grid of d_model and intermediate_size), "
+                f"got {multiple!r}"
+            )
+    return parse_budget(values, key), multiple
+
+
+def _l0_budget(l0: Any, source: ModelConfig) -> tuple[Budget, ShapeSpace]:
+    from llmshearing.pruning.targets import PREFIX
+
+    budget, multiple = recipe_budget(l0.target_budget, f"{PREFIX}.target_budget")
+    return budget, ShapeSpace(multiple=multiple, frozen=frozen_keys(l0.pruning_modules, source))
+
+
 def resolve_l0_budget(settings: Mapping[str, Any], source: ModelConfig) -> tuple[dict[str, Any], str]:
     """``model.l0_module`` settings with ``target_budget`` replaced by the ``target_model`` it resolves
     to (:func:`choose_shape`, within what ``pruning_modules`` can prune), and the line saying why."""
@@ -418,8 +441,7 @@ def resolve_l0_budget(settings: Mapping[str, Any], source: ModelConfig) -> tuple
     if l0.target_budget is None:
         return dict(settings), ""
     key = f"{PREFIX}.target_budget"
-    budget = parse_budget(l0.target_budget, key)
-    space = ShapeSpace(frozen=frozen_keys(l0.pruning_modules, source))
+    budget, space = _l0_budget(l0, source)
     try:
         best, why = choose_shape(source, budget, space)
     except BudgetError as err:
@@ -439,19 +461,15 @@ def resolve_l0_budget(settings: Mapping[str, Any], source: ModelConfig) -> tuple
 def learned_budget_sparsity(l0: Any, source: ModelConfig) -> float:
     """The global target sparsity under which masks learn a shape for ``l0.target_budget``: the share of
     prunable parameters that the budget's proportional shape (:func:`choose_shape`) removes."""
-    from llmshearing.pruning.targets import PREFIX
-
-    budget = parse_budget(l0.target_budget, f"{PREFIX}.target_budget")
-    best, _ = choose_shape(source, budget, ShapeSpace(frozen=frozen_keys(l0.pruning_modules, source)))
+    budget, space = _l0_budget(l0, source)
+    best, _ = choose_shape(source, budget, space)
     return 1.0 - prunable_params(best.config) / prunable_params(source)
 
 
 def budget_candidates(l0: Any, source: ModelConfig) -> list[Candidate]:
     """Every valid shape within ``l0.target_budget`` that ``l0.pruning_modules`` can reach."""
-    from llmshearing.pruning.targets import PREFIX
-
-    budget = parse_budget(l0.target_budget, f"{PREFIX}.target_budget")
-    return enumerate_shapes(source, budget, ShapeSpace(frozen=frozen_keys(l0.pruning_modules, source)))
+    budget, space = _l0_budget(l0, source)
+    return enumerate_shapes(source, budget, space)
 
 
 def nearest_shape(candidates: list[Candidate], expected: Mapping[str, float]) -> Candidate:

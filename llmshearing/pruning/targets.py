@@ -109,7 +109,7 @@ class L0Config:
                 "set a budget or remove budget_shape"
             )
         if self.target_budget is not None:
-            from llmshearing.pruning.budget import parse_budget
+            from llmshearing.pruning.budget import recipe_budget
 
             if self.target_model is not None or self.target_sparsity is not None:
                 other = "target_model" if self.target_model is not None else "target_sparsity"
@@ -122,7 +122,7 @@ class L0Config:
                     f"{PREFIX}.target_budget must be a mapping such as {{params: 1.3e9}}, got {self.target_budget!r}"
                 )
             self.target_budget = dict(self.target_budget)
-            parse_budget(self.target_budget, f"{PREFIX}.target_budget")
+            recipe_budget(self.target_budget, f"{PREFIX}.target_budget")
         elif self.target_model is not None:
             self.target_model = dict(self.target_model)
             if self.target_sparsity is not None:
