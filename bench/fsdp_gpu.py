@@ -36,7 +36,8 @@ The result goes to ``bench/results/fsdp-gpu-<date>-<gpu>.md`` (and ``.json``; pe
 
 ``--cpu-check`` runs the version loop with FSDP2 alone (Composer's FSDP1 needs GPUs) and plans every run
 for the host's memory, but a CPU run has no GPU peak to compare: its table shows the plan and ``n/a`` as
-the error (the planner's CPU figures are validated against measured steps in ``tests/test_plan*.py``).
+the error (the planner's CPU figures are validated against measured steps in
+``tests/planning/test_plan*.py``).
 
 Without a CUDA device (and without ``--cpu-check``) it says so and prints ``RESULT fsdp_gpu
 skipped=no GPU``. Not measurable on one GPU: sharding across ranks, HYBRID_SHARD, inter-node traffic.

@@ -1,15 +1,28 @@
-"""Shared fixtures: a tiny random source checkpoint and a tiny two-domain MDS root, built once per session."""
+"""Shared fixtures: a tiny random source checkpoint and a tiny two-domain MDS root, built once per session.
+
+The tests mirror the package's folders (``tests/pruning/`` tests ``llmshearing/pruning/``; ``tests/bench/`` the
+benchmarks, ``tests/entry_points/`` the package root's modules, ``tests/layout/`` the package's layout). A test
+takes the shared helpers with ``from conftest import ...`` and another test module's helpers by that module's name
+(``from test_harness import ...``): every test folder is on ``sys.path``, so test file names are unique.
+"""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from composer.core import Callback
 
 from llmshearing.data.layout import write_token_root
+
+TESTS = Path(__file__).resolve().parent
+for _folder in sorted(TESTS.iterdir()):
+    if _folder.is_dir() and any(_folder.glob("test_*.py")) and str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 TINY_MODEL = dict(
     vocab_size=97,

@@ -4,7 +4,7 @@
 
 Rank 0 writes the full state dict of the student's decoder (gathered from the shards) to ``OUT.pt`` and, when
 the run distils, the teacher's to ``OUT.pt.teacher``, then the run trains as ``llmshearing/train.py`` would;
-``tests/test_sharded_source.py`` compares them with the source.
+``tests/checkpoint/test_sharded_source.py`` compares them with the source.
 """
 
 from __future__ import annotations

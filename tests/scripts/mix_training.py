@@ -1,7 +1,7 @@
 """Small multi-domain training runs with dynamic batch loading, for the data tests.
 
-Imported by ``tests/test_dynamic_dataset.py`` and ``tests/test_dynamic_loading.py``; run as a
-script under ``composer -n 2`` for the two-rank test::
+Imported by ``tests/data/test_dynamic_dataset.py`` and ``tests/dynamic_loading/test_dynamic_loading.py``; run
+as a script under ``composer -n 2`` for the two-rank test::
 
     composer -n 2 tests/scripts/mix_training.py <data_root> <out_dir>
 

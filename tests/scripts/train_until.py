@@ -3,7 +3,7 @@
     composer -n 2 tests/scripts/train_until.py N RECIPE key=value ...
 
 Every rank stops at the same batch (the checkpoint of batch N is on disk by then), as a crashed
-multi-process run would; ``tests/test_fsdp.py`` then resumes it with ``autoresume=true``.
+multi-process run would; ``tests/training/test_fsdp.py`` then resumes it with ``autoresume=true``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from test_prepare_mds import WORDS, tokenizer_dir, write_corpus  # noqa: F401 (t
 
 from llmshearing.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENTRY_POINTS = {
     "cli": ([sys.executable, "-m", "llmshearing.cli", "prepare-data"], "llmshearing prepare-data: "),
     "script": ([sys.executable, str(REPO / "data_prep" / "prepare_mds.py")], ""),

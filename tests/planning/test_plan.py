@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from llmshearing.cli import main
 from llmshearing.models.composer_model import ComposerLlama
@@ -22,7 +23,6 @@ from llmshearing.planning.plan import Hardware, RunShape, fewest_gpus, make_plan
 from llmshearing.planning.step import StepSettings, step_memory, weight_bytes
 from llmshearing.pruning import attach_l0_module
 from llmshearing.training.builders import build_optimizer
-from tests.conftest import TINY_MODEL
 
 TOLERANCE = 0.15
 TINY = ModelConfig(**{**TINY_MODEL, "attn_impl": "sdpa"})

@@ -4,8 +4,8 @@ A tiny pruning run (byte-level tokenizer, random decoder) scores the shipped mul
 rows as an llm-foundry ``dataset_uri`` file, and a 2-shot cloze from an ``include_path`` YAML. Its last
 scores must be those `llmshearing evaluate --tasks` gives the folded checkpoint (the masked model against
 the physically pruned one: accuracies equal, perplexity within 1e-5 relative). Bad sections fail with one
-line naming the key, before the model loads. The 2-rank FSDP2 runs of tests/test_fsdp.py score tasks too
-(`icl_recipe_args`) and are compared with one process there.
+line naming the key, before the model loads. The 2-rank FSDP2 runs of tests/training/test_fsdp.py score tasks
+too (`icl_recipe_args`) and are compared with one process there.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from llmshearing.pruning.targets import (
 from llmshearing.recipe_file import ConfigError
 from llmshearing.training.config import load_config, validate_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = read_any_config(ROOT / "yamls" / "sources" / "smollm2-135m.json")[0]
 LLAMA2_7B = read_any_config(ROOT / "yamls" / "sources" / "llama2-7b.json")[0]
 TINY = ModelConfig(

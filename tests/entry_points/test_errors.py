@@ -20,7 +20,7 @@ from llmshearing.errors import (
 )
 from llmshearing.io.staging import output_of_staged, staging_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _raise(err: BaseException):

@@ -20,7 +20,7 @@ from llmshearing.dynamic_loading.config import DataLoadingConfig
 from llmshearing.dynamic_loading.loader import build_train_dataloader
 
 _spec = importlib.util.spec_from_file_location(
-    "mix_training", os.path.join(os.path.dirname(__file__), "scripts", "mix_training.py")
+    "mix_training", os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "mix_training.py")
 )
 mix = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mix)

@@ -24,7 +24,7 @@ from llmshearing.io.staging import staged_dir
 
 pytestmark = pytest.mark.slow
 
-CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tests"
+CACHE = Path(__file__).resolve().parents[2] / ".cache" / "tests"
 SENTENCE = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
     "It is named after the engineer Gustave Eiffel, whose company designed and built the tower."

@@ -11,7 +11,7 @@ import pytest
 from conftest import write_tiny_source
 from test_harness import write_byte_tokenizer
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from llmshearing.pruning import attach_l0_module
 from llmshearing.training.config import load_config, validate_config
 from llmshearing.training.fsdp import FSDPConfigError, resolve_fsdp
 
-YAMLS = Path(__file__).resolve().parent.parent / "yamls"
+YAMLS = Path(__file__).resolve().parents[2] / "yamls"
 LLAMA2_7B = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",

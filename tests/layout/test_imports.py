@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = "llmshearing"
-ROOT = Path(__file__).resolve().parent.parent / PACKAGE
+ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 
 # (importing part, imported part) -> ["path:line: import statement", ...]
 Edges = dict[tuple[str, str], list[str]]

@@ -28,14 +28,12 @@ from llmshearing.dynamic_loading.mixing import doremi_update
 from llmshearing.dynamic_loading.reference_loss import PRESETS
 from llmshearing.models.loss import domain_token_losses
 
-_spec = importlib.util.spec_from_file_location(
-    "mix_training", os.path.join(os.path.dirname(__file__), "scripts", "mix_training.py")
-)
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "mix_training.py")
+_spec = importlib.util.spec_from_file_location("mix_training", SCRIPT)
 mix = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mix)
 
 NAMES = mix.NAMES
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "mix_training.py")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, "-m", "llmshearing.train"]
 CLI = [sys.executable, "-m", "llmshearing.cli"]
 PREPARE = [sys.executable, str(REPO / "data_prep" / "prepare_mds.py")]

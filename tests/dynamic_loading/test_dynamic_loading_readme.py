@@ -10,7 +10,7 @@ import numpy as np
 
 from llmshearing.dynamic_loading.config import DataLoadingConfig
 
-README = Path(__file__).resolve().parents[1] / "llmshearing" / "dynamic_loading" / "README.md"
+README = Path(__file__).resolve().parents[2] / "llmshearing" / "dynamic_loading" / "README.md"
 
 
 def key_rows() -> dict[str, str]:

@@ -28,7 +28,7 @@ from llmshearing.data.packing import Packer, token_dtype, wrap_documents
 from llmshearing.data.prepare import PrepareConfig, format_summary, prepare
 from llmshearing.data.tokenizer_pool import Pipeline, TokenizerPool, load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN = 16
 WORDS = [f"w{i}" for i in range(40)]
 

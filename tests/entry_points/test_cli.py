@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "composer")
 
 # Runs every ``--help`` through ``cli.main`` in a fresh interpreter, then reports what was imported.
