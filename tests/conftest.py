@@ -68,6 +68,32 @@ def write_tiny_source(path: str, seed: int = 0, **overrides) -> str:
     return path
 
 
+# The byte-tokenizer source the lm-eval tests score: the tiny model with an embedding for each of the byte
+# tokenizer's 257 tokens (and three to spare), saved with the tokenizer beside it; max_seq_len is each test's.
+BYTE_VOCAB = 260
+
+
+def write_byte_tokenizer(directory: Path) -> int:
+    """A byte-level BPE tokenizer with no merges (256 byte tokens + end of text); returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(directory)
+    return len(vocab)
+
+
+def write_byte_source(path: Path, max_seq_len: int) -> Path:
+    """A random tiny project checkpoint whose vocabulary covers the byte tokenizer saved beside it."""
+    write_tiny_source(str(path), seed=3, vocab_size=BYTE_VOCAB, max_seq_len=max_seq_len)
+    write_byte_tokenizer(path)
+    return path
+
+
 def write_tiny_mds(
     root: str, n_train: int = 96, n_eval: int = 8, seq_len: int = TINY_SEQ_LEN, n_test: int | None = None
 ) -> str:

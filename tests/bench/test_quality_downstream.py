@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_source
-from test_harness import write_byte_tokenizer
+from conftest import write_byte_source
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -27,8 +26,7 @@ def downstream():
 
 def test_local_tasks_score_in_percent_with_their_average(downstream, tmp_path):
     source = tmp_path / "source"
-    write_tiny_source(str(source), seed=3, vocab_size=260, max_seq_len=256)
-    write_byte_tokenizer(source)
+    write_byte_source(source, max_seq_len=256)
     downstream.check_lm_eval("local_mc,local_cloze")
     scores = downstream.score_lm_eval(source, "local_mc,local_cloze", limit=4, batch_size=4)
     assert set(scores["tasks"]) == {"local_mc", "local_cloze"}

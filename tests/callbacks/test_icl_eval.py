@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_tiny_source
-from test_harness import TASKS, user_task_dir, write_byte_tokenizer
+from conftest import BYTE_VOCAB, write_byte_source, write_tiny_source
+from test_harness import TASKS, user_task_dir
 
 from llmshearing.callbacks.eval_tasks import parse_eval_tasks
 from llmshearing.callbacks.icl_eval import kept_random_state
@@ -58,8 +58,7 @@ def setup(tmp_path_factory, tiny_mds) -> dict[str, Path]:
     """A byte-tokenizer source, the shipped MC rows in llm-foundry's format, a user cloze YAML."""
     root = tmp_path_factory.mktemp("icl")
     source = root / "source"
-    write_tiny_source(str(source), seed=3, vocab_size=260, max_seq_len=512)
-    write_byte_tokenizer(source)
+    write_byte_source(source, max_seq_len=512)
     rows = [json.loads(line) for line in (TASKS / "local_mc_test.jsonl").read_text().splitlines()]
     uri = root / "mc.jsonl"
     uri.write_text(
@@ -142,7 +141,7 @@ def test_eval_tasks_key_is_checked(setup, tmp_path):
     assert f"{bad}:1: gold must be the index of the right choice, got 2" in prepared(
         [{"dataset_uri": str(bad), "icl_task_type": "multiple_choice"}]
     )
-    bare = write_tiny_source(str(tmp_path / "bare"), vocab_size=260)  # no tokenizer beside it
+    bare = write_tiny_source(str(tmp_path / "bare"), vocab_size=BYTE_VOCAB)  # no tokenizer beside it
     with pytest.raises(
         ConfigError, match="no tokenizer found with model.path .*set eval_tasks.tokenizer=DIR"
     ):

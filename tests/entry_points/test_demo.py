@@ -49,16 +49,14 @@ def test_method_flag(capsys):
 def test_summary_shows_downstream_accuracy_of_each_stage(tmp_path, monkeypatch, capsys):
     """The demo's downstream steps on a tiny model: tasks from a test split, scored through lm-eval, and the
     summary's table beside the test losses (the real run is ``make demo``)."""
-    from conftest import write_tiny_source
-    from test_harness import write_byte_tokenizer
+    from conftest import write_byte_source
     from test_heldout_tasks import byte_split
 
     from llmshearing.harness.heldout import CLOZE, MC
 
     out, work = tmp_path / "out", tmp_path / "out" / "oneshot"
     source = out / "source"
-    write_tiny_source(str(source), seed=3, vocab_size=260, max_seq_len=1024)
-    write_byte_tokenizer(source)
+    write_byte_source(source, max_seq_len=1024)
     work.mkdir()
     shutil.copytree(source, work / "pruned")
     items = demo.downstream_tasks(byte_split(tmp_path / "mds", source), source, out / "tasks")

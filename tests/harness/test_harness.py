@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_source
+from conftest import write_byte_source, write_byte_tokenizer, write_tiny_source
 
 from llmshearing.cli import main as cli_main
 from llmshearing.harness import runner
@@ -26,27 +26,10 @@ from llmshearing.harness.presets import PRESETS
 TASKS = runner.TASKS_DIR
 
 
-def write_byte_tokenizer(directory: Path) -> int:
-    """A byte-level BPE tokenizer with no merges (256 byte tokens + end of text); returns its size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(directory)
-    return len(vocab)
-
-
 @pytest.fixture(scope="module")
 def byte_model(tmp_path_factory) -> Path:
     """A random tiny project checkpoint whose vocabulary covers the byte tokenizer saved beside it."""
-    path = tmp_path_factory.mktemp("harness") / "source"
-    write_tiny_source(str(path), seed=3, vocab_size=260, max_seq_len=512)
-    write_byte_tokenizer(path)
-    return path
+    return write_byte_source(tmp_path_factory.mktemp("harness") / "source", max_seq_len=512)
 
 
 def user_task_dir(root: Path) -> Path:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_tiny_source
-from test_harness import write_byte_tokenizer
+from conftest import BYTE_VOCAB, write_byte_source
 
 from llmshearing.cli import main as cli_main
 from llmshearing.data.layout import write_token_root
@@ -34,7 +33,7 @@ def byte_split(root: Path, tokenizer_dir: Path) -> Path:
     rows = [np.array(ids[i * SEQ : (i + 1) * SEQ]) for i in range(20)]
     samples = {"train": {"a": rows[:2], "b": rows[2:4]}, "eval": {"a": rows[:2], "b": rows[2:4]}}
     samples["test"] = {"a": rows[:10], "b": rows[10:20]}
-    write_token_root(root, samples, vocab_size=260)
+    write_token_root(root, samples, vocab_size=BYTE_VOCAB)
     return root
 
 
@@ -59,8 +58,7 @@ def test_items_have_the_formats_of_lambada_and_of_multiple_choice():
 
 def test_built_tasks_run_through_evaluate(tmp_path, monkeypatch):
     source = tmp_path / "source"
-    write_tiny_source(str(source), seed=3, vocab_size=260, max_seq_len=1024)
-    write_byte_tokenizer(source)
+    write_byte_source(source, max_seq_len=1024)
     data = byte_split(tmp_path / "mds", source)
     counts = build_heldout_tasks(str(data), str(source), str(tmp_path / "tasks"), fewshot=2)
     assert counts == {CLOZE: 18, MC: 18}
