@@ -209,3 +209,33 @@ def test_the_benchmarks_do_not_import_the_demo() -> None:
                 if f"{PACKAGE}.demo" in names or any(n.startswith(f"{PACKAGE}.demo.") for n in names):
                     found.append(f"{path.relative_to(bench.parent)}:{node.lineno}: {ast.unparse(node)}")
     assert bench.is_dir() and not found, "\n".join(found)
+
+
+# Test folders that are not a part of the package: what each of them tests.
+TEST_FOLDERS_BESIDE_THE_PARTS = {
+    "bench": "the benchmarks under bench/",
+    "entry_points": "the modules of the package root (ROOT_MODULES)",
+    "layout": "the package's layout and import rules (this file)",
+}
+
+
+def test_every_test_file_lives_in_the_folder_of_what_it_tests() -> None:
+    """``tests/`` mirrors the package: every test file sits in a folder named after a part of the package
+    (``tests/pruning/`` for ``llmshearing/pruning/``) or in one of the few others, and no two share a name (the
+    test folders are all on ``sys.path``, so a module is imported by its name alone)."""
+    tests = Path(__file__).resolve().parents[1]
+    parts = {path.name for path in ROOT.iterdir() if (path / "__init__.py").is_file()}
+    allowed = parts | set(TEST_FOLDERS_BESIDE_THE_PARTS)
+    files = sorted(tests.rglob("test_*.py"))
+    misplaced = [
+        str(path.relative_to(tests))
+        for path in files
+        if len(path.relative_to(tests).parts) != 2 or path.parent.name not in allowed
+    ]
+    assert files and not misplaced, f"not in tests/<part>/ (parts: {sorted(allowed)}): {misplaced}"
+    names = defaultdict(list)
+    for path in files:
+        names[path.name].append(str(path.relative_to(tests)))
+    same_name = [found for found in names.values() if len(found) > 1]
+    assert not same_name, f"test files that share a name: {same_name}"
+    assert not set(TEST_FOLDERS_BESIDE_THE_PARTS) & parts, "a folder beside the parts is now a part"
