@@ -676,3 +676,50 @@ def test_scratch_model_has_the_target_shape(quality, tiny_source, tmp_path):
     assert all(
         (a == b).all() for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True)
     )
+
+
+def test_target_option_reads_pairs_or_a_search_shape_yaml(quality, tmp_path):
+    shape = {"n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "d_model": 96, "intermediate_size": 224}
+    assert quality.read_target("n_layers=3,n_heads=4,n_kv_heads=2,d_model=96,intermediate_size=224") == shape
+    written = tmp_path / "target.yaml"
+    written.write_text(
+        "# from search-shape\ntarget_model:\n" + "".join(f"  {k}: {v}\n" for k, v in shape.items())
+    )
+    assert quality.read_target(str(written)) == shape
+    assert quality.shape_desc(shape) == "3L / 4 heads over 2 KV groups / 96d / 224I"
+    for bad, match in (
+        ("n_layers=3", "names exactly"),
+        ("n_layers", "key=value"),
+        ("n_layers=3,n_heads=x,n_kv_heads=2,d_model=96,intermediate_size=224", "integer"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            quality.read_target(bad)
+    args = quality.build_parser().parse_args(["--target", str(written), "--l0-learned-shape", "32"])
+    assert (args.target_shape, args.l0_learned_shape) == (str(written), 32)
+
+
+def test_l0_stages_take_the_target_shape_or_learn_one_under_its_budget(quality):
+    from types import SimpleNamespace
+
+    from llmshearing.models.config import ModelConfig
+
+    source = ModelConfig(
+        vocab_size=64, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, intermediate_size=384,
+        max_seq_len=16,
+    )  # fmt: skip
+    target = {"n_layers": 3, "n_heads": 2, "n_kv_heads": 1, "d_model": 96, "intermediate_size": 288}
+    args = SimpleNamespace(
+        target=target, source_cfg=source, target_cfg=source.replace(**target), l0_learned_shape=None
+    )
+    exact = quality.target_overrides(args)
+    assert "model.l0_module.target_model.d_model=96" in exact
+    assert (
+        "model.l0_module.pruning_modules=[layer,head,kv_head,intermediate,hidden]" in exact
+    )  # drops a KV group
+    args.l0_learned_shape = 32
+    learned = quality.target_overrides(args)
+    assert (
+        "model.l0_module.target_model=null" in learned and "model.l0_module.budget_shape=learned" in learned
+    )
+    budget = f"model.l0_module.target_budget.non_embedding_params={args.target_cfg.num_params(False)}"
+    assert budget in learned and "model.l0_module.target_budget.multiple=32" in learned

@@ -360,3 +360,34 @@ def test_a_learned_budget_run_folds_to_a_shape_within_the_budget_and_says_why(
     assert "learned shape " in summary and "within the budget" in summary
     pruned = load_checkpoint(out)[0]
     assert 0.95 * budget <= pruned.num_params() <= budget
+
+
+def test_a_recipe_budget_takes_a_finer_grid_for_small_sources():
+    from llmshearing.pruning.budget import budget_candidates, recipe_budget
+    from llmshearing.pruning.targets import L0Config
+
+    source = ModelConfig(
+        vocab_size=64, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, intermediate_size=384,
+        max_seq_len=16,
+    )  # fmt: skip
+    budget, multiple = recipe_budget(
+        {"non_embedding_params": 304800, "multiple": 32}, "model.l0_module.target_budget"
+    )
+    assert (budget.kind, budget.value, multiple) == ("non_embedding_params", 304800.0, 32)
+    assert recipe_budget({"params": 1e6}, "k")[1] == 64  # the default grid
+    families = ["layer", "head", "kv_head", "intermediate", "hidden"]
+    coarse = L0Config.from_dict(
+        {"pruning_modules": families, "target_budget": {"non_embedding_params": 304800}}
+    )
+    fine = L0Config.from_dict(
+        {"pruning_modules": families, "target_budget": {"non_embedding_params": 304800, "multiple": 32}}
+    )
+    widths = {c.shape["d_model"] for c in budget_candidates(fine, source)}
+    assert 96 in widths and 96 not in {c.shape["d_model"] for c in budget_candidates(coarse, source)}
+    for bad in (0, 2.5, True, "32"):
+        with pytest.raises(
+            ValueError, match=r"model\.l0_module\.target_budget\.multiple must be a positive integer"
+        ):
+            L0Config.from_dict(
+                {"pruning_modules": families, "target_budget": {"params": 1e6, "multiple": bad}}
+            )
