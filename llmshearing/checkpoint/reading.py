@@ -15,14 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from llmshearing.checkpoint.composer_files import checkpoint_file_problem
 from llmshearing.checkpoint.format import CONFIG_NAME, FORMAT, L0_PREFIX, check_state, has_tokenizer
 from llmshearing.checkpoint.run_config import find_run_config, run_source_dir
 from llmshearing.checkpoint.sharded import ShardedModelSource, is_sharded_checkpoint, sharded_weights_dir
-from llmshearing.checkpoint.tensor_io import StateDictSource, TensorMeta, TensorSource, finite, open_weights
+from llmshearing.checkpoint.tensor_io import (
+    StateDictSource,
+    TensorMeta,
+    TensorSource,
+    finite,
+    open_weights,
+    torch_load,
+)
 from llmshearing.hf.config import model_config_from_hf, read_config_json
 from llmshearing.hf.keymaps import KeyMap, is_ignored_hf_key
 from llmshearing.models.config import ModelConfig
@@ -124,15 +130,7 @@ def model_config_if_readable(path: str | Path) -> ModelConfig | None:
 
 
 def _load_composer_state(ckpt: Path) -> dict[str, Tensor]:
-    try:
-        try:
-            payload = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            payload = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise ValueError(
-            f"{ckpt} could not be read as a Composer checkpoint ({err}); the file is corrupt"
-        ) from err
+    payload = torch_load(ckpt, "a Composer checkpoint", weights_only=False)
     try:
         state = payload["state"]["model"]
     except (KeyError, TypeError) as err:

@@ -214,19 +214,23 @@ def read_index(path: Path) -> list[Path]:
     return [path.parent / name for name in dict.fromkeys(weight_map.values())]
 
 
+def torch_load(path: Path, what: str, weights_only: bool) -> object:
+    """``torch.load`` onto the CPU, memory-mapped where the file format allows it; a file torch cannot read is
+    named as corrupt, as ``what`` it should have been."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise ValueError(f"{path} could not be read as {what} ({err}); the file is corrupt") from err
+
+
 def load_torch_file(path: Path) -> dict[str, Tensor]:
     """A ``pytorch_model*.bin`` state dict, memory-mapped where the file format allows it."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the checkpoint's weight files are incomplete")
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged archive
-        raise ValueError(
-            f"{path} could not be read as a PyTorch state dict ({err}); the file is corrupt"
-        ) from err
+    state = torch_load(path, "a PyTorch state dict", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
     return state
