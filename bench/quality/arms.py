@@ -5,7 +5,6 @@ and records its stages, losses, mixes, FLOPs and sparsity."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -208,11 +207,13 @@ def target_overrides(args: Any) -> list[str]:
 
 
 def final_shape(model: Path) -> dict[str, int]:
-    """The shape of a checkpoint (a project checkpoint folder or a run's Composer checkpoint beside its config)."""
-    config = model / "config.json" if model.is_dir() else model.parent.parent / "config.json"
-    with open(config, encoding="utf-8") as handle:
-        values = json.load(handle)["model"]
-    return {key: int(values[key]) for key in TARGET}
+    """The shape of a checkpoint (a project checkpoint folder or a run's Composer checkpoint), from its config."""
+    from llmshearing.checkpoint.reading import model_config_if_readable
+
+    config = model_config_if_readable(model)
+    if config is None:
+        raise RuntimeError(f"{model}: no readable config.json to take the trained shape from")
+    return {key: int(getattr(config, key)) for key in TARGET}
 
 
 def run_oneshot(inputs: Inputs, root: Path, args: Any, steps: Steps) -> OneShot:

@@ -34,7 +34,6 @@ REDPAJAMA_MIX = {
     "wiki": 0.045,
 }
 TARGET = {"n_layers": 22, "n_heads": 6, "n_kv_heads": 3, "d_model": 480, "intermediate_size": 1024}
-SHAPE_KEYS = tuple(TARGET)
 TARGET_DESC = "22L / 6 heads over 3 KV groups / 480d / 1024I"
 MIN_DOCUMENTS = 3  # a domain needs one document for each of train, eval and test
 
@@ -301,6 +300,8 @@ def read_target(spec: str) -> dict[str, int]:
             if not sep:
                 raise ValueError(f"expected key=value pairs or a YAML file, got {item!r}")
             shape[key.strip()] = value.strip()
+    from llmshearing.pruning.targets import SHAPE_KEYS
+
     if sorted(shape) != sorted(SHAPE_KEYS):
         raise ValueError(f"a target names exactly {list(SHAPE_KEYS)}, got {sorted(shape)}")
     try:

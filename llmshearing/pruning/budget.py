@@ -413,15 +413,14 @@ def recipe_budget(spec: Mapping[str, Any], key: str) -> tuple[Budget, int]:
     """A recipe's ``target_budget`` mapping: its budget and the grid multiple of the shapes it may become
     (``multiple``: ``d_model`` and ``intermediate_size`` in multiples of it, default 64; small sources
     want a finer grid)."""
-    values = dict(spec) if isinstance(spec, Mapping) else spec
-    multiple = DEFAULT_MULTIPLE
-    if isinstance(values, dict):
-        multiple = values.pop("multiple", DEFAULT_MULTIPLE)
-        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple <= 0:
-            raise ValueError(
-                f"{key}.multiple must be a positive integer (the grid of d_model and intermediate_size), "
-                f"got {multiple!r}"
-            )
+    if not isinstance(spec, Mapping):
+        return parse_budget(spec, key), DEFAULT_MULTIPLE  # refused there, naming the key
+    values = dict(spec)
+    multiple = values.pop("multiple", DEFAULT_MULTIPLE)
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple <= 0:
+        raise ValueError(
+            f"{key}.multiple must be a positive integer (the grid of d_model and intermediate_size), got {multiple!r}"
+        )
     return parse_budget(values, key), multiple
 
 
