@@ -86,5 +86,5 @@ report: install  ## PNG plots + markdown summary of a run: make report RUN=<run 
 bench: install  ## every ratio benchmark, one table (ARGS=--quick for a short run)
 	$(BIN)/python bench/run_all.py $(ARGS)
 
-bench-quality: install  ## quality benchmark on SmolLM2-135M: six arms (L0, distillation, one-shot, scratch) at one token budget, reported on the test split (ARGS=--quick)
+bench-quality: install  ## quality benchmark: seven arms (L0, distillation, one-shot, scratch) at one token budget on SmolLM2-135M or the CPU miniature, reported on the test split (ARGS="--quick", "--source miniature")
 	$(BIN)/python bench/quality.py $(ARGS)
