@@ -365,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
         (None if skip else args.lm_eval_tasks),
         (args.lm_eval_limit or None),
     )
+    chosen_target = None
+    if args.target_shape:  # a bad shape fails now, before any data or source is prepared
+        try:
+            chosen_target = read_target(args.target_shape)
+        except (OSError, ValueError) as err:
+            print(f"error: --target {args.target_shape}: {err}", file=sys.stderr)
+            return 2
     if args.lm_eval_tasks:  # unreadable task data fails now, not after the arms
         from quality import downstream as tasks_check
 
@@ -379,13 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.source == "miniature":
         inputs, budget = use_miniature(inputs, work, args, steps)
         plan = plan_arms(budget, args.kd_prune)
-    if args.target_shape:
-        try:
-            args.target = read_target(args.target_shape)
-        except (OSError, ValueError) as err:
-            print(f"error: --target {args.target_shape}: {err}", file=sys.stderr)
-            return 2
-        args.target_desc = shape_desc(args.target)
+    if chosen_target:
+        args.target, args.target_desc = chosen_target, shape_desc(chosen_target)
     if args.prepare_only:
         print(f"prepared: source {inputs.source}, data {inputs.mds}")
         return 0

@@ -723,3 +723,9 @@ def test_l0_stages_take_the_target_shape_or_learn_one_under_its_budget(quality):
     )
     budget = f"model.l0_module.target_budget.non_embedding_params={args.target_cfg.num_params(False)}"
     assert budget in learned and "model.l0_module.target_budget.multiple=32" in learned
+
+
+def test_a_bad_target_stops_the_benchmark_before_anything_is_prepared(quality, tmp_path, capsys):
+    assert quality.main(["--target", "n_layers=3", "--out", str(tmp_path / "work"), "--no-progress"]) == 2
+    assert "error: --target n_layers=3: a target names exactly" in capsys.readouterr().err
+    assert not any((tmp_path / "work").iterdir())  # no data, source or run prepared
