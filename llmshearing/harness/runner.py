@@ -15,7 +15,8 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,25 @@ def environment_info(storage: dict[str, Any]) -> None:
     )
 
 
+@contextmanager
+def serial_bootstrap() -> Iterator[None]:
+    """lm-eval's bootstrapped standard errors (perplexity's, 100,000 resamples) in this process.
+
+    lm-eval otherwise forks a pool of ``cpu_count()`` workers; a fork of a process whose torch, tqdm and
+    thread-pool threads hold locks can leave a worker blocked for ever, and the pool's exit waits on it.
+    ``DISABLE_MULTIPROC`` is lm-eval's own switch for the single-process loop (same resamples' count).
+    """
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
+
+
 def run_groups(
     lm: Any,
     manager: Any,
@@ -385,18 +405,19 @@ def run_groups(
         flat: list[Any] = []
         for obj in objs:
             flat.extend(obj if isinstance(obj, list) else [obj])
-        results = simple_evaluate(
-            model=lm,
-            tasks=flat,
-            num_fewshot=shots,
-            limit=int(limit) if limit is not None and limit >= 1 else limit,
-            task_manager=manager,
-            log_samples=False,
-            random_seed=seeds[0],
-            numpy_random_seed=seeds[1],
-            torch_random_seed=seeds[2],
-            fewshot_random_seed=seeds[3],
-        )
+        with serial_bootstrap():
+            results = simple_evaluate(
+                model=lm,
+                tasks=flat,
+                num_fewshot=shots,
+                limit=int(limit) if limit is not None and limit >= 1 else limit,
+                task_manager=manager,
+                log_samples=False,
+                random_seed=seeds[0],
+                numpy_random_seed=seeds[1],
+                torch_random_seed=seeds[2],
+                fewshot_random_seed=seeds[3],
+            )
         for key in RESULT_KEYS:
             merged[key].update(results.get(key) or {})
         merged.setdefault("config", results.get("config", {}))

@@ -7,6 +7,7 @@ A tiny test split of byte-tokenised English (two domains) goes in; lm-eval YAMLs
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -73,14 +74,16 @@ def test_built_tasks_run_through_evaluate(tmp_path, monkeypatch):
 
     out = tmp_path / "scores.json"
     args = ["evaluate", str(source), "--tasks", f"{CLOZE},{MC}", "--include-path", str(tmp_path / "tasks")]
-    started: list[
-        object
-    ] = []  # no subprocess (lm-eval's environment dump runs pip, lscpu, nvidia-smi, git...)
-    real_popen = subprocess.Popen
+    # no subprocess (lm-eval's environment dump runs pip, lscpu, nvidia-smi, git...) and no fork (its
+    # bootstrapped perplexity stderr forks a worker pool, which can block for ever in a threaded process)
+    started: list[object] = []
+    real_popen, real_fork = subprocess.Popen, os.fork
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a[0]) or real_popen(*a, **k))
+    monkeypatch.setattr(os, "fork", lambda: started.append("fork") or real_fork())
     assert cli_main([*args, "--device", "cpu", "--limit", "4", "--output", str(out)]) == 0
     monkeypatch.undo()
     assert started == []
+    assert "DISABLE_MULTIPROC" not in os.environ  # the switch is put back
     results = json.loads(out.read_text())["results"]
     assert set(results[CLOZE]) >= {"acc,none", "perplexity,none"} and set(results[MC]) >= {
         "acc,none",
