@@ -75,6 +75,9 @@ class L0Config:
     mask_lr: float = 1.0
     multiplier_lr: float = 1.0
     schedule_l0_lr: bool = False
+    # once the target is final (after the warm-up), every optimizer step ends with each row's expected
+    # sparsity moved exactly onto its target by one log-alpha offset per row (the order within a row kept)
+    project_to_target: bool = False
     clip_l0_grads: bool = False
     init_from: str | None = None  # "importance" (measured on the data's train split) or a saved scores file
     init_samples: int = 256  # calibration sequences for init_from: importance

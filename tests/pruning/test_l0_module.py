@@ -348,6 +348,54 @@ def test_expected_sparsity_reaches_target_by_gradient_play():
         assert stats[f"expected_sparsity/{f}"].item() == pytest.approx(m.plan.family_sparsity[f], abs=0.02)
 
 
+def test_projection_puts_every_row_on_its_target_and_keeps_the_order():
+    m = module(project_to_target=True)
+    randomise(m, seed=3)
+    before = {f: la.detach().clone() for f, la in m.log_alpha.items()}
+    m.project_()
+    rows = m.row_sparsity(m.scores())
+    bound = m.l0_config.log_alpha_clamp
+    for f, target in m.plan.family_sparsity.items():
+        if target == 0.0:  # out of reach (P(z > 0) < 1 at the bound): the nearest, every unit at the bound
+            assert torch.all(m.log_alpha[f] == bound), f
+            continue
+        assert rows[f].flatten().tolist() == pytest.approx([target] * rows[f].numel(), abs=1e-4), f
+        # one offset per row: every unit off the bound moved by the same amount
+        width = m.plan.head_block if f == "head" else m.log_alpha[f].numel() // rows[f].numel()
+        after = m.log_alpha[f].detach().reshape(-1, width)
+        shift = (after - before[f].reshape(-1, width)).where(after.abs() < bound, torch.nan)
+        free = ~shift.isnan()
+        assert torch.allclose(
+            shift[free], shift.nanmean(-1, keepdim=True).expand_as(shift)[free], atol=1e-5
+        ), f
+        assert shift[free].abs().max() > 0.1, f
+    again = {f: la.detach().clone() for f, la in m.log_alpha.items()}
+    m.project_()  # a second projection of projected masks moves them by float noise only
+    for f in again:
+        assert torch.allclose(m.log_alpha[f], again[f], atol=1e-4), f
+
+
+def test_projection_waits_for_the_warmup_and_is_off_by_default():
+    for m, step in ((module(), 100), (module(project_to_target=True, lagrangian_warmup_steps=10), 9)):
+        randomise(m, seed=4)
+        before = {f: la.detach().clone() for f, la in m.log_alpha.items()}
+        m.set_step(step)
+        m.project_()
+        assert all(torch.equal(m.log_alpha[f], before[f]) for f in before)
+    m.set_step(10)
+    m.project_()
+    assert not all(torch.equal(m.log_alpha[f], before[f]) for f in before)
+
+
+def test_projection_meets_a_global_target():
+    m = module(["head", "intermediate", "hidden"], target_sparsity=0.55, project_to_target=True)
+    randomise(m, seed=5)
+    order = m.log_alpha["intermediate"].detach().argsort(-1)
+    m.project_()
+    assert m.train()().stats["expected_sparsity"].item() == pytest.approx(0.55, abs=1e-4)
+    assert torch.equal(m.log_alpha["intermediate"].detach().argsort(-1), order)
+
+
 # ---------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "settings, match",
