@@ -129,6 +129,13 @@ class L0Module(nn.Module):
                 log_alpha.clamp_(-bound, bound)
 
     @torch.no_grad()
+    def after_optimizer_step_(self) -> None:
+        """What every optimizer step (and the start of training) ends with: :meth:`constrain_`, then
+        :meth:`project_`. ``L0Pruning`` calls it; a hand-written training loop calls it after each step."""
+        self.constrain_()
+        self.project_()
+
+    @torch.no_grad()
     def project_(self) -> None:
         """With ``project_to_target``, once the target is final: move the masks onto it, in place.
 
@@ -137,7 +144,7 @@ class L0Module(nn.Module):
         target (``target_sparsity``, a budget) every log-alpha gets the one offset at which the expected
         parameter sparsity equals it. The order of units within a row, which is what the fold keeps, is
         unchanged; the Lagrangian's gap is zero after every step, so the masks end on the target exactly.
-        ``L0Pruning`` calls it after :meth:`constrain_`, at the start and after every optimizer step.
+        Part of :meth:`after_optimizer_step_`.
         """
         cfg = self.l0_config
         if not cfg.project_to_target or self._step < cfg.lagrangian_warmup_steps:

@@ -128,7 +128,7 @@ def test_log_alpha_is_clamped_in_forward_and_in_place_by_constrain():
     assert torch.equal(m.log_alpha["head"].grad, torch.ones_like(m.log_alpha["head"]))
     m()  # forward never writes the parameters (FSDP and autograd may own views of them)
     assert m.log_alpha["head"].max().item() == 10.0
-    m.constrain_()  # what L0Pruning does after every optimizer step
+    m.constrain_()  # part of what L0Pruning does after every optimizer step
     assert m.log_alpha["head"].max().item() == 3.0
     assert m.log_alpha["hidden"].min().item() == -3.0
 
