@@ -143,7 +143,7 @@ def recipe_value(recipe: Path, key: str) -> object:
 
 def recipe_steps(recipe: Path) -> int:
     """A recipe's ``max_duration`` in batches (the demo recipes give it as ``<N>ba``)."""
-    from llmshearing.pruning.targets import parse_batches
+    from llmshearing.config_base import parse_batches
 
     return parse_batches(recipe_value(recipe, "max_duration"), f"{recipe}: max_duration")
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A problem in the training configuration; the message names the key and the fix."""
+from llmshearing.config_base import ConfigError
 
 
 def first_line(err: BaseException) -> str:

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from llmshearing.recipe_file import ConfigError
+from llmshearing.config_base import ConfigError
 
 KEY = "eval_tasks"
 TASK_TYPES = ("multiple_choice", "language_modeling")

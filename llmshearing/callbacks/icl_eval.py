@@ -31,7 +31,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from llmshearing.callbacks.eval_tasks import KEY, EvalTask, EvalTasksConfig
-from llmshearing.recipe_file import ConfigError
+from llmshearing.config_base import ConfigError
 
 # the seeds `llmshearing evaluate --tasks` (and lm-eval's CLI) use: python, numpy, torch, few-shot sampler
 SEEDS = (0, 1234, 1234, 1234)

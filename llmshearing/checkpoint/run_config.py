@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llmshearing.config_base import ConfigError
 from llmshearing.io.staging import write_text_atomic
-from llmshearing.recipe_file import ConfigError
 
 RUN_CONFIG_NAME = "config.json"  # the run description in a run folder (save_folder)
 

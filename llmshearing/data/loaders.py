@@ -36,6 +36,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llmshearing.config_base import refuse_unknown_keys
 from llmshearing.data.checks import check_shards
 from llmshearing.data.layout import (
     INDEX_NAME,
@@ -79,12 +80,6 @@ _LOADER_KEYS = {
     "pin_memory": False,
     "timeout": 0,
 }
-
-
-def _check_keys(cfg: Mapping[str, Any], known: Mapping[str, Any] | set[str], where: str) -> None:
-    unknown = sorted(set(cfg) - set(known))
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} in {where}; valid keys are {sorted(known)}")
 
 
 def check_data(
@@ -191,7 +186,7 @@ def _loader_kwargs(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
 def _dataset_cfg(loader_cfg: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(loader_cfg, Mapping):
         raise ValueError(f"{where} must be a mapping, got {type(loader_cfg).__name__}")
-    _check_keys(loader_cfg, _LOADER_KEYS, where)
+    refuse_unknown_keys(loader_cfg, _LOADER_KEYS, where)
     ds = loader_cfg.get("dataset")
     if not isinstance(ds, Mapping):
         raise ValueError(f"{where}.dataset is required: a mapping with at least `local` (the MDS root)")
@@ -199,7 +194,7 @@ def _dataset_cfg(loader_cfg: Mapping[str, Any], defaults: Mapping[str, Any], whe
         raise ValueError(
             f"{where}.dataset.is_uint16 is not needed (the token dtype is read from the data): remove it"
         )
-    _check_keys(ds, defaults, f"{where}.dataset")
+    refuse_unknown_keys(ds, defaults, f"{where}.dataset")
     return {**defaults, **{k: v for k, v in ds.items() if v is not None}}
 
 

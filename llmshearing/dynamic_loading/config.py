@@ -13,17 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from llmshearing.config_base import refuse_unknown_keys
 from llmshearing.data.proportions import validate_proportions
 from llmshearing.dynamic_loading.mixing import EXCESS_TYPES, UPDATE_TYPES
 
 KEY = "callbacks.data_loading"
 LOSS_SOURCES = ("eval", "train")
-
-
-def _check_keys(cfg: Mapping[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(set(cfg) - set(known))
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} in {where}; valid keys are {sorted(known)}")
 
 
 @dataclass
@@ -70,7 +65,7 @@ class DataLoadingConfig:
         known = {f.name for f in fields(cls)}
         if not isinstance(cfg, Mapping):
             raise ValueError(f"{KEY} must be a mapping, got {type(cfg).__name__}")
-        _check_keys(cfg, known, KEY)
+        refuse_unknown_keys(cfg, known, KEY)
         if cfg.get("set_names") is None:
             raise ValueError(f"{KEY}.set_names is required: list the domain names (the MDS sub-directories)")
         values = {k: v for k, v in cfg.items() if v is not None or k in ("target_loss", "reference")}

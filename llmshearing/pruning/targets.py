@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmshearing.config_base import parse_batches
 from llmshearing.models.config import ModelConfig
 
 FAMILIES = ("layer", "head_layer", "head", "kv_head", "mlp", "intermediate", "hidden")
@@ -29,23 +30,6 @@ def prunable_params(config: ModelConfig) -> int:
     d, hd = config.d_model, config.head_dim
     attention = d * hd * (2 * config.n_heads + 2 * config.n_kv_heads)
     return config.n_layers * (attention + 3 * d * config.intermediate_size)
-
-
-def parse_batches(value: Any, key: str) -> int:
-    """A number of batches given as an int or a Composer time string in batches (``"640ba"``)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{key} must be a number of batches (e.g. 640 or '640ba'), got {value!r}")
-    if isinstance(value, int):
-        steps = value
-    elif isinstance(value, str) and value.strip().endswith("ba") and value.strip()[:-2].isdigit():
-        steps = int(value.strip()[:-2])
-    elif isinstance(value, str) and value.strip().isdigit():
-        steps = int(value.strip())
-    else:
-        raise ValueError(f"{key} must be a number of batches (e.g. 640 or '640ba'), got {value!r}")
-    if steps < 0:
-        raise ValueError(f"{key} must be >= 0, got {steps}")
-    return steps
 
 
 @dataclass

@@ -14,9 +14,9 @@ from llmshearing.checkpoint.format import refuse_pruning_checkpoint
 from llmshearing.checkpoint.run_config import (
     write_run_description as write_run_description,  # its former home
 )
+from llmshearing.config_base import SCHEDULERS, ConfigError
 from llmshearing.models.composer_model import ComposerLlama
-from llmshearing.recipe_file import ConfigError
-from llmshearing.training.value_checks import SCHEDULERS
+from llmshearing.training.registries import callback_classes, logger_classes
 
 log = logging.getLogger("llmshearing.train")
 
@@ -458,35 +458,6 @@ def build_algorithms(values: dict[str, Any], save_folder: str, fsdp: bool = Fals
     return algorithms
 
 
-def callback_classes() -> dict[str, type]:
-    """The callbacks a recipe turns on under ``callbacks.<name>`` (their settings are the keyword
-    arguments of the class)."""
-    from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
-
-    from llmshearing.callbacks.sample_log import SampleLog
-
-    return {
-        "speed_monitor": SpeedMonitor,
-        "lr_monitor": LRMonitor,
-        "memory_monitor": MemoryMonitor,
-        "runtime_estimator": RuntimeEstimator,
-        "optimizer_monitor": OptimizerMonitor,
-        "sample_log": SampleLog,
-    }
-
-
-def logger_classes() -> dict[str, type]:
-    """The loggers a recipe turns on under ``loggers.<name>`` (settings: the class's keyword arguments)."""
-    from composer.loggers import FileLogger, MLFlowLogger, TensorboardLogger, WandBLogger
-
-    return {
-        "file": FileLogger,
-        "wandb": WandBLogger,
-        "mlflow": MLFlowLogger,
-        "tensorboard": TensorboardLogger,
-    }
-
-
 def build_callbacks(values: dict[str, Any], save_folder: str) -> list[Callback]:
     from llmshearing.callbacks.domain_metrics import AbsentDomainMetrics
 
@@ -539,8 +510,8 @@ def build_icl_eval(
 ) -> Callback:
     """The callback that scores the prepared ``eval_tasks`` on ``model`` at the run's evaluations."""
     from llmshearing.callbacks.icl_eval import InContextEval
+    from llmshearing.config_base import batches
     from llmshearing.hf.config import hf_config_from_model
-    from llmshearing.training.value_checks import batches
 
     hf_config = hf_config_from_model(model.config, description.get("hf_config"), "fp32")
     return InContextEval(prepared, batches("eval_interval", values["eval_interval"]), hf_config)

@@ -14,7 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from llmshearing.recipe_file import ConfigError, first_line, read_recipe
+from llmshearing.config_base import ConfigError
+from llmshearing.recipe_file import first_line, read_recipe
 
 ANY = object()  # a free-form value (or a free-form mapping) the schema does not look into
 

@@ -27,7 +27,7 @@ from llmshearing.checkpoint.run_config import (
     read_run_description,
     source_hint,
 )
-from llmshearing.training.config import ConfigError
+from llmshearing.config_base import ConfigError
 
 log = logging.getLogger("llmshearing.train")
 

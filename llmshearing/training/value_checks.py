@@ -8,18 +8,22 @@ rather than found a few batches into training.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
+from llmshearing.config_base import (
+    CLIPPING_TYPES,
+    DEVICES,
+    INIT_DEVICES,
+    LOG_LEVELS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULERS,
+    ConfigError,
+    batches,
+    duration_in_batches,
+)
 from llmshearing.dynamic_loading.config import KEY as _DL
-from llmshearing.training.config import ConfigError
 
-OPTIMIZERS = ("decoupled_adamw",)
-SCHEDULERS = ("cosine_with_warmup", "linear_with_warmup", "constant_with_warmup")
-CLIPPING_TYPES = ("norm", "value", "adaptive")
-PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "amp_fp8")
-DEVICES = (None, "cpu", "gpu")
-LOG_LEVELS = (None, "debug", "info", "warning", "error", "critical")
 BOOLEANS = (
     "eval_first",
     "save_overwrite",
@@ -29,8 +33,6 @@ BOOLEANS = (
     "progress_bar",
     "log_to_console",
 )
-_BATCHES = re.compile(r"(\d+)ba")
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)dur")
 
 
 def is_number(value: Any) -> bool:
@@ -51,33 +53,6 @@ def check_int(key: str, value: Any, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
     return value
-
-
-def batches(key: str, value: Any, allow_zero: bool = False) -> int:
-    """An interval given in batches (``100ba``); Composer would read a bare integer as epochs."""
-    match = _BATCHES.fullmatch(str(value).strip()) if isinstance(value, str) else None
-    if match is None or (int(match.group(1)) == 0 and not allow_zero):
-        smallest = 0 if allow_zero else 1
-        raise ConfigError(
-            f"{key} must be a number of batches >= {smallest} written like {key}=100ba, got {value!r}"
-        )
-    return int(match.group(1))
-
-
-def duration_in_batches(key: str, value: Any, total: int) -> float:
-    """A scheduler time, ``<n>ba`` or a fraction of the run ``<f>dur``, in batches."""
-    text = str(value).strip() if isinstance(value, str) else ""
-    match = _DURATION.fullmatch(text)
-    if match is not None:
-        fraction = float(match.group(1))
-        if fraction > 1:
-            raise ConfigError(f"{key} = {value!r} is more than the whole run (1dur)")
-        return fraction * total
-    if _BATCHES.fullmatch(text):
-        return batches(key, value, allow_zero=True)
-    raise ConfigError(
-        f"{key} must be given in batches (e.g. 100ba) or as a fraction of the run (e.g. 0.1dur), got {value!r}"
-    )
 
 
 def check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -170,9 +145,6 @@ def check_settings(section: str, entries: dict[str, Any], classes: dict[str, typ
                 raise ConfigError(
                     f"{section}.{name}.{key} is not a setting of {classes[name].__name__}; valid: {valid}"
                 )
-
-
-INIT_DEVICES = ("cpu", "mixed")
 
 
 def check_init_device(values: dict[str, Any], world_size: int = 1) -> None:
@@ -289,7 +261,7 @@ def check_run_values(values: dict[str, Any]) -> None:
     from llmshearing.models.config import ATTN_IMPLS
 
     check_choice("model.attn_impl", values["model"].get("attn_impl"), ATTN_IMPLS)
-    from llmshearing.training.builders import callback_classes, logger_classes
+    from llmshearing.training.registries import callback_classes, logger_classes
 
     check_settings("callbacks", values["callbacks"], callback_classes())
     if not isinstance(values.get("loggers"), dict):

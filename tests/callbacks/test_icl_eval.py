@@ -23,7 +23,7 @@ from test_harness import TASKS, user_task_dir
 from llmshearing.callbacks.eval_tasks import parse_eval_tasks
 from llmshearing.callbacks.icl_eval import kept_random_state
 from llmshearing.cli import main as cli_main
-from llmshearing.recipe_file import ConfigError
+from llmshearing.config_base import ConfigError
 from llmshearing.train import main as train_main
 from llmshearing.training.builders import prepare_eval_tasks
 from llmshearing.training.config import load_config, validate_config

@@ -132,7 +132,7 @@ def test_the_checkpoint_layer_sits_below_the_conversions() -> None:
     assert ("checkpoint", "hf") in edges and ("convert", "checkpoint") in edges and ("convert", "hf") in edges
     hf = sorted(pair for pair in edges if pair[0] == "hf" and pair[1] != "models")
     assert not hf, "hf/ must import only models/:\n" + describe(edges, hf)
-    below = {"hf", "models", "io", "recipe_file"}
+    below = {"hf", "models", "io", "recipe_file", "config_base"}
     found = sorted(pair for pair in edges if pair[0] == "checkpoint" and pair[1] not in below)
     assert not found, f"checkpoint/ may import only {sorted(below)}:\n" + describe(edges, found)
 
@@ -182,6 +182,8 @@ ROOT_MODULES = {
     "evaluate.py": "the `llmshearing evaluate` command",
     "report.py": "the `llmshearing report` command",
     "errors.py": "how every entry point tells a fault and the exit status it ends with",
+    "config_base.py": "what every config section is built on (ConfigError, durations in batches, unknown keys "
+    "with the closest valid one, dataclass sections from mappings): the bottom of the package, importing none of it",
     "recipe_file.py": "reading a recipe YAML into keys or a ConfigError: the bottom layer that training/, "
     "checkpoint/, callbacks/ and the commands share (inside training/ it would make checkpoint/ and training/ "
     "import each other)",

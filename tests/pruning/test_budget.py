@@ -11,6 +11,7 @@ import pytest
 
 from llmshearing import cli
 from llmshearing.checkpoint.reading import load_checkpoint, read_any_config
+from llmshearing.config_base import ConfigError
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.budget import (
     BudgetError,
@@ -29,7 +30,6 @@ from llmshearing.pruning.targets import (
     prunable_params,
     target_config,
 )
-from llmshearing.recipe_file import ConfigError
 from llmshearing.training.config import load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
