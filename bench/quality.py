@@ -260,9 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--l0-project",
-        action="store_true",
-        help="L0 stages project the masks onto the target after every step once the warm-up ends "
-        "(model.l0_module.project_to_target): they end on it",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="after this share of an L0 stage, every step ends with the masks projected onto the target "
+        "(model.l0_module.project_from), so they end on it; default: never",
     )
     add(
         "--l0-schedule-lr",

@@ -83,13 +83,18 @@ def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
         f"model.l0_module.init_scale={args.l0_init_scale if scores and args.l0_init_scale else 'null'}",
         f"model.l0_module.bounded_scores={str(bool(args.l0_bounded)).lower()}",
         f"model.l0_module.schedule_l0_lr={str(bool(args.l0_schedule_lr)).lower()}",
-        f"model.l0_module.project_to_target={str(bool(args.l0_project)).lower()}",
+        f"model.l0_module.project_from={project_from(args, steps)}",
     ]
+
+
+def project_from(args: Any, steps: int) -> str:
+    """``model.l0_module.project_from`` of a ``steps``-batch L0 stage: after ``--l0-project`` of it, or never."""
+    return "null" if args.l0_project is None else f"{round(steps * args.l0_project)}ba"
 
 
 def default_l0_overrides(args: Any, steps: int) -> list[str]:
     """Arm 7's masks: the library's defaults (no ranked start), the target warmed up over 20% of the stage;
-    projected onto the target with ``--l0-project``."""
+    projected onto the target after ``--l0-project`` of the stage."""
     return [
         "model.l0_module.init_from=null",
         f"model.l0_module.lagrangian_warmup_steps={max(1, round(steps * 0.2))}ba",
@@ -99,7 +104,7 @@ def default_l0_overrides(args: Any, steps: int) -> list[str]:
         ),
         "model.l0_module.init_scale=null",
         "model.l0_module.bounded_scores=false",
-        f"model.l0_module.project_to_target={str(bool(args.l0_project)).lower()}",
+        f"model.l0_module.project_from={project_from(args, steps)}",
     ]
 
 

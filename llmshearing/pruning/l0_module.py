@@ -137,18 +137,19 @@ class L0Module(nn.Module):
 
     @torch.no_grad()
     def project_(self) -> None:
-        """With ``project_to_target``, once the target is final: move the masks onto it, in place.
+        """From batch ``project_from`` on: move the masks onto the current target, in place.
 
         Each row of a family with a target (the rows the Lagrangian and the fold use) gets the one log-alpha
         offset, found by bisection, at which its expected sparsity equals the family's target; with a global
         target (``target_sparsity``, a budget) every log-alpha gets the one offset at which the expected
         parameter sparsity equals it. The order of units within a row, which is what the fold keeps, is
-        unchanged; the Lagrangian's gap is zero after every step, so the masks end on the target exactly.
+        unchanged; the Lagrangian's gap is closed after every step, so the masks end on the target.
         Part of :meth:`after_optimizer_step_`.
         """
         cfg = self.l0_config
-        if not cfg.project_to_target or self._step < cfg.lagrangian_warmup_steps:
+        if cfg.project_from is None or self._step < cfg.project_from:
             return
+        family_targets, global_target = self.targets()
         bound = cfg.log_alpha_clamp
         span = 2.0 * (bound if bound is not None else 32.0)
 
@@ -165,8 +166,8 @@ class L0Module(nn.Module):
             for _ in range(48):  # expected sparsity falls as the offset grows
                 mid = {f: (lo[f] + hi[f]) / 2 for f in values}
                 sparse = self.row_sparsity(self._scores_of(shifted(values, mid)))
-                for f, t in self.plan.family_sparsity.items():
-                    above = sparse[f] > t
+                for f in values:
+                    above = sparse[f] > family_targets[f]
                     lo[f] = torch.where(above, mid[f], lo[f])
                     hi[f] = torch.where(above, hi[f], mid[f])
             final = shifted(values, {f: (lo[f] + hi[f]) / 2 for f in values})
@@ -176,7 +177,7 @@ class L0Module(nn.Module):
                 mid = (low + high) / 2
                 scores = self._scores_of(shifted(values, {f: torch.tensor(mid) for f in values}))
                 sparse = 1.0 - float(expected_num_params(self.model_config, scores)) / self.prunable_size
-                low, high = (mid, high) if sparse > self.plan.global_sparsity else (low, mid)
+                low, high = (mid, high) if sparse > float(global_target) else (low, mid)
             final = shifted(values, {f: torch.tensor((low + high) / 2) for f in values})
         for f, v in final.items():
             self.log_alpha[f].copy_(v.to(self.log_alpha[f].dtype))

@@ -341,16 +341,16 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
         ]
         == "5ba"
     )
-    assert l0["model.l0_module.project_to_target"] == "false"
-    args.l0_project = True  # --l0-project: both L0 starts end on the target, and the recipe takes the key
+    assert l0["model.l0_module.project_from"] == "null"
+    args.l0_project = 0.75  # --l0-project 0.75: both L0 starts project from 75% of the stage on
     for overrides in (quality.l0_overrides(args, scores, 24), quality.default_l0_overrides(args, 24)):
-        assert "model.l0_module.project_to_target=true" in overrides
+        assert "model.l0_module.project_from=18ba" in overrides
         stage = quality.train_overrides(
             budget, stages[0], inputs, Path(tiny_source), tmp_path / "run", [0.8, 0.2], args, 0.1
         )
         values = validate_config(load_config(str(quality.PRUNE_RECIPE), stage + overrides + TINY_TARGET))
-        assert values["model"]["l0_module"]["project_to_target"] is True
-    args.l0_project = False
+        assert values["model"]["l0_module"]["project_from"] == "18ba"
+    args.l0_project = None
     plain = quality.train_overrides(
         budget,
         quality.plan_arms(budget)["oneshot"][1],

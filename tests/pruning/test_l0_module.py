@@ -349,7 +349,7 @@ def test_expected_sparsity_reaches_target_by_gradient_play():
 
 
 def test_projection_puts_every_row_on_its_target_and_keeps_the_order():
-    m = module(project_to_target=True)
+    m = module(project_from=0)
     randomise(m, seed=3)
     before = {f: la.detach().clone() for f, la in m.log_alpha.items()}
     m.project_()
@@ -375,8 +375,8 @@ def test_projection_puts_every_row_on_its_target_and_keeps_the_order():
         assert torch.allclose(m.log_alpha[f], again[f], atol=1e-4), f
 
 
-def test_projection_waits_for_the_warmup_and_is_off_by_default():
-    for m, step in ((module(), 100), (module(project_to_target=True, lagrangian_warmup_steps=10), 9)):
+def test_projection_waits_for_its_batch_and_is_off_by_default():
+    for m, step in ((module(), 100), (module(project_from="10ba"), 9)):
         randomise(m, seed=4)
         before = {f: la.detach().clone() for f, la in m.log_alpha.items()}
         m.set_step(step)
@@ -388,7 +388,7 @@ def test_projection_waits_for_the_warmup_and_is_off_by_default():
 
 
 def test_projection_meets_a_global_target():
-    m = module(["head", "intermediate", "hidden"], target_sparsity=0.55, project_to_target=True)
+    m = module(["head", "intermediate", "hidden"], target_sparsity=0.55, project_from=0)
     randomise(m, seed=5)
     order = m.log_alpha["intermediate"].detach().argsort(-1)
     m.project_()

@@ -114,7 +114,7 @@ def test_short_run_reaches_target_expected_sparsity_and_prunes_to_target_shape(t
 
 
 def test_projected_masks_end_on_the_target():
-    l0 = l0_settings(project_to_target=True, lagrangian_warmup_steps=10)
+    l0 = l0_settings(project_from=10, lagrangian_warmup_steps=10)
     trainer = pruning_trainer(l0, max_duration="14ba")
     trainer.fit()
     module = trainer.state.model.l0_module
@@ -267,7 +267,7 @@ class ConsumeRandomness(Callback):
 @pytest.mark.filterwarnings("ignore:ConsumeRandomness is not in the state_dict")
 @pytest.mark.parametrize("project", [False, True])
 def test_resume_gives_bit_identical_l0_parameters(tmp_path, project):
-    l0 = l0_settings(project_to_target=True, lagrangian_warmup_steps=2) if project else l0_settings()
+    l0 = l0_settings(project_from="2ba") if project else l0_settings()
     full = pruning_trainer(l0, max_duration="6ba")
     full.fit()
 
