@@ -122,10 +122,10 @@ def section(cls: type) -> Any:
     return dataclasses.field(default_factory=cls, metadata={SECTION: cls})
 
 
-def parsed(schema: Any = None) -> Any:
-    """A section that another module defines and validates (``None`` by default); ``schema``: its keys, when
-    they are checked with the others (None: it checks its own keys)."""
-    return dataclasses.field(default=None, metadata={PARSED: True, SCHEMA: schema})
+def parsed(schema: Any = None, omit: bool = False) -> Any:
+    """A section that another module defines and validates (``None`` by default); ``schema``: its keys when
+    they are checked with the others (None: it checks its own keys); ``omit``: absent from the defaults."""
+    return dataclasses.field(default=None, metadata={PARSED: True, SCHEMA: schema, OMIT: omit})
 
 
 class Section:
@@ -136,15 +136,29 @@ class Section:
     ``config.json`` keeps the recipe as written); one made directly returns its fields.
     """
 
+    def keys(self) -> list[str]:
+        """The keys the recipe gave, in its order (a section made directly: its fields, less the optional
+        ones left unset)."""
+        keys = getattr(self, "_keys", None)
+        if keys is not None:
+            return list(keys)
+        return [
+            f.name
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if not (f.metadata.get(OMIT) and getattr(self, f.name) is None)
+        ]
+
+    def items(self) -> list[tuple[str, Any]]:
+        """``(key, value)`` of every key the recipe gave (for ``callbacks`` and ``loggers``: each one named)."""
+        return [(key, getattr(self, key)) for key in self.keys()]
+
+    def given(self, key: str) -> bool:
+        """Whether the recipe gave ``key``."""
+        return key in self.keys()
+
     def to_dict(self) -> dict[str, Any]:
         """The section as the plain mapping it was read from (values changed since: their new values)."""
-        keys = getattr(self, "_keys", None)
-        if keys is None:
-            keys = [
-                f.name
-                for f in dataclasses.fields(self)  # type: ignore[arg-type]
-                if not (f.metadata.get(OMIT) and getattr(self, f.name) is None)
-            ]
+        keys = self.keys()
         raw = getattr(self, "_raw", {})
         out: dict[str, Any] = {}
         for key in keys:

@@ -26,6 +26,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmshearing.training.run_config import RunConfig
 
 log = logging.getLogger("llmshearing.train")
 
@@ -63,80 +67,84 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     from llmshearing.training.config import load_config, validate_config
     from llmshearing.training.fsdp import resolve_fsdp
 
-    cfg = load_config(yaml_path, overrides)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    values = validate_config(cfg, world_size)
-    fsdp = resolve_fsdp(values["fsdp_config"])
-    slices = builders.reads_own_slices(values)  # FSDP2 from sharded weights: each rank reads its own shards
-    if fsdp is not None and values["model"]["init_device"] == "mixed" and world_size > 1 and not slices:
+    cfg = validate_config(load_config(yaml_path, overrides), world_size)  # the typed run config, parsed once
+    fsdp = resolve_fsdp(cfg.fsdp_config)
+    slices = builders.reads_own_slices(cfg)  # FSDP2 from sharded weights: each rank reads its own shards
+    if fsdp is not None and cfg.model.init_device == "mixed" and world_size > 1 and not slices:
         from llmshearing.training.fsdp import with_rank0_loading
 
         fsdp = with_rank0_loading(fsdp)  # rank 0 reads the source; FSDP broadcasts it into the shards
     if int(os.environ.get("RANK", "0")) == 0:  # before anything is loaded: the plan against the devices found
         from llmshearing.planning.preflight import warn_if_plan_does_not_fit
 
-        warn_if_plan_does_not_fit(values, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-    data_loading = DataLoadingConfig.from_callbacks(values["callbacks"])
+        warn_if_plan_does_not_fit(cfg, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    data_loading = DataLoadingConfig.required(cfg.callbacks.data_loading)
     for section in ("train_loader", "eval_loader"):  # the loaders read the data root from the top level
-        dataset = values.setdefault(section, {}).setdefault("dataset", {})
-        dataset.setdefault("local", values["data_local"])
-        dataset.setdefault("remote", values["data_remote"])
-        dataset.setdefault("max_seq_len", values["max_seq_len"])
-    save_folder = values["save_folder"].format(run_name=values["run_name"])
-    run_folder.check_start(save_folder, values["autoresume"], values["save_overwrite"])
+        if getattr(cfg, section) is None:
+            cfg.put(section, {})
+        dataset = getattr(cfg, section).setdefault("dataset", {})
+        dataset.setdefault("local", cfg.data_local)
+        dataset.setdefault("remote", cfg.data_remote)
+        dataset.setdefault("max_seq_len", cfg.max_seq_len)
+    save_folder = cfg.resolved_save_folder()
+    run_folder.check_start(save_folder, cfg.autoresume, cfg.save_overwrite)
     guard.watch(save_folder)
-    eval_tasks = builders.prepare_eval_tasks(
-        values
-    )  # lm-eval's tasks load (and are checked) before the model
-    if values["python_log_level"]:
+    # lm-eval's tasks load (and are checked) before the model
+    eval_tasks = builders.prepare_eval_tasks(cfg.eval_tasks, cfg.model.path, cfg.device_eval_batch_size)
+    if cfg.python_log_level:
         logging.basicConfig(format="%(asctime)s: [%(name)s]: %(levelname)s: %(message)s")
-        logging.getLogger("llmshearing").setLevel(values["python_log_level"].upper())
+        logging.getLogger("llmshearing").setLevel(cfg.python_log_level.upper())
 
-    device_batch = values["global_train_batch_size"] // world_size
+    device_batch = cfg.global_train_batch_size // world_size
     if world_size > 1:
         # one process group from the start: streaming would otherwise open and close its own on the same
         # port while building the loaders (a race between ranks), and the mask ranking is broadcast
-        dist.initialize_dist(get_device(values["device"]), values["dist_timeout"])
-        if values["autoresume"]:  # every node must see the run folder rank 0 writes
+        dist.initialize_dist(get_device(cfg.device), cfg.dist_timeout)
+        if cfg.autoresume:  # every node must see the run folder rank 0 writes
             from llmshearing.training.fsdp import check_shared_run_folder
 
             check_shared_run_folder(save_folder)
     train_loader = build_train_dataloader(
-        values["train_loader"],
+        cfg.train_loader,
         data_loading,
         device_batch_size=device_batch,
-        eval_interval=values["eval_interval"],
+        eval_interval=cfg.eval_interval,
     )
     eval_loader = build_eval_dataloader(
-        values["eval_loader"],
+        cfg.eval_loader,
         data_loading.set_names,
-        device_batch_size=values["device_eval_batch_size"],
-        subset_num_batches=values["eval_subset_num_batches"],
+        device_batch_size=cfg.device_eval_batch_size,
+        subset_num_batches=cfg.eval_subset_num_batches,
         names_key=f"{KEY}.set_names",
     )
-    reproducibility.seed_all(values["seed"])
+    reproducibility.seed_all(cfg.seed)
     if dist.get_global_rank() == 0:
-        print(f"llmshearing: {describe_parallelism(fsdp, world_size, device_batch, values)}", flush=True)
-        choice = (values["model"].get("l0_module") or {}).get("budget_choice")
+        print(f"llmshearing: {describe_parallelism(fsdp, world_size, device_batch, cfg)}", flush=True)
+        choice = cfg.model.l0_module.budget_choice if cfg.model.l0_module is not None else None
         if choice:
             print(f"llmshearing: {choice}", flush=True)
-    model, description = builders.build_model(values, data_loading.set_names, train_loader.dataloader.dataset)
+    model, description = builders.build_model(cfg, data_loading.set_names, train_loader.dataloader.dataset)
     if dist.get_global_rank() == 0:
         print(f"llmshearing: {builders.precision_line(description['precision'])}", flush=True)
         print(f"llmshearing: {description['loading']}", flush=True)
     # only once the recipe, the data and the model are known to be good
-    run_folder.prepare(save_folder, description, values["autoresume"], values["save_overwrite"])
+    run_folder.prepare(save_folder, description, cfg.autoresume, cfg.save_overwrite)
     if dist.get_global_rank() == 0:
         from llmshearing.checkpoint.run_config import write_run_description
 
         write_run_description(save_folder, description)
-    callbacks = [*builders.build_callbacks(values, save_folder), run_folder.RunRecord(description)]
+    distilling = cfg.model.distillation is not None
+    callbacks = [
+        *builders.build_callbacks(cfg.callbacks, save_folder, distilling=distilling),
+        run_folder.RunRecord(description),
+    ]
     if slices:
         from llmshearing.checkpoint.sharded import sharded_weights_dir
 
-        callbacks.append(builders.ShardedSourceFill(str(sharded_weights_dir(values["model"]["path"]))))
+        callbacks.append(builders.ShardedSourceFill(str(sharded_weights_dir(cfg.model.path))))
     if eval_tasks is not None:
-        callbacks.append(builders.build_icl_eval(values, eval_tasks, model, description))
+        callbacks.append(builders.build_icl_eval(cfg, eval_tasks, model, description))
     mixing = DynamicLoadingCallback.from_config(data_loading)
     if mixing is not None:
         callbacks.append(mixing)
@@ -145,53 +153,53 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     )
 
     trainer = Trainer(
-        run_name=values["run_name"],
+        run_name=cfg.run_name,
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=evaluator,
-        max_duration=values["max_duration"],
-        eval_interval=values["eval_interval"],
-        eval_subset_num_batches=values["eval_subset_num_batches"],
-        optimizers=builders.build_optimizer(values, model),
-        schedulers=builders.build_scheduler(values),
-        algorithms=builders.build_algorithms(values, save_folder, fsdp=fsdp is not None),
+        max_duration=cfg.max_duration,
+        eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        optimizers=builders.build_optimizer(cfg.optimizer, model),
+        schedulers=builders.build_scheduler(cfg.scheduler),
+        algorithms=builders.build_algorithms(cfg, save_folder, fsdp=fsdp is not None),
         callbacks=callbacks,
-        loggers=builders.build_loggers(values, save_folder),
-        precision=_precision(values["precision"], values["device"]),
-        device=values["device"],
-        device_train_microbatch_size=values["device_train_microbatch_size"],
+        loggers=builders.build_loggers(cfg.loggers, save_folder),
+        precision=_precision(cfg.precision, cfg.device),
+        device=cfg.device,
+        device_train_microbatch_size=cfg.device_train_microbatch_size,
         parallelism_config=None if fsdp is None else fsdp.parallelism,
-        compile_config=values["compile_config"],
+        compile_config=cfg.compile_config,
         save_folder=os.path.join(save_folder, "checkpoints"),
-        save_interval=values["save_interval"],
-        save_num_checkpoints_to_keep=values["save_num_checkpoints_to_keep"],
-        save_overwrite=values["save_overwrite"],
-        save_weights_only=values["save_weights_only"],
-        autoresume=values["autoresume"],
-        load_path=values["load_path"],
-        load_weights_only=values["load_weights_only"],
-        progress_bar=values["progress_bar"],
-        log_to_console=values["log_to_console"],
-        console_log_interval=values["console_log_interval"],
-        seed=values["seed"],
-        dist_timeout=values["dist_timeout"],
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        save_weights_only=cfg.save_weights_only,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only,
+        progress_bar=cfg.progress_bar,
+        log_to_console=cfg.log_to_console,
+        console_log_interval=cfg.console_log_interval,
+        seed=cfg.seed,
+        dist_timeout=cfg.dist_timeout,
     )
     if fsdp is not None and model.teacher is not None:  # Composer wrapped the student; the teacher follows it
         from llmshearing.training.fsdp import shard_teacher
 
-        weights = builders.teacher_weights(values)  # sharded weights: each rank fills its own slices
+        weights = builders.teacher_weights(cfg)  # sharded weights: each rank fills its own slices
         placed = shard_teacher(
             model.teacher,
             fsdp,
             next(trainer.state.model.parameters()).device,
-            from_rank0=weights is None and not builders.loads_on_every_rank(values),
+            from_rank0=weights is None and not builders.loads_on_every_rank(cfg),
             weights=weights,
         )
         if dist.get_global_rank() == 0:
             print(f"llmshearing: {placed}", flush=True)
-    if values["autoresume"]:
+    if cfg.autoresume:
         run_folder.check_progress(save_folder, int(trainer.state.timestamp.batch), _batches(trainer))
-    return trainer, values
+    return trainer, cfg
 
 
 def _batches(trainer) -> int:
@@ -199,7 +207,7 @@ def _batches(trainer) -> int:
     return int(trainer.state.max_duration.value)
 
 
-def describe_parallelism(fsdp, world_size: int, device_batch: int, values: dict) -> str:
+def describe_parallelism(fsdp, world_size: int, device_batch: int, cfg: RunConfig) -> str:
     """One line for the start of a run: how the model is spread and how much each rank reads."""
     from llmshearing.training.fsdp import ignored_fsdp2_keys
 
@@ -212,20 +220,20 @@ def describe_parallelism(fsdp, world_size: int, device_batch: int, values: dict)
         how = "data parallel (DDP, no sharding: set fsdp_config to shard)"
     else:
         how = "one process, no sharding"
-    micro = values["device_train_microbatch_size"]
+    micro = cfg.device_train_microbatch_size
     return (
         f"{how}; world size {world_size}; per-rank batch {device_batch} "
-        f"(micro-batch {micro}) of a global batch of {values['global_train_batch_size']}"
+        f"(micro-batch {micro}) of a global batch of {cfg.global_train_batch_size}"
     )
 
 
 def train(yaml_path: str, overrides: Sequence[str] = ()):
     """Build the trainer, run the optional first evaluation, train, and close."""
-    trainer, values = build_trainer(yaml_path, overrides)
-    return run(trainer, values)
+    trainer, cfg = build_trainer(yaml_path, overrides)
+    return run(trainer, cfg)
 
 
-def run(trainer, values: dict):
+def run(trainer, cfg: RunConfig):
     """Optional first evaluation (on a fresh run), then training; the trainer is closed at the end.
 
     A resumed run that already reached ``max_duration`` reports so and trains nothing.
@@ -240,8 +248,9 @@ def run(trainer, values: dict):
         # a fresh run evaluates first when asked to, and when the source model's own losses are
         # the reference of dynamic batch loading: that evaluation measures them, so a pruning run
         # makes it without its masks (ranked masks from init_from already cut the model)
-        source_reference = (values["callbacks"].get("data_loading") or {}).get("reference") == "source"
-        if (values["eval_first"] or source_reference) and int(trainer.state.timestamp.batch) == 0:
+        data_loading = cfg.callbacks.data_loading
+        source_reference = data_loading is not None and data_loading.reference == "source"
+        if (cfg.eval_first or source_reference) and int(trainer.state.timestamp.batch) == 0:
             from llmshearing.pruning.algorithm import masks_disabled
 
             with masks_disabled(trainer.state.model) if source_reference else contextlib.nullcontext():

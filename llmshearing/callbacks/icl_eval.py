@@ -203,21 +203,24 @@ def find_tokenizer(model_path: str, override: str | None) -> str:
     )
 
 
-def prepare_eval_tasks(values: dict[str, Any], config: EvalTasksConfig) -> PreparedTasks:
-    """Load every task of ``eval_tasks`` and the tokenizer, checking what the recipe cannot show."""
+def prepare_eval_tasks(
+    model_path: str, device_eval_batch_size: int, config: EvalTasksConfig
+) -> PreparedTasks:
+    """Load every task of ``eval_tasks`` and the tokenizer (beside ``model_path`` unless ``eval_tasks.tokenizer``
+    names one), checking what the recipe cannot show."""
     from llmshearing.checkpoint.loading import checkpoint_vocab_size
     from llmshearing.harness import runner
     from llmshearing.harness.model import load_tokenizer
 
     runner.quiet_lm_eval()
-    tokenizer_dir = find_tokenizer(values["model"]["path"], config.tokenizer)
+    tokenizer_dir = find_tokenizer(model_path, config.tokenizer)
     try:
         tokenizer = load_tokenizer(Path(tokenizer_dir))
     except ValueError as err:
         raise ConfigError(
             f"{KEY}: {err}".replace("pass --tokenizer DIR", f"set {KEY}.tokenizer=DIR")
         ) from None
-    vocab = checkpoint_vocab_size(values["model"]["path"])
+    vocab = checkpoint_vocab_size(model_path)
     if vocab is not None and len(tokenizer) > vocab:
         raise ConfigError(
             f"{KEY}: the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but model.path has {vocab} token "
@@ -233,7 +236,7 @@ def prepare_eval_tasks(values: dict[str, Any], config: EvalTasksConfig) -> Prepa
     finally:
         if bars:
             datasets.enable_progress_bars()
-    batch = config.batch_size or values["device_eval_batch_size"]
+    batch = config.batch_size or device_eval_batch_size
     return PreparedTasks(loaded, tokenizer_dir, batch)
 
 

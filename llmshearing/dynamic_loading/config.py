@@ -75,12 +75,17 @@ class DataLoadingConfig:
     def from_callbacks(cls, callbacks: Mapping[str, Any]) -> DataLoadingConfig:
         """The recipe's ``callbacks.data_loading``, which every run needs (at least its domains and mix)."""
         section = callbacks.get("data_loading")
-        if not section:
+        return cls.from_dict(section) if section else cls.required(None)
+
+    @staticmethod
+    def required(config: DataLoadingConfig | None) -> DataLoadingConfig:
+        """``config``, which every run needs: None (the recipe has no section) is refused, naming the keys."""
+        if config is None:
             raise ValueError(
                 f"{KEY} is required: at least set_names (the domains, i.e. the MDS sub-directories) "
                 "and proportion (their mix)"
             )
-        return cls.from_dict(section)
+        return config
 
     def __post_init__(self) -> None:
         self.validate()

@@ -112,8 +112,9 @@ def read_run(
     """The recipe validated as training validates it (without its files) and the configs it names."""
     from omegaconf import OmegaConf
 
+    from llmshearing.config_base import ConfigError
     from llmshearing.planning.plan import run_shape
-    from llmshearing.training.config import ConfigError, load_config, validate_config
+    from llmshearing.training.config import load_config, validate_config
 
     cfg = load_config(recipe, overrides)
     if OmegaConf.is_missing(cfg, "data_local"):
@@ -125,15 +126,15 @@ def read_run(
                 "or --source-config FILE (the source's config.json; yamls/sources/ holds the paper's sources)"
             )
         cfg.model.path = PLACEHOLDER
-    values = validate_config(cfg, gpus, check_paths=False)
-    model = values["model"]
-    student, where = _source_config(model["path"], source_config, "--source-config", "model.path")
+    run = validate_config(cfg, gpus, check_paths=False)
+    model = run.model
+    student, where = _source_config(model.path, source_config, "--source-config", "model.path")
     sources = {"source": where}
     teacher = None
-    distillation = model.get("distillation")
-    if distillation:
-        path = distillation["teacher"]
-        if teacher_config is None and path == model["path"]:
+    distillation = model.distillation
+    if distillation is not None:
+        path = distillation.teacher
+        if teacher_config is None and path == model.path:
             teacher, sources["teacher"] = student, f"{where} (the source)"
         else:
             teacher, sources["teacher"] = _source_config(
@@ -144,16 +145,13 @@ def read_run(
                 f"the teacher ({sources['teacher']}) has a vocabulary of {teacher.vocab_size} tokens and the "
                 f"student ({where}) {student.vocab_size}; distil from a model with the student's tokenizer"
             )
-    l0 = model.get("l0_module")
-    if l0:
-        from llmshearing.pruning.targets import L0Config
-
+    if model.l0_module is not None:
         try:  # the target must be reachable from this source, as the run checks it
-            L0Config.from_dict(l0).resolve(student)
+            model.l0_module.resolve(student)
         except ValueError as err:
             raise ConfigError(f"{recipe}: {err}") from None
     try:
-        return run_shape(values, student, teacher), sources
+        return run_shape(run, student, teacher), sources
     except ValueError as err:
         raise ConfigError(f"{recipe}: {err}") from None
 
@@ -163,7 +161,7 @@ def _source_config(path: str, given: str | None, flag: str, key: str) -> tuple[A
     from llmshearing.checkpoint.format import CONFIG_NAME
     from llmshearing.checkpoint.reading import read_any_config
     from llmshearing.checkpoint.run_config import find_run_config
-    from llmshearing.training.config import ConfigError
+    from llmshearing.config_base import ConfigError
 
     if given is not None:
         if not Path(given).is_file():

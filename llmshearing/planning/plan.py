@@ -1,7 +1,7 @@
 """A run's plan: per-rank GPU memory of each stage, host memory per node, FLOPs, tokens/s and hours,
 whether it fits the stated GPUs and what to change when it does not.
 
-Everything here is a pure function of a validated recipe (``validate_config``'s dict), the student's
+Everything here is a pure function of a validated recipe (``validate_config``'s ``RunConfig``), the student's
 and teacher's :class:`ModelConfig` and the stated :class:`Hardware`; nothing is loaded.
 """
 
@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llmshearing.models.config import ModelConfig
 from llmshearing.planning import memory as mem
 from llmshearing.planning.memory import FP32, Kernels, step_dtypes
 from llmshearing.planning.step import StepEstimate, StepSettings, step_memory, weight_bytes
+
+if TYPE_CHECKING:
+    from llmshearing.training.run_config import RunConfig
 
 GIB = 1024**3
 USABLE_FRACTION = 0.9  # allocator fragmentation and caching
@@ -76,64 +79,61 @@ class RunShape:
     sliced_teacher: bool = False  # FSDP2 with a teacher with sharded weights: each rank reads its own shards
 
 
-def run_shape(values: dict[str, Any], student: ModelConfig, teacher: ModelConfig | None) -> RunShape:
+def run_shape(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | None) -> RunShape:
     """The plan's view of a validated recipe; ``student`` is the source's shape (pruning trains the
     whole source under its masks) and ``teacher`` the distillation teacher's, if any."""
     from llmshearing.training.fsdp import fsdp_enabled
 
-    model = values["model"]
-    l0 = model.get("l0_module")
-    fsdp = values.get("fsdp_config") if fsdp_enabled(values.get("fsdp_config")) else None
+    model = cfg.model
+    l0 = model.l0_module
+    fsdp = cfg.fsdp_config if fsdp_enabled(cfg.fsdp_config) else None
     settings = dict(fsdp or {})
     strategy = str(settings.get("sharding_strategy", "FULL_SHARD")).upper()
     if strategy not in STRATEGIES:
         raise ValueError(f"fsdp_config.sharding_strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
-    micro = values["device_train_microbatch_size"]
-    distillation = model.get("distillation")
+    micro = cfg.device_train_microbatch_size
+    distillation = model.distillation
     return RunShape(
-        stage="pruning" if l0 else "continued pretraining",
+        stage="pruning" if l0 is not None else "continued pretraining",
         student=student,
-        teacher=teacher if distillation else None,
-        seq_len=int(values["max_seq_len"]),
-        global_batch=int(values["global_train_batch_size"]),
+        teacher=teacher if distillation is not None else None,
+        seq_len=int(cfg.max_seq_len),
+        global_batch=int(cfg.global_train_batch_size),
         micro_batch=None if micro == "auto" else int(micro),
-        eval_batch=int(values["device_eval_batch_size"]),
-        steps=int(str(values["max_duration"]).removesuffix("ba")),
-        precision=str(values["precision"]),
+        eval_batch=int(cfg.device_eval_batch_size),
+        steps=int(str(cfg.max_duration).removesuffix("ba")),
+        precision=str(cfg.precision),
         fsdp=fsdp is not None,
         strategy=strategy,
         mixed_precision=str(settings.get("mixed_precision", "DEFAULT")).upper(),
         checkpointing=bool(settings.get("activation_checkpointing", False)),
-        flash=model.get("attn_impl", "auto") in ("auto", "flash"),
-        rank0_loading=fsdp is not None and model.get("init_device") == "mixed",
-        sliced_source=fsdp is not None and reads_sliced_source(values),
-        sliced_teacher=fsdp is not None and distillation is not None and reads_sliced_teacher(values),
-        l0_families=tuple(l0.get("pruning_modules") or ("layer", "head", "intermediate", "hidden"))
-        if l0
-        else (),
-        kd_chunk=int(distillation.get("chunk_size") or 1024) if distillation else None,
-        ranking=bool(l0 and l0.get("init_from") == "importance"),
+        flash=model.attn_impl in ("auto", "flash"),
+        rank0_loading=fsdp is not None and model.init_device == "mixed",
+        sliced_source=fsdp is not None and reads_sliced_source(cfg),
+        sliced_teacher=fsdp is not None and distillation is not None and reads_sliced_teacher(cfg),
+        l0_families=tuple(l0.pruning_modules) if l0 is not None else (),
+        kd_chunk=int(distillation.chunk_size) if distillation is not None else None,
+        ranking=l0 is not None and l0.init_from == "importance",
     )
 
 
-def reads_sliced_source(values: dict[str, Any]) -> bool:
+def reads_sliced_source(cfg: RunConfig) -> bool:
     """Whether FSDP2 (``FSDP_VERSION=2`` in the environment) would fill each rank's shards from the source's
     sharded weights (``model.dcp/``): not with ``init_from: importance``, which needs the whole model first."""
     from llmshearing.training.fsdp import slices_sharded_weights
 
-    l0 = values["model"].get("l0_module") or {}
-    return (
-        slices_sharded_weights(values.get("fsdp_config"), values["model"]["path"])
-        and l0.get("init_from") != "importance"
+    l0 = cfg.model.l0_module
+    return slices_sharded_weights(cfg.fsdp_config, cfg.model.path) and (
+        l0 is None or l0.init_from != "importance"
     )
 
 
-def reads_sliced_teacher(values: dict[str, Any]) -> bool:
+def reads_sliced_teacher(cfg: RunConfig) -> bool:
     """Whether FSDP2 would fill each rank's shards of the distillation teacher from its sharded weights."""
     from llmshearing.training.fsdp import slices_sharded_weights
 
-    teacher = (values["model"].get("distillation") or {}).get("teacher")
-    return isinstance(teacher, str) and slices_sharded_weights(values.get("fsdp_config"), teacher)
+    distillation = cfg.model.distillation
+    return distillation is not None and slices_sharded_weights(cfg.fsdp_config, distillation.teacher)
 
 
 def shards(shape: RunShape, gpus: int, gpus_per_node: int) -> int:

@@ -16,9 +16,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmshearing.planning.plan import Hardware, Plan, make_plan
+
+if TYPE_CHECKING:
+    from llmshearing.training.run_config import RunConfig
 
 MEMORY_ENV = "LLMSHEARING_DEVICE_MEMORY"
 
@@ -75,17 +78,16 @@ def _config_of(path: str) -> Any:
     return model_config_if_readable(path)
 
 
-def run_plan(values: dict[str, Any], hardware: Hardware) -> Plan | None:
+def run_plan(cfg: RunConfig, hardware: Hardware) -> Plan | None:
     """The plan of a validated recipe on ``hardware``; None when the source's or teacher's config is unreadable."""
     from llmshearing.planning.plan import run_shape
 
-    model = values["model"]
-    student = _config_of(model["path"])
-    distillation = model.get("distillation")
-    teacher = _config_of(distillation["teacher"]) if distillation else None
-    if student is None or (distillation and teacher is None):
+    student = _config_of(cfg.model.path)
+    distillation = cfg.model.distillation
+    teacher = _config_of(distillation.teacher) if distillation is not None else None
+    if student is None or (distillation is not None and teacher is None):
         return None
-    return make_plan(run_shape(values, student, teacher), hardware)
+    return make_plan(run_shape(cfg, student, teacher), hardware)
 
 
 def _what_to_change(plan: Plan, ranks: int, gpus: bool) -> str:
@@ -100,16 +102,16 @@ def _what_to_change(plan: Plan, ranks: int, gpus: bool) -> str:
 
 
 def fit_warning(
-    values: dict[str, Any], world: int, local_world: int, environ: Mapping[str, str] | None = None
+    cfg: RunConfig, world: int, local_world: int, environ: Mapping[str, str] | None = None
 ) -> str | None:
     """One warning line when the run's plan does not fit the detected devices, else None."""
     from llmshearing.planning.commands import gib
 
-    hardware, devices = detected_hardware(values.get("device"), world, local_world, environ)
-    plan = run_plan(values, hardware)
+    hardware, devices = detected_hardware(cfg.device, world, local_world, environ)
+    plan = run_plan(cfg, hardware)
     if plan is None:
         return None
-    gpus = uses_gpus(values.get("device"))
+    gpus = uses_gpus(cfg.device)
     per = "GPU" if gpus else "rank"
     if plan.failing:
         stage = plan.failing[0]
@@ -138,12 +140,12 @@ def fit_warning(
     )
 
 
-def warn_if_plan_does_not_fit(values: dict[str, Any], world: int, local_world: int) -> str | None:
+def warn_if_plan_does_not_fit(cfg: RunConfig, world: int, local_world: int) -> str | None:
     """Print :func:`fit_warning`'s line (stderr) when there is one; never raises (the plan is an estimate)."""
     import sys
 
     try:
-        line = fit_warning(values, world, local_world)
+        line = fit_warning(cfg, world, local_world)
     except Exception as err:  # an estimate must never stop a run (a bad LLMSHEARING_DEVICE_MEMORY included)
         line = f"warning: the run's plan was not checked against the devices ({err})"
     if line is not None:

@@ -434,11 +434,19 @@ def _l0_budget(l0: Any, source: ModelConfig) -> tuple[Budget, ShapeSpace]:
 def resolve_l0_budget(settings: Mapping[str, Any], source: ModelConfig) -> tuple[dict[str, Any], str]:
     """``model.l0_module`` settings with ``target_budget`` replaced by the ``target_model`` it resolves
     to (:func:`choose_shape`, within what ``pruning_modules`` can prune), and the line saying why."""
-    from llmshearing.pruning.targets import PREFIX, L0Config
+    from llmshearing.pruning.targets import L0Config
 
-    l0 = L0Config.from_dict(dict(settings))
+    changes, why = budget_resolution(L0Config.from_dict(dict(settings)), source)
+    return {**dict(settings), **changes}, why
+
+
+def budget_resolution(l0: Any, source: ModelConfig) -> tuple[dict[str, Any], str]:
+    """The settings an ``L0Config``'s ``target_budget`` changes (``target_model`` and ``budget_choice``;
+    nothing without a budget) and the line saying why."""
+    from llmshearing.pruning.targets import PREFIX
+
     if l0.target_budget is None:
-        return dict(settings), ""
+        return {}, ""
     key = f"{PREFIX}.target_budget"
     budget, space = _l0_budget(l0, source)
     try:
@@ -452,9 +460,8 @@ def resolve_l0_budget(settings: Mapping[str, Any], source: ModelConfig) -> tuple
             f"sparsity of {sparsity:.4f} (the prunable parameters of {best.label()}, the budget's proportional "
             "shape); the fold rounds their expected sizes to the nearest valid shape within the budget"
         )
-        return {**dict(settings), "budget_choice": why}, why
-    resolved = {**dict(settings), "target_budget": None, "target_model": best.shape, "budget_choice": why}
-    return resolved, why
+        return {"budget_choice": why}, why
+    return {"target_budget": None, "target_model": best.shape, "budget_choice": why}, why
 
 
 def learned_budget_sparsity(l0: Any, source: ModelConfig) -> float:

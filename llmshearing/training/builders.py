@@ -1,4 +1,4 @@
-"""Build the pieces of a Composer run from a validated training config (a plain dict)."""
+"""Build the pieces of a Composer run from a validated ``RunConfig``, each from its typed section."""
 
 from __future__ import annotations
 
@@ -17,12 +17,19 @@ from llmshearing.checkpoint.run_config import (
 from llmshearing.config_base import SCHEDULERS, ConfigError
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.training.registries import callback_classes, logger_classes
+from llmshearing.training.run_config import (
+    CallbackSettings,
+    LoggerSettings,
+    OptimizerSettings,
+    RunConfig,
+    SchedulerSettings,
+)
 
 log = logging.getLogger("llmshearing.train")
 
 
 def build_model(
-    values: dict[str, Any], domains: list[str], train_dataset: Any = None
+    run: RunConfig, domains: list[str], train_dataset: Any = None
 ) -> tuple[ComposerLlama, dict[str, Any]]:
     """The ComposerLlama initialised from ``model.path``; attaches the L0 module when pruning.
 
@@ -32,16 +39,16 @@ def build_model(
     """
     from llmshearing.data.checks import check_vocab
 
-    model_cfg = values["model"]
-    slices = reads_own_slices(values)
-    reads = reads_source_here(values) and not slices
-    config, state_dict, hf_config = read_source(model_cfg["path"], weights=reads)
-    refuse_pruning_checkpoint(state_dict, pruning_checkpoint_message(model_cfg["path"]), ConfigError)
-    check_vocab(values["data_local"], config.vocab_size, model_cfg["path"])  # before any batch is read
+    model_cfg = run.model
+    slices = reads_own_slices(run)
+    reads = reads_source_here(run) and not slices
+    config, state_dict, hf_config = read_source(model_cfg.path, weights=reads)
+    refuse_pruning_checkpoint(state_dict, pruning_checkpoint_message(model_cfg.path), ConfigError)
+    check_vocab(run.data_local, config.vocab_size, model_cfg.path)  # before any batch is read
     config = config.replace(
-        attn_impl=model_cfg["attn_impl"], max_seq_len=max(config.max_seq_len, values["max_seq_len"])
+        attn_impl=model_cfg.attn_impl, max_seq_len=max(config.max_seq_len, run.max_seq_len)
     )
-    source = {"path": os.path.abspath(model_cfg["path"]), "dtype": stored_dtype(state_dict)}
+    source = {"path": os.path.abspath(model_cfg.path), "dtype": stored_dtype(state_dict)}
     model = ComposerLlama(config, domains=domains, init_device="meta")  # no random init: weights come next
     if reads:
         model.model.load_state_dict(master_weights(state_dict), strict=True, assign=True)
@@ -53,69 +60,67 @@ def build_model(
         "hf_config": hf_config,
         "l0_module": None,
         "source": source,
-        "precision": describe_precision(values["precision"], values["device"], source["dtype"]),
-        "loading": describe_loading(values),
-        "train": values,
+        "precision": describe_precision(run.precision, run.device, source["dtype"]),
+        "loading": describe_loading(run),
+        "train": run.to_dict(),
     }
-    if model_cfg.get("l0_module"):
+    if model_cfg.l0_module is not None:
         from llmshearing.pruning import attach_l0_module
 
         if not reads:  # the L0 module is built for real on every rank: it stays whole, never sharded
             from llmshearing.pruning.l0_module import L0Module
-            from llmshearing.pruning.targets import L0Config
 
-            model.l0_module = L0Module(model.model.config, L0Config.from_dict(model_cfg["l0_module"]))
-        l0 = attach_l0_module(model, model_cfg["l0_module"])
+            model.l0_module = L0Module(model.model.config, model_cfg.l0_module)
+        l0 = attach_l0_module(model, model_cfg.l0_module)
         description["l0_module"] = l0.l0_config.to_dict()
         if l0.l0_config.init_from is not None:  # log-alphas ranked by activation importance of the source
             description["l0_init"] = initialize_masks(
-                l0, model.model, values, train_dataset, every_rank=loads_on_every_rank(values)
+                l0, model.model, run, train_dataset, every_rank=loads_on_every_rank(run)
             )
-    if model_cfg.get("distillation"):  # validated (and its teacher path resolved) by validate_config
+    distillation = model_cfg.distillation  # its teacher path filled in by validate_config
+    if distillation is not None:
         from llmshearing.checkpoint.loading import load_teacher
-        from llmshearing.models.teacher import DistillationConfig
 
-        distillation = DistillationConfig.from_dict(model_cfg["distillation"])
-        dtype = teacher_dtype(values["precision"], values["device"])
+        dtype = teacher_dtype(run.precision, run.device)
         # read whole (rank 0 or every rank), or built on meta everywhere and filled in slices once sharded
-        on_meta = not reads_source_here(values) or teacher_reads_own_slices(values)
-        teacher = load_teacher(distillation.teacher, dtype, model_cfg["attn_impl"], on_meta=on_meta)
+        on_meta = not reads_source_here(run) or teacher_reads_own_slices(run)
+        teacher = load_teacher(distillation.teacher, dtype, model_cfg.attn_impl, on_meta=on_meta)
         model.attach_teacher(teacher, distillation)
         description["distillation"] = distillation.to_dict()
     return model, description
 
 
-def loads_on_every_rank(values: dict[str, Any]) -> bool:
+def loads_on_every_rank(run: RunConfig) -> bool:
     """Whether every rank reads the source and the teacher (``model.init_device: cpu``, or one process)."""
     from composer.utils import dist
 
-    return values["model"].get("init_device", "cpu") != "mixed" or dist.get_world_size() == 1
+    return run.model.init_device != "mixed" or dist.get_world_size() == 1
 
 
-def reads_source_here(values: dict[str, Any]) -> bool:
+def reads_source_here(run: RunConfig) -> bool:
     """Whether this rank reads the source's (and the teacher's) weights: every rank, or rank 0 alone with
     ``model.init_device: mixed`` (the others build on ``meta`` and FSDP broadcasts rank 0's weights)."""
     from composer.utils import dist
 
-    return loads_on_every_rank(values) or dist.get_global_rank() == 0
+    return loads_on_every_rank(run) or dist.get_global_rank() == 0
 
 
-def reads_own_slices(values: dict[str, Any]) -> bool:
+def reads_own_slices(run: RunConfig) -> bool:
     """Whether each rank reads only its own shards of the source: an FSDP2 run on several ranks from sharded
     weights (``model.dcp/``), unless ``init_from: importance`` needs the whole model before sharding."""
     from composer.utils import dist
 
     from llmshearing.training.fsdp import slices_sharded_weights
 
-    l0 = values["model"].get("l0_module") or {}
+    l0 = run.model.l0_module
     return (
         dist.get_world_size() > 1
-        and slices_sharded_weights(values.get("fsdp_config"), values["model"]["path"])
-        and l0.get("init_from") != "importance"
+        and slices_sharded_weights(run.fsdp_config, run.model.path)
+        and (l0 is None or l0.init_from != "importance")
     )
 
 
-def teacher_reads_own_slices(values: dict[str, Any]) -> bool:
+def teacher_reads_own_slices(run: RunConfig) -> bool:
     """Whether each rank reads only its own shards of the distillation teacher: an FSDP2 run on several ranks
     whose teacher has sharded weights (``model.dcp/``), whatever the source is. Every rank builds the teacher
     on ``meta``; :func:`llmshearing.training.fsdp.shard_teacher` shards its blocks and fills each rank's slices
@@ -124,21 +129,21 @@ def teacher_reads_own_slices(values: dict[str, Any]) -> bool:
 
     from llmshearing.training.fsdp import slices_sharded_weights
 
-    teacher = (values["model"].get("distillation") or {}).get("teacher")
+    distillation = run.model.distillation
     return (
-        isinstance(teacher, str)
+        distillation is not None
         and dist.get_world_size() > 1
-        and slices_sharded_weights(values.get("fsdp_config"), teacher)
+        and slices_sharded_weights(run.fsdp_config, distillation.teacher)
     )
 
 
-def teacher_weights(values: dict[str, Any]) -> str | None:
+def teacher_weights(run: RunConfig) -> str | None:
     """The sharded weights directory each rank fills its teacher shards from (``None``: read whole)."""
     from llmshearing.checkpoint.sharded import sharded_weights_dir
 
-    if not teacher_reads_own_slices(values):
+    if not teacher_reads_own_slices(run):
         return None
-    return str(sharded_weights_dir(values["model"]["distillation"]["teacher"]))
+    return str(sharded_weights_dir(run.model.distillation.teacher))
 
 
 class ShardedSourceFill(Callback):
@@ -155,13 +160,13 @@ class ShardedSourceFill(Callback):
         fill_from_sharded_weights(state.model.model, self.weights)
 
 
-def describe_loading(values: dict[str, Any]) -> str:
+def describe_loading(run: RunConfig) -> str:
     """Which ranks read the source (and the teacher) into host memory; said at start-up, kept in config.json."""
     from composer.utils import dist
 
     world = dist.get_world_size()
-    distilling = bool(values["model"].get("distillation"))
-    sliced_teacher = distilling and teacher_reads_own_slices(values)
+    distilling = run.model.distillation is not None
+    sliced_teacher = distilling and teacher_reads_own_slices(run)
     teacher = (
         f"; teacher read in slices: each of the {world} ranks builds it on meta and reads its own shards of "
         "the teacher's sharded weights (model.dcp/) once its blocks are sharded, one stored tensor at a time "
@@ -169,9 +174,9 @@ def describe_loading(values: dict[str, Any]) -> str:
         if sliced_teacher
         else ""
     )
-    if reads_own_slices(values):
+    if reads_own_slices(run):
         if distilling and not sliced_teacher:
-            rank0 = not loads_on_every_rank(values)
+            rank0 = not loads_on_every_rank(run)
             teacher = f"; the teacher read whole {'on rank 0' if rank0 else 'on every rank'}"
         return (
             f"source read in slices: each of the {world} ranks reads its own shards of the sharded weights "
@@ -181,14 +186,14 @@ def describe_loading(values: dict[str, Any]) -> str:
     what = "source and teacher" if distilling and not sliced_teacher else "source"
     if world == 1:
         where = f"{what} read in the one process"
-    elif loads_on_every_rank(values):
+    elif loads_on_every_rank(run):
         where = f"{what} read on every rank ({world} of {world} ranks, model.init_device=cpu)"
     else:
         where = (
             f"{what} read on rank 0 (1 of {world} ranks, model.init_device=mixed), the other ranks built on "
             "meta; broadcast to the shards once FSDP has wrapped the model"
         )
-    return where + sharded_source_note(values["model"]["path"]) + teacher
+    return where + sharded_source_note(run.model.path) + teacher
 
 
 def sharded_source_note(path: str) -> str:
@@ -294,7 +299,7 @@ def teacher_dtype(precision: str, device: str | None) -> Any:
 
 
 def initialize_masks(
-    l0: Any, decoder: Any, values: dict[str, Any], dataset: Any = None, every_rank: bool = True
+    l0: Any, decoder: Any, run: RunConfig, dataset: Any = None, every_rank: bool = True
 ) -> dict[str, Any]:
     """Rank the L0 module's log-alphas (``init_from``) before training; every rank must call this.
 
@@ -317,9 +322,9 @@ def initialize_masks(
 
     from llmshearing.pruning.ranking import initialize_from_importance
 
-    device = get_device(values["device"])
+    device = get_device(run.device)
     target = torch.device("cuda") if device.name == "gpu" else torch.device("cpu")
-    autocast_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(values["precision"])
+    autocast_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(run.precision)
     rank, world = dist.get_global_rank(), dist.get_world_size()
     source = l0.l0_config.init_from
     shared = source == "importance" and dataset is not None and every_rank  # every rank calibrates its share
@@ -347,8 +352,8 @@ def initialize_masks(
                 initialize_from_importance(
                     l0,
                     decoder,
-                    values["data_local"],
-                    values["device_eval_batch_size"],
+                    run.data_local,
+                    run.device_eval_batch_size,
                     dataset=dataset if shared or not every_rank else None,
                     rank=rank if shared else 0,
                     world_size=world if shared else 1,
@@ -365,7 +370,7 @@ def initialize_masks(
     cost = {
         "source": str(source),
         "device": target.type,
-        "precision": values["precision"] if target.type == "cuda" else "fp32",
+        "precision": run.precision if target.type == "cuda" else "fp32",
         "ranks": world if shared else 1,
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -385,61 +390,54 @@ def pruning_checkpoint_message(path: str) -> str:
     )
 
 
-def build_optimizer(values: dict[str, Any], model: ComposerLlama):
+def build_optimizer(opt: OptimizerSettings, model: ComposerLlama):
     from composer.optim import DecoupledAdamW
 
-    opt = values["optimizer"]
-    if opt["name"] != "decoupled_adamw":
-        raise ValueError(f"optimizer.name {opt['name']!r} is not supported; use decoupled_adamw")
+    if opt.name != "decoupled_adamw":
+        raise ValueError(f"optimizer.name {opt.name!r} is not supported; use decoupled_adamw")
     if model.l0_module is not None:
         from llmshearing.pruning import l0_param_groups
 
         l0 = model.l0_module.l0_config
-        groups = l0_param_groups(model, opt["lr"], l0.mask_lr, l0.multiplier_lr)
+        groups = l0_param_groups(model, opt.lr, l0.mask_lr, l0.multiplier_lr)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     return DecoupledAdamW(
-        groups, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], weight_decay=opt["weight_decay"]
+        groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
     )
 
 
-def build_scheduler(values: dict[str, Any]):
+def build_scheduler(sched: SchedulerSettings):
     from composer.optim import (
         ConstantWithWarmupScheduler,
         CosineAnnealingWithWarmupScheduler,
         LinearWithWarmupScheduler,
     )
 
-    sched = dict(values["scheduler"])
-    name = sched.pop("name")
-    t_max = sched.get("t_max") or "1dur"
+    name = sched.name
+    t_max = sched.t_max or "1dur"
     if name == "cosine_with_warmup":
-        return CosineAnnealingWithWarmupScheduler(
-            t_warmup=sched["t_warmup"], t_max=t_max, alpha_f=sched.get("alpha_f", 0.0)
-        )
+        return CosineAnnealingWithWarmupScheduler(t_warmup=sched.t_warmup, t_max=t_max, alpha_f=sched.alpha_f)
     if name == "linear_with_warmup":
-        return LinearWithWarmupScheduler(
-            t_warmup=sched["t_warmup"], t_max=t_max, alpha_f=sched.get("alpha_f", 0.0)
-        )
+        return LinearWithWarmupScheduler(t_warmup=sched.t_warmup, t_max=t_max, alpha_f=sched.alpha_f)
     if name == "constant_with_warmup":
-        return ConstantWithWarmupScheduler(t_warmup=sched["t_warmup"], t_max=t_max)
+        return ConstantWithWarmupScheduler(t_warmup=sched.t_warmup, t_max=t_max)
     raise ValueError(f"scheduler.name {name!r} is not supported; use one of {SCHEDULERS}")
 
 
-def build_algorithms(values: dict[str, Any], save_folder: str, fsdp: bool = False) -> list[Algorithm]:
+def build_algorithms(run: RunConfig, save_folder: str, fsdp: bool = False) -> list[Algorithm]:
     """Gradient clipping (FSDP-aware under FSDP) and, when pruning, ``L0Pruning``."""
     algorithms: list[Algorithm] = []
-    clipping = values["algorithms"].get("gradient_clipping")
+    clipping = run.algorithms.gradient_clipping
+    l0 = run.model.l0_module
     if fsdp:  # Composer's GradientClipping does not see the whole model under FSDP
-        from llmshearing.pruning.targets import L0Config
         from llmshearing.training.fsdp import FSDPGradients
 
-        l0 = values["model"].get("l0_module")
         algorithms.append(
             FSDPGradients(
                 clipping_type=clipping.get("clipping_type", "norm") if clipping else None,
                 clipping_threshold=float(clipping.get("clipping_threshold", 1.0)) if clipping else 1.0,
-                clip_l0=L0Config.from_dict(l0).clip_l0_grads if l0 else True,
+                clip_l0=l0.clip_l0_grads if l0 is not None else True,
             )
         )
     elif clipping:
@@ -451,38 +449,42 @@ def build_algorithms(values: dict[str, Any], save_folder: str, fsdp: bool = Fals
                 clipping_threshold=float(clipping.get("clipping_threshold", 1.0)),
             )
         )
-    if values["model"].get("l0_module"):
+    if l0 is not None:
         from llmshearing.pruning import L0Pruning
 
-        algorithms.append(L0Pruning(values["model"]["l0_module"], save_folder=save_folder))
+        algorithms.append(L0Pruning(l0, save_folder=save_folder))
     return algorithms
 
 
-def build_callbacks(values: dict[str, Any], save_folder: str) -> list[Callback]:
+def build_callbacks(
+    callbacks_cfg: CallbackSettings, save_folder: str, distilling: bool = False
+) -> list[Callback]:
+    """The callbacks the recipe names (``callbacks.<name>``; ``data_loading`` is built by the entry point),
+    ``AbsentDomainMetrics`` always and ``TeacherTimeMonitor`` when ``distilling``."""
     from llmshearing.callbacks.domain_metrics import AbsentDomainMetrics
 
     known = callback_classes()
     callbacks: list[Callback] = [AbsentDomainMetrics()]  # no per-domain train metric for an absent domain
-    for name, kwargs in values["callbacks"].items():
+    for name, kwargs in callbacks_cfg.items():
         if name == "data_loading" or kwargs is False:
             continue
         if name == "sample_log":
             callbacks.append(known[name](**{"folder": save_folder, **(kwargs or {})}))
             continue
         callbacks.append(known[name](**(kwargs or {})))
-    if values["model"].get("distillation"):
+    if distilling:
         from llmshearing.callbacks.distillation import TeacherTimeMonitor
 
         callbacks.append(TeacherTimeMonitor())
     return callbacks
 
 
-def build_loggers(values: dict[str, Any], save_folder: str) -> list[LoggerDestination]:
+def build_loggers(loggers_cfg: LoggerSettings, save_folder: str) -> list[LoggerDestination]:
     from llmshearing.training.metrics_log import MetricsJSONLLogger
 
     known = logger_classes()
     loggers: list[LoggerDestination] = [MetricsJSONLLogger(save_folder)]
-    for name, kwargs in values["loggers"].items():
+    for name, kwargs in loggers_cfg.items():
         if kwargs is False:
             continue
         kwargs = dict(kwargs or {})
@@ -492,21 +494,21 @@ def build_loggers(values: dict[str, Any], save_folder: str) -> list[LoggerDestin
     return loggers
 
 
-def prepare_eval_tasks(values: dict[str, Any]) -> Any:
-    """The recipe's ``eval_tasks`` loaded through lm-eval (None without the key); a task that cannot be
-    scored is a ``ConfigError`` naming its key."""
+def prepare_eval_tasks(eval_tasks: Any, model_path: str, device_eval_batch_size: int) -> Any:
+    """The recipe's ``eval_tasks`` loaded through lm-eval (None without the key), with the tokenizer found
+    beside ``model_path``; a task that cannot be scored is a ``ConfigError`` naming its key."""
     from llmshearing.callbacks.eval_tasks import parse_eval_tasks
 
-    config = parse_eval_tasks(values.get("eval_tasks"))
+    config = parse_eval_tasks(eval_tasks)
     if config is None:
         return None
     from llmshearing.callbacks.icl_eval import prepare_eval_tasks as prepare
 
-    return prepare(values, config)
+    return prepare(model_path, device_eval_batch_size, config)
 
 
 def build_icl_eval(
-    values: dict[str, Any], prepared: Any, model: ComposerLlama, description: dict[str, Any]
+    run: RunConfig, prepared: Any, model: ComposerLlama, description: dict[str, Any]
 ) -> Callback:
     """The callback that scores the prepared ``eval_tasks`` on ``model`` at the run's evaluations."""
     from llmshearing.callbacks.icl_eval import InContextEval
@@ -514,4 +516,4 @@ def build_icl_eval(
     from llmshearing.hf.config import hf_config_from_model
 
     hf_config = hf_config_from_model(model.config, description.get("hf_config"), "fp32")
-    return InContextEval(prepared, batches("eval_interval", values["eval_interval"]), hf_config)
+    return InContextEval(prepared, batches("eval_interval", run.eval_interval), hf_config)

@@ -7,6 +7,8 @@ rather than found a few batches into training.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from typing import Any
 
@@ -23,6 +25,16 @@ from llmshearing.config_base import (
     duration_in_batches,
 )
 from llmshearing.dynamic_loading.config import KEY as _DL
+from llmshearing.models.config import ATTN_IMPLS
+from llmshearing.pruning.targets import PREFIX, L0Config, check_loadable_shape, target_config
+from llmshearing.training.registries import callback_classes, logger_classes
+from llmshearing.training.run_config import (
+    AlgorithmSettings,
+    ModelSettings,
+    OptimizerSettings,
+    RunConfig,
+    SchedulerSettings,
+)
 
 BOOLEANS = (
     "eval_first",
@@ -60,40 +72,40 @@ def check_choice(key: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
-def check_optimizer(optimizer: dict[str, Any]) -> None:
-    check_choice("optimizer.name", optimizer.get("name"), OPTIMIZERS)
-    check_number("optimizer.lr", optimizer.get("lr"), 0.0, low_open=True)
-    betas = optimizer.get("betas")
+def check_optimizer(optimizer: OptimizerSettings) -> None:
+    check_choice("optimizer.name", optimizer.name, OPTIMIZERS)
+    check_number("optimizer.lr", optimizer.lr, 0.0, low_open=True)
+    betas = optimizer.betas
     if not isinstance(betas, list) or len(betas) != 2:
         raise ConfigError(f"optimizer.betas must be a list of two numbers in [0, 1), got {betas!r}")
     for i, beta in enumerate(betas):
         if check_number(f"optimizer.betas[{i}]", beta, 0.0, 1.0) == 1.0:
             raise ConfigError(f"optimizer.betas[{i}] must be < 1, got {beta!r}")
-    check_number("optimizer.eps", optimizer.get("eps"), 0.0, low_open=True)
-    check_number("optimizer.weight_decay", optimizer.get("weight_decay"), 0.0)
+    check_number("optimizer.eps", optimizer.eps, 0.0, low_open=True)
+    check_number("optimizer.weight_decay", optimizer.weight_decay, 0.0)
 
 
-def check_scheduler(scheduler: dict[str, Any], total: int) -> None:
+def check_scheduler(scheduler: SchedulerSettings, total: int) -> None:
     """Name, warm-up shorter than the run (``total`` batches), final factor and ``t_max``."""
-    check_choice("scheduler.name", scheduler.get("name"), SCHEDULERS)
-    warmup = duration_in_batches("scheduler.t_warmup", scheduler.get("t_warmup", "0ba"), total)
+    check_choice("scheduler.name", scheduler.name, SCHEDULERS)
+    warmup = duration_in_batches("scheduler.t_warmup", scheduler.t_warmup, total)
     if warmup >= total:
         raise ConfigError(
-            f"scheduler.t_warmup ({scheduler.get('t_warmup')}) is not shorter than max_duration ({total}ba): "
+            f"scheduler.t_warmup ({scheduler.t_warmup}) is not shorter than max_duration ({total}ba): "
             "the learning rate would never leave its warm-up; shorten the warm-up"
         )
-    if scheduler.get("alpha_f") is not None:
-        check_number("scheduler.alpha_f", scheduler["alpha_f"], 0.0, 1.0)
-    if scheduler.get("t_max") is not None:
-        if duration_in_batches("scheduler.t_max", scheduler["t_max"], total) <= warmup:
+    if scheduler.alpha_f is not None:
+        check_number("scheduler.alpha_f", scheduler.alpha_f, 0.0, 1.0)
+    if scheduler.t_max is not None:
+        if duration_in_batches("scheduler.t_max", scheduler.t_max, total) <= warmup:
             raise ConfigError(
-                f"scheduler.t_max ({scheduler['t_max']}) must be longer than scheduler.t_warmup "
-                f"({scheduler.get('t_warmup')})"
+                f"scheduler.t_max ({scheduler.t_max}) must be longer than scheduler.t_warmup "
+                f"({scheduler.t_warmup})"
             )
 
 
-def check_clipping(algorithms: dict[str, Any]) -> None:
-    clipping = algorithms.get("gradient_clipping")
+def check_clipping(algorithms: AlgorithmSettings) -> None:
+    clipping = algorithms.gradient_clipping
     if not clipping:
         return
     check_choice(
@@ -127,8 +139,6 @@ def check_target_loss(data_loading: Any) -> None:
 
 def check_settings(section: str, entries: dict[str, Any], classes: dict[str, type]) -> None:
     """Each entry of ``callbacks``/``loggers`` is null, false or a mapping of its class's arguments."""
-    import inspect
-
     for name, settings in entries.items():
         if name not in classes or settings is None or settings is False:
             continue
@@ -147,20 +157,20 @@ def check_settings(section: str, entries: dict[str, Any], classes: dict[str, typ
                 )
 
 
-def check_init_device(values: dict[str, Any], world_size: int = 1) -> None:
+def check_init_device(run: RunConfig, world_size: int = 1) -> None:
     """``model.init_device``: ``cpu`` (every rank reads the source, the default) or ``mixed`` (llm-foundry's
     name: rank 0 reads the source and the teacher, the other ranks build them on ``meta`` and receive their
     shards from rank 0 once FSDP has wrapped the model). ``mixed`` needs FSDP when there are several ranks."""
-    value = values["model"].get("init_device")
+    value = run.model.init_device
     if value == "meta":
         raise ConfigError(
             "model.init_device=meta is not available: the weights always come from model.path; use "
             "model.init_device=mixed (rank 0 reads the source, the other ranks build on meta) or cpu (every rank reads it)"
         )
     check_choice("model.init_device", value, INIT_DEVICES)
-    from llmshearing.training.fsdp import fsdp_enabled
+    from llmshearing.training.fsdp import fsdp_enabled  # torch and Composer: only when it is needed
 
-    if value == "mixed" and world_size > 1 and not fsdp_enabled(values.get("fsdp_config")):
+    if value == "mixed" and world_size > 1 and not fsdp_enabled(run.fsdp_config):
         raise ConfigError(
             "model.init_device=mixed needs FSDP (set fsdp_config, e.g. fsdp_config.sharding_strategy=FULL_SHARD): "
             "rank 0's weights reach the other ranks through FSDP's broadcast; without sharding every rank holds "
@@ -168,42 +178,40 @@ def check_init_device(values: dict[str, Any], world_size: int = 1) -> None:
         )
 
 
-def check_l0_settings(model: dict[str, Any]) -> None:
-    """``model.l0_module`` on its own (the target is checked against the source when it is loaded)."""
-    if model.get("l0_module") is None:
+def parse_l0_settings(model: ModelSettings) -> None:
+    """Parse ``model.l0_module`` into an ``L0Config`` (the target is checked against the source by
+    :func:`check_l0_target`)."""
+    settings = model.l0_module
+    if settings is None or isinstance(settings, L0Config):
         return
-    from llmshearing.pruning.targets import L0Config
-
     try:
-        L0Config.from_dict(model["l0_module"])
+        model.put("l0_module", L0Config.from_dict(settings), raw=settings)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
 
 
-def check_l0_target(model: dict[str, Any]) -> None:
-    """A ``model.l0_module.target_budget`` is resolved to a ``target_model`` (the values change in place). A
-    ``model.l0_module.target_model`` the source cannot be pruned to, or whose ``d_model`` is not a
-    multiple of its ``n_heads`` (transformers >= 5 cannot load the result), is refused before anything
-    loads; the source's shape is read from its config only. The rules that need the source's weights or
-    the masks are checked when the model loads."""
-    if model.get("l0_module") is None:
+def check_l0_target(model: ModelSettings) -> None:
+    """A ``model.l0_module.target_budget`` is resolved to a ``target_model`` (the section changes: the run's
+    config.json keeps the resolved settings). A ``model.l0_module.target_model`` the source cannot be pruned
+    to, or whose ``d_model`` is not a multiple of its ``n_heads`` (transformers >= 5 cannot load the result),
+    is refused before anything loads; the source's shape is read from its config only. The rules that need
+    the source's weights or the masks are checked when the model loads."""
+    parse_l0_settings(model)
+    l0 = model.l0_module
+    if l0 is None or (l0.target_model is None and l0.target_budget is None):
         return
-    from llmshearing.pruning.targets import PREFIX, L0Config, check_loadable_shape, target_config
-
-    l0 = L0Config.from_dict(model["l0_module"])
-    if l0.target_model is None and l0.target_budget is None:
-        return
-    source = _source_config(model["path"])
+    source = _source_config(model.path)
     if source is None:  # not readable here: the load reports it
         return
     if l0.target_budget is not None:  # the budget becomes a target_model here, before anything loads
-        from llmshearing.pruning.budget import resolve_l0_budget
+        from llmshearing.pruning.budget import budget_resolution
 
         try:
-            model["l0_module"], _ = resolve_l0_budget(model["l0_module"], source)
+            changes, _ = budget_resolution(l0, source)
+            l0 = dataclasses.replace(l0, **changes)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        l0 = L0Config.from_dict(model["l0_module"])
+        model.put("l0_module", l0, raw={**model.to_dict()["l0_module"], **changes})
         if l0.target_model is None:  # a learned shape: every candidate the fold rounds to is valid
             return
     try:
@@ -223,47 +231,37 @@ def _source_config(path: str) -> Any:
     return model_config_if_readable(path)
 
 
-def check_run_values(values: dict[str, Any]) -> None:
-    """Every scalar of the run itself: durations, sizes, flags, precision, device, logging."""
-    for section in ("optimizer", "scheduler", "algorithms", "callbacks"):
-        if not isinstance(values.get(section), dict):
-            raise ConfigError(f"{section} must be a mapping of settings, got {values.get(section)!r}")
-    total = batches("max_duration", values["max_duration"])
-    batches("eval_interval", values["eval_interval"])
-    batches("save_interval", values["save_interval"])
-    batches("console_log_interval", values["console_log_interval"])
-    check_int("max_seq_len", values["max_seq_len"], 1)
-    check_int("seed", values["seed"], 0)
-    check_int("device_eval_batch_size", values["device_eval_batch_size"], 1)
-    subset = values["eval_subset_num_batches"]
+def check_run_values(run: RunConfig) -> None:
+    """Every scalar of the run itself: durations, sizes, flags, precision, device, logging; parses
+    ``model.l0_module`` on its own (:func:`parse_l0_settings`)."""
+    total = batches("max_duration", run.max_duration)
+    batches("eval_interval", run.eval_interval)
+    batches("save_interval", run.save_interval)
+    batches("console_log_interval", run.console_log_interval)
+    check_int("max_seq_len", run.max_seq_len, 1)
+    check_int("seed", run.seed, 0)
+    check_int("device_eval_batch_size", run.device_eval_batch_size, 1)
+    subset = run.eval_subset_num_batches
     if check_int("eval_subset_num_batches", subset, -1) == 0:
         raise ConfigError(
             "eval_subset_num_batches must be -1 (the whole eval set) or a positive integer, got 0"
         )
-    check_int("save_num_checkpoints_to_keep", values["save_num_checkpoints_to_keep"], -1)
-    check_number("dist_timeout", values["dist_timeout"], 0.0, low_open=True)
+    check_int("save_num_checkpoints_to_keep", run.save_num_checkpoints_to_keep, -1)
+    check_number("dist_timeout", run.dist_timeout, 0.0, low_open=True)
     for key in BOOLEANS:
-        if not isinstance(values[key], bool):
-            raise ConfigError(f"{key} must be true or false, got {values[key]!r}")
-    if not isinstance(values["model"].get("allow_new_source"), bool):
-        raise ConfigError(
-            f"model.allow_new_source must be true or false, got {values['model'].get('allow_new_source')!r}"
-        )
-    check_choice("precision", values["precision"], PRECISIONS)
-    check_choice("device", values["device"], DEVICES)
-    level = values["python_log_level"]
+        if not isinstance(getattr(run, key), bool):
+            raise ConfigError(f"{key} must be true or false, got {getattr(run, key)!r}")
+    if not isinstance(run.model.allow_new_source, bool):
+        raise ConfigError(f"model.allow_new_source must be true or false, got {run.model.allow_new_source!r}")
+    check_choice("precision", run.precision, PRECISIONS)
+    check_choice("device", run.device, DEVICES)
+    level = run.python_log_level
     check_choice("python_log_level", level.lower() if isinstance(level, str) else level, LOG_LEVELS)
-    check_optimizer(values["optimizer"])
-    check_scheduler(values["scheduler"], total)
-    check_clipping(values["algorithms"])
-    check_target_loss(values["callbacks"].get("data_loading"))
-    check_l0_settings(values["model"])
-    from llmshearing.models.config import ATTN_IMPLS
-
-    check_choice("model.attn_impl", values["model"].get("attn_impl"), ATTN_IMPLS)
-    from llmshearing.training.registries import callback_classes, logger_classes
-
-    check_settings("callbacks", values["callbacks"], callback_classes())
-    if not isinstance(values.get("loggers"), dict):
-        raise ConfigError(f"loggers must be a mapping of settings, got {values.get('loggers')!r}")
-    check_settings("loggers", values["loggers"], logger_classes())
+    check_optimizer(run.optimizer)
+    check_scheduler(run.scheduler, total)
+    check_clipping(run.algorithms)
+    check_target_loss(run.callbacks.data_loading)
+    parse_l0_settings(run.model)
+    check_choice("model.attn_impl", run.model.attn_impl, ATTN_IMPLS)
+    check_settings("callbacks", dict(run.callbacks.items()), callback_classes())
+    check_settings("loggers", dict(run.loggers.items()), logger_classes())

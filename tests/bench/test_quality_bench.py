@@ -305,7 +305,6 @@ TINY_TARGET = [
 
 def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_source, tiny_mds):
     """Every stage's overrides of the demo recipes load and validate with the project's own config code."""
-    from llmshearing.dynamic_loading.config import DataLoadingConfig
     from llmshearing.training.config import load_config, validate_config
 
     budget = quality.make_budget(
@@ -323,14 +322,14 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
             overrides += quality.l0_overrides(args, None, stage.steps)
             overrides += TINY_TARGET
         values = validate_config(load_config(str(recipe), overrides))
-        loading = values["callbacks"]["data_loading"]
+        loading = values.to_dict()["callbacks"]["data_loading"]  # the section as the recipe writes it
         assert (loading["loss_ema"], loading["excess"], loading["eta"]) == (0.5, "relative", 1.0)
         # a stage starts from the mix it is given; the floor stays a share of the data's initial mix
-        assert DataLoadingConfig.from_dict(loading).floors == [0.5 * args.mix_floor] * 2
+        assert values.callbacks.data_loading.floors == [0.5 * args.mix_floor] * 2
         assert loading["proportion"] == [0.8, 0.2]
         assert loading["update_warmup"] == f"{stage.update_interval(budget)}ba"
-        distillation = values["model"]["distillation"]
-        assert distillation["teacher"] == tiny_source and distillation["alpha"] == args.kd_alpha
+        distillation = values.model.distillation
+        assert distillation.teacher == tiny_source and distillation.alpha == args.kd_alpha
     l0 = dict(o.split("=", 1) for o in quality.l0_overrides(args, scores, 24))
     assert l0["model.l0_module.init_from"] == str(scores)
     assert l0["model.l0_module.lagrangian_warmup_steps"] == "0ba"  # ranked masks: no target warm-up
@@ -349,7 +348,7 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
             budget, stages[0], inputs, Path(tiny_source), tmp_path / "run", [0.8, 0.2], args, 0.1
         )
         values = validate_config(load_config(str(quality.PRUNE_RECIPE), stage + overrides + TINY_TARGET))
-        assert values["model"]["l0_module"]["project_from"] == "18ba"
+        assert values.to_dict()["model"]["l0_module"]["project_from"] == "18ba"  # as the recipe writes it
     args.l0_project = None
     plain = quality.train_overrides(
         budget,
@@ -371,9 +370,9 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
             + quality.l0_overrides(args, None, stage.steps)
             + TINY_TARGET
         )
-        assert validate_config(load_config(str(recipe), overrides))["model"].get("distillation") is None
+        assert validate_config(load_config(str(recipe), overrides)).model.distillation is None
     values = validate_config(load_config(str(quality.CONTINUE_RECIPE), plain))
-    assert values["model"].get("distillation") is None
+    assert values.model.distillation is None
 
 
 def _losses(values):

@@ -344,7 +344,7 @@ def test_teacher_must_exist_share_the_vocabulary_and_be_named_outside_pruning(
     with pytest.raises(ConfigError, match="model.distillation must be a mapping"):
         _validate(*_args(student, tiny_mds, "unused"), "model.distillation=true")
     values = _validate(*_args(student, tiny_mds, "unused"), f"model.distillation.teacher={tiny_source}")
-    assert values["model"]["distillation"] == {
+    assert values.model.distillation.to_dict() == {
         "teacher": tiny_source,
         "alpha": 0.5,
         "temperature": 1.0,

@@ -122,11 +122,9 @@ def test_eval_tasks_key_is_checked(setup, tmp_path):
         ("local_mc/2-shot", 2),
     ]
 
-    values = {"model": {"path": str(setup["source"])}, "device_eval_batch_size": 4}
-
     def prepared(entries: list) -> str:
         with pytest.raises(ConfigError) as caught:
-            prepare_eval_tasks({**values, "eval_tasks": entries})
+            prepare_eval_tasks(entries, str(setup["source"]), 4)
         return str(caught.value)
 
     assert (
@@ -145,7 +143,7 @@ def test_eval_tasks_key_is_checked(setup, tmp_path):
     with pytest.raises(
         ConfigError, match="no tokenizer found with model.path .*set eval_tasks.tokenizer=DIR"
     ):
-        prepare_eval_tasks({"model": {"path": bare}, "device_eval_batch_size": 4, "eval_tasks": ["local_mc"]})
+        prepare_eval_tasks(["local_mc"], bare, 4)
 
 
 def test_random_states_are_put_back():

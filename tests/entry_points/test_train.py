@@ -181,7 +181,7 @@ def test_init_from_importance_ranks_the_initial_masks(tiny_source, tiny_mds, tmp
     ]
     trainer, values = build_trainer(PRUNE, overrides)
     l0 = trainer.state.model.l0_module
-    total, batches = calibration_batches(tiny_mds, 8, values["device_eval_batch_size"], split="train")
+    total, batches = calibration_batches(tiny_mds, 8, values.device_eval_batch_size, split="train")
     expected = importance_log_alpha(
         compute_importance(trainer.state.model.model, batches, total, progress=False),
         l0.model_config,

@@ -400,10 +400,7 @@ def test_target_whose_d_model_heads_do_not_divide_is_refused_unless_allowed(
         *_args(tiny_source, tiny_mds, folder, *SHORT, target),
         "model.l0_module.allow_indivisible_d_model=true",
     ]
-    assert (
-        validate_config(load_config(PRUNE, allowed))["model"]["l0_module"]["allow_indivisible_d_model"]
-        is True
-    )
+    assert validate_config(load_config(PRUNE, allowed)).model.l0_module.allow_indivisible_d_model is True
 
 
 @pytest.mark.slow

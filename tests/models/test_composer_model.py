@@ -275,6 +275,7 @@ def test_train_metrics_of_a_domain_absent_from_a_batch_are_not_logged():
     from torch.utils.data import DataLoader
 
     from llmshearing.training.builders import build_callbacks
+    from llmshearing.training.run_config import CallbackSettings
 
     torch.manual_seed(0)
     model = ComposerLlama(_config(), DOMAINS)
@@ -291,7 +292,7 @@ def test_train_metrics_of_a_domain_absent_from_a_batch_are_not_logged():
         train_dataloader=DataLoader(samples, batch_size=4),
         max_duration="3ba",
         optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
-        callbacks=build_callbacks({"callbacks": {}, "model": {}}, ""),
+        callbacks=build_callbacks(CallbackSettings(), ""),
         loggers=[logger],
         device="cpu",
         precision="fp32",

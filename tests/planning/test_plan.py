@@ -23,6 +23,7 @@ from llmshearing.planning.plan import Hardware, RunShape, fewest_gpus, make_plan
 from llmshearing.planning.step import StepSettings, step_memory, weight_bytes
 from llmshearing.pruning import attach_l0_module
 from llmshearing.training.builders import build_optimizer
+from llmshearing.training.run_config import OptimizerSettings
 
 TOLERANCE = 0.15
 TINY = ModelConfig(**{**TINY_MODEL, "attn_impl": "sdpa"})
@@ -41,15 +42,7 @@ SMOLLM2_2L = ModelConfig(
     attn_impl="sdpa",
 )
 SMOLLM2_TARGET = {"n_layers": 1, "n_heads": 6, "n_kv_heads": 3, "d_model": 448, "intermediate_size": 1024}
-OPTIMIZER = {
-    "optimizer": {
-        "name": "decoupled_adamw",
-        "lr": 1e-4,
-        "betas": [0.9, 0.95],
-        "eps": 1e-8,
-        "weight_decay": 0.0,
-    }
-}
+OPTIMIZER = OptimizerSettings(name="decoupled_adamw", lr=1e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0)
 FAMILIES = ("layer", "head", "intermediate", "hidden")
 PAPER_PRUNE = "yamls/pruning/llama2-7b-to-1.3b.yaml"
 LLAMA2_7B = "yamls/sources/llama2-7b.json"

@@ -172,17 +172,17 @@ def tiny_recipe(source: str, data: str, *extra: str) -> dict:
 def test_a_recipe_budget_resolves_to_a_shape_before_training(tiny_source: str, tiny_mds: str) -> None:
     two_layers = TINY.replace(n_layers=2).num_params()
     values = tiny_recipe(tiny_source, tiny_mds, f"model.l0_module.target_budget={{params: {two_layers}}}")
-    l0 = values["model"]["l0_module"]
-    assert l0["target_budget"] is None and l0["budget_choice"].startswith(
+    l0 = values.model.l0_module
+    assert l0.target_budget is None and l0.budget_choice.startswith(
         f"budget params={two_layers:.4g} resolves to"
     )
-    target = TINY.replace(**l0["target_model"])
+    target = TINY.replace(**l0.target_model)
     assert 0.95 * two_layers <= target.num_params() <= two_layers
     assert target.n_kv_heads == TINY.n_kv_heads  # the recipe does not prune kv_head
     best, why = choose_shape(
         TINY, parse_budget({"params": two_layers}, "b"), ShapeSpace(frozen=frozenset({"n_kv_heads"}))
     )
-    assert best.shape == l0["target_model"] and why == l0["budget_choice"]
+    assert best.shape == l0.target_model and why == l0.budget_choice
     L0Config.from_dict(l0).resolve(TINY)  # the masks' targets accept it
 
 
@@ -296,9 +296,9 @@ def test_a_learned_budget_trains_under_the_proportional_shapes_sparsity(
         f"model.l0_module.target_budget={{params: {budget}}}",
         "model.l0_module.budget_shape=learned",
     )
-    l0 = values["model"]["l0_module"]
-    assert l0["target_model"] is None and l0["target_budget"] == {"params": budget}
-    assert f"budget params={budget:.4g}, shape learned" in l0["budget_choice"]
+    l0 = values.model.l0_module
+    assert l0.target_model is None and l0.target_budget == {"params": budget}
+    assert f"budget params={budget:.4g}, shape learned" in l0.budget_choice
     plan = L0Config.from_dict(l0).resolve(TINY)
     best, _ = choose_shape(
         TINY, parse_budget({"params": budget}, "b"), ShapeSpace(frozen=frozenset({"n_kv_heads"}))

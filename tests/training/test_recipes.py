@@ -15,7 +15,6 @@ import torch
 from conftest import TINY_MODEL
 from omegaconf import OmegaConf
 
-from llmshearing.dynamic_loading.config import DataLoadingConfig
 from llmshearing.hf.config import model_config_from_hf
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
@@ -117,26 +116,26 @@ def test_recipe_validates_and_builds_its_plan(name, tmp_path):
         assert key in callers, f"{name} leaves {key} unset"
         OmegaConf.update(cfg, key, callers[key])
     values = validate_config(cfg, processes)
-    loading = DataLoadingConfig.from_dict(values["callbacks"]["data_loading"])
+    loading = values.callbacks.data_loading
     assert len(loading.set_names) == len(loading.proportion)
 
     model = ComposerLlama(source_config, domains=loading.set_names, init_device="meta")
     assert all(p.is_meta for p in model.model.parameters())
-    l0 = values["model"].get("l0_module")
-    if l0:
+    l0 = values.model.l0_module
+    if l0 is not None:
         module = attach_l0_module(model, l0)
         plan = module.plan
         assert plan.families and plan.global_sparsity > 0
         if plan.target is not None:  # the exact shape the fold will produce
-            for key, value in l0.get("target_model", {}).items():
+            for key, value in (l0.target_model or {}).items():
                 assert getattr(plan.target, key) == value, key
         assert all(p.dtype == torch.float32 for p in module.parameters())
 
-    if values["fsdp_config"] is not None:
-        gpu = resolve_fsdp(values["fsdp_config"], cuda=True, environ={})
+    if values.fsdp_config is not None:
+        gpu = resolve_fsdp(values.fsdp_config, cuda=True, environ={})
         assert gpu.version == 1
         try:
-            fsdp2 = resolve_fsdp(values["fsdp_config"], cuda=False, environ={"FSDP_VERSION": "2"})
+            fsdp2 = resolve_fsdp(values.fsdp_config, cuda=False, environ={"FSDP_VERSION": "2"})
         except FSDPConfigError as err:  # only strategies FSDP2 lacks may be refused, with the fix
             assert "FULL_SHARD or SHARD_GRAD_OP" in str(err)
         else:

@@ -35,13 +35,13 @@ train_loader:
 
 def test_defaults_overrides_and_interpolation(recipe):
     values = validate_config(load_config(recipe, ["seed=3", "optimizer.lr=0.5"]))
-    assert values["seed"] == 3
-    assert values["train_loader"]["dataset"]["shuffle_seed"] == 3
-    assert values["optimizer"]["lr"] == 0.5
-    assert values["optimizer"]["betas"] == [0.9, 0.95]  # default kept
-    assert values["compile_config"] is None  # eager unless asked
+    assert values.seed == 3
+    assert values.train_loader["dataset"]["shuffle_seed"] == 3
+    assert values.optimizer.lr == 0.5
+    assert values.optimizer.betas == [0.9, 0.95]  # default kept
+    assert values.compile_config is None  # eager unless asked
     compiled = validate_config(load_config(recipe, ["compile_config.mode=max-autotune"]))
-    assert compiled["compile_config"] == {"mode": "max-autotune"}
+    assert compiled.compile_config == {"mode": "max-autotune"}
 
 
 @pytest.mark.parametrize(
@@ -158,9 +158,9 @@ def test_scheduler_t_max_reaches_the_scheduler(recipe):
     from llmshearing.training.builders import build_scheduler
 
     values = validate_config(load_config(recipe, ["scheduler.t_warmup=0ba", "scheduler.t_max=5ba"]))
-    assert build_scheduler(values).t_max == Time.from_timestring("5ba")
+    assert build_scheduler(values.scheduler).t_max == Time.from_timestring("5ba")
     default = validate_config(load_config(recipe, ["scheduler.t_warmup=0ba"]))
-    assert build_scheduler(default).t_max == Time.from_timestring("1dur")
+    assert build_scheduler(default.scheduler).t_max == Time.from_timestring("1dur")
 
 
 def test_rank0_loading_needs_fsdp_with_several_ranks(recipe):
@@ -170,4 +170,4 @@ def test_rank0_loading_needs_fsdp_with_several_ranks(recipe):
     for overrides, world in ((["model.init_device=mixed"], 1), (["model.init_device=cpu"], 2)):
         validate_config(load_config(recipe, overrides), world)
     sharded = ["model.init_device=mixed", "fsdp_config.sharding_strategy=FULL_SHARD"]
-    assert validate_config(load_config(recipe, sharded), 2)["model"]["init_device"] == "mixed"
+    assert validate_config(load_config(recipe, sharded), 2).model.init_device == "mixed"
