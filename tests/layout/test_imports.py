@@ -7,6 +7,7 @@ that a run-time check would miss.
 from __future__ import annotations
 
 import ast
+import itertools
 from collections import defaultdict
 from pathlib import Path
 
@@ -241,3 +242,74 @@ def test_every_test_file_lives_in_the_folder_of_what_it_tests() -> None:
     same_name = [found for found in names.values() if len(found) > 1]
     assert not same_name, f"test files that share a name: {same_name}"
     assert not set(TEST_FOLDERS_BESIDE_THE_PARTS) & parts, "a folder beside the parts is now a part"
+
+
+def module_graph(folder: str) -> dict[str, dict[str, list[str]]]:
+    """The modules of ``llmshearing/<folder>`` and, for each, the modules of the folder it imports (at the top
+    or inside a function) with where: ``{importer: {imported: ["path:line: statement", ...]}}``."""
+    package = f"{PACKAGE}.{folder}"
+    graph: dict[str, dict[str, list[str]]] = {}
+    for path in sorted((ROOT / folder).glob("*.py")):
+        importer = module_name(path)
+        found: dict[str, list[str]] = defaultdict(list)
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            for name in imported_modules(node, importer, path.name == "__init__.py"):
+                parts = name.split(".")
+                if (
+                    name.startswith(f"{package}.")
+                    and len(parts) >= 3
+                    and (ROOT / folder / f"{parts[2]}.py").is_file()
+                ):
+                    target = ".".join(parts[:3])
+                    if target != importer:
+                        found[target].append(
+                            f"{path.relative_to(ROOT.parent)}:{node.lineno}: {ast.unparse(node)}"
+                        )
+        graph[importer] = dict(found)
+    return graph
+
+
+def find_cycle(graph: dict[str, dict[str, list[str]]]) -> list[str]:
+    """One cycle of ``graph`` as the modules along it (first == last), or [] when there is none."""
+    state: dict[str, str] = {}  # "open" while on the path, "done" once every module below it is seen
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(graph.get(module, {})):
+            if state.get(target) == "open":
+                return [*path[path.index(target) :], target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[module] = "done"
+        return []
+
+    for module in sorted(graph):
+        if module not in state:
+            cycle = visit(module)
+            if cycle:
+                return cycle
+    return []
+
+
+def test_the_graph_of_a_folder_sees_known_imports() -> None:
+    graph = module_graph("training")
+    assert "llmshearing.training.run_config" in graph["llmshearing.training.config"]
+    assert find_cycle({"a": {"b": []}, "b": {"c": []}, "c": {"a": []}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b": []}, "b": {}, "c": {"a": []}}) == []
+
+
+def test_no_import_cycle_in_training() -> None:
+    """The modules of ``training/`` import each other one way: the run config at the bottom, validation above
+    it, the builders above both; an import inside a function counts as much as one at the top."""
+    graph = module_graph("training")
+    cycle = find_cycle(graph)
+    steps = [f"{a} -> {b}:\n  " + "\n  ".join(graph[a][b]) for a, b in itertools.pairwise(cycle)]
+    assert not cycle, "modules of training/ that import each other in a circle:\n" + "\n".join(steps)
