@@ -152,10 +152,6 @@ class Section:
         """``(key, value)`` of every key the recipe gave (for ``callbacks`` and ``loggers``: each one named)."""
         return [(key, getattr(self, key)) for key in self.keys()]
 
-    def given(self, key: str) -> bool:
-        """Whether the recipe gave ``key``."""
-        return key in self.keys()
-
     def to_dict(self) -> dict[str, Any]:
         """The section as the plain mapping it was read from (values changed since: their new values)."""
         keys = self.keys()

@@ -1,7 +1,7 @@
 """Reading a recipe YAML file: a mapping of keys, or a ``ConfigError`` naming the file, the line and the fix.
 
-At the bottom of the package beside ``models/``: training reads recipes with it, and so do the commands
-that take a target shape from a recipe.
+Near the bottom of the package, above ``config_base`` (where ``ConfigError`` lives) and beside ``models/``:
+training reads recipes with it, and so do the commands that take a target shape from a recipe.
 """
 
 from __future__ import annotations
