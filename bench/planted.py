@@ -245,7 +245,7 @@ def run_learned(
         with torch.no_grad():
             for family, value in values.items():
                 module.log_alpha[family].copy_(value)
-    module.after_optimizer_step_()
+    module.constrain_()
     if frozen:
         for p in model.model.parameters():
             p.requires_grad_(False)
@@ -271,7 +271,7 @@ def run_learned(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        module.after_optimizer_step_()
+        module.constrain_()
     set_l0_step(model, settings.steps)
     with torch.no_grad():
         _, final = module._penalty_and_stats()

@@ -259,14 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
         "sparsity (default: none, the target from the first step)",
     )
     add(
-        "--l0-project",
-        type=float,
-        default=None,
-        metavar="SHARE",
-        help="after this share of an L0 stage, every step ends with the masks projected onto the target "
-        "(model.l0_module.project_from), so they end on it; default: never",
-    )
-    add(
         "--l0-schedule-lr",
         action="store_true",
         help="the learning-rate schedule (warm-up, cosine decay) also scales the mask and multiplier lrs",
@@ -328,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the runs, as recorded with the results."""
     names = [
-        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_project", "l0_learned_shape", "target_shape", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_learned_shape", "target_shape", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
         "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip

@@ -83,18 +83,11 @@ def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
         f"model.l0_module.init_scale={args.l0_init_scale if scores and args.l0_init_scale else 'null'}",
         f"model.l0_module.bounded_scores={str(bool(args.l0_bounded)).lower()}",
         f"model.l0_module.schedule_l0_lr={str(bool(args.l0_schedule_lr)).lower()}",
-        f"model.l0_module.project_from={project_from(args, steps)}",
     ]
 
 
-def project_from(args: Any, steps: int) -> str:
-    """``model.l0_module.project_from`` of a ``steps``-batch L0 stage: after ``--l0-project`` of it, or never."""
-    return "null" if args.l0_project is None else f"{round(steps * args.l0_project)}ba"
-
-
-def default_l0_overrides(args: Any, steps: int) -> list[str]:
-    """Arm 7's masks: the library's defaults (no ranked start), the target warmed up over 20% of the stage;
-    projected onto the target after ``--l0-project`` of the stage."""
+def default_l0_overrides(steps: int) -> list[str]:
+    """Arm 7's masks: the library's defaults (no ranked start), the target warmed up over 20% of the stage."""
     return [
         "model.l0_module.init_from=null",
         f"model.l0_module.lagrangian_warmup_steps={max(1, round(steps * 0.2))}ba",
@@ -104,7 +97,6 @@ def default_l0_overrides(args: Any, steps: int) -> list[str]:
         ),
         "model.l0_module.init_scale=null",
         "model.l0_module.bounded_scores=false",
-        f"model.l0_module.project_from={project_from(args, steps)}",
     ]
 
 
@@ -302,7 +294,7 @@ def run_arm(
                 ranked = args.oneshot is not None and args.l0_init == "importance" and arm != "l0-default"
                 scores = args.oneshot.scores if ranked else None
                 overrides += (
-                    default_l0_overrides(args, stage.steps)
+                    default_l0_overrides(stage.steps)
                     if arm == "l0-default"
                     else l0_overrides(args, scores, stage.steps)
                 )

@@ -182,7 +182,7 @@ class L0Pruning(Algorithm):
         if event == Event.INIT:
             module = self._attach(state)
             module.set_noise_seed(state.rank_zero_seed)
-            module.after_optimizer_step_()
+            module.constrain_()
             report_movable(module, logger)
             if state.fsdp_config is not None:  # FSDP moves only the units it wraps; this one stays whole
                 state.device.module_to_device(module)
@@ -191,7 +191,7 @@ class L0Pruning(Algorithm):
             if not self.l0_config.schedule_l0_lr:
                 self._reset_l0_lr(state)
         elif event == Event.BATCH_END:  # after the optimizer step
-            l0_module_of(state.model).after_optimizer_step_()
+            l0_module_of(state.model).constrain_()
             self._log_stats(state, logger)
         elif event == Event.EVAL_AFTER_ALL:
             self._write_masks(state)

@@ -128,66 +128,6 @@ class L0Module(nn.Module):
             for log_alpha in self.log_alpha.values():
                 log_alpha.clamp_(-bound, bound)
 
-    @torch.no_grad()
-    def after_optimizer_step_(self) -> None:
-        """What every optimizer step (and the start of training) ends with: :meth:`constrain_`, then
-        :meth:`project_`. ``L0Pruning`` calls it; a hand-written training loop calls it after each step."""
-        self.constrain_()
-        self.project_()
-
-    @torch.no_grad()
-    def project_(self) -> None:
-        """From batch ``project_from`` on: move the masks onto the current target, in place.
-
-        Each row of a family with a target (the rows the Lagrangian and the fold use) gets the one log-alpha
-        offset, found by bisection, at which its expected sparsity equals the family's target; with a global
-        target (``target_sparsity``, a budget) every log-alpha gets the one offset at which the expected
-        parameter sparsity equals it. The order of units within a row, which is what the fold keeps, is
-        unchanged; the Lagrangian's gap is closed after every step, so the masks end on the target.
-        Part of :meth:`after_optimizer_step_`.
-        """
-        cfg = self.l0_config
-        if cfg.project_from is None or self._step < cfg.project_from:
-            return
-        family_targets, global_target = self.targets()
-        bound = cfg.log_alpha_clamp
-        span = 2.0 * (bound if bound is not None else 32.0)
-
-        def shifted(values: Mapping[str, Tensor], offsets: Mapping[str, Tensor]) -> dict[str, Tensor]:
-            out = {f: v + self._row_offsets(f, offsets[f], v) for f, v in values.items()}
-            return out if bound is None else {f: v.clamp(-bound, bound) for f, v in out.items()}
-
-        values = {f: la.detach().float() for f, la in self.log_alpha.items()}
-        if self.plan.target is not None:
-            values = {f: values[f] for f in self.plan.family_sparsity}
-            rows = self.row_sparsity(self._scores_of(values))
-            lo = {f: torch.full_like(r, -span) for f, r in rows.items()}
-            hi = {f: torch.full_like(r, span) for f, r in rows.items()}
-            for _ in range(48):  # expected sparsity falls as the offset grows
-                mid = {f: (lo[f] + hi[f]) / 2 for f in values}
-                sparse = self.row_sparsity(self._scores_of(shifted(values, mid)))
-                for f in values:
-                    above = sparse[f] > family_targets[f]
-                    lo[f] = torch.where(above, mid[f], lo[f])
-                    hi[f] = torch.where(above, hi[f], mid[f])
-            final = shifted(values, {f: (lo[f] + hi[f]) / 2 for f in values})
-        else:
-            low, high = -span, span
-            for _ in range(48):
-                mid = (low + high) / 2
-                scores = self._scores_of(shifted(values, {f: torch.tensor(mid) for f in values}))
-                sparse = 1.0 - float(expected_num_params(self.model_config, scores)) / self.prunable_size
-                low, high = (mid, high) if sparse > float(global_target) else (low, mid)
-            final = shifted(values, {f: torch.tensor((low + high) / 2) for f in values})
-        for f, v in final.items():
-            self.log_alpha[f].copy_(v.to(self.log_alpha[f].dtype))
-
-    def _row_offsets(self, family: str, offset: Tensor, values: Tensor) -> Tensor:
-        """One offset per row (shaped like :meth:`row_sparsity`'s value) broadcast over the row's units."""
-        if family == "head" and offset.dim() > 0:
-            return offset.unsqueeze(-1).expand(*offset.shape, self.plan.head_block).reshape(values.shape)
-        return offset.unsqueeze(-1) if offset.dim() == values.dim() - 1 and offset.dim() > 0 else offset
-
     def clamped_log_alpha(self) -> dict[str, Tensor]:
         """The log-alphas clamped to the bound, with the gradient of the identity.
 

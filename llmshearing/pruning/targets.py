@@ -59,9 +59,6 @@ class L0Config:
     mask_lr: float = 1.0
     multiplier_lr: float = 1.0
     schedule_l0_lr: bool = False
-    # from this batch on, every optimizer step ends with each row's expected sparsity moved exactly onto its
-    # (warmed-up) target by one log-alpha offset per row, the order within a row kept; null: never
-    project_from: int | str | None = None
     clip_l0_grads: bool = False
     init_from: str | None = None  # "importance" (measured on the data's train split) or a saved scores file
     init_samples: int = 256  # calibration sequences for init_from: importance
@@ -129,8 +126,6 @@ class L0Config:
         self.lagrangian_warmup_steps = parse_batches(
             self.lagrangian_warmup_steps, f"{PREFIX}.lagrangian_warmup_steps"
         )
-        if self.project_from is not None:
-            self.project_from = parse_batches(self.project_from, f"{PREFIX}.project_from")
         if self.log_alpha_clamp is not None and self.log_alpha_clamp <= 0:
             raise ValueError(
                 f"{PREFIX}.log_alpha_clamp must be > 0 (symmetric bound) or null, got {self.log_alpha_clamp}"

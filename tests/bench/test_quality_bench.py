@@ -340,16 +340,6 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
         ]
         == "5ba"
     )
-    assert l0["model.l0_module.project_from"] == "null"
-    args.l0_project = 0.75  # --l0-project 0.75: both L0 starts project from 75% of the stage on
-    for overrides in (quality.l0_overrides(args, scores, 24), quality.default_l0_overrides(args, 24)):
-        assert "model.l0_module.project_from=18ba" in overrides
-        stage = quality.train_overrides(
-            budget, stages[0], inputs, Path(tiny_source), tmp_path / "run", [0.8, 0.2], args, 0.1
-        )
-        values = validate_config(load_config(str(quality.PRUNE_RECIPE), stage + overrides + TINY_TARGET))
-        assert values.to_dict()["model"]["l0_module"]["project_from"] == "18ba"  # as the recipe writes it
-    args.l0_project = None
     plain = quality.train_overrides(
         budget,
         quality.plan_arms(budget)["oneshot"][1],

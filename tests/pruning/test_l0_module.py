@@ -128,7 +128,7 @@ def test_log_alpha_is_clamped_in_forward_and_in_place_by_constrain():
     assert torch.equal(m.log_alpha["head"].grad, torch.ones_like(m.log_alpha["head"]))
     m()  # forward never writes the parameters (FSDP and autograd may own views of them)
     assert m.log_alpha["head"].max().item() == 10.0
-    m.constrain_()  # part of what L0Pruning does after every optimizer step
+    m.constrain_()  # what L0Pruning does after every optimizer step
     assert m.log_alpha["head"].max().item() == 3.0
     assert m.log_alpha["hidden"].min().item() == -3.0
 
@@ -346,54 +346,6 @@ def test_expected_sparsity_reaches_target_by_gradient_play():
     stats = m().stats
     for f in ("head", "kv_head", "intermediate", "hidden"):
         assert stats[f"expected_sparsity/{f}"].item() == pytest.approx(m.plan.family_sparsity[f], abs=0.02)
-
-
-def test_projection_puts_every_row_on_its_target_and_keeps_the_order():
-    m = module(project_from=0)
-    randomise(m, seed=3)
-    before = {f: la.detach().clone() for f, la in m.log_alpha.items()}
-    m.project_()
-    rows = m.row_sparsity(m.scores())
-    bound = m.l0_config.log_alpha_clamp
-    for f, target in m.plan.family_sparsity.items():
-        if target == 0.0:  # out of reach (P(z > 0) < 1 at the bound): the nearest, every unit at the bound
-            assert torch.all(m.log_alpha[f] == bound), f
-            continue
-        assert rows[f].flatten().tolist() == pytest.approx([target] * rows[f].numel(), abs=1e-4), f
-        # one offset per row: every unit off the bound moved by the same amount
-        width = m.plan.head_block if f == "head" else m.log_alpha[f].numel() // rows[f].numel()
-        after = m.log_alpha[f].detach().reshape(-1, width)
-        shift = (after - before[f].reshape(-1, width)).where(after.abs() < bound, torch.nan)
-        free = ~shift.isnan()
-        assert torch.allclose(
-            shift[free], shift.nanmean(-1, keepdim=True).expand_as(shift)[free], atol=1e-5
-        ), f
-        assert shift[free].abs().max() > 0.1, f
-    again = {f: la.detach().clone() for f, la in m.log_alpha.items()}
-    m.project_()  # a second projection of projected masks moves them by float noise only
-    for f in again:
-        assert torch.allclose(m.log_alpha[f], again[f], atol=1e-4), f
-
-
-def test_projection_waits_for_its_batch_and_is_off_by_default():
-    for m, step in ((module(), 100), (module(project_from="10ba"), 9)):
-        randomise(m, seed=4)
-        before = {f: la.detach().clone() for f, la in m.log_alpha.items()}
-        m.set_step(step)
-        m.project_()
-        assert all(torch.equal(m.log_alpha[f], before[f]) for f in before)
-    m.set_step(10)
-    m.project_()
-    assert not all(torch.equal(m.log_alpha[f], before[f]) for f in before)
-
-
-def test_projection_meets_a_global_target():
-    m = module(["head", "intermediate", "hidden"], target_sparsity=0.55, project_from=0)
-    randomise(m, seed=5)
-    order = m.log_alpha["intermediate"].detach().argsort(-1)
-    m.project_()
-    assert m.train()().stats["expected_sparsity"].item() == pytest.approx(0.55, abs=1e-4)
-    assert torch.equal(m.log_alpha["intermediate"].detach().argsort(-1), order)
 
 
 # ---------------------------------------------------------------------------------- validation
