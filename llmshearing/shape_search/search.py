@@ -363,7 +363,7 @@ def _score(
         if name.startswith("metrics/eval/") and name.endswith("_LanguageCrossEntropy")
     }
     loss = series[EVAL_METRIC][-1][1]
-    tokens = settings.steps * settings.batch_size * values["max_seq_len"]
+    tokens = settings.steps * settings.batch_size * values.max_seq_len
     shutil.rmtree(folder)
     config = candidate.config
     return Score(
