@@ -38,6 +38,11 @@ _BATCHES = re.compile(r"(\d+)ba")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)dur")
 
 
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (YAML's ``true`` is no number of anything)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def parse_batches(value: Any, key: str) -> int:
     """A number of batches given as an int or a Composer time string in batches (``"640ba"``); a
     ``ValueError`` naming ``key`` otherwise."""

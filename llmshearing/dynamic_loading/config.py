@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from llmshearing.config_base import refuse_unknown_keys
+from llmshearing.config_base import ConfigError, is_number, refuse_unknown_keys
 from llmshearing.data.proportions import validate_proportions
 from llmshearing.dynamic_loading.mixing import EXCESS_TYPES, UPDATE_TYPES
 
@@ -135,18 +135,18 @@ class DataLoadingConfig:
                 f"{KEY}.update_type doremi needs reference losses: set {KEY}.target_loss (one per domain) "
                 f"or {KEY}.reference (source, a preset such as sheared-1.3b, or a scaling-law fit)"
             )
-        if not (_is_number(self.eta) and self.eta >= 0 and math.isfinite(self.eta)):
+        if not (is_number(self.eta) and self.eta >= 0 and math.isfinite(self.eta)):
             raise ValueError(
                 f"{KEY}.eta must be a non-negative number (the step size; 1.0 in the paper), got {self.eta!r}"
             )
-        if not (_is_number(self.smoothing) and 0 <= self.smoothing < 1):
+        if not (is_number(self.smoothing) and 0 <= self.smoothing < 1):
             raise ValueError(f"{KEY}.smoothing must be in [0, 1), got {self.smoothing!r}")
-        if not (_is_number(self.loss_ema) and 0 <= self.loss_ema < 1):
+        if not (is_number(self.loss_ema) and 0 <= self.loss_ema < 1):
             raise ValueError(
                 f"{KEY}.loss_ema must be a decay in [0, 1) (0 turns the moving average off, 0.5 halves the "
                 f"weight of older losses each update), got {self.loss_ema!r}"
             )
-        if not (_is_number(self.min_proportion) and 0 <= self.min_proportion < 1):
+        if not (is_number(self.min_proportion) and 0 <= self.min_proportion < 1):
             raise ValueError(
                 f"{KEY}.min_proportion must be in [0, 1): the fraction of its initial proportion each domain "
                 f"keeps at least (0 = no floor), got {self.min_proportion!r}"
@@ -166,10 +166,6 @@ class DataLoadingConfig:
             return None
         anchor = self.proportion if self.floor_proportion is None else self.floor_proportion
         return [self.min_proportion * p for p in anchor]  # type: ignore[union-attr]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def warmup_batches(value: Any) -> int:
@@ -246,3 +242,22 @@ def resolve_update_interval(
                 "the mix is updated from the evaluation at the end of each interval"
             )
     return batches
+
+
+def check_target_loss(data_loading: Any) -> None:
+    """The section as a recipe wrote it (a mapping): one finite, non-negative reference loss per domain, in the
+    order of ``set_names``; a :class:`ConfigError` naming the key otherwise. Run before the section is parsed."""
+    if not isinstance(data_loading, dict) or data_loading.get("target_loss") is None:
+        return
+    losses, names = data_loading["target_loss"], data_loading.get("set_names")
+    if not isinstance(losses, list):
+        raise ConfigError(f"{KEY}.target_loss must be a list of losses, one per domain, got {losses!r}")
+    if isinstance(names, list) and len(losses) != len(names):
+        raise ConfigError(
+            f"{KEY}.target_loss has {len(losses)} values but set_names has {len(names)} domains {names}: "
+            "give one reference loss per domain, in the order of set_names"
+        )
+    for i, loss in enumerate(losses):
+        domain = f" ({names[i]})" if isinstance(names, list) else ""
+        if not (is_number(loss) and math.isfinite(loss) and loss >= 0):
+            raise ConfigError(f"{KEY}.target_loss[{i}]{domain} must be a finite loss >= 0, got {loss!r}")

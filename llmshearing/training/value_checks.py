@@ -23,8 +23,9 @@ from llmshearing.config_base import (
     ConfigError,
     batches,
     duration_in_batches,
+    is_number,
 )
-from llmshearing.dynamic_loading.config import KEY as _DL
+from llmshearing.dynamic_loading.config import check_target_loss
 from llmshearing.models.config import ATTN_IMPLS
 from llmshearing.pruning.targets import PREFIX, L0Config, check_loadable_shape, target_config
 from llmshearing.training.registries import callback_classes, logger_classes
@@ -45,11 +46,6 @@ BOOLEANS = (
     "progress_bar",
     "log_to_console",
 )
-
-
-def is_number(value: Any) -> bool:
-    """A real int or float (a YAML boolean is not a number)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_number(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> float:
@@ -117,24 +113,6 @@ def check_clipping(algorithms: AlgorithmSettings) -> None:
         0.0,
         low_open=True,
     )
-
-
-def check_target_loss(data_loading: Any) -> None:
-    """One finite, non-negative reference loss per domain, in the order of ``set_names``."""
-    if not isinstance(data_loading, dict) or data_loading.get("target_loss") is None:
-        return
-    losses, names = data_loading["target_loss"], data_loading.get("set_names")
-    if not isinstance(losses, list):
-        raise ConfigError(f"{_DL}.target_loss must be a list of losses, one per domain, got {losses!r}")
-    if isinstance(names, list) and len(losses) != len(names):
-        raise ConfigError(
-            f"{_DL}.target_loss has {len(losses)} values but set_names has {len(names)} domains {names}: "
-            "give one reference loss per domain, in the order of set_names"
-        )
-    for i, loss in enumerate(losses):
-        domain = f" ({names[i]})" if isinstance(names, list) else ""
-        if not (is_number(loss) and math.isfinite(loss) and loss >= 0):
-            raise ConfigError(f"{_DL}.target_loss[{i}]{domain} must be a finite loss >= 0, got {loss!r}")
 
 
 def check_settings(section: str, entries: dict[str, Any], classes: dict[str, type]) -> None:
