@@ -221,7 +221,9 @@ def run_totals(run: Path) -> dict[str, float]:
 
 def l0_sparsity(run: Path) -> dict[str, Any]:
     """The expected and target sparsity an L0 run logged last (``l0/expected_sparsity``,
-    ``l0/target_sparsity``), their gap, and whether it is within :data:`SPARSITY_TOLERANCE`."""
+    ``l0/target_sparsity``), their gap, whether it is within :data:`SPARSITY_TOLERANCE`, and the last gap
+    of each mask family that logged its own (``l0/expected_sparsity/<family>``): an overall gap near 0
+    can hide families that missed theirs in opposite directions."""
     from llmshearing.training.metrics_log import read_metrics
 
     metrics = read_metrics(str(run / "metrics.jsonl"))
@@ -230,12 +232,18 @@ def l0_sparsity(run: Path) -> dict[str, Any]:
         raise RuntimeError(f"{run}/metrics.jsonl has no l0/expected_sparsity and l0/target_sparsity")
     first, expected, target = series[0][0][1], series[0][-1][1], series[1][-1][1]
     gap = expected - target
+    families = {}
+    for name, logged in metrics.items():
+        family = name.removeprefix("l0/expected_sparsity/")
+        if family != name and logged and metrics.get(f"l0/target_sparsity/{family}"):
+            families[family] = logged[-1][1] - metrics[f"l0/target_sparsity/{family}"][-1][1]
     return {
         "initial": first,
         "expected": expected,
         "target": target,
         "gap": gap,
         "ok": abs(gap) <= SPARSITY_TOLERANCE,
+        "families": families,
     }
 
 

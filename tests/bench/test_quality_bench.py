@@ -223,18 +223,25 @@ def test_l0_sparsity_and_distillation_summaries(quality, tmp_path):
         {"step": 1, "loss/train/kd": 1.0, "distill/teacher_time_share": 0.2},
         {"step": 2, "l0/expected_sparsity": 0.59, "l0/target_sparsity": 0.6, "loss/train/ce": 2.0},
         {"step": 2, "loss/train/kd": 0.5, "distill/teacher_time_share": 0.4},
+        # per family: the last values count; a family without a logged target is left out
+        {"step": 1, "l0/expected_sparsity/layer": 0.1, "l0/target_sparsity/layer": 0.25},
+        {"step": 2, "l0/expected_sparsity/layer": 0.345, "l0/target_sparsity/layer": 0.25},
+        {"step": 2, "l0/expected_sparsity/hidden": 0.099, "l0/target_sparsity/hidden": 0.25},
+        {"step": 2, "l0/expected_sparsity/head": 0.5},
     ]
     _write_metrics(tmp_path / "ok", lines)
     sparsity = quality.l0_sparsity(tmp_path / "ok")
+    families = sparsity.pop("families")
     assert sparsity == pytest.approx(
         {"initial": 0.55, "expected": 0.59, "target": 0.6, "gap": -0.01, "ok": True}
     )
+    assert families == pytest.approx({"layer": 0.095, "hidden": -0.151})
     assert quality.distill_summary(tmp_path / "ok") == pytest.approx(
         {"lm": 2.5, "kd": 0.75, "teacher_time_share": 0.3}
     )
     _write_metrics(tmp_path / "miss", [{"step": 3, "l0/expected_sparsity": 0.31, "l0/target_sparsity": 0.61}])
     missed = quality.l0_sparsity(tmp_path / "miss")
-    assert missed["ok"] is False and missed["gap"] == pytest.approx(-0.30)
+    assert missed["ok"] is False and missed["gap"] == pytest.approx(-0.30) and missed["families"] == {}
     _write_metrics(tmp_path / "dense", [{"step": 1, "loss/train/ce": 3.0}])
     with pytest.raises(RuntimeError, match="l0/expected_sparsity"):
         quality.l0_sparsity(tmp_path / "dense")
@@ -282,7 +289,7 @@ def test_structure_change_counts_units_against_the_oneshot_cut(quality, tmp_path
         and "arm 3 folds a structure that differs from the one-shot cut in 0 of 8" in line
     )
     text = quality.render_markdown({**_results(quality), "rows": rows})
-    assert "| 3 l0-distill | 17 | 0.500 | 0.600 | 0.610 | -0.010 | yes | 0 of 8, at batch 12 |" in text
+    assert "| 3 l0-distill | 17 | 0.500 | 0.600 | 0.610 | -0.010 | yes | - | 0 of 8, at batch 12 |" in text
 
 
 def _stage_args(quality, tmp_path, tiny_source, **extra):
@@ -400,6 +407,8 @@ def _record(quality, arm, seed, a, b):
     }
     if arm.startswith("l0-"):
         record["sparsity"] = {"initial": 0.5, "expected": 0.6, "target": 0.61, "gap": -0.01, "ok": True}
+        if seed == 18:  # records written before the family gaps were kept have none
+            record["sparsity"]["families"] = {"layer": 0.095, "hidden": -0.151, "head": 0.0}
     return record
 
 
@@ -470,7 +479,8 @@ def test_markdown_table(quality):
     assert "| 6 scratch | fold | 0 | 0 | 0.00 | 2.0 | - | - | - | note |" in text
     weights = next(line for line in text.splitlines() if line.startswith("| b | "))
     assert weights.count("0.750") == 6 and "0.500" in weights  # six dynamic arms' final mixes, initial mix
-    assert "| 3 l0-distill | 18 | 0.500 | 0.600 | 0.610 | -0.010 | yes |" in text
+    assert "| 3 l0-distill | 18 | 0.500 | 0.600 | 0.610 | -0.010 | yes | hidden -0.151 |" in text
+    assert "| 3 l0-distill | 17 | 0.500 | 0.600 | 0.610 | -0.010 | yes | - |" in text
     assert "left out: book (2 documents" in text and "test split" in text
     assert "`python bench/quality.py --quick`" in text and "Test CPU" in text and "abc123" in text
     assert "total wall time: 99 s" in text and "sparsity check failed" not in text
