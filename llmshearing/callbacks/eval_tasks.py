@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from llmshearing.config_base import ConfigError
+from llmshearing.config_base import ConfigError, is_number
 
 KEY = "eval_tasks"
 TASK_TYPES = ("multiple_choice", "language_modeling")
@@ -72,8 +72,7 @@ def _int(key: str, value: Any, low: int) -> int:
 def _limit(key: str, value: Any) -> float | None:
     if value is None:
         return None
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or value <= 0 or (value >= 1 and value != int(value)):
+    if not is_number(value) or value <= 0 or (value >= 1 and value != int(value)):
         raise ConfigError(
             f"{key} must be a whole number of examples >= 1 or a fraction in (0, 1) of the task's examples "
             f"(or null for all), got {value!r}"

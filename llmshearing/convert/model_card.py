@@ -15,6 +15,7 @@ from typing import Any
 
 from llmshearing.checkpoint.reading import OpenCheckpoint
 from llmshearing.checkpoint.run_config import find_run_config, parse_run_config
+from llmshearing.config_base import is_number
 
 
 def _run_folder(ckpt: OpenCheckpoint, run_config: Path | None) -> tuple[Path, dict[str, Any]] | None:
@@ -48,7 +49,7 @@ def _metrics(run: Path) -> dict[str, list[tuple[int, float]]]:
             except (ValueError, TypeError, KeyError, AttributeError):
                 continue
             for name, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if is_number(value):
                     latest.setdefault(name, {})[step] = float(value)
     return {name: sorted(values.items()) for name, values in latest.items()}
 

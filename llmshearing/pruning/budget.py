@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llmshearing.config_base import is_number
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.targets import SHAPE_KEYS, prunable_params
 
@@ -121,7 +122,7 @@ def _bytes(value: float) -> str:
 
 def parse_size(value: Any, key: str) -> float:
     """``6GB`` or ``6GiB`` (both 2^30 bytes each), ``500MB``, or a number of bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         size = float(value)
     else:
         match = _SIZE.fullmatch(str(value)) if isinstance(value, str) else None

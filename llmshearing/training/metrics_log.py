@@ -17,6 +17,8 @@ from composer.core import State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
+from llmshearing.config_base import is_number
+
 METRICS_FILENAME = "metrics.jsonl"
 
 
@@ -25,7 +27,7 @@ def _scalar(value: Any) -> float | None:
         if value.numel() != 1:
             return None
         value = value.detach().float().item()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         return float(value) if math.isfinite(float(value)) else None
     return None
 
@@ -96,7 +98,7 @@ def _parse_record(line: str, where: str, last: bool) -> dict[str, Any] | None:
             f"{where}: expected a JSON object, got {type(record).__name__}; repair or delete that line"
         )
     for name, value in record.items():
-        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+        if value is not None and not is_number(value):
             raise ValueError(f"{where}: {name!r} is {value!r}, not a number; repair or delete that line")
     step = record.get("step")
     if step is not None and (not float(step).is_integer() or step < 0):
