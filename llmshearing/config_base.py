@@ -43,6 +43,18 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def is_int(value: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(key: str, value: Any, low: int) -> int:
+    """``value`` when it is an integer >= ``low``; a ``ConfigError`` naming ``key`` otherwise."""
+    if not is_int(value) or value < low:
+        raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
 def parse_batches(value: Any, key: str) -> int:
     """A number of batches given as an int or a Composer time string in batches (``"640ba"``); a
     ``ValueError`` naming ``key`` otherwise."""

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from llmshearing.config_base import ConfigError, is_number
+from llmshearing.config_base import ConfigError, check_int, is_number
 
 KEY = "eval_tasks"
 TASK_TYPES = ("multiple_choice", "language_modeling")
@@ -63,12 +63,6 @@ def _unknown(key: str, name: Any, valid: tuple[str, ...]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}.{name}'{hint}")
 
 
-def _int(key: str, value: Any, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 def _limit(key: str, value: Any) -> float | None:
     if value is None:
         return None
@@ -96,7 +90,7 @@ def _shots(key: str, value: Any) -> list[int]:
     values = value if isinstance(value, list) else [value]
     if not values:
         raise ConfigError(f"{key} must be an integer >= 0 or a list of them, got []")
-    return [_int(key, v, 0) for v in values]
+    return [check_int(key, v, 0) for v in values]
 
 
 def _entry(index: int, raw: Any, every: int, check_paths: bool) -> list[EvalTask]:
@@ -139,7 +133,7 @@ def _entry(index: int, raw: Any, every: int, check_paths: bool) -> list[EvalTask
         )
     shots = _shots(f"{key}.num_fewshot", raw.get("num_fewshot", 0))
     limit = _limit(f"{key}.limit", raw.get("limit"))
-    own_every = _int(f"{key}.every", raw.get("every", every), 1)
+    own_every = check_int(f"{key}.every", raw.get("every", every), 1)
     return [
         EvalTask(
             key=key,
@@ -172,10 +166,10 @@ def parse_eval_tasks(section: Any, check_paths: bool = True) -> EvalTasksConfig 
         raise ConfigError(
             f"{KEY}.tasks must be a non-empty list of tasks, e.g. [{{task: local_mc, num_fewshot: 0}}], got {entries!r}"
         )
-    every = _int(f"{KEY}.every", section.get("every", 1), 1)
+    every = check_int(f"{KEY}.every", section.get("every", 1), 1)
     batch_size = section.get("batch_size")
     if batch_size is not None:
-        _int(f"{KEY}.batch_size", batch_size, 1)
+        check_int(f"{KEY}.batch_size", batch_size, 1)
     tokenizer = section.get("tokenizer")
     if tokenizer is not None:
         tokenizer = _path(f"{KEY}.tokenizer", tokenizer, check_paths, "dir")

@@ -31,7 +31,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from llmshearing.callbacks.eval_tasks import KEY, EvalTask, EvalTasksConfig
-from llmshearing.config_base import ConfigError
+from llmshearing.config_base import ConfigError, is_number
 
 # the seeds `llmshearing evaluate --tasks` (and lm-eval's CLI) use: python, numpy, torch, few-shot sampler
 SEEDS = (0, 1234, 1234, 1234)
@@ -261,12 +261,7 @@ def task_metrics(results: dict[str, Any], name: str) -> dict[str, float]:
     row = (results.get("groups") or {}).get(name) or results["results"][name]
     metrics = {}
     for key, value in row.items():
-        if (
-            "," not in key
-            or "_stderr," in key
-            or not isinstance(value, (int, float))
-            or isinstance(value, bool)
-        ):
+        if "," not in key or "_stderr," in key or not is_number(value):
             continue
         metric, _, filt = key.partition(",")
         metrics[metric if filt == "none" else f"{metric}_{filt}"] = float(value)

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+from llmshearing.config_base import is_int
 from llmshearing.data.layout import INDEX_NAME, manifest_path, read_manifest
 
 
@@ -19,7 +20,7 @@ def _manifest_int(manifest: dict[str, Any], key: str, path: str) -> int | None:
     value = manifest.get(key)
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_int(value):
         raise ValueError(
             f"{path}: {key!r} must be an integer, got {value!r}; re-run llmshearing prepare-data"
         )

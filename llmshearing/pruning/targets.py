@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmshearing.config_base import parse_batches
+from llmshearing.config_base import is_int, parse_batches
 from llmshearing.models.config import ModelConfig
 
 FAMILIES = ("layer", "head_layer", "head", "kv_head", "mlp", "intermediate", "hidden")
@@ -347,7 +347,7 @@ def target_config(target_model: Mapping[str, Any], source: ModelConfig) -> Model
         defaults["n_kv_heads"] = target_model.get("n_heads", source.n_heads)
     for name in SHAPE_KEYS:
         value = target_model.get(name, defaults[name])
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ValueError(f"{key}.{name} must be a positive integer, got {value!r}")
         if value > getattr(source, name):
             raise ValueError(

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmshearing.config_base import is_int
 from llmshearing.io.staging import write_text_atomic
 from llmshearing.pruning.budget import (
     Budget,
@@ -64,7 +65,7 @@ class SearchSettings:
     def check(self) -> None:
         for key in ("candidates", "steps", "batch_size", "samples", "eval_batches"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr!r}")

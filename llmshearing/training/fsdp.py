@@ -36,6 +36,8 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from torch import Tensor, nn
 
+from llmshearing.config_base import is_int
+
 if TYPE_CHECKING:
     from llmshearing.models.teacher import Teacher
 
@@ -253,7 +255,7 @@ def _fsdp1_plan(settings: dict[str, Any], environ: Mapping[str, str]) -> FSDPPla
     shard = settings.get("data_parallel_shard_degree", -1)
     if replicate is not None or shard not in (-1, None):  # a mesh the recipe chose: it must fill the ranks
         given = [d for d in (replicate, None if shard in (-1, None) else shard) if d is not None]
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in given):
+        if not all(is_int(d) and d >= 1 for d in given):
             r = s = 0  # refused below
         elif replicate is None:  # the shard degree given: replicas fill the rest
             s = shard

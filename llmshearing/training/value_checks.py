@@ -22,6 +22,7 @@ from llmshearing.config_base import (
     SCHEDULERS,
     ConfigError,
     batches,
+    check_int,
     duration_in_batches,
     is_number,
 )
@@ -55,12 +56,6 @@ def check_number(key: str, value: Any, low: float, high: float = math.inf, low_o
         bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != math.inf else "")
         raise ConfigError(f"{key} must be a finite number {bound}, got {value!r}")
     return float(value)
-
-
-def check_int(key: str, value: Any, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def check_choice(key: str, value: Any, choices: tuple) -> None:
