@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="global batch of the L0 pruning stages, a divisor of --batch: the same tokens in more steps, "
-        "so the masks get more updates (default: --batch)",
+        "so the masks get more updates (default: --batch; miniature: 1)",
     )
     add("--microbatch", type=int, default=None, help="device microbatch (default: --batch)")
     add("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")

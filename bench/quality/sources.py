@@ -148,16 +148,27 @@ def use_miniature(inputs: Inputs, work: Path, args: Any, steps: Steps) -> tuple[
         miniature.TARGET_DESC,
         built.record,
     )
-    seq_len = built.record["spec"]["seq_len"]
+    budget = miniature_budget(args, built.record["params"]["total"], built.record["spec"]["seq_len"])
+    print(
+        f"miniature: T = {budget.tokens:,} tokens per arm, pruning share {budget.prune_share:.4f}", flush=True
+    )
+    return replace(inputs, source=built.source, mds=built.mds), budget
+
+
+def miniature_budget(args: Any, source_params: int, seq_len: int) -> Budget:
+    """The miniature's budget: the paper's regime (unless ``--steps`` sets T), its L0 stages at
+    ``miniature.PRUNE_BATCH`` sequences per step unless ``--prune-batch`` says otherwise (recorded in ``args``)."""
+    from . import miniature
+
     if args.steps is None:
-        total, share = miniature.paper_regime_steps(built.record["params"]["total"], args.batch, seq_len)
+        total, share = miniature.paper_regime_steps(source_params, args.batch, seq_len)
     else:
         total, share = args.steps, args.prune_share
-    budget = make_budget(
+    if args.prune_batch is None:
+        args.prune_batch = miniature.PRUNE_BATCH
+    return make_budget(
         args.quick, args.scale, args.batch, seq_len, share, 4 if args.quick else total, args.prune_batch
     )
-    print(f"miniature: T = {budget.tokens:,} tokens per arm, pruning share {share:.4f}", flush=True)
-    return replace(inputs, source=built.source, mds=built.mds), budget
 
 
 # -------------------------------------------------------------------------------------- evaluation

@@ -23,6 +23,25 @@ def test_the_paper_regime_gives_pruning_its_tokens_per_parameter_and_continued_t
     assert (total - prune) == 20 * prune
 
 
+def test_the_miniature_runs_its_l0_stages_one_sequence_per_step_unless_told_otherwise():
+    from types import SimpleNamespace
+
+    from quality import budget as budgets
+    from quality import sources
+
+    options = {"steps": None, "prune_share": 0.25, "quick": False, "scale": 1, "batch": 32}
+    args = SimpleNamespace(prune_batch=None, **options)
+    budget = sources.miniature_budget(args, 1_049_728, 128)
+    prune, _, continued = budgets.plan_arms(budget)["l0-distill"]
+    assert args.prune_batch == miniature.PRUNE_BATCH == 1  # the run's recorded settings say so
+    assert (prune.steps, prune.batch_size(budget)) == (16 * 32, 1)  # 16 steps of 32 sequences, one at a time
+    assert (continued.steps, continued.batch_size(budget)) == (320, 32)
+    told = SimpleNamespace(prune_batch=32, **options)
+    told_budget = sources.miniature_budget(told, 1_049_728, 128)
+    prune, _, _ = budgets.plan_arms(told_budget)["l0-distill"]
+    assert (prune.steps, prune.batch_size(told_budget)) == (16, 32)
+
+
 def test_a_packed_stream_splits_back_into_its_documents():
     documents = [[5, 6, 7], [8], [9, 10]]
     samples = miniature.pack(documents, eos=0, seq_len=4)
