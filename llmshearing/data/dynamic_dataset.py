@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from llmshearing.data.layout import TOKENS_COLUMN
 from llmshearing.data.proportions import largest_remainder_counts, validate_proportions
+from llmshearing.data.shared_memory import prefix_registration
 
 log = logging.getLogger(__name__)
 
@@ -200,24 +201,25 @@ class DynamicStreamingDataset(StreamingDataset):
         self.interval_batches = interval_batches
         self.max_seq_len = max_seq_len
         self.global_batch_size = batch_size * World.detect().num_ranks
-        super().__init__(
-            streams=streams,
-            epoch_size=interval_batches * self.global_batch_size,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            shuffle_seed=shuffle_seed,
-            shuffle_algo=shuffle_algo,
-            shuffle_block_size=shuffle_block_size,
-            num_canonical_nodes=num_canonical_nodes,
-            partition_algo=partition_algo,
-            predownload=predownload,
-            cache_limit=cache_limit,
-            download_retry=download_retry,
-            download_timeout=download_timeout,
-            validate_hash=validate_hash,
-            keep_zip=keep_zip,
-            batching_method="random",
-        )
+        with prefix_registration():  # another process of the machine may be choosing a prefix now
+            super().__init__(
+                streams=streams,
+                epoch_size=interval_batches * self.global_batch_size,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                shuffle_seed=shuffle_seed,
+                shuffle_algo=shuffle_algo,
+                shuffle_block_size=shuffle_block_size,
+                num_canonical_nodes=num_canonical_nodes,
+                partition_algo=partition_algo,
+                predownload=predownload,
+                cache_limit=cache_limit,
+                download_retry=download_retry,
+                download_timeout=download_timeout,
+                validate_hash=validate_hash,
+                keep_zip=keep_zip,
+                batching_method="random",
+            )
         check_token_column(self, self.set_names)
         self._domain_starts = [int(x) for x in self.sample_offset_per_stream]
         k = len(self.set_names)

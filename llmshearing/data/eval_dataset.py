@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from llmshearing.data.checks import check_shards
 from llmshearing.data.dynamic_dataset import check_token_column, domain_names, to_sample
+from llmshearing.data.shared_memory import prefix_registration
 
 
 def interleaved_order(sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -61,15 +62,16 @@ class DomainEvalDataset(Dataset):
         for stream in streams:
             if stream.remote is None:  # local data is complete: every shard must be whole
                 check_shards(os.path.join(stream.local, stream.split or ""))
-        self.reader = StreamingDataset(
-            streams=streams,
-            shuffle=False,
-            batch_size=1,
-            download_retry=download_retry,
-            download_timeout=download_timeout,
-            validate_hash=validate_hash,
-            keep_zip=keep_zip,
-        )
+        with prefix_registration():  # another process of the machine may be choosing a prefix now
+            self.reader = StreamingDataset(
+                streams=streams,
+                shuffle=False,
+                batch_size=1,
+                download_retry=download_retry,
+                download_timeout=download_timeout,
+                validate_hash=validate_hash,
+                keep_zip=keep_zip,
+            )
         check_token_column(self.reader, self.set_names)
         sizes = [int(n) for n in self.reader.samples_per_stream]
         if samples_per_domain is not None:
