@@ -498,23 +498,36 @@ def scoring_candidates(found: list[Candidate], count: int) -> list[Candidate]:
 
     Rule: keep the most proportional shape of each layout (``n_layers``, ``n_heads``, ``n_kv_heads``) and
     the ``SCORING_POOL`` most proportional layouts; start from the most proportional, then repeatedly add
-    the shape farthest (in log sizes) from those already taken. The first ``k`` of ``count`` are the ``k``
+    the shape farthest (in log sizes) from those already taken. Once every layout of the pool is taken, a
+    larger ``count`` goes on the same way among the other shapes, so the other splits of a layout's width
+    between ``d_model`` and ``intermediate_size`` are scored too. The first ``k`` of ``count`` are the ``k``
     shapes a smaller ``count`` picks, so a search can be extended."""
     seen: set[tuple[int, ...]] = set()
     pool: list[Candidate] = []
+    rest: list[Candidate] = []
     for candidate in found:  # already best prior first
-        if candidate.sizes[:3] not in seen:
+        if candidate.sizes[:3] not in seen and len(pool) < SCORING_POOL:
             seen.add(candidate.sizes[:3])
             pool.append(candidate)
-            if len(pool) == SCORING_POOL:
-                break
+        else:
+            rest.append(candidate)
     if not pool:
         return []
-    points = [[math.log(size) for size in c.sizes] for c in pool]
-    picked = [0]
-    nearest = [math.dist(p, points[0]) for p in points]
-    while len(picked) < min(count, len(pool)):
-        index = max((i for i in range(len(pool)) if i not in picked), key=lambda i: (nearest[i], -i))
+    picked = _farthest_first([], pool, count)
+    return picked + _farthest_first(picked, rest, count - len(picked))
+
+
+def _farthest_first(taken: list[Candidate], shapes: list[Candidate], count: int) -> list[Candidate]:
+    """Up to ``count`` of ``shapes``, each the one farthest in log sizes from all taken so far (the first of
+    ``shapes`` first when nothing is taken; ties to the earlier, more proportional shape)."""
+    if count <= 0 or not shapes:
+        return []
+    points = [[math.log(size) for size in c.sizes] for c in shapes]
+    anchors = [[math.log(size) for size in c.sizes] for c in taken]
+    nearest = [min((math.dist(p, a) for a in anchors), default=math.inf) for p in points]
+    picked: list[int] = []
+    while len(picked) < min(count, len(shapes)):
+        index = max((i for i in range(len(shapes)) if i not in picked), key=lambda i: (nearest[i], -i))
         picked.append(index)
         nearest = [min(d, math.dist(p, points[index])) for d, p in zip(nearest, points, strict=True)]
-    return [pool[i] for i in picked]
+    return [shapes[i] for i in picked]

@@ -2,7 +2,8 @@
 
 1. Enumerate the uniform, GQA-valid shapes whose cost lies in the budget's band
    (:func:`llmshearing.pruning.budget.enumerate_shapes`) and take ``candidates`` of them, the closest to a
-   proportional shrink per depth and attention layout (:func:`~llmshearing.pruning.budget.scoring_candidates`).
+   proportional shrink per depth and attention layout, then the layouts' other width splits
+   (:func:`~llmshearing.pruning.budget.scoring_candidates`).
 2. Score each: one-shot importance pruning (``prune_oneshot``, the source's importance measured once on the
    train split and reused), then ``steps`` batches of distillation from the source on the train split
    through the project's Composer training (``llmshearing.train``), then the loss on the eval split.
