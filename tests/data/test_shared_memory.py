@@ -6,15 +6,16 @@ import multiprocessing
 import os
 
 import pytest
-from conftest import TINY_DOMAINS, write_tiny_mds
 
 from llmshearing.data import shared_memory
 
 PROCESSES = 4  # without the lock, 4 processes starting together collided in every round tried (3 of 3)
 
 
-def _build_both(root: str, barrier, results) -> None:
-    """In a fresh process: wait for the others, then build an eval and a training dataset over ``root``."""
+def _build_both(root: str, domains: list[str], barrier, results) -> None:
+    """In a fresh process: wait for the others, then build an eval and a training dataset over ``root``.
+
+    The spawned process imports this module (not ``conftest``, which imports Composer): it starts quickly."""
     from streaming import Stream
 
     from llmshearing.data.dynamic_dataset import DynamicStreamingDataset
@@ -22,13 +23,13 @@ def _build_both(root: str, barrier, results) -> None:
     from llmshearing.data.layout import domain_dir
 
     def streams(split: str) -> list[Stream]:
-        return [Stream(local=domain_dir(root, split, d)) for d in TINY_DOMAINS]
+        return [Stream(local=domain_dir(root, split, d)) for d in domains]
 
     barrier.wait()
     try:
-        DomainEvalDataset(streams=streams("eval"), set_names=list(TINY_DOMAINS))
+        DomainEvalDataset(streams=streams("eval"), set_names=domains)
         DynamicStreamingDataset(
-            streams=streams("train"), set_names=list(TINY_DOMAINS), proportion=[0.5, 0.5], batch_size=2,
+            streams=streams("train"), set_names=domains, proportion=[0.5, 0.5], batch_size=2,
             interval_batches=2, max_seq_len=16,
         )  # fmt: skip
         results.put("built")
@@ -38,10 +39,15 @@ def _build_both(root: str, barrier, results) -> None:
 
 @pytest.mark.slow
 def test_processes_that_build_datasets_together_all_get_their_own_shared_memory(tmp_path):
+    from conftest import TINY_DOMAINS, write_tiny_mds
+
     roots = [write_tiny_mds(str(tmp_path / f"mds{i}")) for i in range(PROCESSES)]
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(PROCESSES), context.Queue()
-    processes = [context.Process(target=_build_both, args=(root, barrier, results)) for root in roots]
+    processes = [
+        context.Process(target=_build_both, args=(root, list(TINY_DOMAINS), barrier, results))
+        for root in roots
+    ]
     for process in processes:
         process.start()
     outcomes = sorted(results.get(timeout=300) for _ in processes)
