@@ -106,7 +106,9 @@ def test_enumeration_misses_no_valid_shape_of_a_small_source() -> None:
     assert len({c.sizes[:3] for c in picked}) == 3  # one per depth and attention layout
     assert picked[0] == found[0] and scoring_candidates(found, 2) == picked[:2]  # a search can be extended
     layouts = len({c.sizes[:3] for c in found})
-    assert layouts < len(found)  # some layouts split their width between d_model and intermediate in several ways
+    assert layouts < len(
+        found
+    )  # some layouts split their width between d_model and intermediate in several ways
     every = scoring_candidates(found, len(found))
     assert sorted(c.sizes for c in every) == sorted(c.sizes for c in found)  # a large count scores them all
     assert len({c.sizes[:3] for c in every[:layouts]}) == layouts  # every layout once before any twice
