@@ -31,8 +31,10 @@ def lock_path() -> str:
 
 
 def is_local_leader() -> bool:
-    """Local rank 0 (or a process no launcher started): the rank that registers the node's prefix."""
-    return int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
+    """Whether this process registers the node's prefix, decided as ``StreamingDataset`` decides it."""
+    from streaming.base.world import World
+
+    return World.detect().is_local_leader
 
 
 @contextlib.contextmanager

@@ -61,9 +61,11 @@ def test_only_the_local_leader_takes_the_lock(monkeypatch, tmp_path):
         assert os.path.dirname(shared_memory.lock_path()) == "/dev/shm"
     lock = tmp_path / "streaming.lock"
     monkeypatch.setattr(shared_memory, "lock_path", lambda: str(lock))
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
     with shared_memory.prefix_registration():
         assert not lock.exists()  # rank 1 waits for its leader inside the constructor, never for the lock
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     with shared_memory.prefix_registration():
         assert lock.exists()
