@@ -263,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the learning-rate schedule (warm-up, cosine decay) also scales the mask and multiplier lrs",
     )
+    add(
+        "--l0-per-unit",
+        action="store_true",
+        help="each mask family's penalty counts units (model.l0_module.penalty_per_unit): its multipliers price "
+        "one unit, not a fraction of the row",
+    )
     add("--multiplier-lr", type=float, default=0.5, help="learning rate of the Lagrange multipliers (0.5)")
     add("--mix-eta", type=float, default=1.0, help="dynamic mix: step size eta (1.0: the paper)")
     add("--mix-ema", type=float, default=0.0, help="dynamic mix: loss moving-average decay (0: off)")
@@ -320,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the runs, as recorded with the results."""
     names = [
-        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_learned_shape", "target_shape", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_per_unit", "l0_learned_shape", "target_shape", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
         "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip
@@ -328,7 +334,13 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.l0_per_unit and args.l0_learned_shape:
+        parser.error(
+            "--l0-per-unit prices the units of each family's target; --l0-learned-shape has one global term "
+            "over parameters: drop one of them"
+        )
     import torch
 
     from llmshearing.models.config import ModelConfig

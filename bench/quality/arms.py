@@ -83,6 +83,7 @@ def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
         f"model.l0_module.init_scale={args.l0_init_scale if scores and args.l0_init_scale else 'null'}",
         f"model.l0_module.bounded_scores={str(bool(args.l0_bounded)).lower()}",
         f"model.l0_module.schedule_l0_lr={str(bool(args.l0_schedule_lr)).lower()}",
+        f"model.l0_module.penalty_per_unit={str(bool(args.l0_per_unit)).lower()}",
     ]
 
 

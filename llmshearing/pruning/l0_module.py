@@ -239,8 +239,10 @@ class L0Module(nn.Module):
         family_targets, global_target = self.targets()
         lam = {name: _ascent(p) for name, p in self.multipliers.items()}
         if self.plan.target is not None:
+            per_unit = self.l0_config.penalty_per_unit
             terms = [
                 family_penalty(rows[f], family_targets[f], lam[f"lambda_1_{f}"], lam[f"lambda_2_{f}"])
+                * (self.log_alpha[f].numel() if per_unit else 1)
                 for f in self.families
             ]
             penalty = torch.stack(terms).sum()

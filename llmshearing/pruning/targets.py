@@ -59,6 +59,10 @@ class L0Config:
     mask_lr: float = 1.0
     multiplier_lr: float = 1.0
     schedule_l0_lr: bool = False
+    # each family's penalty times its number of units, so its linear term is the paper's lambda * (sum(z) - T):
+    # the multipliers price one unit of any family, not a fraction of it, and a family of many units
+    # (hidden, intermediate) meets its target as fast as one of few
+    penalty_per_unit: bool = False
     clip_l0_grads: bool = False
     init_from: str | None = None  # "importance" (measured on the data's train split) or a saved scores file
     init_samples: int = 256  # calibration sequences for init_from: importance
@@ -167,6 +171,19 @@ class L0Config:
                     f"{PREFIX}.init_scale={self.init_scale} exceeds {PREFIX}.log_alpha_clamp={self.log_alpha_clamp}: "
                     "the ranked start would be clamped flat at the bound; set init_scale <= log_alpha_clamp"
                 )
+        if not isinstance(self.penalty_per_unit, bool):
+            raise ValueError(
+                f"{PREFIX}.penalty_per_unit must be true or false, got {self.penalty_per_unit!r}"
+            )
+        if self.penalty_per_unit and (
+            self.target_sparsity is not None
+            or (self.target_budget is not None and self.budget_shape == "learned")
+        ):
+            raise ValueError(
+                f"{PREFIX}.penalty_per_unit scales the per-family terms of a target shape (target_model, or a "
+                "target_budget the run resolves to one); a target_sparsity or a learned budget shape has one global "
+                f"term over parameters, with no unit to price: set {PREFIX}.penalty_per_unit=false"
+            )
         if not isinstance(self.init_samples, int) or self.init_samples <= 0:
             raise ValueError(f"{PREFIX}.init_samples must be a positive integer, got {self.init_samples!r}")
         if not isinstance(self.allow_indivisible_d_model, bool):

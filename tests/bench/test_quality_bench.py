@@ -341,6 +341,15 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
     assert l0["model.l0_module.init_from"] == str(scores)
     assert l0["model.l0_module.lagrangian_warmup_steps"] == "0ba"  # ranked masks: no target warm-up
     assert l0["model.l0_module.log_alpha_clamp"] == l0["model.l0_module.init_log_alpha"] == str(args.l0_clamp)
+    assert l0["model.l0_module.penalty_per_unit"] == "false"
+    args.l0_per_unit = True  # --l0-per-unit: the recipe takes it with the stage's target shape
+    per_unit = quality.l0_overrides(args, None, stages[0].steps) + TINY_TARGET
+    stage_overrides = quality.train_overrides(
+        budget, stages[0], inputs, Path(tiny_source), tmp_path / "run", [0.8, 0.2], args, 0.1
+    )
+    values = validate_config(load_config(str(quality.PRUNE_RECIPE), stage_overrides + per_unit))
+    assert values.model.l0_module.penalty_per_unit is True
+    args.l0_per_unit = False
     assert (
         dict(o.split("=", 1) for o in quality.l0_overrides(args, None, 24))[
             "model.l0_module.lagrangian_warmup_steps"

@@ -348,6 +348,63 @@ def test_expected_sparsity_reaches_target_by_gradient_play():
         assert stats[f"expected_sparsity/{f}"].item() == pytest.approx(m.plan.family_sparsity[f], abs=0.02)
 
 
+def unit_gradients(m: L0Module) -> dict[str, torch.Tensor]:
+    """The linear term's gradient on every log-alpha at lambda_1 = 1, lambda_2 = 0, all log-alphas 0.5."""
+    with torch.no_grad():
+        for la in m.log_alpha.values():
+            la.fill_(0.5)
+        for name, p in m.multipliers.items():
+            p.fill_(1.0 if name.startswith("lambda_1") else 0.0)
+    m.set_step(10**6)
+    m().penalty.backward()
+    return {f: la.grad for f, la in m.log_alpha.items()}
+
+
+def m_numel(family: str) -> int:
+    return math.prod(mask_shapes(SOURCE)[family])
+
+
+def test_penalty_per_unit_prices_one_unit_of_every_family_alike():
+    """Per unit, each family's linear term is lambda_1 * (sum z - T): the same force on every unit."""
+    fractions, units = unit_gradients(module()), unit_gradients(module(penalty_per_unit=True))
+    one = units["hidden"].flatten()[0]
+    assert one < 0  # at lambda_1 > 0 the term lambda_1 * (s - t) falls as units are kept: descent raises them
+    for f in ALL:
+        assert torch.allclose(units[f], torch.full_like(units[f], float(one)), rtol=1e-5), f
+        # the fraction form divides the same force by the family's number of units
+        assert torch.allclose(fractions[f] * m_numel(f), units[f], rtol=1e-5), f
+    assert float(fractions["hidden"].flatten()[0]) == pytest.approx(float(one) / SOURCE.d_model, rel=1e-5)
+
+
+def test_penalty_per_unit_linear_term_counts_units_against_the_target():
+    m = module(penalty_per_unit=True)
+    randomise(m, seed=3)
+    with torch.no_grad():
+        for name, p in m.multipliers.items():
+            p.fill_(0.7 if name.startswith("lambda_1") else 0.0)
+    m.set_step(10**6)
+    scores = m.scores()
+    expected = sum(
+        0.7 * (float((1 - scores[f]).sum()) - m.plan.family_sparsity[f] * scores[f].numel())
+        for f in m.families
+    )
+    assert float(m().penalty) == pytest.approx(expected, rel=1e-5)
+
+
+def test_penalty_per_unit_meets_the_targets_by_gradient_play():
+    m = module(
+        ["head", "kv_head", "intermediate", "hidden"], target={**TARGET, "n_layers": 4}, penalty_per_unit=True
+    )
+    optimizer = torch.optim.Adam(m.parameters(), lr=0.1)
+    for _ in range(300):
+        optimizer.zero_grad()
+        m().penalty.backward()
+        optimizer.step()
+    stats = m().stats
+    for f in ("head", "kv_head", "intermediate", "hidden"):
+        assert stats[f"expected_sparsity/{f}"].item() == pytest.approx(m.plan.family_sparsity[f], abs=0.02)
+
+
 # ---------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "settings, match",
@@ -380,6 +437,18 @@ def test_expected_sparsity_reaches_target_by_gradient_play():
         ),
         ({"target_sparsity": 0.5, "start_sparsity": 1.0}, r"start_sparsity must be in \[0, 1\)"),
         ({"target_sparsity": 0.9, "pruning_modules": ["head"]}, "cannot be reached"),
+        (
+            {"target_sparsity": 0.5, "penalty_per_unit": True},
+            r"penalty_per_unit .* set model\.l0_module\.penalty_per_unit=false",
+        ),
+        (
+            {"target_budget": {"params": 1000}, "budget_shape": "learned", "penalty_per_unit": True},
+            r"a learned budget shape has one global term",
+        ),
+        (
+            {"target_model": {"n_heads": 4}, "penalty_per_unit": "yes"},
+            r"penalty_per_unit must be true or false",
+        ),
         (
             {
                 "target_sparsity": 0.5,
