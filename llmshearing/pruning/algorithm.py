@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import Algorithm, Event, State, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 GROUP_NAMES = ("weights", "masks", "multipliers")
 MIN_MOVABLE = 1e-3  # below this share of samples off the bounds the masks are reported frozen
+GAP_TOLERANCE = 0.02  # |expected - target| sparsity at the end of pruning beyond which a run warns
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -157,6 +158,43 @@ def report_movable(module: L0Module, logger: Logger | None = None) -> float:
     if logger is not None:
         logger.log_hyperparameters({"l0/movable_at_start": fraction})
     return fraction
+
+
+def sparsity_gaps(module: L0Module) -> dict[str, float]:
+    """Expected minus final target sparsity: overall (``"all"``) and per family with a target of its own."""
+    with torch.no_grad():
+        _, stats = module._penalty_and_stats()
+    gaps = {"all": float(stats["expected_sparsity"]) - module.plan.global_sparsity}
+    for family, target in module.plan.family_sparsity.items():
+        gaps[family] = float(stats[f"expected_sparsity/{family}"]) - target
+    return gaps
+
+
+def describe_gap(module: L0Module, batch: int, final: bool) -> tuple[dict[str, float], str]:
+    """The sparsity gaps at ``batch`` and a sentence on them; at the end of pruning (``final``) a gap beyond
+    ``GAP_TOLERANCE`` adds what it means for the fold and which keys to change."""
+    gaps = sparsity_gaps(module)
+    expected = gaps["all"] + module.plan.global_sparsity
+    families = sorted((f for f in gaps if f != "all"), key=lambda f: -abs(gaps[f]))
+    message = (
+        f"masks at batch {batch}: expected sparsity {expected:.3f} against the target "
+        f"{module.plan.global_sparsity:.3f} (gap {gaps['all']:+.3f}"
+        + (
+            f"; farthest families {', '.join(f'{f} {gaps[f]:+.3f}' for f in families[:2])}"
+            if families
+            else ""
+        )
+        + ")"
+    )
+    if final and abs(gaps["all"]) > GAP_TOLERANCE:
+        side = "short of" if gaps["all"] < 0 else "past"
+        message += (
+            f": pruning ends {side} the target by more than {GAP_TOLERANCE}, so the fold "
+            f"{'removes' if gaps['all'] < 0 else 'keeps'} the difference without the training having adapted to it; "
+            "train longer (max_duration, lagrangian_warmup_steps), raise model.l0_module.multiplier_lr, or set "
+            "model.l0_module.penalty_per_unit: true (llmshearing/pruning/README.md)"
+        )
+    return gaps, message
 
 
 class L0Pruning(Algorithm):
@@ -287,6 +325,11 @@ class L0Pruning(Algorithm):
             "floored": floored_units(masks),  # kept units whose learned value is at the floor
         }
         log_floored(payload["floored"], f"masks at batch {batch}")
+        final = state.max_duration is not None and (
+            state.max_duration.unit == TimeUnit.BATCH and batch >= int(state.max_duration.value)
+        )
+        payload["sparsity_gap"], message = describe_gap(module, batch, final)
+        (log.warning if final and abs(payload["sparsity_gap"]["all"]) > GAP_TOLERANCE else log.info)(message)
         if at_target and module.learns_budget_shape:
             payload["shape_choice"] = module.learned_shape()[1]
             log.info("masks at batch %d: %s", batch, payload["shape_choice"])

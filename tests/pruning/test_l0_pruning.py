@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning import L0Pruning, attach_l0_module, l0_param_groups
+from llmshearing.pruning.algorithm import GAP_TOLERANCE
 from llmshearing.pruning.hard_concrete import floored_units
 
 CONFIG = ModelConfig(**PRUNABLE_MODEL)
@@ -170,7 +172,8 @@ def test_logs_expected_and_target_sizes_multipliers_and_penalty():
     assert "loss/train/lagrangian" in data
 
 
-def test_masks_written_after_each_evaluation(tmp_path):
+def test_masks_written_after_each_evaluation(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="llmshearing.pruning.algorithm")
     trainer = pruning_trainer(
         l0_settings(eval_target_model=False),
         max_duration="4ba",
@@ -189,6 +192,22 @@ def test_masks_written_after_each_evaluation(tmp_path):
     expected = trainer.state.model.l0_module.deterministic_masks(at_target=False)
     assert all(torch.equal(saved["masks"][f], expected[f]) for f in FAMILIES)
     assert saved["floored"] == floored_units(expected)  # kept units at the floor value, per family
+    # the gap to the final target, overall and per family, as the run's last stats measure it
+    module = trainer.state.model.l0_module
+    module.train()
+    stats = module().stats
+    gap = saved["sparsity_gap"]
+    assert gap["all"] == pytest.approx(float(stats["expected_sparsity"]) - module.plan.global_sparsity)
+    assert set(gap) == {"all", *FAMILIES}
+    assert gap["hidden"] == pytest.approx(float(stats["expected_sparsity/hidden"]) - 0.5)
+    # 4 of the 20 warm-up batches: far short of the target; the last snapshot warns and names the keys
+    assert gap["all"] < -GAP_TOLERANCE
+    records = [r for r in caplog.records if "expected sparsity" in r.getMessage()]
+    assert [r.getMessage().split(":")[0] for r in records] == ["masks at batch 2", "masks at batch 4"]
+    assert records[0].levelno == logging.INFO and "multiplier_lr" not in records[0].getMessage()
+    assert records[1].levelno == logging.WARNING
+    assert "pruning ends short of the target" in records[1].getMessage()
+    assert "penalty_per_unit" in records[1].getMessage()
 
 
 @pytest.mark.parametrize("schedule", [False, True])
