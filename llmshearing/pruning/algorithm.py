@@ -191,8 +191,12 @@ def describe_gap(module: L0Module, batch: int, final: bool) -> tuple[dict[str, f
         message += (
             f": pruning ends {side} the target by more than {GAP_TOLERANCE}, so the fold "
             f"{'removes' if gaps['all'] < 0 else 'keeps'} the difference without the training having adapted to it; "
-            "train longer (max_duration, lagrangian_warmup_steps), raise model.l0_module.multiplier_lr, or set "
-            "model.l0_module.penalty_per_unit: true (llmshearing/pruning/README.md)"
+            "train longer (max_duration, lagrangian_warmup_steps) or raise model.l0_module.multiplier_lr"
+            + (
+                ", or set model.l0_module.penalty_per_unit: true (llmshearing/pruning/README.md)"
+                if module.plan.target is not None and not module.l0_config.penalty_per_unit
+                else ""
+            )
         )
     return gaps, message
 

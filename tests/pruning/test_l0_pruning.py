@@ -210,6 +210,20 @@ def test_masks_written_after_each_evaluation(tmp_path, caplog):
     assert "penalty_per_unit" in records[1].getMessage()
 
 
+def test_end_gap_warning_names_the_keys_the_target_form_takes():
+    from llmshearing.pruning.algorithm import describe_gap
+    from llmshearing.pruning.l0_module import L0Module
+
+    shape = L0Module(CONFIG, l0_settings())
+    global_term = L0Module(CONFIG, l0_settings(target_model=None, target_sparsity=0.5))
+    for module, names_per_unit in ((shape, True), (global_term, False)):
+        gaps, message = describe_gap(module, 7, final=True)  # masks start near 1: far short of the target
+        assert gaps["all"] < -GAP_TOLERANCE and "pruning ends short of the target" in message
+        assert "multiplier_lr" in message
+        assert ("penalty_per_unit" in message) is names_per_unit  # refused with one global term
+        assert describe_gap(module, 7, final=False)[1].endswith(")")  # mid-run: the numbers only
+
+
 @pytest.mark.parametrize("schedule", [False, True])
 def test_lr_schedule_applies_to_l0_groups_only_when_asked(schedule):
     l0 = l0_settings(schedule_l0_lr=schedule)
