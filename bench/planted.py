@@ -273,8 +273,7 @@ def run_learned(
         optimizer.step()
         module.constrain_()
     set_l0_step(model, settings.steps)
-    with torch.no_grad():
-        _, final = module._penalty_and_stats()
+    final = module.stats()
     stats = {k: float(v.reshape(-1)[0]) for k, v in final.items() if "sparsity" in k}
     masks = module.deterministic_masks(at_target=True)
     return masks, model.model, stats

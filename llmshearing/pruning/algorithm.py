@@ -162,18 +162,21 @@ def report_movable(module: L0Module, logger: Logger | None = None) -> float:
 
 def sparsity_gaps(module: L0Module) -> dict[str, float]:
     """Expected minus final target sparsity: overall (``"all"``) and per family with a target of its own."""
-    with torch.no_grad():
-        _, stats = module._penalty_and_stats()
+    stats = module.stats()
     gaps = {"all": float(stats["expected_sparsity"]) - module.plan.global_sparsity}
     for family, target in module.plan.family_sparsity.items():
         gaps[family] = float(stats[f"expected_sparsity/{family}"]) - target
     return gaps
 
 
-def describe_gap(module: L0Module, batch: int, final: bool) -> tuple[dict[str, float], str]:
-    """The sparsity gaps at ``batch`` and a sentence on them; at the end of pruning (``final``) a gap beyond
-    ``GAP_TOLERANCE`` adds what it means for the fold and which keys to change."""
-    gaps = sparsity_gaps(module)
+def ends_off_target(gaps: Mapping[str, float], final: bool) -> bool:
+    """Pruning ends (``final``) with the masks' expected sparsity farther than ``GAP_TOLERANCE`` from the target."""
+    return final and abs(gaps["all"]) > GAP_TOLERANCE
+
+
+def describe_gap(module: L0Module, gaps: Mapping[str, float], batch: int, final: bool) -> str:
+    """A sentence on the sparsity ``gaps`` (:func:`sparsity_gaps`) at ``batch``; at the end of pruning (``final``)
+    a gap beyond ``GAP_TOLERANCE`` adds what it means for the fold and which keys to change."""
     expected = gaps["all"] + module.plan.global_sparsity
     families = sorted((f for f in gaps if f != "all"), key=lambda f: -abs(gaps[f]))
     message = (
@@ -186,7 +189,7 @@ def describe_gap(module: L0Module, batch: int, final: bool) -> tuple[dict[str, f
         )
         + ")"
     )
-    if final and abs(gaps["all"]) > GAP_TOLERANCE:
+    if ends_off_target(gaps, final):
         side = "short of" if gaps["all"] < 0 else "past"
         message += (
             f": pruning ends {side} the target by more than {GAP_TOLERANCE}, so the fold "
@@ -198,7 +201,7 @@ def describe_gap(module: L0Module, batch: int, final: bool) -> tuple[dict[str, f
                 else ""
             )
         )
-    return gaps, message
+    return message
 
 
 class L0Pruning(Algorithm):
@@ -332,8 +335,9 @@ class L0Pruning(Algorithm):
         final = state.max_duration is not None and (
             state.max_duration.unit == TimeUnit.BATCH and batch >= int(state.max_duration.value)
         )
-        payload["sparsity_gap"], message = describe_gap(module, batch, final)
-        (log.warning if final and abs(payload["sparsity_gap"]["all"]) > GAP_TOLERANCE else log.info)(message)
+        gaps = payload["sparsity_gap"] = sparsity_gaps(module)
+        message = describe_gap(module, gaps, batch, final)
+        (log.warning if ends_off_target(gaps, final) else log.info)(message)
         if at_target and module.learns_budget_shape:
             payload["shape_choice"] = module.learned_shape()[1]
             log.info("masks at batch %d: %s", batch, payload["shape_choice"])

@@ -145,10 +145,8 @@ class L0Module(nn.Module):
             masks = {f: self.distribution.sample(la, generator) for f, la in self.clamped_log_alpha().items()}
             penalty, stats = self._penalty_and_stats()
             return L0Output(masks, penalty, stats)
-        with torch.no_grad():
-            masks = self.deterministic_masks(at_target=self.l0_config.eval_target_model)
-            _, stats = self._penalty_and_stats()
-        return L0Output(masks, None, stats)
+        masks = self.deterministic_masks(at_target=self.l0_config.eval_target_model)
+        return L0Output(masks, None, self.stats())
 
     @torch.no_grad()
     def movable_fraction(self) -> float:
@@ -230,6 +228,12 @@ class L0Module(nn.Module):
             f: warmed_target(starts[f], t, step, warmup) for f, t in self.plan.family_sparsity.items()
         }
         return per_family, warmed_target(start, self.plan.global_sparsity, step, warmup)
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, Tensor]:
+        """What a training step logs, without the penalty: expected and (warmed-up) target sparsity, overall and
+        per family, the expected parameter count and the multipliers."""
+        return self._penalty_and_stats()[1]
 
     def _penalty_and_stats(self) -> tuple[Tensor, dict[str, Tensor]]:
         scores = self.scores()

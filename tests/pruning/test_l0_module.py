@@ -365,7 +365,7 @@ def unit_gradients(m: L0Module) -> dict[str, torch.Tensor]:
     return {f: la.grad for f, la in m.log_alpha.items()}
 
 
-def m_numel(family: str) -> int:
+def units_in(family: str) -> int:
     return math.prod(mask_shapes(SOURCE)[family])
 
 
@@ -377,7 +377,7 @@ def test_penalty_per_unit_prices_one_unit_of_every_family_alike():
     for f in ALL:
         assert torch.allclose(units[f], torch.full_like(units[f], float(one)), rtol=1e-5), f
         # the fraction form divides the same force by the family's number of units
-        assert torch.allclose(fractions[f] * m_numel(f), units[f], rtol=1e-5), f
+        assert torch.allclose(fractions[f] * units_in(f), units[f], rtol=1e-5), f
     assert float(fractions["hidden"].flatten()[0]) == pytest.approx(float(one) / SOURCE.d_model, rel=1e-5)
 
 

@@ -211,17 +211,18 @@ def test_masks_written_after_each_evaluation(tmp_path, caplog):
 
 
 def test_end_gap_warning_names_the_keys_the_target_form_takes():
-    from llmshearing.pruning.algorithm import describe_gap
+    from llmshearing.pruning.algorithm import describe_gap, sparsity_gaps
     from llmshearing.pruning.l0_module import L0Module
 
     shape = L0Module(CONFIG, l0_settings())
     global_term = L0Module(CONFIG, l0_settings(target_model=None, target_sparsity=0.5))
     for module, names_per_unit in ((shape, True), (global_term, False)):
-        gaps, message = describe_gap(module, 7, final=True)  # masks start near 1: far short of the target
+        gaps = sparsity_gaps(module)
+        message = describe_gap(module, gaps, 7, final=True)  # masks start near 1: far short of the target
         assert gaps["all"] < -GAP_TOLERANCE and "pruning ends short of the target" in message
         assert "multiplier_lr" in message
         assert ("penalty_per_unit" in message) is names_per_unit  # refused with one global term
-        assert describe_gap(module, 7, final=False)[1].endswith(")")  # mid-run: the numbers only
+        assert describe_gap(module, gaps, 7, final=False).endswith(")")  # mid-run: the numbers only
 
 
 @pytest.mark.parametrize("schedule", [False, True])
