@@ -60,7 +60,12 @@ from planted_models import (  # noqa: E402
 )
 
 from llmshearing.models.composer_model import ComposerLlama  # noqa: E402
-from llmshearing.pruning.algorithm import attach_l0_module, l0_param_groups, set_l0_step  # noqa: E402
+from llmshearing.pruning.algorithm import (  # noqa: E402
+    attach_l0_module,
+    l0_param_groups,
+    set_l0_step,
+    set_multiplier_beta1,
+)
 from llmshearing.pruning.fold import prune_decoder  # noqa: E402
 from llmshearing.pruning.importance import compute_importance  # noqa: E402
 from llmshearing.pruning.ranking import importance_log_alpha, oneshot_masks  # noqa: E402
@@ -256,10 +261,11 @@ def run_learned(
     optimizer = DecoupledAdamW(groups, lr=settings.weight_lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
-    scheduled = {"weights", "masks", "multipliers"} if cfg.schedule_l0_lr else {"weights"}
+    set_multiplier_beta1(optimizer, module)
+    scheduled = {"weights", *cfg.scheduled_groups}
     model.train()
     for step in range(settings.steps):
-        # cosine decay to 0.1x, as the recipes' scheduler; the L0 groups only with schedule_l0_lr
+        # cosine decay to 0.1x, as the recipes' scheduler; the L0 groups as schedule_l0_lr says
         factor = 0.1 + 0.45 * (1.0 + math.cos(math.pi * step / settings.steps))
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * (factor if group.get("name") in scheduled else 1.0)

@@ -159,6 +159,13 @@ from llmshearing.training.recipes import CONTINUE_RECIPE, PRUNE_RECIPE, REPO, St
 
 
 # -------------------------------------------------------------------------------------------- main
+def _masks_only(value: str) -> str:
+    """``--l0-schedule-lr``'s one optional value."""
+    if value != "masks":
+        raise argparse.ArgumentTypeError(f"takes no value or 'masks' (the mask lr only), got {value!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -260,8 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--l0-schedule-lr",
-        action="store_true",
-        help="the learning-rate schedule (warm-up, cosine decay) also scales the mask and multiplier lrs",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_masks_only,
+        metavar="masks",
+        help="the learning-rate schedule (warm-up, cosine decay) also scales the mask and multiplier lrs; "
+        "`--l0-schedule-lr masks`: the mask lr only, the multipliers keep theirs (model.l0_module.schedule_l0_lr)",
     )
     add(
         "--l0-per-unit",
@@ -270,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         "one unit, not a fraction of the row",
     )
     add("--multiplier-lr", type=float, default=0.5, help="learning rate of the Lagrange multipliers (0.5)")
+    add(
+        "--multiplier-beta1",
+        type=float,
+        default=None,
+        help="the multipliers' AdamW beta1 (model.l0_module.multiplier_beta1; default: the optimizer's 0.9)",
+    )
     add("--mix-eta", type=float, default=1.0, help="dynamic mix: step size eta (1.0: the paper)")
     add("--mix-ema", type=float, default=0.0, help="dynamic mix: loss moving-average decay (0: off)")
     add(
@@ -326,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the runs, as recorded with the results."""
     names = [
-        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_per_unit", "l0_learned_shape", "target_shape", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "mix_eta", "mix_ema",
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_per_unit", "l0_learned_shape", "target_shape", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "multiplier_beta1", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
         "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip

@@ -82,7 +82,8 @@ def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
         f"model.l0_module.multiplier_lr={args.multiplier_lr}",
         f"model.l0_module.init_scale={args.l0_init_scale if scores and args.l0_init_scale else 'null'}",
         f"model.l0_module.bounded_scores={str(bool(args.l0_bounded)).lower()}",
-        f"model.l0_module.schedule_l0_lr={str(bool(args.l0_schedule_lr)).lower()}",
+        f"model.l0_module.schedule_l0_lr={'masks' if args.l0_schedule_lr == 'masks' else str(bool(args.l0_schedule_lr)).lower()}",
+        f"model.l0_module.multiplier_beta1={'null' if args.multiplier_beta1 is None else args.multiplier_beta1}",
         f"model.l0_module.penalty_per_unit={str(bool(args.l0_per_unit)).lower()}",
     ]
 

@@ -18,6 +18,7 @@ __all__ = [
     "prune_decoder",
     "prune_state_dict",
     "set_l0_step",
+    "set_multiplier_beta1",
 ]
 
 _LOCATIONS = {
@@ -29,6 +30,7 @@ _LOCATIONS = {
     "attach_l0_module": "llmshearing.pruning.algorithm",
     "l0_param_groups": "llmshearing.pruning.algorithm",
     "set_l0_step": "llmshearing.pruning.algorithm",
+    "set_multiplier_beta1": "llmshearing.pruning.algorithm",
     "prune_decoder": "llmshearing.pruning.fold",
     "prune_state_dict": "llmshearing.pruning.fold",
 }

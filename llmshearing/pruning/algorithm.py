@@ -4,7 +4,8 @@ The functional API works without the Trainer:
 
 * :func:`attach_l0_module` puts an :class:`L0Module` on a ``ComposerLlama`` (its forward then samples
   masks in train mode, uses deterministic masks in eval mode, and its loss adds the Lagrangian);
-* :func:`l0_param_groups` gives the optimizer groups ``weights`` / ``masks`` / ``multipliers``;
+* :func:`l0_param_groups` gives the optimizer groups ``weights`` / ``masks`` / ``multipliers``
+  (:func:`set_multiplier_beta1` then gives the multipliers their own AdamW beta1 where the config sets one);
 * :func:`set_l0_step` sets the batch counter that drives the target warm-up.
 
 The Algorithm wires these into a Composer run (see ``llmshearing/pruning/README.md``).
@@ -101,6 +102,23 @@ def l0_param_groups(composer_model: nn.Module, lr: float, mask_lr: float, multip
             "weight_decay": 0.0,
         },
     ]
+
+
+def set_multiplier_beta1(optimizer: torch.optim.Optimizer, module: L0Module) -> None:
+    """Give the optimizer group of the multipliers the module's ``multiplier_beta1`` (no-op when it is null)."""
+    beta1 = module.l0_config.multiplier_beta1
+    if beta1 is None:
+        return
+    ids = {id(p) for p in module.multipliers.values()}
+    for group in optimizer.param_groups:
+        if not ids & {id(p) for p in group["params"]}:
+            continue
+        if "betas" not in group:
+            raise ValueError(
+                f"model.l0_module.multiplier_beta1 sets an Adam-type beta1, but the optimizer "
+                f"{type(optimizer).__name__} has no betas; remove multiplier_beta1"
+            )
+        group["betas"] = (float(beta1), group["betas"][1])
 
 
 def set_l0_step(composer_model: nn.Module, step: int) -> None:
@@ -233,7 +251,7 @@ class L0Pruning(Algorithm):
                 state.device.module_to_device(module)
         elif event == Event.BATCH_START:
             set_l0_step(state.model, int(state.timestamp.batch.value))
-            if not self.l0_config.schedule_l0_lr:
+            if self.l0_config.scheduled_groups != GROUP_NAMES[1:]:
                 self._reset_l0_lr(state)
         elif event == Event.BATCH_END:  # after the optimizer step
             l0_module_of(state.model).constrain_()
@@ -269,6 +287,8 @@ class L0Pruning(Algorithm):
                     optimizer.add_param_group(
                         {"name": name, "params": list(params), "lr": lr, "weight_decay": 0.0}
                     )
+        for optimizer in state.optimizers:
+            set_multiplier_beta1(optimizer, module)
         if not self.l0_config.clip_l0_grads:
             self._guard_gradient_clipping(state)
         return module
@@ -294,11 +314,16 @@ class L0Pruning(Algorithm):
 
     # ------------------------------------------------------------------------------ per batch
     def _reset_l0_lr(self, state: State) -> None:
-        """Undo the LR schedule for the mask and multiplier groups (``schedule_l0_lr: false``)."""
+        """Undo the LR schedule for the L0 groups it does not scale (``schedule_l0_lr``: false, or masks)."""
         module = l0_module_of(state.model)
         if module is None:
             return
-        l0_params = {id(p) for p in module.parameters()}
+        unscheduled = [
+            params
+            for name, params in (("masks", module.log_alpha), ("multipliers", module.multipliers))
+            if name not in self.l0_config.scheduled_groups
+        ]
+        l0_params = {id(p) for params in unscheduled for p in params.values()}
         for optimizer in state.optimizers:
             for group in optimizer.param_groups:
                 if "initial_lr" in group and any(id(p) in l0_params for p in group["params"]):

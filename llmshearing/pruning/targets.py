@@ -58,7 +58,12 @@ class L0Config:
     bounded_scores: bool = False  # expected sizes count a unit at -clamp as removed and at +clamp as kept
     mask_lr: float = 1.0
     multiplier_lr: float = 1.0
-    schedule_l0_lr: bool = False
+    # true: the run's LR schedule (warm-up, decay) scales the mask and multiplier groups; "masks": the mask
+    # group only, the multipliers keep multiplier_lr, so they can still close a gap when the schedule has decayed
+    schedule_l0_lr: bool | str = False
+    # the multipliers' first-moment coefficient (AdamW's beta1); 0 steps them on the current gap alone, without
+    # momentum that carries them past the target. null: the optimizer's own
+    multiplier_beta1: float | None = None
     # each family's penalty times its number of units, so its linear term is the paper's lambda * (sum(z) - T):
     # the multipliers price one unit of any family, not a fraction of it, and a family of many units
     # (hidden, intermediate) meets its target as fast as one of few
@@ -142,6 +147,19 @@ class L0Config:
         for key in ("mask_lr", "multiplier_lr"):
             if float(getattr(self, key)) < 0:
                 raise ValueError(f"{PREFIX}.{key} must be >= 0, got {getattr(self, key)}")
+        if not (isinstance(self.schedule_l0_lr, bool) or self.schedule_l0_lr == "masks"):
+            raise ValueError(
+                f"{PREFIX}.schedule_l0_lr must be true (the LR schedule scales the mask and multiplier lrs), false "
+                f"(neither) or masks (the mask lr only), got {self.schedule_l0_lr!r}"
+            )
+        beta1 = self.multiplier_beta1
+        if beta1 is not None and (
+            isinstance(beta1, bool) or not isinstance(beta1, (int, float)) or not 0 <= beta1 < 1
+        ):
+            raise ValueError(
+                f"{PREFIX}.multiplier_beta1 must be in [0, 1) (the multipliers' AdamW beta1) or null for the "
+                f"optimizer's, got {beta1!r}"
+            )
         if (
             self.init_from is not None
             and self.init_from != "importance"
@@ -213,6 +231,13 @@ class L0Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def scheduled_groups(self) -> tuple[str, ...]:
+        """The L0 optimizer groups whose learning rate the run's LR schedule scales (``schedule_l0_lr``)."""
+        if self.schedule_l0_lr == "masks":
+            return ("masks",)
+        return ("masks", "multipliers") if self.schedule_l0_lr else ()
 
     def resolve(self, source: ModelConfig) -> TargetPlan:
         """Validate the target against the source model and derive per-family targets."""

@@ -349,7 +349,17 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
     )
     values = validate_config(load_config(str(quality.PRUNE_RECIPE), stage_overrides + per_unit))
     assert values.model.l0_module.penalty_per_unit is True
+    assert values.model.l0_module.schedule_l0_lr is False and values.model.l0_module.multiplier_beta1 is None
     args.l0_per_unit = False
+    # --l0-schedule-lr masks --multiplier-beta1 0: the recipe takes the mask-only schedule and the beta1
+    args.l0_schedule_lr, args.multiplier_beta1 = "masks", 0.0
+    unscheduled = quality.l0_overrides(args, None, stages[0].steps) + TINY_TARGET
+    l0_config = validate_config(
+        load_config(str(quality.PRUNE_RECIPE), stage_overrides + unscheduled)
+    ).model.l0_module
+    assert (l0_config.schedule_l0_lr, l0_config.multiplier_beta1) == ("masks", 0.0)
+    assert l0_config.scheduled_groups == ("masks",)
+    args.l0_schedule_lr, args.multiplier_beta1 = False, None
     assert (
         dict(o.split("=", 1) for o in quality.l0_overrides(args, None, 24))[
             "model.l0_module.lagrangian_warmup_steps"

@@ -441,6 +441,12 @@ def test_penalty_per_unit_linear_term_counts_units_against_the_target():
             r"penalty_per_unit must be true or false",
         ),
         (
+            {"target_sparsity": 0.5, "schedule_l0_lr": "multipliers"},
+            r"schedule_l0_lr must be true .* or masks \(the mask lr only\), got 'multipliers'",
+        ),
+        ({"target_sparsity": 0.5, "multiplier_beta1": 1.0}, r"multiplier_beta1 must be in \[0, 1\)"),
+        ({"target_sparsity": 0.5, "multiplier_beta1": True}, r"multiplier_beta1 must be in \[0, 1\)"),
+        (
             {
                 "target_sparsity": 0.5,
                 "init_from": "importance",

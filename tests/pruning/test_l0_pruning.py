@@ -225,7 +225,7 @@ def test_end_gap_warning_names_the_keys_the_target_form_takes():
         assert describe_gap(module, gaps, 7, final=False).endswith(")")  # mid-run: the numbers only
 
 
-@pytest.mark.parametrize("schedule", [False, True])
+@pytest.mark.parametrize("schedule", [False, True, "masks"])
 def test_lr_schedule_applies_to_l0_groups_only_when_asked(schedule):
     l0 = l0_settings(schedule_l0_lr=schedule)
     trainer = pruning_trainer(l0, max_duration="4ba", schedulers=ConstantWithWarmupScheduler(t_warmup="10ba"))
@@ -240,7 +240,30 @@ def test_lr_schedule_applies_to_l0_groups_only_when_asked(schedule):
     for lrs in seen:
         factor = lrs["weights"] / 1e-3 if schedule else 1.0
         assert lrs["masks"] == pytest.approx(l0["mask_lr"] * factor)
-        assert lrs["multipliers"] == pytest.approx(l0["multiplier_lr"] * factor)
+        # "masks": the multipliers keep their own lr while the schedule scales the masks'
+        assert lrs["multipliers"] == pytest.approx(
+            l0["multiplier_lr"] * (1.0 if schedule == "masks" else factor)
+        )
+
+
+def test_multiplier_beta1_sets_the_multipliers_group_only():
+    trainer = pruning_trainer(l0_settings(multiplier_beta1=0.0), max_duration="2ba")
+    betas = {g["name"]: tuple(g["betas"]) for g in trainer.state.optimizers[0].param_groups}
+    assert betas == {"weights": (0.9, 0.95), "masks": (0.9, 0.95), "multipliers": (0.0, 0.95)}
+    trainer.fit()
+    default = pruning_trainer(l0_settings(), max_duration="2ba")
+    default.fit()
+    # AdamW's first step is lr * sign(g) at any beta1; the second differs only through the first moment
+    for name, p in trainer.state.model.l0_module.multipliers.items():
+        q = default.state.model.l0_module.multipliers[name]
+        assert not torch.allclose(p, q, rtol=0, atol=1e-7), name
+    with pytest.raises(
+        ValueError, match="multiplier_beta1 sets an Adam-type beta1, but the optimizer DecoupledSGDW"
+    ):
+        pruning_trainer(
+            l0_settings(multiplier_beta1=0.0),
+            optimizer=lambda model: DecoupledSGDW(l0_param_groups(model, 0.1, 1.0, 1.0), lr=0.1),
+        )
 
 
 def _one_sgd_batch(clip: bool | None) -> dict[str, torch.Tensor]:
