@@ -190,7 +190,10 @@ def method_overrides(method: str) -> dict[str, Any]:
     overrides = dict(METHODS[name])
     for pair in pairs:
         key, _, value = pair.partition("=")
-        overrides[key] = json.loads(value) if value not in ("importance",) else value
+        try:  # numbers, true/false/null; a bare word (importance, masks) stays a string
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value
     return overrides
 
 

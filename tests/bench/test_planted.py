@@ -161,3 +161,13 @@ def test_learned_masks_from_an_interior_start_drop_the_dead_units(bench, small, 
     folded = planted_bench.prune_decoder(decoder, masks)
     assert {k: getattr(folded.config, k) for k in planted.target} == planted.target
     assert "expected_sparsity" in stats and "target_sparsity" in stats
+
+
+def test_method_settings_take_numbers_flags_and_words(bench):
+    _, planted_bench = bench
+    overrides = planted_bench.method_overrides(
+        "importance-bounded,schedule_l0_lr=masks,multiplier_beta1=0.0,penalty_per_unit=true,init_from=importance"
+    )
+    assert overrides["schedule_l0_lr"] == "masks" and overrides["multiplier_beta1"] == 0.0
+    assert overrides["penalty_per_unit"] is True and overrides["init_from"] == "importance"
+    assert overrides["mask_lr"] == planted_bench.BOUNDED["mask_lr"]  # the named method's own settings stay
