@@ -212,14 +212,30 @@ def describe_gap(module: L0Module, gaps: Mapping[str, float], batch: int, final:
         message += (
             f": pruning ends {side} the target by more than {GAP_TOLERANCE}, so the fold "
             f"{'removes' if gaps['all'] < 0 else 'keeps'} the difference without the training having adapted to it; "
-            "train longer (max_duration, lagrangian_warmup_steps) or raise model.l0_module.multiplier_lr"
-            + (
-                ", or set model.l0_module.penalty_per_unit: true (llmshearing/pruning/README.md)"
-                if module.plan.target is not None and not module.l0_config.penalty_per_unit
-                else ""
-            )
+            + "; ".join(gap_remedies(module.l0_config, module.plan.target is not None))
+            + " (llmshearing/pruning/README.md)"
         )
     return message
+
+
+def gap_remedies(config: L0Config, target_shape: bool) -> list[str]:
+    """The settings that bring the masks to the target by the end of pruning, for the end-gap warning."""
+    remedies = [
+        "train longer (max_duration, lagrangian_warmup_steps) or raise model.l0_module.multiplier_lr",
+    ]
+    if "multipliers" in config.scheduled_groups:
+        remedies.append(
+            "set model.l0_module.schedule_l0_lr: masks (the LR schedule no longer shrinks the multipliers' steps)"
+        )
+    if config.multiplier_beta1 != 0:
+        remedies.append(
+            "set model.l0_module.multiplier_beta1: 0 (multipliers without momentum do not run past the target)"
+        )
+    if target_shape and not config.penalty_per_unit:
+        remedies.append(
+            "or set model.l0_module.penalty_per_unit: true (the masks then stay nearer their start)"
+        )
+    return remedies
 
 
 class L0Pruning(Algorithm):

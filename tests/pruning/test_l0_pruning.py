@@ -222,7 +222,12 @@ def test_end_gap_warning_names_the_keys_the_target_form_takes():
         assert gaps["all"] < -GAP_TOLERANCE and "pruning ends short of the target" in message
         assert "multiplier_lr" in message
         assert ("penalty_per_unit" in message) is names_per_unit  # refused with one global term
+        assert "multiplier_beta1: 0" in message and "schedule_l0_lr" not in message  # nothing scheduled here
         assert describe_gap(module, gaps, 7, final=False).endswith(")")  # mid-run: the numbers only
+    # the multipliers on the schedule, without momentum: the warning names the schedule, not beta1
+    scheduled = L0Module(CONFIG, l0_settings(schedule_l0_lr=True, multiplier_beta1=0.0))
+    message = describe_gap(scheduled, sparsity_gaps(scheduled), 7, final=True)
+    assert "schedule_l0_lr: masks" in message and "multiplier_beta1" not in message
 
 
 @pytest.mark.parametrize("schedule", [False, True, "masks"])
