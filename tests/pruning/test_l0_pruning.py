@@ -306,19 +306,31 @@ class ConsumeRandomness(Callback):
 
 
 @pytest.mark.filterwarnings("ignore:ConsumeRandomness is not in the state_dict")
-def test_resume_gives_bit_identical_l0_parameters(tmp_path):
-    l0 = l0_settings()
-    full = pruning_trainer(l0, max_duration="6ba")
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"schedule_l0_lr": "masks", "multiplier_beta1": 0.0}],
+    ids=["defaults", "closing-multipliers"],
+)
+def test_resume_gives_bit_identical_l0_parameters(tmp_path, changes):
+    l0 = l0_settings(**changes)
+
+    def trainer(**kwargs) -> Trainer:  # a warming-up schedule, so the mask-only schedule differs from none
+        return pruning_trainer(
+            l0, max_duration="6ba", schedulers=ConstantWithWarmupScheduler(t_warmup="4ba"), **kwargs
+        )
+
+    full = trainer()
     full.fit()
 
-    first = pruning_trainer(l0, max_duration="6ba", save_folder=str(tmp_path), save_interval="3ba")
+    first = trainer(save_folder=str(tmp_path), save_interval="3ba")
     first.fit(duration="3ba")
     first.close()
     checkpoint = tmp_path / "ep0-ba3-rank0.pt"
     assert checkpoint.is_file()
-    resumed = pruning_trainer(
-        l0, max_duration="6ba", load_path=str(checkpoint), callbacks=[ConsumeRandomness()]
-    )
+    resumed = trainer(load_path=str(checkpoint), callbacks=[ConsumeRandomness()])
+    if changes:  # the multipliers' beta1 comes back with the optimizer state
+        betas = {g["name"]: tuple(g["betas"]) for g in resumed.state.optimizers[0].param_groups}
+        assert betas["multipliers"] == (0.0, 0.95) and betas["masks"] == (0.9, 0.95)
     assert resumed.state.timestamp.batch.value == 3
     resumed.fit()
     expected, got = l0_state(full), l0_state(resumed)
