@@ -32,7 +32,6 @@ from llmshearing.pruning.targets import L0Config
 
 log = logging.getLogger(__name__)
 
-GROUP_NAMES = ("weights", "masks", "multipliers")
 MIN_MOVABLE = 1e-3  # below this share of samples off the bounds the masks are reported frozen
 GAP_TOLERANCE = 0.02  # |expected - target| sparsity at the end of pruning beyond which a run warns
 
@@ -81,6 +80,11 @@ def attach_l0_module(composer_model: nn.Module, l0_config: L0Config | Mapping[st
     return module
 
 
+def l0_group_params(module: L0Module) -> dict[str, list[nn.Parameter]]:
+    """The parameters of the L0 optimizer groups, by group name: ``masks`` (log-alphas), ``multipliers``."""
+    return {"masks": list(module.log_alpha.values()), "multipliers": list(module.multipliers.values())}
+
+
 def l0_param_groups(composer_model: nn.Module, lr: float, mask_lr: float, multiplier_lr: float) -> list[dict]:
     """Optimizer groups: ``weights`` (lr), ``masks`` (log-alphas, mask_lr), ``multipliers`` (multiplier_lr).
 
@@ -92,15 +96,13 @@ def l0_param_groups(composer_model: nn.Module, lr: float, mask_lr: float, multip
         raise ValueError("the model has no l0_module; call attach_l0_module(model, l0_config) first")
     l0_ids = {id(p) for p in module.parameters()}
     weights = [p for p in unwrap(composer_model).parameters() if p.requires_grad and id(p) not in l0_ids]
+    lrs = {"masks": mask_lr, "multipliers": multiplier_lr}
     return [
         {"name": "weights", "params": weights, "lr": lr},
-        {"name": "masks", "params": list(module.log_alpha.values()), "lr": mask_lr, "weight_decay": 0.0},
-        {
-            "name": "multipliers",
-            "params": list(module.multipliers.values()),
-            "lr": multiplier_lr,
-            "weight_decay": 0.0,
-        },
+        *(
+            {"name": name, "params": params, "lr": lrs[name], "weight_decay": 0.0}
+            for name, params in l0_group_params(module).items()
+        ),
     ]
 
 
@@ -109,7 +111,7 @@ def set_multiplier_beta1(optimizer: torch.optim.Optimizer, module: L0Module) -> 
     beta1 = module.l0_config.multiplier_beta1
     if beta1 is None:
         return
-    ids = {id(p) for p in module.multipliers.values()}
+    ids = {id(p) for p in l0_group_params(module)["multipliers"]}
     for group in optimizer.param_groups:
         if not ids & {id(p) for p in group["params"]}:
             continue
@@ -267,8 +269,7 @@ class L0Pruning(Algorithm):
                 state.device.module_to_device(module)
         elif event == Event.BATCH_START:
             set_l0_step(state.model, int(state.timestamp.batch.value))
-            if self.l0_config.scheduled_groups != GROUP_NAMES[1:]:
-                self._reset_l0_lr(state)
+            self._reset_l0_lr(state)
         elif event == Event.BATCH_END:  # after the optimizer step
             l0_module_of(state.model).constrain_()
             self._log_stats(state, logger)
@@ -295,13 +296,10 @@ class L0Pruning(Algorithm):
                     "the optimizer holds only some of the L0 parameters; build it with l0_param_groups"
                 )
             if not present:  # attached here: give the optimizer the new parameters
-                cfg = self.l0_config
-                for name, params, lr in (
-                    ("masks", module.log_alpha.values(), cfg.mask_lr),
-                    ("multipliers", module.multipliers.values(), cfg.multiplier_lr),
-                ):
+                lrs = {"masks": self.l0_config.mask_lr, "multipliers": self.l0_config.multiplier_lr}
+                for name, params in l0_group_params(module).items():
                     optimizer.add_param_group(
-                        {"name": name, "params": list(params), "lr": lr, "weight_decay": 0.0}
+                        {"name": name, "params": params, "lr": lrs[name], "weight_decay": 0.0}
                     )
         for optimizer in state.optimizers:
             set_multiplier_beta1(optimizer, module)
@@ -334,12 +332,14 @@ class L0Pruning(Algorithm):
         module = l0_module_of(state.model)
         if module is None:
             return
-        unscheduled = [
-            params
-            for name, params in (("masks", module.log_alpha), ("multipliers", module.multipliers))
+        l0_params = {
+            id(p)
+            for name, params in l0_group_params(module).items()
             if name not in self.l0_config.scheduled_groups
-        ]
-        l0_params = {id(p) for params in unscheduled for p in params.values()}
+            for p in params
+        }
+        if not l0_params:  # schedule_l0_lr: true, the schedule scales every L0 group
+            return
         for optimizer in state.optimizers:
             for group in optimizer.param_groups:
                 if "initial_lr" in group and any(id(p) in l0_params for p in group["params"]):
