@@ -10,7 +10,8 @@ decoder that holds the small one plus planted units in every mask family:
   hidden dimensions).
 * ``cancel``: pairs of loud units whose outputs cancel exactly (the same inputs, opposite output
   columns): worth nothing together, ranked high by any activation-times-output score, and harmful when
-  only one of a pair is dropped. Planted for ``kv_head`` (pairs of groups), ``head`` and
+  only one of a pair is dropped. A pair of neurons reads the inputs of a live neuron, so each half
+  fires like one and writes ``LOUD`` times a typical output column. Planted for ``kv_head`` (pairs of groups), ``head`` and
   ``intermediate``; a layer's and a hidden dimension's importance already measure their output, so
   ``layer`` and ``hidden`` carry dead units in this kind.
 * ``duplicate``: copies of the small model's own query heads and neurons, the original's output
@@ -365,8 +366,13 @@ def embed(small: Decoder, plan: PlantSpec) -> Planted:
             slots = torch.nonzero(~live_inter).flatten()
             planted["intermediate"][li, slots] = True
             if kind == "cancel":
+                real_slots = torch.nonzero(live_inter).flatten()
                 for a, b in _pair_up(slots, g):
-                    ffn.w1.weight[b], ffn.w3.weight[b] = ffn.w1.weight[a], ffn.w3.weight[a]
+                    # both read the inputs of a random live neuron, so each fires like one (a random
+                    # row fires a hundredth as much, which would leave half a pair nearly harmless)
+                    src = int(real_slots[torch.randint(real_slots.numel(), (1,), generator=g)])
+                    ffn.w1.weight[a], ffn.w3.weight[a] = ffn.w1.weight[src], ffn.w3.weight[src]
+                    ffn.w1.weight[b], ffn.w3.weight[b] = ffn.w1.weight[src], ffn.w3.weight[src]
                     column = torch.randn(d_l, generator=g) * live_dims
                     column *= LOUD * typical_w2 / column.norm()
                     ffn.w2.weight[:, a], ffn.w2.weight[:, b] = column, -column

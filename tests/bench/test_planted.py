@@ -88,8 +88,15 @@ def test_cancelling_units_are_loud_and_worth_nothing(bench, small, corpus):
     both[0, b] = 0
     with torch.no_grad():
         full = decoder(ids)
-        assert (decoder(ids, masks={"intermediate": one}) - full).abs().max() > 1e-2
+        half = (decoder(ids, masks={"intermediate": one}) - full).norm()
         torch.testing.assert_close(decoder(ids, masks={"intermediate": both}), full, atol=2e-5, rtol=1e-5)
+        # half a pair moves the output more than dropping a typical live neuron does
+        live = []
+        for i in torch.nonzero(~planted.planted["intermediate"][0]).flatten().tolist():
+            drop = torch.ones_like(one)
+            drop[0, i] = 0
+            live.append((decoder(ids, masks={"intermediate": drop}) - full).norm())
+        assert half > torch.stack(live).median()
 
 
 def test_oneshot_finds_dead_units_and_keeps_cancelling_pairs(bench, small, corpus):
@@ -103,7 +110,7 @@ def test_oneshot_finds_dead_units_and_keeps_cancelling_pairs(bench, small, corpu
     planted = models.embed(small, cancel.plant)
     masks = planted_bench.run_oneshot(cancel, planted, corpus[0], settings, 0)
     dropped = planted_bench.score(planted, cancel.families, masks)
-    assert min(dropped["head"], dropped["intermediate"]) < 1.0  # some loud pairs rank high and stay whole
+    assert dropped["head"] < 1.0 and dropped["intermediate"] < 1.0  # loud pairs rank high and stay whole
 
 
 def test_plans_that_cannot_reach_their_target_are_refused(bench, small):
