@@ -479,39 +479,13 @@ def budget_candidates(l0: Any, source: ModelConfig) -> list[Candidate]:
     return enumerate_shapes(source, budget, space)
 
 
-def param_shares(source: ModelConfig, sizes: Mapping[str, float]) -> dict[str, float]:
-    """``d log prunable_params / d log size`` for each of ``SHAPE_KEYS`` at (fractional) ``sizes``: the share
-    of the prunable parameters that a relative change of the size moves. Layers and ``d_model`` carry all of
-    them; query heads, KV groups and ``intermediate_size`` their part of a layer's width."""
-    hd = source.head_dim
-    heads, groups, inter = (float(sizes[k]) for k in ("n_heads", "n_kv_heads", "intermediate_size"))
-    width = max(hd * (2 * heads + 2 * groups) + 3 * inter, 1e-9)
-    return {
-        "n_layers": 1.0,
-        "n_heads": 2 * hd * heads / width,
-        "n_kv_heads": 2 * hd * groups / width,
-        "d_model": 1.0,
-        "intermediate_size": 3 * inter / width,
-    }
-
-
 def nearest_shape(candidates: list[Candidate], expected: Mapping[str, float]) -> Candidate:
-    """The candidate closest to ``expected`` sizes (``SHAPE_KEYS`` -> fractional size); ties to the larger cost.
-
-    Distance: the sum over sizes of share x |log ratio|, the share from :func:`param_shares` at the expected
-    sizes: to first order, the fraction of the prunable parameters the rounding moves away from what the
-    masks expect, size by size (cutting ``d_model`` by a quarter removes a quarter of every matrix; cutting
-    ``intermediate_size`` by a quarter, a quarter of the MLPs). A size expected below one counts as one half."""
-    if not candidates:
-        raise ValueError("nearest_shape needs at least one candidate shape")
-    target = {k: max(float(expected[k]), 0.5) for k in SHAPE_KEYS}
-    shares = param_shares(candidates[0].source, target)
+    """The candidate closest to ``expected`` sizes (``SHAPE_KEYS`` -> fractional size) in log space; ties
+    to the larger cost. A size expected below one counts as one half."""
+    target = [math.log(max(float(expected[k]), 0.5)) for k in SHAPE_KEYS]
 
     def distance(c: Candidate) -> tuple[float, float]:
-        moved = (
-            shares[k] * abs(math.log(size / target[k])) for k, size in zip(SHAPE_KEYS, c.sizes, strict=True)
-        )
-        return sum(moved), -c.cost
+        return sum((math.log(size) - t) ** 2 for size, t in zip(c.sizes, target, strict=True)), -c.cost
 
     return min(candidates, key=distance)
 

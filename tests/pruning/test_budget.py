@@ -15,14 +15,11 @@ from llmshearing.config_base import ConfigError
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.budget import (
     BudgetError,
-    Candidate,
     ShapeSpace,
     budget_candidates,
     choose_shape,
     enumerate_shapes,
     forward_flops_per_token,
-    nearest_shape,
-    param_shares,
     parse_budget,
     scoring_candidates,
 )
@@ -402,30 +399,3 @@ def test_a_recipe_budget_takes_a_finer_grid_for_small_sources():
             L0Config.from_dict(
                 {"pruning_modules": families, "target_budget": {"params": 1e6, "multiple": bad}}
             )
-
-
-def test_nearest_shape_weighs_each_size_by_the_parameters_it_moves() -> None:
-    # the benchmark miniature's source and two shapes within its budget; the masks kept d_model whole and
-    # expect an MLP between the two shapes' sizes
-    source = ModelConfig(
-        vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, intermediate_size=384
-    )
-    narrow_mlp = Candidate(source, (3, 4, 2, 128, 128), cost=1.0, prior=0.0)
-    narrow_d = Candidate(source, (3, 4, 2, 96, 224), cost=1.0, prior=0.0)
-    expected = {
-        "n_layers": 3.2,
-        "n_heads": 3.2,
-        "n_kv_heads": 1.6,
-        "d_model": 127.0,
-        "intermediate_size": 184.5,
-    }
-    # in plain (squared) log sizes the 96d shape is nearer (0.220 against 0.238); d_model carries every matrix,
-    # the MLP about two thirds of a layer's width, so in parameters moved (0.39 against 0.55) the kept d_model wins
-    assert nearest_shape([narrow_d, narrow_mlp], expected) is narrow_mlp
-    shares = param_shares(source, expected)
-    assert shares["n_layers"] == shares["d_model"] == 1.0
-    assert shares["n_heads"] + shares["n_kv_heads"] + shares["intermediate_size"] == pytest.approx(1.0)
-    # a d_model expected at 96 goes the other way
-    assert nearest_shape([narrow_d, narrow_mlp], {**expected, "d_model": 96.0}) is narrow_d
-    with pytest.raises(ValueError, match="at least one candidate"):
-        nearest_shape([], expected)
