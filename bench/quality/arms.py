@@ -85,6 +85,11 @@ def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
         f"model.l0_module.schedule_l0_lr={'masks' if args.l0_schedule_lr == 'masks' else str(bool(args.l0_schedule_lr)).lower()}",
         f"model.l0_module.multiplier_beta1={'null' if args.multiplier_beta1 is None else args.multiplier_beta1}",
         f"model.l0_module.penalty_per_unit={str(bool(args.l0_per_unit)).lower()}",
+        *(
+            [f"model.l0_module.fix_shape_at={max(1, round(steps * args.l0_fix_shape))}ba"]
+            if getattr(args, "l0_learned_shape", None) and getattr(args, "l0_fix_shape", None)
+            else []
+        ),
     ]
 
 

@@ -233,7 +233,11 @@ def gap_remedies(config: L0Config, target_shape: bool) -> list[str]:
         remedies.append(
             "set model.l0_module.multiplier_beta1: 0 (multipliers without momentum do not run past the target)"
         )
-    if target_shape and not config.penalty_per_unit:
+    if config.fix_shape_at is not None:
+        remedies.append(
+            "fix the learned shape earlier (model.l0_module.fix_shape_at), so the masks have longer to reach it"
+        )
+    if target_shape and not config.penalty_per_unit and config.budget_shape != "learned":
         remedies.append(
             "or set model.l0_module.penalty_per_unit: true (the masks then stay nearer their start)"
         )

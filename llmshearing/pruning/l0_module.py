@@ -78,7 +78,10 @@ class L0Module(nn.Module):
         self.log_alpha = nn.ParameterDict(
             {f: nn.Parameter(torch.full(shapes[f], float(cfg.init_log_alpha))) for f in self.plan.families}
         )
+        # a learned budget shape fixed at fix_shape_at has both: one global term, then one per family
         names = self.plan.families if self.plan.target is not None else ("",)
+        if self.fixes_shape:
+            names = ("", *self.plan.families)
         self.multipliers = nn.ParameterDict(
             {f"lambda_{i}{'_' + f if f else ''}": nn.Parameter(torch.zeros(1)) for f in names for i in (1, 2)}
         )
@@ -89,15 +92,45 @@ class L0Module(nn.Module):
         self._step = 0  # host copy of ``step``: seeds the noise without a device sync
         self._register_load_state_dict_pre_hook(_scalar_multipliers_as_vectors)
         self.warmup_start = self._warmup_start()
+        self._budget_plan = self.plan
+        if self.fixes_shape:  # the fixed shape and the expected sizes it was rounded from; -1: not fixed yet
+            self.register_buffer("fixed_shape", torch.full((len(SHAPE_KEYS),), -1, dtype=torch.long))
+            self.register_buffer("fixed_from", torch.zeros(len(SHAPE_KEYS)))
+            self.register_load_state_dict_post_hook(lambda module, _: module._apply_fixed_shape())
 
     @property
     def families(self) -> tuple[str, ...]:
         return self.plan.families
 
     def set_step(self, step: int) -> None:
-        """Number of optimizer batches done; drives the target warm-up (and seeds the noise)."""
+        """Number of optimizer batches done; drives the target warm-up (and seeds the noise), and at
+        ``fix_shape_at`` fixes a learned budget shape as the target."""
         self.step.fill_(int(step))
         self._step = int(step)
+        if self.fixes_shape and self.plan.target is None and self._step >= self.l0_config.fix_shape_at:
+            self._fix_shape()
+
+    @property
+    def fixes_shape(self) -> bool:
+        """A learned budget shape that becomes the per-family target at ``fix_shape_at``."""
+        return self.learns_budget_shape and self.l0_config.fix_shape_at is not None
+
+    @torch.no_grad()
+    def _fix_shape(self) -> None:
+        """Round the masks' expected shape (as the fold does) and make it the target from now on; a module
+        restored after that batch finds the shape in its state instead (so a resumed run keeps it)."""
+        if int(self.fixed_shape[0]) < 0:
+            shape, _ = self.learned_shape()
+            expected = self.expected_shape()
+            self.fixed_shape.copy_(torch.tensor([shape[k] for k in SHAPE_KEYS]))
+            self.fixed_from.copy_(torch.tensor([expected[k] for k in SHAPE_KEYS]))
+        self._apply_fixed_shape()
+
+    def _apply_fixed_shape(self) -> None:
+        """The plan of the fixed shape in ``fixed_shape``, or the budget's while it is unset."""
+        sizes = [int(v) for v in self.fixed_shape.tolist()]
+        fixed = sizes[0] >= 0
+        self.plan = self._plan_for(dict(zip(SHAPE_KEYS, sizes, strict=True))) if fixed else self._budget_plan
 
     def set_noise_seed(self, seed: int | None) -> None:
         """Derive the sampling noise from ``(seed, step)`` instead of the global RNG.
@@ -221,8 +254,12 @@ class L0Module(nn.Module):
         return {f: float(rows[f].mean()) for f in self.plan.family_sparsity}, float(overall)
 
     def targets(self) -> tuple[dict[str, Tensor], Tensor]:
-        """Current (warmed-up) target sparsity per family and overall (no host sync)."""
+        """Current (warmed-up) target sparsity per family and overall (no host sync); a fixed learned shape's
+        targets hold from the batch it was fixed on."""
         step, warmup = self.step, self.l0_config.lagrangian_warmup_steps
+        if self.plan is not self._budget_plan and self.learns_budget_shape:
+            fixed = {f: warmed_target(0.0, t, step, 0) for f, t in self.plan.family_sparsity.items()}
+            return fixed, warmed_target(0.0, self.plan.global_sparsity, step, 0)
         starts, start = self.warmup_start
         per_family = {
             f: warmed_target(starts[f], t, step, warmup) for f, t in self.plan.family_sparsity.items()
@@ -250,8 +287,13 @@ class L0Module(nn.Module):
                 for f in self.families
             ]
             penalty = torch.stack(terms).sum()
+            idle = ("lambda_1", "lambda_2")
         else:
             penalty = family_penalty(sparsity, global_target, lam["lambda_1"], lam["lambda_2"])
+            idle = tuple(n for n in lam if n not in ("lambda_1", "lambda_2"))
+        for name in idle:  # the terms of a fixed learned shape's other phase: a zero gradient, as DDP expects
+            if name in lam:
+                penalty = penalty + 0.0 * lam[name].sum()
         stats: dict[str, Tensor] = {
             "expected_params": expected.detach(),
             "expected_sparsity": sparsity.detach(),
@@ -332,6 +374,15 @@ class L0Module(nn.Module):
 
         if not self.learns_budget_shape:
             raise ValueError("learned_shape needs model.l0_module.target_budget with budget_shape: learned")
+        if self.plan is not self._budget_plan:
+            shape = {k: int(v) for k, v in zip(SHAPE_KEYS, self.fixed_shape.tolist(), strict=True)}
+            sizes = "/".join(f"{v:.1f}" for v in self.fixed_from.tolist())
+            label = shape_label(self.model_config.replace(**shape))
+            return shape, (
+                f"learned shape {label}: fixed as the target at batch {self.l0_config.fix_shape_at} "
+                f"(model.l0_module.fix_shape_at), where the masks expected {sizes} ({'/'.join(SHAPE_KEYS)}), "
+                f"rounded to the nearest valid shape within the budget (source {shape_label(self.model_config)})"
+            )
         if self._budget_candidates is None:
             self._budget_candidates = budget_candidates(self.l0_config, self.model_config)
         expected = self.expected_shape()

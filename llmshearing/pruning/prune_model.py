@@ -48,10 +48,10 @@ class PruneSummary:
         rows.append(
             f"{'prunable params':20s}{prunable_params(self.source):>16,d}{prunable_params(self.pruned):>16,d}"
         )
-        if self.at_target:
-            how = "the exact target shape"
-        elif self.shape_choice is not None:
+        if self.shape_choice is not None:  # learned to the end, or fixed as the target part-way
             how = "the shape the masks learned within the budget"
+        elif self.at_target:
+            how = "the exact target shape"
         else:
             how = "the current expected size (no target_model)"
         floored = sum((self.floored or {}).values())

@@ -47,6 +47,10 @@ class L0Config:
     # valid shape closest to a proportional shrink); "learned" lets the masks learn the shape under a global
     # target and rounds their expected sizes to the nearest valid shape within the budget at the fold
     budget_shape: str = "proportional"
+    # with budget_shape: learned, the batch from which the shape is no longer learned: the masks' expected
+    # shape is rounded there (as at the fold) and becomes the per-family target of the rest of pruning, so the
+    # masks adapt to the sizes the fold will cut to. null: learned to the end, rounded only at the fold
+    fix_shape_at: int | None = None
     start_sparsity: float = 0.0
     lagrangian_warmup_steps: int = 0
     eval_target_model: bool = True
@@ -135,6 +139,18 @@ class L0Config:
         self.lagrangian_warmup_steps = parse_batches(
             self.lagrangian_warmup_steps, f"{PREFIX}.lagrangian_warmup_steps"
         )
+        if self.fix_shape_at is not None:
+            if self.target_budget is None or self.budget_shape != "learned":
+                raise ValueError(
+                    f"{PREFIX}.fix_shape_at fixes the shape the masks learn under a budget; it needs "
+                    f"{PREFIX}.target_budget with {PREFIX}.budget_shape=learned (or remove fix_shape_at)"
+                )
+            self.fix_shape_at = parse_batches(self.fix_shape_at, f"{PREFIX}.fix_shape_at")
+            if self.fix_shape_at <= 0:
+                raise ValueError(
+                    f"{PREFIX}.fix_shape_at must be a positive number of batches (e.g. 384ba), got "
+                    f"{self.fix_shape_at}; remove it to learn the shape to the end"
+                )
         if self.log_alpha_clamp is not None and self.log_alpha_clamp <= 0:
             raise ValueError(
                 f"{PREFIX}.log_alpha_clamp must be > 0 (symmetric bound) or null, got {self.log_alpha_clamp}"

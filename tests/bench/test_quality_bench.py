@@ -757,3 +757,22 @@ def test_a_bad_target_stops_the_benchmark_before_anything_is_prepared(quality, t
     assert quality.main(["--target", "n_layers=3", "--out", str(tmp_path / "work"), "--no-progress"]) == 2
     assert "error: --target n_layers=3: a target names exactly" in capsys.readouterr().err
     assert not any((tmp_path / "work").iterdir())  # no data, source or run prepared
+
+
+def test_a_learned_shape_can_be_fixed_part_way_through_pruning(quality, capsys):
+    args = quality.build_parser().parse_args(
+        ["--l0-learned-shape", "32", "--l0-fix-shape", "0.5", "--l0-warmup", "0.5"]
+    )
+    l0 = dict(o.split("=", 1) for o in quality.l0_overrides(args, None, 512))
+    assert l0["model.l0_module.fix_shape_at"] == "256ba"
+    args.l0_learned_shape = None  # a target shape: nothing to fix
+    assert "model.l0_module.fix_shape_at" not in dict(
+        o.split("=", 1) for o in quality.l0_overrides(args, None, 512)
+    )
+    for bad in (["--l0-fix-shape", "0.5"], ["--l0-learned-shape", "32", "--l0-fix-shape", "1.0"]):
+        with pytest.raises(SystemExit):
+            quality.main([*bad, "--no-progress"])
+        assert (
+            "--l0-fix-shape fixes the shape --l0-learned-shape lets the masks learn"
+            in capsys.readouterr().err
+        )

@@ -352,13 +352,17 @@ def test_learned_shape_rounds_the_expected_sizes_to_the_nearest_shape_within_bud
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fix", [None, "1ba"], ids=["learned-to-the-end", "fixed-at-batch-1"])
 def test_a_learned_budget_run_folds_to_a_shape_within_the_budget_and_says_why(
-    tiny_source, tiny_mds, tmp_path, capsys
+    tiny_source, tiny_mds, tmp_path, capsys, fix
 ) -> None:
 
     budget = TINY.replace(n_layers=2).num_params()
     folder = tmp_path / "run"
-    assert budget_run(tiny_source, tiny_mds, folder, budget, "model.l0_module.budget_shape=learned") == 0
+    extra = [f"model.l0_module.fix_shape_at={fix}"] if fix else []
+    assert (
+        budget_run(tiny_source, tiny_mds, folder, budget, "model.l0_module.budget_shape=learned", *extra) == 0
+    )
     printed = capsys.readouterr().out
     assert f"llmshearing: budget params={budget:.4g}, shape learned" in printed
     out = tmp_path / "pruned"
@@ -366,6 +370,7 @@ def test_a_learned_budget_run_folds_to_a_shape_within_the_budget_and_says_why(
     summary = capsys.readouterr().out
     assert "pruned to the shape the masks learned within the budget:" in summary
     assert "learned shape " in summary and "within the budget" in summary
+    assert ("fixed as the target at batch 1" in summary) == bool(fix)
     pruned = load_checkpoint(out)[0]
     assert 0.95 * budget <= pruned.num_params() <= budget
 
@@ -399,3 +404,63 @@ def test_a_recipe_budget_takes_a_finer_grid_for_small_sources():
             L0Config.from_dict(
                 {"pruning_modules": families, "target_budget": {"params": 1e6, "multiple": bad}}
             )
+
+
+def test_fix_shape_at_needs_a_learned_budget_and_a_positive_batch() -> None:
+    budget = int(0.8 * TINY.num_params())
+    with pytest.raises(ValueError, match=r"fix_shape_at fixes the shape.*budget_shape=learned"):
+        L0Config(target_model={"n_layers": 2}, fix_shape_at=4)
+    with pytest.raises(ValueError, match=r"fix_shape_at must be a positive number of batches"):
+        learned_l0(budget, fix_shape_at="0ba")
+    with pytest.raises(ValueError, match=r"fix_shape_at must be a number of batches"):
+        learned_l0(budget, fix_shape_at="half")
+    assert learned_l0(budget, fix_shape_at="384ba").fix_shape_at == 384
+
+
+def test_a_fixed_learned_shape_becomes_the_per_family_target_and_survives_a_reload() -> None:
+    import torch
+
+    from llmshearing.pruning.l0_module import L0Module
+
+    budget = int(0.8 * TINY.num_params())
+    module = L0Module(TINY, learned_l0(budget, fix_shape_at=3))
+    assert set(module.multipliers) == {
+        "lambda_1", "lambda_2", *(f"lambda_{i}_{f}" for f in LEARNED_FAMILIES for i in (1, 2))
+    }  # fmt: skip
+    bound = module.l0_config.log_alpha_clamp
+    with torch.no_grad():  # the masks keep one KV group per layer and one head per group
+        module.log_alpha["kv_head"].copy_(torch.tensor([bound, -bound]).expand(3, 2))
+        module.log_alpha["head"].copy_(torch.tensor([bound, -bound, bound, -bound]).expand(3, 4))
+    module.train()
+    module.set_step(2)  # still learning the shape: one global term
+    assert module.plan.target is None and "target_sparsity/head" not in module.stats()
+    out = module()
+    out.penalty.backward()
+    assert all(module.multipliers[f"lambda_1_{f}"].grad.item() == 0.0 for f in LEARNED_FAMILIES)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    module.set_step(3)  # fixed: the rounded shape is each family's target from here on
+    shape, why = module.learned_shape()
+    assert shape == {"n_layers": 3, "n_heads": 1, "n_kv_heads": 1, "d_model": 32, "intermediate_size": 48}
+    assert module.plan.target is not None and shape_of(module.plan.target) == (3, 1, 1, 32, 48)
+    assert module.keep_counts(at_target=True) == module.plan.keep
+    assert why.startswith("learned shape 3L/1H/1KV/32d/48I: fixed as the target at batch 3")
+    assert "where the masks expected 3.0/1.0/1.0/32.0/48.0" in why
+    stats = module.stats()
+    for f in LEARNED_FAMILIES:
+        assert stats[f"target_sparsity/{f}"].item() == pytest.approx(module.plan.family_sparsity[f])
+    assert stats["target_sparsity"].item() == pytest.approx(module.plan.global_sparsity)
+    module.zero_grad()
+    module().penalty.backward()  # the global terms idle with a zero gradient, the family terms take over
+    assert module.multipliers["lambda_1"].grad.item() == 0.0
+    assert any(module.multipliers[f"lambda_1_{f}"].grad.item() != 0.0 for f in LEARNED_FAMILIES)
+    # the shape stays fixed even where the masks move on, and comes back with the state
+    with torch.no_grad():
+        module.log_alpha["kv_head"].fill_(bound)
+        module.log_alpha["head"].fill_(bound)
+    module.set_step(4)
+    assert module.learned_shape()[0] == shape
+    restored = L0Module(TINY, learned_l0(budget, fix_shape_at=3))
+    restored.load_state_dict(module.state_dict())
+    assert restored.plan.target is not None and restored.learned_shape()[0] == shape
+    restored.load_state_dict(before)  # a state from before the batch: learning the shape again
+    assert restored.plan.target is None

@@ -23,6 +23,13 @@ from llmshearing.pruning.hard_concrete import floored_units
 CONFIG = ModelConfig(**PRUNABLE_MODEL)
 TARGET = PRUNABLE_TARGET
 FAMILIES = ["layer", "head", "kv_head", "intermediate", "hidden"]
+LEARNED_BUDGET = {
+    "target_model": None,
+    "target_budget": {
+        "non_embedding_params": CONFIG.replace(**TARGET).num_params(False), "multiple": 8, "tolerance": 0.3,
+    },
+    "budget_shape": "learned",
+}  # fmt: skip
 
 
 class PatternTokens(Dataset):
@@ -216,12 +223,16 @@ def test_end_gap_warning_names_the_keys_the_target_form_takes():
 
     shape = L0Module(CONFIG, l0_settings())
     global_term = L0Module(CONFIG, l0_settings(target_model=None, target_sparsity=0.5))
-    for module, names_per_unit in ((shape, True), (global_term, False)):
+    fixed = L0Module(CONFIG, l0_settings(**LEARNED_BUDGET, fix_shape_at=3))
+    fixed.set_step(3)  # the learned shape is now the per-family target
+    assert fixed.plan.target is not None
+    for module, names_per_unit in ((shape, True), (global_term, False), (fixed, False)):
         gaps = sparsity_gaps(module)
         message = describe_gap(module, gaps, 7, final=True)  # masks start near 1: far short of the target
         assert gaps["all"] < -GAP_TOLERANCE and "pruning ends short of the target" in message
         assert "multiplier_lr" in message
         assert ("penalty_per_unit" in message) is names_per_unit  # refused with one global term
+        assert ("fix_shape_at" in message) is (module is fixed)
         assert "multiplier_beta1: 0" in message and "schedule_l0_lr" not in message  # nothing scheduled here
         assert describe_gap(module, gaps, 7, final=False).endswith(")")  # mid-run: the numbers only
     # the multipliers on the schedule, without momentum: the warning names the schedule, not beta1
@@ -308,8 +319,13 @@ class ConsumeRandomness(Callback):
 @pytest.mark.filterwarnings("ignore:ConsumeRandomness is not in the state_dict")
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"schedule_l0_lr": "masks", "multiplier_beta1": 0.0}],
-    ids=["defaults", "closing-multipliers"],
+    [
+        {},
+        {"schedule_l0_lr": "masks", "multiplier_beta1": 0.0},
+        {**LEARNED_BUDGET, "fix_shape_at": 2},  # fixed before the checkpoint: restored from it
+        {**LEARNED_BUDGET, "fix_shape_at": 4},  # fixed after the resume: rounded from the same masks
+    ],
+    ids=["defaults", "closing-multipliers", "shape-fixed-before", "shape-fixed-after"],
 )
 def test_resume_gives_bit_identical_l0_parameters(tmp_path, changes):
     l0 = l0_settings(**changes)
@@ -328,11 +344,15 @@ def test_resume_gives_bit_identical_l0_parameters(tmp_path, changes):
     checkpoint = tmp_path / "ep0-ba3-rank0.pt"
     assert checkpoint.is_file()
     resumed = trainer(load_path=str(checkpoint), callbacks=[ConsumeRandomness()])
-    if changes:  # the multipliers' beta1 comes back with the optimizer state
+    if "multiplier_beta1" in changes:  # the multipliers' beta1 comes back with the optimizer state
         betas = {g["name"]: tuple(g["betas"]) for g in resumed.state.optimizers[0].param_groups}
         assert betas["multipliers"] == (0.0, 0.95) and betas["masks"] == (0.9, 0.95)
     assert resumed.state.timestamp.batch.value == 3
     resumed.fit()
+    if "fix_shape_at" in changes:
+        for run in (full, resumed):
+            module = run.state.model.l0_module
+            assert module.plan.target is not None and int(module.fixed_shape[0]) > 0
     expected, got = l0_state(full), l0_state(resumed)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
