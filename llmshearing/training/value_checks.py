@@ -235,6 +235,12 @@ def check_run_values(run: RunConfig) -> None:
     check_clipping(run.algorithms)
     check_target_loss(run.callbacks.data_loading)
     parse_l0_settings(run.model)
+    l0 = run.model.l0_module
+    if l0 is not None and l0.fix_shape_at is not None and l0.fix_shape_at >= total:
+        raise ConfigError(
+            f"model.l0_module.fix_shape_at={l0.fix_shape_at}ba is not before the end of pruning "
+            f"(max_duration={total}ba): the learned shape would never be fixed; set it below {total} or remove it"
+        )
     check_choice("model.attn_impl", run.model.attn_impl, ATTN_IMPLS)
     check_settings("callbacks", dict(run.callbacks.items()), callback_classes())
     check_settings("loggers", dict(run.loggers.items()), logger_classes())

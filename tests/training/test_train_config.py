@@ -134,6 +134,14 @@ def test_shipped_recipes_use_only_known_keys(path):
         ),
         (["loggers.file=3"], "loggers.file must be a mapping of settings"),
         (["model.l0_module.target_sparsity=1.5"], "model.l0_module.target_sparsity must be in (0, 1)"),
+        (
+            [
+                "model.l0_module.target_budget={params: 1000}",
+                "model.l0_module.budget_shape=learned",
+                "model.l0_module.fix_shape_at=10ba",
+            ],
+            "model.l0_module.fix_shape_at=10ba is not before the end of pruning (max_duration=10ba)",
+        ),
         (["model.attn_impl=flash2"], "model.attn_impl must be one of ['auto', 'sdpa', 'flash']"),
         (["model.init_device=rank0"], "model.init_device must be one of ['cpu', 'mixed']"),
         (["model.init_device=meta"], "model.init_device=meta is not available"),
