@@ -287,13 +287,14 @@ class L0Module(nn.Module):
                 for f in self.families
             ]
             penalty = torch.stack(terms).sum()
-            idle = ("lambda_1", "lambda_2")
+            if "lambda_1" in lam:  # a fixed learned shape: the global term stays, toward the shape's sparsity,
+                # so the pressure the masks learned under carries over while the family terms build up
+                penalty = penalty + family_penalty(sparsity, global_target, lam["lambda_1"], lam["lambda_2"])
         else:
             penalty = family_penalty(sparsity, global_target, lam["lambda_1"], lam["lambda_2"])
-            idle = tuple(n for n in lam if n not in ("lambda_1", "lambda_2"))
-        for name in idle:  # the terms of a fixed learned shape's other phase: a zero gradient, as DDP expects
-            if name in lam:
-                penalty = penalty + 0.0 * lam[name].sum()
+            for name in lam:  # the family terms of a learned shape not fixed yet: a zero gradient, as DDP expects
+                if name not in ("lambda_1", "lambda_2"):
+                    penalty = penalty + 0.0 * lam[name].sum()
         stats: dict[str, Tensor] = {
             "expected_params": expected.detach(),
             "expected_sparsity": sparsity.detach(),
