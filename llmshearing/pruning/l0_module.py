@@ -119,6 +119,8 @@ class L0Module(nn.Module):
     def _fix_shape(self) -> None:
         """Round the masks' expected shape (as the fold does) and make it the target from now on; a module
         restored after that batch finds the shape in its state instead (so a resumed run keeps it)."""
+        if self.fixed_shape.is_meta:  # built on meta for rank-0 loading: the values arrive later
+            return
         if int(self.fixed_shape[0]) < 0:
             shape, _ = self.learned_shape()
             expected = self.expected_shape()
@@ -128,6 +130,8 @@ class L0Module(nn.Module):
 
     def _apply_fixed_shape(self) -> None:
         """The plan of the fixed shape in ``fixed_shape``, or the budget's while it is unset."""
+        if self.fixed_shape.is_meta:  # built on meta for rank-0 loading: the values arrive later
+            return
         sizes = [int(v) for v in self.fixed_shape.tolist()]
         fixed = sizes[0] >= 0
         self.plan = self._plan_for(dict(zip(SHAPE_KEYS, sizes, strict=True))) if fixed else self._budget_plan
@@ -287,12 +291,16 @@ class L0Module(nn.Module):
                 for f in self.families
             ]
             penalty = torch.stack(terms).sum()
-            if "lambda_1" in lam:  # a fixed learned shape: the global term stays, toward the shape's sparsity,
+            if (
+                "lambda_1" in lam
+            ):  # a fixed learned shape: the global term stays, toward the shape's sparsity,
                 # so the pressure the masks learned under carries over while the family terms build up
                 penalty = penalty + family_penalty(sparsity, global_target, lam["lambda_1"], lam["lambda_2"])
         else:
             penalty = family_penalty(sparsity, global_target, lam["lambda_1"], lam["lambda_2"])
-            for name in lam:  # the family terms of a learned shape not fixed yet: a zero gradient, as DDP expects
+            for (
+                name
+            ) in lam:  # the family terms of a learned shape not fixed yet: a zero gradient, as DDP expects
                 if name not in ("lambda_1", "lambda_2"):
                     penalty = penalty + 0.0 * lam[name].sum()
         stats: dict[str, Tensor] = {

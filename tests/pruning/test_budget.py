@@ -464,3 +464,9 @@ def test_a_fixed_learned_shape_becomes_the_per_family_target_and_survives_a_relo
     assert restored.plan.target is not None and restored.learned_shape()[0] == shape
     restored.load_state_dict(before)  # a state from before the batch: learning the shape again
     assert restored.plan.target is None
+    with torch.device("meta"):  # built on meta for rank-0 loading: the shape arrives with the state
+        empty = L0Module(TINY, learned_l0(budget, fix_shape_at=3))
+        empty.set_step(5)  # nothing to round on meta
+    assert empty.plan.target is None
+    empty.load_state_dict(module.state_dict(), assign=True)
+    assert empty.plan.target is not None and empty.learned_shape()[0] == shape
