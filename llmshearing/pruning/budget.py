@@ -479,13 +479,34 @@ def budget_candidates(l0: Any, source: ModelConfig) -> list[Candidate]:
     return enumerate_shapes(source, budget, space)
 
 
+def kept_fractions(source: ModelConfig, sizes: Mapping[str, float]) -> tuple[float, ...]:
+    """The share of each mask family's units that ``sizes`` keep: layers, KV groups, query heads per KV group,
+    hidden dimensions and MLP units, each against the source's."""
+    groups = max(float(sizes["n_kv_heads"]), 0.5)
+    return (
+        float(sizes["n_layers"]) / source.n_layers,
+        groups / source.n_kv_heads,
+        float(sizes["n_heads"]) / groups / source.heads_per_group,
+        float(sizes["d_model"]) / source.d_model,
+        float(sizes["intermediate_size"]) / source.intermediate_size,
+    )
+
+
 def nearest_shape(candidates: list[Candidate], expected: Mapping[str, float]) -> Candidate:
-    """The candidate closest to ``expected`` sizes (``SHAPE_KEYS`` -> fractional size) in log space; ties
-    to the larger cost. A size expected below one counts as one half."""
-    target = [math.log(max(float(expected[k]), 0.5)) for k in SHAPE_KEYS]
+    """The candidate closest to ``expected`` sizes (``SHAPE_KEYS`` -> fractional size); ties to the larger cost.
+
+    Distance: the sum over mask families of the difference in the share of the family's units kept
+    (:func:`kept_fractions`), i.e. how far each family's masks are from the candidate in units of the family:
+    the share the fold cuts (or keeps) beyond what the masks trained for, and the gap a target fixed there
+    (``fix_shape_at``) asks them to close. Every family counts alike, whatever its parameters."""
+    if not candidates:
+        raise ValueError("nearest_shape needs at least one candidate shape")
+    source = candidates[0].source
+    target = kept_fractions(source, expected)
 
     def distance(c: Candidate) -> tuple[float, float]:
-        return sum((math.log(size) - t) ** 2 for size, t in zip(c.sizes, target, strict=True)), -c.cost
+        kept = kept_fractions(source, c.shape)
+        return sum(abs(a - b) for a, b in zip(kept, target, strict=True)), -c.cost
 
     return min(candidates, key=distance)
 

@@ -15,11 +15,14 @@ from llmshearing.config_base import ConfigError
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.budget import (
     BudgetError,
+    Candidate,
     ShapeSpace,
     budget_candidates,
     choose_shape,
     enumerate_shapes,
     forward_flops_per_token,
+    kept_fractions,
+    nearest_shape,
     parse_budget,
     scoring_candidates,
 )
@@ -470,3 +473,26 @@ def test_a_fixed_learned_shape_becomes_the_per_family_target_and_survives_a_relo
     assert empty.plan.target is None
     empty.load_state_dict(module.state_dict(), assign=True)
     assert empty.plan.target is not None and empty.learned_shape()[0] == shape
+
+
+def test_the_learned_shape_rounds_to_the_shape_nearest_in_each_familys_share_of_units() -> None:
+    # the benchmark miniature's source, where the masks kept d_model whole and expect an MLP between the two
+    # shapes' sizes: in plain log sizes 96d/224I is nearer (0.109 against 0.148), in shares of each family's
+    # units 128d/128I (0.19 against 0.36: cutting 31 of 128 hidden dims is a quarter of that family)
+    source = ModelConfig(
+        vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, intermediate_size=384
+    )
+    narrow_mlp = Candidate(source, (3, 4, 2, 128, 128), cost=1.0, prior=0.0)
+    narrow_d = Candidate(source, (3, 4, 2, 96, 224), cost=1.0, prior=0.0)
+    expected = {
+        "n_layers": 3.0,
+        "n_heads": 3.9,
+        "n_kv_heads": 2.0,
+        "d_model": 126.9,
+        "intermediate_size": 187.7,
+    }
+    assert nearest_shape([narrow_d, narrow_mlp], expected) is narrow_mlp
+    assert kept_fractions(source, expected) == pytest.approx((0.75, 1.0, 0.975, 126.9 / 128, 187.7 / 384))
+    assert nearest_shape([narrow_d, narrow_mlp], {**expected, "d_model": 96.0}) is narrow_d
+    with pytest.raises(ValueError, match="at least one candidate"):
+        nearest_shape([], expected)
