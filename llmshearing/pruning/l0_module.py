@@ -115,6 +115,11 @@ class L0Module(nn.Module):
         """A learned budget shape that becomes the per-family target at ``fix_shape_at``."""
         return self.learns_budget_shape and self.l0_config.fix_shape_at is not None
 
+    @property
+    def shape_fixed(self) -> bool:
+        """The learned shape has been fixed: its plan is the target now."""
+        return self.plan is not self._budget_plan
+
     @torch.no_grad()
     def _fix_shape(self) -> None:
         """Round the masks' expected shape (as the fold does) and make it the target from now on; a module
@@ -261,7 +266,7 @@ class L0Module(nn.Module):
         """Current (warmed-up) target sparsity per family and overall (no host sync); a fixed learned shape's
         targets hold from the batch it was fixed on."""
         step, warmup = self.step, self.l0_config.lagrangian_warmup_steps
-        if self.plan is not self._budget_plan and self.learns_budget_shape:
+        if self.shape_fixed:
             fixed = {f: warmed_target(0.0, t, step, 0) for f, t in self.plan.family_sparsity.items()}
             return fixed, warmed_target(0.0, self.plan.global_sparsity, step, 0)
         starts, start = self.warmup_start
@@ -291,16 +296,14 @@ class L0Module(nn.Module):
                 for f in self.families
             ]
             penalty = torch.stack(terms).sum()
-            if (
-                "lambda_1" in lam
-            ):  # a fixed learned shape: the global term stays, toward the shape's sparsity,
-                # so the pressure the masks learned under carries over while the family terms build up
+            if self.shape_fixed:
+                # the global term stays, toward the fixed shape's sparsity: the pressure the masks learned
+                # under carries over while the family multipliers build up from 0
                 penalty = penalty + family_penalty(sparsity, global_target, lam["lambda_1"], lam["lambda_2"])
         else:
             penalty = family_penalty(sparsity, global_target, lam["lambda_1"], lam["lambda_2"])
-            for (
-                name
-            ) in lam:  # the family terms of a learned shape not fixed yet: a zero gradient, as DDP expects
+            # a learned shape not fixed yet: its family terms get a zero gradient, as DDP expects of parameters
+            for name in lam:
                 if name not in ("lambda_1", "lambda_2"):
                     penalty = penalty + 0.0 * lam[name].sum()
         stats: dict[str, Tensor] = {
@@ -383,7 +386,7 @@ class L0Module(nn.Module):
 
         if not self.learns_budget_shape:
             raise ValueError("learned_shape needs model.l0_module.target_budget with budget_shape: learned")
-        if self.plan is not self._budget_plan:
+        if self.shape_fixed:
             shape = {k: int(v) for k, v in zip(SHAPE_KEYS, self.fixed_shape.tolist(), strict=True)}
             sizes = "/".join(f"{v:.1f}" for v in self.fixed_from.tolist())
             label = shape_label(self.model_config.replace(**shape))
