@@ -87,7 +87,7 @@ def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
         f"model.l0_module.penalty_per_unit={str(bool(args.l0_per_unit)).lower()}",
         *(
             [f"model.l0_module.fix_shape_at={max(1, round(steps * args.l0_fix_shape))}ba"]
-            if getattr(args, "l0_learned_shape", None) and getattr(args, "l0_fix_shape", None)
+            if args.l0_learned_shape and args.l0_fix_shape
             else []
         ),
     ]

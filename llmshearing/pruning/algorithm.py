@@ -85,6 +85,15 @@ def l0_group_params(module: L0Module) -> dict[str, list[nn.Parameter]]:
     return {"masks": list(module.log_alpha.values()), "multipliers": list(module.multipliers.values())}
 
 
+def _l0_groups(module: L0Module, mask_lr: float, multiplier_lr: float) -> list[dict]:
+    """The ``masks`` and ``multipliers`` optimizer groups, without weight decay."""
+    lrs = {"masks": mask_lr, "multipliers": multiplier_lr}
+    return [
+        {"name": name, "params": params, "lr": lrs[name], "weight_decay": 0.0}
+        for name, params in l0_group_params(module).items()
+    ]
+
+
 def l0_param_groups(composer_model: nn.Module, lr: float, mask_lr: float, multiplier_lr: float) -> list[dict]:
     """Optimizer groups: ``weights`` (lr), ``masks`` (log-alphas, mask_lr), ``multipliers`` (multiplier_lr).
 
@@ -96,14 +105,7 @@ def l0_param_groups(composer_model: nn.Module, lr: float, mask_lr: float, multip
         raise ValueError("the model has no l0_module; call attach_l0_module(model, l0_config) first")
     l0_ids = {id(p) for p in module.parameters()}
     weights = [p for p in unwrap(composer_model).parameters() if p.requires_grad and id(p) not in l0_ids]
-    lrs = {"masks": mask_lr, "multipliers": multiplier_lr}
-    return [
-        {"name": "weights", "params": weights, "lr": lr},
-        *(
-            {"name": name, "params": params, "lr": lrs[name], "weight_decay": 0.0}
-            for name, params in l0_group_params(module).items()
-        ),
-    ]
+    return [{"name": "weights", "params": weights, "lr": lr}, *_l0_groups(module, mask_lr, multiplier_lr)]
 
 
 def set_multiplier_beta1(optimizer: torch.optim.Optimizer, module: L0Module) -> None:
@@ -214,13 +216,13 @@ def describe_gap(module: L0Module, gaps: Mapping[str, float], batch: int, final:
         message += (
             f": pruning ends {side} the target by more than {GAP_TOLERANCE}, so the fold "
             f"{'removes' if gaps['all'] < 0 else 'keeps'} the difference without the training having adapted to it; "
-            + "; ".join(gap_remedies(module.l0_config, module.plan.target is not None))
+            + "; ".join(gap_remedies(module.l0_config))
             + " (llmshearing/pruning/README.md)"
         )
     return message
 
 
-def gap_remedies(config: L0Config, target_shape: bool) -> list[str]:
+def gap_remedies(config: L0Config) -> list[str]:
     """The settings that bring the masks to the target by the end of pruning, for the end-gap warning."""
     remedies = [
         "train longer (max_duration, lagrangian_warmup_steps) or raise model.l0_module.multiplier_lr",
@@ -237,7 +239,7 @@ def gap_remedies(config: L0Config, target_shape: bool) -> list[str]:
         remedies.append(
             "fix the learned shape earlier (model.l0_module.fix_shape_at), so the masks have longer to reach it"
         )
-    if target_shape and not config.penalty_per_unit and config.budget_shape != "learned":
+    if not config.penalty_per_unit and not config.global_term:
         remedies.append(
             "or set model.l0_module.penalty_per_unit: true (the masks then stay nearer their start)"
         )
@@ -300,11 +302,8 @@ class L0Pruning(Algorithm):
                     "the optimizer holds only some of the L0 parameters; build it with l0_param_groups"
                 )
             if not present:  # attached here: give the optimizer the new parameters
-                lrs = {"masks": self.l0_config.mask_lr, "multipliers": self.l0_config.multiplier_lr}
-                for name, params in l0_group_params(module).items():
-                    optimizer.add_param_group(
-                        {"name": name, "params": params, "lr": lrs[name], "weight_decay": 0.0}
-                    )
+                for group in _l0_groups(module, self.l0_config.mask_lr, self.l0_config.multiplier_lr):
+                    optimizer.add_param_group(group)
         for optimizer in state.optimizers:
             set_multiplier_beta1(optimizer, module)
         if not self.l0_config.clip_l0_grads:

@@ -127,8 +127,7 @@ class L0Module(nn.Module):
         if self.fixed_shape.is_meta:  # built on meta for rank-0 loading: the values arrive later
             return
         if int(self.fixed_shape[0]) < 0:
-            shape, _ = self.learned_shape()
-            expected = self.expected_shape()
+            shape, expected = self._round_expected()
             self.fixed_shape.copy_(torch.tensor([shape[k] for k in SHAPE_KEYS]))
             self.fixed_from.copy_(torch.tensor([expected[k] for k in SHAPE_KEYS]))
         self._apply_fixed_shape()
@@ -382,7 +381,7 @@ class L0Module(nn.Module):
     def learned_shape(self) -> tuple[dict[str, int], str]:
         """For a budget whose shape the masks learn: the valid shape within the budget nearest to the
         expected shape (:func:`llmshearing.pruning.budget.nearest_shape`), and a line saying which and why."""
-        from llmshearing.pruning.budget import budget_candidates, nearest_shape, shape_label
+        from llmshearing.pruning.budget import shape_label
 
         if not self.learns_budget_shape:
             raise ValueError("learned_shape needs model.l0_module.target_budget with budget_shape: learned")
@@ -395,17 +394,23 @@ class L0Module(nn.Module):
                 f"(model.l0_module.fix_shape_at), where the masks expected {sizes} ({'/'.join(SHAPE_KEYS)}), "
                 f"rounded to the nearest valid shape within the budget (source {shape_label(self.model_config)})"
             )
+        shape, expected = self._round_expected()
+        sizes = "/".join(f"{expected[k]:.1f}" for k in SHAPE_KEYS)
+        why = (
+            f"learned shape {shape_label(self.model_config.replace(**shape))}: the masks expect {sizes} "
+            f"({'/'.join(SHAPE_KEYS)}), rounded to the nearest of {len(self._budget_candidates)} valid shapes "
+            f"within the budget (source {shape_label(self.model_config)})"
+        )
+        return shape, why
+
+    def _round_expected(self) -> tuple[dict[str, int], dict[str, float]]:
+        """The valid shape within the budget nearest to the masks' expected shape, and that expected shape."""
+        from llmshearing.pruning.budget import budget_candidates, nearest_shape
+
         if self._budget_candidates is None:
             self._budget_candidates = budget_candidates(self.l0_config, self.model_config)
         expected = self.expected_shape()
-        best = nearest_shape(self._budget_candidates, expected)
-        sizes = "/".join(f"{expected[k]:.1f}" for k in SHAPE_KEYS)
-        why = (
-            f"learned shape {best.label()}: the masks expect {sizes} ({'/'.join(SHAPE_KEYS)}), rounded to the "
-            f"nearest of {len(self._budget_candidates)} valid shapes within the budget (source "
-            f"{shape_label(self.model_config)})"
-        )
-        return best.shape, why
+        return nearest_shape(self._budget_candidates, expected).shape, expected
 
     def _plan_for(self, shape: Mapping[str, int]) -> TargetPlan:
         settings = {"pruning_modules": list(self.families), "target_model": dict(shape)}

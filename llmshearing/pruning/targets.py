@@ -209,10 +209,7 @@ class L0Config:
             raise ValueError(
                 f"{PREFIX}.penalty_per_unit must be true or false, got {self.penalty_per_unit!r}"
             )
-        if self.penalty_per_unit and (
-            self.target_sparsity is not None
-            or (self.target_budget is not None and self.budget_shape == "learned")
-        ):
+        if self.penalty_per_unit and self.global_term:
             raise ValueError(
                 f"{PREFIX}.penalty_per_unit scales the per-family terms of a target shape (target_model, or a "
                 "target_budget the run resolves to one); a target_sparsity or a learned budget shape has one global "
@@ -247,6 +244,14 @@ class L0Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def global_term(self) -> bool:
+        """The target is a fraction of the parameters under one global term (``target_sparsity``, or a
+        ``target_budget`` whose shape the masks learn), with no unit for ``penalty_per_unit`` to price."""
+        return self.target_sparsity is not None or (
+            self.target_budget is not None and self.budget_shape == "learned"
+        )
 
     @property
     def scheduled_groups(self) -> tuple[str, ...]:
