@@ -9,8 +9,8 @@ improving.
 Its data are the documents of the SmolLM2 benchmark data, split for split (the held-out documents stay
 held out): each split's token stream is decoded back to text with SmolLM2's tokenizer, cut into documents
 at the end-of-text token, and tokenised again with the miniature's tokenizer, which is trained on the
-train split alone. Every stage is cached under ``<work>/miniature-<key>/`` (``key`` names the spec), and
-pretraining resumes where it stopped:
+train split alone. Every stage is cached under ``<work>/miniature-<key>/`` (``key`` names the spec and the
+corpus), and pretraining resumes where it stopped:
 
   tokenizer/   the BPE tokenizer (transformers' ``PreTrainedTokenizerFast`` files)
   mds/         train / eval / test per domain, in the layout ``llmshearing prepare-data`` writes
@@ -84,9 +84,9 @@ class MiniatureSpec:
             attn_impl="sdpa",
         )
 
-    def key(self) -> str:
-        """A short name of the spec for its cache folder."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    def key(self, data: str = "") -> str:
+        """A short name of the spec, and of the ``data`` it is trained on, for its cache folder."""
+        text = json.dumps({**dataclasses.asdict(self), "data": data}, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
@@ -323,7 +323,8 @@ def build_miniature(
 ) -> Miniature:
     """Build (or reuse) the miniature source and its data under ``work``."""
     spec = spec or MiniatureSpec()
-    home = work / f"miniature-{spec.key()}"
+    # the folder names the spec and the corpus: a miniature of the demo corpus is never taken for one of another
+    home = work / f"miniature-{spec.key(smol_mds.name)}"
     record_path = home / "source.json"
     if record_path.is_file() and (home / "source" / "config.json").is_file():
         return Miniature(

@@ -88,3 +88,9 @@ def test_the_target_is_a_valid_smaller_shape_of_the_miniature():
     assert target.d_model % target.n_heads == 0 and target.n_heads % target.n_kv_heads == 0
     assert 0.3 < target.num_params(False) / source.num_params(False) < 0.45
     assert miniature.MiniatureSpec().key() != miniature.MiniatureSpec(lr=1e-3).key()
+
+
+def test_the_cache_key_names_the_corpus_the_miniature_is_trained_on():
+    spec = miniature.MiniatureSpec()
+    assert spec.key("mds-demo-corpus-seq128") != spec.key("mds-redpajama-sample-seq128")
+    assert spec.key("mds-demo-corpus-seq128") == miniature.MiniatureSpec().key("mds-demo-corpus-seq128")
