@@ -267,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
         "becomes the per-family target for the rest of it (model.l0_module.fix_shape_at; default: learned to the end)",
     )
     add(
+        "--l0-hold",
+        nargs="+",
+        default=None,
+        metavar="FAMILY",
+        help="mask families a ranked L0 stage holds at the one-shot cut of its scores instead of learning them "
+        "(model.l0_module.hold_ranked, e.g. hidden; default: every family learns)",
+    )
+    add(
         "--l0-warmup",
         type=float,
         default=None,
@@ -352,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the runs, as recorded with the results."""
     names = [
-        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_per_unit", "l0_learned_shape", "l0_fix_shape", "target_shape", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "multiplier_beta1", "mix_eta", "mix_ema",
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_per_unit", "l0_learned_shape", "l0_fix_shape", "l0_hold", "target_shape", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "multiplier_beta1", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
         "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip
@@ -365,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.l0_fix_shape is not None and not (args.l0_learned_shape and 0 < args.l0_fix_shape < 1):
         parser.error(
             "--l0-fix-shape fixes the shape --l0-learned-shape lets the masks learn: give both, with a share in (0, 1)"
+        )
+    if args.l0_hold and args.l0_learned_shape:
+        parser.error(
+            "--l0-hold cuts each held family to its size in the target shape; --l0-learned-shape has no shape "
+            "before pruning: drop one of them"
         )
     if args.l0_per_unit and args.l0_learned_shape:
         parser.error(

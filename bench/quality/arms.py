@@ -90,6 +90,7 @@ def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
             if args.l0_learned_shape and args.l0_fix_shape
             else []
         ),
+        f"model.l0_module.hold_ranked=[{','.join(args.l0_hold) if scores and args.l0_hold else ''}]",
     ]
 
 

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.schema import mask_shapes
-from llmshearing.pruning.hard_concrete import HardConcrete
+from llmshearing.pruning.hard_concrete import HardConcrete, top_units
 from llmshearing.pruning.lagrangian import family_penalty, warmed_target
-from llmshearing.pruning.targets import SHAPE_KEYS, L0Config, TargetPlan, prunable_params
+from llmshearing.pruning.targets import BLOCK_FAMILIES, SHAPE_KEYS, L0Config, TargetPlan, prunable_params
 
 
 def expected_num_params(config: ModelConfig, scores: Mapping[str, Tensor]) -> Tensor:
@@ -78,8 +78,9 @@ class L0Module(nn.Module):
         self.log_alpha = nn.ParameterDict(
             {f: nn.Parameter(torch.full(shapes[f], float(cfg.init_log_alpha))) for f in self.plan.families}
         )
-        # a learned budget shape fixed at fix_shape_at has both: one global term, then one per family
-        names = self.plan.families if self.plan.target is not None else ("",)
+        # a learned budget shape fixed at fix_shape_at has both: one global term, then one per family; a family
+        # held at its ranked cut has none
+        names = self.learned if self.plan.target is not None else ("",)
         if self.fixes_shape:
             names = ("", *self.plan.families)
         self.multipliers = nn.ParameterDict(
@@ -101,6 +102,16 @@ class L0Module(nn.Module):
     @property
     def families(self) -> tuple[str, ...]:
         return self.plan.families
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        """Families held at the ranked cut of their start (``hold_ranked``): not sampled, not learned."""
+        return tuple(self.l0_config.hold_ranked)
+
+    @property
+    def learned(self) -> tuple[str, ...]:
+        """Families whose masks learn: sampled, and priced by the Lagrangian."""
+        return tuple(f for f in self.families if f not in self.held)
 
     def set_step(self, step: int) -> None:
         """Number of optimizer batches done; drives the target warm-up (and seeds the noise), and at
@@ -183,7 +194,9 @@ class L0Module(nn.Module):
     def forward(self) -> L0Output:
         if self.training:
             generator = self._noise(next(iter(self.log_alpha.values())).device)
-            masks = {f: self.distribution.sample(la, generator) for f, la in self.clamped_log_alpha().items()}
+            log_alpha = self.clamped_log_alpha()
+            masks = {f: self.distribution.sample(log_alpha[f], generator) for f in self.learned}
+            masks.update(self._held_cut(log_alpha))
             penalty, stats = self._penalty_and_stats()
             return L0Output(masks, penalty, stats)
         masks = self.deterministic_masks(at_target=self.l0_config.eval_target_model)
@@ -193,9 +206,8 @@ class L0Module(nn.Module):
     def movable_fraction(self) -> float:
         """Mean over all units of ``P(0 < z < 1)`` at the current log-alphas: the share of mask samples
         that carry a gradient (see :meth:`HardConcrete.prob_interior`)."""
-        probs = [
-            self.distribution.prob_interior(la.float()).flatten() for la in self.clamped_log_alpha().values()
-        ]
+        log_alpha = self.clamped_log_alpha()
+        probs = [self.distribution.prob_interior(log_alpha[f].float()).flatten() for f in self.learned]
         return float(torch.cat(probs).mean().item())
 
     # ----------------------------------------------------------------------------------- sizes
@@ -205,18 +217,40 @@ class L0Module(nn.Module):
         With ``bounded_scores`` it is rescaled linearly so that a unit at the lower log-alpha bound counts
         0 and one at the upper bound counts 1: a unit pushed to the lower bound is counted as removed (as
         the deterministic masks remove it) while its samples still leave 0 now and then, so the loss can
-        bring it back.
+        bring it back. A held family (``hold_ranked``) counts its ranked cut: 1 for a kept unit, 0 otherwise.
         """
         return self._scores_of(self.clamped_log_alpha())
 
     def _scores_of(self, log_alpha: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        scores = {f: self.distribution.prob_nonzero(la) for f, la in log_alpha.items()}
+        scores = {f: self.distribution.prob_nonzero(log_alpha[f]) for f in self.learned}
         bound = self.l0_config.log_alpha_clamp
-        if not self.l0_config.bounded_scores or bound is None:
-            return scores
-        ends = self.distribution.prob_nonzero(torch.tensor([-bound, bound], dtype=torch.float64))
-        low, span = float(ends[0]), float(ends[1] - ends[0])
-        return {f: ((s - low) / span).clamp(0.0, 1.0) for f, s in scores.items()}
+        if self.l0_config.bounded_scores and bound is not None:
+            ends = self.distribution.prob_nonzero(torch.tensor([-bound, bound], dtype=torch.float64))
+            low, span = float(ends[0]), float(ends[1] - ends[0])
+            scores = {f: ((s - low) / span).clamp(0.0, 1.0) for f, s in scores.items()}
+        scores.update(self._held_cut(log_alpha))
+        return {f: scores[f] for f in log_alpha}
+
+    def _held_cut(self, log_alpha: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The mask of each held family: 1 for the target's top units of each row by log-alpha, else 0."""
+        cut = {}
+        for f in self.held:
+            _, rank_by = self._in_rows(f, log_alpha)
+            kept = top_units(rank_by.detach(), self.plan.keep[f])
+            cut[f] = kept.to(log_alpha[f].dtype).reshape(log_alpha[f].shape)
+        return cut
+
+    def _in_rows(self, family: str, log_alpha: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``family``'s log-alphas and the scores that rank them, shaped into the rows among which the
+        deterministic masks keep their top units: tied blocks rank layers by the sum of both log-alphas (so
+        both drop the same layers), query heads rank within each KV group (or layer, see TargetPlan)."""
+        la = rank_by = log_alpha[family]
+        if self.plan.blocks_tied and family in BLOCK_FAMILIES:
+            rank_by = log_alpha["head_layer"] + log_alpha["mlp"]
+        if family == "head":
+            rows = (self.model_config.n_layers, -1, self.plan.head_block)
+            return la.reshape(rows), rank_by.reshape(rows)
+        return la, rank_by
 
     def expected_num_params(self) -> Tensor:
         return expected_num_params(self.model_config, self.scores())
@@ -292,8 +326,10 @@ class L0Module(nn.Module):
             terms = [
                 family_penalty(rows[f], family_targets[f], lam[f"lambda_1_{f}"], lam[f"lambda_2_{f}"])
                 * (self.log_alpha[f].numel() if per_unit else 1)
-                for f in self.families
+                for f in self.learned
             ]
+            # held log-alphas get a zero gradient (DDP expects one for every parameter), so they never move
+            terms += [0.0 * self.log_alpha[f].sum() for f in self.held]
             penalty = torch.stack(terms).sum()
             if self.shape_fixed:
                 # the global term stays, toward the fixed shape's sparsity: the pressure the masks learned
@@ -422,17 +458,14 @@ class L0Module(nn.Module):
         cfg = self.model_config
         self.constrain_()
         keep = self.keep_counts(at_target)
+        held = self._held_cut(
+            self.log_alpha
+        )  # a held family keeps its cut (of the target's size) in any case
         masks = {}
-        # Tied blocks rank layers by the sum of both log-alphas, so both masks drop the same layers.
-        tied = self.log_alpha["head_layer"] + self.log_alpha["mlp"] if self.plan.blocks_tied else None
         for f, la in self.log_alpha.items():
-            if tied is not None and f in ("head_layer", "mlp"):
-                masks[f] = self.distribution.deterministic(la, keep[f], rank_by=tied)
-            elif f == "head":  # top-k within each KV group (or layer, see TargetPlan) keeps the model uniform
-                grouped = la.reshape(cfg.n_layers, -1, self.plan.head_block)
-                masks[f] = self.distribution.deterministic(grouped, keep[f]).reshape(la.shape)
-            else:
-                masks[f] = self.distribution.deterministic(la, keep[f])
+            rows, rank_by = self._in_rows(f, self.log_alpha)
+            mask = held[f] if f in held else self.distribution.deterministic(rows, keep[f], rank_by=rank_by)
+            masks[f] = mask.reshape(la.shape)
         if "head" in masks and "kv_head" in masks:  # heads of a dropped KV group are dropped too
             alive = (masks["kv_head"] != 0).repeat_interleave(cfg.heads_per_group, dim=1)
             masks["head"] = masks["head"] * alive

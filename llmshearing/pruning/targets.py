@@ -80,6 +80,9 @@ class L0Config:
     # largest |log-alpha| of a ranked start (init_from); null: the log-alpha bound. Inside the bound the
     # ranked masks start in the interior, where their samples leave 0 and 1 and the loss moves them.
     init_scale: float | None = None
+    # families cut by the ranking of init_from and held there: their masks are the ranked cut (0/1) from the first
+    # step, with no noise, no gradient and no Lagrangian term; the other families learn around them
+    hold_ranked: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         modules = list(self.pruning_modules) if not isinstance(self.pruning_modules, str) else None
@@ -215,11 +218,48 @@ class L0Config:
                 "target_budget the run resolves to one); a target_sparsity or a learned budget shape has one global "
                 f"term over parameters, with no unit to price: set {PREFIX}.penalty_per_unit=false"
             )
+        self._check_hold_ranked()
         if not isinstance(self.init_samples, int) or self.init_samples <= 0:
             raise ValueError(f"{PREFIX}.init_samples must be a positive integer, got {self.init_samples!r}")
         if not isinstance(self.allow_indivisible_d_model, bool):
             raise ValueError(
                 f"{PREFIX}.allow_indivisible_d_model must be true or false, got {self.allow_indivisible_d_model!r}"
+            )
+
+    def _check_hold_ranked(self) -> None:
+        key = f"{PREFIX}.hold_ranked"
+        held = self.hold_ranked
+        if isinstance(held, str) or not isinstance(held, (list, tuple)):
+            raise ValueError(f"{key} must be a list of mask families (e.g. [hidden]), got {held!r}")
+        outside = [f for f in held if f not in self.pruning_modules]
+        if outside:
+            raise ValueError(
+                f"{key} lists {outside}, which {PREFIX}.pruning_modules {self.pruning_modules} does not prune; "
+                "hold only pruned families"
+            )
+        self.hold_ranked = [f for f in self.pruning_modules if f in held]  # canonical order, no repeats
+        if not self.hold_ranked:
+            return
+        if self.init_from is None:
+            raise ValueError(
+                f"{key} holds families at the importance ranking's cut and needs {PREFIX}.init_from "
+                "(importance, or a scores file from `prune-oneshot --scores-out`); set it or remove hold_ranked"
+            )
+        if self.target_model is None and (self.target_budget is None or self.budget_shape == "learned"):
+            raise ValueError(
+                f"{key} cuts each held family to its size in a target shape: it needs {PREFIX}.target_model or a "
+                f"target_budget with budget_shape: proportional, not "
+                + ("target_sparsity" if self.target_sparsity is not None else "a learned budget shape")
+            )
+        if len(self.hold_ranked) == len(self.pruning_modules):
+            raise ValueError(
+                f"{key} holds every pruned family, so no mask is left to learn: prune with "
+                "`llmshearing prune-oneshot` instead, or hold fewer families"
+            )
+        tied = [f for f in BLOCK_FAMILIES if f in self.pruning_modules]
+        if len(tied) == 2 and len([f for f in tied if f in self.hold_ranked]) == 1:
+            raise ValueError(
+                f"{key} holds one of head_layer and mlp, which drop the same layers: hold both or neither"
             )
 
     @classmethod

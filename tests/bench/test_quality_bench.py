@@ -776,3 +776,14 @@ def test_a_learned_shape_can_be_fixed_part_way_through_pruning(quality, capsys):
             "--l0-fix-shape fixes the shape --l0-learned-shape lets the masks learn"
             in capsys.readouterr().err
         )
+
+
+def test_a_ranked_l0_stage_can_hold_families_at_the_one_shot_cut(quality, capsys):
+    args = quality.build_parser().parse_args(["--l0-hold", "hidden"])
+    held = dict(o.split("=", 1) for o in quality.l0_overrides(args, Path("scores.safetensors"), 512))
+    assert held["model.l0_module.hold_ranked"] == "[hidden]"
+    unranked = dict(o.split("=", 1) for o in quality.l0_overrides(args, None, 512))
+    assert unranked["model.l0_module.hold_ranked"] == "[]"  # nothing to hold without a ranking
+    with pytest.raises(SystemExit):
+        quality.main(["--l0-hold", "hidden", "--l0-learned-shape", "32", "--no-progress"])
+    assert "--l0-hold cuts each held family to its size in the target shape" in capsys.readouterr().err

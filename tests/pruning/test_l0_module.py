@@ -619,3 +619,75 @@ def test_a_ranked_start_warms_its_target_up_from_where_its_masks_begin(bounded):
     held = module(lagrangian_warmup_steps="0ba", **extra)  # no warm-up: the target from the first step
     held.set_step(0)
     assert held().stats["target_sparsity"].item() == pytest.approx(held.plan.global_sparsity)
+
+
+# ------------------------------------------------------------------------------------ hold_ranked
+HELD = {"init_from": "scores.safetensors", "hold_ranked": ["hidden"]}
+
+
+def test_a_held_family_is_its_ranked_cut_without_noise_gradient_or_multiplier():
+    m = module(**HELD)
+    randomise(m, seed=3)
+    keep = m.plan.keep["hidden"]
+    cut = torch.zeros(SOURCE.d_model)
+    cut[torch.argsort(m.log_alpha["hidden"].detach(), descending=True)[:keep]] = 1.0
+    assert not any("hidden" in name for name in m.multipliers)
+    m.set_noise_seed(5)
+    m.train()
+    draws = []
+    for step in (0, 1):
+        m.set_step(step)
+        out = m()
+        assert torch.equal(out.masks["hidden"], cut)  # no noise: the same 0/1 cut every step
+        draws.append(out.masks["intermediate"])
+        assert float(out.stats["expected_sparsity/hidden"]) == pytest.approx(1 - keep / SOURCE.d_model)
+    assert not torch.equal(draws[0], draws[1])  # the learned families are still sampled
+    m.zero_grad()
+    (out.penalty + sum(mask.sum() for mask in out.masks.values())).backward()
+    assert torch.equal(m.log_alpha["hidden"].grad, torch.zeros(SOURCE.d_model))  # zero, not None (DDP)
+    assert m.log_alpha["intermediate"].grad.abs().sum() > 0
+    before = m.log_alpha["hidden"].detach().clone()
+    optimizer = torch.optim.AdamW(m.parameters(), lr=0.5, weight_decay=0.0)
+    optimizer.step()
+    assert torch.equal(m.log_alpha["hidden"].detach(), before)
+    m.eval()
+    assert torch.equal(m().masks["hidden"], cut)  # the fold keeps the same units, at exactly 1
+    assert torch.equal(m.deterministic_masks(at_target=False)["hidden"], cut)
+
+
+def test_a_held_family_leaves_the_learned_families_as_they_were():
+    held, free = module(**HELD), module(init_from="scores.safetensors")
+    randomise(held, seed=4)
+    randomise(free, seed=4)
+    for f in ("layer", "head", "intermediate"):
+        assert torch.equal(held.deterministic_masks()[f], free.deterministic_masks()[f]), f
+    assert held.movable_fraction() != free.movable_fraction()  # the held family is not counted as movable
+    from llmshearing.pruning.algorithm import describe_movable
+
+    assert "hidden held at the ranked cut by model.l0_module.hold_ranked" in describe_movable(held)[1]
+    learned = [n for n in free.multipliers if "hidden" not in n]
+    assert sorted(held.multipliers) == sorted(learned)
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"hold_ranked": ["hidden"]}, r"hold_ranked .* needs model\.l0_module\.init_from"),
+        ({**HELD, "hold_ranked": "hidden"}, r"hold_ranked must be a list of mask families"),
+        ({**HELD, "hold_ranked": ["mlp"], "pruning_modules": ["head", "hidden"]}, r"lists \['mlp'\], which"),
+        (
+            {**HELD, "target_model": None, "target_sparsity": 0.5},
+            r"hold_ranked cuts each held family to its size in a target shape.*not target_sparsity",
+        ),
+        (
+            {**HELD, "target_model": None, "target_budget": {"params": 1000}, "budget_shape": "learned"},
+            r"in a target shape.*not a learned budget shape",
+        ),
+        ({**HELD, "hold_ranked": list(FAMILIES)}, r"holds every pruned family.*prune-oneshot"),
+        ({**HELD, "hold_ranked": ["mlp"]}, r"holds one of head_layer and mlp.*hold both or neither"),
+    ],
+)
+def test_invalid_hold_ranked_names_the_key(settings, match):
+    settings = {"pruning_modules": ALL, "target_model": TARGET, **settings}
+    with pytest.raises(ValueError, match=match):
+        L0Config.from_dict(settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import pytest
@@ -324,8 +325,9 @@ class ConsumeRandomness(Callback):
         {"schedule_l0_lr": "masks", "multiplier_beta1": 0.0},
         {**LEARNED_BUDGET, "fix_shape_at": 2},  # fixed before the checkpoint: restored from it
         {**LEARNED_BUDGET, "fix_shape_at": 4},  # fixed after the resume: rounded from the same masks
+        {"init_from": "scores.safetensors", "hold_ranked": ["hidden"]},
     ],
-    ids=["defaults", "closing-multipliers", "shape-fixed-before", "shape-fixed-after"],
+    ids=["defaults", "closing-multipliers", "shape-fixed-before", "shape-fixed-after", "hidden-held"],
 )
 def test_resume_gives_bit_identical_l0_parameters(tmp_path, changes):
     l0 = l0_settings(**changes)
@@ -353,6 +355,9 @@ def test_resume_gives_bit_identical_l0_parameters(tmp_path, changes):
         for run in (full, resumed):
             module = run.state.model.l0_module
             assert module.plan.target is not None and int(module.fixed_shape[0]) > 0
+    if "hold_ranked" in changes:  # the held family never moved from its start
+        held = full.state.model.l0_module.log_alpha["hidden"].detach()
+        assert torch.all(held == torch.tensor(math.log(100.0)))
     expected, got = l0_state(full), l0_state(resumed)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
