@@ -86,7 +86,7 @@ class MiniatureSpec:
 
     def key(self, data: str = "") -> str:
         """A short name of the spec, and of the ``data`` it is trained on, for its cache folder."""
-        text = json.dumps({**dataclasses.asdict(self), "data": data}, sort_keys=True)
+        text = json.dumps({**dataclasses.asdict(self), **({"data": data} if data else {})}, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
