@@ -458,9 +458,7 @@ class L0Module(nn.Module):
         cfg = self.model_config
         self.constrain_()
         keep = self.keep_counts(at_target)
-        held = self._held_cut(
-            self.log_alpha
-        )  # a held family keeps its cut (of the target's size) in any case
+        held = self._held_cut(self.log_alpha)  # a held family keeps its cut (the target's size) in any case
         masks = {}
         for f, la in self.log_alpha.items():
             rows, rank_by = self._in_rows(f, self.log_alpha)
