@@ -242,7 +242,7 @@ def run_learned(
     from composer.optim import DecoupledAdamW
 
     l0 = l0_settings(setup, planted, method, settings.steps)
-    init_from = l0.pop("init_from", None)
+    init_from = l0.get("init_from")  # the module knows its ranked start (hold_ranked needs it); set here
     model = ComposerLlama(planted.decoder.config)
     model.model.load_state_dict(planted.decoder.state_dict())
     module = attach_l0_module(model, l0)
