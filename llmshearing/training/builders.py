@@ -377,6 +377,12 @@ def initialize_masks(
     log.info("mask initialisation (%s) took %.1f s on %s", cost["source"], cost["seconds"], cost["device"])
     if rank == 0 and source == "importance":
         print(f"llmshearing: mask ranking calibrated in {cost['seconds']:.1f} s", flush=True)
+    if rank == 0 and l0.held:
+        print(
+            f"llmshearing: {', '.join(l0.held)} held at the ranked cut (model.l0_module.hold_ranked): "
+            "not sampled, not learned",
+            flush=True,
+        )
     return cost
 
 

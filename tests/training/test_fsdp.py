@@ -208,6 +208,22 @@ def _assert_identical_training(every_rank: Path, rank0: Path) -> None:
 
 
 @pytest.mark.slow
+def test_fsdp2_pruning_with_the_hidden_family_held_matches_one_process(tiny_source, tiny_mds, tmp_path):
+    # held masks get a zero gradient on every rank, averaged like the learned ones: nothing may drift
+    from streaming.base.util import clean_stale_shared_memory
+
+    held = [*PRUNE_EXTRA, "model.l0_module.hold_ranked=[hidden]", "max_duration=4ba", "eval_interval=4ba"]
+    clean_stale_shared_memory()
+    _single(PRUNE, _args(tiny_source, tiny_mds, tmp_path / "one", *held))
+    log = _sharded(PRUNE, _args(tiny_source, tiny_mds, tmp_path / "fsdp", *held, *SHARDED))
+    clean_stale_shared_memory()
+    assert "hidden held at the ranked cut" in log, log[-3000:]
+    _assert_same_run(tmp_path / "one", tmp_path / "fsdp")
+    one = torch.load(tmp_path / "one" / "masks" / "ba4.pt", weights_only=False)["masks"]["hidden"]
+    assert set(one.unique().tolist()) == {0.0, 1.0}  # the ranked cut, at exactly 1
+
+
+@pytest.mark.slow
 def test_sharded_run_resumes_bit_identically(runs, tiny_source, tiny_mds):
     # the stopped-and-resumed run also reads the source on rank 0 alone (model.init_device=mixed), the
     # straight one on every rank: the masks, losses and checkpoints must not tell them apart
