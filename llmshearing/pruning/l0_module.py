@@ -204,8 +204,8 @@ class L0Module(nn.Module):
 
     @torch.no_grad()
     def movable_fraction(self) -> float:
-        """Mean over all units of ``P(0 < z < 1)`` at the current log-alphas: the share of mask samples
-        that carry a gradient (see :meth:`HardConcrete.prob_interior`)."""
+        """Mean over the units of the learned families (held ones are not sampled) of ``P(0 < z < 1)`` at the
+        current log-alphas: the share of mask samples that carry a gradient (see :meth:`HardConcrete.prob_interior`)."""
         log_alpha = self.clamped_log_alpha()
         probs = [self.distribution.prob_interior(log_alpha[f].float()).flatten() for f in self.learned]
         return float(torch.cat(probs).mean().item())
