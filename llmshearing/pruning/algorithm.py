@@ -162,10 +162,7 @@ def describe_movable(module: L0Module) -> tuple[float, str]:
         f"L0 masks at start: {fraction:.3%} of mask samples lie strictly between 0 and 1 and carry a gradient"
     )
     if module.held:
-        message += (
-            f" ({', '.join(module.held)} held at the ranked cut by model.l0_module.hold_ranked: not sampled, "
-            "not learned)"
-        )
+        message += f" ({module.held_note})"
     if fraction < MIN_MOVABLE:
         message += (
             f" (below {MIN_MOVABLE:.1%}): almost every sample is clamped at 0 or 1, so the masks stay where they "

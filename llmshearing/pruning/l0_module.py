@@ -109,6 +109,13 @@ class L0Module(nn.Module):
         return tuple(self.l0_config.hold_ranked)
 
     @property
+    def held_note(self) -> str:
+        """What the run says about its held families (empty when none is held)."""
+        if not self.held:
+            return ""
+        return f"{', '.join(self.held)} held at the ranked cut (model.l0_module.hold_ranked): not sampled, not learned"
+
+    @property
     def learned(self) -> tuple[str, ...]:
         """Families whose masks learn: sampled, and priced by the Lagrangian."""
         return tuple(f for f in self.families if f not in self.held)

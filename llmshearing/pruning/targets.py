@@ -245,7 +245,7 @@ class L0Config:
                 f"{key} holds families at the importance ranking's cut and needs {PREFIX}.init_from "
                 "(importance, or a scores file from `prune-oneshot --scores-out`); set it or remove hold_ranked"
             )
-        if self.target_model is None and (self.target_budget is None or self.budget_shape == "learned"):
+        if self.global_term:
             raise ValueError(
                 f"{key} cuts each held family to its size in a target shape: it needs {PREFIX}.target_model or a "
                 f"target_budget with budget_shape: proportional, not "

@@ -378,11 +378,7 @@ def initialize_masks(
     if rank == 0 and source == "importance":
         print(f"llmshearing: mask ranking calibrated in {cost['seconds']:.1f} s", flush=True)
     if rank == 0 and l0.held:
-        print(
-            f"llmshearing: {', '.join(l0.held)} held at the ranked cut (model.l0_module.hold_ranked): "
-            "not sampled, not learned",
-            flush=True,
-        )
+        print(f"llmshearing: {l0.held_note}", flush=True)
     return cost
 
 

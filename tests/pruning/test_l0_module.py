@@ -664,7 +664,7 @@ def test_a_held_family_leaves_the_learned_families_as_they_were():
     assert held.movable_fraction() != free.movable_fraction()  # the held family is not counted as movable
     from llmshearing.pruning.algorithm import describe_movable
 
-    assert "hidden held at the ranked cut by model.l0_module.hold_ranked" in describe_movable(held)[1]
+    assert "hidden held at the ranked cut (model.l0_module.hold_ranked)" in describe_movable(held)[1]
     learned = [n for n in free.multipliers if "hidden" not in n]
     assert sorted(held.multipliers) == sorted(learned)
 
