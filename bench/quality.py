@@ -78,6 +78,7 @@ from quality.arms import (  # noqa: E402, F401
     normalised,
     run_arm,
     run_oneshot,
+    stage_lr,
     target_overrides,
     train_overrides,
     warmup_batches,
@@ -139,6 +140,7 @@ from quality.sources import (  # noqa: E402, F401
     use_miniature,
 )
 from quality.study import (  # noqa: E402, F401
+    CONTINUE_LR,
     INTERIOR,
     PAPER_RULE,
     PRUNE_LR,
@@ -202,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=PRUNE_LR,
         help=f"learning rate of the model's weights while L0 pruning (default: {PRUNE_LR:g}, the recipe's)",
+    )
+    add(
+        "--continue-lr",
+        type=float,
+        default=CONTINUE_LR,
+        help="peak learning rate of every arm's continued pretraining but scratch's "
+        f"(default: {CONTINUE_LR:g}, the recipe's)",
     )
     add(
         "--seeds",
@@ -360,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the runs, as recorded with the results."""
     names = [
-        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_per_unit", "l0_learned_shape", "l0_fix_shape", "l0_hold", "target_shape", "prune_lr", "prune_batch", "mask_lr", "multiplier_lr", "multiplier_beta1", "mix_eta", "mix_ema",
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_per_unit", "l0_learned_shape", "l0_fix_shape", "l0_hold", "target_shape", "prune_lr", "continue_lr", "prune_batch", "mask_lr", "multiplier_lr", "multiplier_beta1", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
         "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip

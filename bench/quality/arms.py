@@ -248,6 +248,13 @@ class StageResult:
     distill: bool = False
 
 
+def stage_lr(arm: str, stage: Stage, args: Any) -> float:
+    """Peak lr of one training stage's weights: ``--scratch-lr``, ``--prune-lr`` or ``--continue-lr``."""
+    if arm == "scratch":
+        return args.scratch_lr
+    return args.prune_lr if stage.kind == "l0" else args.continue_lr
+
+
 def is_dynamic(arm: str, baseline_mix: str) -> bool:
     """Whether an arm's mix is dynamic: the L0 arms by design, the baselines by ``--baseline-mix``."""
     if arm in ("l0-dynamic", "l0-distill", "l0-default"):
@@ -294,11 +301,9 @@ def run_arm(
             warmup = 0.03 if stage.kind == "train" and arm != "scratch" else 0.1
             overrides = train_overrides(budget, stage, inputs, model, run, mix, args, warmup)
             overrides.append(f"callbacks.data_loading.dynamic={'true' if dynamic else 'false'}")
-            if arm == "scratch":
-                overrides.append(f"optimizer.lr={args.scratch_lr}")
+            overrides.append(f"optimizer.lr={stage_lr(arm, stage, args)}")
             detail = "distillation from the source" if stage.distill else ""
             if stage.kind == "l0":
-                overrides.append(f"optimizer.lr={args.prune_lr}")
                 ranked = args.oneshot is not None and args.l0_init == "importance" and arm != "l0-default"
                 scores = args.oneshot.scores if ranked else None
                 overrides += (

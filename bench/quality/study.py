@@ -43,6 +43,7 @@ STUDY_KD = {
     "alpha 0.9, T 2": {"kd_alpha": 0.9, "kd_temperature": 2.0},
 }
 PRUNE_LR = 2e-4  # the pruning recipe's learning rate of the model's weights
+CONTINUE_LR = 3e-4  # the continued-pretraining recipe's
 STUDY_PRUNE = {
     "share 0.25, lr 2e-4": {"prune_share": 0.25, "prune_lr": PRUNE_LR},
     "share 0.125, lr 2e-4": {"prune_share": 0.125, "prune_lr": PRUNE_LR},

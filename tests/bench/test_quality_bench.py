@@ -630,6 +630,18 @@ def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
         for *_, values in pruning
     )
     assert defaults.prune_lr == OmegaConf.load(quality.PRUNE_RECIPE).optimizer.lr
+    assert defaults.continue_lr == OmegaConf.load(quality.CONTINUE_RECIPE).optimizer.lr
+    # each stage's weights take their own lr: pruning, continued pretraining, or the scratch arm's
+    plan = quality.plan_arms(quality.make_budget(False, 1, batch=4, seq_len=16, prune_share=0.25, steps=4))
+    lrs = parser.parse_args(["--prune-lr", "4e-4", "--continue-lr", "5e-4", "--scratch-lr", "2e-3"])
+    assert [quality.stage_lr("l0-distill", s, lrs) for s in plan["l0-distill"] if s.kind != "fold"] == [
+        4e-4,
+        5e-4,
+    ]
+    assert [
+        quality.stage_lr("oneshot-distill", s, lrs) for s in plan["oneshot-distill"] if s.kind == "train"
+    ] == [5e-4]
+    assert {quality.stage_lr("scratch", s, lrs) for s in plan["scratch"] if s.kind == "train"} == {2e-3}
     masks = quality.study_variants(["masks"])
     assert {quality.STUDY_ARMS[group] for group, _, _ in masks} == {"l0-distill"}
     # the held ranking is the bench's default; the learning ones start inside the library's default bound
