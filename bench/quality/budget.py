@@ -8,10 +8,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-ARMS = ("l0-dynamic", "l0-constant", "l0-distill", "oneshot", "oneshot-distill", "scratch", "l0-default")
+ARMS = (
+    "l0-dynamic", "l0-constant", "l0-distill", "oneshot", "oneshot-distill", "scratch", "l0-default", "l0-held",
+)  # fmt: skip
 ARM_NUMBER = {arm: i + 1 for i, arm in enumerate(ARMS)}
-# the arms the targets compare (3 vs 5, 1 vs 2): repeated for every seed after the first
-DECIDING_ARMS = ("l0-distill", "oneshot-distill", "l0-dynamic", "l0-constant", "l0-default")
+# the arms the targets compare (3 vs 5 and 8, 1 vs 2, 7 vs 5): repeated for every seed after the first
+DECIDING_ARMS = ("l0-distill", "oneshot-distill", "l0-held", "l0-dynamic", "l0-constant", "l0-default")
 SPARSITY_TOLERANCE = 0.02  # an L0 stage must end with |expected - target| sparsity within this
 DEFAULT_SEEDS = (17, 18)
 
@@ -86,7 +88,7 @@ def make_budget(
 
 
 def plan_arms(budget: Budget, kd_prune: bool = True) -> dict[str, list[Stage]]:
-    """The stages of the six arms; pruning takes ``prune_share`` of the steps, at least one of each.
+    """The stages of the arms; pruning takes ``prune_share`` of the steps, at least one of each.
     ``kd_prune``: arm 3 distills during pruning too (it always does in continued pretraining)."""
     prune = min(budget.steps - 1, max(1, round(budget.steps * budget.prune_share)))
     rest = budget.steps - prune
@@ -110,6 +112,7 @@ def plan_arms(budget: Budget, kd_prune: bool = True) -> dict[str, list[Stage]]:
         ],
         "scratch": [Stage("init", "init", 0), Stage("train", "train", budget.steps)],
         "l0-default": l0(True, kd_prune),
+        "l0-held": l0(True, kd_prune),
     }
     check_equal_budget(arms, budget)
     return arms

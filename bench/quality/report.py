@@ -70,13 +70,17 @@ def compare(rows: Mapping[str, Any], arm: str, other: str) -> float | None:
 
 
 def result_line(rows: Mapping[str, Any]) -> str:
-    """``RESULT`` line: arm 3 / arm 5 (target < 1.00) and arm 1 / arm 2 (target <= 1.00), average test losses."""
+    """``RESULT`` line: arm 3 / arm 5 and arm 3 / arm 8 (targets < 1.00) and arm 1 / arm 2 (target <= 1.00),
+    average test losses."""
     full, mix = compare(rows, "l0-distill", "oneshot-distill"), compare(rows, "l0-dynamic", "l0-constant")
+    learning = compare(rows, "l0-distill", "l0-held")
     if full is None and mix is None:
         return "RESULT quality skipped=needs arms 3 and 5 (l0-distill, oneshot-distill) or 1 and 2 (l0-dynamic, l0-constant)"
     parts = ["RESULT quality"]
     if full is not None:
         parts.append(f"arm3/arm5={full:.3f} target=<1.00")
+    if learning is not None:
+        parts.append(f"arm3/arm8={learning:.3f} target=<1.00")
     if mix is not None:
         parts.append(f"arm1/arm2={mix:.3f} target=<=1.00")
     return " ".join(parts)
@@ -125,6 +129,8 @@ def target_lines(rows: Mapping[str, Any]) -> list[str]:
     lines = []
     if "l0-distill" in rows and "oneshot-distill" in rows:
         lines.append(_explain(rows, "l0-distill", "oneshot-distill", strict=True))
+    if "l0-distill" in rows and "l0-held" in rows:  # the masks' learning, the pruning stage's training aside
+        lines.append(_explain(rows, "l0-distill", "l0-held", strict=True))
     if "l0-dynamic" in rows and "l0-constant" in rows:
         lines.append(_explain(rows, "l0-dynamic", "l0-constant", strict=False))
     arms = [a for a in ARMS if a in rows]

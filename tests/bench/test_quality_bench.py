@@ -39,9 +39,10 @@ def test_every_arm_trains_exactly_the_budget(quality, quick, scale, steps, share
         assert all(stage.steps >= 1 for stage in stages if stage.kind in ("l0", "train")), name
     prune = arms["l0-dynamic"][0].steps
     assert prune == min(budget.steps - 1, max(1, round(budget.steps * share)))
-    for arm in ("l0-constant", "l0-distill", "l0-default"):
+    for arm in ("l0-constant", "l0-distill", "l0-default", "l0-held"):
         assert [s.steps for s in arms[arm]] == [s.steps for s in arms["l0-dynamic"]]
-    assert [s.distill for s in arms["l0-default"]] == [s.distill for s in arms["l0-distill"]]
+    for arm in ("l0-default", "l0-held"):  # arm 3 with other masks: the same stages, teacher and batches
+        assert [(s.distill, s.batch) for s in arms[arm]] == [(s.distill, s.batch) for s in arms["l0-distill"]]
 
 
 def test_distillation_stages(quality):
@@ -57,6 +58,7 @@ def test_distillation_stages(quality):
         "oneshot-distill": ["continued"],
         "scratch": [],
         "l0-default": ["prune", "continued"],
+        "l0-held": ["prune", "continued"],
     }
     without = quality.plan_arms(budget, kd_prune=False)
     assert [s.name for s in without["l0-distill"] if s.distill] == ["continued"]
@@ -108,13 +110,14 @@ def test_bad_budget_arguments(quality, kwargs, message):
 
 def test_seeds_repeat_the_deciding_arms(quality):
     runs = quality.runs_per_seed(quality.ARMS, [17, 18])
-    assert runs[:7] == [(17, arm) for arm in quality.ARMS]
-    assert runs[7:] == [
+    assert runs[:8] == [(17, arm) for arm in quality.ARMS]
+    assert runs[8:] == [
         (18, "l0-dynamic"),
         (18, "l0-constant"),
         (18, "l0-distill"),
         (18, "oneshot-distill"),
         (18, "l0-default"),
+        (18, "l0-held"),
     ]
     assert quality.runs_per_seed(["oneshot", "scratch"], [1, 2]) == [(1, "oneshot"), (1, "scratch")]
     with pytest.raises(ValueError, match="distinct"):
@@ -351,6 +354,15 @@ def test_stage_overrides_pass_the_recipe_validation(quality, tmp_path, tiny_sour
     assert values.model.l0_module.penalty_per_unit is True
     assert values.model.l0_module.schedule_l0_lr is False and values.model.l0_module.multiplier_beta1 is None
     args.l0_per_unit = False
+    # arm 8: the one-shot cut held (nothing but the weights learns), whatever arm 3's mask flags say
+    held = validate_config(
+        load_config(
+            str(quality.PRUNE_RECIPE), stage_overrides + quality.held_l0_overrides(scores) + TINY_TARGET
+        )
+    ).model.l0_module
+    assert (held.init_from, held.mask_lr, held.multiplier_lr) == (str(scores), 0.0, 0.0)
+    assert held.log_alpha_clamp == held.init_log_alpha == quality.HELD_BOUND and held.init_scale is None
+    assert held.lagrangian_warmup_steps in ("0ba", 0) and held.hold_ranked in ([], ())
     # --l0-schedule-lr masks --multiplier-beta1 0: the recipe takes the mask-only schedule and the beta1
     args.l0_schedule_lr, args.multiplier_beta1 = "masks", 0.0
     unscheduled = quality.l0_overrides(args, None, stages[0].steps) + TINY_TARGET
@@ -403,6 +415,7 @@ ARM_LOSSES = {  # (a, b) test losses of the first seed
     "oneshot-distill": (3.0, 3.9),
     "scratch": (6.0, 7.0),
     "l0-default": (3.1, 4.1),
+    "l0-held": (2.9, 3.8),
 }
 
 
@@ -497,7 +510,7 @@ def test_markdown_table(quality):
     assert "| 1 l0-dynamic | train | 8 | 4,096 | 2.00 | 12.5 | 9.2 | - | 3.250 / 0.500, 25% |  |" in text
     assert "| 6 scratch | fold | 0 | 0 | 0.00 | 2.0 | - | - | - | note |" in text
     weights = next(line for line in text.splitlines() if line.startswith("| b | "))
-    assert weights.count("0.750") == 6 and "0.500" in weights  # six dynamic arms' final mixes, initial mix
+    assert weights.count("0.750") == 7 and "0.500" in weights  # seven dynamic arms' final mixes, initial mix
     assert "| 3 l0-distill | 18 | 0.500 | 0.600 | 0.610 | -0.010 | yes | hidden -0.151 |" in text
     assert "| 3 l0-distill | 17 | 0.500 | 0.600 | 0.610 | -0.010 | yes | - |" in text
     assert "left out: book (2 documents" in text and "test split" in text
@@ -507,10 +520,10 @@ def test_markdown_table(quality):
 
 def test_result_line_and_targets(quality):
     rows = _results(quality)["rows"]
-    # arm 3: (2.8 + 3.8) / 2 = 3.3; arm 5: 3.45; arm 1: 3.5; arm 2: 3.6
+    # arm 3: (2.8 + 3.8) / 2 = 3.3; arm 5: 3.45; arm 8: 3.35; arm 1: 3.5; arm 2: 3.6
     assert (
         quality.result_line(rows)
-        == "RESULT quality arm3/arm5=0.957 target=<1.00 arm1/arm2=0.972 target=<=1.00"
+        == "RESULT quality arm3/arm5=0.957 target=<1.00 arm3/arm8=0.985 target=<1.00 arm1/arm2=0.972 target=<=1.00"
     )
     lines = quality.target_lines(rows)
     assert (
@@ -518,11 +531,19 @@ def test_result_line_and_targets(quality):
         and "**met**" in lines[0]
     )
     assert "one seed: no spread" in lines[0]
-    assert (
-        "**met**" in lines[1] and lines[2] == "- arm 3 has the lowest average test loss of all arms: **met**"
+    # arm 3's learned masks against the same stages with the masks held at the one-shot cut
+    assert lines[1].startswith(
+        "- arm 3 (l0-distill) 3.300 vs arm 8 (l0-held) 3.350: ratio 0.985, target < 1.00"
     )
+    assert "**met**" in lines[1]
+    assert (
+        "**met**" in lines[2] and lines[3] == "- arm 3 has the lowest average test loss of all arms: **met**"
+    )
+    held_better = _results(quality, {"l0-held": (2.7, 3.7)})["rows"]  # arm 8 over two seeds: 3.275
+    assert "arm3/arm8=1.008 target=<1.00" in quality.result_line(held_better)
+    assert "**missed**" in quality.target_lines(held_better)[1]
     worse = _results(quality, {"l0-dynamic": (3.9, 4.5), "l0-constant": (3.2, 4.0)})["rows"]
-    line = quality.target_lines(worse)[1]
+    line = quality.target_lines(worse)[2]
     # arm 1: mean(3.5, 4.2) = 3.85; arm 2: 3.6 over both seeds (spread 0)
     assert "ratio 1.069, target <= 1.00: **missed**" in line
     assert "seed spread (max - min over 2 seeds) up to 0.700" in line
@@ -546,7 +567,7 @@ def test_lowest_arm_and_sparsity_misses_are_reported(quality):
     }
     lines = quality.target_lines(rows)
     assert "**missed**" in lines[0] and "per-domain differences (first seed): b +0.800, a +0.800" in lines[0]
-    assert "lowest: arm 5 oneshot-distill 2.500, arm 3 3.300" in lines[2]
+    assert "lowest: arm 5 oneshot-distill 2.500, arm 3 3.300" in lines[3]
     assert quality.sparsity_misses(rows) == [
         "l0-dynamic seed 17: expected sparsity 0.310, target 0.610 (gap -0.300, tolerance 0.02)"
     ]
