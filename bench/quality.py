@@ -349,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(STUDY_TABLES),
         default=["mix", "distillation"],
         help="what --study varies: mix stabilisers (one-shot arm), distillation weight and temperature "
-        "(one-shot + distillation arm), pruning share of T and learning rate (arm 3) (default: mix distillation)",
+        "(one-shot + distillation arm), pruning share of T and learning rate (arm 3), how arm 3's masks start and "
+        "learn (masks), the continued-pretraining lr (continue: one-shot + distillation arm) (default: mix "
+        "distillation)",
     )
     add("--scratch-lr", type=float, default=1e-3, help="peak lr of the scratch arm (1e-3)")
     add("--calibration-samples", type=int, default=None, help="one-shot samples (128; quick 8)")

@@ -67,12 +67,24 @@ STUDY_MASKS = {
         **INTERIOR, "mask_lr": 0.2, "multiplier_lr": 0.05, "l0_warmup": 0.5, "l0_schedule_lr": True,
     },
 }  # fmt: skip
-STUDY_TABLES = {"mix": STUDY_MIX, "distillation": STUDY_KD, "pruning": STUDY_PRUNE, "masks": STUDY_MASKS}
+# the continued-pretraining lr of the one-shot + distillation arm (every arm takes ``--continue-lr``)
+STUDY_CONTINUE = {
+    f"continued lr {lr:g}" + (" (the recipe's)" if lr == CONTINUE_LR else ""): {"continue_lr": lr}
+    for lr in (CONTINUE_LR, 6e-4, 9e-4, 1.2e-3)
+}
+STUDY_TABLES = {
+    "mix": STUDY_MIX,
+    "distillation": STUDY_KD,
+    "pruning": STUDY_PRUNE,
+    "masks": STUDY_MASKS,
+    "continue": STUDY_CONTINUE,
+}
 STUDY_ARMS = {
     "mix": "oneshot",
     "distillation": "oneshot-distill",
     "pruning": "l0-distill",
     "masks": "l0-distill",
+    "continue": "oneshot-distill",
 }
 
 
@@ -137,8 +149,8 @@ def render_study(results: Mapping[str, Any]) -> str:
         )
     lines += [
         "",
-        "Each mix or distillation variant is the continued pretraining of the one-shot pruned model for the "
-        "whole budget T (the distillation variants with the source as teacher); each pruning or masks variant is "
+        "Each mix, distillation or continue variant is the continued pretraining of the one-shot pruned model for "
+        "the whole budget T (the distillation and continue variants with the source as teacher); each pruning or masks variant is "
         "arm 3 (L0 pruning for its share of T, then continued pretraining, both distilling from the source). All "
         "are evaluated on the eval split; the test split is not read. An L0 variant whose expected sparsity "
         f"ends more than {SPARSITY_TOLERANCE} from the target is not eligible as the best.",

@@ -652,6 +652,12 @@ def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
     )
     assert defaults.prune_lr == OmegaConf.load(quality.PRUNE_RECIPE).optimizer.lr
     assert defaults.continue_lr == OmegaConf.load(quality.CONTINUE_RECIPE).optimizer.lr
+    continued = quality.study_variants(
+        ["continue"]
+    )  # the one-shot + distillation arm, from the recipe's lr up
+    assert {quality.STUDY_ARMS[group] for group, _, _ in continued} == {"oneshot-distill"}
+    assert [values["continue_lr"] for *_, values in continued] == [defaults.continue_lr, 6e-4, 9e-4, 1.2e-3]
+    assert quality.as_flags(continued[1][2]) == "--continue-lr 0.0006"
     # each stage's weights take their own lr: pruning, continued pretraining, or the scratch arm's
     plan = quality.plan_arms(quality.make_budget(False, 1, batch=4, seq_len=16, prune_share=0.25, steps=4))
     lrs = parser.parse_args(["--prune-lr", "4e-4", "--continue-lr", "5e-4", "--scratch-lr", "2e-3"])
