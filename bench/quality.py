@@ -207,15 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--prune-lr",
         type=float,
-        default=PRUNE_LR,
-        help=f"learning rate of the model's weights while L0 pruning (default: {PRUNE_LR:g}, the recipe's)",
+        default=None,
+        help=f"learning rate of the model's weights while L0 pruning (default: {PRUNE_LR:g}, the recipe's; "
+        "miniature: its own, 1e-3)",
     )
     add(
         "--continue-lr",
         type=float,
-        default=CONTINUE_LR,
+        default=None,
         help="peak learning rate of every arm's continued pretraining but scratch's "
-        f"(default: {CONTINUE_LR:g}, the recipe's)",
+        f"(default: {CONTINUE_LR:g}, the recipe's; miniature: its own, 3e-3, chosen on the eval split)",
     )
     add(
         "--seeds",
@@ -459,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_arms(budget, args.kd_prune)
     if chosen_target:
         args.target, args.target_desc = chosen_target, shape_desc(chosen_target)
+    if args.continue_lr is None:  # the recipes' lrs, unless the source set its own
+        args.continue_lr = CONTINUE_LR
+    if args.prune_lr is None:
+        args.prune_lr = PRUNE_LR
     if args.prepare_only:
         print(f"prepared: source {inputs.source}, data {inputs.mds}")
         return 0

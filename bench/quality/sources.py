@@ -157,7 +157,9 @@ def use_miniature(inputs: Inputs, work: Path, args: Any, steps: Steps) -> tuple[
 
 def miniature_budget(args: Any, source_params: int, seq_len: int) -> Budget:
     """The miniature's budget: the paper's regime (unless ``--steps`` sets T), its L0 stages at
-    ``miniature.PRUNE_BATCH`` sequences per step unless ``--prune-batch`` says otherwise (recorded in ``args``)."""
+    ``miniature.PRUNE_BATCH`` sequences per step and its weights' lrs ``miniature.CONTINUE_LR`` and
+    ``miniature.PRUNE_LR``, unless ``--prune-batch`` / ``--continue-lr`` / ``--prune-lr`` say otherwise (recorded
+    in ``args``)."""
     from . import miniature
 
     if args.steps is None:
@@ -166,6 +168,10 @@ def miniature_budget(args: Any, source_params: int, seq_len: int) -> Budget:
         total, share = args.steps, args.prune_share
     if args.prune_batch is None:
         args.prune_batch = miniature.PRUNE_BATCH
+    if args.continue_lr is None:
+        args.continue_lr = miniature.CONTINUE_LR
+    if args.prune_lr is None:
+        args.prune_lr = miniature.PRUNE_LR
     return make_budget(
         args.quick, args.scale, args.batch, seq_len, share, 4 if args.quick else total, args.prune_batch
     )

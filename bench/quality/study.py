@@ -70,7 +70,7 @@ STUDY_MASKS = {
 # the continued-pretraining lr of the one-shot + distillation arm (every arm takes ``--continue-lr``)
 STUDY_CONTINUE = {
     f"continued lr {lr:g}" + (" (the recipe's)" if lr == CONTINUE_LR else ""): {"continue_lr": lr}
-    for lr in (CONTINUE_LR, 6e-4, 9e-4, 1.2e-3)
+    for lr in (CONTINUE_LR, 6e-4, 1.2e-3, 3e-3)
 }
 STUDY_TABLES = {
     "mix": STUDY_MIX,

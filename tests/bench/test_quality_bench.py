@@ -647,16 +647,16 @@ def test_study_variants_and_ranking_use_eval_only(quality, tmp_path):
     assert {quality.STUDY_ARMS[group] for group, _, _ in pruning} == {"l0-distill"}
     # the defaults are among the pruning variants; the pruning lr default is the recipe's
     assert any(
-        values == {"prune_share": defaults.prune_share, "prune_lr": defaults.prune_lr}
+        values == {"prune_share": defaults.prune_share, "prune_lr": quality.PRUNE_LR}
         for *_, values in pruning
     )
-    assert defaults.prune_lr == OmegaConf.load(quality.PRUNE_RECIPE).optimizer.lr
-    assert defaults.continue_lr == OmegaConf.load(quality.CONTINUE_RECIPE).optimizer.lr
+    assert quality.PRUNE_LR == OmegaConf.load(quality.PRUNE_RECIPE).optimizer.lr
+    assert quality.CONTINUE_LR == OmegaConf.load(quality.CONTINUE_RECIPE).optimizer.lr
     continued = quality.study_variants(
         ["continue"]
     )  # the one-shot + distillation arm, from the recipe's lr up
     assert {quality.STUDY_ARMS[group] for group, _, _ in continued} == {"oneshot-distill"}
-    assert [values["continue_lr"] for *_, values in continued] == [defaults.continue_lr, 6e-4, 9e-4, 1.2e-3]
+    assert [values["continue_lr"] for *_, values in continued] == [quality.CONTINUE_LR, 6e-4, 1.2e-3, 3e-3]
     assert quality.as_flags(continued[1][2]) == "--continue-lr 0.0006"
     # each stage's weights take their own lr: pruning, continued pretraining, or the scratch arm's
     plan = quality.plan_arms(quality.make_budget(False, 1, batch=4, seq_len=16, prune_share=0.25, steps=4))

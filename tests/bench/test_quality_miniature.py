@@ -23,21 +23,25 @@ def test_the_paper_regime_gives_pruning_its_tokens_per_parameter_and_continued_t
     assert (total - prune) == 20 * prune
 
 
-def test_the_miniature_runs_its_l0_stages_one_sequence_per_step_unless_told_otherwise():
+def test_the_miniature_runs_its_l0_stages_one_sequence_per_step_and_its_own_lr_unless_told_otherwise():
     from types import SimpleNamespace
 
     from quality import budget as budgets
     from quality import sources
 
     options = {"steps": None, "prune_share": 0.25, "quick": False, "scale": 1, "batch": 32}
-    args = SimpleNamespace(prune_batch=None, **options)
+    args = SimpleNamespace(prune_batch=None, continue_lr=None, prune_lr=None, **options)
     budget = sources.miniature_budget(args, 1_049_728, 128)
     prune, _, continued = budgets.plan_arms(budget)["l0-distill"]
     assert args.prune_batch == miniature.PRUNE_BATCH == 1  # the run's recorded settings say so
+    # the miniature's own lrs (continued: the one it was pretrained at), not the SmolLM2 recipes' 2e-4 / 3e-4
+    assert args.continue_lr == miniature.CONTINUE_LR == miniature.MiniatureSpec().lr
+    assert args.prune_lr == miniature.PRUNE_LR == 1e-3
     assert (prune.steps, prune.batch_size(budget)) == (16 * 32, 1)  # 16 steps of 32 sequences, one at a time
     assert (continued.steps, continued.batch_size(budget)) == (320, 32)
-    told = SimpleNamespace(prune_batch=32, **options)
+    told = SimpleNamespace(prune_batch=32, continue_lr=6e-4, prune_lr=4e-4, **options)
     told_budget = sources.miniature_budget(told, 1_049_728, 128)
+    assert (told.continue_lr, told.prune_lr) == (6e-4, 4e-4)
     prune, _, _ = budgets.plan_arms(told_budget)["l0-distill"]
     assert (prune.steps, prune.batch_size(told_budget)) == (16, 32)
 
