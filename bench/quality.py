@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="peak learning rate of every arm's continued pretraining but scratch's "
-        f"(default: {CONTINUE_LR:g}, the recipe's; miniature: its own, 3e-3, chosen on the eval split)",
+        f"(default: {CONTINUE_LR:g}, the recipe's; miniature: 3e-3, the lr it was pretrained at)",
     )
     add(
         "--seeds",
