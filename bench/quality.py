@@ -30,8 +30,8 @@ and makes the command fail after the results are written.
 
 ``--study`` chooses the settings instead: variants of the one-shot arm (mix stabilisers), of the one-shot +
 distillation arm (alpha, temperature) and, with ``--study-groups pruning`` / ``masks``, of arm 3 (the
-pruning share of T and the pruning learning rate / whether its ranked masks are held or learn), each for
-the whole budget and ranked on the eval split only; ``--seeds S`` runs the study at seed S.
+pruning share of T and the pruning learning rate / whether its ranked masks are held or learn) and, with
+``continue``, of arm 5's continued-pretraining lr, each for the whole budget and ranked on the eval split only; ``--seeds S`` runs the study at seed S.
 
 Data: the RedPajama sample at ``../shared/data/redpajama-sample`` when present (domains with fewer than
 three documents cannot give disjoint train / eval / test splits and are left out, with a note), else the
