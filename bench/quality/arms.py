@@ -113,8 +113,9 @@ def default_l0_overrides(steps: int) -> list[str]:
 
 
 def held_l0_overrides(scores: Path) -> list[str]:
-    """Arm 8's masks: the one-shot cut (ranked near the bound 16, where samples are 0 or 1) and nothing learning (mask and multiplier lr 0), so its pruning stage trains the one-shot pruned model's
-    weights with arm 3's tokens, steps and lr: what arm 3's mask learning is measured against."""
+    """Arm 8's masks: the one-shot cut (ranked near the bound 16, where samples are 0 or 1) with nothing
+    learning (mask and multiplier lr 0), so its pruning stage trains the one-shot pruned model's weights on
+    arm 3's tokens, steps and lr: what arm 3's mask learning is measured against."""
     return [
         f"model.l0_module.init_from={scores}",
         "model.l0_module.lagrangian_warmup_steps=0ba",
@@ -326,7 +327,9 @@ def run_arm(
             overrides.append(f"callbacks.data_loading.dynamic={'true' if dynamic else 'false'}")
             overrides.append(f"optimizer.lr={stage_lr(arm, stage, args)}")
             detail = "distillation from the source" if stage.distill else ""
-            if stage.kind == "l0" and arm == "l0-held":
+            if (
+                stage.kind == "l0" and arm == "l0-held"
+            ):  # the target shape, never a learned one: the cut is held
                 overrides += held_l0_overrides(args.oneshot.scores)
                 overrides += target_overrides(argparse.Namespace(**{**vars(args), "l0_learned_shape": None}))
                 start = "masks held at the one-shot cut"
