@@ -5,7 +5,6 @@ and records its stages, losses, mixes, FLOPs and sparsity."""
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -221,14 +220,16 @@ class OneShot:
     after_pruning: dict[str, dict[str, float]] | None = None  # its losses, once measured
 
 
-def target_overrides(args: Any) -> list[str]:
-    """``model.l0_module`` target of an L0 stage: the target shape, or (``--l0-learned-shape M``) a budget of
-    the target's non-embedding parameters whose shape the masks learn, rounded at the fold to multiples of M."""
+def target_overrides(args: Any, shape_only: bool = False) -> list[str]:
+    """``model.l0_module`` target of an L0 stage: the target shape, or (``--l0-learned-shape M``, unless
+    ``shape_only``) a budget of the target's non-embedding parameters whose shape the masks learn, rounded at the
+    fold to multiples of M."""
+    learned = args.l0_learned_shape and not shape_only
     families = ["layer", "head", "intermediate", "hidden"]
-    if args.l0_learned_shape or args.target["n_kv_heads"] != args.source_cfg.n_kv_heads:
+    if learned or args.target["n_kv_heads"] != args.source_cfg.n_kv_heads:
         families.insert(2, "kv_head")  # a target that drops KV groups, or a shape left to the masks
     overrides = [f"model.l0_module.pruning_modules=[{','.join(families)}]"]
-    if args.l0_learned_shape:
+    if learned:
         return overrides + [
             "model.l0_module.target_model=null",
             f"model.l0_module.target_budget.non_embedding_params={args.target_cfg.num_params(False)}",
@@ -331,7 +332,7 @@ def run_arm(
                 stage.kind == "l0" and arm == "l0-held"
             ):  # the target shape, never a learned one: the cut is held
                 overrides += held_l0_overrides(args.oneshot.scores)
-                overrides += target_overrides(argparse.Namespace(**{**vars(args), "l0_learned_shape": None}))
+                overrides += target_overrides(args, shape_only=True)
                 start = "masks held at the one-shot cut"
             elif stage.kind == "l0":
                 ranked = args.oneshot is not None and args.l0_init == "importance" and arm != "l0-default"

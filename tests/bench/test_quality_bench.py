@@ -795,6 +795,10 @@ def test_l0_stages_take_the_target_shape_or_learn_one_under_its_budget(quality):
 def test_a_bad_target_stops_the_benchmark_before_anything_is_prepared(quality, tmp_path, capsys):
     assert quality.main(["--target", "n_layers=3", "--out", str(tmp_path / "work"), "--no-progress"]) == 2
     assert "error: --target n_layers=3: a target names exactly" in capsys.readouterr().err
+    for flag in ("--prune-lr", "--continue-lr"):  # likewise a learning rate that is not positive
+        assert quality.main([flag, "0", "--out", str(tmp_path / "lr"), "--no-progress"]) == 2
+        assert f"{flag} must be a positive learning rate, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "lr").exists()
     assert not any((tmp_path / "work").iterdir())  # no data, source or run prepared
 
 
