@@ -691,3 +691,90 @@ def test_invalid_hold_ranked_names_the_key(settings, match):
     settings = {"pruning_modules": ALL, "target_model": TARGET, **settings}
     with pytest.raises(ValueError, match=match):
         L0Config.from_dict(settings)
+
+
+def test_frozen_masks_are_the_target_cut_of_their_batch_without_noise_gradient_or_drift():
+    m = module(freeze_masks_at=3)
+    randomise(m, seed=6)
+    m.set_noise_seed(5)
+    m.train()
+    m.set_step(2)  # still learning: sampled masks
+    assert not m.masks_frozen
+    assert not torch.equal(m().masks["intermediate"], m.deterministic_masks()["intermediate"])
+    cut = m.deterministic_masks(at_target=True)
+    m.set_step(3)
+    assert m.masks_frozen and int(m.frozen_at) == 3
+    out = m()
+    for f in ALL:
+        assert torch.equal(out.masks[f], cut[f]), f
+    assert float(out.stats["expected_sparsity"]) == pytest.approx(m.plan.global_sparsity, abs=1e-6)
+    m.zero_grad()
+    (out.penalty + sum(mask.sum() for mask in out.masks.values())).backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in m.parameters())  # zero, not None (DDP)
+    randomise(m, seed=7)  # the log-alphas move on (momentum): the masks do not
+    m.set_step(4)
+    for f in ALL:
+        assert torch.equal(m().masks[f], cut[f]), f
+        assert torch.equal(m.deterministic_masks(at_target=False)[f], cut[f]), f
+    m.eval()
+    assert all(torch.equal(m().masks[f], cut[f]) for f in ALL)  # the fold cuts what training used
+    restored = module(freeze_masks_at=3)  # a resumed run finds them in the state, whatever its log-alphas
+    restored.load_state_dict(m.state_dict())
+    assert restored.masks_frozen
+    assert all(torch.equal(restored.deterministic_masks()[f], cut[f]) for f in ALL)
+    with torch.device("meta"):  # built on meta for rank-0 loading: the masks arrive with the state
+        empty = module(freeze_masks_at=3)
+        empty.set_step(5)
+    assert not empty.masks_frozen
+    empty.load_state_dict(m.state_dict(), assign=True)
+    assert empty.masks_frozen and all(torch.equal(empty.deterministic_masks()[f], cut[f]) for f in ALL)
+
+
+def test_masks_not_yet_frozen_learn_as_without_the_setting():
+    frozen, free = module(freeze_masks_at=10), module()
+    for m in (frozen, free):
+        randomise(m, seed=8)
+        m.set_noise_seed(1)
+        m.train()
+        m.set_step(9)
+    assert not frozen.masks_frozen
+    a, b = frozen(), free()
+    assert all(torch.equal(a.masks[f], b.masks[f]) for f in ALL)
+    assert torch.equal(a.penalty, b.penalty)
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"freeze_masks_at": "0ba"}, r"freeze_masks_at must be a positive number of batches"),
+        ({"freeze_masks_at": "half"}, r"freeze_masks_at must be a number of batches"),
+        (
+            {"freeze_masks_at": 4, "target_model": None, "target_sparsity": 0.5},
+            r"freeze_masks_at freezes the masks at the exact target's cut; .*target_sparsity has no exact shape",
+        ),
+        (
+            {
+                "freeze_masks_at": 4,
+                "target_model": None,
+                "target_budget": {"params": 1000},
+                "budget_shape": "learned",
+            },
+            r"freeze_masks_at \(4ba\) freezes the masks of a learned budget shape before the shape is fixed; "
+            r"set model\.l0_module\.fix_shape_at at or before it",
+        ),
+        (
+            {
+                "freeze_masks_at": 4,
+                "fix_shape_at": 6,
+                "target_model": None,
+                "target_budget": {"params": 1000},
+                "budget_shape": "learned",
+            },
+            r"before the shape is fixed",
+        ),
+    ],
+)
+def test_invalid_freeze_masks_at_names_the_key(settings, match):
+    settings = {"pruning_modules": ALL, "target_model": TARGET, **settings}
+    with pytest.raises(ValueError, match=match):
+        L0Config.from_dict(settings)
