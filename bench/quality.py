@@ -282,14 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
         "becomes the per-family target for the rest of it (model.l0_module.fix_shape_at; default: learned to the end)",
     )
     add(
-        "--l0-freeze",
-        type=float,
-        default=None,
-        metavar="SHARE",
-        help="the share of an L0 stage after which its masks freeze at the target's cut and the rest of it trains "
-        "the pruned model's weights alone (model.l0_module.freeze_masks_at; default: the masks learn to the end)",
-    )
-    add(
         "--l0-hold",
         nargs="+",
         default=None,
@@ -385,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that shape the runs, as recorded with the results."""
     names = [
-        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_per_unit", "l0_learned_shape", "l0_fix_shape", "l0_freeze", "l0_hold", "target_shape", "prune_lr", "continue_lr", "prune_batch", "mask_lr", "multiplier_lr", "multiplier_beta1", "mix_eta", "mix_ema",
+        "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_per_unit", "l0_learned_shape", "l0_fix_shape", "l0_hold", "target_shape", "prune_lr", "continue_lr", "prune_batch", "mask_lr", "multiplier_lr", "multiplier_beta1", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
         "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip
@@ -398,17 +390,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.l0_fix_shape is not None and not (args.l0_learned_shape and 0 < args.l0_fix_shape < 1):
         parser.error(
             "--l0-fix-shape fixes the shape --l0-learned-shape lets the masks learn: give both, with a share in (0, 1)"
-        )
-    if args.l0_freeze is not None and not 0 < args.l0_freeze < 1:
-        parser.error(f"--l0-freeze is a share of the L0 stage in (0, 1), got {args.l0_freeze}")
-    if (
-        args.l0_freeze is not None
-        and args.l0_learned_shape
-        and not (args.l0_fix_shape is not None and args.l0_fix_shape <= args.l0_freeze)
-    ):
-        parser.error(
-            "--l0-freeze with --l0-learned-shape freezes the masks at a fixed shape: give --l0-fix-shape at or "
-            "below the --l0-freeze share"
         )
     if args.l0_hold and args.l0_learned_shape:
         parser.error(

@@ -94,11 +94,6 @@ def l0_overrides(args: Any, scores: Path | None, steps: int) -> list[str]:
             else []
         ),
         f"model.l0_module.hold_ranked=[{','.join(args.l0_hold) if scores and args.l0_hold else ''}]",
-        *(
-            [f"model.l0_module.freeze_masks_at={max(1, round(steps * args.l0_freeze))}ba"]
-            if args.l0_freeze
-            else []
-        ),
     ]
 
 

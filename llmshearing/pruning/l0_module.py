@@ -12,7 +12,6 @@ counts, logs), and ``L0Pruning`` averages its gradients across ranks as DDP woul
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +24,6 @@ from llmshearing.models.schema import mask_shapes
 from llmshearing.pruning.hard_concrete import HardConcrete, top_units
 from llmshearing.pruning.lagrangian import family_penalty, warmed_target
 from llmshearing.pruning.targets import BLOCK_FAMILIES, SHAPE_KEYS, L0Config, TargetPlan, prunable_params
-
-log = logging.getLogger(__name__)
 
 
 def expected_num_params(config: ModelConfig, scores: Mapping[str, Tensor]) -> Tensor:
@@ -101,10 +98,6 @@ class L0Module(nn.Module):
             self.register_buffer("fixed_shape", torch.full((len(SHAPE_KEYS),), -1, dtype=torch.long))
             self.register_buffer("fixed_from", torch.zeros(len(SHAPE_KEYS)))
             self.register_load_state_dict_post_hook(lambda module, _: module._apply_fixed_shape())
-        if cfg.freeze_masks_at is not None:  # the batch the masks froze at (-1: not yet) and the masks frozen
-            self.register_buffer("frozen_at", torch.full((), -1, dtype=torch.long))
-            for f in self.plan.families:
-                self.register_buffer(f"frozen_{f}", torch.zeros(shapes[f]))
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -128,43 +121,12 @@ class L0Module(nn.Module):
         return tuple(f for f in self.families if f not in self.held)
 
     def set_step(self, step: int) -> None:
-        """Number of optimizer batches done; drives the target warm-up (and seeds the noise), at
-        ``fix_shape_at`` fixes a learned budget shape as the target and at ``freeze_masks_at`` freezes the masks."""
+        """Number of optimizer batches done; drives the target warm-up (and seeds the noise), and at
+        ``fix_shape_at`` fixes a learned budget shape as the target."""
         self.step.fill_(int(step))
         self._step = int(step)
         if self.fixes_shape and self.plan.target is None and self._step >= self.l0_config.fix_shape_at:
             self._fix_shape()
-        freeze_at = self.l0_config.freeze_masks_at
-        if freeze_at is not None and self._step >= freeze_at and not self.masks_frozen:
-            self._freeze_masks()
-
-    @property
-    def masks_frozen(self) -> bool:
-        """The masks froze at ``freeze_masks_at``: every later step uses the cut stored then (``frozen_<family>``)."""
-        frozen_at = getattr(self, "frozen_at", None)
-        return frozen_at is not None and not frozen_at.is_meta and int(frozen_at) >= 0
-
-    def frozen_masks(self) -> dict[str, Tensor]:
-        """The masks stored when they froze, per family."""
-        return {f: getattr(self, f"frozen_{f}") for f in self.families}
-
-    @torch.no_grad()
-    def _freeze_masks(self) -> None:
-        """Store the deterministic masks at the exact target (what the fold would cut now) as the masks of every
-        later step; a module restored after that batch finds them in its state instead (so a resumed run keeps
-        them, wherever the optimizer's momentum carries the log-alphas afterwards)."""
-        if self.frozen_at.is_meta:  # built on meta for rank-0 loading: the values arrive later
-            return
-        for f, mask in self.deterministic_masks(at_target=True).items():
-            getattr(self, f"frozen_{f}").copy_(mask)
-        self.frozen_at.fill_(self._step)
-        kept = ", ".join(f"{f} {int((m != 0).sum())}/{m.numel()}" for f, m in self.frozen_masks().items())
-        log.info(
-            "masks frozen at batch %d (model.l0_module.freeze_masks_at) at the target's cut (units kept: %s); "
-            "the rest of pruning trains the weights of the pruned model",
-            self._step,
-            kept,
-        )
 
     @property
     def fixes_shape(self) -> bool:
@@ -237,10 +199,6 @@ class L0Module(nn.Module):
         return {f: la + (la.clamp(-bound, bound) - la).detach() for f, la in self.log_alpha.items()}
 
     def forward(self) -> L0Output:
-        if self.training and self.masks_frozen:
-            # nothing learns but the weights; a zero gradient for every L0 parameter, as DDP expects
-            penalty = torch.stack([0.0 * p.sum() for p in self.parameters()]).sum()
-            return L0Output(self.frozen_masks(), penalty, self.stats())
         if self.training:
             generator = self._noise(next(iter(self.log_alpha.values())).device)
             log_alpha = self.clamped_log_alpha()
@@ -268,8 +226,6 @@ class L0Module(nn.Module):
         the deterministic masks remove it) while its samples still leave 0 now and then, so the loss can
         bring it back. A held family (``hold_ranked``) counts its ranked cut: 1 for a kept unit, 0 otherwise.
         """
-        if self.masks_frozen:  # the frozen cut: 1 for a kept unit, 0 otherwise
-            return {f: (m != 0).to(self.log_alpha[f].dtype) for f, m in self.frozen_masks().items()}
         return self._scores_of(self.clamped_log_alpha())
 
     def _scores_of(self, log_alpha: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -505,10 +461,7 @@ class L0Module(nn.Module):
 
     @torch.no_grad()
     def deterministic_masks(self, at_target: bool = True) -> dict[str, Tensor]:
-        """Masks with exactly ``keep_counts(at_target)`` survivors per row (see :meth:`HardConcrete.deterministic`);
-        once frozen (``freeze_masks_at``), the frozen masks."""
-        if self.masks_frozen:
-            return {f: m.clone() for f, m in self.frozen_masks().items()}
+        """Masks with exactly ``keep_counts(at_target)`` survivors per row (see :meth:`HardConcrete.deterministic`)."""
         cfg = self.model_config
         self.constrain_()
         keep = self.keep_counts(at_target)

@@ -51,11 +51,6 @@ class L0Config:
     # shape is rounded there (as at the fold) and becomes the per-family target of the rest of pruning, so the
     # masks adapt to the sizes the fold will cut to. null: learned to the end, rounded only at the fold
     fix_shape_at: int | None = None
-    # the batch from which the masks stop learning: the deterministic masks at the exact target (the cut the fold
-    # makes) are fixed there and used in every later training step, without noise or penalty, so the rest of
-    # pruning trains the weights of the pruned model itself rather than of a noisy relaxation. null: the masks
-    # learn to the end
-    freeze_masks_at: int | None = None
     start_sparsity: float = 0.0
     lagrangian_warmup_steps: int = 0
     eval_target_model: bool = True
@@ -159,8 +154,6 @@ class L0Config:
                     f"{PREFIX}.fix_shape_at must be a positive number of batches (e.g. 384ba), got "
                     f"{self.fix_shape_at}; remove it to learn the shape to the end"
                 )
-        if self.freeze_masks_at is not None:
-            self._check_freeze_masks_at()
         if self.log_alpha_clamp is not None and self.log_alpha_clamp <= 0:
             raise ValueError(
                 f"{PREFIX}.log_alpha_clamp must be > 0 (symmetric bound) or null, got {self.log_alpha_clamp}"
@@ -231,26 +224,6 @@ class L0Config:
         if not isinstance(self.allow_indivisible_d_model, bool):
             raise ValueError(
                 f"{PREFIX}.allow_indivisible_d_model must be true or false, got {self.allow_indivisible_d_model!r}"
-            )
-
-    def _check_freeze_masks_at(self) -> None:
-        key = f"{PREFIX}.freeze_masks_at"
-        self.freeze_masks_at = parse_batches(self.freeze_masks_at, key)
-        if self.freeze_masks_at <= 0:
-            raise ValueError(
-                f"{key} must be a positive number of batches (e.g. 256ba), got {self.freeze_masks_at}; remove it "
-                "to let the masks learn to the end"
-            )
-        if self.target_sparsity is not None:
-            raise ValueError(
-                f"{key} freezes the masks at the exact target's cut; {PREFIX}.target_sparsity has no exact shape: "
-                "set target_model or target_budget instead, or remove freeze_masks_at"
-            )
-        learned = self.target_budget is not None and self.budget_shape == "learned"
-        if learned and (self.fix_shape_at is None or self.fix_shape_at > self.freeze_masks_at):
-            raise ValueError(
-                f"{key} ({self.freeze_masks_at}ba) freezes the masks of a learned budget shape before the shape is "
-                f"fixed; set {PREFIX}.fix_shape_at at or before it (e.g. fix_shape_at={self.freeze_masks_at}ba)"
             )
 
     def _check_hold_ranked(self) -> None:

@@ -821,37 +821,6 @@ def test_a_learned_shape_can_be_fixed_part_way_through_pruning(quality, capsys):
         )
 
 
-def test_l0_masks_can_freeze_part_way_through_pruning(quality, capsys):
-    args = quality.build_parser().parse_args(["--l0-freeze", "0.75", "--l0-hold", "hidden"])
-    l0 = dict(o.split("=", 1) for o in quality.l0_overrides(args, Path("scores.safetensors"), 512))
-    assert l0["model.l0_module.freeze_masks_at"] == "384ba"
-    args.l0_freeze = None
-    assert "model.l0_module.freeze_masks_at" not in dict(
-        o.split("=", 1) for o in quality.l0_overrides(args, Path("scores.safetensors"), 512)
-    )
-    bad_runs = {
-        ("--l0-freeze", "1.0"): "--l0-freeze is a share of the L0 stage in (0, 1), got 1.0",
-        (
-            "--l0-learned-shape",
-            "32",
-            "--l0-freeze",
-            "0.5",
-        ): "give --l0-fix-shape at or below the --l0-freeze share",
-        (
-            "--l0-learned-shape",
-            "32",
-            "--l0-fix-shape",
-            "0.6",
-            "--l0-freeze",
-            "0.5",
-        ): "--l0-fix-shape at or below",
-    }
-    for bad, message in bad_runs.items():
-        with pytest.raises(SystemExit):
-            quality.main([*bad, "--no-progress"])
-        assert message in capsys.readouterr().err
-
-
 def test_a_ranked_l0_stage_can_hold_families_at_the_one_shot_cut(quality, capsys):
     args = quality.build_parser().parse_args(["--l0-hold", "hidden"])
     held = dict(o.split("=", 1) for o in quality.l0_overrides(args, Path("scores.safetensors"), 512))

@@ -97,26 +97,6 @@ def masked_logits(model: ComposerLlama, ids: torch.Tensor) -> torch.Tensor:
         return model.model(ids, masks=masks)
 
 
-def test_masks_frozen_during_pruning_trained_exactly_the_folded_model(tmp_path):
-    l0 = {"pruning_modules": ALL, "target_model": TARGET, "freeze_masks_at": 2}
-    ckpt, model = pruning_run(tmp_path / "run", TIED, l0)
-    module = model.l0_module
-    assert int(module.frozen_at) == 2
-    module.train()
-    trained_with = module().masks  # the masks of batches 3 and 4
-    assert torch.equal(trained_with["hidden"], module.deterministic_masks()["hidden"])
-    assert main(["prune-model", str(ckpt), str(tmp_path / "pruned")]) == 0
-    pruned_config, state, _ = load_checkpoint(tmp_path / "pruned")
-    assert pruned_config == TIED.replace(**TARGET)
-    decoder = Decoder(pruned_config)
-    decoder.load_state_dict(state, strict=True)
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        reference = model.model.eval()(ids, masks=trained_with)
-        assert reference.abs().max() > 1.0
-        assert (decoder.eval()(ids) - reference).abs().max().item() <= 1e-5
-
-
 @pytest.mark.parametrize("config", [TIED, UNTIED], ids=["tied-llama", "untied-qwen2"])
 def test_prune_model_writes_target_shape_equal_to_masked_model(tmp_path, capsys, config):
     from transformers import AutoModelForCausalLM
