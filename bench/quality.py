@@ -401,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             "--l0-per-unit prices the units of each family's target; --l0-learned-shape has one global term "
             "over parameters: drop one of them"
         )
+    for flag, lr in (("--prune-lr", args.prune_lr), ("--continue-lr", args.continue_lr)):
+        if lr is not None and not lr > 0:
+            print(f"error: {flag} must be a positive learning rate, got {lr:g}", file=sys.stderr)
+            return 2
     import torch
 
     from llmshearing.models.config import ModelConfig
@@ -417,10 +421,6 @@ def main(argv: list[str] | None = None) -> int:
     args.calibration_samples = args.calibration_samples or (8 if args.quick else 128)
     args.precision = "amp_bf16" if torch.cuda.is_available() else "fp32"
     args.report_split = "eval" if args.study else "test"
-    for flag, lr in (("--prune-lr", args.prune_lr), ("--continue-lr", args.continue_lr)):
-        if lr is not None and not lr > 0:
-            print(f"error: {flag} must be a positive learning rate, got {lr:g}", file=sys.stderr)
-            return 2
     if args.study:
         study_variants(args.study_groups)  # fails on a bad group before anything runs
     work = Path(args.out).resolve()
