@@ -8,6 +8,12 @@ takes the shared helpers with ``from conftest import ...`` and another test modu
 
 from __future__ import annotations
 
+import os
+
+# torch.compile's tests compile in this process: inductor's pool of compile workers can keep the test process
+# from exiting once the suite is done (its shutdown waits on a worker that is itself waiting)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 import shutil
 import subprocess
 import sys
