@@ -9,6 +9,7 @@ model's (which equals the small model's):
   default     learned masks from the default init (every log-alpha at the bound log 100)
   importance  learned masks from ``init_from: importance`` (ranked, placed at +-bound)
   oneshot     ``prune-oneshot``'s cut: the same importance ranking, no learning
+  oneshot-compensated  ``prune-oneshot --compensate``: MLP neurons chosen and re-fitted by least squares
   (variants)  learned masks with the settings under study (``--methods``; see ``METHODS``)
 
 each with the weights frozen (mask learning alone) and with the weights training, for several seeds
@@ -26,6 +27,7 @@ Results go to ``bench/results/planted-<date>[-N].{md,json}`` with the command th
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -66,6 +68,7 @@ from llmshearing.pruning.algorithm import (  # noqa: E402
     set_l0_step,
     set_multiplier_beta1,
 )
+from llmshearing.pruning.compensation import compensate_intermediate  # noqa: E402
 from llmshearing.pruning.fold import prune_decoder  # noqa: E402
 from llmshearing.pruning.importance import compute_importance  # noqa: E402
 from llmshearing.pruning.ranking import importance_log_alpha, oneshot_masks  # noqa: E402
@@ -134,6 +137,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "interior-bounded": {"init_log_alpha": 0.0, **BOUNDED},
     "importance-bounded": {"init_from": "importance", "init_scale": 1.0, **BOUNDED},
     "oneshot": {},
+    "oneshot-compensated": {},
 }
 
 SIZES = {
@@ -218,14 +222,24 @@ def calibration(train: torch.Tensor, settings: Settings, seed: int) -> list[torc
 
 
 def run_oneshot(
-    setup: Setup, planted: Planted, train: torch.Tensor, settings: Settings, seed: int
-) -> dict[str, torch.Tensor]:
+    setup: Setup,
+    planted: Planted,
+    train: torch.Tensor,
+    settings: Settings,
+    seed: int,
+    compensate: bool = False,
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """The one-shot cut and the decoder it folds (with ``compensate``, a copy with re-fitted ``w2``)."""
     decoder = planted.decoder
-    scores = compute_importance(decoder, calibration(train, settings, seed), progress=False)
+    scores = compute_importance(decoder, calibration(train, settings, seed), progress=False, grams=compensate)
     plan = L0Config(pruning_modules=list(setup.families), target_model=dict(planted.target)).resolve(
         decoder.config
     )
-    return oneshot_masks(scores, decoder.config, plan)
+    masks = oneshot_masks(scores, decoder.config, plan)
+    if compensate and "intermediate" in plan.families:
+        decoder = copy.deepcopy(decoder)
+        masks = compensate_intermediate(decoder, scores.grams, masks, plan.keep["intermediate"])
+    return masks, decoder
 
 
 def run_learned(
@@ -322,11 +336,10 @@ def one_run(
                 continue
             started = time.perf_counter()
             if method.startswith("oneshot"):
-                masks, decoder, stats = (
-                    run_oneshot(setup, planted, train, settings, seed),
-                    planted.decoder,
-                    {},
+                masks, decoder = run_oneshot(
+                    setup, planted, train, settings, seed, compensate=method == "oneshot-compensated"
                 )
+                stats = {}
             else:
                 masks, decoder, stats = run_learned(
                     setup, planted, method, mode == "frozen", train, settings, seed

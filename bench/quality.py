@@ -356,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--scratch-lr", type=float, default=1e-3, help="peak lr of the scratch arm (1e-3)")
     add("--calibration-samples", type=int, default=None, help="one-shot samples (128; quick 8)")
+    add(
+        "--oneshot-compensate",
+        action="store_true",
+        help="prune-oneshot --compensate: the one-shot arms' MLP neurons chosen and re-fitted by least squares",
+    )
     add("--eval-samples", type=int, default=None, help="held-out seqs per domain (32; quick 4)")
     add("--eval-batch", type=int, default=8, help="eval batch size (default: 8)")
     add("--arms", nargs="*", choices=ARMS, default=list(ARMS), help="arms to run (default: all)")
@@ -379,7 +384,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     names = [
         "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_per_unit", "l0_learned_shape", "l0_fix_shape", "l0_hold", "target_shape", "prune_lr", "continue_lr", "prune_batch", "mask_lr", "multiplier_lr", "multiplier_beta1", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
-        "scratch_lr", "calibration_samples", "train_eval_samples", "precision", "seeds",
+        "scratch_lr", "calibration_samples", "oneshot_compensate", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip
     return {name: getattr(args, name) for name in names}
 

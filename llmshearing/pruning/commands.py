@@ -112,6 +112,12 @@ def _add_prune_oneshot(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="also save the importance scores (safetensors), e.g. to initialise L0 masks",
     )
+    parser.add_argument(
+        "--compensate",
+        action="store_true",
+        help="choose the MLP neurons by least squares and re-fit the kept ones' down projection to make up for "
+        "the removed (calibration holds an L x I x I Gram matrix; llmshearing/pruning/README.md)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT / --hf-out if they exist")
     _add_allow_indivisible(parser)
     parser.set_defaults(func=run_prune_oneshot)
@@ -160,6 +166,7 @@ def run_prune_oneshot(args: argparse.Namespace) -> int:
         target_flag=flag,
         allow_indivisible_d_model=args.allow_indivisible_d_model,
         budget=args.budget,
+        compensate=args.compensate,
     )
     print(result.describe())
     return 0

@@ -44,6 +44,9 @@ class ImportanceScores:
     hidden: Tensor  # [d]
     samples: int = 0  # calibration sequences seen
     tokens: int = 0  # calibration tokens seen
+    # [L, I, I] sums of h h^T over the calibration tokens of every layer's ``w2`` input ``h``, when asked for
+    # (least-squares compensation, :mod:`llmshearing.pruning.compensation`); never written by ``save``
+    grams: Tensor | None = None
 
     def as_dict(self) -> dict[str, Tensor]:
         return {key: getattr(self, key) for key in SCORE_KEYS}
@@ -83,7 +86,7 @@ class _BodyDone(Exception):
 class _Accumulator:
     """Running sums of every score, filled by hooks on one decoder."""
 
-    def __init__(self, decoder: Decoder) -> None:
+    def __init__(self, decoder: Decoder, grams: bool = False) -> None:
         cfg = decoder.config
         L = cfg.n_layers
         self.config = cfg
@@ -100,6 +103,8 @@ class _Accumulator:
             "intermediate": zeros(L, cfg.intermediate_size),
             "hidden": zeros(cfg.d_model),
         }
+        if grams:
+            self.sums["grams"] = zeros(L, cfg.intermediate_size, cfg.intermediate_size)
         self.samples = 0
         self.tokens = 0
         self._block_input: dict[int, Tensor] = {}
@@ -196,7 +201,11 @@ class _Accumulator:
 
     def _on_swiglu(self, i: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
-            self.sums["intermediate"][i] += args[0].detach().float().abs().sum(dim=(0, 1))
+            h = args[0].detach().float()
+            self.sums["intermediate"][i] += h.abs().sum(dim=(0, 1))
+            if "grams" in self.sums:
+                h = h.reshape(-1, h.shape[-1])
+                self.sums["grams"][i] += (h.T @ h).double()
 
         return hook
 
@@ -208,7 +217,8 @@ class _Accumulator:
         if self.tokens == 0:
             raise ValueError("no calibration tokens were seen; pass at least one sample")
         cfg, n = self.config, float(self.tokens)
-        mean = {key: (value / n).float().cpu() for key, value in self.sums.items()}
+        grams = self.sums.get("grams")
+        mean = {key: (value / n).float().cpu() for key, value in self.sums.items() if key != "grams"}
         w2_norms = torch.stack(
             [block.feed_forward.w2.weight.detach().float().norm(dim=0).cpu() for block in decoder.layers]
         )
@@ -224,6 +234,7 @@ class _Accumulator:
             hidden=mean["hidden"],
             samples=self.samples,
             tokens=self.tokens,
+            grams=None if grams is None else (grams / n).cpu(),
         )
 
 
@@ -234,20 +245,23 @@ def compute_importance(
     total: int | None = None,
     progress: bool = True,
     across_ranks: bool = False,
+    grams: bool = False,
 ) -> ImportanceScores:
     """Run ``decoder`` (dense, no masks) on ``batches`` of input ids [B, T] and return its importance scores.
 
     ``total`` is the number of batches, for the progress bar. Each forward stops at the final norm:
     the output head does not affect any score. With ``across_ranks`` every rank of the process group
     passes its own share of the calibration batches and must call this: the sums are all-reduced, so
-    every rank returns the scores of all the ranks' samples together.
+    every rank returns the scores of all the ranks' samples together. With ``grams`` the scores also
+    carry every layer's Gram matrix of the MLP activations (``ImportanceScores.grams``, float64, ``L * I^2``
+    numbers on the model's device while calibrating), which least-squares compensation needs.
     """
     from tqdm.auto import tqdm
 
     device = decoder.tok_embeddings.weight.device
     was_training = decoder.training
     decoder.eval()
-    accumulator = _Accumulator(decoder)
+    accumulator = _Accumulator(decoder, grams=grams)
     try:
         for input_ids in tqdm(batches, total=total, desc="calibration", unit="batch", disable=not progress):
             try:

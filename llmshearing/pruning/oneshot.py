@@ -106,6 +106,7 @@ def prune_oneshot(
     allow_indivisible_d_model: bool = False,
     budget: str | Mapping[str, Any] | None = None,
     scores: Any = None,
+    compensate: bool = False,
 ) -> OneShotResult:
     """Score ``src`` on ``samples`` calibration sequences of ``data``'s ``split``, prune it to ``target_model``, write ``out``.
 
@@ -114,7 +115,8 @@ def prune_oneshot(
     renamed, so a failure leaves nothing behind. With ``budget`` (``params=1.3e9``, ``{memory: 6GB}``, ...)
     instead of ``target_model`` the shape is the one the budget resolves to
     (:func:`llmshearing.pruning.budget.choose_shape`). ``scores`` (:class:`ImportanceScores` of ``src``)
-    skips the calibration.
+    skips the calibration. With ``compensate`` the MLP neurons are chosen and their down projections
+    re-fitted by least squares (:mod:`llmshearing.pruning.compensation`) instead of kept by rank.
     """
     from llmshearing.checkpoint.format import refuse_pruning_checkpoint, write_project_checkpoint
     from llmshearing.checkpoint.loading import from_pretrained
@@ -155,6 +157,11 @@ def prune_oneshot(
     elif target_model is None:
         raise ValueError("give a target shape (--target, --target-config) or a --budget")
     plan = resolve_target(source, target_model, target_flag, allow_indivisible_d_model)
+    if compensate and scores is not None and scores.grams is None:
+        raise ValueError(
+            "--compensate needs the calibration's Gram matrices, which saved scores do not hold; "
+            "calibrate (leave out the scores) or drop --compensate"
+        )
     if scores is None:
         calibration_domains(data, split)
     out_dtype = dtype or DTYPE_OF.get(stored, "fp32")
@@ -163,10 +170,15 @@ def prune_oneshot(
     decoder = from_pretrained(src, dtype=torch.float32 if device == "cpu" else None, device=device)
     if scores is None:
         total, batches = calibration_batches(data, samples, batch_size, split)
-        scores = compute_importance(decoder, batches, total=total, progress=progress)
+        scores = compute_importance(decoder, batches, total=total, progress=progress, grams=compensate)
     if scores_out is not None:
         scores.save(scores_out)
     masks = oneshot_masks(scores, source, plan)
+    compensated = compensate and "intermediate" in plan.families
+    if compensated:
+        from llmshearing.pruning.compensation import compensate_intermediate
+
+        masks = compensate_intermediate(decoder, scores.grams, masks, plan.keep["intermediate"])
     pruned = prune_decoder(decoder, masks)
     if _shape(pruned.config) != _shape(plan.target):  # type: ignore[arg-type]
         raise RuntimeError(
@@ -174,7 +186,7 @@ def prune_oneshot(
         )
     del decoder
     record = {
-        "method": "oneshot-importance",
+        "method": "oneshot-importance" + ("+compensation" if compensated else ""),
         "source": str(src),
         "data": str(data),
         "split": split,

@@ -104,13 +104,31 @@ def test_oneshot_finds_dead_units_and_keeps_cancelling_pairs(bench, small, corpu
     settings = planted_bench.Settings(calibration_batches=4)
     dead = planted_bench.SETUPS["dead"]
     planted = models.embed(small, dead.plant)
-    masks = planted_bench.run_oneshot(dead, planted, corpus[0], settings, 0)
+    masks, decoder = planted_bench.run_oneshot(dead, planted, corpus[0], settings, 0)
+    assert decoder is planted.decoder  # the ranking folds the embedded model's own weights
     assert planted_bench.score(planted, dead.families, masks) == {f: 1.0 for f in dead.families}
     cancel = planted_bench.SETUPS["cancel"]
     planted = models.embed(small, cancel.plant)
-    masks = planted_bench.run_oneshot(cancel, planted, corpus[0], settings, 0)
+    masks, _ = planted_bench.run_oneshot(cancel, planted, corpus[0], settings, 0)
     dropped = planted_bench.score(planted, cancel.families, masks)
     assert dropped["head"] < 1.0 and dropped["intermediate"] < 1.0  # loud pairs rank high and stay whole
+
+
+def test_compensated_oneshot_removes_one_copy_of_every_duplicated_neuron(bench, small, corpus):
+    models, planted_bench = bench
+    settings = planted_bench.Settings(calibration_batches=4)
+    duplicate = planted_bench.SETUPS["duplicate"]
+    planted = models.embed(small, duplicate.plant)
+    ranked, _ = planted_bench.run_oneshot(duplicate, planted, corpus[0], settings, 0)
+    masks, decoder = planted_bench.run_oneshot(duplicate, planted, corpus[0], settings, 0, compensate=True)
+    assert planted_bench.score(planted, duplicate.families, ranked)["intermediate"] < 0.5
+    assert planted_bench.score(planted, duplicate.families, masks)["intermediate"] == 1.0
+    assert decoder is not planted.decoder  # re-fitted on a copy: the embedded model is shared by every method
+    # the kept copies carry their twins' columns: below the ideal cut of the same weights (each kept copy at half)
+    fold = planted_bench.prune_decoder
+    ideal = planted_bench.ideal_masks(planted, duplicate.families)
+    folded = models.mean_loss(fold(decoder, masks), corpus[1])
+    assert folded < models.mean_loss(fold(planted.decoder, ideal), corpus[1])
 
 
 def test_plans_that_cannot_reach_their_target_are_refused(bench, small):
