@@ -9,7 +9,7 @@ model's (which equals the small model's):
   default     learned masks from the default init (every log-alpha at the bound log 100)
   importance  learned masks from ``init_from: importance`` (ranked, placed at +-bound)
   oneshot     ``prune-oneshot``'s cut: the same importance ranking, no learning
-  oneshot-compensated  ``prune-oneshot --compensate``: MLP neurons chosen and re-fitted by least squares
+  oneshot-compensated  ``prune-oneshot --compensate``: neurons and query heads chosen and re-fitted by least squares
   (variants)  learned masks with the settings under study (``--methods``; see ``METHODS``)
 
 each with the weights frozen (mask learning alone) and with the weights training, for several seeds
@@ -68,7 +68,7 @@ from llmshearing.pruning.algorithm import (  # noqa: E402
     set_l0_step,
     set_multiplier_beta1,
 )
-from llmshearing.pruning.compensation import compensate_intermediate  # noqa: E402
+from llmshearing.pruning.compensation import compensate as compensate_cut  # noqa: E402
 from llmshearing.pruning.fold import prune_decoder  # noqa: E402
 from llmshearing.pruning.importance import compute_importance  # noqa: E402
 from llmshearing.pruning.ranking import importance_log_alpha, oneshot_masks  # noqa: E402
@@ -236,9 +236,9 @@ def run_oneshot(
         decoder.config
     )
     masks = oneshot_masks(scores, decoder.config, plan)
-    if compensate and "intermediate" in plan.families:
+    if compensate:
         decoder = copy.deepcopy(decoder)
-        masks = compensate_intermediate(decoder, scores.grams, masks, plan.keep["intermediate"])
+        masks = compensate_cut(decoder, scores.grams, masks, plan)
     return masks, decoder
 
 

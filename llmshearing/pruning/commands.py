@@ -115,8 +115,8 @@ def _add_prune_oneshot(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compensate",
         action="store_true",
-        help="choose the MLP neurons by least squares and re-fit the kept ones' down projection to make up for "
-        "the removed (calibration holds an L x I x I Gram matrix; llmshearing/pruning/README.md)",
+        help="choose the MLP neurons and query heads by least squares and re-fit w2 and wo to make up for the "
+        "removed ones (calibration holds a Gram matrix per layer and projection; llmshearing/pruning/README.md)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT / --hf-out if they exist")
     _add_allow_indivisible(parser)

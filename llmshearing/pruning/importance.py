@@ -44,9 +44,10 @@ class ImportanceScores:
     hidden: Tensor  # [d]
     samples: int = 0  # calibration sequences seen
     tokens: int = 0  # calibration tokens seen
-    # [L, I, I] sums of h h^T over the calibration tokens of every layer's ``w2`` input ``h``, when asked for
-    # (least-squares compensation, :mod:`llmshearing.pruning.compensation`); never written by ``save``
-    grams: Tensor | None = None
+    # when asked for (least-squares compensation, :mod:`llmshearing.pruning.compensation`): the mean of x x^T
+    # over the calibration tokens of every layer's ``w2`` input (``intermediate``: [L, I, I]) and ``wo`` input
+    # (``head``: [L, H * hd, H * hd]); never written by ``save``
+    grams: dict[str, Tensor] | None = None
 
     def as_dict(self) -> dict[str, Tensor]:
         return {key: getattr(self, key) for key in SCORE_KEYS}
@@ -104,7 +105,9 @@ class _Accumulator:
             "hidden": zeros(cfg.d_model),
         }
         if grams:
-            self.sums["grams"] = zeros(L, cfg.intermediate_size, cfg.intermediate_size)
+            width = cfg.n_heads * cfg.head_dim
+            self.sums["gram/intermediate"] = zeros(L, cfg.intermediate_size, cfg.intermediate_size)
+            self.sums["gram/head"] = zeros(L, width, width)
         self.samples = 0
         self.tokens = 0
         self._block_input: dict[int, Tensor] = {}
@@ -196,6 +199,7 @@ class _Accumulator:
             gram = torch.einsum("dhk,dhl->hkl", w, w)  # [H, hd, hd]: ||wo_h c||^2 = c^T gram_h c
             squared = torch.einsum("nhk,hkl,nhl->nh", ctx, gram, ctx)
             self.sums["head"][i] += squared.clamp(min=0).sqrt().sum(0)
+            self._add_gram("head", i, ctx)
 
         return hook
 
@@ -203,11 +207,15 @@ class _Accumulator:
         def hook(module: nn.Module, args: tuple) -> None:
             h = args[0].detach().float()
             self.sums["intermediate"][i] += h.abs().sum(dim=(0, 1))
-            if "grams" in self.sums:
-                h = h.reshape(-1, h.shape[-1])
-                self.sums["grams"][i] += (h.T @ h).double()
+            self._add_gram("intermediate", i, h)
 
         return hook
+
+    def _add_gram(self, family: str, i: int, x: Tensor) -> None:
+        key = f"gram/{family}"
+        if key in self.sums:
+            x = x.reshape(-1, self.sums[key].shape[-1])
+            self.sums[key][i] += (x.T @ x).double()
 
     def _on_final_norm(self, module: nn.Module, args: tuple) -> None:
         self._add_hidden(args[0])
@@ -217,8 +225,10 @@ class _Accumulator:
         if self.tokens == 0:
             raise ValueError("no calibration tokens were seen; pass at least one sample")
         cfg, n = self.config, float(self.tokens)
-        grams = self.sums.get("grams")
-        mean = {key: (value / n).float().cpu() for key, value in self.sums.items() if key != "grams"}
+        grams = {key[5:]: (value / n).cpu() for key, value in self.sums.items() if key.startswith("gram/")}
+        mean = {
+            key: (value / n).float().cpu() for key, value in self.sums.items() if not key.startswith("gram/")
+        }
         w2_norms = torch.stack(
             [block.feed_forward.w2.weight.detach().float().norm(dim=0).cpu() for block in decoder.layers]
         )
@@ -234,7 +244,7 @@ class _Accumulator:
             hidden=mean["hidden"],
             samples=self.samples,
             tokens=self.tokens,
-            grams=None if grams is None else (grams / n).cpu(),
+            grams=grams or None,
         )
 
 
@@ -253,8 +263,9 @@ def compute_importance(
     the output head does not affect any score. With ``across_ranks`` every rank of the process group
     passes its own share of the calibration batches and must call this: the sums are all-reduced, so
     every rank returns the scores of all the ranks' samples together. With ``grams`` the scores also
-    carry every layer's Gram matrix of the MLP activations (``ImportanceScores.grams``, float64, ``L * I^2``
-    numbers on the model's device while calibrating), which least-squares compensation needs.
+    carry every layer's Gram matrices of the ``w2`` and ``wo`` inputs (``ImportanceScores.grams``, float64,
+    ``L * (I^2 + (H * hd)^2)`` numbers on the model's device while calibrating), which least-squares
+    compensation needs.
     """
     from tqdm.auto import tqdm
 

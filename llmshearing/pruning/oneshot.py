@@ -115,8 +115,8 @@ def prune_oneshot(
     renamed, so a failure leaves nothing behind. With ``budget`` (``params=1.3e9``, ``{memory: 6GB}``, ...)
     instead of ``target_model`` the shape is the one the budget resolves to
     (:func:`llmshearing.pruning.budget.choose_shape`). ``scores`` (:class:`ImportanceScores` of ``src``)
-    skips the calibration. With ``compensate`` the MLP neurons are chosen and their down projections
-    re-fitted by least squares (:mod:`llmshearing.pruning.compensation`) instead of kept by rank.
+    skips the calibration. With ``compensate`` the MLP neurons and the query heads are chosen, and ``w2`` and
+    ``wo`` re-fitted, by least squares (:mod:`llmshearing.pruning.compensation`) instead of kept by rank.
     """
     from llmshearing.checkpoint.format import refuse_pruning_checkpoint, write_project_checkpoint
     from llmshearing.checkpoint.loading import from_pretrained
@@ -174,11 +174,10 @@ def prune_oneshot(
     if scores_out is not None:
         scores.save(scores_out)
     masks = oneshot_masks(scores, source, plan)
-    compensated = compensate and "intermediate" in plan.families
-    if compensated:
-        from llmshearing.pruning.compensation import compensate_intermediate
+    if compensate:
+        from llmshearing.pruning.compensation import compensate as compensate_cut
 
-        masks = compensate_intermediate(decoder, scores.grams, masks, plan.keep["intermediate"])
+        masks = compensate_cut(decoder, scores.grams, masks, plan)
     pruned = prune_decoder(decoder, masks)
     if _shape(pruned.config) != _shape(plan.target):  # type: ignore[arg-type]
         raise RuntimeError(
@@ -186,7 +185,7 @@ def prune_oneshot(
         )
     del decoder
     record = {
-        "method": "oneshot-importance" + ("+compensation" if compensated else ""),
+        "method": "oneshot-importance" + ("+compensation" if compensate else ""),
         "source": str(src),
         "data": str(data),
         "split": split,

@@ -22,7 +22,7 @@ from test_oneshot import (  # the one-shot tests' source, data and target
 from llmshearing.checkpoint.reading import load_checkpoint
 from llmshearing.models.decoder import Decoder
 from llmshearing.pruning.compensation import (
-    compensate_intermediate,
+    compensate,
     compensated_removal,
     damped_inverse,
     least_squares_fit,
@@ -90,31 +90,73 @@ def test_bad_gram_and_keep_are_refused():
     weight, gram = torch.randn(3, 5), torch.eye(5)
     with pytest.raises(ValueError, match=r"Gram matrix has shape \(4, 4\), expected \(5, 5\)"):
         compensated_removal(weight, torch.eye(4), keep=2)
-    with pytest.raises(ValueError, match=r"keep must be in \[1, 5\], got 0"):
+    with pytest.raises(ValueError, match=r"keep must leave at least one unit"):
         compensated_removal(weight, gram, keep=0)
+    with pytest.raises(ValueError, match=r"keep must be in \[0, units per row \[5\]\], got \[6\]"):
+        compensated_removal(weight, gram, keep=6)
+    with pytest.raises(ValueError, match="5 columns do not split into units of 2"):
+        compensated_removal(weight, gram, keep=1, group=2)
     with pytest.raises(ValueError, match="damping must be positive"):
         damped_inverse(gram, damping=0.0)
-    with pytest.raises(ValueError, match="do not fit this model"):
-        compensate_intermediate(
-            random_decoder(), torch.zeros(2, 3, 3), {"intermediate": torch.ones(4, 40)}, 24
-        )
+    plan = resolve_target(SOURCE, TARGET)
+    with pytest.raises(
+        ValueError, match=r"the intermediate Gram matrices have shape \(2, 3, 3\), expected \(4, 40, 40\)"
+    ):
+        compensate(random_decoder(), {"intermediate": torch.zeros(2, 3, 3)}, {}, plan)
 
 
-def test_calibration_grams_are_the_mean_outer_products_of_the_mlp_activations():
+def test_heads_are_removed_as_blocks_within_their_rows_quotas():
+    """Units of several columns (a head's ``hd`` columns of ``wo``) compete within rows (KV groups), each
+    keeping its quota; a duplicated head goes, and a row whose quota is 0 (a dropped KV group) goes whole,
+    its output re-fitted into the kept heads."""
+    g = torch.Generator().manual_seed(2)
+    hd, heads = 3, 6  # rows: heads 0-2 and 3-5
+    ctx = torch.randn(600, heads * hd, generator=g, dtype=torch.float64)
+    ctx[:, 4 * hd : 5 * hd] = ctx[:, 1 * hd : 2 * hd]  # head 4 reads what head 1 reads...
+    weight = torch.randn(5, heads * hd, generator=g, dtype=torch.float64)
+    weight[:, 4 * hd : 5 * hd] = 0.0  # ...and writes nothing, so the duplicate is worth nothing
+    rows = torch.tensor([0, 0, 0, 1, 1, 1])
+    kept, fitted = compensated_removal(weight, ctx.T @ ctx, torch.tensor([2, 2]), 1e-10, group=hd, rows=rows)
+    assert [int((rows[kept] == r).sum()) for r in (0, 1)] == [2, 2] and 4 not in kept.tolist()
+    torch.testing.assert_close(fitted, least_squares_fit(weight, ctx.T @ ctx, _columns(kept, hd), 1e-10))
+    kept, fitted = compensated_removal(weight, ctx.T @ ctx, torch.tensor([3, 0]), 1e-10, group=hd, rows=rows)
+    assert kept.tolist() == [0, 1, 2]
+    # the dropped row's output re-fitted into the kept heads: closer than dropping it with nothing re-fitted
+    unfitted = weight.clone()
+    unfitted[:, 3 * hd :] = 0.0
+    assert ((ctx @ (fitted - weight).T) ** 2).sum() < ((ctx @ (unfitted - weight).T) ** 2).sum()
+
+
+def _columns(units: torch.Tensor, width: int) -> torch.Tensor:
+    return (units[:, None] * width + torch.arange(width)).flatten()
+
+
+def test_calibration_grams_are_the_mean_outer_products_of_the_projections_inputs():
     decoder = random_decoder()
     batches = random_ids(batches=2)
-    seen: list[torch.Tensor] = []
-    handle = decoder.layers[1].feed_forward.w2.register_forward_pre_hook(
-        lambda module, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
-    )
+    seen: dict[str, list[torch.Tensor]] = {"intermediate": [], "head": []}
+
+    def keep(family: str):
+        return lambda module, args: seen[family].append(
+            args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        )
+
+    handles = [
+        decoder.layers[1].feed_forward.w2.register_forward_pre_hook(keep("intermediate")),
+        decoder.layers[1].attention.wo.register_forward_pre_hook(keep("head")),
+    ]
     with torch.no_grad():
         for ids in batches:
             decoder(ids)
-    handle.remove()
-    h = torch.cat(seen)
+    for handle in handles:
+        handle.remove()
     scores = compute_importance(decoder, batches, progress=False, grams=True)
-    assert scores.grams.shape == (SOURCE.n_layers, SOURCE.intermediate_size, SOURCE.intermediate_size)
-    torch.testing.assert_close(scores.grams[1], h.T @ h / h.shape[0], rtol=1e-5, atol=1e-6)
+    width = {"intermediate": SOURCE.intermediate_size, "head": SOURCE.n_heads * SOURCE.head_dim}
+    assert sorted(scores.grams) == ["head", "intermediate"]
+    for family, parts in seen.items():
+        x = torch.cat(parts)
+        assert scores.grams[family].shape == (SOURCE.n_layers, width[family], width[family])
+        torch.testing.assert_close(scores.grams[family][1], x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
     assert compute_importance(decoder, batches, progress=False).grams is None
 
 
@@ -133,12 +175,17 @@ def test_compensated_oneshot_writes_the_refitted_model(source_ckpt, data_root, t
     scores = compute_importance(source, batches, total=total, progress=False, grams=True)
     plan = resolve_target(SOURCE, TARGET)
     ranked = oneshot_masks(scores, SOURCE, plan)
-    expected = compensate_intermediate(source, scores.grams, ranked, TARGET["intermediate_size"])
+    expected = compensate(source, scores.grams, ranked, plan)
     for key in ranked:
         assert torch.equal(masks[key], expected[key]), key
-    assert not torch.equal(masks["intermediate"], ranked["intermediate"])  # the least-squares choice differs
+    for family in ("intermediate", "head"):  # the least-squares choice differs from the ranking's
+        assert not torch.equal(masks[family], ranked[family]), family
+    assert torch.equal(masks["kv_head"], ranked["kv_head"]) and torch.equal(masks["layer"], ranked["layer"])
     kept_layers = masks["layer"].nonzero().flatten()
     assert (masks["intermediate"][kept_layers].sum(1) == TARGET["intermediate_size"]).all()
+    per_group = masks["head"][kept_layers].reshape(len(kept_layers), SOURCE.n_kv_heads, -1).sum(-1)
+    kept_groups = ranked["kv_head"][kept_layers]
+    assert torch.equal(per_group, kept_groups * TARGET["n_heads"] // TARGET["n_kv_heads"])
 
     config, state, _ = load_checkpoint(out)
     pruned = Decoder(config)
