@@ -104,10 +104,10 @@ class _Accumulator:
             "intermediate": zeros(L, cfg.intermediate_size),
             "hidden": zeros(cfg.d_model),
         }
-        if grams:
+        if grams:  # float32: half the memory of the other sums' float64, at this size what matters
             width = cfg.n_heads * cfg.head_dim
-            self.sums["gram/intermediate"] = zeros(L, cfg.intermediate_size, cfg.intermediate_size)
-            self.sums["gram/head"] = zeros(L, width, width)
+            self.sums["gram/intermediate"] = zeros(L, cfg.intermediate_size, cfg.intermediate_size).float()
+            self.sums["gram/head"] = zeros(L, width, width).float()
         self.samples = 0
         self.tokens = 0
         self._block_input: dict[int, Tensor] = {}
@@ -215,7 +215,7 @@ class _Accumulator:
         key = f"gram/{family}"
         if key in self.sums:
             x = x.reshape(-1, self.sums[key].shape[-1])
-            self.sums[key][i] += (x.T @ x).double()
+            self.sums[key][i] += x.T @ x
 
     def _on_final_norm(self, module: nn.Module, args: tuple) -> None:
         self._add_hidden(args[0])
@@ -263,7 +263,7 @@ def compute_importance(
     the output head does not affect any score. With ``across_ranks`` every rank of the process group
     passes its own share of the calibration batches and must call this: the sums are all-reduced, so
     every rank returns the scores of all the ranks' samples together. With ``grams`` the scores also
-    carry every layer's Gram matrices of the ``w2`` and ``wo`` inputs (``ImportanceScores.grams``, float64,
+    carry every layer's Gram matrices of the ``w2`` and ``wo`` inputs (``ImportanceScores.grams``, float32,
     ``L * (I^2 + (H * hd)^2)`` numbers on the model's device while calibrating), which least-squares
     compensation needs.
     """
