@@ -78,22 +78,27 @@ def compensated_removal(
     alive = torch.ones(count, dtype=torch.bool, device=device)
     left = sizes.clone()
     units = torch.arange(count, device=device)
+    eye = torch.eye(group, dtype=fitted.dtype, device=device)
     for _ in range(int((sizes - quota).sum())):
-        blocks = inverse.view(count, group, count, group)[
-            units, :, units, :
-        ]  # [n, g, g]: each unit's (G^-1)_uu
-        blocks = torch.where(
-            alive[:, None, None], blocks, torch.eye(group, dtype=blocks.dtype, device=device)
-        )
-        solved = torch.linalg.inv(blocks)
-        parts = fitted.view(-1, count, group)
-        cost = torch.einsum("dug,ugh,duh->u", parts, solved, parts)
+        if group == 1:  # each unit's (G^-1)_uu is a diagonal entry: no block inverses
+            solved = 1.0 / torch.diagonal(inverse).masked_fill(~alive, 1.0).clamp(min=1e-30)
+            cost = fitted.square().sum(0) * solved
+            solved = solved.view(count, 1, 1)
+        else:
+            blocks = inverse.view(count, group, count, group)[units, :, units, :]  # [n, g, g]: (G^-1)_uu
+            solved = torch.linalg.inv(torch.where(alive[:, None, None], blocks, eye))
+            parts = fitted.view(-1, count, group)
+            cost = torch.einsum("dug,ugh,duh->u", parts, solved, parts)
         open_rows = left > quota
         q = int(torch.argmin(cost.masked_fill(~(alive & open_rows[rows]), float("inf"))))
         cols = slice(q * group, (q + 1) * group)
         step = solved[q] @ inverse[cols]  # [g, width]
-        fitted -= fitted[:, cols] @ step
-        inverse -= inverse[:, cols] @ step
+        if group == 1:  # rank-1 updates in place (no [width, width] temporary)
+            fitted.addr_(fitted[:, q].clone(), step[0], alpha=-1.0)
+            inverse.addr_(inverse[:, q].clone(), step[0], alpha=-1.0)
+        else:
+            fitted -= fitted[:, cols] @ step
+            inverse -= inverse[:, cols] @ step
         fitted[:, cols] = 0.0  # exactly: later updates then leave it there, as its rows of the inverse are 0
         inverse[cols] = 0.0
         inverse[:, cols] = 0.0
