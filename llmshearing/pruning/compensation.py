@@ -132,6 +132,7 @@ def compensate(
     masks: Mapping[str, Tensor],
     plan: TargetPlan,
     damping: float = DEFAULT_DAMPING,
+    progress: bool = False,
 ) -> dict[str, Tensor]:
     """Re-choose the one-shot cut's neurons and query heads by :func:`compensated_removal` and write the
     re-fitted ``w2`` / ``wo`` into ``decoder`` (in place); returns ``masks`` with ``intermediate`` / ``head``
@@ -154,7 +155,10 @@ def compensate(
     new = {name: mask.detach().clone().float() for name, mask in masks.items()}
     mlp = "intermediate" in plan.families and "intermediate" in grams
     attention = bool({"head", "kv_head"} & set(plan.families)) and "head" in grams
-    for i, block in enumerate(decoder.layers):
+    from tqdm.auto import tqdm
+
+    layers = tqdm(decoder.layers, desc="compensation", unit="layer", disable=not progress)
+    for i, block in enumerate(layers):
         if mlp and not _dropped(masks, i, ("layer", "mlp")):
             w2 = block.feed_forward.w2.weight
             kept, fitted = compensated_removal(

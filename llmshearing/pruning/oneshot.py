@@ -177,7 +177,7 @@ def prune_oneshot(
     if compensate:
         from llmshearing.pruning.compensation import compensate as compensate_cut
 
-        masks = compensate_cut(decoder, scores.grams, masks, plan)
+        masks = compensate_cut(decoder, scores.grams, masks, plan, progress=progress)
     pruned = prune_decoder(decoder, masks)
     if _shape(pruned.config) != _shape(plan.target):  # type: ignore[arg-type]
         raise RuntimeError(
