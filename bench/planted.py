@@ -229,7 +229,7 @@ def run_oneshot(
     seed: int,
     compensate: bool = False,
 ) -> tuple[dict[str, torch.Tensor], Any]:
-    """The one-shot cut and the decoder it folds (with ``compensate``, a copy with re-fitted ``w2``)."""
+    """The one-shot cut and the decoder it folds (with ``compensate``, a copy with re-fitted ``w2`` and ``wo``)."""
     decoder = planted.decoder
     scores = compute_importance(decoder, calibration(train, settings, seed), progress=False, grams=compensate)
     plan = L0Config(pruning_modules=list(setup.families), target_model=dict(planted.target)).resolve(
