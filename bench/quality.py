@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--oneshot-compensate",
         action="store_true",
-        help="prune-oneshot --compensate: the one-shot arms' MLP neurons chosen and re-fitted by least squares",
+        help="prune-oneshot --compensate: the one-shot arms' neurons and query heads chosen and re-fitted by least "
+        "squares",
     )
     add("--eval-samples", type=int, default=None, help="held-out seqs per domain (32; quick 4)")
     add("--eval-batch", type=int, default=8, help="eval batch size (default: 8)")

@@ -258,7 +258,7 @@ def run_oneshot(inputs: Inputs, root: Path, args: Any, steps: Steps) -> OneShot:
     command = [sys.executable, "-m", "llmshearing.cli", "prune-oneshot", inputs.source, pruned]
     command += ["--data", inputs.mds, "--split", "train", "--samples", args.calibration_samples]
     command += ["--target", target, "--scores-out", scores, "--overwrite"]
-    if getattr(args, "oneshot_compensate", False):
+    if args.oneshot_compensate:
         command.append("--compensate")
     steps.run("oneshot: prune-oneshot (its scores also initialise the L0 masks)", command)
     return OneShot(pruned, scores, steps.timings[-1][1], args.calibration_samples)

@@ -170,12 +170,14 @@ def compensate(
             new["intermediate"][i, kept.cpu()] = 1.0
         if attention and not _dropped(masks, i, ("layer", "head_layer")):
             wo = block.attention.wo.weight
-            heads = torch.arange(config.n_heads)
-            rows = heads // plan.head_block
+            rows = (
+                torch.arange(config.n_heads) // plan.head_block
+            )  # heads compete within blocks of consecutive heads
             quota = torch.full((config.n_heads // plan.head_block,), plan.keep.get("head", plan.head_block))
-            if "kv_head" in masks:  # a dropped KV group keeps none of its heads
-                group_kept = masks["kv_head"][i].cpu()[heads // config.heads_per_group] > 0
-                quota = quota * torch.zeros_like(quota).index_add_(0, rows, group_kept.long()).clamp(max=1)
+            if (
+                "kv_head" in masks
+            ):  # a dropped KV group keeps none of its heads (with kv_head, a block is a group)
+                quota = quota * (masks["kv_head"][i].cpu() > 0).long()
             kept, fitted = compensated_removal(
                 wo, grams["head"][i], quota, damping, group=config.head_dim, rows=rows
             )
