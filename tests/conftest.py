@@ -195,3 +195,41 @@ def can_mount_tmpfs() -> bool:
 
 
 needs_tmpfs = pytest.mark.skipif(not can_mount_tmpfs(), reason="needs a tmpfs mount (unshare -rm)")
+
+
+# ---------------------------------------------------------------------------------------------- shutdown
+_SESSION = {"status": 0}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _SESSION["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the test process once the suite is done, naming what would have kept it alive.
+
+    A library thread left running after the last test (not a daemon) makes the interpreter wait for it forever
+    at exit (seen intermittently after a passing suite). Such threads are listed with their stacks on stderr and
+    the process exits with the suite's status without waiting for them; any other hang at shutdown prints every
+    thread's stack and exits (status 1) after five minutes.
+    """
+    import faulthandler
+    import threading
+    import traceback
+
+    main = threading.main_thread()
+    lingering = [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+    if lingering:
+        frames = sys._current_frames()
+        lines = ["threads still running after the suite (the process exits without waiting for them):"]
+        for thread in lingering:
+            lines.append(f"  {thread.name} ({type(thread).__module__}.{type(thread).__qualname__})")
+            frame = frames.get(thread.ident)
+            if frame is not None:
+                lines += ["    " + line for line in "".join(traceback.format_stack(frame)).splitlines()]
+        sys.stdout.flush()
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
+        os._exit(_SESSION["status"])
+    faulthandler.dump_traceback_later(300, exit=True)
