@@ -5,9 +5,9 @@ The source is SmolLM2-135M (the demo's GGUF, converted once and exported as an f
 .cache/, as bench/harness_speed.py does) or, with ``--random-source``, a random model of its shape. The
 pruned shapes are random-initialised ``LlamaForCausalLM``s of the source's config with the shape replaced
 (speed does not depend on the weights' values; generation is forced to its full length). Shapes: the demo's
-hand-picked target, and what budgets resolve to (``llmshearing.pruning.budget.choose_shape``), each with
-the ``tokens_per_second`` cost model's predicted ratio (forward FLOPs per token at the measured context)
-beside the measured ones. Rounds alternate between the models; each figure is the best of ``--rounds``.
+target (its pruning recipe's ``target_model``), the quality benchmark's hand-picked target, and what budgets
+resolve to (``llmshearing.pruning.budget.choose_shape``), each with the ``tokens_per_second`` cost model's
+predicted ratio (forward FLOPs per token at the measured context) beside the measured ones. Rounds alternate between the models; each figure is the best of ``--rounds``.
 
     nice -n 10 .venv/bin/python bench/inference_speed.py                      # CPU, a few minutes
     nice -n 10 .venv/bin/python bench/inference_speed.py --rounds 2 --threads 1 --random-source
@@ -27,8 +27,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_TARGET = {"n_layers": 22, "n_heads": 6, "n_kv_heads": 3, "d_model": 480, "intermediate_size": 1024}
 BUDGETS = ("non_embedding_params=4.26e7", "tokens_per_second=2", "memory=160MB,dtype=bf16")
+
+
+def fixed_targets() -> dict[str, dict[str, int]]:
+    """The named target shapes: the demo's (its pruning recipe's) and the quality benchmark's hand-picked one."""
+    from omegaconf import OmegaConf
+
+    from llmshearing.training.recipes import PRUNE_RECIPE
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from quality.sources import TARGET
+
+    demo = OmegaConf.to_container(OmegaConf.load(PRUNE_RECIPE).model.l0_module.target_model)
+    return {"demo's target": demo, "quality bench's hand-picked target": dict(TARGET)}
 
 
 def source_model(random_source: bool):
@@ -124,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     source, source_hf, source_what = source_model(args.random_source)
-    shapes: list[tuple[str, ModelConfig]] = [("demo's hand-picked target", source.replace(**DEMO_TARGET))]
+    shapes: list[tuple[str, ModelConfig]] = [
+        (name, source.replace(**target)) for name, target in fixed_targets().items()
+    ]
     for spec in BUDGETS:
         best, _ = choose_shape(source, parse_budget(spec, "--budget"))
         shapes.append((f"budget {spec}", best.config))
