@@ -169,6 +169,7 @@ def summary(
     """The demo's report; ``work`` is the folder of one method's runs (``out/<method>``); ``downstream``:
     each stage's accuracies on the ``items`` of the downstream tasks."""
     from llmshearing.models.config import ModelConfig
+    from llmshearing.pruning.snapshots import describe_moved, moved_from_start
 
     source, pruned = (
         ModelConfig.from_dict(_shape(out / "source")),
@@ -183,6 +184,9 @@ def summary(
         )
     ratio = pruned.num_params(False) / source.num_params(False)
     lines.append(f"non-embedding parameters kept: {ratio:.1%}")
+    moved = moved_from_start(work / "prune") if (work / "prune").is_dir() else None
+    if moved is not None:  # the L0 path: its masks start at the one-shot cut of the same scores
+        lines.append(f"units the L0 masks moved from the importance ranking's cut: {describe_moved(moved)}")
     stages = list(losses)
     domains = sorted(next(iter(losses.values())))
     lines += [

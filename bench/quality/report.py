@@ -322,12 +322,12 @@ def _family_gap_cell(families: Mapping[str, float] | None) -> str:
 
 def _structure_cell(structure: Mapping[str, Any] | None) -> str:
     """``changed of units (family n, ...), at batch N`` for :func:`structure_change`'s result."""
+    from llmshearing.pruning.snapshots import describe_moved
+
     if not structure:
         return "-"
-    changed, units = structure["changed"], structure["units"]
-    families = ", ".join(f"{family} {n:,}" for family, n in changed.items() if n)
-    total = f"{sum(changed.values()):,} of {sum(units.values()):,}"
-    return f"{total}{f' ({families})' if families else ''}, at batch {structure['batch']}"
+    moved = {family: (n, structure["units"][family]) for family, n in structure["changed"].items()}
+    return f"{describe_moved(moved)}, at batch {structure['batch']}"
 
 
 def _stage_table(rows: Mapping[str, Any]) -> list[str]:

@@ -274,26 +274,23 @@ def structure_change(run: Path, oneshot: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    from llmshearing.pruning.algorithm import latest_mask_snapshot
     from llmshearing.pruning.oneshot import MASKS_NAME
+    from llmshearing.pruning.snapshots import changed_units, folded_structure, latest_mask_snapshot
 
     cut = oneshot / MASKS_NAME
     latest = latest_mask_snapshot(run)
     if latest is None:
         raise RuntimeError(f"{run}/masks has no ba<N>.pt mask snapshots to compare with the one-shot cut")
     payload = torch.load(latest, map_location="cpu", weights_only=True)
-    masks, reference = payload.get("target_masks", payload["masks"]), load_file(str(cut))
-    changed, units = {}, {}
-    for family in sorted(set(masks) & set(reference)):
-        mine, theirs = masks[family], reference[family]
-        if mine.shape != theirs.shape:
-            raise RuntimeError(
-                f"{latest}: mask {family!r} has shape {tuple(mine.shape)}, the one-shot cut "
-                f"{tuple(theirs.shape)} ({cut}); they do not describe the same source"
-            )
-        changed[family] = int(((mine > 0) != (theirs > 0)).sum())
-        units[family] = theirs.numel()
-    return {"batch": int(payload["batch"]), "changed": changed, "units": units}
+    try:
+        moved = changed_units(folded_structure(payload), load_file(str(cut)))
+    except ValueError as err:
+        raise RuntimeError(f"{latest} against the one-shot cut {cut}: {err}") from None
+    return {
+        "batch": int(payload["batch"]),
+        "changed": {family: n for family, (n, _) in moved.items()},
+        "units": {family: u for family, (_, u) in moved.items()},
+    }
 
 
 def distill_summary(run: Path) -> dict[str, float]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -25,9 +24,17 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
-from llmshearing.io.staging import staged_file
 from llmshearing.pruning.hard_concrete import floored_units, log_floored
 from llmshearing.pruning.l0_module import L0Module
+from llmshearing.pruning.snapshots import (
+    changed_units,
+    describe_moved,
+    folded_structure,
+    mask_snapshot_path,
+    read_start_structure,
+    save_masks,
+    start_snapshot_path,
+)
 from llmshearing.pruning.targets import L0Config
 
 log = logging.getLogger(__name__)
@@ -130,25 +137,6 @@ def set_l0_step(composer_model: nn.Module, step: int) -> None:
     module = l0_module_of(composer_model)
     if module is not None:
         module.set_step(step)
-
-
-def save_masks(path: str, payload: dict[str, Any]) -> None:
-    """``torch.save`` to a staging file beside ``path``, then rename it into place."""
-    with staged_file(path) as staging:
-        torch.save(payload, staging)
-
-
-def mask_snapshot_path(save_folder: str | os.PathLike[str], batch: int) -> str:
-    """Where a run writes its deterministic masks after the evaluation at ``batch``."""
-    return os.path.join(save_folder, "masks", f"ba{batch}.pt")
-
-
-def latest_mask_snapshot(save_folder: str | os.PathLike[str]) -> str | None:
-    """The run's mask snapshot of the highest batch (by number, not name), or ``None`` when it has none."""
-    folder = os.path.join(save_folder, "masks")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    batches = [int(n[2:-3]) for n in names if n.startswith("ba") and n.endswith(".pt") and n[2:-3].isdigit()]
-    return mask_snapshot_path(save_folder, max(batches)) if batches else None
 
 
 def describe_movable(module: L0Module) -> tuple[float, str]:
@@ -254,18 +242,27 @@ class L0Pruning(Algorithm):
     Args:
         l0_config: the ``model.l0_module`` settings (dict, OmegaConf node or :class:`L0Config`).
         save_folder: run folder; the deterministic masks are written to ``{save_folder}/masks/ba{N}.pt``
-            after every evaluation. ``None`` writes no mask files.
+            after every evaluation, and with a ranked start (``init_from``) the structure the masks start at
+            to ``masks/start.pt``, each later snapshot counting the units that moved from it. ``None``
+            writes no mask files.
     """
 
     def __init__(self, l0_config: L0Config | Mapping[str, Any], save_folder: str | None = None) -> None:
         self.l0_config = L0Config.from_dict(l0_config)
         self.save_folder = save_folder
+        self._start: dict[str, torch.Tensor] | None = None  # the ranked start's structure, once read
 
     def __repr__(self) -> str:
         return f"L0Pruning(save_folder={self.save_folder!r})"
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.BATCH_START, Event.BATCH_END, Event.EVAL_AFTER_ALL)
+        return event in (
+            Event.INIT,
+            Event.FIT_START,
+            Event.BATCH_START,
+            Event.BATCH_END,
+            Event.EVAL_AFTER_ALL,
+        )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -275,6 +272,8 @@ class L0Pruning(Algorithm):
             report_movable(module, logger)
             if state.fsdp_config is not None:  # FSDP moves only the units it wraps; this one stays whole
                 state.device.module_to_device(module)
+        elif event == Event.FIT_START:  # the log-alphas are ranked (a new run) or resumed by now
+            self._write_start(state)
         elif event == Event.BATCH_START:
             set_l0_step(state.model, int(state.timestamp.batch.value))
             self._reset_l0_lr(state)
@@ -363,20 +362,51 @@ class L0Pruning(Algorithm):
         logger.log_metrics({f"l0/{name}": value for name, value in zip(stats, values, strict=True)})
 
     # --------------------------------------------------------------------------------- eval
+    def _structure(self, module: L0Module, batch: int) -> dict[str, Any]:
+        """A snapshot's masks: as evaluated (``eval_target_model``), and at the target where they differ."""
+        at_target = self.l0_config.eval_target_model
+        payload: dict[str, Any] = {
+            "batch": batch,
+            "at_target": at_target,
+            "masks": {k: v.cpu() for k, v in module.deterministic_masks(at_target=at_target).items()},
+        }
+        if module.plan.target is not None and not at_target:
+            payload["target_masks"] = {
+                k: v.cpu() for k, v in module.deterministic_masks(at_target=True).items()
+            }
+        return payload
+
+    def _write_start(self, state: State) -> None:
+        """Write the ranked start's structure once, at batch 0 of a run with ``init_from`` (rank 0)."""
+        module = l0_module_of(state.model)
+        if (
+            module is None
+            or self.save_folder is None
+            or self.l0_config.init_from is None
+            or dist.get_global_rank() != 0
+            or int(state.timestamp.batch.value) != 0
+        ):
+            return
+        payload = self._structure(module, 0)
+        save_masks(start_snapshot_path(self.save_folder), payload)
+        self._start = folded_structure(payload)
+
+    def _moved(self, payload: Mapping[str, Any]) -> dict[str, tuple[int, int]] | None:
+        """The units of ``payload``'s folded structure that differ from the ranked start, when the run has one."""
+        if self._start is None and self.save_folder is not None and self.l0_config.init_from is not None:
+            self._start = read_start_structure(self.save_folder)  # a resumed run's start
+        return None if self._start is None else changed_units(folded_structure(payload), self._start)
+
     def _write_masks(self, state: State) -> None:
         module = l0_module_of(state.model)
         if module is None or self.save_folder is None or dist.get_global_rank() != 0:
             return
         batch = int(state.timestamp.batch.value)
         at_target = self.l0_config.eval_target_model
-        masks = {k: v.cpu() for k, v in module.deterministic_masks(at_target=at_target).items()}
-        payload: dict[str, Any] = {
-            "batch": batch,
-            "at_target": at_target,
-            "masks": masks,
-            "keep": module.keep_counts(at_target=at_target),
-            "floored": floored_units(masks),  # kept units whose learned value is at the floor
-        }
+        payload = self._structure(module, batch)
+        masks = payload["masks"]
+        payload["keep"] = module.keep_counts(at_target=at_target)
+        payload["floored"] = floored_units(masks)  # kept units whose learned value is at the floor
         log_floored(payload["floored"], f"masks at batch {batch}")
         final = state.max_duration is not None and (
             state.max_duration.unit == TimeUnit.BATCH and batch >= int(state.max_duration.value)
@@ -387,10 +417,10 @@ class L0Pruning(Algorithm):
         if at_target and module.learns_budget_shape:
             payload["shape_choice"] = module.learned_shape()[1]
             log.info("masks at batch %d: %s", batch, payload["shape_choice"])
-        if module.plan.target is not None and not at_target:
-            payload["target_masks"] = {
-                k: v.cpu() for k, v in module.deterministic_masks(at_target=True).items()
-            }
+        moved = self._moved(payload)
+        if moved is not None:
+            payload["moved"] = moved
+            log.info("masks at batch %d: units moved from the ranked start: %s", batch, describe_moved(moved))
         save_masks(mask_snapshot_path(self.save_folder, batch), payload)
 
 

@@ -25,6 +25,7 @@ from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.fold import prune_state_dict
 from llmshearing.pruning.hard_concrete import describe_floored, floored_units
 from llmshearing.pruning.l0_module import L0Module
+from llmshearing.pruning.snapshots import changed_units, describe_moved, read_start_structure
 from llmshearing.pruning.targets import SHAPE_KEYS, L0Config, check_loadable_shape, prunable_params
 
 
@@ -39,6 +40,7 @@ class PruneSummary:
     hf_out: Path | None
     floored: dict[str, int] | None = None  # kept units per family whose learned value is at the floor
     shape_choice: str | None = None  # a learned budget shape: which shape the fold chose, and why
+    moved: dict[str, tuple[int, int]] | None = None  # units the fold keeps or drops against the ranked start
 
     def describe(self) -> str:
         rows = [f"{'':20s}{'source':>16s}{'pruned':>16s}"]
@@ -59,6 +61,8 @@ class PruneSummary:
         lines = [f"pruned to {how}:", *rows]
         if self.shape_choice is not None:
             lines.append(self.shape_choice)
+        if self.moved is not None:
+            lines.append(f"units moved from the ranked start (init_from): {describe_moved(self.moved)}")
         warning = describe_floored(self.floored or {})
         if warning is not None:
             lines.append(f"warning: {warning}")
@@ -153,6 +157,8 @@ def prune_checkpoint(
     masks = module.deterministic_masks(at_target=True)
     shape_choice = module.learned_shape()[1] if module.learns_budget_shape else None
     floored = floored_units(masks)
+    start = read_start_structure(run_config.parent) if l0_config.init_from is not None else None
+    moved = changed_units(masks, start) if start is not None else None
     pruned_state, pruned_config = prune_state_dict(weights, config, masks, progress=True)
     if at_target and pruned_config != module.plan.target:
         raise ValueError(f"pruned shape {pruned_config} differs from the target {module.plan.target}")
@@ -165,7 +171,14 @@ def prune_checkpoint(
     if hf_out is not None:
         convert_project_to_hf(out, hf_out, dtype=hf_dtype, overwrite=overwrite, run_config=run_config)
     return PruneSummary(
-        config, pruned_config, at_target, Path(out), Path(hf_out) if hf_out else None, floored, shape_choice
+        config,
+        pruned_config,
+        at_target,
+        Path(out),
+        Path(hf_out) if hf_out else None,
+        floored,
+        shape_choice,
+        moved,
     )
 
 

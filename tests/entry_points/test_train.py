@@ -169,9 +169,12 @@ def test_killed_run_resumes_without_losing_or_repeating_samples(tiny_source, tin
     assert got == expected
 
 
-def test_init_from_importance_ranks_the_initial_masks(tiny_source, tiny_mds, tmp_path, clean_shm):
+def test_init_from_importance_ranks_the_initial_masks(tiny_source, tiny_mds, tmp_path, clean_shm, capsys):
+    """The ranked start is the one-shot cut of the same scores (``masks/start.pt``); every snapshot,
+    ``prune-model`` and ``report`` count the units the masks moved from it."""
     from llmshearing.pruning.importance import calibration_batches, compute_importance
-    from llmshearing.pruning.ranking import importance_log_alpha
+    from llmshearing.pruning.ranking import importance_log_alpha, oneshot_masks
+    from llmshearing.pruning.snapshots import changed_units, describe_moved, folded_structure
 
     overrides = [
         *_args(tiny_source, tiny_mds, str(tmp_path / "run")),
@@ -182,16 +185,26 @@ def test_init_from_importance_ranks_the_initial_masks(tiny_source, tiny_mds, tmp
     trainer, values = build_trainer(PRUNE, overrides)
     l0 = trainer.state.model.l0_module
     total, batches = calibration_batches(tiny_mds, 8, values.device_eval_batch_size, split="train")
-    expected = importance_log_alpha(
-        compute_importance(trainer.state.model.model, batches, total, progress=False),
-        l0.model_config,
-        l0.l0_config,
-    )
+    scores = compute_importance(trainer.state.model.model, batches, total, progress=False)
+    expected = importance_log_alpha(scores, l0.model_config, l0.l0_config)
     for family, value in expected.items():
         assert torch.equal(l0.log_alpha[family].detach(), value), family
         assert l0.log_alpha[family].unique().numel() > 1  # ranked, not the constant default
+    cut = oneshot_masks(scores, l0.model_config, l0.plan)
     run(trainer, values)
-    assert (tmp_path / "run" / "masks" / "ba12.pt").is_file()
+    masks = tmp_path / "run" / "masks"
+    start = folded_structure(torch.load(masks / "start.pt"))
+    assert set(start) == set(cut) and all(torch.equal(start[f] > 0, cut[f] > 0) for f in cut), "not the cut"
+    last = torch.load(masks / "ba12.pt")
+    assert last["moved"] == changed_units(folded_structure(last), start)
+    capsys.readouterr()
+    checkpoint = tmp_path / "run" / "checkpoints" / "latest-rank0.pt"
+    assert cli_main(["prune-model", str(checkpoint), str(tmp_path / "pruned")]) == 0
+    line = f"units moved from the ranked start (init_from): {describe_moved(last['moved'])}"
+    assert line in capsys.readouterr().out  # the checkpoint of batch 12 folds the last snapshot's structure
+    assert cli_main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"by the last mask snapshot: {describe_moved(last['moved'])}." in report
 
 
 def test_source_reference_of_a_ranked_pruning_run_is_the_unmasked_source(

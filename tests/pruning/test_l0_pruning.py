@@ -218,6 +218,63 @@ def test_masks_written_after_each_evaluation(tmp_path, caplog):
     assert "penalty_per_unit" in records[1].getMessage()
 
 
+def test_a_ranked_start_is_written_and_each_snapshot_counts_the_units_moved_from_it(tmp_path, caplog):
+    """With ``init_from`` the structure the masks start at is ``masks/start.pt`` (batch 0 only), and every
+    snapshot counts the units its folded structure keeps or drops against it, also after a resume."""
+    from llmshearing.pruning.snapshots import changed_units, describe_moved
+
+    caplog.set_level(logging.INFO, logger="llmshearing.pruning.algorithm")
+    l0 = l0_settings(
+        init_from="scores.safetensors", lagrangian_warmup_steps=0, eval_target_model=False, mask_lr=0.5
+    )
+    evaluation = {"eval_dataloader": DataLoader(PatternTokens(n=8), batch_size=4), "eval_interval": "2ba"}
+
+    def ranked(trainer: Trainer) -> dict[str, torch.Tensor]:
+        """A ranked start near the interior, where a few steps move units; returns its structure."""
+        module = trainer.state.model.l0_module
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for value in module.log_alpha.values():
+                value.copy_(0.3 * torch.randn(value.shape, generator=generator))
+        return {k: v.clone() for k, v in module.deterministic_masks(at_target=True).items()}
+
+    straight = tmp_path / "straight"
+    trainer = pruning_trainer(l0, run_folder=str(straight), **evaluation)
+    start = ranked(trainer)
+    trainer.fit()
+    assert sorted(os.listdir(straight / "masks")) == ["ba2.pt", "ba4.pt", "start.pt"]
+    saved_start = torch.load(straight / "masks" / "start.pt")
+    assert saved_start["batch"] == 0
+    assert all(torch.equal(saved_start["target_masks"][f], start[f]) for f in FAMILIES)
+    last = torch.load(straight / "masks" / "ba4.pt")
+    moved = {
+        f: (int(((last["target_masks"][f] > 0) != (start[f] > 0)).sum()), start[f].numel())
+        for f in sorted(FAMILIES)
+    }
+    assert last["moved"] == moved and sum(n for n, _ in moved.values()) > 0  # the masks moved some units
+    lines = [r.getMessage() for r in caplog.records if "moved from the ranked start" in r.getMessage()]
+    assert len(lines) == 2 and lines[-1].endswith(describe_moved(moved))
+    assert changed_units(start, start) == {f: (0, start[f].numel()) for f in sorted(FAMILIES)}
+
+    resumed = tmp_path / "resumed"
+    first = pruning_trainer(
+        l0,
+        run_folder=str(resumed),
+        save_folder=str(resumed / "checkpoints"),
+        save_interval="2ba",
+        **evaluation,
+    )
+    ranked(first)
+    first.fit(duration="2ba")
+    first.close()
+    again = pruning_trainer(
+        l0, run_folder=str(resumed), load_path=str(resumed / "checkpoints" / "ep0-ba2-rank0.pt"), **evaluation
+    )
+    again.fit()  # its start (batch 2) is not a ranked start: start.pt stays the first leg's
+    assert torch.load(resumed / "masks" / "start.pt")["batch"] == 0
+    assert torch.load(resumed / "masks" / "ba4.pt")["moved"] == moved
+
+
 def test_end_gap_warning_names_the_keys_the_target_form_takes():
     from llmshearing.pruning.algorithm import describe_gap, sparsity_gaps
     from llmshearing.pruning.l0_module import L0Module
