@@ -10,6 +10,8 @@ model's (which equals the small model's):
   importance  learned masks from ``init_from: importance`` (ranked, placed at +-bound)
   oneshot     ``prune-oneshot``'s cut: the same importance ranking, no learning
   oneshot-compensated  ``prune-oneshot --compensate``: neurons and query heads chosen and re-fitted by least squares
+  compensated-bounded  learned masks from the compensated cut: its re-fitted weights, then ``init_from:
+              importance`` (the units the cut removed have zero output columns, so they rank last)
   (variants)  learned masks with the settings under study (``--methods``; see ``METHODS``)
 
 each with the weights frozen (mask learning alone) and with the weights training, for several seeds
@@ -136,6 +138,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "interior": {"init_log_alpha": 0.0, "warmup": 0.0},
     "interior-bounded": {"init_log_alpha": 0.0, **BOUNDED},
     "importance-bounded": {"init_from": "importance", "init_scale": 1.0, **BOUNDED},
+    "compensated-bounded": {"init_from": "importance", "init_scale": 1.0, **BOUNDED, "start": "compensated"},
     "oneshot": {},
     "oneshot-compensated": {},
 }
@@ -204,6 +207,7 @@ def method_overrides(method: str) -> dict[str, Any]:
 def l0_settings(setup: Setup, planted: Planted, method: str, steps: int) -> dict[str, Any]:
     overrides = method_overrides(method)
     warmup = overrides.pop("warmup", 0.0)
+    overrides.pop("start", None)  # where the weights start (run_learned), not an L0 setting
     settings: dict[str, Any] = {
         "pruning_modules": list(setup.families),
         "target_model": dict(planted.target),
@@ -258,7 +262,10 @@ def run_learned(
     l0 = l0_settings(setup, planted, method, settings.steps)
     init_from = l0.get("init_from")  # the module knows its ranked start (hold_ranked needs it); set here
     model = ComposerLlama(planted.decoder.config)
-    model.model.load_state_dict(planted.decoder.state_dict())
+    start = planted.decoder
+    if method_overrides(method).get("start") == "compensated":  # the least-squares cut's re-fitted weights
+        start = run_oneshot(setup, planted, train, settings, seed, compensate=True)[1]
+    model.model.load_state_dict(start.state_dict())
     module = attach_l0_module(model, l0)
     module.set_noise_seed(seed)
     if init_from == "importance":

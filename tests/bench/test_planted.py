@@ -128,6 +128,15 @@ def test_compensated_oneshot_removes_one_copy_of_every_duplicated_unit(bench, sm
     # each kept copy carries its twin's output column: the cut computes the embedded model's function
     folded = models.mean_loss(planted_bench.prune_decoder(decoder, masks), corpus[1])
     assert abs(folded - models.mean_loss(planted.decoder, corpus[1])) < 1e-3
+    # learned masks from the compensated cut start there: its re-fitted weights, ranked by importance
+    start = planted_bench.Settings(steps=0, calibration_batches=4)
+    learned, weights, _ = planted_bench.run_learned(
+        duplicate, planted, "compensated-bounded", True, corpus[0], start, 0
+    )
+    for family in ("head", "intermediate"):
+        assert torch.equal(learned[family] > 0, masks[family] > 0), family
+    refit = decoder.state_dict()
+    assert all(torch.equal(value, refit[key]) for key, value in weights.state_dict().items())
 
 
 def test_plans_that_cannot_reach_their_target_are_refused(bench, small):
