@@ -7,7 +7,8 @@ pruned shapes are random-initialised ``LlamaForCausalLM``s of the source's confi
 (speed does not depend on the weights' values; generation is forced to its full length). Shapes: the demo's
 target (its pruning recipe's ``target_model``), the quality benchmark's hand-picked target, and what budgets
 resolve to (``llmshearing.pruning.budget.choose_shape``), each with the ``tokens_per_second`` cost model's
-predicted ratio (forward FLOPs per token at the measured context) beside the measured ones. Rounds alternate between the models; each figure is the best of ``--rounds``.
+predicted ratio (forward FLOPs per token at the measured context) beside the measured ones. Rounds alternate
+between the models; each figure is the best of ``--rounds``.
 
     nice -n 10 .venv/bin/python bench/inference_speed.py                      # CPU, a few minutes
     nice -n 10 .venv/bin/python bench/inference_speed.py --rounds 2 --threads 1 --random-source
