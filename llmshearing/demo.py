@@ -184,7 +184,7 @@ def summary(
         )
     ratio = pruned.num_params(False) / source.num_params(False)
     lines.append(f"non-embedding parameters kept: {ratio:.1%}")
-    moved = moved_from_start(work / "prune") if (work / "prune").is_dir() else None
+    moved = moved_from_start(work / "prune")  # None on the one-shot path (no pruning run)
     if moved is not None:  # the L0 path: its masks start at the one-shot cut of the same scores
         lines.append(f"units the L0 masks moved from the importance ranking's cut: {describe_moved(moved)}")
     stages = list(losses)

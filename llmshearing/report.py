@@ -114,15 +114,9 @@ def _plot(panel: Panel, metrics: dict[str, Series], path: str) -> bool:
     return True
 
 
-def _moved(run_dir: str) -> str | None:
-    """How far a ranked start's masks moved by the run's last snapshot, or ``None`` without a ranked start."""
+def _summary(run_dir: str, metrics: dict[str, Series], written: list[str]) -> str:
     from llmshearing.pruning.snapshots import describe_moved, moved_from_start
 
-    moved = moved_from_start(run_dir)
-    return None if moved is None else describe_moved(moved)
-
-
-def _summary(run_dir: str, metrics: dict[str, Series], written: list[str]) -> str:
     lines = [f"# Run report: `{run_dir}`", ""]
     last_step = max((s[-1][0] for s in metrics.values() if s), default=0)
     lines += [f"Last logged batch: {last_step}.", ""]
@@ -142,10 +136,10 @@ def _summary(run_dir: str, metrics: dict[str, Series], written: list[str]) -> st
             goal = f"{target[family][-1][1]:.4f}" if family in target else "-"
             lines.append(f"| {family} | {series[-1][1]:.4f} | {goal} |")
         lines.append("")
-    moved = _moved(run_dir)
+    moved = moved_from_start(run_dir)  # None without a ranked start
     if moved is not None:
         lines += [
-            f"Units moved from the ranked start (masks/start.pt) by the last mask snapshot: {moved}.",
+            f"Units moved from the ranked start (masks/start.pt) by the last mask snapshot: {describe_moved(moved)}.",
             "",
         ]
     train = _select(metrics, r"^loss/train/(total)$")
