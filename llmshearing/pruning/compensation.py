@@ -170,13 +170,11 @@ def compensate(
             new["intermediate"][i, kept.cpu()] = 1.0
         if attention and not _dropped(masks, i, ("layer", "head_layer")):
             wo = block.attention.wo.weight
-            rows = (
-                torch.arange(config.n_heads) // plan.head_block
-            )  # heads compete within blocks of consecutive heads
+            # heads compete within blocks of consecutive heads; with kv_head a block is a KV group, and a
+            # dropped group keeps none of its heads
+            rows = torch.arange(config.n_heads) // plan.head_block
             quota = torch.full((config.n_heads // plan.head_block,), plan.keep.get("head", plan.head_block))
-            if (
-                "kv_head" in masks
-            ):  # a dropped KV group keeps none of its heads (with kv_head, a block is a group)
+            if "kv_head" in masks:
                 quota = quota * (masks["kv_head"][i].cpu() > 0).long()
             kept, fitted = compensated_removal(
                 wo, grams["head"][i], quota, damping, group=config.head_dim, rows=rows
