@@ -98,6 +98,11 @@ SETUPS = {
         ("kv_head", "head", "intermediate"),
         PlantSpec("cancel", layers=0, kv_heads=2, heads=2, intermediate=8, hidden=0),
     ),
+    "cancel-mixed": Setup(  # no live neuron's activation is proportional to a pair's: one way to drop them
+        "cancel-mixed",
+        ("kv_head", "head", "intermediate"),
+        PlantSpec("cancel", layers=0, kv_heads=2, heads=2, intermediate=8, hidden=0, pair_inputs="mix"),
+    ),
     "duplicate": Setup(
         "duplicate",
         ("head", "intermediate"),

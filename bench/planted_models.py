@@ -10,8 +10,9 @@ decoder that holds the small one plus planted units in every mask family:
   hidden dimensions).
 * ``cancel``: pairs of loud units whose outputs cancel exactly (the same inputs, opposite output
   columns): worth nothing together, ranked high by any activation-times-output score, and harmful when
-  only one of a pair is dropped. A pair of neurons reads the inputs of a live neuron, so each half
-  fires like one and writes ``LOUD`` times a typical output column. Planted for ``kv_head`` (pairs of groups), ``head`` and
+  only one of a pair is dropped. A pair of neurons reads the input rows of live neurons (``pair_inputs``:
+  one neuron's, or two neurons' mixed), so each half fires like one and writes ``LOUD`` times a typical
+  output column. Planted for ``kv_head`` (pairs of groups), ``head`` and
   ``intermediate``; a layer's and a hidden dimension's importance already measure their output, so
   ``layer`` and ``hidden`` carry dead units in this kind.
 * ``duplicate``: copies of the small model's own query heads and neurons, the original's output
@@ -42,6 +43,7 @@ from llmshearing.models.decoder import Decoder
 
 KINDS = ("dead", "cancel", "duplicate")
 PLANT_FAMILIES = ("layer", "kv_head", "head", "intermediate", "hidden")
+PAIR_INPUTS = ("copy", "mix")
 LOUD = 3.0  # output columns of cancelling units are this many times the model's typical column norm
 
 
@@ -158,7 +160,11 @@ def train_small(spec: SmallSpec, train: Tensor, cache_dir: str | os.PathLike[str
 class PlantSpec:
     """How many units to plant per family (per layer for heads, groups and neurons) and of which kind.
 
-    ``heads`` are planted in every KV group (the small model's groups and planted ones alike).
+    ``heads`` are planted in every KV group (the small model's groups and planted ones alike). ``pair_inputs``
+    says what a cancelling pair of neurons reads: ``copy``, a live neuron's ``w1`` and ``w3`` rows (the pair's
+    activation is that neuron's, so the three are interchangeable to a re-fit of ``w2``), or ``mix``, the ``w1``
+    row of one live neuron and the ``w3`` row of another (it fires like a live neuron, and no live neuron's
+    activation is proportional to it).
     """
 
     kind: str = "dead"
@@ -168,11 +174,14 @@ class PlantSpec:
     intermediate: int = 8
     hidden: int = 8
     seed: int = 0
+    pair_inputs: str = "copy"
 
     def check(self, small: ModelConfig) -> None:
         """Refuse a plan that cannot be planted or whose target cannot be reached, naming the family."""
         if self.kind not in KINDS:
             raise ValueError(f"plant kind must be one of {KINDS}, got {self.kind!r}")
+        if self.pair_inputs not in PAIR_INPUTS:
+            raise ValueError(f"pair_inputs must be one of {PAIR_INPUTS}, got {self.pair_inputs!r}")
         counts = {"layer": self.layers, "kv_head": self.kv_heads, "head": self.heads}
         counts.update(intermediate=self.intermediate, hidden=self.hidden)
         for family, n in counts.items():
@@ -368,11 +377,15 @@ def embed(small: Decoder, plan: PlantSpec) -> Planted:
             if kind == "cancel":
                 real_slots = torch.nonzero(live_inter).flatten()
                 for a, b in _pair_up(slots, g):
-                    # both read the inputs of a random live neuron, so each fires like one (a random
-                    # row fires a hundredth as much, which would leave half a pair nearly harmless)
-                    src = int(real_slots[torch.randint(real_slots.numel(), (1,), generator=g)])
-                    ffn.w1.weight[a], ffn.w3.weight[a] = ffn.w1.weight[src], ffn.w3.weight[src]
-                    ffn.w1.weight[b], ffn.w3.weight[b] = ffn.w1.weight[src], ffn.w3.weight[src]
+                    # both read live neurons' input rows, so each fires like one (a random row fires a
+                    # hundredth as much, which would leave half a pair nearly harmless)
+                    gate = int(real_slots[torch.randint(real_slots.numel(), (1,), generator=g)])
+                    up = gate
+                    if plan.pair_inputs == "mix":  # another live neuron's w3 row
+                        others = real_slots[real_slots != gate]
+                        up = int(others[torch.randint(others.numel(), (1,), generator=g)])
+                    for unit in (a, b):
+                        ffn.w1.weight[unit], ffn.w3.weight[unit] = ffn.w1.weight[gate], ffn.w3.weight[up]
                     column = torch.randn(d_l, generator=g) * live_dims
                     column *= LOUD * typical_w2 / column.norm()
                     ffn.w2.weight[:, a], ffn.w2.weight[:, b] = column, -column

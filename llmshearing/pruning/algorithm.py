@@ -281,7 +281,7 @@ class L0Pruning(Algorithm):
             l0_module_of(state.model).constrain_()
             self._log_stats(state, logger)
         elif event == Event.EVAL_AFTER_ALL:
-            self._write_masks(state)
+            self._write_masks(state, logger)
 
     # ------------------------------------------------------------------------------------ INIT
     def _attach(self, state: State) -> L0Module:
@@ -397,7 +397,9 @@ class L0Pruning(Algorithm):
             self._start = read_start_structure(self.save_folder)  # a resumed run's start
         return None if self._start is None else changed_units(folded_structure(payload), self._start)
 
-    def _write_masks(self, state: State) -> None:
+    def _write_masks(self, state: State, logger: Logger) -> None:
+        """Save the snapshot of this evaluation's masks (rank 0). The last one of pruning also prints its sparsity
+        gap and the units moved from the ranked start, which the default logging would not show."""
         module = l0_module_of(state.model)
         if module is None or self.save_folder is None or dist.get_global_rank() != 0:
             return
@@ -412,16 +414,23 @@ class L0Pruning(Algorithm):
             state.max_duration.unit == TimeUnit.BATCH and batch >= int(state.max_duration.value)
         )
         gaps = payload["sparsity_gap"] = sparsity_gaps(module)
-        message = describe_gap(module, gaps, batch, final)
-        (log.warning if ends_off_target(gaps, final) else log.info)(message)
+        lines = [describe_gap(module, gaps, batch, final)]
+        off_target = ends_off_target(gaps, final)
+        (log.warning if off_target else log.info)(lines[0])
         if at_target and module.learns_budget_shape:
             payload["shape_choice"] = module.learned_shape()[1]
-            log.info("masks at batch %d: %s", batch, payload["shape_choice"])
+            lines.append(f"masks at batch {batch}: {payload['shape_choice']}")
+            log.info(lines[-1])
         moved = self._moved(payload)
         if moved is not None:
             payload["moved"] = moved
-            log.info("masks at batch %d: units moved from the ranked start: %s", batch, describe_moved(moved))
+            lines.append(f"masks at batch {batch}: units moved from the ranked start: {describe_moved(moved)}")
+            log.info(lines[-1])
+            logger.log_metrics({"l0/units_moved": sum(changed for changed, _ in moved.values())})
         save_masks(mask_snapshot_path(self.save_folder, batch), payload)
+        if final:  # the warning already reached the console; the rest is info
+            for line in lines[1 if off_target else 0 :]:
+                print(f"llmshearing: {line}", flush=True)
 
 
 class _L0GradGuard(Algorithm):

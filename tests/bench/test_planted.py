@@ -46,11 +46,11 @@ def small(bench, corpus, tmp_path_factory):
     return models.train_small(models.SmallSpec(steps=120), corpus[0], tmp_path_factory.mktemp("planted"))
 
 
-@pytest.mark.parametrize("kind", ["dead", "cancel", "duplicate"])
-def test_embedded_model_computes_the_small_one(bench, small, corpus, kind):
+@pytest.mark.parametrize("setup", ["dead", "cancel", "cancel-mixed", "duplicate"])
+def test_embedded_model_computes_the_small_one(bench, small, corpus, setup):
     models, planted_bench = bench
-    setup = {"dead": "dead", "cancel": "cancel", "duplicate": "duplicate"}[kind]
     plan = planted_bench.SETUPS[setup].plant
+    kind = plan.kind
     planted = models.embed(small, plan)
     large = planted.decoder
     assert large.config.n_heads > small.config.n_heads

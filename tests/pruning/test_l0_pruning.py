@@ -180,7 +180,7 @@ def test_logs_expected_and_target_sizes_multipliers_and_penalty():
     assert "loss/train/lagrangian" in data
 
 
-def test_masks_written_after_each_evaluation(tmp_path, caplog):
+def test_masks_written_after_each_evaluation(tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO, logger="llmshearing.pruning.algorithm")
     trainer = pruning_trainer(
         l0_settings(eval_target_model=False),
@@ -216,11 +216,16 @@ def test_masks_written_after_each_evaluation(tmp_path, caplog):
     assert records[1].levelno == logging.WARNING
     assert "pruning ends short of the target" in records[1].getMessage()
     assert "penalty_per_unit" in records[1].getMessage()
+    # the warning reaches the console through logging; no run here has a ranked start, so nothing is printed
+    assert "llmshearing: masks" not in capsys.readouterr().out
 
 
-def test_a_ranked_start_is_written_and_each_snapshot_counts_the_units_moved_from_it(tmp_path, caplog):
+def test_a_ranked_start_is_written_and_each_snapshot_counts_the_units_moved_from_it(tmp_path, caplog, capsys):
     """With ``init_from`` the structure the masks start at is ``masks/start.pt`` (batch 0 only), and every
-    snapshot counts the units its folded structure keeps or drops against it, also after a resume."""
+    snapshot counts the units its folded structure keeps or drops against it (logged as ``l0/units_moved``, and
+    printed for the last snapshot of pruning), also after a resume."""
+    from composer.loggers import InMemoryLogger
+
     from llmshearing.pruning.snapshots import changed_units, describe_moved
 
     caplog.set_level(logging.INFO, logger="llmshearing.pruning.algorithm")
@@ -239,7 +244,8 @@ def test_a_ranked_start_is_written_and_each_snapshot_counts_the_units_moved_from
         return {k: v.clone() for k, v in module.deterministic_masks(at_target=True).items()}
 
     straight = tmp_path / "straight"
-    trainer = pruning_trainer(l0, run_folder=str(straight), **evaluation)
+    in_memory = InMemoryLogger()
+    trainer = pruning_trainer(l0, run_folder=str(straight), loggers=in_memory, **evaluation)
     start = ranked(trainer)
     trainer.fit()
     assert sorted(os.listdir(straight / "masks")) == ["ba2.pt", "ba4.pt", "start.pt"]
@@ -254,6 +260,14 @@ def test_a_ranked_start_is_written_and_each_snapshot_counts_the_units_moved_from
     assert last["moved"] == moved and sum(n for n, _ in moved.values()) > 0  # the masks moved some units
     lines = [r.getMessage() for r in caplog.records if "moved from the ranked start" in r.getMessage()]
     assert len(lines) == 2 and lines[-1].endswith(describe_moved(moved))
+    logged = [(t.batch.value, value) for t, value in in_memory.data["l0/units_moved"]]
+    assert logged[-1] == (4, sum(n for n, _ in moved.values())) and len(logged) == 2
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("llmshearing: masks")]
+    gap = [r.getMessage() for r in caplog.records if r.getMessage().startswith("masks at batch 4: expected")]
+    assert printed == [  # the last snapshot only: its gap (on target here, so info) and the units moved
+        f"llmshearing: {gap[0]}",
+        f"llmshearing: masks at batch 4: units moved from the ranked start: {describe_moved(moved)}",
+    ]
     assert changed_units(start, start) == {f: (0, start[f].numel()) for f in sorted(FAMILIES)}
 
     resumed = tmp_path / "resumed"
