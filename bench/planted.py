@@ -195,6 +195,36 @@ def score(planted: Planted, families: Sequence[str], masks: Mapping[str, torch.T
     return out
 
 
+LIVE_FAMILIES = (
+    "kv_head",
+    "head",
+    "intermediate",
+)  # where a fold can keep a planted unit in a live one's place
+
+
+def displaced_live(
+    planted: Planted, families: Sequence[str], masks: Mapping[str, torch.Tensor], held: list[torch.Tensor]
+) -> dict[str, list[float]]:
+    """What each live unit the fold drops was worth: the embedded model's held-out loss with that unit alone
+    dropped, minus its loss, per family. Live units are the small model's own (in its rows, not planted, not
+    one of a duplicated pair), so a planted unit the fold keeps has displaced one of these."""
+    base = mean_loss(planted.decoder, held)
+    out: dict[str, list[float]] = {}
+    for family in families:
+        if family not in LIVE_FAMILIES:
+            continue
+        live = planted.real_rows[family] & ~planted.planted[family]
+        if family in planted.pairs:
+            live &= planted.pairs[family] < 0
+        costs = []
+        for index in torch.nonzero(live & (masks[family] == 0)).tolist():
+            alone = torch.ones_like(masks[family])
+            alone[tuple(index)] = 0
+            costs.append(mean_loss(planted.decoder, held, {family: alone}) - base)
+        out[family] = costs
+    return out
+
+
 # ---------------------------------------------------------------------------------------- methods
 def method_overrides(method: str) -> dict[str, Any]:
     """The L0 overrides of ``method``: a name from ``METHODS``, optionally followed by ``,key=value`` pairs."""
@@ -362,6 +392,7 @@ def one_run(
                 method=method,
                 mode="-" if method.startswith("oneshot") else mode,
                 dropped=score(planted, setup.families, masks),
+                displaced=displaced_live(planted, setup.families, masks, held),
                 folded_loss=mean_loss(folded, held),
                 sparsity_gap=(stats["expected_sparsity"] - stats["target_sparsity"]) if stats else None,
                 family_gaps={
@@ -382,8 +413,13 @@ def summary_line(r: Mapping[str, Any]) -> str:
     if r["sparsity_gap"] is not None:
         worst = max(r["family_gaps"].values(), key=abs) if r["family_gaps"] else 0.0
         gap = f" gap={r['sparsity_gap']:+.4f} family-gap={worst:+.4f}"
+    live = ""
+    if r.get("displaced"):
+        live = " live-dropped " + " ".join(
+            f"{f}={len(c)}" + (f"({max(c):+.4f})" if c else "") for f, c in r["displaced"].items()
+        )
     return (
-        f"{r['setup']:<12}{r['size']} s{r['seed']} {r['method']:<11}{r['mode']:<7} {dropped}  "
+        f"{r['setup']:<12}{r['size']} s{r['seed']} {r['method']:<11}{r['mode']:<7} {dropped}{live}  "
         f"folded {r['folded_loss']:.3f} (embedded {r['embedded_loss']:.3f}, ideal {r['ideal_fold_loss']:.3f})"
         f"{gap} {r['seconds']:.1f}s"
     )
@@ -410,10 +446,27 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "folded_minus_embedded": statistics.mean(r["folded_loss"] - r["embedded_loss"] for r in rs),
                 "folded_minus_ideal": statistics.mean(r["folded_loss"] - r["ideal_fold_loss"] for r in rs),
                 "max_abs_gap": max(gaps) if gaps else None,
+                "displaced": displaced_summary(rs),
                 "seconds": statistics.mean(r["seconds"] for r in rs),
             }
         )
     return rows
+
+
+def displaced_summary(records: Sequence[Mapping[str, Any]]) -> str:
+    """Live units dropped per run (mean) and the most any one of them was worth alone, per family; ``-`` for
+    records written before they were measured."""
+    if any("displaced" not in r for r in records):
+        return "-"
+    parts = []
+    for family in records[0]["displaced"]:
+        costs = [r["displaced"][family] for r in records]
+        worst = max((c for run in costs for c in run), default=None)
+        parts.append(
+            f"{family} {statistics.mean(len(run) for run in costs):.1f}"
+            + ("" if worst is None else f" ({worst:+.4f})")
+        )
+    return ", ".join(parts)
 
 
 def markdown(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
@@ -432,17 +485,21 @@ def markdown(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
         "any run and family, the folded model's held-out loss minus the embedded model's and minus the fold "
         "of the ideal masks (which drop exactly the planted units; it differs from the embedded model "
         "where hidden dims are planted, as the norms renormalise over the kept dims), and the largest "
-        "|expected - target| sparsity at the end.",
+        "|expected - target| sparsity at the end. 'live dropped' is, per family, the mean number of the small "
+        "model's own units the fold drops (each kept planted unit displaces one) and, in brackets, the most any "
+        "of them was worth: the embedded model's held-out loss with that unit alone dropped, minus its loss.",
         "",
-        "| setup | method | mode | runs | dropped per family | min | folded - embedded | folded - ideal | max gap | s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| setup | method | mode | runs | dropped per family | min | live dropped | folded - embedded "
+        "| folded - ideal | max gap | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in aggregate(records):
         dropped = ", ".join(f"{f} {v:.2f}" for f, v in row["dropped"].items())
         gap = "-" if row["max_abs_gap"] is None else f"{row['max_abs_gap']:.4f}"
         lines.append(
             f"| {row['setup']} | {row['method']} | {row['mode']} | {row['runs']} | {dropped} | "
-            f"{row['min_dropped']:.2f} | {row['folded_minus_embedded']:+.3f} | {row['folded_minus_ideal']:+.3f} | "
+            f"{row['min_dropped']:.2f} | {row['displaced']} | {row['folded_minus_embedded']:+.3f} | "
+            f"{row['folded_minus_ideal']:+.3f} | "
             f"{gap} | {row['seconds']:.1f} |"
         )
     lines += ["", "Every run:", "", "```"] + [summary_line(r) for r in records] + ["```", ""]
