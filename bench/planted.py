@@ -202,27 +202,34 @@ LIVE_FAMILIES = (
 )  # where a fold can keep a planted unit in a live one's place
 
 
-def displaced_live(
-    planted: Planted, families: Sequence[str], masks: Mapping[str, torch.Tensor], held: list[torch.Tensor]
-) -> dict[str, list[float]]:
-    """What each live unit the fold drops was worth: the embedded model's held-out loss with that unit alone
-    dropped, minus its loss, per family. Live units are the small model's own (in its rows, not planted, not
-    one of a duplicated pair), so a planted unit the fold keeps has displaced one of these."""
+def live_worth(
+    planted: Planted, families: Sequence[str], held: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """What each live unit is worth alone: the embedded model's held-out loss with only that unit dropped, minus
+    its loss; NaN where a unit is not live. Live units are the small model's own (in its rows, not planted, not
+    one of a duplicated pair), so a planted unit a fold keeps has displaced one of these."""
     base = mean_loss(planted.decoder, held)
-    out: dict[str, list[float]] = {}
+    out: dict[str, torch.Tensor] = {}
     for family in families:
         if family not in LIVE_FAMILIES:
             continue
         live = planted.real_rows[family] & ~planted.planted[family]
         if family in planted.pairs:
             live &= planted.pairs[family] < 0
-        costs = []
-        for index in torch.nonzero(live & (masks[family] == 0)).tolist():
-            alone = torch.ones_like(masks[family])
+        worth = torch.full(live.shape, float("nan"))
+        for index in torch.nonzero(live).tolist():
+            alone = torch.ones(live.shape)
             alone[tuple(index)] = 0
-            costs.append(mean_loss(planted.decoder, held, {family: alone}) - base)
-        out[family] = costs
+            worth[tuple(index)] = mean_loss(planted.decoder, held, {family: alone}) - base
+        out[family] = worth
     return out
+
+
+def displaced_live(
+    worth: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+) -> dict[str, list[float]]:
+    """The worth (:func:`live_worth`) of each live unit the fold of ``masks`` drops, per family."""
+    return {f: w[(masks[f] == 0) & ~w.isnan()].tolist() for f, w in worth.items()}
 
 
 # ---------------------------------------------------------------------------------------- methods
@@ -362,6 +369,7 @@ def one_run(
     embedded_loss = mean_loss(planted.decoder, held)
     ideal = ideal_masks(planted, setup.families)
     ideal_loss = mean_loss(prune_decoder(planted.decoder, ideal), held)
+    worth = live_worth(planted, setup.families, held)
     base = {
         "setup": setup.name,
         "kind": setup.plant.kind,
@@ -370,6 +378,9 @@ def one_run(
         "small_loss": small_loss,
         "embedded_loss": embedded_loss,
         "ideal_fold_loss": ideal_loss,
+        "live_worth_median": {
+            f: float(w[~w.isnan()].median()) for f, w in worth.items() if (~w.isnan()).any()
+        },
     }
     records = []
     for method in methods:
@@ -392,7 +403,7 @@ def one_run(
                 method=method,
                 mode="-" if method.startswith("oneshot") else mode,
                 dropped=score(planted, setup.families, masks),
-                displaced=displaced_live(planted, setup.families, masks, held),
+                displaced=displaced_live(worth, masks),
                 folded_loss=mean_loss(folded, held),
                 sparsity_gap=(stats["expected_sparsity"] - stats["target_sparsity"]) if stats else None,
                 family_gaps={
@@ -454,17 +465,18 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def displaced_summary(records: Sequence[Mapping[str, Any]]) -> str:
-    """Live units dropped per run (mean) and the most any one of them was worth alone, per family; ``-`` for
-    records written before they were measured."""
+    """Per family: live units dropped per run (mean), the most any one of them was worth alone and the median
+    live unit's worth (mean over runs); ``-`` for records written before they were measured."""
     if any("displaced" not in r for r in records):
         return "-"
     parts = []
     for family in records[0]["displaced"]:
         costs = [r["displaced"][family] for r in records]
         worst = max((c for run in costs for c in run), default=None)
+        median = statistics.mean(r["live_worth_median"][family] for r in records)
         parts.append(
             f"{family} {statistics.mean(len(run) for run in costs):.1f}"
-            + ("" if worst is None else f" ({worst:+.4f})")
+            + ("" if worst is None else f" (max {worst:+.4f}; median live {median:+.4f})")
         )
     return ", ".join(parts)
 
@@ -487,7 +499,8 @@ def markdown(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
         "where hidden dims are planted, as the norms renormalise over the kept dims), and the largest "
         "|expected - target| sparsity at the end. 'live dropped' is, per family, the mean number of the small "
         "model's own units the fold drops (each kept planted unit displaces one) and, in brackets, the most any "
-        "of them was worth: the embedded model's held-out loss with that unit alone dropped, minus its loss.",
+        "of them was worth (the embedded model's held-out loss with that unit alone dropped, minus its loss) "
+        "against the median live unit's worth.",
         "",
         "| setup | method | mode | runs | dropped per family | min | live dropped | folded - embedded "
         "| folded - ideal | max gap | s/run |",

@@ -424,7 +424,9 @@ class L0Pruning(Algorithm):
         moved = self._moved(payload)
         if moved is not None:
             payload["moved"] = moved
-            lines.append(f"masks at batch {batch}: units moved from the ranked start: {describe_moved(moved)}")
+            lines.append(
+                f"masks at batch {batch}: units moved from the ranked start: {describe_moved(moved)}"
+            )
             log.info(lines[-1])
             logger.log_metrics({"l0/units_moved": sum(changed for changed, _ in moved.values())})
         save_masks(mask_snapshot_path(self.save_folder, batch), payload)

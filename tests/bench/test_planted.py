@@ -99,6 +99,56 @@ def test_cancelling_units_are_loud_and_worth_nothing(bench, small, corpus):
         assert half > torch.stack(live).median()
 
 
+def test_mixed_cancelling_pairs_read_two_live_neurons_rows_and_no_live_activation(bench, small, corpus):
+    """``pair_inputs: mix``: each half of a pair reads one live neuron's ``w1`` row and another's ``w3`` row, so
+    no live neuron's activation is proportional to the pair's (``copy``: one live neuron's, exactly)."""
+    models, planted_bench = bench
+    activations = {}
+    for setup in ("cancel", "cancel-mixed"):
+        planted = models.embed(small, planted_bench.SETUPS[setup].plant)
+        ffn = planted.decoder.layers[0].feed_forward
+        pairs = planted.pairs["intermediate"][0]
+        live = torch.nonzero((pairs < 0) & ~planted.planted["intermediate"][0]).flatten()
+        x = planted.decoder.tok_embeddings(corpus[1][0][:4]).reshape(-1, planted.decoder.config.d_model)
+        h = torch.nn.functional.silu(x @ ffn.w1.weight.T) * (x @ ffn.w3.weight.T)
+        unit = torch.nonzero(pairs >= 0).flatten()[0]
+        rows = {
+            name: (w.weight[live] == w.weight[unit]).all(dim=1)
+            for name, w in (("w1", ffn.w1), ("w3", ffn.w3))
+        }
+        assert int(rows["w1"].sum()) == 1 and int(rows["w3"].sum()) == 1  # a live neuron's rows
+        same_neuron = bool((rows["w1"] & rows["w3"]).any())
+        assert same_neuron == (setup == "cancel")
+        cosine = torch.nn.functional.cosine_similarity(h[:, live], h[:, unit : unit + 1], dim=0)
+        activations[setup] = float(cosine.abs().max())
+    assert activations["cancel"] > 0.9999 and activations["cancel-mixed"] < 0.99
+
+
+def test_displaced_live_units_are_the_small_models_units_a_fold_drops_with_their_worth(bench, small, corpus):
+    models, planted_bench = bench
+    setup = planted_bench.SETUPS["cancel-mixed"]
+    planted = models.embed(small, setup.plant)
+    worth = planted_bench.live_worth(planted, setup.families, corpus[1])
+    assert set(worth) == {"kv_head", "head", "intermediate"}
+    planted_units = planted.planted["intermediate"] & planted.real_rows["intermediate"]
+    assert worth["intermediate"][planted_units].isnan().all()  # planted and pair units are not live
+    assert not worth["intermediate"][~planted_units].isnan().any()
+    ideal = models.ideal_masks(planted, setup.families)
+    assert planted_bench.displaced_live(worth, ideal) == {"kv_head": [], "head": [], "intermediate": []}
+    masks = {f: m.clone() for f, m in ideal.items()}
+    pairs = planted.pairs["intermediate"][0]
+    kept = int(torch.nonzero(pairs >= 0).flatten()[0])
+    swapped = int(torch.nonzero(~planted_units[0]).flatten()[0])
+    masks["intermediate"][0, kept], masks["intermediate"][0, swapped] = 1.0, 0.0
+    alone = torch.ones_like(masks["intermediate"])
+    alone[0, swapped] = 0
+    base = models.mean_loss(planted.decoder, corpus[1])
+    expected = models.mean_loss(planted.decoder, corpus[1], {"intermediate": alone}) - base
+    displaced = planted_bench.displaced_live(worth, masks)
+    assert displaced["intermediate"] == [pytest.approx(expected)] and expected != 0.0
+    assert displaced["head"] == [] and displaced["kv_head"] == []
+
+
 def test_oneshot_finds_dead_units_and_keeps_cancelling_pairs(bench, small, corpus):
     models, planted_bench = bench
     settings = planted_bench.Settings(calibration_batches=4)
