@@ -197,6 +197,70 @@ def can_mount_tmpfs() -> bool:
 needs_tmpfs = pytest.mark.skipif(not can_mount_tmpfs(), reason="needs a tmpfs mount (unshare -rm)")
 
 
+# ---------------------------------------------------------------------------------------- downstream tasks
+# The lm-eval tests' task inputs, shared by tests/harness, tests/callbacks, tests/training and tests/entry_points.
+HELDOUT_SEQ = 400  # bytes (tokens) per sequence of byte_split
+
+
+def write_char_tokenizer(directory: Path) -> Path:
+    """A character-level tokenizer of 97 tokens (printable ASCII, unknown, end of text): it fits the
+    97-token vocabulary of the tests' tiny source, and the shipped tasks are printable ASCII."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(code): code - 32 for code in range(32, 127)}
+    vocab.update({"<unk>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return directory
+
+
+def icl_recipe_args(tokenizer_dir: Path) -> list[str]:
+    """Overrides that score two shipped tasks at every evaluation of a run of the tiny source (97 tokens)."""
+    write_char_tokenizer(tokenizer_dir)
+    tasks = "[{task: local_mc, limit: 8}, {label: cloze, task: local_cloze, num_fewshot: 2, limit: 8}]"
+    return [f"eval_tasks.tokenizer={tokenizer_dir}", f"eval_tasks.tasks={tasks}"]
+
+
+def user_task_dir(root: Path) -> Path:
+    """A task directory in lm-eval's local-data format: ``dataset_path: json`` over absolute JSONL paths."""
+    from llmshearing.harness.runner import TASKS_DIR
+
+    root.mkdir(parents=True, exist_ok=True)
+    train, test = TASKS_DIR / "local_cloze_train.jsonl", TASKS_DIR / "local_cloze_test.jsonl"
+    (root / "user_cloze.yaml").write_text(
+        "task: user_cloze\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    train: {train}\n    test: {test}\n"
+        "output_type: loglikelihood\n"
+        "training_split: train\n"
+        "test_split: test\n"
+        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
+        "doc_to_target: \"{{' ' + text.split(' ')[-1]}}\"\n"
+        'target_delimiter: ""\n'
+        "metric_list:\n  - metric: perplexity\n  - metric: acc\n"
+    )
+    return root
+
+
+def byte_split(root: Path, tokenizer_dir: Path) -> Path:
+    """Two domains of 10 sequences of HELDOUT_SEQ byte tokens each, cut from the standard library's help topics."""
+    from pydoc_data.topics import topics
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    text = " ".join(" ".join(t.split()) for _, t in sorted(topics.items()))
+    ids = tokenizer.encode(text[: 2 * 10 * HELDOUT_SEQ + 2000], add_special_tokens=False)
+    rows = [np.array(ids[i * HELDOUT_SEQ : (i + 1) * HELDOUT_SEQ]) for i in range(20)]
+    samples = {"train": {"a": rows[:2], "b": rows[2:4]}, "eval": {"a": rows[:2], "b": rows[2:4]}}
+    samples["test"] = {"a": rows[:10], "b": rows[10:20]}
+    write_token_root(root, samples, vocab_size=BYTE_VOCAB)
+    return root
+
+
 # ---------------------------------------------------------------------------------------------- shutdown
 _SESSION = {"status": 0}
 

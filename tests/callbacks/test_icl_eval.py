@@ -5,7 +5,7 @@ rows as an llm-foundry ``dataset_uri`` file, and a 2-shot cloze from an ``includ
 scores must be those `llmshearing evaluate --tasks` gives the folded checkpoint (the masked model against
 the physically pruned one: accuracies equal, perplexity within 1e-5 relative). Bad sections fail with one
 line naming the key, before the model loads. The 2-rank FSDP2 runs of tests/training/test_fsdp.py score tasks
-too (`icl_recipe_args`) and are compared with one process there.
+too (`icl_recipe_args`, in tests/conftest.py) and are compared with one process there.
 """
 
 from __future__ import annotations
@@ -17,40 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BYTE_VOCAB, write_byte_source, write_tiny_source
-from test_harness import TASKS, user_task_dir
+from conftest import BYTE_VOCAB, user_task_dir, write_byte_source, write_tiny_source
 
 from llmshearing.callbacks.eval_tasks import parse_eval_tasks
 from llmshearing.callbacks.icl_eval import kept_random_state
 from llmshearing.cli import main as cli_main
 from llmshearing.config_base import ConfigError
+from llmshearing.harness.runner import TASKS_DIR as TASKS
 from llmshearing.train import main as train_main
 from llmshearing.training.builders import prepare_eval_tasks
 from llmshearing.training.config import load_config, validate_config
 
 PRUNE = "yamls/tiny/prune.yaml"
-
-
-def write_char_tokenizer(directory: Path) -> Path:
-    """A character-level tokenizer of 97 tokens (printable ASCII, unknown, end of text): it fits the
-    97-token vocabulary of the tests' tiny source, and the shipped tasks are printable ASCII."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(code): code - 32 for code in range(32, 127)}
-    vocab.update({"<unk>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
-    fast.save_pretrained(directory)
-    return directory
-
-
-def icl_recipe_args(tokenizer_dir: Path) -> list[str]:
-    """Overrides that score two shipped tasks at every evaluation of a run of the tiny source (97 tokens)."""
-    write_char_tokenizer(tokenizer_dir)
-    tasks = "[{task: local_mc, limit: 8}, {label: cloze, task: local_cloze, num_fewshot: 2, limit: 8}]"
-    return [f"eval_tasks.tokenizer={tokenizer_dir}", f"eval_tasks.tasks={tasks}"]
 
 
 @pytest.fixture(scope="module")

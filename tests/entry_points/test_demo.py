@@ -49,8 +49,7 @@ def test_method_flag(capsys):
 def test_summary_shows_downstream_accuracy_of_each_stage(tmp_path, monkeypatch, capsys):
     """The demo's downstream steps on a tiny model: tasks from a test split, scored through lm-eval, and the
     summary's table beside the test losses (the real run is ``make demo``)."""
-    from conftest import write_byte_source
-    from test_heldout_tasks import byte_split
+    from conftest import byte_split, write_byte_source
 
     from llmshearing.harness.heldout import CLOZE, MC
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_byte_source, write_byte_tokenizer, write_tiny_source
+from conftest import user_task_dir, write_byte_source, write_byte_tokenizer, write_tiny_source
 
 from llmshearing.cli import main as cli_main
 from llmshearing.harness import runner
@@ -30,25 +30,6 @@ TASKS = runner.TASKS_DIR
 def byte_model(tmp_path_factory) -> Path:
     """A random tiny project checkpoint whose vocabulary covers the byte tokenizer saved beside it."""
     return write_byte_source(tmp_path_factory.mktemp("harness") / "source", max_seq_len=512)
-
-
-def user_task_dir(root: Path) -> Path:
-    """A task directory in lm-eval's local-data format: ``dataset_path: json`` over absolute JSONL paths."""
-    root.mkdir(parents=True, exist_ok=True)
-    train, test = TASKS / "local_cloze_train.jsonl", TASKS / "local_cloze_test.jsonl"
-    (root / "user_cloze.yaml").write_text(
-        "task: user_cloze\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    train: {train}\n    test: {test}\n"
-        "output_type: loglikelihood\n"
-        "training_split: train\n"
-        "test_split: test\n"
-        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
-        "doc_to_target: \"{{' ' + text.split(' ')[-1]}}\"\n"
-        'target_delimiter: ""\n'
-        "metric_list:\n  - metric: perplexity\n  - metric: acc\n"
-    )
-    return root
 
 
 def metrics(results: dict, task: str) -> dict[str, float]:

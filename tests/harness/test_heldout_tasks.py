@@ -9,33 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import BYTE_VOCAB, write_byte_source
+from conftest import byte_split, write_byte_source
 
 from llmshearing.cli import main as cli_main
-from llmshearing.data.layout import write_token_root
 from llmshearing.harness.heldout import CLOZE, MC, build_heldout_tasks, build_items, cloze_item, mc_parts
-
-SEQ = 400  # bytes (tokens) per sequence
-
-
-def byte_split(root: Path, tokenizer_dir: Path) -> Path:
-    """Two domains of 10 sequences of SEQ byte tokens each, cut from the standard library's help topics."""
-    from pydoc_data.topics import topics
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    text = " ".join(" ".join(t.split()) for _, t in sorted(topics.items()))
-    ids = tokenizer.encode(text[: 2 * 10 * SEQ + 2000], add_special_tokens=False)
-    rows = [np.array(ids[i * SEQ : (i + 1) * SEQ]) for i in range(20)]
-    samples = {"train": {"a": rows[:2], "b": rows[2:4]}, "eval": {"a": rows[:2], "b": rows[2:4]}}
-    samples["test"] = {"a": rows[:10], "b": rows[10:20]}
-    write_token_root(root, samples, vocab_size=BYTE_VOCAB)
-    return root
 
 
 def test_items_have_the_formats_of_lambada_and_of_multiple_choice():

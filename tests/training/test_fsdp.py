@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_icl_eval import icl_recipe_args
+from conftest import icl_recipe_args
 
 from llmshearing.callbacks.sample_log import read_sample_log
 from llmshearing.checkpoint.loading import from_pretrained
