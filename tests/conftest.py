@@ -197,6 +197,102 @@ def can_mount_tmpfs() -> bool:
 needs_tmpfs = pytest.mark.skipif(not can_mount_tmpfs(), reason="needs a tmpfs mount (unshare -rm)")
 
 
+# ------------------------------------------------------------------------------- tiny Hugging Face models
+# The conversion tests' HF models (and the sharded-source tests' HF input): one tiny config per family.
+HF_VOCAB = 96
+
+
+def hf_test_config(family: str):
+    """A tiny random-model config of ``family``: llama_gqa_llama3 (GQA, Llama-3 RoPE scaling), mistral, qwen2,
+    llama_tied (multi-head, tied embeddings)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=HF_VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+    )
+    if family == "llama_gqa_llama3":
+        scaling = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+        return LlamaConfig(**common, head_dim=12, rope_theta=50000.0, rope_scaling=scaling)
+    if family == "mistral":
+        return MistralConfig(**common, head_dim=8, sliding_window=7)
+    if family == "qwen2":
+        return Qwen2Config(**common, rope_theta=1e6)
+    if family == "llama_tied":
+        return LlamaConfig(**{**common, "num_key_value_heads": 6}, tie_word_embeddings=True)
+    raise AssertionError(family)
+
+
+def write_word_tokenizer(directory: Path, eos: str = "w1") -> None:
+    """A word-level tokenizer of ``HF_VOCAB`` tokens ``w0`` ... (``<unk>`` is id 0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(HF_VOCAB)}
+    vocab["<unk>"] = 0
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=eos).save_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------- two-rank runs (FSDP2 on CPU)
+# ``composer -n 2`` runs of the training entry point with gloo, shared by tests/training and tests/checkpoint.
+SHARDED = ["fsdp_config.sharding_strategy=FULL_SHARD", "fsdp_config.state_dict_type=sharded"]
+RANK0 = "model.init_device=mixed"  # rank 0 reads the source (and the teacher); FSDP broadcasts to the shards
+LAUNCHER = os.path.join(os.path.dirname(sys.executable), "composer")
+PORTS = iter(range(29811, 29899))  # one master port per launch
+
+
+def run_args(source: str, data: str, folder: Path, *extra: str) -> list[str]:
+    """The overrides of a training run of ``source`` on ``data`` saving to ``folder``."""
+    return [f"model.path={source}", f"data_local={data}", f"save_folder={folder}", *extra]
+
+
+def run_two_ranks(recipe: str, args: list[str], script: list[str] | None = None, expect: int = 0) -> str:
+    """``composer -n 2`` with ``FSDP_VERSION=2``; asserts the exit status (0, or non-zero when ``expect``
+    is) and returns stdout and stderr together."""
+    command = [LAUNCHER, "-n", "2", "--master_port", str(next(PORTS))]
+    command += script or ["llmshearing/train.py"]
+    proc = subprocess.run(
+        [*command, recipe, *args], capture_output=True, text=True, env={**os.environ, "FSDP_VERSION": "2"}
+    )
+    output = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == (expect == 0), output[-6000:]
+    return output
+
+
+def logged_metrics(folder: Path) -> dict[tuple[int, str], float]:
+    """A run's ``metrics.jsonl`` as ``{(step, name): value}`` (numbers only)."""
+    import json
+
+    rows = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        step = record.pop("step")
+        rows.update({(step, k): v for k, v in record.items() if isinstance(v, (int, float))})
+    return rows
+
+
+def checkpoint_tensors(folder: Path) -> dict:
+    """Every tensor of a run's ``checkpoints/latest-rank0.pt``."""
+    from llmshearing.checkpoint.reading import open_checkpoint
+
+    with open_checkpoint(folder / "checkpoints" / "latest-rank0.pt") as ckpt:
+        return {k: ckpt.tensors.get(k) for k in ckpt.tensors.keys()}
+
+
 # ---------------------------------------------------------------------------------------- downstream tasks
 # The lm-eval tests' task inputs, shared by tests/harness, tests/callbacks, tests/training and tests/entry_points.
 HELDOUT_SEQ = 400  # bytes (tokens) per sequence of byte_split

@@ -13,8 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_convert import _hf_config, _write_tokenizer
-from test_fsdp import PRUNE, RANK0, SHARDED, _args, _metrics, _model, _sharded
+from conftest import (
+    RANK0,
+    SHARDED,
+    checkpoint_tensors,
+    hf_test_config,
+    logged_metrics,
+    run_args,
+    run_two_ranks,
+    write_word_tokenizer,
+)
 
 from llmshearing.checkpoint.format import write_project_checkpoint
 from llmshearing.checkpoint.reading import open_checkpoint
@@ -23,6 +31,7 @@ from llmshearing.checkpoint.tensor_io import TensorMeta
 from llmshearing.cli import main as cli_main
 from llmshearing.train import build_trainer, run
 
+PRUNE = "yamls/tiny/prune.yaml"
 TIMINGS = ("time/", "wall_clock/", "distill/teacher_")  # wall-clock measurements differ between runs
 SHORT = ["max_duration=4ba", "eval_interval=2ba", "save_interval=4ba", "model.distillation.alpha=0.5"]
 
@@ -53,8 +62,8 @@ def hf_model(tmp_path_factory) -> Path:
 
     directory = tmp_path_factory.mktemp("hf") / "llama"
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(_hf_config("llama_gqa_llama3")).save_pretrained(directory)
-    _write_tokenizer(directory)
+    AutoModelForCausalLM.from_config(hf_test_config("llama_gqa_llama3")).save_pretrained(directory)
+    write_word_tokenizer(directory)
     return directory
 
 
@@ -123,7 +132,7 @@ def plain_run(tiny_source, tiny_mds, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("runs") / "plain"
     clean_stale_shared_memory()
     trainer, values = build_trainer(
-        PRUNE, _args(tiny_source, tiny_mds, folder, *SHORT, _teacher(tiny_source))
+        PRUNE, run_args(tiny_source, tiny_mds, folder, *SHORT, _teacher(tiny_source))
     )
     run(trainer, values)
     clean_stale_shared_memory()
@@ -134,19 +143,19 @@ def test_a_pruning_run_from_sharded_weights_matches_the_safetensors_source(
     plain_run, sharded_tiny, tiny_mds, tmp_path, clean_shm, capsys
 ):
     folder = tmp_path / "sharded"
-    args = _args(str(sharded_tiny), tiny_mds, folder, *SHORT, _teacher(sharded_tiny))
+    args = run_args(str(sharded_tiny), tiny_mds, folder, *SHORT, _teacher(sharded_tiny))
     trainer, values = build_trainer(PRUNE, args)
     run(trainer, values)
     captured = capsys.readouterr()
     assert "the source's sharded weights (model.dcp/) are read one tensor at a time" in captured.out
     assert "does not fit" not in captured.err  # the tiny run fits this machine: no planner warning
-    a, b = _metrics(plain_run), _metrics(folder)
+    a, b = logged_metrics(plain_run), logged_metrics(folder)
     losses = [k for k in a if k[1].startswith("loss/train")]
     assert losses and a.keys() == b.keys() and any(k[1] == "loss/train/kd" for k in losses)
     assert all(a[k] == b[k] for k in a if not k[1].startswith(TIMINGS)), [
         (k, a[k], b[k]) for k in a if a[k] != b.get(k)
     ][:5]
-    weights_a, weights_b = _model(plain_run), _model(folder)
+    weights_a, weights_b = checkpoint_tensors(plain_run), checkpoint_tensors(folder)
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
@@ -219,8 +228,8 @@ def _fsdp_run(
     initial = folder.parent / f"{folder.name}-initial.pt"
     clean_stale_shared_memory()
     script = ["tests/scripts/initial_model.py", str(initial)]
-    log = _sharded(
-        PRUNE, _args(str(source), data, folder, *SHORT, _teacher(teacher), *SHARDED, *extra), script=script
+    log = run_two_ranks(
+        PRUNE, run_args(str(source), data, folder, *SHORT, _teacher(teacher), *SHARDED, *extra), script=script
     )
     clean_stale_shared_memory()
     return log, initial
@@ -256,12 +265,12 @@ def test_fsdp2_ranks_read_their_own_slices_of_sharded_weights(
     assert "teacher: blocks sharded over 2 ranks" in log and "each rank filled its own slices" in log
     _assert_saved_equal_the_source(initial, tiny_source)
     _assert_saved_equal_the_source(Path(f"{initial}.teacher"), tiny_source)
-    a, b = _metrics(plain_run), _metrics(folder)
+    a, b = logged_metrics(plain_run), logged_metrics(folder)
     compared = [k for k in a if not k[1].startswith(TIMINGS)]
     assert any(k[1].startswith("loss/train") for k in compared) and a.keys() == b.keys()
     for key in compared:
         assert b[key] == pytest.approx(a[key], abs=1e-5 * max(1.0, abs(a[key]))), key
-    weights_a, weights_b = _model(plain_run), _model(folder)
+    weights_a, weights_b = checkpoint_tensors(plain_run), checkpoint_tensors(folder)
     assert weights_a.keys() == weights_b.keys()
     for key, value in weights_a.items():
         torch.testing.assert_close(weights_b[key], value, rtol=0, atol=1e-5, msg=key)
@@ -281,11 +290,11 @@ def test_a_teacher_read_in_slices_trains_as_the_teacher_read_whole(
     assert "source read in slices" in log and "the teacher read whole on rank 0" in log, log[-3000:]
     assert "each rank filled its own slices" not in log
     _assert_saved_equal_the_source(Path(f"{initial}.teacher"), tiny_source)
-    a, b = _metrics(folder), _metrics(sliced)
+    a, b = logged_metrics(folder), logged_metrics(sliced)
     compared = [k for k in a if not k[1].startswith(TIMINGS)]
     assert any(k[1] == "loss/train/kd" for k in compared) and a.keys() == b.keys()
     assert all(a[k] == b[k] for k in compared), [(k, a[k], b[k]) for k in compared if a[k] != b[k]][:5]
-    weights_a, weights_b = _model(folder), _model(sliced)
+    weights_a, weights_b = checkpoint_tensors(folder), checkpoint_tensors(sliced)
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 

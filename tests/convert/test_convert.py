@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HF_VOCAB, hf_test_config, write_word_tokenizer
 from safetensors.torch import load_file, save_file
 
 from llmshearing import cli
@@ -18,7 +19,6 @@ from llmshearing.convert.project_to_hf import convert_project_to_hf
 from llmshearing.hf.config import hf_config_from_model, model_config_from_hf
 from llmshearing.hf.keymaps import KEY_MAPS, KeyMap
 
-VOCAB = 96
 LOGIT_ATOL = 1e-4  # fp32 on CPU, project Decoder vs transformers
 
 
@@ -32,52 +32,7 @@ def cli_main(argv: list[str]) -> int:
         cli.COMMAND_MODULES = modules
 
 
-def _llama3_scaling() -> dict:
-    return {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16,
-    }
-
-
-def _hf_config(family: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-    )
-    if family == "llama_gqa_llama3":
-        return LlamaConfig(**common, head_dim=12, rope_theta=50000.0, rope_scaling=_llama3_scaling())
-    if family == "mistral":
-        return MistralConfig(**common, head_dim=8, sliding_window=7)
-    if family == "qwen2":
-        return Qwen2Config(**common, rope_theta=1e6)
-    if family == "llama_tied":
-        return LlamaConfig(**{**common, "num_key_value_heads": 6}, tie_word_embeddings=True)
-    raise AssertionError(family)
-
-
 FAMILIES = ["llama_gqa_llama3", "mistral", "qwen2", "llama_tied"]
-
-
-def _write_tokenizer(directory: Path, eos: str = "w1") -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    vocab["<unk>"] = 0
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=eos).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +44,13 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
     dirs = {}
     for seed, family in enumerate(FAMILIES):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(_hf_config(family))
+        model = AutoModelForCausalLM.from_config(hf_test_config(family))
         if family == "qwen2":  # transformers initialises biases to zero; make them matter
             for name, param in model.named_parameters():
                 if name.endswith("bias"):
                     torch.nn.init.normal_(param, std=0.5)
         model.save_pretrained(root / family)
-        _write_tokenizer(root / family)
+        write_word_tokenizer(root / family)
         dirs[family] = root / family
     return dirs
 
@@ -119,7 +74,7 @@ def _hf_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _ids(seq_len: int = 24) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, seq_len), generator=torch.Generator().manual_seed(7))
+    return torch.randint(0, HF_VOCAB, (2, seq_len), generator=torch.Generator().manual_seed(7))
 
 
 def _leftovers(parent: Path, name: str) -> list[str]:
@@ -134,7 +89,7 @@ def test_project_logits_match_transformers(family, hf_models, converted):
     assert not model.training
     with torch.no_grad():
         logits = model(ids)
-    assert logits.shape == (2, ids.shape[1], VOCAB)
+    assert logits.shape == (2, ids.shape[1], HF_VOCAB)
     assert (logits - expected).abs().max().item() <= LOGIT_ATOL
 
 
@@ -197,7 +152,7 @@ def test_cli_bf16_export_and_sharding(hf_models, tmp_path, capsys):
     )
     assert all(t.dtype == torch.bfloat16 for t in load_file(project / "model.safetensors").values())
     out = tmp_path / "hf"
-    _write_tokenizer(tmp_path / "other_tokenizer", eos="w3")
+    write_word_tokenizer(tmp_path / "other_tokenizer", eos="w3")
     tokenizer = ["--tokenizer", str(tmp_path / "other_tokenizer")]
     assert cli_main(["convert", "composer-to-hf", str(project), str(out), *tokenizer]) == 0  # default: bf16
     assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "w3"
@@ -242,9 +197,9 @@ def test_keymaps_are_bijective():
 
 
 def test_pruned_shape_exports_a_config_transformers_accepts():
-    config = model_config_from_hf(_hf_config("llama_gqa_llama3").to_dict())
+    config = model_config_from_hf(hf_test_config("llama_gqa_llama3").to_dict())
     pruned = config.replace(d_model=40, n_heads=4, n_kv_heads=2, intermediate_size=33, n_layers=1)
-    exported = hf_config_from_model(pruned, _hf_config("llama_gqa_llama3").to_dict(), "bf16")
+    exported = hf_config_from_model(pruned, hf_test_config("llama_gqa_llama3").to_dict(), "bf16")
     assert (
         exported["hidden_size"] == 40 and exported["head_dim"] == 12 and exported["num_key_value_heads"] == 2
     )
@@ -441,7 +396,7 @@ def test_open_checkpoint_reports_kind(converted, hf_models):
     ],
 )
 def test_unsupported_llama_settings_are_rejected(change, message):
-    config = {**_hf_config("llama_tied").to_dict(), "architectures": ["LlamaForCausalLM"], **change}
+    config = {**hf_test_config("llama_tied").to_dict(), "architectures": ["LlamaForCausalLM"], **change}
     with pytest.raises(ValueError, match=message):
         model_config_from_hf(config, "some/config.json")
 

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import icl_recipe_args
+from conftest import (
+    RANK0,
+    SHARDED,
+    checkpoint_tensors,
+    icl_recipe_args,
+    logged_metrics,
+    run_args,
+    run_two_ranks,
+)
 
 from llmshearing.callbacks.sample_log import read_sample_log
 from llmshearing.checkpoint.loading import from_pretrained
@@ -32,7 +40,6 @@ from llmshearing.training.fsdp import FSDPConfigError, resolve_fsdp, shard_teach
 
 PRUNE = "yamls/tiny/prune.yaml"
 CONTINUED = "yamls/tiny/continued.yaml"
-SHARDED = ["fsdp_config.sharding_strategy=FULL_SHARD", "fsdp_config.state_dict_type=sharded"]
 FULL = [
     "fsdp_config.sharding_strategy=SHARD_GRAD_OP",
     "fsdp_config.state_dict_type=full",
@@ -48,13 +55,6 @@ PRUNE_EXTRA = [
     "model.l0_module.lagrangian_warmup_steps=0ba",
 ]
 CONTINUED_EXTRA = ["callbacks.sample_log={}", "max_duration=8ba", "callbacks.data_loading.loss_source=train"]
-RANK0 = "model.init_device=mixed"  # rank 0 reads the source (and the teacher); FSDP broadcasts to the shards
-LAUNCHER = os.path.join(os.path.dirname(sys.executable), "composer")
-PORTS = iter(range(29811, 29899))
-
-
-def _args(source: str, data: str, folder: Path, *extra: str) -> list[str]:
-    return [f"model.path={source}", f"data_local={data}", f"save_folder={folder}", *extra]
 
 
 def _single(recipe: str, args: list[str]) -> None:
@@ -62,31 +62,6 @@ def _single(recipe: str, args: list[str]) -> None:
         [sys.executable, "-m", "llmshearing.train", recipe, *args], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def _sharded(recipe: str, args: list[str], script: list[str] | None = None, expect: int = 0) -> str:
-    command = [LAUNCHER, "-n", "2", "--master_port", str(next(PORTS))]
-    command += script or ["llmshearing/train.py"]
-    proc = subprocess.run(
-        [*command, recipe, *args], capture_output=True, text=True, env={**os.environ, "FSDP_VERSION": "2"}
-    )
-    output = proc.stdout + proc.stderr
-    assert (proc.returncode == 0) == (expect == 0), output[-6000:]
-    return output
-
-
-def _metrics(folder: Path) -> dict[tuple[int, str], float]:
-    rows = {}
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        step = record.pop("step")
-        rows.update({(step, k): v for k, v in record.items() if isinstance(v, (int, float))})
-    return rows
-
-
-def _model(folder: Path) -> dict[str, torch.Tensor]:
-    with open_checkpoint(folder / "checkpoints" / "latest-rank0.pt") as ckpt:
-        return {k: ckpt.tensors.get(k) for k in ckpt.tensors.keys()}
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +72,20 @@ def runs(tiny_source, tiny_mds, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     clean_stale_shared_memory()
     icl = icl_recipe_args(root / "tokenizer")  # downstream tasks at every evaluation (eval_tasks)
-    _single(PRUNE, _args(tiny_source, tiny_mds, root / "prune-one", *PRUNE_EXTRA, *icl))
-    log = _sharded(PRUNE, _args(tiny_source, tiny_mds, root / "prune-fsdp", *PRUNE_EXTRA, *SHARDED, *icl))
+    _single(PRUNE, run_args(tiny_source, tiny_mds, root / "prune-one", *PRUNE_EXTRA, *icl))
+    log = run_two_ranks(
+        PRUNE, run_args(tiny_source, tiny_mds, root / "prune-fsdp", *PRUNE_EXTRA, *SHARDED, *icl)
+    )
     distil = [f"model.distillation.teacher={tiny_source}", "model.distillation.alpha=0.5"]
-    _single(CONTINUED, _args(tiny_source, tiny_mds, root / "cont-one", *CONTINUED_EXTRA, *distil, *icl))
-    distil_log = _sharded(
-        CONTINUED, _args(tiny_source, tiny_mds, root / "cont-fsdp", *CONTINUED_EXTRA, *distil, *FULL, *icl)
+    _single(CONTINUED, run_args(tiny_source, tiny_mds, root / "cont-one", *CONTINUED_EXTRA, *distil, *icl))
+    distil_log = run_two_ranks(
+        CONTINUED, run_args(tiny_source, tiny_mds, root / "cont-fsdp", *CONTINUED_EXTRA, *distil, *FULL, *icl)
     )
     # the same run with the source and the teacher read on rank 0 alone (no downstream tasks: they do not
     # touch the training, test_fsdp2_downstream_scores_match_one_process)
-    mixed_log = _sharded(
+    mixed_log = run_two_ranks(
         CONTINUED,
-        _args(tiny_source, tiny_mds, root / "cont-mixed", *CONTINUED_EXTRA, *distil, *FULL, RANK0),
+        run_args(tiny_source, tiny_mds, root / "cont-mixed", *CONTINUED_EXTRA, *distil, *FULL, RANK0),
     )
     clean_stale_shared_memory()
     return {
@@ -121,13 +98,13 @@ def runs(tiny_source, tiny_mds, tmp_path_factory):
 
 
 def _assert_same_run(one: Path, fsdp: Path) -> None:
-    a, b = _metrics(one), _metrics(fsdp)
+    a, b = logged_metrics(one), logged_metrics(fsdp)
     assert a.keys() == b.keys()
     for key, value in a.items():  # losses, per-domain metrics, mix weights, L0 statistics, downstream tasks
         if key[1].startswith(("distill/teacher_", "wall_clock/")):  # wall-clock time
             continue
         assert b[key] == pytest.approx(value, abs=1e-5 * max(1.0, abs(value))), key  # relative above 1
-    weights_a, weights_b = _model(one), _model(fsdp)
+    weights_a, weights_b = checkpoint_tensors(one), checkpoint_tensors(fsdp)
     assert weights_a.keys() == weights_b.keys()
     for key, value in weights_a.items():
         torch.testing.assert_close(weights_b[key], value, rtol=0, atol=1e-5, msg=key)
@@ -151,8 +128,10 @@ def test_fsdp2_pruning_matches_one_process(runs):
             assert torch.equal(mask != 0, masks_b["masks"][family] != 0), (name, family)
     init = json.loads((fsdp / "config.json").read_text())["l0_init"]  # calibrated once, cost recorded
     assert init["source"] == "importance" and init["device"] == "cpu" and init["seconds"] >= 0
-    counts = [(k, v) for k, v in _metrics(one).items() if k[1].startswith("data/count/")]
-    assert counts and all(_metrics(fsdp)[k] == v for k, v in counts)  # the same integer mix at every update
+    counts = [(k, v) for k, v in logged_metrics(one).items() if k[1].startswith("data/count/")]
+    assert counts and all(
+        logged_metrics(fsdp)[k] == v for k, v in counts
+    )  # the same integer mix at every update
 
 
 @pytest.mark.slow
@@ -160,7 +139,7 @@ def test_fsdp2_continued_pretraining_matches_one_process(runs):
     fsdp = runs["root"] / "cont-fsdp"
     assert (fsdp / "checkpoints" / "latest-rank0.pt").resolve().is_file()  # state_dict_type: full
     _assert_same_run(runs["root"] / "cont-one", fsdp)
-    assert any(name == "loss/train/kd" for _, name in _metrics(fsdp))  # the teacher was in the loss
+    assert any(name == "loss/train/kd" for _, name in logged_metrics(fsdp))  # the teacher was in the loss
     # the teacher's blocks were sharded too: rank 0 holds half of them plus the whole embeddings and head
     found = re.search(
         r"teacher: blocks sharded over 2 ranks; .* ([\d,]+) of ([\d,]+) parameters", runs["distil_log"]
@@ -181,7 +160,7 @@ def test_fsdp2_downstream_scores_match_one_process(runs):
     each): the values of one process at every evaluation, the masked model in pruning and the dense one in
     continued pretraining (compared with the other metrics by _assert_same_run: relative 1e-5)."""
     for one, fsdp in (("prune-one", "prune-fsdp"), ("cont-one", "cont-fsdp")):
-        a, b = _metrics(runs["root"] / one), _metrics(runs["root"] / fsdp)
+        a, b = logged_metrics(runs["root"] / one), logged_metrics(runs["root"] / fsdp)
         scored = {key for key in a if key[1].startswith("icl/")}
         assert {name for _, name in scored} == {
             "icl/local_mc/acc", "icl/local_mc/acc_norm", "icl/cloze/acc", "icl/cloze/perplexity"
@@ -195,13 +174,13 @@ def test_fsdp2_downstream_scores_match_one_process(runs):
 
 def _assert_identical_training(every_rank: Path, rank0: Path) -> None:
     """Losses, mix, L0 statistics and the saved model of two runs bit for bit (the metrics ``rank0`` logs)."""
-    a, b = _metrics(every_rank), _metrics(rank0)
+    a, b = logged_metrics(every_rank), logged_metrics(rank0)
     compared = [k for k in b if not k[1].startswith(("distill/teacher_", "wall_clock/", "time/"))]
     assert any(k[1].startswith("loss/train") for k in compared)
     assert not [k for k in compared if a.get(k) != b[k]], [
         (k, a.get(k), b[k]) for k in compared if a.get(k) != b[k]
     ][:5]
-    weights_a, weights_b = _model(every_rank), _model(rank0)
+    weights_a, weights_b = checkpoint_tensors(every_rank), checkpoint_tensors(rank0)
     assert weights_a.keys() == weights_b.keys()
     for key, value in weights_a.items():
         assert torch.equal(weights_b[key], value), key
@@ -214,8 +193,8 @@ def test_fsdp2_pruning_with_the_hidden_family_held_matches_one_process(tiny_sour
 
     held = [*PRUNE_EXTRA, "model.l0_module.hold_ranked=[hidden]", "max_duration=4ba", "eval_interval=4ba"]
     clean_stale_shared_memory()
-    _single(PRUNE, _args(tiny_source, tiny_mds, tmp_path / "one", *held))
-    log = _sharded(PRUNE, _args(tiny_source, tiny_mds, tmp_path / "fsdp", *held, *SHARDED))
+    _single(PRUNE, run_args(tiny_source, tiny_mds, tmp_path / "one", *held))
+    log = run_two_ranks(PRUNE, run_args(tiny_source, tiny_mds, tmp_path / "fsdp", *held, *SHARDED))
     clean_stale_shared_memory()
     assert "hidden held at the ranked cut" in log, log[-3000:]
     _assert_same_run(tmp_path / "one", tmp_path / "fsdp")
@@ -230,25 +209,25 @@ def test_sharded_run_resumes_bit_identically(runs, tiny_source, tiny_mds):
     from streaming.base.util import clean_stale_shared_memory
 
     straight, resumed = runs["root"] / "prune-fsdp", runs["root"] / "prune-resumed"
-    args = _args(tiny_source, tiny_mds, resumed, *PRUNE_EXTRA, *SHARDED, "autoresume=true", RANK0)
+    args = run_args(tiny_source, tiny_mds, resumed, *PRUNE_EXTRA, *SHARDED, "autoresume=true", RANK0)
     clean_stale_shared_memory()
-    first = _sharded(
+    first = run_two_ranks(
         PRUNE, args, script=["tests/scripts/train_until.py", "6"], expect=3
     )  # stops mid-interval
     assert "source read on rank 0 (1 of 2 ranks, model.init_device=mixed)" in first, first[-3000:]
     assert "calibrating on 8 train samples (on rank 0)" in first  # the other ranks hold no weights yet
     assert "source read on every rank (2 of 2 ranks" in runs["log"]
     assert os.readlink(resumed / "checkpoints" / "latest-rank0.pt") == "ep1-ba6"
-    _sharded(PRUNE, args)
+    run_two_ranks(PRUNE, args)
     clean_stale_shared_memory()
     _assert_identical_training(straight, resumed)  # losses, L0 statistics, weights, log-alphas, multipliers
-    assert any(k.startswith("l0_module.multipliers") for k in _model(resumed))
+    assert any(k.startswith("l0_module.multipliers") for k in checkpoint_tensors(resumed))
     for name in ("ba4.pt", "ba8.pt", "ba12.pt"):
         masks_a = torch.load(straight / "masks" / name, weights_only=False)["masks"]
         masks_b = torch.load(resumed / "masks" / name, weights_only=False)["masks"]
         assert all(torch.equal(masks_a[f], masks_b[f]) for f in masks_a), name
-    mix = {k: v for k, v in _metrics(straight).items() if k[1].startswith("data/") and k[0] > 6}
-    resumed_metrics = _metrics(resumed)
+    mix = {k: v for k, v in logged_metrics(straight).items() if k[1].startswith("data/") and k[0] > 6}
+    resumed_metrics = logged_metrics(resumed)
     assert mix and all(resumed_metrics[k] == v for k, v in mix.items())
     for rank in (0, 1):
         assert read_sample_log(str(straight / f"samples-rank{rank}.jsonl")) == read_sample_log(
@@ -269,7 +248,7 @@ def test_rank0_loading_of_source_and_teacher_matches_every_rank_loading(runs):
     assert "source and teacher read on every rank (2 of 2 ranks, model.init_device=cpu)" in runs["distil_log"]
     assert "teacher: blocks sharded over 2 ranks" in log
     every_rank, rank0 = runs["root"] / "cont-fsdp", runs["root"] / "cont-mixed"
-    assert any(name == "loss/train/kd" for _, name in _metrics(rank0))
+    assert any(name == "loss/train/kd" for _, name in logged_metrics(rank0))
     _assert_identical_training(every_rank, rank0)
     description = json.loads((rank0 / "config.json").read_text())
     assert description["loading"].startswith("source and teacher read on rank 0")
@@ -326,7 +305,7 @@ def test_misconfigured_fsdp_is_a_clear_error_before_anything_runs(
     for key, value in environ.items():
         monkeypatch.setenv(key, value)
     folder = tmp_path / "run"
-    assert train_main([PRUNE, *_args(tiny_source, tiny_mds, folder), override]) == 2
+    assert train_main([PRUNE, *run_args(tiny_source, tiny_mds, folder), override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and "Traceback" not in err
     assert not folder.exists()
@@ -608,7 +587,7 @@ def test_two_ranks_calibrate_their_shares_through_the_training_stream(tiny_sourc
         *SHARDED,
     ]
     clean_stale_shared_memory()
-    log = _sharded(PRUNE, args, script=["tests/scripts/build_only.py", str(out)])
+    log = run_two_ranks(PRUNE, args, script=["tests/scripts/build_only.py", str(out)])
     clean_stale_shared_memory()
     assert "calibrating on 8 train samples (up to 4 per rank on 2 ranks)" in log, log[-3000:]
     assert re.search(r"mask ranking calibrated in [\d.]+ s", log)
