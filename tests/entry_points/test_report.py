@@ -35,6 +35,7 @@ def _write_metrics(path: str) -> None:
                     "data/loss/docs": 3.0,
                     "data/reference/code": 1.9,
                     "data/reference/docs": 2.5,
+                    "l0/units_moved": 3 * step,  # at each mask snapshot of a run with a ranked start
                 }
             )
     # a resumed run replays step 6 with a different value; the later line wins
@@ -64,6 +65,7 @@ def test_report_renders_plots_and_summary(tmp_path):
             "domain_loss.png",
             "sparsity.png",
             "multipliers.png",
+            "units_moved.png",
             "train_loss.png",
             "report.md",
         ]
