@@ -49,7 +49,12 @@ PANELS = (
         r"^l0/target_sparsity/(.+)$",
     ),
     Panel("multipliers.png", "Lagrange multipliers", "value", r"^l0/(lambda_[12]/.+)$"),
-    Panel("units_moved.png", "Units moved from the ranked start (mask snapshots)", "units", r"^l0/(units_moved)$"),
+    Panel(
+        "units_moved.png",
+        "Units moved from the ranked start (mask snapshots)",
+        "units",
+        r"^l0/(units_moved)$",
+    ),
     Panel("train_loss.png", "Training loss", "loss", r"^loss/train/(.+)$"),
     Panel(
         "icl.png",
