@@ -195,11 +195,8 @@ def score(planted: Planted, families: Sequence[str], masks: Mapping[str, torch.T
     return out
 
 
-LIVE_FAMILIES = (
-    "kv_head",
-    "head",
-    "intermediate",
-)  # where a fold can keep a planted unit in a live one's place
+# the families where a fold can keep a planted unit in a live one's place
+LIVE_FAMILIES = ("kv_head", "head", "intermediate")
 
 
 def live_worth(
