@@ -200,6 +200,8 @@ def test_plans_that_cannot_reach_their_target_are_refused(bench, small):
         models.PlantSpec("duplicate", kv_heads=2).check(config)
     with pytest.raises(ValueError, match="plant kind"):
         models.PlantSpec("loud").check(config)
+    with pytest.raises(ValueError, match=r"pair_inputs must be one of \('copy', 'mix'\), got 'both'"):
+        models.PlantSpec("cancel", pair_inputs="both").check(config)
     setup = planted_bench.Setup(
         "bad", ("head", "intermediate"), models.PlantSpec("dead", layers=1, kv_heads=0)
     )
