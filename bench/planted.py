@@ -12,6 +12,7 @@ model's (which equals the small model's):
   oneshot-compensated  ``prune-oneshot --compensate``: neurons and query heads chosen and re-fitted by least squares
   compensated-bounded  learned masks from the compensated cut: its re-fitted weights, then ``init_from:
               importance`` (the units the cut removed have zero output columns, so they rank last)
+              (both: ``,damping=D`` sets the fit's damping, as ``prune-oneshot --damping``)
   (variants)  learned masks with the settings under study (``--methods``; see ``METHODS``)
 
 each with the weights frozen (mask learning alone) and with the weights training, for several seeds
@@ -70,6 +71,7 @@ from llmshearing.pruning.algorithm import (  # noqa: E402
     set_l0_step,
     set_multiplier_beta1,
 )
+from llmshearing.pruning.compensation import DEFAULT_DAMPING  # noqa: E402
 from llmshearing.pruning.compensation import compensate as compensate_cut  # noqa: E402
 from llmshearing.pruning.fold import prune_decoder  # noqa: E402
 from llmshearing.pruning.importance import compute_importance  # noqa: E402
@@ -247,6 +249,7 @@ def l0_settings(setup: Setup, planted: Planted, method: str, steps: int) -> dict
     overrides = method_overrides(method)
     warmup = overrides.pop("warmup", 0.0)
     overrides.pop("start", None)  # where the weights start (run_learned), not an L0 setting
+    overrides.pop("damping", None)  # the compensated start's fit (run_oneshot), not an L0 setting
     settings: dict[str, Any] = {
         "pruning_modules": list(setup.families),
         "target_model": dict(planted.target),
@@ -271,8 +274,10 @@ def run_oneshot(
     settings: Settings,
     seed: int,
     compensate: bool = False,
+    damping: float = DEFAULT_DAMPING,
 ) -> tuple[dict[str, torch.Tensor], Any]:
-    """The one-shot cut and the decoder it folds (with ``compensate``, a copy with re-fitted ``w2`` and ``wo``)."""
+    """The one-shot cut and the decoder it folds (with ``compensate``, a copy with ``w2`` and ``wo`` re-fitted at
+    ``damping``)."""
     decoder = planted.decoder
     scores = compute_importance(decoder, calibration(train, settings, seed), progress=False, grams=compensate)
     plan = L0Config(pruning_modules=list(setup.families), target_model=dict(planted.target)).resolve(
@@ -281,7 +286,7 @@ def run_oneshot(
     masks = oneshot_masks(scores, decoder.config, plan)
     if compensate:
         decoder = copy.deepcopy(decoder)
-        masks = compensate_cut(decoder, scores.grams, masks, plan)
+        masks = compensate_cut(decoder, scores.grams, masks, plan, damping=damping)
     return masks, decoder
 
 
@@ -302,8 +307,10 @@ def run_learned(
     init_from = l0.get("init_from")  # the module knows its ranked start (hold_ranked needs it); set here
     model = ComposerLlama(planted.decoder.config)
     start = planted.decoder
-    if method_overrides(method).get("start") == "compensated":  # the least-squares cut's re-fitted weights
-        start = run_oneshot(setup, planted, train, settings, seed, compensate=True)[1]
+    overrides = method_overrides(method)
+    if overrides.get("start") == "compensated":  # the least-squares cut's re-fitted weights
+        damping = overrides.get("damping", DEFAULT_DAMPING)
+        start = run_oneshot(setup, planted, train, settings, seed, compensate=True, damping=damping)[1]
     model.model.load_state_dict(start.state_dict())
     module = attach_l0_module(model, l0)
     module.set_noise_seed(seed)
@@ -386,9 +393,9 @@ def one_run(
                 continue
             started = time.perf_counter()
             if method.startswith("oneshot"):
-                masks, decoder = run_oneshot(
-                    setup, planted, train, settings, seed, compensate=method == "oneshot-compensated"
-                )
+                compensated = method.split(",")[0] == "oneshot-compensated"
+                damping = method_overrides(method).get("damping", DEFAULT_DAMPING)
+                masks, decoder = run_oneshot(setup, planted, train, settings, seed, compensated, damping)
                 stats = {}
             else:
                 masks, decoder, stats = run_learned(
@@ -564,6 +571,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m.split(",")[0] not in METHODS]
     if unknown:
         p.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    for method in args.methods:
+        overrides = method_overrides(method)
+        if "damping" not in overrides:
+            continue
+        fitted = method.split(",")[0] == "oneshot-compensated" or overrides.get("start") == "compensated"
+        damping = overrides["damping"]
+        if not fitted:
+            p.error(f"--methods {method}: damping sets the least-squares fit of a compensated method only")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
+            p.error(f"--methods {method}: damping must be a positive number, got {damping!r}")
     if args.quick:
         args.seeds, args.sizes, args.steps = [0], ["s"], 200
     return args

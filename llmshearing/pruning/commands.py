@@ -118,6 +118,13 @@ def _add_prune_oneshot(subparsers: argparse._SubParsersAction) -> None:
         help="choose the MLP neurons and query heads by least squares and re-fit w2 and wo to make up for the "
         "removed ones (calibration holds a Gram matrix per layer and projection; llmshearing/pruning/README.md)",
     )
+    parser.add_argument(
+        "--damping",
+        type=float,
+        metavar="D",
+        help="with --compensate: the fit's ridge, a share of each Gram matrix's mean diagonal added to it "
+        "(default: 0.01; smaller follows the calibration data more closely; README: Pruning)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT / --hf-out if they exist")
     _add_allow_indivisible(parser)
     parser.set_defaults(func=run_prune_oneshot)
@@ -167,6 +174,7 @@ def run_prune_oneshot(args: argparse.Namespace) -> int:
         allow_indivisible_d_model=args.allow_indivisible_d_model,
         budget=args.budget,
         compensate=args.compensate,
+        damping=args.damping,
     )
     print(result.describe())
     return 0

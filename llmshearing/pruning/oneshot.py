@@ -88,6 +88,32 @@ def _check_fresh(path: Path, flag: str, overwrite: bool) -> None:
         raise ValueError(f"{flag} {path} already exists; remove it, choose another path or pass --overwrite")
 
 
+def check_damping(damping: float | None, compensate: bool) -> float:
+    """The least-squares fit's damping (``DEFAULT_DAMPING`` when ``None``); refused without ``compensate``
+    (nothing would read it) or unless a positive finite number."""
+    import math
+
+    from llmshearing.pruning.compensation import DEFAULT_DAMPING
+
+    if damping is None:
+        return DEFAULT_DAMPING
+    if not compensate:
+        raise ValueError(
+            f"--damping {damping} sets the least-squares fit of --compensate; add --compensate or drop --damping"
+        )
+    if (
+        isinstance(damping, bool)
+        or not isinstance(damping, (int, float))
+        or not math.isfinite(damping)
+        or damping <= 0
+    ):
+        raise ValueError(
+            f"--damping must be a positive number (a share of each Gram matrix's mean diagonal added to it, "
+            f"e.g. 0.01 or 0.001), got {damping!r}"
+        )
+    return float(damping)
+
+
 def prune_oneshot(
     src: str | Path,
     out: str | Path,
@@ -107,6 +133,7 @@ def prune_oneshot(
     budget: str | Mapping[str, Any] | None = None,
     scores: Any = None,
     compensate: bool = False,
+    damping: float | None = None,
 ) -> OneShotResult:
     """Score ``src`` on ``samples`` calibration sequences of ``data``'s ``split``, prune it to ``target_model``, write ``out``.
 
@@ -116,7 +143,8 @@ def prune_oneshot(
     instead of ``target_model`` the shape is the one the budget resolves to
     (:func:`llmshearing.pruning.budget.choose_shape`). ``scores`` (:class:`ImportanceScores` of ``src``)
     skips the calibration. With ``compensate`` the MLP neurons and the query heads are chosen, and ``w2`` and
-    ``wo`` re-fitted, by least squares (:mod:`llmshearing.pruning.compensation`) instead of kept by rank.
+    ``wo`` re-fitted, by least squares (:mod:`llmshearing.pruning.compensation`) instead of kept by rank;
+    ``damping`` (default ``DEFAULT_DAMPING``) is the fit's ridge, a share of each Gram matrix's mean diagonal.
     """
     from llmshearing.checkpoint.format import refuse_pruning_checkpoint, write_project_checkpoint
     from llmshearing.checkpoint.loading import from_pretrained
@@ -136,6 +164,7 @@ def prune_oneshot(
         _check_fresh(hf_path, "--hf-out", overwrite)
     if samples <= 0 or batch_size <= 0:
         raise ValueError(f"--samples ({samples}) and --batch-size ({batch_size}) must be positive")
+    damping = check_damping(damping, compensate)
     with open_checkpoint(src) as ckpt:
         refuse_pruning_checkpoint(
             ckpt.tensors.keys(),
@@ -177,7 +206,7 @@ def prune_oneshot(
     if compensate:
         from llmshearing.pruning.compensation import compensate as compensate_cut
 
-        masks = compensate_cut(decoder, scores.grams, masks, plan, progress=progress)
+        masks = compensate_cut(decoder, scores.grams, masks, plan, damping=damping, progress=progress)
     pruned = prune_decoder(decoder, masks)
     if _shape(pruned.config) != _shape(plan.target):  # type: ignore[arg-type]
         raise RuntimeError(
@@ -197,6 +226,8 @@ def prune_oneshot(
         "params_after": pruned.config.num_params(),
         "kept_layers": torch.nonzero(masks["layer"]).flatten().tolist(),
     }
+    if compensate:
+        record["damping"] = damping
 
     def extra(staging: Path) -> None:
         from llmshearing.checkpoint.tensor_io import save_tensors

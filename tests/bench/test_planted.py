@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -187,6 +188,44 @@ def test_compensated_oneshot_removes_one_copy_of_every_duplicated_unit(bench, sm
         assert torch.equal(learned[family] > 0, masks[family] > 0), family
     refit = decoder.state_dict()
     assert all(torch.equal(value, refit[key]) for key, value in weights.state_dict().items())
+
+
+def test_damping_decides_whether_the_least_squares_cut_drops_loud_cancelling_pairs(bench, small, corpus):
+    """Pairs that read their own inputs (``cancel-mixed``) cost the fit only its damping term, which grows
+    with their loudness: at the default damping the cut keeps them in place of live neurons, at 1e-6 every
+    pair goes whole (KV groups are the ranking's, not the fit's, and stay out of it)."""
+    models, planted_bench = bench
+    settings = planted_bench.Settings(calibration_batches=4)
+    setup = planted_bench.SETUPS["cancel-mixed"]
+    planted = models.embed(small, setup.plant)
+    fitted, fitted_decoder = planted_bench.run_oneshot(setup, planted, corpus[0], settings, 0, True, 1e-6)
+    dropped = planted_bench.score(planted, setup.families, fitted)
+    assert dropped["head"] == 1.0 and dropped["intermediate"] == 1.0, dropped
+    default, default_decoder = planted_bench.run_oneshot(
+        setup, planted, corpus[0], settings, 0, compensate=True
+    )
+    assert planted_bench.score(planted, setup.families, default)["intermediate"] < 0.5
+    folded = [
+        models.mean_loss(planted_bench.prune_decoder(decoder, masks), corpus[1])
+        for masks, decoder in ((fitted, fitted_decoder), (default, default_decoder))
+    ]
+    assert folded[0] < folded[1], folded
+
+
+def test_damping_is_a_setting_of_the_compensated_methods_only(bench):
+    _, planted_bench = bench
+    args = planted_bench.parse_args(
+        ["--methods", "oneshot-compensated,damping=0.001", "compensated-bounded,damping=1e-4"]
+    )
+    assert [planted_bench.method_overrides(m)["damping"] for m in args.methods] == [1e-3, 1e-4]
+    target = SimpleNamespace(target={"n_layers": 2})  # what l0_settings reads of a planted model
+    l0 = planted_bench.l0_settings(
+        planted_bench.SETUPS["cancel"], target, "compensated-bounded,damping=1e-4", 10
+    )
+    assert "damping" not in l0 and "start" not in l0 and l0["init_from"] == "importance"
+    for bad in ("oneshot,damping=0.001", "importance-bounded,damping=0.001", "oneshot-compensated,damping=0"):
+        with pytest.raises(SystemExit):
+            planted_bench.parse_args(["--methods", bad])
 
 
 def test_plans_that_cannot_reach_their_target_are_refused(bench, small):

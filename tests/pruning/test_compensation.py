@@ -22,6 +22,7 @@ from test_oneshot import (  # the one-shot tests' source, data and target
 from llmshearing.checkpoint.reading import load_checkpoint
 from llmshearing.models.decoder import Decoder
 from llmshearing.pruning.compensation import (
+    DEFAULT_DAMPING,
     compensate,
     compensated_removal,
     damped_inverse,
@@ -162,12 +163,20 @@ def test_calibration_grams_are_the_mean_outer_products_of_the_projections_inputs
 
 
 def test_compensated_oneshot_writes_the_refitted_model(source_ckpt, data_root, tmp_path):  # noqa: F811
-    out = tmp_path / "pruned"
+    out, damping = tmp_path / "pruned", 1e-3
     prune_oneshot(
-        source_ckpt, out, data_root, TARGET, samples=6, batch_size=4, compensate=True, progress=False
+        source_ckpt,
+        out,
+        data_root,
+        TARGET,
+        samples=6,
+        batch_size=4,
+        compensate=True,
+        damping=damping,
+        progress=False,
     )
     record = json.loads((out / RECORD_NAME).read_text())
-    assert record["method"] == "oneshot-importance+compensation"
+    assert record["method"] == "oneshot-importance+compensation" and record["damping"] == damping
     masks = load_file(str(out / MASKS_NAME))
 
     # The same calibration, ranking and compensation by hand: the written model is their fold, exactly.
@@ -176,7 +185,7 @@ def test_compensated_oneshot_writes_the_refitted_model(source_ckpt, data_root, t
     scores = compute_importance(source, batches, total=total, progress=False, grams=True)
     plan = resolve_target(SOURCE, TARGET)
     ranked = oneshot_masks(scores, SOURCE, plan)
-    expected = compensate(source, scores.grams, ranked, plan)
+    expected = compensate(source, scores.grams, ranked, plan, damping=damping)
     for key in ranked:
         assert torch.equal(masks[key], expected[key]), key
     for family in ("intermediate", "head"):  # the least-squares choice differs from the ranking's
@@ -205,4 +214,5 @@ def test_compensate_needs_calibrated_grams(source_ckpt, data_root, tmp_path, cap
     args = ["prune-oneshot", str(source_ckpt), str(tmp_path / "cli"), "--data", str(data_root)]
     target = ",".join(f"{k}={v}" for k, v in TARGET.items())
     assert cli_main([*args, "--target", target, "--samples", "4", "--compensate"]) == 0
-    assert json.loads((tmp_path / "cli" / RECORD_NAME).read_text())["method"].endswith("+compensation")
+    record = json.loads((tmp_path / "cli" / RECORD_NAME).read_text())
+    assert record["method"].endswith("+compensation") and record["damping"] == DEFAULT_DAMPING

@@ -358,6 +358,15 @@ BAD_INPUTS = {
     "no_target": ([], "exactly one of --target"),
     "missing_data": (["--target", TARGET_ARG, "--data", "{tmp}/nowhere"], "--data"),
     "bad_samples": (["--target", TARGET_ARG, "--samples", "0"], "--samples (0)"),
+    "damping_without_compensate": (
+        ["--target", TARGET_ARG, "--damping", "0.001"],
+        "add --compensate or drop --damping",
+    ),
+    "zero_damping": (
+        ["--target", TARGET_ARG, "--compensate", "--damping", "0"],
+        "--damping must be a positive number",
+    ),
+    "nan_damping": (["--target", TARGET_ARG, "--compensate", "--damping", "nan"], "got nan"),
 }
 
 
