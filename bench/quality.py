@@ -362,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prune-oneshot --compensate: the one-shot arms' neurons and query heads chosen and re-fitted by least "
         "squares",
     )
+    add(
+        "--oneshot-damping",
+        type=float,
+        default=None,
+        help="prune-oneshot --damping with --oneshot-compensate (default: the library's)",
+    )
     add("--eval-samples", type=int, default=None, help="held-out seqs per domain (32; quick 4)")
     add("--eval-batch", type=int, default=8, help="eval batch size (default: 8)")
     add("--arms", nargs="*", choices=ARMS, default=list(ARMS), help="arms to run (default: all)")
@@ -385,7 +391,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     names = [
         "baseline_mix", "initial_mix", "l0_init", "l0_clamp", "l0_init_scale", "l0_bounded", "l0_warmup", "l0_schedule_lr", "l0_per_unit", "l0_learned_shape", "l0_fix_shape", "l0_hold", "target_shape", "prune_lr", "continue_lr", "prune_batch", "mask_lr", "multiplier_lr", "multiplier_beta1", "mix_eta", "mix_ema",
         "mix_floor", "mix_warmup", "mix_excess", "kd_alpha", "kd_temperature", "kd_kind", "kd_top_k", "kd_prune",
-        "scratch_lr", "calibration_samples", "oneshot_compensate", "train_eval_samples", "precision", "seeds",
+        "scratch_lr", "calibration_samples", "oneshot_compensate", "oneshot_damping", "train_eval_samples", "precision", "seeds",
     ]  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
@@ -406,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "--l0-per-unit prices the units of each family's target; --l0-learned-shape has one global term "
             "over parameters: drop one of them"
+        )
+    if args.oneshot_damping is not None and not (args.oneshot_compensate and args.oneshot_damping > 0):
+        parser.error(
+            "--oneshot-damping is the fit's damping of --oneshot-compensate: give both, the damping positive"
         )
     for flag, lr in (("--prune-lr", args.prune_lr), ("--continue-lr", args.continue_lr)):
         if lr is not None and not lr > 0:

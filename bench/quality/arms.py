@@ -260,6 +260,8 @@ def run_oneshot(inputs: Inputs, root: Path, args: Any, steps: Steps) -> OneShot:
     command += ["--target", target, "--scores-out", scores, "--overwrite"]
     if args.oneshot_compensate:
         command.append("--compensate")
+        if args.oneshot_damping is not None:
+            command += ["--damping", args.oneshot_damping]
     steps.run("oneshot: prune-oneshot (its scores also initialise the L0 masks)", command)
     return OneShot(pruned, scores, steps.timings[-1][1], args.calibration_samples)
 
