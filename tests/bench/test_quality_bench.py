@@ -830,3 +830,10 @@ def test_a_ranked_l0_stage_can_hold_families_at_the_one_shot_cut(quality, capsys
     with pytest.raises(SystemExit):
         quality.main(["--l0-hold", "hidden", "--l0-learned-shape", "32", "--no-progress"])
     assert "--l0-hold cuts each held family to its size in the target shape" in capsys.readouterr().err
+
+
+def test_oneshot_damping_needs_the_compensated_cut_and_a_positive_value(quality, capsys):
+    for bad in (["--oneshot-damping", "0.001"], ["--oneshot-compensate", "--oneshot-damping", "0"]):
+        with pytest.raises(SystemExit):
+            quality.main([*bad, "--no-progress"])
+        assert "--oneshot-damping is the fit's damping of --oneshot-compensate" in capsys.readouterr().err
