@@ -123,7 +123,8 @@ def _add_prune_oneshot(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         metavar="D",
         help="with --compensate: the fit's ridge, a share of each Gram matrix's mean diagonal added to it "
-        "(default: 0.01; smaller follows the calibration data more closely; README: Pruning)",
+        "(default: 0.001; larger keeps the re-fitted columns closer to the source's, smaller follows the "
+        "calibration data more closely; llmshearing/pruning/README.md)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT / --hf-out if they exist")
     _add_allow_indivisible(parser)

@@ -59,10 +59,15 @@ def test_greedy_removal_ends_at_the_closed_form_fit_of_its_kept_set():
     # the fit beats keeping the same columns unchanged, and the greedy choice beats the 12 largest columns
     unchanged = weight.clone()
     unchanged[:, removed] = 0
-    assert damped_error(x, weight, fitted, 0.01) < damped_error(x, weight, unchanged, 0.01)
+    assert damped_error(x, weight, fitted, DEFAULT_DAMPING) < damped_error(
+        x, weight, unchanged, DEFAULT_DAMPING
+    )
     by_norm = torch.sort(torch.topk((x.abs().mean(0) * weight.norm(dim=0)), 12).indices).values
     ranked = least_squares_fit(weight, gram, by_norm)
-    assert damped_error(x, weight, fitted, 0.01) <= damped_error(x, weight, ranked, 0.01) + 1e-9
+    assert (
+        damped_error(x, weight, fitted, DEFAULT_DAMPING)
+        <= damped_error(x, weight, ranked, DEFAULT_DAMPING) + 1e-9
+    )
 
 
 def test_redundant_neurons_are_removed_and_the_output_kept():
