@@ -126,7 +126,16 @@ def _add_prune_oneshot(subparsers: argparse._SubParsersAction) -> None:
         "(default: 0.001; larger keeps the re-fitted columns closer to the source's, smaller follows the "
         "calibration data more closely; llmshearing/pruning/README.md)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT / --hf-out if they exist")
+    parser.add_argument(
+        "--start-out",
+        metavar="DIR",
+        help="with --compensate: also write the source-shaped model with w2 and wo re-fitted (the removed units' "
+        "columns zero) and DIR/cut_scores.safetensors ranking exactly the cut, for L0 masks to start from it: "
+        "model.path=DIR model.l0_module.init_from=DIR/cut_scores.safetensors model.distillation.teacher=SRC",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT / --hf-out / --start-out if they exist"
+    )
     _add_allow_indivisible(parser)
     parser.set_defaults(func=run_prune_oneshot)
 
@@ -176,6 +185,7 @@ def run_prune_oneshot(args: argparse.Namespace) -> int:
         budget=args.budget,
         compensate=args.compensate,
         damping=args.damping,
+        start_out=args.start_out,
     )
     print(result.describe())
     return 0

@@ -26,6 +26,7 @@ from llmshearing.pruning.targets import PREFIX, SHAPE_KEYS, L0Config, TargetPlan
 ONESHOT_FAMILIES = ("layer", "head", "kv_head", "intermediate", "hidden")
 RECORD_NAME = "oneshot.json"
 MASKS_NAME = "oneshot_masks.safetensors"
+CUT_SCORES_NAME = "cut_scores.safetensors"  # in --start-out: the scores whose ranking is the compensated cut
 DTYPE_OF = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -64,6 +65,8 @@ class OneShotResult:
     tokens: int
     seconds: float
     choice: str | None = None  # how a --budget resolved to the shape
+    start: Path | None = None  # --start-out: the re-fitted source an L0 run can start from
+    source_path: str = ""
 
     def describe(self) -> str:
         """Shapes and parameters before and after, the calibration cost and what was written."""
@@ -74,6 +77,12 @@ class OneShotResult:
         rows.append(f"{'parameters':<18}{before:>14,}{after:>14,}  ({after / before:.1%})")
         rows.append(f"calibration: {self.samples} samples, {self.tokens:,} tokens; {self.seconds:.1f} s")
         rows.append(f"wrote {self.out}" + (f" and {self.hf_out}" if self.hf_out else ""))
+        if self.start is not None:
+            rows.append(
+                f"wrote {self.start}: the source with w2 / wo re-fitted to this cut; L0 masks start from it with "
+                f"model.path={self.start} model.l0_module.init_from={self.start / CUT_SCORES_NAME} "
+                f"model.distillation.teacher={self.source_path}"
+            )
         if self.choice:
             rows.insert(0, self.choice)
         return "\n".join(rows)
@@ -134,6 +143,7 @@ def prune_oneshot(
     scores: Any = None,
     compensate: bool = False,
     damping: float | None = None,
+    start_out: str | Path | None = None,
 ) -> OneShotResult:
     """Score ``src`` on ``samples`` calibration sequences of ``data``'s ``split``, prune it to ``target_model``, write ``out``.
 
@@ -145,6 +155,10 @@ def prune_oneshot(
     skips the calibration. With ``compensate`` the MLP neurons and the query heads are chosen, and ``w2`` and
     ``wo`` re-fitted, by least squares (:mod:`llmshearing.pruning.compensation`) instead of kept by rank;
     ``damping`` (default ``DEFAULT_DAMPING``) is the fit's ridge, a share of each Gram matrix's mean diagonal.
+    ``start_out`` (with ``compensate``) also writes the source-shaped model with the re-fitted ``w2`` / ``wo``
+    (the removed units' columns zero) and, in it, ``cut_scores.safetensors``, whose ranking is the
+    compensated cut: where L0 masks start from that cut (``model.path`` = ``start_out``, ``init_from`` = the
+    scores, the source as the distillation teacher).
     """
     from llmshearing.checkpoint.format import refuse_pruning_checkpoint, write_project_checkpoint
     from llmshearing.checkpoint.loading import from_pretrained
@@ -156,12 +170,20 @@ def prune_oneshot(
 
     started = time.perf_counter()
     out, hf_path = Path(out), Path(hf_out) if hf_out is not None else None
+    start_path = Path(start_out) if start_out is not None else None
+    if start_path is not None and not compensate:
+        raise ValueError(
+            "--start-out writes the least-squares cut's re-fitted source for L0 masks to start from; add "
+            "--compensate (without it the start is the source itself: use --scores-out and model.path=SRC)"
+        )
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
-    check_distinct_outputs({"OUT": out, "--hf-out": hf_path})
+    check_distinct_outputs({"OUT": out, "--hf-out": hf_path, "--start-out": start_path})
     _check_fresh(out, "OUT", overwrite)
     if hf_path is not None:
         _check_fresh(hf_path, "--hf-out", overwrite)
+    if start_path is not None:
+        _check_fresh(start_path, "--start-out", overwrite)
     if samples <= 0 or batch_size <= 0:
         raise ValueError(f"--samples ({samples}) and --batch-size ({batch_size}) must be positive")
     damping = check_damping(damping, compensate)
@@ -207,6 +229,13 @@ def prune_oneshot(
         from llmshearing.pruning.compensation import compensate as compensate_cut
 
         masks = compensate_cut(decoder, scores.grams, masks, plan, damping=damping, progress=progress)
+    start = None
+    if start_path is not None:  # the re-fitted source, before the fold; its scores rank exactly the cut
+        from llmshearing.pruning.ranking import scores_of_cut
+
+        cut_scores = scores_of_cut(scores, masks, source, plan)
+        # the fold copies what it keeps, so these tensors stay the re-fitted source's
+        start = StateDictSource({key: value.detach().cpu() for key, value in decoder.state_dict().items()})
     pruned = prune_decoder(decoder, masks)
     if _shape(pruned.config) != _shape(plan.target):  # type: ignore[arg-type]
         raise RuntimeError(
@@ -228,6 +257,8 @@ def prune_oneshot(
     }
     if compensate:
         record["damping"] = damping
+    if start_path is not None:
+        record["start_out"] = str(start_path)
 
     def extra(staging: Path) -> None:
         from llmshearing.checkpoint.tensor_io import save_tensors
@@ -238,6 +269,18 @@ def prune_oneshot(
             from llmshearing.convert.project_to_hf import convert_project_to_hf
 
             convert_project_to_hf(staging, hf_path, dtype=out_dtype, overwrite=overwrite, progress=progress)
+        if start is not None:
+            write_project_checkpoint(
+                start_path,
+                source,
+                start,
+                hf_config,
+                tokenizer_dir,
+                out_dtype,
+                overwrite,
+                extra=lambda start_staging: cut_scores.save(start_staging / CUT_SCORES_NAME),
+                progress=progress,
+            )
 
     state = StateDictSource({key: value.detach().cpu() for key, value in pruned.state_dict().items()})
     write_project_checkpoint(
@@ -252,4 +295,15 @@ def prune_oneshot(
         progress=progress,
     )
     seconds = time.perf_counter() - started
-    return OneShotResult(out, hf_path, source, pruned.config, scores.samples, scores.tokens, seconds, choice)
+    return OneShotResult(
+        out,
+        hf_path,
+        source,
+        pruned.config,
+        scores.samples,
+        scores.tokens,
+        seconds,
+        choice,
+        start_path,
+        str(src),
+    )

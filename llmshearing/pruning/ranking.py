@@ -100,6 +100,27 @@ def oneshot_masks(
     return masks
 
 
+def scores_of_cut(
+    scores: ImportanceScores, masks: Mapping[str, Tensor], config: ModelConfig, plan: TargetPlan
+) -> ImportanceScores:
+    """``scores`` with every neuron and query head that ``masks`` drop scored -1, below any measured score
+    (activation scores are >= 0), so that their one-shot ranking keeps exactly ``masks``' units: a cut chosen
+    another way (least squares) as a ranked start for L0 masks (``init_from``). Layers, KV groups and hidden
+    dims keep their scores; raises if the ranking of the result is not ``masks``."""
+    replaced = {}
+    for family in ("intermediate", "head"):
+        score = getattr(scores, family).clone().float()
+        if family in masks:
+            score[masks[family].to(score.device) == 0] = -1.0
+        replaced[family] = score
+    cut = ImportanceScores(**{**scores.as_dict(), **replaced}, samples=scores.samples, tokens=scores.tokens)
+    ranked = oneshot_masks(cut, config, plan)
+    differ = [f for f in ranked if f in masks and not torch.equal(ranked[f].cpu(), masks[f].float().cpu())]
+    if differ:
+        raise RuntimeError(f"the scores of the cut rank {differ} differently from the cut (ties at score 0?)")
+    return cut
+
+
 def importance_log_alpha(
     scores: ImportanceScores | Mapping[str, Tensor],
     model_config: ModelConfig,

@@ -207,6 +207,39 @@ def test_init_from_importance_ranks_the_initial_masks(tiny_source, tiny_mds, tmp
     assert f"by the last mask snapshot: {describe_moved(last['moved'])}." in report
 
 
+def test_l0_masks_start_at_the_least_squares_cut_written_by_prune_oneshot(
+    tiny_source, tiny_mds, tmp_path, clean_shm
+):
+    """``prune-oneshot --compensate --start-out DIR``: an L0 run from DIR with ``init_from`` its cut scores starts
+    with the masks at the least-squares cut and the weights re-fitted to it (folded, ``prune-oneshot``'s model)."""
+    from safetensors.torch import load_file
+
+    from llmshearing.checkpoint.reading import load_checkpoint
+    from llmshearing.pruning.fold import prune_decoder
+    from llmshearing.pruning.oneshot import CUT_SCORES_NAME, MASKS_NAME
+
+    target = "n_layers=2,n_heads=2,n_kv_heads=2,d_model=24,intermediate_size=32"  # the tiny recipe's
+    cut_dir, start = tmp_path / "cut", tmp_path / "start"
+    command = ["prune-oneshot", tiny_source, str(cut_dir), "--data", tiny_mds, "--target", target]
+    assert cli_main([*command, "--samples", "8", "--compensate", "--start-out", str(start)]) == 0
+    cut = load_file(str(cut_dir / MASKS_NAME))
+    overrides = [
+        *_args(str(start), tiny_mds, str(tmp_path / "run")),
+        f"model.l0_module.init_from={start / CUT_SCORES_NAME}",
+        "model.l0_module.lagrangian_warmup_steps=0ba",
+    ]
+    trainer, values = build_trainer(PRUNE, overrides)
+    l0 = trainer.state.model.l0_module
+    masks = l0.deterministic_masks(at_target=True)
+    for family in l0.plan.families:
+        assert torch.equal(masks[family].cpu() > 0, cut[family] > 0), family
+    folded = prune_decoder(trainer.state.model.model, cut).state_dict()
+    written = load_checkpoint(str(cut_dir))[1]
+    assert folded.keys() == written.keys() and all(torch.equal(folded[k], written[k]) for k in folded)
+    run(trainer, values)
+    assert (tmp_path / "run" / "checkpoints" / "latest-rank0.pt").exists()
+
+
 def test_source_reference_of_a_ranked_pruning_run_is_the_unmasked_source(
     tiny_source, tiny_mds, tmp_path, clean_shm
 ):

@@ -221,3 +221,19 @@ def test_compensate_needs_calibrated_grams(source_ckpt, data_root, tmp_path, cap
     assert cli_main([*args, "--target", target, "--samples", "4", "--compensate"]) == 0
     record = json.loads((tmp_path / "cli" / RECORD_NAME).read_text())
     assert record["method"].endswith("+compensation") and record["damping"] == DEFAULT_DAMPING
+
+
+def test_scores_of_a_cut_rank_exactly_that_cut():
+    from llmshearing.pruning.ranking import scores_of_cut
+
+    decoder = random_decoder()
+    scores = compute_importance(decoder, random_ids(), progress=False, grams=True)
+    plan = resolve_target(SOURCE, TARGET)
+    ranked = oneshot_masks(scores, SOURCE, plan)
+    cut = compensate(decoder, scores.grams, ranked, plan)
+    ranking = oneshot_masks(scores_of_cut(scores, cut, SOURCE, plan), SOURCE, plan)
+    assert all(torch.equal(ranking[f], cut[f]) for f in cut)
+    wrong = {f: m.clone() for f, m in cut.items()}
+    wrong["intermediate"][0] = 1.0  # keeps more neurons than the target: no ranking gives it
+    with pytest.raises(RuntimeError, match=r"rank \['intermediate'\] differently from the cut"):
+        scores_of_cut(scores, wrong, SOURCE, plan)

@@ -366,6 +366,10 @@ BAD_INPUTS = {
         ["--target", TARGET_ARG, "--compensate", "--damping", "0"],
         "--damping must be a positive number",
     ),
+    "start_out_without_compensate": (
+        ["--target", TARGET_ARG, "--start-out", "{tmp}/start"],
+        "--start-out writes the least-squares cut's re-fitted source",
+    ),
     "nan_damping": (["--target", TARGET_ARG, "--compensate", "--damping", "nan"], "got nan"),
 }
 
