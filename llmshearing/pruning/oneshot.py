@@ -157,7 +157,7 @@ def prune_oneshot(
     ``damping`` (default ``DEFAULT_DAMPING``) is the fit's ridge, a share of each Gram matrix's mean diagonal.
     ``start_out`` (with ``compensate``) also writes the source-shaped model with the re-fitted ``w2`` / ``wo``
     (the removed units' columns zero) and, in it, ``cut_scores.safetensors``, whose ranking is the
-    compensated cut: where L0 masks start from that cut (``model.path`` = ``start_out``, ``init_from`` = the
+    compensated cut, for L0 masks to start from that cut (``model.path`` = ``start_out``, ``init_from`` = the
     scores, the source as the distillation teacher).
     """
     from llmshearing.checkpoint.format import refuse_pruning_checkpoint, write_project_checkpoint
