@@ -26,7 +26,7 @@ MODEL ?= $(PRUNED)
 TASKS ?= local_mc,local_cloze
 ARGS ?=
 
-.PHONY: help install test test-fast lint demo data convert-in prune prune-model continue convert-out evaluate evaluate-tasks report bench bench-quality bench-planted
+.PHONY: help install test test-fast lint demo data convert-in prune prune-model continue convert-out evaluate evaluate-tasks report bench bench-quality bench-planted bench-damping
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -88,6 +88,9 @@ bench: install  ## every ratio benchmark, one table (ARGS=--quick for a short ru
 
 bench-quality: install  ## quality benchmark: seven arms (L0, distillation, one-shot, scratch) at one token budget on SmolLM2-135M or the CPU miniature, reported on the test split (ARGS="--quick", "--source miniature")
 	$(BIN)/python bench/quality.py $(ARGS)
+
+bench-damping: install  ## least-squares cut (prune-oneshot --compensate) at several dampings, eval and test split, no training (ARGS="SRC --data DATA --target KEY=VALUE,... [--dampings 0.01 0.001]")
+	$(BIN)/python bench/compensation_damping.py $(ARGS)
 
 bench-planted: install  ## planted-structure benchmark: do the masks find units planted in a larger model (dead, cancelling, duplicated)? (ARGS="--quick", "--setups cancel-mixed --methods oneshot interior-bounded")
 	$(BIN)/python bench/planted.py $(ARGS)
