@@ -10,7 +10,7 @@ from llmshearing.checkpoint.format import CONFIG_NAME, TOKENIZER_FILES, write_pr
 from llmshearing.checkpoint.reading import hf_source_to_project
 from llmshearing.checkpoint.tensor_io import DEFAULT_MAX_SHARD_BYTES, StateDictSource, finite, open_weights
 from llmshearing.hf.config import model_config_from_hf, read_config_json
-from llmshearing.hf.gguf import check_gguf_file, is_gguf_file
+from llmshearing.hf.gguf import check_gguf_file, header_read_once, is_gguf_file
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -152,7 +152,8 @@ def convert_hf_to_project(
     """
     directory, gguf_file = resolve_source(src, gguf)
     if gguf_file is not None:
-        return _convert_gguf(gguf_file, out, dtype, overwrite, max_shard_bytes, progress, sharded)
+        with header_read_once():  # transformers would parse the header five times
+            return _convert_gguf(gguf_file, out, dtype, overwrite, max_shard_bytes, progress, sharded)
     config_path = directory / CONFIG_NAME
     hf_config = read_config_json(config_path)
     config = model_config_from_hf(hf_config, str(config_path))
@@ -184,9 +185,9 @@ GGUF_SPECIAL_TOKENS = {
 def _apply_gguf_special_tokens(tokenizer: Any, gguf_file: Path) -> None:
     """Set the special tokens to the ids the GGUF file declares (transformers' GGUF tokenizer loading
     can report another token, e.g. the BOS as EOS)."""
-    from gguf import GGUFReader
+    import gguf
 
-    fields = GGUFReader(str(gguf_file)).fields
+    fields = gguf.GGUFReader(str(gguf_file)).fields
     for attribute, key in GGUF_SPECIAL_TOKENS.items():
         field = fields.get(key)
         if field is None or not field.data:

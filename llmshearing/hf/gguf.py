@@ -4,7 +4,11 @@ embedded default of `make demo`, the benchmarks and the tests)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -12,14 +16,39 @@ def is_gguf_file(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
+@contextmanager
+def header_read_once() -> Iterator[None]:
+    """Inside the block, every ``gguf.GGUFReader`` of one file is the same reader, parsed once.
+
+    transformers parses the whole GGUF header again for the config (three times), the tokenizer and the
+    weights; with a vocabulary of tens of thousands of strings each parse takes seconds (SmolLM2-135M: about
+    2 s each, most of its conversion). The reader is read-only (a memory map), so sharing it is safe."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def read(path: str | os.PathLike, mode: str = "r") -> Any:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = read
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def check_gguf_file(path: Path) -> None:
     """Raise ``ValueError`` naming ``path`` when its GGUF header or tensor data cannot be read to the end
     (a download cut off, or a damaged file)."""
-    from gguf import GGUFReader
+    import gguf
 
     size = path.stat().st_size
     try:
-        reader = GGUFReader(path)
+        reader = gguf.GGUFReader(path)  # the shared reader inside header_read_once
         end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception:  # the reader runs past the end of a cut file (IndexError, numpy's ValueError)
         raise ValueError(

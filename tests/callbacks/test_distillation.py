@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -363,22 +361,3 @@ def test_cli_reports_a_bad_teacher_in_one_line_before_training(student, tiny_mds
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model.distillation.teacher") and "\n" not in err
     assert not folder.exists()
-
-
-@pytest.mark.slow
-def test_two_processes_distil_like_one(student, tiny_source, tiny_mds, tmp_path, clean_shm):
-    """`composer -n 2` on CPU (gloo): every rank loads the teacher; same result as one process."""
-    common = [*_distil(tiny_source, 0.5), "max_duration=4ba", "save_interval=4ba"]
-    _train(CONTINUED, _args(student, tiny_mds, tmp_path / "one", *common))
-    launcher = os.path.join(os.path.dirname(sys.executable), "composer")
-    command = [launcher, "-n", "2", "--master_port", "29733", "llmshearing/train.py", CONTINUED]
-    proc = subprocess.run(
-        [*command, *_args(student, tiny_mds, tmp_path / "two", *common)], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = _final_model(tmp_path / "one"), _final_model(tmp_path / "two")
-    assert one.keys() == two.keys()
-    for key, value in one.items():
-        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-4, msg=key)
-    metrics = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
-    assert len(metrics["loss/train/kd"]) == 4

@@ -52,8 +52,8 @@ def _converter_fingerprint() -> str:
 
 @pytest.fixture(scope="module")
 def transformers_copy() -> Path:
-    """transformers' own load of the GGUF, saved as an HF directory (the reference)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """transformers' own load of the GGUF's weights, saved as an HF directory (the reference)."""
+    from transformers import AutoModelForCausalLM
 
     out = CACHE / "smollm2-135m-hf"
     if not (out / "config.json").is_file():
@@ -62,9 +62,7 @@ def transformers_copy() -> Path:
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32
             )
-            model.save_pretrained(staging)
-            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
-            (staging / "tokenizer.model").unlink(missing_ok=True)  # the GGUF itself, not a tokenizer
+            model.save_pretrained(staging)  # the tests read its weights; the tokenizer is the project copy's
     return out
 
 
@@ -112,3 +110,29 @@ def test_smollm2_gguf_matches_transformers(transformers_copy, project_copy, tmp_
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[k], original[k]) for k in original)
     assert AutoTokenizer.from_pretrained(out)(SENTENCE).input_ids == ids[0].tolist()
+
+
+def test_the_gguf_header_is_parsed_once_per_conversion(monkeypatch):
+    """transformers parses a GGUF's header for the config, the tokenizer and the weights; inside
+    ``header_read_once`` (the converter's GGUF path) one parse serves them all, and the reader is restored."""
+    import gguf
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from llmshearing.hf.gguf import header_read_once
+
+    parsed: list[str] = []
+    original = gguf.GGUFReader
+
+    def counting(path, mode="r"):
+        parsed.append(str(path))
+        return original(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    path = _gguf_file()
+    with header_read_once():
+        config = load_gguf_checkpoint(str(path))["config"]
+        AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        assert gguf.GGUFReader(str(path)) is gguf.GGUFReader(path)
+    assert parsed == [str(path)] and config["num_hidden_layers"] == 30
+    assert gguf.GGUFReader is counting  # the reader in place before the block is back
