@@ -43,6 +43,22 @@ def _precision(requested: str, device: str | None) -> str:
     return runs
 
 
+def _warn_on_start_settings(cfg, data_loading) -> None:
+    """One stderr line per setting that does not start from a least-squares start's cut or reads the cut as
+    the source (:func:`llmshearing.pruning.start_record.start_warnings`)."""
+    from llmshearing.pruning.start_record import start_warnings
+
+    l0, distillation = cfg.model.l0_module, cfg.model.distillation
+    for line in start_warnings(
+        cfg.model.path,
+        l0 is not None,
+        l0.init_from if l0 is not None else None,
+        distillation.teacher if distillation is not None else None,
+        data_loading.reference,
+    ):
+        print(f"llmshearing: warning: {line}", file=sys.stderr, flush=True)
+
+
 def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
     """Validate the recipe and build the Composer Trainer (nothing runs yet).
 
@@ -80,6 +96,10 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
 
         warn_if_plan_does_not_fit(cfg, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     data_loading = DataLoadingConfig.required(cfg.callbacks.data_loading)
+    if (
+        int(os.environ.get("RANK", "0")) == 0
+    ):  # a run from prune-oneshot's least-squares start that misreads it
+        _warn_on_start_settings(cfg, data_loading)
     for section in ("train_loader", "eval_loader"):  # the loaders read the data root from the top level
         if getattr(cfg, section) is None:
             cfg.put(section, {})

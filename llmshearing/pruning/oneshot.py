@@ -20,13 +20,13 @@ import torch
 from llmshearing.io.staging import check_distinct_outputs
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.ranking import oneshot_masks
+from llmshearing.pruning.start_record import CUT_SCORES_NAME, write_start_record
 from llmshearing.pruning.targets import PREFIX, SHAPE_KEYS, L0Config, TargetPlan, check_loadable_shape
 
 # Every family a target shape can shrink; families whose size does not change keep all their units.
 ONESHOT_FAMILIES = ("layer", "head", "kv_head", "intermediate", "hidden")
 RECORD_NAME = "oneshot.json"
 MASKS_NAME = "oneshot_masks.safetensors"
-CUT_SCORES_NAME = "cut_scores.safetensors"  # in --start-out: the scores whose ranking is the compensated cut
 DTYPE_OF = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -90,6 +90,13 @@ class OneShotResult:
 
 def _shape(config: ModelConfig) -> dict[str, int]:
     return {key: getattr(config, key) for key in (*SHAPE_KEYS, "head_dim")}
+
+
+def _write_start_extras(staging: Path, cut_scores: Any, source: str | Path, damping: float) -> None:
+    """``--start-out``'s files beside the re-fitted weights: the scores ranking the cut, and the record naming
+    the source (a training run from the start warns when its settings read the cut as the source)."""
+    cut_scores.save(staging / CUT_SCORES_NAME)
+    write_start_record(staging, source, damping)
 
 
 def _check_fresh(path: Path, flag: str, overwrite: bool) -> None:
@@ -278,7 +285,7 @@ def prune_oneshot(
                 tokenizer_dir,
                 out_dtype,
                 overwrite,
-                extra=lambda start_staging: cut_scores.save(start_staging / CUT_SCORES_NAME),
+                extra=lambda start_staging: _write_start_extras(start_staging, cut_scores, src, damping),
                 progress=progress,
             )
 

@@ -212,15 +212,17 @@ def test_init_from_importance_ranks_the_initial_masks(tiny_source, tiny_mds, tmp
 
 
 def test_l0_masks_start_at_the_least_squares_cut_written_by_prune_oneshot(
-    tiny_source, tiny_mds, tmp_path, clean_shm
+    tiny_source, tiny_mds, tmp_path, clean_shm, capsys
 ):
     """``prune-oneshot --compensate --start-out DIR``: an L0 run from DIR with ``init_from`` its cut scores starts
-    with the masks at the least-squares cut and the weights re-fitted to it (folded, ``prune-oneshot``'s model)."""
+    with the masks at the least-squares cut and the weights re-fitted to it (folded, ``prune-oneshot``'s model);
+    a run from DIR set otherwise is told, before anything loads, which keys read the cut as the source."""
     from safetensors.torch import load_file
 
     from llmshearing.checkpoint.reading import load_checkpoint
     from llmshearing.pruning.fold import prune_decoder
-    from llmshearing.pruning.oneshot import CUT_SCORES_NAME, MASKS_NAME
+    from llmshearing.pruning.oneshot import MASKS_NAME
+    from llmshearing.pruning.start_record import CUT_SCORES_NAME, read_start_record
 
     target = "n_layers=2,n_heads=2,n_kv_heads=2,d_model=24,intermediate_size=32"  # the tiny recipe's
     cut_dir, start = tmp_path / "cut", tmp_path / "start"
@@ -242,6 +244,20 @@ def test_l0_masks_start_at_the_least_squares_cut_written_by_prune_oneshot(
     assert folded.keys() == written.keys() and all(torch.equal(folded[k], written[k]) for k in folded)
     run(trainer, values)
     assert (tmp_path / "run" / "checkpoints" / "latest-rank0.pt").exists()
+    assert read_start_record(start)["source"] == os.path.abspath(tiny_source)
+    assert "warning: model.path=" not in capsys.readouterr().err  # set as prune-oneshot printed
+
+    misread = [
+        *_args(str(start), tiny_mds, str(tmp_path / "misread")),
+        "model.distillation={}",
+    ]  # the teacher: model.path
+    build_trainer(
+        PRUNE,
+        [*misread, "callbacks.data_loading.reference=source", "callbacks.data_loading.target_loss=null"],
+    )
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("llmshearing: warning: model.path=")]
+    assert len(warnings) == 3, err  # the default init, the cut as teacher, the cut's losses as the reference
 
 
 def test_source_reference_of_a_ranked_pruning_run_is_the_unmasked_source(
