@@ -152,7 +152,7 @@ def convert_hf_to_project(
     """
     directory, gguf_file = resolve_source(src, gguf)
     if gguf_file is not None:
-        with header_read_once():  # transformers would parse the header five times
+        with header_read_once():  # one parse of the header instead of seven
             return _convert_gguf(gguf_file, out, dtype, overwrite, max_shard_bytes, progress, sharded)
     config_path = directory / CONFIG_NAME
     hf_config = read_config_json(config_path)
