@@ -23,8 +23,8 @@ def header_read_once() -> Iterator[None]:
     transformers parses the whole GGUF header again each time it reads the config, the weights or the
     tokenizer (five times in one conversion; the converter's own checks read it twice more), and with a
     vocabulary of tens of thousands of strings each parse takes seconds (SmolLM2-135M: about 2 s each; its
-    conversion took 36-40 s before, 17-20 s with one parse). The reader is read-only (a memory map), so
-    sharing it is safe."""
+    conversion took 36-40 s before, 17-20 s with one parse, two runs each on 2 CPU cores). The reader is
+    read-only (a memory map), so sharing it is safe."""
     import gguf
 
     original = gguf.GGUFReader
