@@ -91,14 +91,12 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         from llmshearing.training.fsdp import with_rank0_loading
 
         fsdp = with_rank0_loading(fsdp)  # rank 0 reads the source; FSDP broadcasts it into the shards
-    if int(os.environ.get("RANK", "0")) == 0:  # before anything is loaded: the plan against the devices found
+    data_loading = DataLoadingConfig.required(cfg.callbacks.data_loading)
+    if int(os.environ.get("RANK", "0")) == 0:  # before anything is loaded
         from llmshearing.planning.preflight import warn_if_plan_does_not_fit
 
+        # the plan against the devices found; a run from prune-oneshot's least-squares start that misreads it
         warn_if_plan_does_not_fit(cfg, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-    data_loading = DataLoadingConfig.required(cfg.callbacks.data_loading)
-    if (
-        int(os.environ.get("RANK", "0")) == 0
-    ):  # a run from prune-oneshot's least-squares start that misreads it
         _warn_on_start_settings(cfg, data_loading)
     for section in ("train_loader", "eval_loader"):  # the loaders read the data root from the top level
         if getattr(cfg, section) is None:

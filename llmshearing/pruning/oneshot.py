@@ -20,7 +20,7 @@ import torch
 from llmshearing.io.staging import check_distinct_outputs
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.ranking import oneshot_masks
-from llmshearing.pruning.start_record import CUT_SCORES_NAME, write_start_record
+from llmshearing.pruning.start_record import start_overrides, write_start_files
 from llmshearing.pruning.targets import PREFIX, SHAPE_KEYS, L0Config, TargetPlan, check_loadable_shape
 
 # Every family a target shape can shrink; families whose size does not change keep all their units.
@@ -80,8 +80,7 @@ class OneShotResult:
         if self.start is not None:
             rows.append(
                 f"wrote {self.start}: the source with w2 / wo re-fitted to this cut; L0 masks start from it with "
-                f"model.path={self.start} model.l0_module.init_from={self.start / CUT_SCORES_NAME} "
-                f"model.distillation.teacher={self.source_path}"
+                + " ".join(start_overrides(self.start, self.source_path))
             )
         if self.choice:
             rows.insert(0, self.choice)
@@ -90,13 +89,6 @@ class OneShotResult:
 
 def _shape(config: ModelConfig) -> dict[str, int]:
     return {key: getattr(config, key) for key in (*SHAPE_KEYS, "head_dim")}
-
-
-def _write_start_extras(staging: Path, cut_scores: Any, source: str | Path, damping: float) -> None:
-    """``--start-out``'s files beside the re-fitted weights: the scores ranking the cut, and the record naming
-    the source (a training run from the start warns when its settings read the cut as the source)."""
-    cut_scores.save(staging / CUT_SCORES_NAME)
-    write_start_record(staging, source, damping)
 
 
 def _check_fresh(path: Path, flag: str, overwrite: bool) -> None:
@@ -285,7 +277,7 @@ def prune_oneshot(
                 tokenizer_dir,
                 out_dtype,
                 overwrite,
-                extra=lambda start_staging: _write_start_extras(start_staging, cut_scores, src, damping),
+                extra=lambda start_staging: write_start_files(start_staging, cut_scores, src, damping),
                 progress=progress,
             )
 

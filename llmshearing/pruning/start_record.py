@@ -19,10 +19,21 @@ CUT_SCORES_NAME = "cut_scores.safetensors"  # the scores whose one-shot ranking 
 START_RECORD_NAME = "least_squares_start.json"
 
 
-def write_start_record(directory: Path, source: str | Path, damping: float) -> None:
-    """Write DIR's record (inside the staging directory of DIR's write)."""
-    record = {"source": os.path.abspath(source), "cut_scores": CUT_SCORES_NAME, "damping": damping}
+def write_start_files(directory: Path, cut_scores: Any, source: str | Path, damping: float) -> None:
+    """DIR's files beside its re-fitted weights (inside the staging directory of DIR's write): the scores
+    (:class:`~llmshearing.pruning.importance.ImportanceScores`) ranking the cut, and the record naming the source."""
+    cut_scores.save(Path(directory) / CUT_SCORES_NAME)
+    record = {"source": os.path.abspath(source), "damping": damping}
     (Path(directory) / START_RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def start_overrides(start: str | Path, source: str | Path) -> list[str]:
+    """The settings of an L0 run from the start DIR: its weights, masks from its cut, the source as teacher."""
+    return [
+        f"model.path={start}",
+        f"model.l0_module.init_from={Path(start) / CUT_SCORES_NAME}",
+        f"model.distillation.teacher={source}",
+    ]
 
 
 def read_start_record(model_path: str | Path) -> dict[str, Any] | None:
@@ -49,18 +60,15 @@ def start_warnings(
     if record is None:
         return []
     start, source = Path(model_path), record["source"]
-    scores = start / str(record.get("cut_scores", CUT_SCORES_NAME))
+    _, set_init, set_teacher = start_overrides(start, source)
     named = f"model.path={start} is the least-squares start of {source} (prune-oneshot --start-out)"
     lines = []
-    if pruning and not _same_path(init_from, scores):
+    if pruning and not _same_path(init_from, start / CUT_SCORES_NAME):
         lines.append(
-            f"{named}, but the masks start from {init_from or 'the default init'}, not its cut: set "
-            f"model.l0_module.init_from={scores}"
+            f"{named}, but the masks start from {init_from or 'the default init'}, not its cut: set {set_init}"
         )
     if _same_path(teacher, start):
-        lines.append(
-            f"{named}: distilling from it teaches the cut, not the source; set model.distillation.teacher={source}"
-        )
+        lines.append(f"{named}: distilling from it teaches the cut, not the source; set {set_teacher}")
     if reference == "source":
         lines.append(
             f"{named}: callbacks.data_loading.reference=source would take the cut's losses for the source's; "

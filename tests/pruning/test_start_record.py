@@ -6,27 +6,47 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
+from llmshearing.pruning.importance import ImportanceScores
 from llmshearing.pruning.start_record import (
     CUT_SCORES_NAME,
     START_RECORD_NAME,
     read_start_record,
+    start_overrides,
     start_warnings,
-    write_start_record,
+    write_start_files,
 )
+
+
+def _scores() -> ImportanceScores:
+    rows = {"layer": 2, "head_layer": 2, "mlp": 2}
+    return ImportanceScores(
+        **{name: torch.rand(n) for name, n in rows.items()},
+        head=torch.rand(2, 4),
+        kv_head=torch.rand(2, 2),
+        intermediate=torch.rand(2, 8),
+        hidden=torch.rand(6),
+    )
 
 
 @pytest.fixture
 def start(tmp_path):
     directory = tmp_path / "start"
     directory.mkdir()
-    write_start_record(directory, tmp_path / "source", 0.001)
+    write_start_files(directory, _scores(), tmp_path / "source", 0.001)
     return directory
 
 
 def test_the_record_names_the_source_and_the_cut_scores(start, tmp_path):
     record = read_start_record(start)
-    assert record == {"source": str(tmp_path / "source"), "cut_scores": CUT_SCORES_NAME, "damping": 0.001}
+    assert record == {"source": str(tmp_path / "source"), "damping": 0.001}
+    assert ImportanceScores.load(start / CUT_SCORES_NAME).intermediate.shape == (2, 8)
+    assert start_overrides(start, "SRC") == [
+        f"model.path={start}",
+        f"model.l0_module.init_from={start / CUT_SCORES_NAME}",
+        "model.distillation.teacher=SRC",
+    ]
     assert read_start_record(tmp_path) is None  # not a start
     (start / START_RECORD_NAME).write_text("{not json")
     assert read_start_record(start) is None  # unreadable: the run goes on without the warnings
