@@ -114,10 +114,13 @@ def shape(target: dict[str, int]) -> str:
     return "/".join(f"{target[k]}{m}" for k, m in zip(SHAPE_KEYS, marks, strict=True))
 
 
+def cut_label(row: dict[str, Any]) -> str:
+    return "ranked" if row["damping"] is None else f"compensated, damping {row['damping']:g}"
+
+
 def line(row: dict[str, Any]) -> str:
-    cut = "ranked" if row["damping"] is None else f"compensated, damping {row['damping']:g}"
     return (
-        f"{shape(row['target'])}  {cut:<30} eval {row['eval']:.4f}  test {row['test']:.4f}  "
+        f"{shape(row['target'])}  {cut_label(row):<30} eval {row['eval']:.4f}  test {row['test']:.4f}  "
         f"({row['seconds']:.0f} s)"
     )
 
@@ -138,9 +141,8 @@ def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], command: str,
         "|---|---|---:|---:|---:|",
     ]
     for row in rows:
-        cut = "ranked" if row["damping"] is None else f"compensated, damping {row['damping']:g}"
         out.append(
-            f"| {shape(row['target'])} | {cut} | {row['eval']:.4f} | {row['test']:.4f} | {row['seconds']:.0f} |"
+            f"| {shape(row['target'])} | {cut_label(row)} | {row['eval']:.4f} | {row['test']:.4f} | {row['seconds']:.0f} |"
         )
     return "\n".join(out) + "\n"
 
