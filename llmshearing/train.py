@@ -71,6 +71,12 @@ def build_trainer(yaml_path: str, overrides: Sequence[str] = ()):
 
 
 def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
+    from llmshearing.training.config import load_config, validate_config
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # the typed run config, parsed once; a mistake is answered before Composer is imported
+    cfg = validate_config(load_config(yaml_path, overrides), world_size)
+
     from composer import Trainer
     from composer.core import Evaluator
     from composer.utils import dist, get_device, reproducibility
@@ -80,15 +86,13 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     from llmshearing.dynamic_loading.config import KEY, DataLoadingConfig
     from llmshearing.dynamic_loading.loader import build_train_dataloader
     from llmshearing.training import builders, run_folder
-    from llmshearing.training.config import load_config, validate_config
-    from llmshearing.training.fsdp import resolve_fsdp
+    from llmshearing.training.fsdp_settings import resolve_fsdp
+    from llmshearing.training.run_record import RunRecord
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = validate_config(load_config(yaml_path, overrides), world_size)  # the typed run config, parsed once
     fsdp = resolve_fsdp(cfg.fsdp_config)
     slices = builders.reads_own_slices(cfg)  # FSDP2 from sharded weights: each rank reads its own shards
     if fsdp is not None and cfg.model.init_device == "mixed" and world_size > 1 and not slices:
-        from llmshearing.training.fsdp import with_rank0_loading
+        from llmshearing.training.fsdp_settings import with_rank0_loading
 
         fsdp = with_rank0_loading(fsdp)  # rank 0 reads the source; FSDP broadcasts it into the shards
     data_loading = DataLoadingConfig.required(cfg.callbacks.data_loading)
@@ -155,7 +159,7 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     distilling = cfg.model.distillation is not None
     callbacks = [
         *builders.build_callbacks(cfg.callbacks, save_folder, distilling=distilling),
-        run_folder.RunRecord(description),
+        RunRecord(description),
     ]
     if slices:
         from llmshearing.checkpoint.sharded import sharded_weights_dir
@@ -227,7 +231,7 @@ def _batches(trainer) -> int:
 
 def describe_parallelism(fsdp, world_size: int, device_batch: int, cfg: RunConfig) -> str:
     """One line for the start of a run: how the model is spread and how much each rank reads."""
-    from llmshearing.training.fsdp import ignored_fsdp2_keys
+    from llmshearing.training.fsdp_settings import ignored_fsdp2_keys
 
     if fsdp is not None:
         how = fsdp.describe()

@@ -82,7 +82,7 @@ class RunShape:
 def run_shape(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | None) -> RunShape:
     """The plan's view of a validated recipe; ``student`` is the source's shape (pruning trains the
     whole source under its masks) and ``teacher`` the distillation teacher's, if any."""
-    from llmshearing.training.fsdp import fsdp_enabled
+    from llmshearing.training.fsdp_settings import fsdp_enabled
 
     model = cfg.model
     l0 = model.l0_module
@@ -120,7 +120,7 @@ def run_shape(cfg: RunConfig, student: ModelConfig, teacher: ModelConfig | None)
 def reads_sliced_source(cfg: RunConfig) -> bool:
     """Whether FSDP2 (``FSDP_VERSION=2`` in the environment) would fill each rank's shards from the source's
     sharded weights (``model.dcp/``): not with ``init_from: importance``, which needs the whole model first."""
-    from llmshearing.training.fsdp import slices_sharded_weights
+    from llmshearing.training.fsdp_settings import slices_sharded_weights
 
     l0 = cfg.model.l0_module
     return slices_sharded_weights(cfg.fsdp_config, cfg.model.path) and (
@@ -130,7 +130,7 @@ def reads_sliced_source(cfg: RunConfig) -> bool:
 
 def reads_sliced_teacher(cfg: RunConfig) -> bool:
     """Whether FSDP2 would fill each rank's shards of the distillation teacher from its sharded weights."""
-    from llmshearing.training.fsdp import slices_sharded_weights
+    from llmshearing.training.fsdp_settings import slices_sharded_weights
 
     distillation = cfg.model.distillation
     return distillation is not None and slices_sharded_weights(cfg.fsdp_config, distillation.teacher)

@@ -110,7 +110,7 @@ def reads_own_slices(run: RunConfig) -> bool:
     weights (``model.dcp/``), unless ``init_from: importance`` needs the whole model before sharding."""
     from composer.utils import dist
 
-    from llmshearing.training.fsdp import slices_sharded_weights
+    from llmshearing.training.fsdp_settings import slices_sharded_weights
 
     l0 = run.model.l0_module
     return (
@@ -127,7 +127,7 @@ def teacher_reads_own_slices(run: RunConfig) -> bool:
     (the embeddings, final norm and head, whole on every rank, are read whole by every rank)."""
     from composer.utils import dist
 
-    from llmshearing.training.fsdp import slices_sharded_weights
+    from llmshearing.training.fsdp_settings import slices_sharded_weights
 
     distillation = run.model.distillation
     return (
@@ -482,7 +482,7 @@ def build_callbacks(
 
 
 def build_loggers(loggers_cfg: LoggerSettings, save_folder: str) -> list[LoggerDestination]:
-    from llmshearing.training.metrics_log import MetricsJSONLLogger
+    from llmshearing.training.metrics_logger import MetricsJSONLLogger
 
     known = logger_classes()
     loggers: list[LoggerDestination] = [MetricsJSONLLogger(save_folder)]

@@ -2,7 +2,8 @@
 
 ``RunConfig`` (:mod:`llmshearing.training.run_config`) is one dataclass tree whose fields are the recipe's
 keys: ``SCHEMA``, ``DEFAULTS``, ``REQUIRED`` and the message for a misspelt key (it names the closest valid
-one) are derived from its fields. ``validate_config`` runs before anything heavy: every key is checked, paths must exist, batch sizes
+one) are derived from its fields. ``validate_config`` runs before anything heavy, Composer's import included (only
+the callbacks' and loggers' settings, checked last, need it): every key is checked, paths must exist, batch sizes
 must divide, the scalars are checked by :mod:`llmshearing.training.value_checks`, and the sections other
 parts of the package own are parsed once, each into its own dataclass: ``model.l0_module`` an
 ``L0Config``, ``model.distillation`` a ``DistillationConfig``, ``callbacks.data_loading`` a
@@ -29,7 +30,12 @@ from llmshearing.training.run_config import (
     ModelSettings,
     RunConfig,
 )
-from llmshearing.training.value_checks import check_init_device, check_l0_target, check_run_values
+from llmshearing.training.value_checks import (
+    check_component_settings,
+    check_init_device,
+    check_l0_target,
+    check_run_values,
+)
 
 __all__ = [
     "DEFAULTS",
@@ -140,6 +146,7 @@ def validate_config(cfg: DictConfig, world_size: int = 1, check_paths: bool = Tr
     check_init_device(run, world_size)
     check_l0_target(run.model)
     parse_data_loading(run.callbacks)
+    check_component_settings(run)  # imports Composer: last
     return run
 
 

@@ -6,9 +6,11 @@ from being damaged by the next start.
 * A resumed run must be the same run: the model shape and the mask settings (the ``l0_module``
   settings that decide the masks and the target) agree with the folder's ``config.json``.
 * A start that fails leaves the folder as it found it (no stub ``config.json``).
-* Every checkpoint carries the run's identity (the ``RunRecord`` callback; the identity itself is
-  :mod:`llmshearing.checkpoint.run_config`), so ``prune-model`` can tell whether ``config.json`` describes the
+* Every checkpoint carries the run's identity (the ``RunRecord`` callback,
+  :mod:`llmshearing.training.run_record`), so ``prune-model`` can tell whether ``config.json`` describes the
   checkpoint it folds.
+
+Nothing here imports Composer: the start-up checks run before it is imported.
 """
 
 from __future__ import annotations
@@ -18,12 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from composer.core import Callback
-
 from llmshearing.checkpoint.run_config import (
     RUN_CONFIG_NAME,
     differences,
-    identity,
     read_run_description,
     source_hint,
 )
@@ -142,29 +141,6 @@ class StartGuard:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-
-
-class RunRecord(Callback):
-    """Stores the run's identity (model shape, mask settings) in every checkpoint; a resumed run
-    whose checkpoint records another identity is refused."""
-
-    def __init__(self, description: dict[str, Any]) -> None:
-        self.record = identity(description)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"identity": self.record}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("identity")
-        if saved is None:
-            return
-        changed = differences(self.record, saved)
-        if changed:
-            raise ConfigError(
-                f"the checkpoint to resume from belongs to a different run: {'; '.join(changed[:6])} "
-                f"(this recipe vs the checkpoint){source_hint(changed)}; resume with the run's own settings or "
-                "choose another save_folder"
-            )
 
 
 def check_progress(folder: str | Path, done: int, max_batches: int) -> bool:

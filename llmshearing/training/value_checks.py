@@ -141,7 +141,7 @@ def check_init_device(run: RunConfig, world_size: int = 1) -> None:
             "model.init_device=mixed (rank 0 reads the source, the other ranks build on meta) or cpu (every rank reads it)"
         )
     check_choice("model.init_device", value, INIT_DEVICES)
-    from llmshearing.training.fsdp import fsdp_enabled  # torch and Composer: only when it is needed
+    from llmshearing.training.fsdp_settings import fsdp_enabled
 
     if value == "mixed" and world_size > 1 and not fsdp_enabled(run.fsdp_config):
         raise ConfigError(
@@ -206,7 +206,8 @@ def _source_config(path: str) -> Any:
 
 def check_run_values(run: RunConfig) -> None:
     """Every scalar of the run itself: durations, sizes, flags, precision, device, logging; parses
-    ``model.l0_module`` on its own (:func:`parse_l0_settings`)."""
+    ``model.l0_module`` on its own (:func:`parse_l0_settings`). Callbacks and loggers:
+    :func:`check_component_settings`."""
     total = batches("max_duration", run.max_duration)
     batches("eval_interval", run.eval_interval)
     batches("save_interval", run.save_interval)
@@ -242,5 +243,10 @@ def check_run_values(run: RunConfig) -> None:
             f"(max_duration={total}ba): the learned shape would never be fixed; set it below {total} or remove it"
         )
     check_choice("model.attn_impl", run.model.attn_impl, ATTN_IMPLS)
+
+
+def check_component_settings(run: RunConfig) -> None:
+    """The settings of each callback and logger against its class's arguments: the one check that imports
+    Composer, so validation runs it last (every other mistake is answered before that import)."""
     check_settings("callbacks", dict(run.callbacks.items()), callback_classes())
     check_settings("loggers", dict(run.loggers.items()), logger_classes())

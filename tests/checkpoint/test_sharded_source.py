@@ -222,7 +222,7 @@ def test_damaged_sharded_weights_are_one_line_naming_the_file(sharded_tiny, tmp_
 def _fsdp_run(
     source: str | Path, teacher: str | Path, data: str, folder: Path, *extra: str
 ) -> tuple[str, Path]:
-    """A ``composer -n 2`` FSDP2 pruning run that saves the model (and teacher) as it starts: (log, saved)."""
+    """A two-rank FSDP2 pruning run that saves the model (and teacher) as it starts: (log, saved)."""
     from streaming.base.util import clean_stale_shared_memory
 
     initial = folder.parent / f"{folder.name}-initial.pt"
@@ -255,7 +255,7 @@ def _assert_saved_equal_the_source(saved: Path, source: str | Path) -> None:
 def test_fsdp2_ranks_read_their_own_slices_of_sharded_weights(
     plain_run, tiny_source, sharded_tiny, sliced_run
 ):
-    """``composer -n 2`` under FSDP2 from the sharded source: each rank fills its shards of the student and of
+    """Two ranks under FSDP2 from the sharded source: each rank fills its shards of the student and of
     the teacher (no rank reads either whole); both as the run starts are the source's, bit for bit, and training
     follows the one-process run from the safetensors source (to the FSDP tests' 1e-5)."""
     folder, log, initial = sliced_run
@@ -346,7 +346,8 @@ def test_a_teacher_on_meta_is_filled_from_sharded_weights_as_read_whole(tiny_sou
     meta teacher with the values the whole read gives, in the teacher's dtype."""
     from llmshearing.checkpoint.loading import load_teacher
     from llmshearing.checkpoint.sharded import sharded_weights_dir
-    from llmshearing.training.fsdp import resolve_fsdp, shard_teacher
+    from llmshearing.training.fsdp import shard_teacher
+    from llmshearing.training.fsdp_settings import resolve_fsdp
 
     plan = resolve_fsdp({"sharding_strategy": "FULL_SHARD"}, environ={"FSDP_VERSION": "2"})
     for dtype in (torch.float32, torch.bfloat16):

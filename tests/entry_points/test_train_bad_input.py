@@ -160,6 +160,42 @@ def test_bad_recipe_value_is_refused_before_anything_runs(
     assert not folder.exists()
 
 
+def test_recipe_mistakes_are_answered_before_composer_is_imported(tiny_source, tiny_mds, tmp_path):
+    """Composer's import takes seconds; every mistake but a callback's or logger's setting (checked against
+    Composer's classes, last) is answered without it, and that one still gets its line."""
+    probe = textwrap.dedent(
+        """
+        import sys
+        from llmshearing.train import main
+        code = main(sys.argv[1:])
+        print("composer imported:", "composer" in sys.modules, "exit", code)
+        """
+    )
+    folder = tmp_path / "run"
+    cases = [
+        ("model.l0_module.target_model.n_layers=99", False, "larger than the source model's n_layers=3"),
+        ("model.l0_modul.lr=1", False, "did you mean model.l0_module?"),
+        ("callbacks.data_loading.proportion=[1.0]", False, "has 1 values but there are 2 domains"),
+        ("callbacks.speed_monitor.windw_size=5", True, "callbacks.speed_monitor.windw_size is not a setting"),
+    ]
+    for override, composer_needed, message in cases:
+        args = [PRUNE, *_args(tiny_source, tiny_mds, folder, *SHORT, override)]
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+        )
+        assert f"composer imported: {composer_needed} exit 2" in done.stdout, (
+            override,
+            done.stdout,
+            done.stderr,
+        )
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr, (
+            override,
+            done.stderr,
+        )
+    assert not folder.exists()
+
+
 def test_eval_subset_that_leaves_out_a_domain_is_refused(tiny_source, tiny_mds, tmp_path, capsys):
     folder = tmp_path / "run"
     subset = ["device_eval_batch_size=1", "eval_subset_num_batches=1"]  # one sample: the first domain's

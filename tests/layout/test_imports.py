@@ -313,3 +313,30 @@ def test_no_import_cycle_in_training() -> None:
     cycle = find_cycle(graph)
     steps = [f"{a} -> {b}:\n  " + "\n  ".join(graph[a][b]) for a, b in itertools.pairwise(cycle)]
     assert not cycle, "modules of training/ that import each other in a circle:\n" + "\n".join(steps)
+
+
+# what checks a recipe, plans a run or reads a run's files: answering bad input must not wait for Composer's import
+COMPOSER_FREE = (
+    "llmshearing.train",
+    "llmshearing.training.config",
+    "llmshearing.training.fsdp_settings",
+    "llmshearing.training.run_folder",
+    "llmshearing.training.metrics_log",
+    "llmshearing.planning.plan",
+    "llmshearing.planning.preflight",
+    "llmshearing.report",
+)
+
+
+def test_what_checks_a_recipe_or_reads_a_run_imports_no_composer() -> None:
+    import subprocess
+    import sys
+
+    probe = "import importlib, sys\n" + "".join(
+        f"importlib.import_module({name!r}); print({name!r}, 'composer' in sys.modules)\n"
+        for name in COMPOSER_FREE
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pulled = [line.split()[0] for line in done.stdout.splitlines() if line.endswith("True")]
+    assert len(done.stdout.splitlines()) == len(COMPOSER_FREE) and not pulled, done.stdout

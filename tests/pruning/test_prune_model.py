@@ -51,7 +51,7 @@ def pruning_run(
     """Train a few batches, save a Composer checkpoint under ``run/checkpoints`` and the run's config.json
     (the checkpoint records the run's identity, as the training entry point's checkpoints do)."""
     from llmshearing.checkpoint.run_config import write_run_description
-    from llmshearing.training.run_folder import RunRecord
+    from llmshearing.training.run_record import RunRecord
 
     torch.manual_seed(0)
     model = ComposerLlama(config)

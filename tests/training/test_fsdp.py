@@ -1,4 +1,4 @@
-"""Sharded training with Composer's FSDP2 on CPU (gloo, ``composer -n 2``) against one process.
+"""Sharded training with Composer's FSDP2 on CPU (gloo, two ranks as ``composer -n 2`` starts them) against one process.
 
 Pruning (dynamic loading, source reference, importance-ranked masks, the hidden family held at its ranked
 cut, gradient clipping; FULL_SHARD, sharded checkpoints) and continued pretraining (train-loss mixing,
@@ -34,7 +34,8 @@ from llmshearing.checkpoint.sharded import is_sharded_checkpoint
 from llmshearing.cli import main as cli_main
 from llmshearing.train import main as train_main
 from llmshearing.training.config import load_config
-from llmshearing.training.fsdp import FSDPConfigError, resolve_fsdp, shard_teacher
+from llmshearing.training.fsdp import shard_teacher
+from llmshearing.training.fsdp_settings import FSDPConfigError, resolve_fsdp
 
 PRUNE = "yamls/tiny/prune.yaml"
 CONTINUED = "yamls/tiny/continued.yaml"
@@ -320,7 +321,7 @@ def test_fsdp1_is_chosen_on_gpus_and_fsdp2_translates_the_strategy():
 def test_rank0_loading_turns_on_sync_module_states_for_both_fsdp_versions():
     from composer.utils.parallelism import FSDPConfig
 
-    from llmshearing.training.fsdp import with_rank0_loading
+    from llmshearing.training.fsdp_settings import with_rank0_loading
 
     fsdp1 = with_rank0_loading(resolve_fsdp({"sharding_strategy": "FULL_SHARD"}, cuda=True, environ={}))
     handed = FSDPConfig(**fsdp1.parallelism["fsdp"])  # Composer refuses meta ranks without it

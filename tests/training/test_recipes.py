@@ -20,7 +20,7 @@ from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning import attach_l0_module
 from llmshearing.training.config import load_config, validate_config
-from llmshearing.training.fsdp import FSDPConfigError, resolve_fsdp
+from llmshearing.training.fsdp_settings import FSDPConfigError, resolve_fsdp
 
 YAMLS = Path(__file__).resolve().parents[2] / "yamls"
 LLAMA2_7B = {
