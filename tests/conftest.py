@@ -248,10 +248,9 @@ def write_word_tokenizer(directory: Path, eos: str = "w1") -> None:
 
 
 # ----------------------------------------------------------------------------- two-rank runs (FSDP2 on CPU)
-# ``composer -n 2`` runs of the training entry point with gloo, shared by tests/training and tests/checkpoint.
+# two-rank runs of the training entry point with gloo, shared by tests/training and tests/checkpoint.
 SHARDED = ["fsdp_config.sharding_strategy=FULL_SHARD", "fsdp_config.state_dict_type=sharded"]
 RANK0 = "model.init_device=mixed"  # rank 0 reads the source (and the teacher); FSDP broadcasts to the shards
-LAUNCHER = os.path.join(os.path.dirname(sys.executable), "composer")
 PORTS = iter(range(29811, 29899))  # one master port per launch
 
 
@@ -261,16 +260,65 @@ def run_args(source: str, data: str, folder: Path, *extra: str) -> list[str]:
 
 
 def run_two_ranks(recipe: str, args: list[str], script: list[str] | None = None, expect: int = 0) -> str:
-    """``composer -n 2`` with ``FSDP_VERSION=2``; asserts the exit status (0, or non-zero when ``expect``
-    is) and returns stdout and stderr together."""
-    command = [LAUNCHER, "-n", "2", "--master_port", str(next(PORTS))]
-    command += script or ["llmshearing/train.py"]
-    proc = subprocess.run(
-        [*command, recipe, *args], capture_output=True, text=True, env={**os.environ, "FSDP_VERSION": "2"}
-    )
-    output = proc.stdout + proc.stderr
-    assert (proc.returncode == 0) == (expect == 0), output[-6000:]
+    """Two ranks of ``llmshearing/train.py`` (or ``script``) with ``FSDP_VERSION=2``, started as ``composer -n 2``
+    starts them (:func:`start_ranks`); asserts the exit status (0, or non-zero when ``expect`` is) and returns
+    every rank's stdout and stderr, rank 0's first."""
+    command = [sys.executable, *(script or ["llmshearing/train.py"]), recipe, *args]
+    status, output = start_ranks(command, 2, next(PORTS), {"FSDP_VERSION": "2"})
+    assert (status == 0) == (expect == 0), output[-6000:]
     return output
+
+
+def start_ranks(command: list[str], ranks: int, port: int, env: dict[str, str]) -> tuple[int, str]:
+    """Run ``ranks`` processes of ``command`` on this node as Composer's launcher runs them: the same environment
+    (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT, unbuffered output), and a
+    rank that exits non-zero stops the others (SIGTERM). What the launcher's own process would add is its import
+    of Composer (seconds, before the first rank starts); ``tests/entry_points/test_train.py`` and
+    ``tests/training/test_master_weights.py`` launch through ``composer -n 2`` itself. Returns the first non-zero
+    exit status (0 when every rank succeeds) and the ranks' output, rank 0's first."""
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory() as logs:
+        procs = []
+        for rank in range(ranks):
+            rank_env = {
+                **os.environ,
+                **env,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(ranks),
+                "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": str(ranks),
+                "NODE_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "PYTHONUNBUFFERED": "1",
+            }
+            log = open(os.path.join(logs, f"rank{rank}.log"), "w+")
+            procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=rank_env), log))
+        status = 0
+        while any(proc.poll() is None for proc, _ in procs):
+            failed = [proc.returncode for proc, _ in procs if proc.returncode not in (None, 0)]
+            if failed:  # as the launcher does: the ranks still running are stopped
+                status = failed[0]
+                for proc, _ in procs:
+                    if proc.poll() is None:
+                        proc.terminate()
+                for proc, _ in procs:
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                break
+            time.sleep(0.1)
+        status = status or next((proc.returncode for proc, _ in procs if proc.returncode), 0)
+        output = []
+        for _, log in procs:
+            log.seek(0)
+            output.append(log.read())
+            log.close()
+    return status, "".join(output)
 
 
 def logged_metrics(folder: Path) -> dict[tuple[int, str], float]:
