@@ -12,7 +12,9 @@ model's (which equals the small model's):
   oneshot-compensated  ``prune-oneshot --compensate``: neurons and query heads chosen and re-fitted by least squares
   compensated-bounded  learned masks from the compensated cut: its re-fitted weights, then ``init_from:
               importance`` (the units the cut removed have zero output columns, so they rank last)
-              (both: ``,damping=D`` sets the fit's damping, as ``prune-oneshot --damping``)
+  compensated-closing  the same with the closing multipliers (``schedule_l0_lr: masks``, ``multiplier_beta1: 0``),
+              which end at the target (``bench/results/README.md``)
+              (these three: ``,damping=D`` sets the fit's damping, as ``prune-oneshot --damping``)
   (variants)  learned masks with the settings under study (``--methods``; see ``METHODS``)
 
 each with the weights frozen (mask learning alone) and with the weights training, for several seeds
@@ -76,7 +78,7 @@ from llmshearing.pruning.compensation import compensate as compensate_cut  # noq
 from llmshearing.pruning.fold import prune_decoder  # noqa: E402
 from llmshearing.pruning.importance import compute_importance  # noqa: E402
 from llmshearing.pruning.ranking import importance_log_alpha, oneshot_masks  # noqa: E402
-from llmshearing.pruning.targets import L0Config  # noqa: E402
+from llmshearing.pruning.targets import CLOSING_MULTIPLIERS, L0Config  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -139,13 +141,15 @@ def check_setup(setup: Setup) -> None:
 # warmed-up target; the "-bounded" variants start in the interior (log-alpha 0, or a ranking within
 # +-1), learn with mask lr 0.1 and multiplier lr 0.05, and count units at the bounds exactly.
 BOUNDED = {"mask_lr": 0.1, "multiplier_lr": 0.05, "bounded_scores": True, "warmup": 0.0}
+COMPENSATED = {"init_from": "importance", "init_scale": 1.0, **BOUNDED, "start": "compensated"}
 METHODS: dict[str, dict[str, Any]] = {
     "default": {"warmup": 0.2},
     "importance": {"init_from": "importance", "warmup": 0.0},
     "interior": {"init_log_alpha": 0.0, "warmup": 0.0},
     "interior-bounded": {"init_log_alpha": 0.0, **BOUNDED},
     "importance-bounded": {"init_from": "importance", "init_scale": 1.0, **BOUNDED},
-    "compensated-bounded": {"init_from": "importance", "init_scale": 1.0, **BOUNDED, "start": "compensated"},
+    "compensated-bounded": COMPENSATED,
+    "compensated-closing": {**COMPENSATED, **CLOSING_MULTIPLIERS},
     "oneshot": {},
     "oneshot-compensated": {},
 }
@@ -548,7 +552,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["default", "importance", "oneshot", "interior-bounded", "importance-bounded"],
+        default=[
+            "default",
+            "importance",
+            "oneshot",
+            "interior-bounded",
+            "importance-bounded",
+            "oneshot-compensated",
+            "compensated-closing",
+        ],
     )
     p.add_argument("--modes", nargs="+", default=["frozen", "train"], choices=["frozen", "train"])
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))

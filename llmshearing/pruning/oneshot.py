@@ -21,7 +21,14 @@ from llmshearing.io.staging import check_distinct_outputs
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.ranking import oneshot_masks
 from llmshearing.pruning.start_record import start_overrides, write_start_files
-from llmshearing.pruning.targets import PREFIX, SHAPE_KEYS, L0Config, TargetPlan, check_loadable_shape
+from llmshearing.pruning.targets import (
+    CLOSING_MULTIPLIERS,
+    PREFIX,
+    SHAPE_KEYS,
+    L0Config,
+    TargetPlan,
+    check_loadable_shape,
+)
 
 # Every family a target shape can shrink; families whose size does not change keep all their units.
 ONESHOT_FAMILIES = ("layer", "head", "kv_head", "intermediate", "hidden")
@@ -78,9 +85,11 @@ class OneShotResult:
         rows.append(f"calibration: {self.samples} samples, {self.tokens:,} tokens; {self.seconds:.1f} s")
         rows.append(f"wrote {self.out}" + (f" and {self.hf_out}" if self.hf_out else ""))
         if self.start is not None:
+            closing = " ".join(f"{PREFIX}.{key}={value}" for key, value in CLOSING_MULTIPLIERS.items())
             rows.append(
                 f"wrote {self.start}: the source with w2 / wo re-fitted to this cut; L0 masks start from it with "
                 + " ".join(start_overrides(self.start, self.source_path))
+                + f" (to end at the target sparsity, also {closing})"
             )
         if self.choice:
             rows.insert(0, self.choice)

@@ -23,6 +23,9 @@ SHAPE_KEYS = ("n_layers", "n_heads", "n_kv_heads", "d_model", "intermediate_size
 BUDGET_SHAPES = ("proportional", "learned")  # how model.l0_module.target_budget becomes a shape
 FIXED_SHAPE_KEYS = ("vocab_size", "head_dim")  # accepted in target_model only when equal to the source
 PREFIX = "model.l0_module"
+# the closing multipliers: the LR schedule scales the mask lr alone and the multipliers step on the current gap
+# without momentum, so masks that learn end at their target (the pruning README; off by default)
+CLOSING_MULTIPLIERS = {"schedule_l0_lr": "masks", "multiplier_beta1": 0.0}
 
 
 def prunable_params(config: ModelConfig) -> int:

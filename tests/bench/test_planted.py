@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from llmshearing.pruning.targets import L0Config
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -179,15 +181,18 @@ def test_compensated_oneshot_removes_one_copy_of_every_duplicated_unit(bench, sm
     # each kept copy carries its twin's output column: the cut computes the embedded model's function
     folded = models.mean_loss(planted_bench.prune_decoder(decoder, masks), corpus[1])
     assert abs(folded - models.mean_loss(planted.decoder, corpus[1])) < 1e-3
-    # learned masks from the compensated cut start there: its re-fitted weights, ranked by importance
+    # learned masks from the compensated cut start there: its re-fitted weights, ranked by importance (with the
+    # closing multipliers too: the library's keys, checked by L0Config)
     start = planted_bench.Settings(steps=0, calibration_batches=4)
-    learned, weights, _ = planted_bench.run_learned(
-        duplicate, planted, "compensated-bounded", True, corpus[0], start, 0
-    )
-    for family in ("head", "intermediate"):
-        assert torch.equal(learned[family] > 0, masks[family] > 0), family
     refit = decoder.state_dict()
-    assert all(torch.equal(value, refit[key]) for key, value in weights.state_dict().items())
+    for method in ("compensated-bounded", "compensated-closing"):
+        learned, weights, _ = planted_bench.run_learned(duplicate, planted, method, True, corpus[0], start, 0)
+        for family in ("head", "intermediate"):
+            assert torch.equal(learned[family] > 0, masks[family] > 0), (method, family)
+        assert all(torch.equal(value, refit[key]) for key, value in weights.state_dict().items()), method
+    closing = L0Config.from_dict(planted_bench.l0_settings(duplicate, planted, "compensated-closing", 10))
+    assert closing.scheduled_groups == ("masks",) and closing.multiplier_beta1 == 0.0
+    assert closing.mask_lr == planted_bench.BOUNDED["mask_lr"] and closing.init_from == "importance"
 
 
 def test_damping_decides_whether_the_least_squares_cut_drops_loud_cancelling_pairs(bench, small, corpus):

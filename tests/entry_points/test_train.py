@@ -229,13 +229,22 @@ def test_l0_masks_start_at_the_least_squares_cut_written_by_prune_oneshot(
     command = ["prune-oneshot", tiny_source, str(cut_dir), "--data", tiny_mds, "--target", target]
     assert cli_main([*command, "--samples", "8", "--compensate", "--start-out", str(start)]) == 0
     cut = load_file(str(cut_dir / MASKS_NAME))
+    # the run is set as prune-oneshot printed it: the start's overrides and the closing multipliers
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(f"wrote {start}:"))
+    printed = [word.rstrip(")") for word in line.split() if word.startswith(("model.", "callbacks."))]
+    assert printed[:2] == [f"model.path={start}", f"model.l0_module.init_from={start / CUT_SCORES_NAME}"]
+    assert (
+        "model.l0_module.schedule_l0_lr=masks" in printed
+        and "model.l0_module.multiplier_beta1=0.0" in printed
+    )
     overrides = [
         *_args(str(start), tiny_mds, str(tmp_path / "run")),
-        f"model.l0_module.init_from={start / CUT_SCORES_NAME}",
+        *[word for word in printed if not word.startswith("model.distillation.teacher=")],
         "model.l0_module.lagrangian_warmup_steps=0ba",
     ]
     trainer, values = build_trainer(PRUNE, overrides)
     l0 = trainer.state.model.l0_module
+    assert l0.l0_config.scheduled_groups == ("masks",) and l0.l0_config.multiplier_beta1 == 0.0
     masks = l0.deterministic_masks(at_target=True)
     for family in l0.plan.families:
         assert torch.equal(masks[family].cpu() > 0, cut[family] > 0), family
