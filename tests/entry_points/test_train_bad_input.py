@@ -162,15 +162,8 @@ def test_bad_recipe_value_is_refused_before_anything_runs(
 
 def test_recipe_mistakes_are_answered_before_composer_is_imported(tiny_source, tiny_mds, tmp_path):
     """Composer's import takes seconds; every mistake but a callback's or logger's setting (checked against
-    Composer's classes, last) is answered without it, and that one still gets its line."""
-    probe = textwrap.dedent(
-        """
-        import sys
-        from llmshearing.train import main
-        code = main(sys.argv[1:])
-        print("composer imported:", "composer" in sys.modules, "exit", code)
-        """
-    )
+    Composer's classes, last) is answered without it, and that one still gets its line. One fresh process runs
+    the entry point once per mistake, the Composer-free ones first."""
     folder = tmp_path / "run"
     cases = [
         ("model.l0_module.target_model.n_layers=99", False, "larger than the source model's n_layers=3"),
@@ -178,21 +171,25 @@ def test_recipe_mistakes_are_answered_before_composer_is_imported(tiny_source, t
         ("callbacks.data_loading.proportion=[1.0]", False, "has 1 values but there are 2 domains"),
         ("callbacks.speed_monitor.windw_size=5", True, "callbacks.speed_monitor.windw_size is not a setting"),
     ]
-    for override, composer_needed, message in cases:
-        args = [PRUNE, *_args(tiny_source, tiny_mds, folder, *SHORT, override)]
-        done = subprocess.run(
-            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
-        )
-        assert f"composer imported: {composer_needed} exit 2" in done.stdout, (
-            override,
-            done.stdout,
-            done.stderr,
-        )
-        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr, (
-            override,
-            done.stderr,
-        )
+    runs = [[PRUNE, *_args(tiny_source, tiny_mds, folder, *SHORT, override)] for override, _, _ in cases]
+    probe = textwrap.dedent(
+        f"""
+        import sys
+        from llmshearing.train import main
+        for args in {runs!r}:
+            code = main(args)
+            print("composer imported:", "composer" in sys.modules, "exit", code, flush=True)
+            print("--", file=sys.stderr, flush=True)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    answers = done.stdout.splitlines()
+    stderrs = done.stderr.split("--\n")[: len(cases)]
+    assert len(answers) == len(cases) and "Traceback" not in done.stderr, (done.stdout, done.stderr)
+    for (override, composer_needed, message), answer, err in zip(cases, answers, stderrs, strict=True):
+        assert answer == f"composer imported: {composer_needed} exit 2", (override, answer)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], (override, err)
     assert not folder.exists()
 
 
