@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_source
+from conftest import run_two_ranks, write_tiny_source
 
 from llmshearing.checkpoint.format import save_checkpoint
 from llmshearing.checkpoint.reading import load_checkpoint
@@ -160,21 +160,9 @@ def test_allow_new_source_must_be_a_boolean(sources, tiny_mds, tmp_path, capsys)
 
 @pytest.mark.slow
 def test_a_bf16_source_trains_fp32_weights_under_fsdp2(sources, tiny_mds, tmp_path):
-    import subprocess
-    import sys
-
     folder = tmp_path / "run"
-    launcher = os.path.join(os.path.dirname(sys.executable), "composer")
     sharding = ["fsdp_config.sharding_strategy=FULL_SHARD", "fsdp_config.state_dict_type=full"]
-    proc = subprocess.run(
-        [launcher, "-n", "2", "--master_port", "29797", "llmshearing/train.py", CONTINUED]
-        + _args(sources[1], tiny_mds, folder, *SHORT, *sharding),
-        capture_output=True,
-        text=True,
-        env={**os.environ, "FSDP_VERSION": "2"},
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
+    output = run_two_ranks(CONTINUED, _args(sources[1], tiny_mds, folder, *SHORT, *sharding))
     assert "weights fp32 (source bf16, upcast)" in output
     _, start, _ = load_checkpoint(sources[1])
     for key, weight in _weights(folder).items():
