@@ -274,8 +274,8 @@ def start_ranks(command: list[str], ranks: int, port: int, env: dict[str, str]) 
     (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT, unbuffered output), and a
     rank that exits non-zero stops the others (SIGTERM). What the launcher's own process would add is its import
     of Composer (seconds, before the first rank starts); ``tests/entry_points/test_train.py``'s DDP run and
-    ``tests/dynamic_loading/test_dynamic_loading.py``'s two ranks launch through ``composer -n 2`` itself. Returns the first non-zero
-    exit status (0 when every rank succeeds) and the ranks' output, rank 0's first."""
+    ``tests/dynamic_loading/test_dynamic_loading.py``'s two ranks launch through ``composer -n 2`` itself.
+    Returns the first non-zero exit status (0 when every rank succeeds) and the ranks' output, rank 0's first."""
     import tempfile
     import time
 
