@@ -29,6 +29,7 @@ from llmshearing.config_base import (
 from llmshearing.dynamic_loading.config import check_target_loss
 from llmshearing.models.config import ATTN_IMPLS
 from llmshearing.pruning.targets import PREFIX, L0Config, check_loadable_shape, target_config
+from llmshearing.training.fsdp_settings import fsdp_enabled
 from llmshearing.training.registries import callback_classes, logger_classes
 from llmshearing.training.run_config import (
     AlgorithmSettings,
@@ -141,8 +142,6 @@ def check_init_device(run: RunConfig, world_size: int = 1) -> None:
             "model.init_device=mixed (rank 0 reads the source, the other ranks build on meta) or cpu (every rank reads it)"
         )
     check_choice("model.init_device", value, INIT_DEVICES)
-    from llmshearing.training.fsdp_settings import fsdp_enabled
-
     if value == "mixed" and world_size > 1 and not fsdp_enabled(run.fsdp_config):
         raise ConfigError(
             "model.init_device=mixed needs FSDP (set fsdp_config, e.g. fsdp_config.sharding_strategy=FULL_SHARD): "
