@@ -171,31 +171,45 @@ class Settings:
 
 
 # ---------------------------------------------------------------------------------------- scoring
-def dropped_fraction(planted: Planted, family: str, mask: torch.Tensor) -> float | None:
-    """Share of the planted units of ``family`` the mask drops (duplicates: pairs that lost exactly one copy).
+def dropped_fraction(
+    planted: Planted, family: str, mask: torch.Tensor, by_label: bool = False
+) -> float | None:
+    """Share of the planted units of ``family`` the mask drops.
 
-    Only units in rows of the small model count (the units inside a planted layer or KV group have no
-    function to measure them by). ``None`` when nothing is planted in the family.
+    Duplicates count pairs that lost exactly one copy. Collinear groups (a live neuron and the cancelling halves
+    that read its rows, ``pair_inputs: copy``: one activation, so a re-fit can keep any unit of the group) count
+    ``min(dropped, planted)`` of each group's planted units as dropped, whichever units went; ``by_label`` counts
+    the units labelled planted instead. Only units in rows of the small model count (the units inside a planted
+    layer or KV group have no function to measure them by). ``None`` when nothing is planted in the family.
     """
     source = "layer" if family in ("head_layer", "mlp") else family
     where = planted.planted[source] & planted.real_rows[source]
+    gone = mask == 0
     if planted.plan.kind == "duplicate" and source in ("head", "intermediate"):
         ids = planted.pairs[source]
         pair_ids = torch.unique(ids[ids >= 0])
         if pair_ids.numel() == 0:
             return None
-        gone = mask == 0
         one = [int(gone[ids == p].sum().item()) == 1 for p in pair_ids.tolist()]
         return sum(one) / len(one)
     if int(where.sum()) == 0:
         return None
-    return float((mask[where] == 0).float().mean().item())
+    groups = planted.collinear.get(source)
+    if by_label or groups is None or not bool((groups >= 0).any()):
+        return float(gone[where].float().mean().item())
+    found = int((gone & where & (groups < 0)).sum())
+    for group in torch.unique(groups[groups >= 0]).tolist():
+        members = groups == group
+        found += min(int((gone & members).sum()), int((where & members).sum()))
+    return found / int(where.sum())
 
 
-def score(planted: Planted, families: Sequence[str], masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def score(
+    planted: Planted, families: Sequence[str], masks: Mapping[str, torch.Tensor], by_label: bool = False
+) -> dict[str, float]:
     out = {}
     for family in families:
-        value = dropped_fraction(planted, family, masks[family])
+        value = dropped_fraction(planted, family, masks[family], by_label)
         if value is not None:
             out[family] = value
     return out
@@ -229,10 +243,22 @@ def live_worth(
 
 
 def displaced_live(
-    worth: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+    worth: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    collinear: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, list[float]]:
-    """The worth (:func:`live_worth`) of each live unit the fold of ``masks`` drops, per family."""
-    return {f: w[(masks[f] == 0) & ~w.isnan()].tolist() for f, w in worth.items()}
+    """The worth (:func:`live_worth`) of each live unit the fold of ``masks`` drops, per family; a live unit whose
+    collinear group (:attr:`Planted.collinear`) keeps a unit is not displaced (that unit can carry it)."""
+    out = {}
+    for family, w in worth.items():
+        dropped = (masks[family] == 0) & ~w.isnan()
+        groups = (collinear or {}).get(family)
+        if groups is not None:
+            for group in torch.unique(groups[dropped & (groups >= 0)]).tolist():
+                if bool((masks[family][groups == group] != 0).any()):
+                    dropped &= groups != group
+        out[family] = w[dropped].tolist()
+    return out
 
 
 # ---------------------------------------------------------------------------------------- methods
@@ -411,7 +437,8 @@ def one_run(
                 method=method,
                 mode="-" if method.startswith("oneshot") else mode,
                 dropped=score(planted, setup.families, masks),
-                displaced=displaced_live(worth, masks),
+                dropped_by_label=score(planted, setup.families, masks, by_label=True),
+                displaced=displaced_live(worth, masks, planted.collinear),
                 folded_loss=mean_loss(folded, held),
                 sparsity_gap=(stats["expected_sparsity"] - stats["target_sparsity"]) if stats else None,
                 family_gaps={
@@ -428,6 +455,8 @@ def one_run(
 
 def summary_line(r: Mapping[str, Any]) -> str:
     dropped = " ".join(f"{f}={v:.2f}" for f, v in r["dropped"].items())
+    by_label = r.get("dropped_by_label", r["dropped"])
+    dropped += "".join(f" {f}-by-label={v:.2f}" for f, v in by_label.items() if v != r["dropped"][f])
     gap = ""
     if r["sparsity_gap"] is not None:
         worst = max(r["family_gaps"].values(), key=abs) if r["family_gaps"] else 0.0
@@ -501,7 +530,9 @@ def markdown(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
         f"{meta['settings']['seq_len']} tokens; weights lr {meta['settings']['weight_lr']} when training.",
         "",
         "Per (setup, method, mode), the mean over seeds and sizes of the share of planted units the folded "
-        "model dropped per family (duplicates: pairs that lost exactly one copy), the smallest share seen in "
+        "model dropped per family (duplicates: pairs that lost exactly one copy; a live neuron and the "
+        "cancelling halves that read its rows, one activation: as many of the group as were planted, whichever "
+        "units went), the smallest share seen in "
         "any run and family, the folded model's held-out loss minus the embedded model's and minus the fold "
         "of the ideal masks (which drop exactly the planted units; it differs from the embedded model "
         "where hidden dims are planted, as the norms renormalise over the kept dims), and the largest "

@@ -224,6 +224,10 @@ class Planted:
     pairs: dict[str, Tensor] = field(default_factory=dict)
     # family -> boolean mask of the rows (layers / groups) that belong to the small model
     real_rows: dict[str, Tensor] = field(default_factory=dict)
+    # family -> long tensor shaped like the mask: units with one activation (a live neuron and the cancelling
+    # halves that read its rows, ``pair_inputs: copy``) share a group id, -1 elsewhere. A re-fit of the output
+    # columns can keep any one unit of a group, so which of them are "the planted ones" is a label, not a fact.
+    collinear: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _positions(n_real: int, n_planted: int, g: torch.Generator) -> Tensor:
@@ -300,6 +304,7 @@ def embed(small: Decoder, plan: PlantSpec) -> Planted:
         "intermediate": torch.zeros(L_l, I_l, dtype=torch.bool),
     }
     pairs = {f: torch.full(t.shape, -1, dtype=torch.long) for f, t in planted.items()}
+    collinear = {"intermediate": torch.full(planted["intermediate"].shape, -1, dtype=torch.long)}
     typical_wo = small.layers[0].attention.wo.weight.norm(dim=0).mean().item()
     typical_w2 = small.layers[0].feed_forward.w2.weight.norm(dim=0).mean().item()
     pair_id = 0
@@ -391,6 +396,10 @@ def embed(small: Decoder, plan: PlantSpec) -> Planted:
                     ffn.w2.weight[:, a], ffn.w2.weight[:, b] = column, -column
                     pairs["intermediate"][li, [a, b]] = pair_id
                     pair_id += 1
+                    if (
+                        plan.pair_inputs == "copy"
+                    ):  # the group of the live neuron read (li * I_l + gate: unique)
+                        collinear["intermediate"][li, [gate, a, b]] = li * I_l + gate
             elif kind == "duplicate":
                 real_slots = torch.nonzero(live_inter).flatten()
                 originals = real_slots[torch.randperm(real_slots.numel(), generator=g)[: slots.numel()]]
@@ -416,7 +425,7 @@ def embed(small: Decoder, plan: PlantSpec) -> Planted:
         "d_model": sc.d_model,
         "intermediate_size": sc.intermediate_size,
     }
-    return Planted(large, sc, plan, target, planted, pairs, real_rows)
+    return Planted(large, sc, plan, target, planted, pairs, real_rows, collinear)
 
 
 def _spread(w: Tensor, live: Tensor) -> Tensor:

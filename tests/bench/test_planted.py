@@ -127,6 +127,70 @@ def test_mixed_cancelling_pairs_read_two_live_neurons_rows_and_no_live_activatio
     assert activations["cancel"] > 0.9999 and activations["cancel-mixed"] < 0.99
 
 
+def test_a_collinear_group_counts_its_planted_units_whichever_of_them_go(bench, small, corpus):
+    """``cancel`` (``pair_inputs: copy``): a live neuron and the pair that reads its rows compute one activation, so
+    a fold that keeps any one of the three (its column re-fitted) computes the small model; the count by function
+    credits the group's planted units whichever went, the count by label only the pair's own."""
+    models, planted_bench = bench
+    setup = planted_bench.SETUPS["cancel"]
+    planted = models.embed(small, setup.plant)
+    groups, pairs = planted.collinear["intermediate"], planted.pairs["intermediate"]
+    assert bool(((groups >= 0) == ((pairs >= 0) | torch.isin(groups, groups[pairs >= 0]))).all())
+    a, b = torch.nonzero(pairs[0] == pairs[0][pairs[0] >= 0][0]).flatten().tolist()
+    group = int(groups[0, a])
+    assert int(groups[0, b]) == group
+    live = [i for i in torch.nonzero(groups[0] == group).flatten().tolist() if pairs[0, i] < 0]
+    assert len(live) == 1 and not bool(planted.planted["intermediate"][0, live[0]])
+    live = live[0]
+    ffn = planted.decoder.layers[0].feed_forward
+    assert torch.equal(ffn.w1.weight[live], ffn.w1.weight[a]) and torch.equal(
+        ffn.w3.weight[live], ffn.w3.weight[a]
+    )
+    n_planted = int((planted.planted["intermediate"] & planted.real_rows["intermediate"]).sum())
+
+    def fraction(mask, by_label=False):
+        return planted_bench.dropped_fraction(planted, "intermediate", mask, by_label)
+
+    ideal = models.ideal_masks(planted, setup.families)["intermediate"]
+    assert fraction(ideal) == fraction(ideal, by_label=True) == 1.0
+    swapped = ideal.clone()  # keep b in the live neuron's place
+    swapped[0, live], swapped[0, b] = 0.0, 1.0
+    assert fraction(swapped) == 1.0
+    assert fraction(swapped, by_label=True) == pytest.approx(1 - 1 / n_planted)
+    refit = models.embed(small, setup.plant).decoder
+    with torch.no_grad():
+        refit.layers[0].feed_forward.w2.weight[:, b] = ffn.w2.weight[:, live]
+        ids = corpus[1][0][:4]
+        masks = {**models.ideal_masks(planted, setup.families), "intermediate": swapped}
+        torch.testing.assert_close(
+            planted_bench.prune_decoder(refit, masks)(ids), small(ids), atol=2e-5, rtol=1e-5
+        )
+    # a group kept whole leaves a planted unit, whichever live neuron goes in its place
+    outsider = int(torch.nonzero((groups[0] < 0) & ~planted.planted["intermediate"][0]).flatten()[0])
+    whole = ideal.clone()
+    whole[0, a], whole[0, outsider] = 1.0, 0.0
+    assert fraction(whole) == fraction(whole, by_label=True) == pytest.approx(1 - 1 / n_planted)
+    # the live neuron is displaced only when its whole group goes
+    worth = {"intermediate": torch.where(planted.planted["intermediate"], float("nan"), 1.0)}
+    worth["intermediate"][0, live] = 0.5
+    every = ideal.clone()
+    every[0, live] = 0.0
+    assert planted_bench.displaced_live(worth, {"intermediate": swapped}, planted.collinear) == {
+        "intermediate": []
+    }
+    assert planted_bench.displaced_live(worth, {"intermediate": every}, planted.collinear) == {
+        "intermediate": [0.5]
+    }
+    assert planted_bench.displaced_live(worth, {"intermediate": swapped}) == {"intermediate": [0.5]}
+    assert fraction(every) == 1.0
+
+
+def test_mixed_pairs_have_no_collinear_group(bench, small):
+    models, planted_bench = bench
+    planted = models.embed(small, planted_bench.SETUPS["cancel-mixed"].plant)
+    assert not bool((planted.collinear["intermediate"] >= 0).any())
+
+
 def test_displaced_live_units_are_the_small_models_units_a_fold_drops_with_their_worth(bench, small, corpus):
     models, planted_bench = bench
     setup = planted_bench.SETUPS["cancel-mixed"]
