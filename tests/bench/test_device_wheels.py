@@ -1,5 +1,5 @@
-"""``bench/device/``: the wheels carried to the device machine stay in step with the project's pins and with the
-stack the test suite runs on, and its scripts parse."""
+"""``bench/device/``: the wheels carried to the device machine meet the project's pins and belong to the stack the
+test suite runs on, and its scripts parse."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICE = REPO / "bench" / "device"
-# carried at another version than the local stack's, and why
-OTHER_VERSION = {"zstd": "the local 1.5.7.2 has no Python 3.12 wheel and the newer ones are yanked"}
 # the image's own: torch and numpy are built together there, and a torch wheel is far over what a call carries
 IMAGE_OWN = {"torch", "torchvision", "numpy"}
 
@@ -51,16 +49,14 @@ def test_carried_versions_meet_the_projects_pins():
     assert not IMAGE_OWN & set(pins)
 
 
-def test_carried_versions_are_the_tested_stacks():
-    for name, version in carried().items():
+def test_every_carried_package_is_part_of_the_tested_stack():
+    """A carried package the project's own install lacks is a stale entry. (Versions the project does not pin are
+    whatever the resolver picked that day, here and there alike, so only the pinned ones are compared, above.)"""
+    for name in carried():
         try:
-            installed = metadata.version(name)
+            metadata.version(name)
         except metadata.PackageNotFoundError:
             pytest.fail(f"wheels.txt carries {name}, which the project's own install does not have")
-        if name in OTHER_VERSION:
-            assert installed != version, f"{name}: the same version now; drop it from OTHER_VERSION"
-            continue
-        assert installed == version, f"{name}: carried {version}, tested with {installed}"
 
 
 @pytest.mark.parametrize("script", ["fetch_wheels.sh", "setup.sh", "run.sh"])
