@@ -3,6 +3,7 @@ small one, bad plans are refused, and the masks find the planted units."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -157,7 +158,7 @@ def test_a_collinear_group_counts_its_planted_units_whichever_of_them_go(bench, 
     swapped[0, live], swapped[0, b] = 0.0, 1.0
     assert fraction(swapped) == 1.0
     assert fraction(swapped, by_label=True) == pytest.approx(1 - 1 / n_planted)
-    refit = models.embed(small, setup.plant).decoder
+    refit = copy.deepcopy(planted.decoder)
     with torch.no_grad():
         refit.layers[0].feed_forward.w2.weight[:, b] = ffn.w2.weight[:, live]
         ids = corpus[1][0][:4]
