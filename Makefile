@@ -26,7 +26,7 @@ MODEL ?= $(PRUNED)
 TASKS ?= local_mc,local_cloze
 ARGS ?=
 
-.PHONY: help install test test-fast lint demo data convert-in prune prune-model continue convert-out evaluate evaluate-tasks report bench bench-quality bench-planted bench-damping
+.PHONY: help install test test-fast lint demo data convert-in prune prune-model continue convert-out evaluate evaluate-tasks report bench bench-quality bench-planted bench-damping device-wheels
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -98,3 +98,6 @@ bench-damping: install  ## least-squares cut (prune-oneshot --compensate) at sev
 
 bench-planted: install  ## planted-structure benchmark: do the masks find units planted in a larger model (dead, cancelling, duplicated)? (ARGS="--quick", "--setups cancel-mixed --methods oneshot interior-bounded")
 	$(BIN)/python bench/planted.py $(ARGS)
+
+device-wheels:  ## the wheels a lent GPU machine needs beside its own torch, into .whl/ (then run bench/device/run.sh there with .whl carried; bench/device/README.md)
+	bash bench/device/fetch_wheels.sh
