@@ -47,7 +47,14 @@ def _output_of(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     from llmshearing.errors import run_reported
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after the options (argparse takes positionals before them only)
+        takes_overrides = isinstance(getattr(args, "overrides", None), list)
+        unknown = [item for item in extra if not takes_overrides or item.startswith("-") or "=" not in item]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides += extra
     return run_reported(lambda: args.func(args), f"llmshearing {args.command}", writing=_output_of(args))
 
 

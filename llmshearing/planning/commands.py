@@ -3,8 +3,10 @@
 The recipe is read and validated as training reads it (``load_config`` / ``validate_config``), but
 without its files: the source's shape comes from ``model.path``'s ``config.json`` when it exists,
 else from ``--source-config`` (a Hugging Face or llmshearing ``config.json``; ``yamls/sources/``
-holds the paper's sources). No weights are read. Exit status: 0 when every stage fits, 1 when one
-does not (the last line names the stage, the shortfall and the fewest GPUs that fit), 2 for bad input.
+holds the paper's sources). No weights are read, and Composer is not imported (the callbacks' and
+loggers' settings, checked against Composer's classes, are left to the run, which checks them first).
+Exit status: 0 when every stage fits, 1 when one does not (the last line names the stage, the shortfall
+and the fewest GPUs that fit), 2 for bad input.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def read_run(
                 "or --source-config FILE (the source's config.json; yamls/sources/ holds the paper's sources)"
             )
         cfg.model.path = PLACEHOLDER
-    run = validate_config(cfg, gpus, check_paths=False)
+    run = validate_config(cfg, gpus, check_paths=False, check_components=False)
     model = run.model
     student, where = _source_config(model.path, source_config, "--source-config", "model.path")
     sources = {"source": where}

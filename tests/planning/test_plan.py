@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -255,6 +257,22 @@ def test_plan_command_paper_recipe(capsys):
     assert "tokens/s" in out and "3,200 steps" in out
 
 
+def test_plan_does_not_import_composer():
+    """The planner is a quick tool (seconds): it validates the recipe without Composer, whose classes only the
+    callbacks' and loggers' settings need; the run checks those itself (tests/training/test_train_config.py)."""
+    probe = (
+        "import sys\n"
+        "from llmshearing.cli import main\n"
+        f"code = main(['plan', {PAPER_PRUNE!r}, '--gpus', '8', '--source-config', {LLAMA2_7B!r}])\n"
+        "print('composer imported:', 'composer' in sys.modules)\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "pruning (training step)" in done.stdout
+    assert "composer imported: False" in done.stdout
+
+
 def test_plan_command_json(capsys):
     code = main(
         ["plan", PAPER_PRUNE, "--gpus", "8", "--source-config", LLAMA2_7B, "--json", "--host-memory", "1TB"]
@@ -277,6 +295,15 @@ def test_plan_host_memory_with_rank0_loading(capsys):
     assert every_rank == 8 * rank0 and rank0 == 4 * 6_738_415_616
     assert main([*args[:2], "model.init_device=mixed", *args[2:-1]]) == 0
     assert "rank 0 alone reads the whole source" in capsys.readouterr().out
+    assert main([*args, "model.init_device=mixed"]) == 0  # overrides may follow the options too
+    assert json.loads(capsys.readouterr().out)["host_bytes_per_node"] == rank0
+
+
+def test_plan_refuses_an_unknown_option_after_the_overrides(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", PAPER_PRUNE, "--gpus", "8", "--source-config", LLAMA2_7B, "seed=3", "--nodes", "4"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --nodes 4" in capsys.readouterr().err
 
 
 def test_plan_that_does_not_fit_exits_1_naming_stage_shortfall_and_gpus(capsys):
