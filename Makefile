@@ -90,7 +90,7 @@ report: install  ## PNG plots + markdown summary of a run: make report RUN=<run 
 bench: install  ## every ratio benchmark, one table (ARGS=--quick for a short run)
 	$(BIN)/python bench/run_all.py $(ARGS)
 
-bench-quality: install  ## quality benchmark: seven arms (L0, distillation, one-shot, scratch) at one token budget on SmolLM2-135M or the CPU miniature, reported on the test split (ARGS="--quick", "--source miniature")
+bench-quality: install  ## quality benchmark: eight arms (L0, distillation, one-shot, scratch, masks held) at one token budget on SmolLM2-135M or the CPU miniature, reported on the test split (ARGS="--quick", "--source miniature")
 	$(BIN)/python bench/quality.py $(ARGS)
 
 bench-damping: install  ## least-squares cut (prune-oneshot --compensate) at several dampings, eval and test split, no training (ARGS="SRC --data DATA --target KEY=VALUE,... [--dampings 0.01 0.001]")
