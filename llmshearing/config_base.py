@@ -114,11 +114,12 @@ def unknown_key_message(key: Any, valid: Iterable[Any], prefix: str = "") -> str
 
 
 def refuse_unknown_keys(values: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
-    """A ``ValueError`` listing the keys of ``values`` that ``valid`` lacks, in ``where``, and the valid ones."""
-    known = set(valid)
-    unknown = sorted(set(values) - known)
+    """A ``ValueError`` naming the first key of ``values`` (sorted) that ``valid`` lacks, as ``<where>.<key>``,
+    and the closest valid key (or the valid keys when none is close), as :func:`unknown_key_message` does."""
+    known = list(valid)
+    unknown = sorted(set(values) - set(known), key=str)
     if unknown:
-        raise ValueError(f"unknown keys {unknown} in {where}; valid keys are {sorted(known)}")
+        raise ValueError(unknown_key_message(unknown[0], known, f"{where}." if where else ""))
 
 
 # --- sections: dataclasses made from a recipe's mappings -------------------------------------------------

@@ -102,13 +102,6 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         # the plan against the devices found; a run from prune-oneshot's least-squares start that misreads it
         warn_if_plan_does_not_fit(cfg, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         _warn_on_start_settings(cfg, data_loading)
-    for section in ("train_loader", "eval_loader"):  # the loaders read the data root from the top level
-        if getattr(cfg, section) is None:
-            cfg.put(section, {})
-        dataset = getattr(cfg, section).setdefault("dataset", {})
-        dataset.setdefault("local", cfg.data_local)
-        dataset.setdefault("remote", cfg.data_remote)
-        dataset.setdefault("max_seq_len", cfg.max_seq_len)
     save_folder = cfg.resolved_save_folder()
     run_folder.check_start(save_folder, cfg.autoresume, cfg.save_overwrite)
     guard.watch(save_folder)

@@ -67,6 +67,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_hf_to_composer(args: argparse.Namespace) -> int:
+    from llmshearing.io.staging import refuse_existing_output
+
+    refuse_existing_output(args.out, args.overwrite)  # before the imports and the reading (seconds)
     from llmshearing.convert.hf_to_project import convert_hf_to_project
 
     out = convert_hf_to_project(
@@ -77,6 +80,9 @@ def run_hf_to_composer(args: argparse.Namespace) -> int:
 
 
 def run_composer_to_hf(args: argparse.Namespace) -> int:
+    from llmshearing.io.staging import refuse_existing_output
+
+    refuse_existing_output(args.out_dir, args.overwrite)  # before the imports and the reading (seconds)
     from llmshearing.convert.project_to_hf import convert_project_to_hf
 
     out = convert_project_to_hf(

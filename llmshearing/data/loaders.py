@@ -198,6 +198,24 @@ def _dataset_cfg(loader_cfg: Mapping[str, Any], defaults: Mapping[str, Any], whe
     return {**defaults, **{k: v for k, v in ds.items() if v is not None}}
 
 
+def check_loader_config(
+    loader_cfg: Mapping[str, Any],
+    set_names: Sequence[str],
+    *,
+    train: bool,
+    where: str,
+    names_key: str = "set_names",
+    check_paths: bool = True,
+) -> None:
+    """What building the loader checks before anything is imported: its keys and (``check_paths``) the
+    data's domains, splits, shards and sequence length against ``set_names``; a ``ValueError`` naming the key."""
+    ds = _dataset_cfg(loader_cfg, _TRAIN_DATASET_KEYS if train else _EVAL_DATASET_KEYS, where)
+    if check_paths:
+        check_data(
+            ds["local"], ds["remote"], ds["split"], list(set_names), ds["max_seq_len"], where, names_key
+        )
+
+
 def _num_tokens(batch: Mapping[str, Any]) -> int:
     return int(batch["input_ids"].numel())
 

@@ -41,10 +41,9 @@ class TokenizerSpec:
 def load_tokenizer(name: str, text_field: str = "text") -> TokenizerSpec:
     """Load a fast HF tokenizer (directory, hub name or ``.gguf`` file) into a :class:`TokenizerSpec`.
 
-    When BOS and EOS are the same token (GPT-2 style), documents get only the EOS.
+    When BOS and EOS are the same token (GPT-2 style), documents get only the EOS. A local path that does not
+    exist is refused before transformers is imported (seconds).
     """
-    from transformers import AutoTokenizer
-
     path = Path(name)
     kwargs: dict[str, Any] = {}
     source = name
@@ -63,6 +62,8 @@ def load_tokenizer(name: str, text_field: str = "text") -> TokenizerSpec:
         offline = hub_unavailable(name)
         if offline is not None:
             kwargs["local_files_only"] = True
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, **kwargs)
     except Exception as err:  # transformers raises many types (OSError, ValueError, JSON errors)

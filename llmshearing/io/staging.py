@@ -101,6 +101,16 @@ def check_distinct_outputs(outputs: dict[str, str | Path | None]) -> None:
                 )
 
 
+def refuse_existing_output(out: str | Path, overwrite: bool = False) -> None:
+    """A ``ValueError`` when ``out`` exists (other than as an empty directory) and ``overwrite`` is off: what
+    :func:`staged_dir` checks first, for a command to answer before its heavy work."""
+    out = Path(out)
+    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(
+            f"{out} already exists; remove it, choose another output path, or replace it with --overwrite"
+        )
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory; it becomes ``out`` only when the block succeeds.
@@ -110,8 +120,7 @@ def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     meanwhile is kept and this writer fails.
     """
     out = Path(out)
-    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
-        raise ValueError(f"{out} already exists; remove it or choose another output path")
+    refuse_existing_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     staging = staging_path(out)

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from llmshearing.config_base import closest_key
 from llmshearing.pruning.targets import SHAPE_KEYS
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -202,7 +203,9 @@ def parse_target(text: str) -> dict[str, int]:
         if not sep or not key:
             raise ValueError(f"--target {text!r}: expected comma-separated KEY=VALUE pairs, got {item!r}")
         if key not in SHAPE_KEYS:
-            raise ValueError(f"--target: unknown key {key!r}; valid keys are {list(SHAPE_KEYS)}")
+            close = closest_key(key, SHAPE_KEYS)
+            hint = f"did you mean {close}?" if close else f"valid keys are {list(SHAPE_KEYS)}"
+            raise ValueError(f"--target: unknown key {key!r}; {hint}")
         if key in target:
             raise ValueError(f"--target: {key} is given twice")
         try:

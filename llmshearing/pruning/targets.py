@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmshearing.config_base import is_int, parse_batches
+from llmshearing.config_base import is_int, parse_batches, refuse_unknown_keys
 from llmshearing.models.config import ModelConfig
 
 FAMILIES = ("layer", "head_layer", "head", "kv_head", "mlp", "intermediate", "hidden")
@@ -279,10 +279,7 @@ class L0Config:
             pass
         if not isinstance(values, Mapping):
             raise ValueError(f"{PREFIX} must be a mapping of settings, got {type(values).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown keys {[f'{PREFIX}.{k}' for k in unknown]}; valid keys are {known}")
+        refuse_unknown_keys(values, [f.name for f in dataclasses.fields(cls)], PREFIX)
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:
@@ -438,9 +435,7 @@ def target_config(target_model: Mapping[str, Any], source: ModelConfig) -> Model
     """The shape ``target_model`` asks of ``source`` (keys it leaves out are the source's; multi-head
     attention stays multi-head), or a ``ValueError`` naming the key and the fix."""
     key = f"{PREFIX}.target_model"
-    unknown = sorted(set(target_model) - set(SHAPE_KEYS) - set(FIXED_SHAPE_KEYS))
-    if unknown:
-        raise ValueError(f"unknown keys {[f'{key}.{k}' for k in unknown]}; valid keys are {list(SHAPE_KEYS)}")
+    refuse_unknown_keys(target_model, [*SHAPE_KEYS, *FIXED_SHAPE_KEYS], key)
     for name in FIXED_SHAPE_KEYS:
         if name in target_model and target_model[name] != getattr(source, name):
             raise ValueError(

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from llmshearing.config_base import ConfigError, check_keys, section_from_mapping
+from llmshearing.dynamic_loading.config import KEY as DATA_LOADING_KEY
 from llmshearing.dynamic_loading.config import DataLoadingConfig
 from llmshearing.models.teacher import DistillationConfig
 from llmshearing.recipe_file import first_line, read_recipe
@@ -89,7 +90,8 @@ def validate_config(
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
-            f"the recipe leaves {', '.join(missing)} to be set (???); pass {missing[0]}=... on the command line"
+            f"the recipe leaves {', '.join(missing)} to be set (???); pass "
+            f"{' '.join(f'{key}=...' for key in missing)} on the command line"
         )
     values = OmegaConf.to_container(cfg, resolve=True)
     check_keys(values, SCHEMA)
@@ -150,6 +152,7 @@ def validate_config(
     check_init_device(run, world_size)
     check_l0_target(run.model)
     parse_data_loading(run.callbacks)
+    check_loaders(run, check_paths)
     if check_components:
         check_component_settings(run)  # imports Composer: last
     return run
@@ -188,6 +191,39 @@ def validate_distillation(model: ModelSettings, check_paths: bool = True) -> Non
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from err
     model.put("distillation", config)  # config.json keeps the settings with the teacher filled in
+
+
+def check_loaders(run: RunConfig, check_paths: bool) -> None:
+    """Fill each loader's data root from the top level (``data_local``, ``data_remote``, ``max_seq_len``, where
+    its ``dataset`` leaves them out) and check its keys and, with ``check_paths``, the data against
+    ``callbacks.data_loading.set_names``, as building the loaders would, before anything is imported."""
+    from llmshearing.data.loaders import check_loader_config
+
+    for section in ("train_loader", "eval_loader"):
+        if getattr(run, section) is None:
+            run.put(section, {})
+        loader = getattr(run, section)
+        dataset = loader.setdefault("dataset", {}) if isinstance(loader, dict) else None
+        if isinstance(dataset, dict):
+            dataset.setdefault("local", run.data_local)
+            dataset.setdefault("remote", run.data_remote)
+            dataset.setdefault("max_seq_len", run.max_seq_len)
+    data_loading = run.callbacks.data_loading
+    if not isinstance(data_loading, DataLoadingConfig):
+        return  # the run says the section is required
+    names_key = f"{DATA_LOADING_KEY}.set_names"
+    for section, train in (("train_loader", True), ("eval_loader", False)):
+        try:
+            check_loader_config(
+                getattr(run, section),
+                data_loading.set_names,
+                train=train,
+                where=section,
+                names_key=names_key,
+                check_paths=check_paths,
+            )
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from None
 
 
 def parse_data_loading(callbacks: CallbackSettings) -> None:

@@ -33,3 +33,8 @@ class Steps:
             result = func()
         self.timings.append((title, time.perf_counter() - start))
         return result
+
+    def reuse(self, title: str, path: Path, what: str = "the output of an earlier run") -> None:
+        """Say that the step is skipped because ``path`` holds its finished output (listed as reused)."""
+        print(f"\n=== {title} ===\nreusing {what} in {path}", flush=True)
+        self.timings.append((f"{title} (reused)", 0.0))

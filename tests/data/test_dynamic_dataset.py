@@ -231,7 +231,10 @@ def test_eval_samples_per_domain(data_root, cache):
             "callbacks.data_loading.proportion has 2 values but there are 3 domains",
         ),
         ({"target_loss": [1.0, 2.0]}, "target_loss must hold one loss per domain (3"),
-        ({"proportions": [1.0]}, "unknown keys ['proportions'] in callbacks.data_loading"),
+        (
+            {"proportions": [1.0]},
+            "unknown config key 'callbacks.data_loading.proportions'; did you mean callbacks.data_loading.proportion?",
+        ),
         ({"target_loss": None}, "update_type doremi needs reference losses"),
         ({"reference": "source"}, "give either callbacks.data_loading.target_loss or"),
         ({"update_type": "bandit"}, "update_type must be one of ['doremi', 'constant']"),
@@ -268,7 +271,10 @@ def test_loader_errors_name_the_key_and_fix(data_root, cache, tmp_path):
             device_batch_size=4,
             eval_interval="5ba",
         )
-    with pytest.raises(ValueError, match=r"unknown keys \['shuffel'\] in train_loader.dataset"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown config key 'train_loader.dataset.shuffel'; did you mean train_loader.dataset.shuffle\?",
+    ):
         build(loader={"dataset": {"local": data_root, "shuffel": True}})
     with pytest.raises(ValueError, match="is_uint16 is not needed"):
         build(loader={"dataset": {"local": data_root, "is_uint16": True}})

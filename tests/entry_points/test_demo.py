@@ -81,3 +81,36 @@ def test_summary_shows_downstream_accuracy_of_each_stage(tmp_path, monkeypatch, 
     )
     # no downstream scores: no table
     assert "downstream accuracy" not in demo.summary(out, work, losses, "sample", demo.Steps())
+
+
+def test_floor_notes_name_a_domain_held_at_its_floor(tmp_path):
+    """The summary says when the dynamic mix held a domain at its floor to the end (``make demo``'s continued
+    run: docs at 0.5 x 0.5 from the first update), and says nothing of a domain that left it."""
+    from llmshearing.checkpoint.run_config import write_run_description
+
+    section = {
+        "dynamic": True,
+        "set_names": ["code", "docs"],
+        "proportion": [0.5, 0.5],
+        "target_loss": [1.0, 2.0],
+    }
+    write_run_description(str(tmp_path), {"train": {"callbacks": {"data_loading": section}}})
+    held = {"code": [(0, 0.6), (8, 0.75), (16, 0.75)], "docs": [(0, 0.4), (8, 0.25), (16, 0.25)]}
+    notes = demo.floor_notes(tmp_path, held)
+    assert len(notes) == 1 and notes[0].startswith(
+        "  docs sat at its floor 0.250 (min_proportion 0.5 x 0.500)"
+    )
+    assert "from ba8 to the end" in notes[0]
+    left = {"code": [(0, 0.75), (8, 0.6)], "docs": [(0, 0.25), (8, 0.4)]}
+    assert demo.floor_notes(tmp_path, left) == []
+    write_run_description(
+        str(tmp_path), {"train": {"callbacks": {"data_loading": {**section, "min_proportion": 0}}}}
+    )
+    assert demo.floor_notes(tmp_path, held) == []  # no floor
+
+
+def test_a_second_run_lists_the_steps_it_reused(tmp_path, capsys):
+    steps = demo.Steps()
+    steps.reuse("3. prepare MDS data", tmp_path)
+    assert f"reusing the output of an earlier run in {tmp_path}" in capsys.readouterr().out
+    assert steps.timings == [("3. prepare MDS data (reused)", 0.0)]

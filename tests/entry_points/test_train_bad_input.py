@@ -169,6 +169,13 @@ def test_recipe_mistakes_are_answered_before_composer_is_imported(tiny_source, t
         ("model.l0_module.target_model.n_layers=99", False, "larger than the source model's n_layers=3"),
         ("model.l0_modul.lr=1", False, "did you mean model.l0_module?"),
         ("callbacks.data_loading.proportion=[1.0]", False, "has 1 values but there are 2 domains"),
+        (
+            "callbacks.data_loading.set_names=[alpha,web]",
+            False,
+            "domains ['web'] of callbacks.data_loading.set_names",
+        ),
+        ("train_loader.dataset.shufle=false", False, "did you mean train_loader.dataset.shuffle?"),
+        ("eval_loader.num_worker=2", False, "did you mean eval_loader.num_workers?"),
         ("callbacks.speed_monitor.windw_size=5", True, "callbacks.speed_monitor.windw_size is not a setting"),
     ]
     runs = [[PRUNE, *_args(tiny_source, tiny_mds, folder, *SHORT, override)] for override, _, _ in cases]

@@ -413,7 +413,10 @@ def test_penalty_per_unit_linear_term_counts_units_against_the_target():
         ({"target_model": {"intermediate_size": 8}, "pruning_modules": ["head"]}, r"lacks 'intermediate'"),
         ({"target_model": {"n_layers": 2}, "pruning_modules": ["head_layer"]}, r"n_layers.*lacks 'layer'"),
         ({"target_model": {"vocab_size": 10}}, r"vocab_size=10 differs"),
-        ({"target_model": {"n_experts": 2}}, r"unknown keys \['model\.l0_module\.target_model\.n_experts'\]"),
+        (
+            {"target_model": {"n_experts": 2}},
+            r"unknown config key 'model\.l0_module\.target_model\.n_experts'; valid keys here",
+        ),
         ({"target_model": {"n_heads": 0}}, r"n_heads must be a positive integer"),
         ({"target_sparsity": 0.0}, r"target_sparsity must be in \(0, 1\)"),
         ({"target_sparsity": 1.5}, r"target_sparsity must be in \(0, 1\)"),
@@ -421,7 +424,10 @@ def test_penalty_per_unit_linear_term_counts_units_against_the_target():
         ({}, "needs a target"),
         ({"target_sparsity": 0.5, "pruning_modules": []}, "non-empty"),
         ({"target_sparsity": 0.5, "pruning_modules": ["heads"]}, r"unknown families \['heads'\]"),
-        ({"target_sparsity": 0.5, "prune_modules": ["head"]}, r"model\.l0_module\.prune_modules.*valid keys"),
+        (
+            {"target_sparsity": 0.5, "prune_modules": ["head"]},
+            r"model\.l0_module\.prune_modules.*did you mean model\.l0_module\.pruning_modules",
+        ),
         (
             {"target_sparsity": 0.5, "lagrangian_warmup_steps": "3ep"},
             "lagrangian_warmup_steps must be a number of batches",

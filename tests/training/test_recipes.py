@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODEL
 from omegaconf import OmegaConf
 
+from llmshearing.data.layout import write_token_root
 from llmshearing.hf.config import model_config_from_hf
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
@@ -95,6 +97,14 @@ def _placeholders(source: Path, data: Path) -> list[str]:
     return [f"model.path={source}", f"data_local={data}", "save_folder=unused"]
 
 
+def _write_data(root: Path, domains: list[str], seq_len: int) -> None:
+    """Two sequences per domain and split in the prepared layout: validation checks the recipe's domains, splits
+    and sequence length against the data."""
+    tokens = np.arange(seq_len) % 7
+    samples = {split: {domain: [tokens, tokens] for domain in domains} for split in ("train", "eval", "test")}
+    write_token_root(root, samples, vocab_size=7)
+
+
 def _write_source(folder: Path, config: ModelConfig) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"format": "llmshearing", "model": config.to_dict()}))
@@ -115,6 +125,7 @@ def test_recipe_validates_and_builds_its_plan(name, tmp_path):
         }
         assert key in callers, f"{name} leaves {key} unset"
         OmegaConf.update(cfg, key, callers[key])
+    _write_data(data, list(cfg.callbacks.data_loading.set_names), int(cfg.max_seq_len))
     values = validate_config(cfg, processes)
     loading = values.callbacks.data_loading
     assert len(loading.set_names) == len(loading.proportion)

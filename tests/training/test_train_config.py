@@ -158,6 +158,10 @@ def test_missing_mandatory_value_is_named(recipe, tmp_path):
     path.write_text(open(recipe).read().replace("max_seq_len: 32", "max_seq_len: ???"))
     with pytest.raises(ConfigError, match=r"leaves max_seq_len to be set \(\?\?\?\); pass max_seq_len="):
         validate_config(load_config(str(path)))
+    path.write_text(path.read_text().replace("eval_interval: 5ba", "eval_interval: ???"))
+    both = r"leaves eval_interval, max_seq_len to be set \(\?\?\?\); pass eval_interval=\.\.\. max_seq_len=\.\.\. on the command line"
+    with pytest.raises(ConfigError, match=both):
+        validate_config(load_config(str(path)))
 
 
 def test_scheduler_t_max_reaches_the_scheduler(recipe):
