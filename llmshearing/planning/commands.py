@@ -73,6 +73,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    check_config_file("--source-config", args.source_config)  # before torch is imported (seconds)
+    check_config_file("--teacher-config", args.teacher_config)
     from llmshearing.planning.plan import Hardware, make_plan
 
     if args.gpus is None or args.gpus < 1:
@@ -158,6 +160,14 @@ def read_run(
         raise ConfigError(f"{recipe}: {err}") from None
 
 
+def check_config_file(flag: str, given: str | None) -> None:
+    """A ``ConfigError`` when ``given`` (a ``--*-config`` flag's value) is set and is not a file."""
+    from llmshearing.config_base import ConfigError
+
+    if given is not None and not Path(given).is_file():
+        raise ConfigError(f"{flag} {given} does not exist; pass a config.json (Hugging Face or llmshearing)")
+
+
 def _source_config(path: str, given: str | None, flag: str, key: str) -> tuple[Any, str]:
     """The ModelConfig of ``given`` (a config.json) or of the checkpoint at ``path``, and where it came from."""
     from llmshearing.checkpoint.format import CONFIG_NAME
@@ -166,10 +176,7 @@ def _source_config(path: str, given: str | None, flag: str, key: str) -> tuple[A
     from llmshearing.config_base import ConfigError
 
     if given is not None:
-        if not Path(given).is_file():
-            raise ConfigError(
-                f"{flag} {given} does not exist; pass a config.json (Hugging Face or llmshearing)"
-            )
+        check_config_file(flag, given)
         return read_any_config(Path(given))[0], given
     checkpoint = Path(path)
     if checkpoint.is_dir():
