@@ -353,7 +353,7 @@ def test_target_config_yaml_gives_the_same_model(source_ckpt, data_root, tmp_pat
 BAD_INPUTS = {
     "larger": (["--target", "n_layers=5"], "--target: n_layers=5 is larger than the source"),
     "not_divisible": (["--target", "n_heads=3,n_kv_heads=2"], "not divisible by n_kv_heads=2"),
-    "unknown_key": (["--target", "n_layer=2"], "--target: unknown key 'n_layer'"),
+    "unknown_key": (["--target", "n_layer=2"], "--target: unknown key 'n_layer'; did you mean n_layers?"),
     "not_int": (["--target", "n_layers=two"], "--target: n_layers='two' is not an integer"),
     "no_target": ([], "exactly one of --target"),
     "missing_data": (["--target", TARGET_ARG, "--data", "{tmp}/nowhere"], "--data"),
