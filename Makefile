@@ -8,13 +8,14 @@ BIN := $(VENV)/bin
 EXTRAS ?= gguf,dev
 STAMP := $(VENV)/.installed
 
-# Paths and recipes (override on the command line: make prune RECIPE=... RUN=...)
-RAW ?= raw
-DATA ?= data/mds
-TOKENIZER ?= .cache/smollm2-135m
-SEQ_LEN ?= 256
+# Paths and recipes (override on the command line: make prune RECIPE=... RUN=...). The data and source default
+# to `make demo`'s (demo_out/), so that after it `make prune`, `make prune-model` and `make report` run on them.
+RAW ?= demo_out/raw
+DATA ?= demo_out/mds
+TOKENIZER ?= demo_out/source
+SEQ_LEN ?= 128
 HF ?= .cache/smollm2-135m
-SOURCE ?= .cache/source
+SOURCE ?= demo_out/source
 RECIPE ?= yamls/pruning/smollm2-135m-demo.yaml
 CONT_RECIPE ?= yamls/continued/smollm2-135m-demo.yaml
 RUN ?= runs/prune
