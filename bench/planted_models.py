@@ -396,9 +396,7 @@ def embed(small: Decoder, plan: PlantSpec) -> Planted:
                     ffn.w2.weight[:, a], ffn.w2.weight[:, b] = column, -column
                     pairs["intermediate"][li, [a, b]] = pair_id
                     pair_id += 1
-                    if (
-                        plan.pair_inputs == "copy"
-                    ):  # the group of the live neuron read (li * I_l + gate: unique)
+                    if plan.pair_inputs == "copy":  # one group per live neuron read: id li * I_l + gate
                         collinear["intermediate"][li, [gate, a, b]] = li * I_l + gate
             elif kind == "duplicate":
                 real_slots = torch.nonzero(live_inter).flatten()

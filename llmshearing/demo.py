@@ -280,38 +280,34 @@ def main(argv: list[str] | None = None) -> int:
     cli = [python, "-m", "llmshearing.cli"]
 
     raw, source, mds = out / "raw", out / "source", out / "mds"
-    if raw.is_dir():
-        steps.reuse("1. build a two-domain corpus from the standard library", raw)
+    steps.run_once(
+        raw,
+        "1. build a two-domain corpus from the standard library",
+        func=lambda: print(build_corpus(raw)),
+        done=None,
+    )
+    convert = "2. convert SmolLM2-135M from GGUF"
+    if (source / "config.json").is_file():  # the GGUF is looked up only to convert it
+        steps.reuse(convert, source)
     else:
-        steps.run(
-            "1. build a two-domain corpus from the standard library", func=lambda: print(build_corpus(raw))
-        )
-    if (source / "config.json").is_file():
-        steps.reuse("2. convert SmolLM2-135M from GGUF", source)
-    else:
-        steps.run(
-            "2. convert SmolLM2-135M from GGUF", [*cli, "convert", "hf-to-composer", smollm2_gguf(), source]
-        )
-    if (mds / "manifest.json").is_file():
-        steps.reuse("3. prepare MDS data", mds)
-    else:
-        prepare = [
-            python,
-            REPO / "data_prep" / "prepare_mds.py",
-            "--input",
-            raw,
-            "--output",
-            mds,
-            "--tokenizer",
-            source,
-            "--seq-len",
-            SEQ_LEN,
-            "--eval-seqs",
-            EVAL_SEQS,
-            "--workers",
-            "2",
-        ]
-        steps.run("3. prepare MDS data", prepare)
+        steps.run(convert, [*cli, "convert", "hf-to-composer", smollm2_gguf(), source])
+    prepare = [
+        python,
+        REPO / "data_prep" / "prepare_mds.py",
+        "--input",
+        raw,
+        "--output",
+        mds,
+        "--tokenizer",
+        source,
+        "--seq-len",
+        SEQ_LEN,
+        "--eval-seqs",
+        EVAL_SEQS,
+        "--workers",
+        "2",
+    ]
+    steps.run_once(mds, "3. prepare MDS data", prepare, done="manifest.json")
     reference = steps.run(
         "   evaluate the source model (eval split: the reference of the data mix)",
         func=lambda: _losses(source, mds, "eval"),
@@ -338,18 +334,15 @@ def main(argv: list[str] | None = None) -> int:
             prune_run,
             [python, "-m", "llmshearing.train", PRUNE_RECIPE, *common, f"model.path={source}"],
         )
-        if (pruned / "config.json").is_file():
-            steps.reuse("5. fold masks and slice to the target shape", pruned)
-        else:
-            steps.run(
-                "5. fold masks and slice to the target shape",
-                [*cli, "prune-model", prune_run / "checkpoints" / "latest-rank0.pt", pruned],
-            )
-    elif (pruned / "config.json").is_file():
-        steps.reuse("4. one-shot importance pruning to the target shape", pruned)
+        steps.run_once(
+            pruned,
+            "5. fold masks and slice to the target shape",
+            [*cli, "prune-model", prune_run / "checkpoints" / "latest-rank0.pt", pruned],
+        )
     else:
         samples = recipe_value(PRUNE_RECIPE, "model.l0_module.init_samples")
-        steps.run(
+        steps.run_once(
+            pruned,
             "4. one-shot importance pruning to the target shape (calibrated on the train split)",
             [*cli, "prune-oneshot", source, pruned, "--data", mds, "--target-config", PRUNE_RECIPE]
             + ["--samples", samples],
@@ -377,21 +370,19 @@ def main(argv: list[str] | None = None) -> int:
             f"max_duration={continued_steps(args.method)}ba",
         ],
     )
-    if (hf / "config.json").is_file():
-        steps.reuse("7. export to Hugging Face format", hf)
-    else:
-        steps.run(
-            "7. export to Hugging Face format",
-            [
-                *cli,
-                "convert",
-                "composer-to-hf",
-                cont_run / "checkpoints" / "latest-rank0.pt",
-                hf,
-                "--tokenizer",
-                source,
-            ],
-        )
+    steps.run_once(
+        hf,
+        "7. export to Hugging Face format",
+        [
+            *cli,
+            "convert",
+            "composer-to-hf",
+            cont_run / "checkpoints" / "latest-rank0.pt",
+            hf,
+            "--tokenizer",
+            source,
+        ],
+    )
     losses["continued (HF export)"] = steps.run(
         "   evaluate the export with plain transformers", func=lambda: _losses(hf, mds, transformers=True)
     )

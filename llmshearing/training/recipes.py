@@ -38,3 +38,13 @@ class Steps:
         """Say that the step is skipped because ``path`` holds its finished output (listed as reused)."""
         print(f"\n=== {title} ===\nreusing {what} in {path}", flush=True)
         self.timings.append((f"{title} (reused)", 0.0))
+
+    def run_once(
+        self, out: Path, title: str, command: list | None = None, func=None, done: str | None = "config.json"
+    ) -> None:
+        """:meth:`run` the step that writes ``out``, or :meth:`reuse` it when ``out`` is finished: it holds the
+        file ``done`` (None: ``out`` exists)."""
+        if (out / done).is_file() if done else out.exists():
+            self.reuse(title, out)
+        else:
+            self.run(title, command, func)

@@ -114,3 +114,21 @@ def test_a_second_run_lists_the_steps_it_reused(tmp_path, capsys):
     steps.reuse("3. prepare MDS data", tmp_path)
     assert f"reusing the output of an earlier run in {tmp_path}" in capsys.readouterr().out
     assert steps.timings == [("3. prepare MDS data (reused)", 0.0)]
+
+
+def test_a_step_runs_once_and_is_reused_when_its_output_is_finished(tmp_path, capsys):
+    steps, out, calls = demo.Steps(), tmp_path / "pruned", []
+    steps.run_once(out, "4. prune", func=lambda: calls.append(1))  # no config.json yet: it runs
+    out.mkdir()
+    steps.run_once(out, "4. prune", func=lambda: calls.append(2))  # a folder without config.json: unfinished
+    (out / "config.json").write_text("{}")
+    steps.run_once(out, "4. prune", func=lambda: calls.append(3))
+    steps.run_once(tmp_path, "1. corpus", func=lambda: calls.append(4), done=None)  # exists: reused
+    assert calls == [1, 2]
+    assert [title for title, _ in steps.timings] == [
+        "4. prune",
+        "4. prune",
+        "4. prune (reused)",
+        "1. corpus (reused)",
+    ]
+    assert f"reusing the output of an earlier run in {out}" in capsys.readouterr().out
