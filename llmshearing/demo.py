@@ -8,11 +8,11 @@ Steps (each one the command a user would run; finished steps are reused on a sec
   4. pruning to the target shape of ``yamls/pruning/smollm2-135m-demo.yaml``, by ``--method``:
      ``oneshot`` (the default): ``llmshearing prune-oneshot``, importance-ranked on the train split;
      ``l0``: L0 pruning with dynamic batch loading and distillation (that recipe), then
-     5. ``llmshearing prune-model``: fold the masks, slice to the target shape
-  6. continued pretraining with distillation from the source (``yamls/continued/smollm2-135m-demo.yaml``);
+     ``llmshearing prune-model``: fold the masks, slice to the target shape
+  5. continued pretraining with distillation from the source (``yamls/continued/smollm2-135m-demo.yaml``);
      the one-shot path also spends the L0 run's steps here, so both methods train the same tokens
-  7. ``llmshearing convert composer-to-hf``, then load the export with plain transformers
-  8. ``llmshearing report`` for the training runs and a summary
+  6. ``llmshearing convert composer-to-hf``, then load the export with plain transformers
+  7. ``llmshearing report`` for the training runs and a summary
 
 Each model (source, pruned, continued) is scored on the test split twice: its per-domain loss, and its
 0-shot accuracy on two downstream tasks built from that split (`llmshearing.harness.heldout`:
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         steps.run_once(
             pruned,
-            "5. fold masks and slice to the target shape",
+            "   fold masks and slice to the target shape",
             [*cli, "prune-model", prune_run / "checkpoints" / "latest-rank0.pt", pruned],
         )
     else:
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     target_loss = "[" + ",".join(f"{reference[d]:.4f}" for d in sorted(reference)) + "]"
     train_step(
         steps,
-        "6. continued pretraining with distillation from the source",
+        "5. continued pretraining with distillation from the source",
         cont_run,
         [
             python,
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     steps.run_once(
         hf,
-        "7. export to Hugging Face format",
+        "6. export to Hugging Face format",
         [
             *cli,
             "convert",
@@ -390,9 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         "   downstream tasks: the export", func=lambda: _downstream(hf, tasks, source)
     )
     sample = steps.run("   generate with plain transformers", func=lambda: _generate(hf))
+    report = "7. report plots"
     if args.method == "l0":
-        steps.run("8. report plots (pruning)", [*cli, "report", prune_run])
-    steps.run("   report plots (continued)", [*cli, "report", cont_run])
+        steps.run(f"{report} (pruning)", [*cli, "report", prune_run])
+        report = " " * len(report)
+    steps.run(f"{report} (continued)", [*cli, "report", cont_run])
     print(summary(out, work, losses, sample, steps, downstream, items))
     return 0
 
