@@ -254,26 +254,33 @@ def run(trainer, cfg: RunConfig):
     A resumed run that already reached ``max_duration`` reports so and trains nothing.
     """
     try:
-        done = int(trainer.state.timestamp.batch)
-        if done and done >= _batches(trainer):
-            print(
-                f"llmshearing: the run has already trained all {done} batches of max_duration; nothing to do"
-            )
-            return trainer
-        # a fresh run evaluates first when asked to, and when the source model's own losses are
-        # the reference of dynamic batch loading: that evaluation measures them, so a pruning run
-        # makes it without its masks (ranked masks from init_from already cut the model)
-        data_loading = cfg.callbacks.data_loading
-        source_reference = data_loading is not None and data_loading.reference == "source"
-        if (cfg.eval_first or source_reference) and int(trainer.state.timestamp.batch) == 0:
-            from llmshearing.pruning.algorithm import masks_disabled
-
-            with masks_disabled(trainer.state.model) if source_reference else contextlib.nullcontext():
-                trainer.eval()
-        trainer.fit()
-    finally:
-        trainer.close()
+        _evaluate_and_fit(trainer, cfg)
+    except BaseException:
+        # Ctrl-C or SIGTERM reaches every rank; a rank that stops first closes its process group, so
+        # closing may fail at its barrier: that must not hide why the run stopped
+        with contextlib.suppress(Exception):
+            trainer.close()
+        raise
+    trainer.close()
     return trainer
+
+
+def _evaluate_and_fit(trainer, cfg: RunConfig) -> None:
+    done = int(trainer.state.timestamp.batch)
+    if done and done >= _batches(trainer):
+        print(f"llmshearing: the run has already trained all {done} batches of max_duration; nothing to do")
+        return
+    # a fresh run evaluates first when asked to, and when the source model's own losses are
+    # the reference of dynamic batch loading: that evaluation measures them, so a pruning run
+    # makes it without its masks (ranked masks from init_from already cut the model)
+    data_loading = cfg.callbacks.data_loading
+    source_reference = data_loading is not None and data_loading.reference == "source"
+    if (cfg.eval_first or source_reference) and done == 0:
+        from llmshearing.pruning.algorithm import masks_disabled
+
+        with masks_disabled(trainer.state.model) if source_reference else contextlib.nullcontext():
+            trainer.eval()
+    trainer.fit()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
+    PORTS,
     RANK0,
     SHARDED,
     checkpoint_tensors,
@@ -601,6 +603,48 @@ def test_two_ranks_calibrate_their_shares_through_the_training_stream(tiny_sourc
     got = torch.load(out)
     for family, value in expected.items():
         assert torch.equal(got[family], value), family
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_launcher_stops_every_rank_with_one_line(tiny_source, tiny_mds, tmp_path):
+    """Ctrl-C in the terminal of ``composer -n 2`` (SIGINT to its process group) mid-run: the launcher then
+    sends SIGTERM to ranks still stopping, and a rank's process group may close under it. Every rank prints its
+    one line (what stopped it, where the run continues) and exits; none has to be killed, none prints a
+    traceback (the launcher prints its own report, not the project's to change)."""
+    import signal
+    import subprocess
+    import time
+
+    from streaming.base.util import clean_stale_shared_memory
+
+    folder = tmp_path / "run"
+    args = run_args(tiny_source, tiny_mds, folder, *CONTINUED_EXTRA, *SHARDED, "max_duration=400ba")
+    launcher = [str(Path(sys.executable).parent / "composer"), "-n", "2", "--master_port", str(next(PORTS))]
+    clean_stale_shared_memory()
+    proc = subprocess.Popen(
+        [*launcher, "llmshearing/train.py", CONTINUED, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "FSDP_VERSION": "2"},
+        start_new_session=True,  # its own process group, as a terminal gives it
+    )
+    try:
+        samples = [folder / f"samples-rank{rank}.jsonl" for rank in (0, 1)]
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if all(log.exists() and len(read_sample_log(str(log))) >= 3 for log in samples):
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        output = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        clean_stale_shared_memory()
+    assert proc.returncode in (130, 143), output[-4000:]
+    assert output.count(f"autoresume=true continues {folder}") == 2, output[-4000:]  # a line per rank
+    assert "SIGKILL" not in output and "RuntimeError" not in output, output[-4000:]
+    assert output.count("Traceback") == output.count('composer/cli/launcher.py", line 575, in main')
 
 
 # --------------------------------------------------------------------- several nodes, one run folder
