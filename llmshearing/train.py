@@ -76,6 +76,12 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # the typed run config, parsed once; a mistake is answered before Composer is imported
     cfg = validate_config(load_config(yaml_path, overrides), world_size)
+    from llmshearing.training import run_folder
+
+    save_folder = cfg.resolved_save_folder()  # what the folder holds is answered before Composer is imported
+    run_folder.check_start(save_folder, cfg.autoresume, cfg.save_overwrite)
+    if cfg.autoresume:
+        run_folder.check_resumed_optimizer(save_folder, cfg.to_dict())
 
     from composer import Trainer
     from composer.core import Evaluator
@@ -85,7 +91,7 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     from llmshearing.dynamic_loading.callback import DynamicLoadingCallback
     from llmshearing.dynamic_loading.config import KEY, DataLoadingConfig
     from llmshearing.dynamic_loading.loader import build_train_dataloader
-    from llmshearing.training import builders, run_folder
+    from llmshearing.training import builders
     from llmshearing.training.fsdp_settings import resolve_fsdp
     from llmshearing.training.run_record import RunRecord
 
@@ -102,8 +108,6 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         # the plan against the devices found; a run from prune-oneshot's least-squares start that misreads it
         warn_if_plan_does_not_fit(cfg, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         _warn_on_start_settings(cfg, data_loading)
-    save_folder = cfg.resolved_save_folder()
-    run_folder.check_start(save_folder, cfg.autoresume, cfg.save_overwrite)
     guard.watch(save_folder)
     # lm-eval's tasks load (and are checked) before the model
     eval_tasks = builders.prepare_eval_tasks(cfg.eval_tasks, cfg.model.path, cfg.device_eval_batch_size)

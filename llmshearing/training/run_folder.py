@@ -4,7 +4,8 @@ from being damaged by the next start.
 * A folder that holds a run is used only with ``autoresume=true`` (continue it) or
   ``save_overwrite=true`` (replace it); otherwise the start is refused before anything is written.
 * A resumed run must be the same run: the model shape and the mask settings (the ``l0_module``
-  settings that decide the masks and the target) agree with the folder's ``config.json``.
+  settings that decide the masks and the target) agree with the folder's ``config.json``, and so do the
+  optimizer settings its checkpoint carries (checked first, before anything is loaded).
 * A start that fails leaves the folder as it found it (no stub ``config.json``).
 * Every checkpoint carries the run's identity (the ``RunRecord`` callback,
   :mod:`llmshearing.training.run_record`), so ``prune-model`` can tell whether ``config.json`` describes the
@@ -74,6 +75,45 @@ def check_same_run(folder: str | Path, description: dict[str, Any]) -> None:
             f"save_folder {folder} holds a different run: {'; '.join(changed[:6])} (this recipe vs the "
             f"folder's {RUN_CONFIG_NAME}){source_hint(changed)}; resume with the run's own settings, or choose "
             "another save_folder (save_overwrite=true with autoresume=false replaces the run)"
+        )
+
+
+# a checkpoint's optimizer state holds these (its parameter groups' settings): a resumed run trains on with the
+# checkpoint's values whatever the recipe says, so a change is refused rather than written into config.json unused
+L0_OPTIMIZER_KEYS = ("mask_lr", "multiplier_lr")
+
+
+def optimizer_changes(train: dict[str, Any], previous: dict[str, Any]) -> list[str]:
+    """``key: <this recipe's> vs <the folder's>`` for each optimizer setting a resume would not take."""
+    found = []
+    mine, theirs = train.get("optimizer") or {}, previous.get("optimizer") or {}
+    for key in sorted(set(mine) | set(theirs)):
+        if mine.get(key) != theirs.get(key):
+            found.append(f"optimizer.{key}: {mine.get(key)!r} vs {theirs.get(key)!r}")
+    l0_mine = (train.get("model") or {}).get("l0_module")
+    l0_theirs = (previous.get("model") or {}).get("l0_module")
+    if isinstance(l0_mine, dict) and isinstance(l0_theirs, dict):
+        for key in L0_OPTIMIZER_KEYS:
+            if l0_mine.get(key) != l0_theirs.get(key):
+                found.append(f"model.l0_module.{key}: {l0_mine.get(key)!r} vs {l0_theirs.get(key)!r}")
+    return found
+
+
+def check_resumed_optimizer(folder: str | Path, train: dict[str, Any]) -> None:
+    """A run resumed from a checkpoint keeps its optimizer settings: refuse a recipe that changes them."""
+    from llmshearing.checkpoint.composer_files import newest_complete_checkpoint
+
+    previous = read_run_description(folder)
+    checkpoint = newest_complete_checkpoint(Path(folder) / "checkpoints")
+    if previous is None or checkpoint is None:
+        return
+    changed = optimizer_changes(train, previous.get("train") or {})
+    if changed:
+        raise ConfigError(
+            f"save_folder {folder} holds a run whose checkpoint carries its optimizer settings, which a resumed "
+            f"run keeps: {'; '.join(changed)} (this recipe vs the folder's {RUN_CONFIG_NAME}); resume with the "
+            f"run's own settings, or train on from its weights in another save_folder with "
+            f"load_path={checkpoint} load_weights_only=true"
         )
 
 

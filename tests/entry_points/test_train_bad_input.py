@@ -91,6 +91,22 @@ def test_resume_with_other_mask_settings_is_refused(tiny_source, tiny_mds, run_c
     assert _digest(run_copy) == before
 
 
+def test_resume_with_other_optimizer_settings_is_refused_before_loading(
+    tiny_source, tiny_mds, run_copy, capsys, clean_shm
+):
+    """The checkpoint's optimizer state holds lr, betas and the mask and multiplier lrs: a resume would train on
+    with those, so a recipe changing them is refused (naming each), before the model is read."""
+    before = _digest(run_copy)
+    overrides = ["max_duration=8ba", "autoresume=true", "optimizer.lr=0.002", "model.l0_module.mask_lr=0.25"]
+    assert main([PRUNE, *_args(tiny_source, tiny_mds, run_copy, *overrides)]) == 2
+    err = capsys.readouterr().err
+    assert "source read" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "optimizer.lr: 0.002 vs 0.001" in line and "model.l0_module.mask_lr: 0.25 vs " in line, line
+    assert "load_weights_only=true" in line and "Traceback" not in err
+    assert _digest(run_copy) == before
+
+
 def test_finished_run_is_reused_not_retrained(tiny_source, tiny_mds, run_copy, capsys, clean_shm):
     checkpoints = _digest(run_copy / "checkpoints")
     assert is_finished(run_copy)
