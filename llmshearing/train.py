@@ -80,6 +80,7 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
 
     save_folder = cfg.resolved_save_folder()  # what the folder holds is answered before Composer is imported
     run_folder.check_start(save_folder, cfg.autoresume, cfg.save_overwrite)
+    held_run = bool(run_folder.run_entries(save_folder))
     if cfg.autoresume:
         run_folder.check_resumed_optimizer(save_folder, cfg.to_dict())
 
@@ -217,8 +218,33 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         if dist.get_global_rank() == 0:
             print(f"llmshearing: {placed}", flush=True)
     if cfg.autoresume:
-        run_folder.check_progress(save_folder, int(trainer.state.timestamp.batch), _batches(trainer))
+        done = int(trainer.state.timestamp.batch)
+        run_folder.check_progress(save_folder, done, _batches(trainer))
+        _count_earlier_checkpoints(trainer, save_folder)
+        line = run_folder.resume_line(save_folder, done, _batches(trainer), held_run)
+        if line is not None and dist.get_global_rank() == 0:
+            print(f"llmshearing: {line}", flush=True)
     return trainer, cfg
+
+
+def _count_earlier_checkpoints(trainer, save_folder: str) -> None:
+    """Hand the checkpoint saver the checkpoints earlier starts of the run saved, so that
+    ``save_num_checkpoints_to_keep`` counts them (Composer's saver counts its own saves only)."""
+    from composer.callbacks import CheckpointSaver
+    from composer.utils import dist
+
+    from llmshearing.checkpoint.composer_files import saved_checkpoints
+
+    sharded = trainer.state.fsdp_sharded_state_dict_enabled
+    if not sharded and dist.get_global_rank() != 0:  # one file, written by rank 0
+        return
+    earlier = [
+        str(path)
+        for path in saved_checkpoints(os.path.join(save_folder, "checkpoints"), dist.get_global_rank())
+    ]
+    for saver in trainer.state.callbacks:
+        if isinstance(saver, CheckpointSaver) and saver.num_checkpoints_to_keep >= 0:
+            saver.saved_checkpoints[:0] = [path for path in earlier if path not in saver.saved_checkpoints]
 
 
 def _batches(trainer) -> int:

@@ -142,6 +142,24 @@ def newest_complete_checkpoint(folder: str | Path, rank: int = 0) -> Path | None
     return max(candidates, key=lambda entry: _batch_of(entry.name), default=None)
 
 
+def saved_checkpoints(folder: str | Path, rank: int = 0) -> list[Path]:
+    """The complete checkpoints in ``folder``, oldest first, named as Composer's checkpoint saver lists those it
+    saved: ``rank``'s ``.pt`` file, or a file inside a sharded checkpoint's directory (the saver removes the
+    directory). A resumed run hands them to the saver, which otherwise keeps count of its own saves only."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir(), key=lambda entry: _batch_of(entry.name)):
+        if entry.is_symlink() or not is_complete_checkpoint(entry):
+            continue
+        if entry.is_dir() and SHARDED_NAME.fullmatch(entry.name):
+            found.append(entry / f"__{rank}_0.distcp")
+        elif (match := CHECKPOINT_NAME.fullmatch(entry.name)) and int(match.group(3)) == rank:
+            found.append(entry)
+    return found
+
+
 def repair_latest_link(folder: str | Path, rank: int = 0) -> Path | None:
     """Point ``latest-rank{rank}.pt`` at the newest complete checkpoint when it is missing, dangling or
     points at an incomplete file (replaced atomically); returns the link when it was changed."""

@@ -193,6 +193,28 @@ def check_progress(folder: str | Path, done: int, max_batches: int) -> bool:
     return done == max_batches > 0
 
 
+def resume_line(folder: str | Path, done: int, max_batches: int, held_run: bool) -> str | None:
+    """Where a run started with ``autoresume=true`` begins: the checkpoint it resumed from, or batch 0, said
+    plainly when the folder held a run (``held_run``, before this start) but no complete checkpoint of it;
+    None for a folder that held no run."""
+    from llmshearing.checkpoint.composer_files import INCOMPLETE_SUFFIX, newest_complete_checkpoint
+
+    checkpoints = Path(folder) / "checkpoints"
+    if done:
+        newest = newest_complete_checkpoint(checkpoints)
+        return (
+            f"resumed from {newest if newest is not None else checkpoints} at batch {done} of {max_batches}"
+        )
+    if not held_run:
+        return None
+    aside = sorted(p.name for p in checkpoints.glob(f"*{INCOMPLETE_SUFFIX}")) if checkpoints.is_dir() else []
+    why = f" (set aside, cut off while written: {', '.join(aside)})" if aside else ""
+    return (
+        f"autoresume: {folder} holds no complete checkpoint{why}; the run starts over at batch 0 "
+        "(metrics.jsonl keeps the earlier start's lines before this one's)"
+    )
+
+
 def trained_batches(folder: str | Path) -> int | None:
     """Batches trained by the run in ``folder`` at its latest complete checkpoint; None without one."""
     import torch

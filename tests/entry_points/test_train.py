@@ -116,6 +116,33 @@ def test_interrupted_pruning_run_resumes_bit_identically(
     )
 
 
+def test_resumed_run_says_where_it_starts_and_keeps_counting_checkpoints(
+    tiny_source, tiny_mds, tmp_path, clean_shm, capsys
+):
+    """``save_num_checkpoints_to_keep`` counts the checkpoints of earlier starts; a resume names its checkpoint,
+    and a folder whose only checkpoint was cut off says the run starts over."""
+    folder = tmp_path / "run"
+    common = ["eval_interval=2ba", "save_interval=2ba", "autoresume=true", "save_num_checkpoints_to_keep=1"]
+    assert main([CONTINUED, *_args(tiny_source, tiny_mds, str(folder), *common, "max_duration=4ba")]) == 0
+    checkpoints = folder / "checkpoints"
+    (first,) = [p.name for p in checkpoints.glob("ep*-ba4-rank0.pt")]
+    capsys.readouterr()
+    assert main([CONTINUED, *_args(tiny_source, tiny_mds, str(folder), *common, "max_duration=6ba")]) == 0
+    assert f"llmshearing: resumed from {checkpoints / first} at batch 4 of 6" in capsys.readouterr().out
+    (last,) = [p.name for p in checkpoints.iterdir() if not p.is_symlink()]  # the first start's is gone
+    assert last.endswith("-ba6-rank0.pt")
+
+    with open(checkpoints / last, "r+b") as cut:  # killed while writing it
+        cut.truncate(4096)
+    assert main([CONTINUED, *_args(tiny_source, tiny_mds, str(folder), *common, "max_duration=6ba")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"holds no complete checkpoint (set aside, cut off while written: {last}.incomplete); the run " in out
+    )
+    assert "starts over at batch 0" in out
+    assert sorted(p.name for p in checkpoints.iterdir() if not p.is_symlink()) == [last, f"{last}.incomplete"]
+
+
 def test_bad_recipe_is_reported_before_training(tiny_source, tiny_mds, tmp_path, capsys):
     code = main(
         [

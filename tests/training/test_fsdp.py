@@ -206,8 +206,12 @@ def test_sharded_run_resumes_bit_identically(runs, tiny_source, tiny_mds):
     assert "calibrating on 8 train samples (on rank 0)" in first  # the other ranks hold no weights yet
     assert "source read on every rank (2 of 2 ranks" in runs["log"]
     assert os.readlink(resumed / "checkpoints" / "latest-rank0.pt") == "ep1-ba6"
-    run_two_ranks(PRUNE, args)
+    # the resumed start keeps two checkpoints, counting the three the first start saved
+    second = run_two_ranks(PRUNE, [*args, "save_num_checkpoints_to_keep=2"])
     clean_stale_shared_memory()
+    assert f"resumed from {resumed / 'checkpoints' / 'ep1-ba6'} at batch 6 of 12" in second
+    kept = sorted(p.name for p in (resumed / "checkpoints").iterdir() if not p.is_symlink())
+    assert [re.sub(r"^ep\d+-", "", name) for name in kept] == ["ba10", "ba12"], kept
     _assert_identical_training(straight, resumed)  # losses, L0 statistics, weights, log-alphas, multipliers
     assert any(k.startswith("l0_module.multipliers") for k in checkpoint_tensors(resumed))
     for name in ("ba4.pt", "ba8.pt", "ba12.pt"):
