@@ -73,7 +73,9 @@ def build_model(
             model.l0_module = L0Module(model.model.config, model_cfg.l0_module)
         l0 = attach_l0_module(model, model_cfg.l0_module)
         description["l0_module"] = l0.l0_config.to_dict()
-        if l0.l0_config.init_from is not None:  # log-alphas ranked by activation importance of the source
+        if l0.l0_config.init_from is not None and resumes_from_checkpoint(run):
+            description["l0_init"] = _resumed_ranking(run, str(l0.l0_config.init_from))
+        elif l0.l0_config.init_from is not None:  # log-alphas ranked by activation importance of the source
             description["l0_init"] = initialize_masks(
                 l0, model.model, run, train_dataset, every_rank=loads_on_every_rank(run)
             )
@@ -296,6 +298,30 @@ def teacher_dtype(precision: str, device: str | None) -> Any:
     if get_device(device).name != "gpu":
         return torch.float32
     return {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(precision, torch.float32)
+
+
+def resumes_from_checkpoint(run: RunConfig) -> bool:
+    """True when the run starts from a complete checkpoint of its own folder (``autoresume``)."""
+    from llmshearing.checkpoint.composer_files import newest_complete_checkpoint
+
+    folder = os.path.join(run.resolved_save_folder(), "checkpoints")
+    return bool(run.autoresume) and newest_complete_checkpoint(folder) is not None
+
+
+def _resumed_ranking(run: RunConfig, source: str) -> dict[str, Any]:
+    """A resumed pruning run's masks come from its checkpoint: the ranking (``init_from``) is not redone, and
+    config.json keeps what the run's first start recorded of it."""
+    from composer.utils import dist
+
+    from llmshearing.checkpoint.run_config import read_run_description
+
+    if dist.get_global_rank() == 0:
+        print(
+            "llmshearing: mask ranking not redone: the run resumes with the masks its checkpoint holds",
+            flush=True,
+        )
+    previous = read_run_description(run.resolved_save_folder()) or {}
+    return previous.get("l0_init") or {"source": source, "resumed": True}
 
 
 def initialize_masks(

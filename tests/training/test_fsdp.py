@@ -210,6 +210,7 @@ def test_sharded_run_resumes_bit_identically(runs, tiny_source, tiny_mds):
     second = run_two_ranks(PRUNE, [*args, "save_num_checkpoints_to_keep=2"])
     clean_stale_shared_memory()
     assert f"resumed from {resumed / 'checkpoints' / 'ep1-ba6'} at batch 6 of 12" in second
+    assert "calibrating" not in second and "mask ranking not redone" in second  # the checkpoint holds them
     kept = sorted(p.name for p in (resumed / "checkpoints").iterdir() if not p.is_symlink())
     assert [re.sub(r"^ep\d+-", "", name) for name in kept] == ["ba10", "ba12"], kept
     _assert_identical_training(straight, resumed)  # losses, L0 statistics, weights, log-alphas, multipliers
