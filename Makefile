@@ -26,11 +26,17 @@ HF_OUT ?= runs/hf
 MODEL ?= $(PRUNED)
 TASKS ?= local_mc,local_cloze
 ARGS ?=
+# `make continue` distils from TEACHER when CONT_RECIPE leaves model.distillation.teacher to be set (???), as the
+# demo's recipe does; a recipe without distillation gets no teacher.
+TEACHER ?= $(SOURCE)
+RECIPE_TEACHER = $(shell $(BIN)/python -c 'import sys; from omegaconf import OmegaConf; \
+  sys.exit("model.distillation.teacher" not in OmegaConf.missing_keys(OmegaConf.load(sys.argv[1])))' \
+  $(CONT_RECIPE) 2>/dev/null && echo model.distillation.teacher=$(TEACHER))
 
 .PHONY: help install test test-fast lint demo data convert-in prune prune-model continue convert-out evaluate evaluate-tasks report bench bench-quality bench-planted bench-damping device-wheels
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): setup.py pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3 ...'"; exit 1; }
@@ -73,8 +79,8 @@ prune: install  ## pruning run: make prune RECIPE=yamls/pruning/<recipe>.yaml DA
 prune-model: install  ## fold masks and slice: make prune-model CKPT=<run>/checkpoints/latest-rank0.pt PRUNED=<out>
 	$(BIN)/llmshearing prune-model $(CKPT) $(PRUNED) $(ARGS)
 
-continue: install  ## continued pretraining: make continue CONT_RECIPE=<yaml> DATA=<mds> PRUNED=<pruned> CONT_RUN=<run dir>
-	$(BIN)/composer llmshearing/train.py $(CONT_RECIPE) data_local=$(DATA) model.path=$(PRUNED) save_folder=$(CONT_RUN) $(ARGS)
+continue: install  ## continued pretraining: make continue CONT_RECIPE=<yaml> DATA=<mds> PRUNED=<pruned> CONT_RUN=<run dir>; the demo recipe also needs ARGS="callbacks.data_loading.target_loss=[L1,L2]" (the source's per-domain eval losses, in set_names order: the loss column of make evaluate MODEL=<source>) and distils from TEACHER=<source> (default: SOURCE)
+	$(BIN)/composer llmshearing/train.py $(CONT_RECIPE) data_local=$(DATA) model.path=$(PRUNED) save_folder=$(CONT_RUN) $(RECIPE_TEACHER) $(ARGS)
 
 convert-out: install  ## project/Composer checkpoint -> HF dir: make convert-out CKPT=<ckpt> HF_OUT=<dir> (ARGS=--tokenizer DIR)
 	$(BIN)/llmshearing convert composer-to-hf $(CKPT) $(HF_OUT) $(ARGS)

@@ -29,6 +29,7 @@ from llmshearing.config_base import ConfigError, check_int, is_number
 
 KEY = "eval_tasks"
 TASK_TYPES = ("multiple_choice", "language_modeling")
+LIST_STANDS_FOR = "tasks"  # a bare list is the section's tasks
 SECTION_KEYS = ("tasks", "every", "batch_size", "tokenizer", "include_path")
 TASK_KEYS = ("label", "task", "dataset_uri", "icl_task_type", "num_fewshot", "limit", "every", "include_path")
 _LABEL = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -155,7 +156,7 @@ def parse_eval_tasks(section: Any, check_paths: bool = True) -> EvalTasksConfig 
     if section is None or section is False:
         return None
     if isinstance(section, list):
-        section = {"tasks": section}
+        section = {LIST_STANDS_FOR: section}
     if not isinstance(section, dict):
         raise ConfigError(f"{KEY} must be a list of tasks or a mapping with tasks: [...], got {section!r}")
     for name in section:

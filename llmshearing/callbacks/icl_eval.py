@@ -149,7 +149,7 @@ def _load(
             manager = runner.task_manager(includes)
             managers[includes] = (manager, True)
         try:
-            runner.check_names(manager, [runner.TaskRequest(spec.task)])
+            runner.check_names(manager, [runner.TaskRequest(spec.task)], f"{KEY}.include_path")
         except KeyError as err:
             raise ConfigError(f"{spec.key}.task: {err.args[0]}") from None
         try:

@@ -52,7 +52,7 @@ def convert_project_to_hf(
             source.tensors.keys(),
             (
                 f"{ckpt} holds L0 pruning state (l0_module.*): it is the unpruned model with masks. "
-                f"Run `llmshearing prune-model {ckpt}` first and export the pruned checkpoint it writes"
+                f"Run `llmshearing prune-model {ckpt} OUT` first and export the pruned checkpoint it writes (OUT)"
             ),
         )
         config = source.config

@@ -132,14 +132,18 @@ def task_manager(include_paths: Sequence[str], names: Sequence[str] = ()) -> Any
     return TaskManager(include_path=paths)
 
 
-def check_names(manager: Any, requests: Sequence[TaskRequest]) -> None:
-    """Raise ``KeyError`` for a name lm-eval does not know, with the closest known names and presets."""
+def check_names(manager: Any, requests: Sequence[TaskRequest], include_key: str | None = None) -> None:
+    """Raise ``KeyError`` for a name lm-eval does not know, with the closest known names and presets; with
+    ``include_key`` (a recipe's key for task YAML directories, e.g. ``eval_tasks.include_path``) the names
+    are a recipe's, which takes no presets, and the hint names that key instead of ``--include-path``."""
+    presets = list(PRESETS) if include_key is None else []
     for request in requests:
         if request.name in manager.task_index:
             continue
-        known = list(manager.all_tasks) + list(PRESETS)
-        close = difflib.get_close_matches(request.name, known, n=4, cutoff=0.6)
+        close = difflib.get_close_matches(request.name, list(manager.all_tasks) + presets, n=4, cutoff=0.6)
         hint = f"closest: {', '.join(close)}" if close else "see `lm-eval ls tasks`"
+        if include_key is not None:
+            raise KeyError(f"unknown task {request.name!r} ({hint}; local task YAMLs: {include_key}: [DIR])")
         raise KeyError(
             f"unknown task or preset {request.name!r} ({hint}; presets: {', '.join(PRESETS)}; "
             "local task YAMLs: --include-path DIR)"

@@ -43,6 +43,8 @@ _UNITS = {"": 1, "b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 _OPTIONS = ("dtype", "context", "tolerance")
+# the keys a recipe's target_budget takes beside the budget's own (search-shape takes them as flags)
+RECIPE_OPTIONS = ("multiple",)
 
 
 class BudgetError(ValueError):
@@ -134,8 +136,10 @@ def parse_size(value: Any, key: str) -> float:
     return size
 
 
-def parse_budget(spec: Mapping[str, Any] | str, key: str) -> Budget:
-    """A budget from its recipe mapping (``{params: 1.3e9}``) or CLI text (``params=1.3e9``); errors name ``key``."""
+def parse_budget(spec: Mapping[str, Any] | str, key: str, options: tuple[str, ...] = ()) -> Budget:
+    """A budget from its recipe mapping (``{params: 1.3e9}``) or CLI text (``params=1.3e9``); errors name ``key``.
+    ``options``: the other keys the caller takes beside the budget's (already removed from ``spec``), named
+    with the budget's own in the message for an unknown key."""
     if isinstance(spec, str):
         spec = _parse_text(spec, key)
     if not isinstance(spec, Mapping):
@@ -144,7 +148,8 @@ def parse_budget(spec: Mapping[str, Any] | str, key: str) -> Budget:
     unknown = sorted(str(k) for k in spec if k not in KINDS and k not in _OPTIONS)
     if unknown:
         raise ValueError(
-            f"{key} has unknown keys {unknown}; give one of {list(KINDS)} and optionally {list(_OPTIONS)}"
+            f"{key} has unknown keys {unknown}; give one of {list(KINDS)} and optionally "
+            f"{[*_OPTIONS, *options]}"
         )
     if len(kinds) != 1:
         raise ValueError(
@@ -203,12 +208,22 @@ def _parse_text(text: str, key: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ShapeSpace:
-    """The grid searched: size multiples and the range of depths."""
+    """The grid searched: size multiples and the range of depths, and how the user who set them spells the
+    settings an error suggests (``search-shape``'s flags by default; a recipe's keys: :meth:`for_recipe`)."""
 
     multiple: int = DEFAULT_MULTIPLE
     min_layers: int = 1
     max_layers: int | None = None
     frozen: frozenset[str] = frozenset()  # SHAPE_KEYS kept at the source's size (families not pruned)
+    relax: str | None = "a smaller --multiple or --min-layers"  # None: the grid is fixed where it was set
+    tolerance: str = "tolerance=0.1"  # a wider tolerance, as the user writes it
+
+    @classmethod
+    def for_recipe(cls, key: str, multiple: int, frozen: frozenset[str]) -> ShapeSpace:
+        """The grid of a recipe's budget at ``key`` (its ``multiple`` a key under it; every depth)."""
+        return cls(
+            multiple, frozen=frozen, relax=f"a smaller {key}.multiple", tolerance=f"{key}.tolerance=0.1"
+        )
 
     def check(self, source: ModelConfig) -> tuple[int, int]:
         if isinstance(self.multiple, bool) or not isinstance(self.multiple, int) or self.multiple <= 0:
@@ -302,6 +317,12 @@ def enumerate_shapes(
     naming the budget and the nearest valid shapes when there is none or the budget is not below the source."""
     limit = budget.limit(source)
     source_cost = budget.cost(source)
+    if limit >= source_cost and budget.kind == "tokens_per_second":
+        raise BudgetError(
+            f"budget {budget.describe()} is not faster than the source ({shape_label(source)}: "
+            f"{_amount(source_cost, budget)}): a speed budget is the speed-up over the source and must be above 1 "
+            "(tokens_per_second=2: twice as fast); nearest valid shape: the source itself"
+        )
     if limit >= source_cost:
         raise BudgetError(
             f"budget {budget.describe()} is not below the source ({shape_label(source)}: "
@@ -329,19 +350,23 @@ def enumerate_shapes(
             found.append(Candidate(source, sizes, costs[index], proportional_distance(sizes, source)))
     if not found:
         assert smallest is not None
+        relax = f" or relax the grid ({space.relax})" if space.relax else ""
         if limit < smallest[0]:
+            speed = budget.kind == "tokens_per_second"  # a higher budget asks for a smaller shape
             raise BudgetError(
-                f"budget {budget.describe()} is below the smallest valid shape of the search space "
-                f"({shape_label(smallest[1])}: {_amount(smallest[0], budget)}, {space.min_layers} layer(s) at the "
-                f"narrowest sizes, multiples of {space.multiple}); nearest valid shapes: "
-                f"{_named(above, budget)}; raise the budget or relax the grid (--min-layers, --multiple)"
+                f"budget {budget.describe()} "
+                + ("asks for more speed than the fastest" if speed else "is below the smallest")
+                + f" valid shape of the search space ({shape_label(smallest[1])}: "
+                f"{_amount(smallest[0], budget)}, {space.min_layers} layer(s) at the narrowest sizes, multiples "
+                f"of {space.multiple}); nearest valid shapes: {_named(above, budget)}; "
+                f"{'lower' if speed else 'raise'} the budget{relax}"
             )
+        change = ", change the budget" if relax else " or change the budget"
         raise BudgetError(
             f"budget {budget.describe()}: no valid shape costs between {_amount(low, budget)} and "
             f"{_amount(limit, budget)} (multiples of {space.multiple}, {space.min_layers}-"
             f"{space.max_layers or source.n_layers} layers); nearest valid shapes: below {_named(below, budget)}; "
-            f"above {_named(above, budget)}; widen the budget's tolerance (e.g. tolerance=0.1), change the budget "
-            "or relax the grid (--multiple, --min-layers)"
+            f"above {_named(above, budget)}; widen the budget's tolerance (e.g. {space.tolerance}){change}{relax}"
         )
     found.sort(key=lambda c: (c.prior, -c.cost, c.sizes))
     return found
@@ -362,6 +387,8 @@ def _amount(cost: float, budget: Budget) -> str:
         return _bytes(cost)
     if budget.kind == "tokens_per_second":
         return f"{cost:,.0f} FLOPs/token"
+    if budget.kind == "non_embedding_params":
+        return f"{cost:,.0f} non-embedding params"
     return f"{cost:,.0f} params"
 
 
@@ -383,7 +410,7 @@ def choose_shape(
     ratios = ", ".join(f"{k} {getattr(best.config, k)}/{getattr(source, k)}" for k in SHAPE_KEYS)
     amount = _amount(best.cost, budget)
     if budget.kind != "params":
-        amount += f", {best.config.num_params():,} params"
+        amount += f", {best.config.num_params():,} params in total"
     why = (
         f"budget {budget.describe()} resolves to {best.label()} ({amount}): of {len(found)} valid shapes within "
         f"{budget.tolerance:.0%} below the budget, the closest to a proportional shrink of "
@@ -417,19 +444,20 @@ def recipe_budget(spec: Mapping[str, Any], key: str) -> tuple[Budget, int]:
     if not isinstance(spec, Mapping):
         return parse_budget(spec, key), DEFAULT_MULTIPLE  # refused there, naming the key
     values = dict(spec)
-    multiple = values.pop("multiple", DEFAULT_MULTIPLE)
+    multiple = values.pop(RECIPE_OPTIONS[0], DEFAULT_MULTIPLE)
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple <= 0:
         raise ValueError(
             f"{key}.multiple must be a positive integer (the grid of d_model and intermediate_size), got {multiple!r}"
         )
-    return parse_budget(values, key), multiple
+    return parse_budget(values, key, RECIPE_OPTIONS), multiple
 
 
 def _l0_budget(l0: Any, source: ModelConfig) -> tuple[Budget, ShapeSpace]:
     from llmshearing.pruning.targets import PREFIX
 
-    budget, multiple = recipe_budget(l0.target_budget, f"{PREFIX}.target_budget")
-    return budget, ShapeSpace(multiple=multiple, frozen=frozen_keys(l0.pruning_modules, source))
+    key = f"{PREFIX}.target_budget"
+    budget, multiple = recipe_budget(l0.target_budget, key)
+    return budget, ShapeSpace.for_recipe(key, multiple, frozen_keys(l0.pruning_modules, source))
 
 
 def resolve_l0_budget(settings: Mapping[str, Any], source: ModelConfig) -> tuple[dict[str, Any], str]:

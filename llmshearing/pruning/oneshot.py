@@ -207,11 +207,12 @@ def prune_oneshot(
         stored = ckpt.tensors.meta("tok_embeddings.weight").dtype
     choice = None
     if budget is not None:
-        from llmshearing.pruning.budget import choose_shape, parse_budget
+        from llmshearing.pruning.budget import ShapeSpace, choose_shape, parse_budget
 
         if target_model is not None:
             raise ValueError("give the target as a shape or as --budget, not both")
-        best, choice = choose_shape(source, parse_budget(budget, "--budget"))
+        fixed = ShapeSpace(relax=None)  # prune-oneshot has no grid options: its errors suggest none
+        best, choice = choose_shape(source, parse_budget(budget, "--budget"), fixed)
         target_model = best.shape
     elif target_model is None:
         raise ValueError("give a target shape (--target, --target-config) or a --budget")

@@ -12,7 +12,8 @@
 
 Everything lives in a work folder: ``state.json`` (settings, candidates, scores so far), the importance
 scores, and the folder of the candidate being scored; a rerun with the same settings continues after the
-last scored candidate.
+last scored candidate, and ranks every score of the state (a smaller ``--candidates`` scores nothing new
+and still writes the best shape known).
 """
 
 from __future__ import annotations
@@ -104,12 +105,13 @@ class SearchResult:
     scores: list[Score]  # ranked, best first
     out: Path
     work_dir: Path
-    resumed: int  # candidates scored by an earlier run
+    resumed: int  # of ``scores``, those taken from the state (scored by an earlier run)
 
     def table(self) -> str:
         rows = [
             f"{self.shapes_in_budget} valid shapes of {self.source_label} meet budget {self.budget.describe()}; "
-            f"scored {len(self.scores)} ({self.resumed} in an earlier run)",
+            f"ranked {len(self.scores)}: {len(self.scores) - self.resumed} scored in this call, {self.resumed} "
+            f"taken from {self.work_dir / STATE_NAME}",
             f"{'rank':>4}  {'shape':<28}{'params':>14}{'eval loss':>11}{'seconds':>9}{'tokens':>10}",
         ]
         for rank, score in enumerate(self.scores, 1):
@@ -132,6 +134,8 @@ class SearchResult:
             "budget": self.budget.to_dict(),
             "source": self.source_label,
             "shapes_in_budget": self.shapes_in_budget,
+            "scored_in_this_call": len(self.scores) - self.resumed,
+            "from_state": self.resumed,
             "ranked": [dict(score.__dict__, label=score.label) for score in self.scores],
             "best": self.scores[0].shape,
             "out": str(self.out),
@@ -165,7 +169,7 @@ def search_shape(
         refuse_pruning_checkpoint(
             ckpt.tensors.keys(),
             f"{settings.src} is a pruning run's checkpoint; search from the source model (or fold it "
-            "with `llmshearing prune-model` first)",
+            "with `llmshearing prune-model CKPT OUT` first)",
         )
         source = ckpt.config
     domains = split_domains(settings.data, "train", label=f"--data {settings.data}: ")
@@ -178,8 +182,10 @@ def search_shape(
     found = enumerate_shapes(source, budget, settings.space())
     picked = scoring_candidates(found, settings.candidates)
     state = _open_state(work, settings, picked, restart)
-    labels = {c.label() for c in picked}
-    scores = {label: Score(**entry) for label, entry in state["scores"].items() if label in labels}
+    # every stored score counts, those of an earlier, larger --candidates too: the state holds the same
+    # settings (_open_state refuses others), so a score of a shape still in the budget stands
+    in_budget = {c.label() for c in found}
+    scores = {label: Score(**entry) for label, entry in state["scores"].items() if label in in_budget}
     resumed = len(scores)
     todo = [c for c in picked if c.label() not in scores]
     if todo:
@@ -187,7 +193,11 @@ def search_shape(
 
         importance = _importance(work, settings, progress)
         bar = tqdm(
-            total=len(picked), initial=resumed, desc="search-shape", unit="shape", disable=not progress
+            total=len(picked),
+            initial=len(picked) - len(todo),
+            desc="search-shape",
+            unit="shape",
+            disable=not progress,
         )
         try:
             for candidate in todo:
@@ -383,7 +393,8 @@ def _write_target(out: Path, result: SearchResult, settings: SearchSettings) -> 
     """The best shape as a ``target_model`` YAML, the ranking as comments."""
     best = result.scores[0].shape
     lines = [
-        "# written by `llmshearing search-shape`: the best of the scored shapes under the budget",
+        "# written by `llmshearing search-shape`: the best of the shapes scored under the budget (this call's "
+        "and those in its state)",
         f"# source {settings.src} ({result.source_label}); budget {result.budget.describe()}",
         f"# score: eval loss after one-shot pruning + {settings.steps} batches of distillation "
         f"(batch {settings.batch_size}, lr {settings.lr:g}) on {settings.data}",

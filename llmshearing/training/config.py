@@ -66,16 +66,100 @@ def load_config(yaml_path: str, overrides: Sequence[str] = ()) -> DictConfig:
                 f"override {override!r} cannot be parsed ({first_line(err)}); write key=value, quoting "
                 "values with brackets or braces"
             ) from None
-    cli = OmegaConf.from_dotlist(list(overrides))
     try:
-        merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), recipe, cli)
+        base = OmegaConf.merge(OmegaConf.create(DEFAULTS), recipe)
     except Exception as err:  # a value of the wrong kind (a mapping where a number belongs, ...)
         raise ConfigError(f"{yaml_path}: {first_line(err)}; compare the key with yamls/") from None
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+    except Exception:  # an override that does not fit the ones before it or the recipe
+        raise _override_error(list(overrides), base, recipe) from None
     try:
         OmegaConf.resolve(merged)
     except Exception as err:  # omegaconf's interpolation errors carry the key
         raise ConfigError(f"{yaml_path}: cannot resolve an interpolation: {err}") from err
     return merged
+
+
+_MISSING_HINTS = {  # where the value of a key a recipe leaves ??? comes from
+    "model.distillation.teacher": "the source model's checkpoint",
+    f"{DATA_LOADING_KEY}.target_loss": "the source's per-domain eval losses in set_names order, the loss "
+    "column of `llmshearing evaluate SOURCE DATA`, e.g. [1.05,2.31]",
+}
+
+
+def _override_error(overrides: list[str], base: DictConfig, recipe: DictConfig) -> ConfigError:
+    """The error naming the first override that fails, applied with those before it onto ``base`` (the
+    defaults merged with ``recipe``), and why: a list on the override's path, else OmegaConf's reason."""
+    for count, override in enumerate(overrides, 1):
+        key = override.split("=", 1)[0]
+        try:
+            cli = OmegaConf.from_dotlist(overrides[:count])
+        except Exception as err:  # a key under a list set by an earlier override
+            before = OmegaConf.from_dotlist(overrides[: count - 1])
+            found = _list_on_path(before, key, indexable=True)
+            if found is None:
+                return ConfigError(
+                    f"override {override!r} does not fit the overrides before it ({first_line(err)})"
+                )
+            setters = [o for o in overrides[: count - 1] if _covers(o.split("=", 1)[0], found)]
+            setter = setters[-1] if setters else ""
+            return ConfigError(
+                f"override {override!r} does not fit: {found} is a list there (set by {repr(setter) if setter else 'an earlier override'}), "
+                f"which takes no key {key[len(found) + 1 :].split('.')[0]!r}; {_set_whole(found, setter, override)}"
+            )
+        try:
+            OmegaConf.merge(base, cli)
+        except Exception as err:  # a key under a list of the recipe or the defaults
+            found = _list_on_path(base, key, indexable=False)
+            if found is None:
+                return ConfigError(f"override {override!r} does not fit the recipe ({first_line(err)})")
+            where = "the recipe" if OmegaConf.is_list(_select(recipe, found)) else "the defaults"
+            return ConfigError(
+                f"override {override!r} does not fit the recipe: {found} is a list in {where}, which an override "
+                f"cannot reach into; {_set_whole(found, None, override)}"
+            )
+    return ConfigError(
+        f"the overrides {' '.join(overrides)} do not fit the recipe; compare the keys with yamls/"
+    )
+
+
+def _select(cfg: DictConfig, key: str) -> object:
+    """The node at dotted ``key`` of ``cfg`` (None where absent, missing or not resolvable)."""
+    return OmegaConf.select(cfg, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
+
+
+def _list_on_path(cfg: DictConfig, key: str, indexable: bool) -> str | None:
+    """The first prefix of dotted ``key`` that is a list in ``cfg`` and that the rest of ``key`` cannot
+    go through: any list when ``indexable`` is false, else one whose next part is not an index."""
+    parts = key.split(".")
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth])
+        if OmegaConf.is_list(_select(cfg, prefix)) and not (indexable and parts[depth].isdigit()):
+            return prefix
+    return None
+
+
+def _covers(key: str, prefix: str) -> bool:
+    """Whether setting ``key`` sets ``prefix`` (the same key, or one above it)."""
+    return prefix == key or prefix.startswith(key + ".")
+
+
+def _set_whole(key: str, setter: str | None, override: str) -> str:
+    """The fix for ``override`` reaching into the list at ``key`` (set by the override ``setter``, or by the
+    recipe when None): set the list whole or, where a bare list stands for one key of a mapping
+    (``eval_tasks: [...]`` for ``eval_tasks.tasks``), give the mapping."""
+    from llmshearing.callbacks.eval_tasks import KEY as EVAL_TASKS_KEY
+    from llmshearing.callbacks.eval_tasks import LIST_STANDS_FOR
+
+    field = {EVAL_TASKS_KEY: LIST_STANDS_FOR}.get(key)
+    whole = f"set {key} whole ({key}=[...])"
+    if field is None:
+        return whole
+    if setter is None:  # an override cannot turn the recipe's list into a mapping
+        return f"{whole}, or write it in the recipe as a mapping ({key}: {{{field}: [...], ...}})"
+    listed = setter.split("=", 1)[1] if setter.startswith(f"{key}=") else "[...]"
+    return f"{whole}, or give it as a mapping: {key}.{field}={listed} {override}"
 
 
 def validate_config(
@@ -89,9 +173,11 @@ def validate_config(
     imports Composer (seconds), which the run itself makes before anything heavy."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
+        hints = "; ".join(f"{key}: {_MISSING_HINTS[key]}" for key in missing if key in _MISSING_HINTS)
         raise ConfigError(
             f"the recipe leaves {', '.join(missing)} to be set (???); pass "
             f"{' '.join(f'{key}=...' for key in missing)} on the command line"
+            + (f" ({hints})" if hints else "")
         )
     values = OmegaConf.to_container(cfg, resolve=True)
     check_keys(values, SCHEMA)

@@ -117,6 +117,10 @@ def test_eval_tasks_key_is_checked(setup, tmp_path):
     assert f"{bad}:1: gold must be the index of the right choice, got 2" in prepared(
         [{"dataset_uri": str(bad), "icl_task_type": "multiple_choice"}]
     )
+    unknown = prepared([{"task": "local_mcq"}])  # a recipe's names: its key for task YAMLs, no presets
+    assert unknown.startswith("eval_tasks.tasks[0].task: unknown task 'local_mcq' (closest: local_mc")
+    assert unknown.endswith("local task YAMLs: eval_tasks.include_path: [DIR])")
+    assert "--include-path" not in unknown and "presets" not in unknown
     bare = write_tiny_source(str(tmp_path / "bare"), vocab_size=BYTE_VOCAB)  # no tokenizer beside it
     with pytest.raises(
         ConfigError, match="no tokenizer found with model.path .*set eval_tasks.tokenizer=DIR"

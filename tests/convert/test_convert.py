@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -256,7 +257,9 @@ def test_composer_checkpoint_exports(converted, hf_models, tmp_path):
     torch.save(payload, pruning_ckpt)
     assert "l0_module.masks.head.z_loga" in load_checkpoint(pruning_ckpt)[1]
     assert "l0_module.masks.head.z_loga" not in load_checkpoint(pruning_ckpt, drop_l0=True)[1]
-    with pytest.raises(ValueError, match="prune-model"):
+    with pytest.raises(
+        ValueError, match=re.escape(f"Run `llmshearing prune-model {pruning_ckpt} OUT` first")
+    ):
         convert_project_to_hf(pruning_ckpt, tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused").exists()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from llmshearing.pruning.budget import (
     kept_fractions,
     nearest_shape,
     parse_budget,
+    recipe_budget,
     scoring_candidates,
 )
 from llmshearing.pruning.targets import (
@@ -128,7 +130,11 @@ def test_the_sheared_llama_1_3b_shape_meets_its_budget() -> None:
     ("spec", "message"),
     [
         ("params=1e9", r"budget params=1e\+09 is not below the source \(30L/9H/3KV/576d/1536I: 134,515,008 params\)"),
-        ("tokens_per_second=0.5", "budget tokens_per_second=0.5 is not below the source"),
+        ("tokens_per_second=0.5",
+         r"budget tokens_per_second=0.5 is not faster than the source \(.* FLOPs/token\): a speed budget is the "
+         r"speed-up over the source and must be above 1"),
+        ("tokens_per_second=1e6", "tokens_per_second=1e\\+06 asks for more speed than the fastest valid shape .* lower the budget"),
+        ("params=1e6", r"raise the budget or relax the grid \(a smaller --multiple or --min-layers\)$"),
         ("params=1e6", r"budget params=1e\+06 is below the smallest valid shape .* nearest valid shapes: 1L/1H/1KV/64d/64I"),
         ("memory=100KB", "budget memory=100KB,dtype=bf16 is below the smallest valid shape"),
         (f"params={TINY.replace(n_layers=2).num_params() - 1},tolerance=0.001",
@@ -158,6 +164,23 @@ def test_a_budget_no_shape_meets_names_the_nearest_shapes_in_one_line(spec: str,
 def test_malformed_budgets_are_refused(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_budget(spec, "--budget")
+
+
+def test_an_unknown_key_of_a_recipe_budget_lists_the_recipe_options() -> None:
+    """A recipe's target_budget takes ``multiple`` beside the budget's keys; --budget does not."""
+    key = "model.l0_module.target_budget"
+    with pytest.raises(ValueError) as caught:
+        recipe_budget({"params": 1e6, "multipl": 8}, key)
+    assert f"{key} has unknown keys ['multipl']" in str(caught.value)
+    assert "optionally ['dtype', 'context', 'tolerance', 'multiple']" in str(caught.value)
+    assert recipe_budget({"params": 1e6, "multiple": 8}, key)[1] == 8
+    with pytest.raises(ValueError, match=r"optionally \['dtype', 'context', 'tolerance'\]$"):
+        parse_budget("params=1e6,multiple=8", "--budget")
+
+
+def test_the_resolution_line_labels_its_amounts() -> None:
+    _, why = choose_shape(SMOLLM2, parse_budget("non_embedding_params=4.26e7", "--budget"))
+    assert re.search(r"resolves to \S+ \([\d,]+ non-embedding params, [\d,]+ params in total\)", why)
 
 
 def test_memory_sizes_are_binary_as_the_planner_reads_them() -> None:
@@ -217,6 +240,25 @@ def test_a_recipe_mixing_target_model_and_target_budget_is_refused(tiny_source: 
         tiny_recipe(tiny_source, tiny_mds, "model.l0_module.target_budget={params: 5e6}")
 
 
+def test_a_recipe_budget_error_names_the_recipe_keys(tiny_source: str, tiny_mds: str) -> None:
+    """The grid and the tolerance of a recipe's budget are keys under it, not search-shape's flags."""
+    key = "model.l0_module.target_budget"
+    with pytest.raises(ConfigError) as caught:
+        tiny_recipe(tiny_source, tiny_mds, f"{key}={{params: 100, multiple: 8}}")
+    assert str(caught.value).endswith(f"raise the budget or relax the grid (a smaller {key}.multiple)")
+    two_layers = TINY.replace(n_layers=2).num_params()
+    with pytest.raises(ConfigError) as caught:
+        tiny_recipe(
+            tiny_source, tiny_mds, f"{key}={{params: {two_layers - 1}, tolerance: 0.001, multiple: 8}}"
+        )
+    message = str(caught.value)
+    assert (
+        f"widen the budget's tolerance (e.g. {key}.tolerance=0.1), change the budget or relax the grid"
+        in message
+    )
+    assert "--" not in message
+
+
 def test_prune_oneshot_takes_a_budget(tiny_source: str, tiny_mds: str, tmp_path: Path, capsys) -> None:
     budget = 0.8 * TINY.num_params()
     out = tmp_path / "pruned"
@@ -229,6 +271,7 @@ def test_prune_oneshot_takes_a_budget(tiny_source: str, tiny_mds: str, tmp_path:
     assert cli.main([*argv[:2], str(tmp_path / "other"), *argv[3:], "--budget", "params=1e3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "budget params=1000 is below the smallest valid shape" in err and "\n" not in err
+    assert err.endswith("raise the budget")  # prune-oneshot has no grid options to suggest
     assert not (tmp_path / "other").exists()
     assert cli.main([*argv, "--budget", "params=1e3", "--target", "n_layers=2"]) == 2
     assert "exactly one of --target" in capsys.readouterr().err

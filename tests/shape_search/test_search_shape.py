@@ -10,8 +10,10 @@ import pytest
 
 from llmshearing import cli
 from llmshearing.checkpoint.reading import load_checkpoint
+from llmshearing.pruning.budget import enumerate_shapes, parse_budget, scoring_candidates
 from llmshearing.pruning.targets import SHAPE_KEYS
 from llmshearing.recipe_file import read_recipe
+from llmshearing.shape_search.search import STATE_NAME, STATE_VERSION, Score, SearchSettings
 
 BUDGET = "params=16000,tolerance=0.1"  # the tiny source has 26,368
 FAST = [
@@ -76,13 +78,51 @@ def test_a_rerun_continues_an_interrupted_search(tiny_source, tiny_mds, tmp_path
     (work / "candidate" / "model" / "half-written.safetensors").write_bytes(b"\0" * 10)
     assert search(tiny_source, tiny_mds, out, "--candidates", "2") == 0
     table = capsys.readouterr().out
-    assert "scored 2 (1 in an earlier run)" in table
+    assert "ranked 2: 1 scored in this call, 1 taken from" in table
     state = json.loads((work / "state.json").read_text())
     assert state["scores"][_label(first["shape"])]["eval_loss"] == first["eval_loss"]  # kept, not re-scored
     assert len(state["scores"]) == 2 and not (work / "candidate").exists()
     assert (work / "importance.safetensors").stat().st_mtime_ns == importance  # measured once
+    assert search(tiny_source, tiny_mds, out, "--candidates", "1") == 0  # fewer: every stored score ranked
+    assert "ranked 2: 0 scored in this call, 2 taken from" in capsys.readouterr().out
     assert search(tiny_source, tiny_mds, out, "--candidates", "2", "--steps", "3") == 2  # other settings
     assert "holds a search with other settings (steps)" in capsys.readouterr().err
+
+
+def test_a_smaller_rerun_ranks_and_writes_every_stored_score(tiny_source, tiny_mds, tmp_path, capsys) -> None:
+    """A rerun with fewer --candidates than the state holds scores nothing, ranks every stored score and writes
+    the best of them, not the best of the candidates it picked this time."""
+    source = load_checkpoint(tiny_source)[0]
+    settings = SearchSettings(
+        str(Path(tiny_source).resolve()),
+        str(Path(tiny_mds).resolve()),
+        BUDGET,
+        candidates=2,
+        multiple=8,
+        steps=2,
+        batch_size=2,
+        samples=8,
+        eval_batches=1,
+    )
+    found = enumerate_shapes(source, parse_budget(BUDGET, "--budget"), settings.space())
+    picked = scoring_candidates(found, 2)
+    losses = (5.0, 4.0)  # the second candidate, which --candidates 1 does not pick, scored best
+    scores = {
+        c.label(): dict(Score(c.shape, c.config.num_params(), c.cost, loss, 1.0, 64).__dict__)
+        for c, loss in zip(picked, losses, strict=True)
+    }
+    state = {"version": STATE_VERSION, "settings": settings.to_dict(), "candidates": [], "scores": scores}
+    work = tmp_path / "target-search"
+    work.mkdir()
+    (work / STATE_NAME).write_text(json.dumps(state))
+    out = tmp_path / "target.yaml"
+    assert search(tiny_source, tiny_mds, out, "--candidates", "1") == 0
+    table = capsys.readouterr().out
+    assert f"ranked 2: 0 scored in this call, 2 taken from {work / STATE_NAME}" in table
+    ranked = [line.split()[1] for line in table.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert ranked == [picked[1].label(), picked[0].label()]
+    assert dict(read_recipe(str(out))["target_model"]) == picked[1].shape
+    assert not (work / "importance.safetensors").exists()  # nothing scored, nothing measured
 
 
 def _label(shape: dict[str, int]) -> str:

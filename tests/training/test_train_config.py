@@ -65,6 +65,49 @@ def test_bad_config_names_the_key(recipe, overrides, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["seed=3", "optimizer.betas.x=1"],  # the defaults' betas: a list
+            "override 'optimizer.betas.x=1' does not fit the recipe: optimizer.betas is a list in the defaults, "
+            "which an override cannot reach into; set optimizer.betas whole (optimizer.betas=[...])",
+        ),
+        (
+            ["eval_tasks=[local_mc]", "eval_tasks.every=2"],
+            "override 'eval_tasks.every=2' does not fit: eval_tasks is a list there (set by 'eval_tasks=[local_mc]'), "
+            "which takes no key 'every'; set eval_tasks whole (eval_tasks=[...]), or give it as a mapping: "
+            "eval_tasks.tasks=[local_mc] eval_tasks.every=2",
+        ),
+        (["seed=1", "optimizer.betas=[0.9"], "override 'optimizer.betas=[0.9' cannot be parsed"),
+    ],
+)
+def test_override_that_does_not_fit_is_named(recipe, overrides, message):
+    """The override at fault is named with the reason, not the recipe (nor a raw ValueError)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_override_into_a_list_of_the_recipe_is_named(recipe, tmp_path):
+    path = tmp_path / "listed.yaml"
+    path.write_text(open(recipe).read() + "eval_tasks: [local_mc]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path), ["seed=2", "eval_tasks.every=2"])
+    assert str(err.value) == (
+        "override 'eval_tasks.every=2' does not fit the recipe: eval_tasks is a list in the recipe, which an "
+        "override cannot reach into; set eval_tasks whole (eval_tasks=[...]), or write it in the recipe as a "
+        "mapping (eval_tasks: {tasks: [...], ...})"
+    )
+
+
+def test_overrides_that_fit_still_apply(recipe):
+    """Naming the failing override changes nothing for overrides that fit: a list an override set may be indexed."""
+    assert list(load_config(recipe, ["eval_tasks=[a,b]", "eval_tasks.1=c"]).eval_tasks) == ["a", "c"]
+    assert load_config(recipe, ["eval_tasks.tasks=[a]", "eval_tasks.every=2"]).eval_tasks.every == 2
+
+
 def test_batch_must_divide_across_processes(recipe):
     with pytest.raises(ConfigError, match=r"divisible by the number of processes \(3\)"):
         validate_config(load_config(recipe), world_size=3)
@@ -162,6 +205,22 @@ def test_missing_mandatory_value_is_named(recipe, tmp_path):
     both = r"leaves eval_interval, max_seq_len to be set \(\?\?\?\); pass eval_interval=\.\.\. max_seq_len=\.\.\. on the command line"
     with pytest.raises(ConfigError, match=both):
         validate_config(load_config(str(path)))
+
+
+def test_demo_continued_recipe_says_where_its_missing_values_come_from(tmp_path):
+    """The teacher and the reference losses it leaves ??? are named with where a user gets them."""
+    cfg = load_config(
+        "yamls/continued/smollm2-135m-demo.yaml", [f"data_local={tmp_path}", f"model.path={tmp_path}"]
+    )
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    message = str(err.value)
+    assert message.startswith(
+        "the recipe leaves callbacks.data_loading.target_loss, model.distillation.teacher to be set (???)"
+    )
+    assert "target_loss: the source's per-domain eval losses in set_names order" in message
+    assert "`llmshearing evaluate SOURCE DATA`" in message
+    assert "model.distillation.teacher: the source model's checkpoint" in message
 
 
 def test_scheduler_t_max_reaches_the_scheduler(recipe):
