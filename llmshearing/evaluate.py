@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmshearing.data.layout import SPLITS, TokenSamples, domain_dir, split_domains, token_batches
+from llmshearing.io.staging import refuse_existing_output
 
 
 @dataclass
@@ -208,6 +209,8 @@ def _run_tasks(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{', '.join(extra)}: only for the loss evaluation (without --tasks); with --tasks, --output writes JSON"
         )
+    if args.output is not None and not os.path.isdir(args.output):
+        refuse_existing_output(args.output, args.overwrite)
     evaluate_tasks(
         args.model,
         args.tasks,
@@ -230,6 +233,8 @@ def _run_loss(args: argparse.Namespace) -> int:
     check_options(args.batch_size, args.max_samples)
     if args.json and os.path.isdir(args.json):
         raise ValueError(f"--json {args.json} is a directory; give the path of the JSON file to write")
+    if args.json:
+        refuse_existing_output(args.json, args.overwrite)
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"model {args.model!r} does not exist")
     domains = split_domains(args.data, args.split)
@@ -260,6 +265,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", help="project checkpoint dir, Composer .pt, or an HF model dir")
     parser.add_argument("data", nargs="?", default=None, help="prepared MDS root (holds <split>/<domain>/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json / --output file")
     loss = parser.add_argument_group("loss evaluation (MODEL DATA)")
     loss.add_argument(
         "--split",

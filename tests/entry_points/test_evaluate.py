@@ -208,3 +208,20 @@ def test_json_path_that_is_a_directory_is_refused_first(tiny_source, tiny_mds, t
         stderr.strip()
         == f"llmshearing evaluate: error: --json {tmp_path} is a directory; give the path of the JSON file to write"
     )
+
+
+def test_an_existing_results_file_is_replaced_only_when_asked(
+    tiny_source, tiny_mds, tmp_path, capsys, clean_shm
+):
+    out = tmp_path / "results.json"
+    out.write_text("{}")
+    for options in (["--json", str(out)], ["--tasks", "local_mc", "--output", str(out)]):
+        data = [tiny_mds] if "--json" in options else []
+        code, stdout, stderr = evaluate(capsys, tiny_source, *data, *options)
+        assert code == 2 and stdout == "" and out.read_text() == "{}", stderr
+        assert stderr.strip() == (
+            f"llmshearing evaluate: error: {out} already exists; remove it, choose another output path, "
+            "or replace it with --overwrite"
+        )
+    code, _, _ = evaluate(capsys, tiny_source, tiny_mds, "--json", str(out), "--overwrite")
+    assert code == 0 and sorted(json.loads(out.read_text())) == sorted(TINY_DOMAINS)
