@@ -106,6 +106,7 @@ class SearchResult:
     out: Path
     work_dir: Path
     resumed: int  # of ``scores``, those taken from the state (scored by an earlier run)
+    source_kv_heads: int  # a shape with fewer needs the recipe to prune KV groups
 
     def table(self) -> str:
         rows = [
@@ -123,9 +124,12 @@ class SearchResult:
         rows.append(f"scoring cost: {total:.1f} s, {sum(s.tokens for s in self.scores):,} tokens trained")
         best = self.scores[0].shape
         override = "{" + ", ".join(f"{k}: {best[k]}" for k in SHAPE_KEYS) + "}"
+        kv = ""
+        if best["n_kv_heads"] != self.source_kv_heads:  # the shipped recipes keep the source's KV groups
+            kv = f" with kv_head in model.l0_module.pruning_modules (n_kv_heads {self.source_kv_heads} -> {best['n_kv_heads']})"
         rows.append(
             f"wrote {self.out}: prune-oneshot --target-config {self.out}, or in a pruning recipe "
-            f"model.l0_module.target_model='{override}'"
+            f"model.l0_module.target_model='{override}'{kv}"
         )
         return "\n".join(rows)
 
@@ -210,7 +214,9 @@ def search_shape(
         finally:
             bar.close()
     ranked = sorted(scores.values(), key=lambda s: (s.eval_loss, s.label))
-    result = SearchResult(budget, shape_label(source), len(found), ranked, out, work, resumed)
+    result = SearchResult(
+        budget, shape_label(source), len(found), ranked, out, work, resumed, source.n_kv_heads
+    )
     _write_target(out, result, settings)
     return result
 

@@ -13,7 +13,7 @@ from llmshearing.checkpoint.reading import load_checkpoint
 from llmshearing.pruning.budget import enumerate_shapes, parse_budget, scoring_candidates
 from llmshearing.pruning.targets import SHAPE_KEYS
 from llmshearing.recipe_file import read_recipe
-from llmshearing.shape_search.search import STATE_NAME, STATE_VERSION, Score, SearchSettings
+from llmshearing.shape_search.search import STATE_NAME, STATE_VERSION, Score, SearchResult, SearchSettings
 
 BUDGET = "params=16000,tolerance=0.1"  # the tiny source has 26,368
 FAST = [
@@ -123,6 +123,18 @@ def test_a_smaller_rerun_ranks_and_writes_every_stored_score(tiny_source, tiny_m
     assert ranked == [picked[1].label(), picked[0].label()]
     assert dict(read_recipe(str(out))["target_model"]) == picked[1].shape
     assert not (work / "importance.safetensors").exists()  # nothing scored, nothing measured
+
+
+def test_the_written_shape_says_when_a_recipe_must_prune_kv_groups(tmp_path) -> None:
+    """The shipped recipes keep the source's KV groups: a best shape with fewer says what the recipe needs."""
+    shape = {"n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_model": 32, "intermediate_size": 32}
+    score = Score(shape, 15_000, 15_000.0, 4.5, 1.0, 64)
+    result = SearchResult(
+        parse_budget(BUDGET, "--budget"), "3L/4H/2KV/32d/48I", 4, [score], tmp_path / "t.yaml", tmp_path, 0, 2
+    )
+    assert result.table().endswith("with kv_head in model.l0_module.pruning_modules (n_kv_heads 2 -> 1)")
+    result.source_kv_heads = 1
+    assert result.table().endswith("intermediate_size: 32}'")
 
 
 def _label(shape: dict[str, int]) -> str:
