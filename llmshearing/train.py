@@ -93,6 +93,7 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     from llmshearing.dynamic_loading.config import KEY, DataLoadingConfig
     from llmshearing.dynamic_loading.loader import build_train_dataloader
     from llmshearing.training import builders
+    from llmshearing.training.epoch_end_resume import QuietEpochEndResume
     from llmshearing.training.fsdp_settings import resolve_fsdp
     from llmshearing.training.run_record import RunRecord
 
@@ -158,6 +159,7 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     callbacks = [
         *builders.build_callbacks(cfg.callbacks, save_folder, distilling=distilling),
         RunRecord(description),
+        QuietEpochEndResume(),
     ]
     if slices:
         from llmshearing.checkpoint.sharded import sharded_weights_dir
