@@ -86,10 +86,11 @@ L0_OPTIMIZER_KEYS = ("mask_lr", "multiplier_lr")
 def optimizer_changes(train: dict[str, Any], previous: dict[str, Any]) -> list[str]:
     """``key: <this recipe's> vs <the folder's>`` for each optimizer setting a resume would not take."""
     found = []
-    mine, theirs = train.get("optimizer") or {}, previous.get("optimizer") or {}
-    for key in sorted(set(mine) | set(theirs)):
-        if mine.get(key) != theirs.get(key):
-            found.append(f"optimizer.{key}: {mine.get(key)!r} vs {theirs.get(key)!r}")
+    mine, theirs = train.get("optimizer") or {}, previous.get("optimizer")
+    if isinstance(theirs, dict):  # a config.json without the section has nothing to compare
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                found.append(f"optimizer.{key}: {mine.get(key)!r} vs {theirs.get(key)!r}")
     l0_mine = (train.get("model") or {}).get("l0_module")
     l0_theirs = (previous.get("model") or {}).get("l0_module")
     if isinstance(l0_mine, dict) and isinstance(l0_theirs, dict):
