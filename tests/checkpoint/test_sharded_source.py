@@ -178,9 +178,10 @@ def test_oneshot_evaluate_and_the_loader_read_sharded_weights(
     )
     capsys.readouterr()
     reports = []
-    for source in (tiny_source, sharded_tiny):
-        assert cli_main(["evaluate", str(source), tiny_mds, "--json", str(tmp_path / "eval.json")]) == 0
-        reports.append(json.loads((tmp_path / "eval.json").read_text()))
+    for name, source in (("plain", tiny_source), ("sharded", sharded_tiny)):
+        out = tmp_path / f"eval-{name}.json"
+        assert cli_main(["evaluate", str(source), tiny_mds, "--json", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
     assert reports[0] == reports[1] and all(r["loss"] > 0 for r in reports[0].values())
 
 
