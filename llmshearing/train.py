@@ -81,8 +81,9 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
     save_folder = cfg.resolved_save_folder()  # what the folder holds is answered before Composer is imported
     run_folder.check_start(save_folder, cfg.autoresume, cfg.save_overwrite)
     held_run = bool(run_folder.run_entries(save_folder))
-    if cfg.autoresume:
-        run_folder.check_resumed_optimizer(save_folder, cfg.to_dict())
+    resume_from = run_folder.resumable_checkpoint(save_folder) if cfg.autoresume else None
+    if resume_from is not None:
+        run_folder.check_resumed_optimizer(save_folder, cfg.to_dict(), resume_from)
 
     from composer import Trainer
     from composer.core import Evaluator
@@ -145,7 +146,9 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         choice = cfg.model.l0_module.budget_choice if cfg.model.l0_module is not None else None
         if choice:
             print(f"llmshearing: {choice}", flush=True)
-    model, description = builders.build_model(cfg, data_loading.set_names, train_loader.dataloader.dataset)
+    model, description = builders.build_model(
+        cfg, data_loading.set_names, train_loader.dataloader.dataset, resuming=resume_from is not None
+    )
     if dist.get_global_rank() == 0:
         print(f"llmshearing: {builders.precision_line(description['precision'])}", flush=True)
         print(f"llmshearing: {description['loading']}", flush=True)
@@ -223,7 +226,7 @@ def _build_trainer(yaml_path: str, overrides: Sequence[str], guard):
         done = int(trainer.state.timestamp.batch)
         run_folder.check_progress(save_folder, done, _batches(trainer))
         _count_earlier_checkpoints(trainer, save_folder)
-        line = run_folder.resume_line(save_folder, done, _batches(trainer), held_run)
+        line = run_folder.resume_line(save_folder, done, _batches(trainer), held_run, resume_from)
         if line is not None and dist.get_global_rank() == 0:
             print(f"llmshearing: {line}", flush=True)
     return trainer, cfg

@@ -124,12 +124,13 @@ def set_aside_incomplete(folder: str | Path) -> list[Path]:
     return moved
 
 
-def newest_complete_checkpoint(folder: str | Path, rank: int = 0) -> Path | None:
-    """The complete checkpoint of ``rank`` in ``folder`` with the highest batch count, if any."""
+def complete_checkpoints(folder: str | Path, rank: int = 0) -> list[Path]:
+    """The complete checkpoints of ``rank`` in ``folder`` (its ``.pt`` files, and sharded checkpoints'
+    directories), oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
-        return None
-    candidates = [
+        return []
+    found = [
         entry
         for entry in folder.iterdir()
         if not entry.is_symlink()
@@ -139,25 +140,23 @@ def newest_complete_checkpoint(folder: str | Path, rank: int = 0) -> Path | None
         )
         and is_complete_checkpoint(entry)
     ]
-    return max(candidates, key=lambda entry: _batch_of(entry.name), default=None)
+    return sorted(found, key=lambda entry: _batch_of(entry.name))
+
+
+def newest_complete_checkpoint(folder: str | Path, rank: int = 0) -> Path | None:
+    """The complete checkpoint of ``rank`` in ``folder`` with the highest batch count, if any."""
+    found = complete_checkpoints(folder, rank)
+    return found[-1] if found else None
 
 
 def saved_checkpoints(folder: str | Path, rank: int = 0) -> list[Path]:
     """The complete checkpoints in ``folder``, oldest first, named as Composer's checkpoint saver lists those it
     saved: ``rank``'s ``.pt`` file, or a file inside a sharded checkpoint's directory (the saver removes the
     directory). A resumed run hands them to the saver, which otherwise keeps count of its own saves only."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = []
-    for entry in sorted(folder.iterdir(), key=lambda entry: _batch_of(entry.name)):
-        if entry.is_symlink() or not is_complete_checkpoint(entry):
-            continue
-        if entry.is_dir() and SHARDED_NAME.fullmatch(entry.name):
-            found.append(entry / f"__{rank}_0.distcp")
-        elif (match := CHECKPOINT_NAME.fullmatch(entry.name)) and int(match.group(3)) == rank:
-            found.append(entry)
-    return found
+    return [
+        entry / f"__{rank}_0.distcp" if entry.is_dir() else entry
+        for entry in complete_checkpoints(folder, rank)
+    ]
 
 
 def repair_latest_link(folder: str | Path, rank: int = 0) -> Path | None:

@@ -29,11 +29,12 @@ log = logging.getLogger("llmshearing.train")
 
 
 def build_model(
-    run: RunConfig, domains: list[str], train_dataset: Any = None
+    run: RunConfig, domains: list[str], train_dataset: Any = None, resuming: bool = False
 ) -> tuple[ComposerLlama, dict[str, Any]]:
     """The ComposerLlama initialised from ``model.path``; attaches the L0 module when pruning.
 
-    ``train_dataset`` (the run's train ``StreamingDataset``) is what ``init_from: importance`` calibrates on.
+    ``train_dataset`` (the run's train ``StreamingDataset``) is what ``init_from: importance`` calibrates on;
+    ``resuming`` (from a checkpoint of the run, which holds the masks) skips that ranking.
 
     Returns the model and the run description written to ``<save_folder>/config.json``.
     """
@@ -73,7 +74,7 @@ def build_model(
             model.l0_module = L0Module(model.model.config, model_cfg.l0_module)
         l0 = attach_l0_module(model, model_cfg.l0_module)
         description["l0_module"] = l0.l0_config.to_dict()
-        if l0.l0_config.init_from is not None and resumes_from_checkpoint(run):
+        if l0.l0_config.init_from is not None and resuming:
             description["l0_init"] = _resumed_ranking(run, str(l0.l0_config.init_from))
         elif l0.l0_config.init_from is not None:  # log-alphas ranked by activation importance of the source
             description["l0_init"] = initialize_masks(
@@ -298,14 +299,6 @@ def teacher_dtype(precision: str, device: str | None) -> Any:
     if get_device(device).name != "gpu":
         return torch.float32
     return {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(precision, torch.float32)
-
-
-def resumes_from_checkpoint(run: RunConfig) -> bool:
-    """True when the run starts from a complete checkpoint of its own folder (``autoresume``)."""
-    from llmshearing.checkpoint.composer_files import newest_complete_checkpoint
-
-    folder = os.path.join(run.resolved_save_folder(), "checkpoints")
-    return bool(run.autoresume) and newest_complete_checkpoint(folder) is not None
 
 
 def _resumed_ranking(run: RunConfig, source: str) -> dict[str, Any]:

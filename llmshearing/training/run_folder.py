@@ -100,13 +100,17 @@ def optimizer_changes(train: dict[str, Any], previous: dict[str, Any]) -> list[s
     return found
 
 
-def check_resumed_optimizer(folder: str | Path, train: dict[str, Any]) -> None:
-    """A run resumed from a checkpoint keeps its optimizer settings: refuse a recipe that changes them."""
+def resumable_checkpoint(folder: str | Path) -> Path | None:
+    """The checkpoint ``autoresume`` continues the run in ``folder`` from (its newest complete one), if any."""
     from llmshearing.checkpoint.composer_files import newest_complete_checkpoint
 
+    return newest_complete_checkpoint(Path(folder) / "checkpoints")
+
+
+def check_resumed_optimizer(folder: str | Path, train: dict[str, Any], checkpoint: Path) -> None:
+    """A run resumed from ``checkpoint`` keeps its optimizer settings: refuse a recipe that changes them."""
     previous = read_run_description(folder)
-    checkpoint = newest_complete_checkpoint(Path(folder) / "checkpoints")
-    if previous is None or checkpoint is None:
+    if previous is None:
         return
     changed = optimizer_changes(train, previous.get("train") or {})
     if changed:
@@ -194,18 +198,17 @@ def check_progress(folder: str | Path, done: int, max_batches: int) -> bool:
     return done == max_batches > 0
 
 
-def resume_line(folder: str | Path, done: int, max_batches: int, held_run: bool) -> str | None:
-    """Where a run started with ``autoresume=true`` begins: the checkpoint it resumed from, or batch 0, said
+def resume_line(
+    folder: str | Path, done: int, max_batches: int, held_run: bool, checkpoint: Path | None
+) -> str | None:
+    """Where a run started with ``autoresume=true`` begins: the ``checkpoint`` it resumed from, or batch 0, said
     plainly when the folder held a run (``held_run``, before this start) but no complete checkpoint of it;
     None for a folder that held no run."""
-    from llmshearing.checkpoint.composer_files import INCOMPLETE_SUFFIX, newest_complete_checkpoint
+    from llmshearing.checkpoint.composer_files import INCOMPLETE_SUFFIX
 
     checkpoints = Path(folder) / "checkpoints"
     if done:
-        newest = newest_complete_checkpoint(checkpoints)
-        return (
-            f"resumed from {newest if newest is not None else checkpoints} at batch {done} of {max_batches}"
-        )
+        return f"resumed from {checkpoint or checkpoints} at batch {done} of {max_batches}"
     if not held_run:
         return None
     aside = sorted(p.name for p in checkpoints.glob(f"*{INCOMPLETE_SUFFIX}")) if checkpoints.is_dir() else []
